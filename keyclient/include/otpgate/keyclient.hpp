@@ -1,0 +1,319 @@
+// otpgate key supply: the ETSI GS QKD 014 client, the lock-free key ring and the
+// refill thread that keeps it full. See docs/keys.md for the key flow and roles.
+//
+// Key bytes live only in SecretBytes / KeyRing memory (locked where the OS allows,
+// wiped after use) and never appear in logs, exceptions or error text.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace otpgate::keys {
+
+// ---------------------------------------------------------------------------
+// Basics
+
+// A 128-bit ETSI 014 key_ID (a UUID). Identifiers are not secret.
+class KeyId {
+ public:
+  KeyId() = default;
+  explicit KeyId(const std::array<std::uint8_t, 16>& bytes) : bytes_(bytes) {}
+  // Canonical 8-4-4-4-12 hex form, any case; nullopt when malformed.
+  static std::optional<KeyId> parse(std::string_view text);
+  std::string to_string() const;  // lower-case canonical form
+  const std::array<std::uint8_t, 16>& bytes() const { return bytes_; }
+  auto operator<=>(const KeyId&) const = default;
+
+ private:
+  std::array<std::uint8_t, 16> bytes_{};
+};
+
+// Move-only owner of secret bytes: mlock'ed where allowed, OPENSSL_cleanse'd when
+// destroyed, truncated or wiped.
+class SecretBytes {
+ public:
+  SecretBytes() = default;
+  explicit SecretBytes(std::size_t size);
+  ~SecretBytes();
+  SecretBytes(SecretBytes&& other) noexcept;
+  SecretBytes& operator=(SecretBytes&& other) noexcept;
+  SecretBytes(const SecretBytes&) = delete;
+  SecretBytes& operator=(const SecretBytes&) = delete;
+
+  std::span<std::uint8_t> span() { return {data_.get(), size_}; }
+  std::span<const std::uint8_t> span() const { return {data_.get(), size_}; }
+  std::size_t size() const { return size_; }
+  bool locked() const { return locked_; }
+  void truncate(std::size_t new_size);  // wipes the dropped tail
+
+ private:
+  void release() noexcept;
+  std::unique_ptr<std::uint8_t[]> data_;
+  std::size_t size_ = 0;
+  std::size_t capacity_ = 0;
+  bool locked_ = false;
+};
+
+enum class LogLevel { debug, info, warning, error };
+using LogSink = std::function<void(LogLevel, std::string_view)>;
+// Writes "otpgate[level]: message" lines to stderr for levels >= min_level.
+LogSink stderr_log_sink(LogLevel min_level = LogLevel::info);
+
+// ---------------------------------------------------------------------------
+// ETSI GS QKD 014 client
+
+enum class KmeErrorKind {
+  transport,      // connection refused/reset/closed, DNS, timeout
+  tls,            // certificate or handshake rejected (ours or the KME's)
+  bad_request,    // 400
+  unauthorized,   // 401 or 403: wrong SAE for these keys, or certificate not accepted
+  not_found,      // 404
+  unavailable,    // 503: no key on the KME right now
+  server,         // other 5xx
+  http,           // any other unexpected status (409, 422, ...)
+  protocol,       // a 2xx answer whose body is malformed or misses fields
+  key_not_found,  // dec_keys: the key did not appear on the slave KME within the relay grace
+  cancelled,      // the client was cancelled while waiting
+};
+std::string_view to_string(KmeErrorKind kind);
+
+class KmeError : public std::runtime_error {
+ public:
+  KmeError(KmeErrorKind kind, int http_status, const std::string& message)
+      : std::runtime_error(message), kind_(kind), http_status_(http_status) {}
+  KmeErrorKind kind() const { return kind_; }
+  int http_status() const { return http_status_; }  // 0 when no HTTP answer
+  bool retryable() const;
+
+ private:
+  KmeErrorKind kind_;
+  int http_status_;
+};
+
+struct TlsFiles {
+  std::filesystem::path certificate;  // this SAE's client certificate (PEM)
+  std::filesystem::path private_key;  // its private key (PEM)
+  std::filesystem::path ca_bundle;    // CA that signed the KME's server certificate
+};
+
+struct RetryPolicy {
+  int max_attempts = 5;  // for 503, 5xx and transport errors
+  std::chrono::milliseconds initial_backoff{50};
+  std::chrono::milliseconds max_backoff{2000};
+  // A slave's dec_keys may answer 400/404 "not found" for a key the master just
+  // received, because the KMEs have not relayed it yet: keep asking this long.
+  std::chrono::milliseconds relay_grace{3000};
+};
+
+struct KmeClientConfig {
+  std::string base_url;  // e.g. https://kme-a.hospital.example:8443 (no /api/v1)
+  TlsFiles tls;
+  std::chrono::milliseconds connect_timeout{3000};
+  std::chrono::milliseconds request_timeout{10000};
+  RetryPolicy retry;
+  LogSink log;  // empty: stderr at info level
+};
+
+// The fields of the ETSI 014 Status object (sizes in bits).
+struct KmeStatus {
+  std::string source_kme_id, target_kme_id, master_sae_id, slave_sae_id;
+  std::uint32_t key_size = 0;
+  std::uint64_t stored_key_count = 0;
+  std::uint64_t max_key_count = 0;
+  std::uint32_t max_key_per_request = 0;
+  std::uint32_t max_key_size = 0;
+  std::uint32_t min_key_size = 0;
+  std::uint32_t max_sae_id_count = 0;
+};
+
+struct Key {
+  KeyId id;
+  SecretBytes bytes;
+};
+
+// One client per thread: it reuses one libcurl handle (and its TLS connection).
+class KmeClient {
+ public:
+  explicit KmeClient(KmeClientConfig config);
+  ~KmeClient();
+  KmeClient(KmeClient&&) noexcept;
+  KmeClient& operator=(KmeClient&&) noexcept;
+
+  enum class Method { get, post };
+
+  KmeStatus status(std::string_view slave_sae_id);
+  std::vector<Key> enc_keys(std::string_view slave_sae_id, std::uint32_t number,
+                            std::uint32_t size_bits, Method method = Method::post);
+  std::vector<Key> dec_keys(std::string_view master_sae_id, std::span<const KeyId> ids);
+  Key dec_key(std::string_view master_sae_id, const KeyId& id);  // GET ?key_ID=
+
+  // Thread-safe: aborts a transfer or backoff in progress with KmeErrorKind::cancelled.
+  void cancel();
+  const std::string& base_url() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Largest key size (bits) the KME allows, capped by `cap_bits` (0: no cap), a multiple of 8.
+std::uint32_t choose_key_size(const KmeStatus& status, std::uint32_t cap_bits);
+
+// ---------------------------------------------------------------------------
+// Key ring: single producer (refill thread), single consumer (media thread).
+// Every byte carries its 64-bit offset in the direction's pad stream. The consumer
+// side never locks, allocates or does I/O; consumed bytes are wiped.
+
+struct PadSegment {
+  std::uint64_t offset = 0;
+  KeyId key_id;
+  std::span<std::uint8_t> bytes;
+  std::uint32_t slot = 0;
+};
+
+class KeyRing {
+ public:
+  KeyRing(std::size_t slot_count, std::size_t slot_bytes);
+  ~KeyRing();  // wipes all key memory
+  KeyRing(const KeyRing&) = delete;
+  KeyRing& operator=(const KeyRing&) = delete;
+
+  // Producer. Copies `key` into a free slot; false when full or the key exceeds a slot.
+  bool push(std::uint64_t offset, const KeyId& id, std::span<const std::uint8_t> key);
+  std::size_t free_slots() const;
+
+  // Consumer, stream mode: fills `out` with the next out.size() pad bytes, which are
+  // contiguous in the pad stream, and returns the offset of the first one; nullopt (and
+  // nothing consumed) when fewer are available. Should the stream jump between two
+  // segments, bytes already copied for this call are wiped and counted as discarded.
+  std::optional<std::uint64_t> take(std::span<std::uint8_t> out);
+
+  // Consumer, segment mode (random access for the decrypting side): a whole key, owned
+  // by the caller until release(), which wipes it and returns the slot to the producer.
+  std::optional<PadSegment> pop_segment();
+  void release(const PadSegment& segment);
+
+  // Any thread.
+  std::uint64_t bytes_available() const;
+  std::uint64_t bytes_pushed() const;
+  std::uint64_t bytes_consumed() const;   // taken or released
+  std::uint64_t bytes_discarded() const;  // wiped unused by take() at a discontinuity
+  std::size_t slot_bytes() const;
+  std::size_t slot_count() const;
+  bool memory_locked() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---------------------------------------------------------------------------
+// Offset journal: the durable "nothing below this offset is ever handed out again".
+
+class OffsetJournal {
+ public:
+  // Opens or creates the journal; throws std::runtime_error naming the file if it is
+  // unreadable or corrupt (we never guess an offset).
+  explicit OffsetJournal(std::filesystem::path path);
+  // Every offset below this may have been used: restart from here.
+  std::uint64_t reserved() const { return reserved_; }
+  // Durably records a new reservation (write temp, fsync, rename, fsync directory).
+  void reserve(std::uint64_t new_reserved);
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+  std::uint64_t reserved_ = 0;
+};
+
+// ---------------------------------------------------------------------------
+// Key supply: one direction of one link.
+
+enum class SaeRole {
+  master,  // sending side: enc_keys, assigns pad offsets, announces key_IDs
+  slave,   // receiving side: dec_keys for the key_IDs the master announced
+};
+
+struct KeyAnnouncement {
+  std::uint64_t offset = 0;  // first pad byte this key covers
+  KeyId key_id;
+  std::uint32_t length = 0;  // bytes
+};
+
+struct KeySupplyConfig {
+  SaeRole role = SaeRole::master;
+  std::string peer_sae_id;              // slave SAE (master role) or master SAE (slave role)
+  std::filesystem::path journal;        // master: offset journal (required)
+  std::size_t ring_bytes = 4u << 20;    // key kept ready in memory
+  double low_water = 0.5;               // refill when the ring is below this fraction
+  double high_water = 0.9;              // ... up to this fraction
+  std::uint32_t key_size_cap_bits = 0;  // 0: the largest the KME allows
+  std::uint32_t fallback_key_bits = 8192;    // slave: slot size if status is refused
+  std::uint64_t reserve_chunk = 16u << 20;   // journal granularity (bytes of pad)
+  std::chrono::milliseconds poll_interval{10};
+  bool publish_announcements = true;  // master: queue a KeyAnnouncement per key
+  LogSink log;
+};
+
+struct KeySupplyStats {
+  std::uint64_t bytes_available = 0;
+  std::uint64_t bytes_consumed = 0;
+  std::uint64_t bytes_fetched = 0;
+  std::uint64_t keys_fetched = 0;
+  std::uint64_t keys_lost = 0;  // slave: announced keys the KME never delivered
+  std::uint64_t kme_errors = 0;
+  std::uint64_t next_offset = 0;        // master: offset the next fetched key gets
+  std::uint64_t reserved_offset = 0;    // master: journal value
+  std::uint32_t key_size_bits = 0;
+  std::size_t ring_capacity_bytes = 0;
+  double consumption_bytes_per_s = 0;
+  double refill_latency_ms_last = 0;
+  double refill_latency_ms_avg = 0;
+  double seconds_to_exhaustion = 0;  // +inf when nothing is being consumed
+  bool kme_healthy = false;
+  bool memory_locked = false;
+  std::string last_error;  // never contains key bytes
+};
+
+class KeySupply {
+ public:
+  KeySupply(KmeClientConfig kme, KeySupplyConfig config);
+  ~KeySupply();  // stops the refill thread; unused key is wiped
+  KeySupply(const KeySupply&) = delete;
+  KeySupply& operator=(const KeySupply&) = delete;
+
+  void start();
+  void stop();
+  SaeRole role() const;
+
+  // Master, media thread: next out.size() pad bytes and their offset, or nullopt.
+  std::optional<std::uint64_t> take(std::span<std::uint8_t> out);
+  // Master, media thread: key_IDs to announce, in pad order, as keys enter the ring.
+  std::optional<KeyAnnouncement> next_announcement();
+
+  // Slave, media thread: ask for an announced key (repeats are ignored). Lock-free;
+  // false when the request queue is full (the announcement will come again).
+  bool request(const KeyAnnouncement& announcement);
+  // Slave, media thread: fetched keys in arrival order; release() wipes one.
+  std::optional<PadSegment> pop_segment();
+  void release(const PadSegment& segment);
+
+  KeySupplyStats stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace otpgate::keys

@@ -1,0 +1,382 @@
+#include "kme_simulator.hpp"
+
+#include <httplib.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+namespace otpgate::kmesim {
+
+using nlohmann::json;
+using keys::KeyId;
+using keys::LogLevel;
+using keys::SecretBytes;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// An error the handlers answer with, in the standard's JSON shape.
+struct Refusal {
+  int status;
+  std::string message;
+  json details = nullptr;
+};
+
+struct X509Deleter {
+  void operator()(X509* cert) const { X509_free(cert); }
+};
+
+std::string peer_common_name(const httplib::Request& req) {
+  if (!req.ssl) return {};
+  std::unique_ptr<X509, X509Deleter> cert(SSL_get1_peer_certificate(req.ssl));
+  if (!cert) return {};
+  X509_NAME* subject = X509_get_subject_name(cert.get());
+  const int index = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+  if (index < 0) return {};
+  const ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, index));
+  return std::string(reinterpret_cast<const char*>(ASN1_STRING_get0_data(data)),
+                     static_cast<std::size_t>(ASN1_STRING_length(data)));
+}
+
+std::string base64(std::span<const std::uint8_t> bytes) {
+  std::string out(4 * ((bytes.size() + 2) / 3) + 1, '\0');
+  const int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()), bytes.data(),
+                                static_cast<int>(bytes.size()));
+  out.resize(static_cast<std::size_t>(n));
+  return out;
+}
+
+KeyId random_uuid() {
+  std::array<std::uint8_t, 16> b{};
+  if (RAND_bytes(b.data(), static_cast<int>(b.size())) != 1) throw std::runtime_error("RAND_bytes failed");
+  b[6] = static_cast<std::uint8_t>((b[6] & 0x0f) | 0x40);  // version 4
+  b[8] = static_cast<std::uint8_t>((b[8] & 0x3f) | 0x80);  // RFC 4122 variant
+  return KeyId(b);
+}
+
+std::uint64_t positive_integer(const json& value, const char* name) {
+  if (!value.is_number_integer() || value.get<std::int64_t>() <= 0) {
+    throw Refusal{400, std::string(name) + " shall be a positive integer"};
+  }
+  return value.get<std::uint64_t>();
+}
+
+std::uint64_t positive_integer(const std::string& text, const char* name) {
+  try {
+    std::size_t used = 0;
+    const long long v = std::stoll(text, &used);
+    if (used == text.size() && v > 0) return static_cast<std::uint64_t>(v);
+  } catch (const std::exception&) {
+  }
+  throw Refusal{400, std::string(name) + " shall be a positive integer"};
+}
+
+}  // namespace
+
+struct KmeSimulator::Impl {
+  struct StoredKey {
+    std::string master, slave;
+    SecretBytes bytes;
+    Clock::time_point relayed_at;
+  };
+
+  explicit Impl(SimulatorConfig c) : config(std::move(c)) {
+    if (!config.log) config.log = keys::stderr_log_sink(LogLevel::warning);
+    if (config.key_size % 8 || config.min_key_size % 8 || config.max_key_size % 8 ||
+        config.min_key_size == 0 || config.min_key_size > config.key_size ||
+        config.key_size > config.max_key_size) {
+      throw std::invalid_argument(
+          "key sizes must be multiples of 8 with 0 < min-key-size <= key-size <= max-key-size");
+    }
+    for (const auto& [name, path] : {std::pair{"certificate", config.certificate},
+                                     std::pair{"private key", config.private_key},
+                                     std::pair{"client CA", config.client_ca}}) {
+      if (!std::filesystem::is_regular_file(path)) {
+        throw std::invalid_argument(std::string("KME ") + name + " \"" + path.string() +
+                                    "\" is not a readable file (make one with scripts/make-test-pki.sh)");
+      }
+    }
+    ready_bits = config.start_full ? config.store_bits : 0;
+    last_refill = Clock::now();
+  }
+
+  // Caller holds `mutex`. Accrues key at the configured rate up to the store size.
+  void refill() {
+    const auto now = Clock::now();
+    const std::uint64_t room = config.store_bits - std::min(config.store_bits, pending_bits);
+    if (config.key_rate_bps <= 0) {
+      ready_bits = std::max(ready_bits, room);
+    } else {
+      const double seconds = std::chrono::duration<double>(now - last_refill).count();
+      carry += seconds * config.key_rate_bps;
+      const auto whole = static_cast<std::uint64_t>(carry);
+      carry -= double(whole);
+      ready_bits = std::min(room, ready_bits + whole);
+    }
+    last_refill = now;
+  }
+
+  std::string authenticate(const httplib::Request& req) const {
+    const std::string caller = peer_common_name(req);
+    if (caller.empty()) throw Refusal{401, "client certificate carries no SAE ID (common name)"};
+    if (!known(caller)) throw Refusal{401, "SAE \"" + caller + "\" is not registered on this KME"};
+    return caller;
+  }
+
+  bool known(const std::string& sae) const {
+    return config.sae_ids.empty() ||
+           std::find(config.sae_ids.begin(), config.sae_ids.end(), sae) != config.sae_ids.end();
+  }
+
+  void require_peer(const std::string& caller, const std::string& other) const {
+    if (!known(other)) throw Refusal{400, "SAE ID \"" + other + "\" is unknown to this KME"};
+    if (other == caller) throw Refusal{400, "master and slave SAE IDs must differ"};
+  }
+
+  json status(const std::string& caller, const std::string& slave) {
+    require_peer(caller, slave);
+    std::lock_guard lock(mutex);
+    refill();
+    return json{{"source_KME_ID", config.kme_id + "-A"},
+                {"target_KME_ID", config.kme_id + "-B"},
+                {"master_SAE_ID", caller},
+                {"slave_SAE_ID", slave},
+                {"key_size", config.key_size},
+                {"stored_key_count", ready_bits / config.key_size},
+                {"max_key_count", config.store_bits / config.key_size},
+                {"max_key_per_request", config.max_keys_per_request},
+                {"max_key_size", config.max_key_size},
+                {"min_key_size", config.min_key_size},
+                {"max_SAE_ID_count", 0}};
+  }
+
+  json enc_keys(const std::string& caller, const std::string& slave, std::uint64_t number,
+                std::uint64_t size, const json& request) {
+    require_peer(caller, slave);
+    if (auto it = request.find("extension_mandatory"); it != request.end() && !it->empty()) {
+      throw Refusal{400, "not all extension_mandatory parameters are supported",
+                    json::array({{{"extension_mandatory_unsupported", *it}}})};
+    }
+    if (auto it = request.find("additional_slave_SAE_IDs"); it != request.end() && !it->empty()) {
+      throw Refusal{400, "requested parameters do not adhere to KME rules",
+                    json::array({{{"message", "additional_slave_SAE_IDs are not supported "
+                                              "(max_SAE_ID_count is 0)"}}})};
+    }
+    if (size % 8 != 0) throw Refusal{400, "size shall be a multiple of 8"};
+    if (size < config.min_key_size || size > config.max_key_size || number > config.max_keys_per_request) {
+      throw Refusal{400, "requested parameters do not adhere to KME rules",
+                    json::array({{{"message", "size must be within [" +
+                                                  std::to_string(config.min_key_size) + ", " +
+                                                  std::to_string(config.max_key_size) +
+                                                  "] bits and number at most " +
+                                                  std::to_string(config.max_keys_per_request)}}})};
+    }
+    std::lock_guard lock(mutex);
+    refill();
+    const std::uint64_t bits = number * size;
+    if (bits > ready_bits) {
+      throw Refusal{503, "keys are exhausted: the key store holds " + std::to_string(ready_bits) +
+                             " bits, " + std::to_string(bits) + " requested; try again later"};
+    }
+    ready_bits -= bits;
+    pending_bits += bits;
+    json list = json::array();
+    const auto relayed_at = Clock::now() + config.relay_delay;
+    for (std::uint64_t i = 0; i < number; ++i) {
+      SecretBytes bytes(size / 8);
+      if (RAND_bytes(bytes.span().data(), static_cast<int>(bytes.size())) != 1) {
+        throw Refusal{500, "the KME's random generator failed"};
+      }
+      const KeyId id = random_uuid();
+      list.push_back({{"key_ID", id.to_string()}, {"key", base64(bytes.span())}});
+      store.emplace(id, StoredKey{caller, slave, std::move(bytes), relayed_at});
+    }
+    keys_to_masters += number;
+    return json{{"keys", std::move(list)}};
+  }
+
+  json dec_keys(const std::string& caller, const std::string& master, const std::vector<std::string>& ids) {
+    if (ids.empty()) throw Refusal{400, "key_IDs shall name at least one key"};
+    if (ids.size() > config.max_keys_per_request) {
+      throw Refusal{400, "requested parameters do not adhere to KME rules",
+                    json::array({{{"message", "at most " + std::to_string(config.max_keys_per_request) +
+                                                  " key_IDs per request"}}})};
+    }
+    std::lock_guard lock(mutex);
+    const auto now = Clock::now();
+    std::vector<std::map<KeyId, StoredKey>::iterator> found;
+    for (const std::string& text : ids) {
+      auto id = KeyId::parse(text);
+      auto it = id ? store.find(*id) : store.end();
+      if (it == store.end() || it->second.relayed_at > now) {
+        throw Refusal{400, "one or more keys specified are not found on KME"};
+      }
+      if (it->second.slave != caller || it->second.master != master) {
+        throw Refusal{401, "SAE \"" + caller + "\" is not authorized to get key_ID " + text};
+      }
+      if (std::find(found.begin(), found.end(), it) != found.end()) {
+        throw Refusal{400, "key_ID " + text + " is requested twice"};
+      }
+      found.push_back(it);
+    }
+    json list = json::array();
+    for (auto it : found) {
+      list.push_back({{"key_ID", it->first.to_string()}, {"key", base64(it->second.bytes.span())}});
+      pending_bits -= it->second.bytes.size() * 8;
+      store.erase(it);  // delivered once, then gone (SecretBytes wipes it)
+    }
+    keys_to_slaves += found.size();
+    return json{{"keys", std::move(list)}};
+  }
+
+  // Wraps a handler: authentication, JSON errors, counters, a debug log line.
+  template <typename Body>
+  httplib::Server::Handler handler(Body body) {
+    return [this, body](const httplib::Request& req, httplib::Response& res) {
+      ++requests;
+      try {
+        const std::string caller = authenticate(req);
+        res.set_content(body(caller, req).dump(), "application/json");
+        res.status = 200;
+      } catch (const Refusal& r) {
+        ++refused;
+        json error{{"message", r.message}};
+        if (!r.details.is_null()) error["details"] = r.details;
+        res.set_content(error.dump(), "application/json");
+        res.status = r.status;
+      } catch (const std::exception& e) {
+        ++refused;
+        res.set_content(json{{"message", std::string("internal error: ") + e.what()}}.dump(),
+                        "application/json");
+        res.status = 500;
+      }
+      config.log(LogLevel::debug, req.method + " " + req.path + " -> " + std::to_string(res.status));
+    };
+  }
+
+  static json parse_body(const httplib::Request& req) {
+    if (req.body.empty()) return json::object();
+    json doc = json::parse(req.body, nullptr, false);
+    if (doc.is_discarded() || !doc.is_object()) throw Refusal{400, "request body is not a JSON object"};
+    return doc;
+  }
+
+  void routes() {
+    const std::string base = R"(/api/v1/keys/([^/]+)/)";
+    server->Get(base + "status", handler([this](const std::string& caller, const httplib::Request& req) {
+      return status(caller, req.matches[1]);
+    }));
+    server->Get(base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+      const std::uint64_t number = req.has_param("number") ? positive_integer(req.get_param_value("number"), "number") : 1;
+      const std::uint64_t size = req.has_param("size") ? positive_integer(req.get_param_value("size"), "size") : config.key_size;
+      return enc_keys(caller, req.matches[1], number, size, json::object());
+    }));
+    server->Post(base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+      const json doc = parse_body(req);
+      const std::uint64_t number = doc.contains("number") ? positive_integer(doc["number"], "number") : 1;
+      const std::uint64_t size = doc.contains("size") ? positive_integer(doc["size"], "size") : config.key_size;
+      return enc_keys(caller, req.matches[1], number, size, doc);
+    }));
+    server->Get(base + "dec_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+      if (!req.has_param("key_ID")) throw Refusal{400, "key_ID query parameter is missing"};
+      return dec_keys(caller, req.matches[1], {req.get_param_value("key_ID")});
+    }));
+    server->Post(base + "dec_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+      const json doc = parse_body(req);
+      auto it = doc.find("key_IDs");
+      if (it == doc.end() || !it->is_array()) throw Refusal{400, "key_IDs shall be an array"};
+      std::vector<std::string> ids;
+      for (const json& entry : *it) {
+        if (!entry.is_object() || !entry.contains("key_ID") || !entry["key_ID"].is_string()) {
+          throw Refusal{400, "each key_IDs entry shall be an object with a string key_ID"};
+        }
+        ids.push_back(entry["key_ID"].get<std::string>());
+      }
+      return dec_keys(caller, req.matches[1], ids);
+    }));
+  }
+
+  SimulatorConfig config;
+  std::unique_ptr<httplib::SSLServer> server;
+  std::thread thread;
+  int bound_port = 0;
+
+  mutable std::mutex mutex;
+  std::map<KeyId, StoredKey> store;
+  std::uint64_t ready_bits = 0;
+  std::uint64_t pending_bits = 0;
+  double carry = 0;
+  Clock::time_point last_refill;
+  std::atomic<std::uint64_t> keys_to_masters{0}, keys_to_slaves{0}, requests{0}, refused{0};
+};
+
+KmeSimulator::KmeSimulator(SimulatorConfig config) : impl_(std::make_unique<Impl>(std::move(config))) {}
+
+KmeSimulator::~KmeSimulator() { stop(); }
+
+void KmeSimulator::start() {
+  Impl& i = *impl_;
+  if (i.thread.joinable()) return;
+  i.server = std::make_unique<httplib::SSLServer>(i.config.certificate.c_str(),
+                                                  i.config.private_key.c_str(),
+                                                  i.config.client_ca.c_str());
+  if (!i.server->is_valid()) {
+    throw std::runtime_error("KME simulator: cannot load the TLS certificate, key or client CA (" +
+                             i.config.certificate.string() + ")");
+  }
+  // Required for TLS session resumption when client certificates are verified; without
+  // it OpenSSL aborts resumed handshakes with an internal-error alert.
+  static constexpr unsigned char kSessionContext[] = "qkd-kme-sim";
+  SSL_CTX_set_session_id_context(i.server->ssl_context(), kSessionContext, sizeof kSessionContext - 1);
+  i.routes();
+  if (i.config.port == 0) {
+    i.bound_port = i.server->bind_to_any_port(i.config.host);
+  } else {
+    i.bound_port = i.server->bind_to_port(i.config.host, i.config.port) ? i.config.port : -1;
+  }
+  if (i.bound_port <= 0) {
+    throw std::runtime_error("KME simulator: cannot listen on " + i.config.host + ":" +
+                             std::to_string(i.config.port) + " (in use? choose another --port)");
+  }
+  // The socket already listens, so clients may connect before the accept loop runs.
+  i.thread = std::thread([&i] { i.server->listen_after_bind(); });
+}
+
+void KmeSimulator::stop() {
+  if (!impl_->thread.joinable()) return;
+  impl_->server->stop();
+  impl_->thread.join();
+}
+
+int KmeSimulator::port() const { return impl_->bound_port; }
+std::string KmeSimulator::url() const { return "https://localhost:" + std::to_string(port()); }
+
+SimulatorStats KmeSimulator::stats() const {
+  std::lock_guard lock(impl_->mutex);
+  impl_->refill();
+  return SimulatorStats{impl_->ready_bits,     impl_->pending_bits,   impl_->keys_to_masters,
+                        impl_->keys_to_slaves, impl_->requests, impl_->refused};
+}
+
+void KmeSimulator::set_key_rate(double bits_per_second) {
+  std::lock_guard lock(impl_->mutex);
+  impl_->refill();
+  impl_->config.key_rate_bps = bits_per_second;
+}
+
+void KmeSimulator::drain() {
+  std::lock_guard lock(impl_->mutex);
+  impl_->refill();
+  impl_->ready_bits = 0;
+  impl_->carry = 0;
+}
+
+}  // namespace otpgate::kmesim

@@ -1,0 +1,67 @@
+// qkd-kme-sim: an ETSI GS QKD 014 key management entity for one machine.
+//
+// Real HTTPS with mutual TLS (cpp-httplib + OpenSSL). The calling SAE is the common
+// name of its client certificate. Keys come from the OS CSPRNG into one key store
+// shared by all SAE pairs (one QKD link), which fills at a configurable QKD-like rate
+// up to a configurable size, so shortage and recovery are reproducible.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "otpgate/keyclient.hpp"
+
+namespace otpgate::kmesim {
+
+struct SimulatorConfig {
+  std::string host = "127.0.0.1";
+  int port = 0;  // 0: any free port (see KmeSimulator::port())
+  std::filesystem::path certificate, private_key, client_ca;
+  std::string kme_id = "KME-SIM";
+  std::vector<std::string> sae_ids;         // SAEs allowed to connect
+  double key_rate_bps = 10e6;               // key generation rate; 0 = unlimited
+  std::uint64_t store_bits = 1ull << 30;    // key store capacity (128 MiB of key)
+  bool start_full = true;                   // store full at start (else empty)
+  std::uint32_t key_size = 256;             // default size (bits)
+  std::uint32_t min_key_size = 64;
+  std::uint32_t max_key_size = 8192;
+  std::uint32_t max_keys_per_request = 1024;
+  std::chrono::milliseconds relay_delay{0};  // keys reach the slave's KME this late
+  keys::LogSink log;
+};
+
+struct SimulatorStats {
+  std::uint64_t stored_bits = 0;   // ready for enc_keys
+  std::uint64_t pending_bits = 0;  // delivered to a master, not yet to its slave
+  std::uint64_t keys_to_masters = 0;
+  std::uint64_t keys_to_slaves = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t refused = 0;  // 4xx/5xx answers
+};
+
+class KmeSimulator {
+ public:
+  explicit KmeSimulator(SimulatorConfig config);
+  ~KmeSimulator();
+  KmeSimulator(const KmeSimulator&) = delete;
+  KmeSimulator& operator=(const KmeSimulator&) = delete;
+
+  void start();  // binds and serves on a thread; throws with a readable reason
+  void stop();
+  int port() const;
+  std::string url() const;  // https://localhost:PORT
+
+  SimulatorStats stats() const;
+  void set_key_rate(double bits_per_second);
+  void drain();  // empties the ready store (for shortage tests and demos)
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace otpgate::kmesim

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs every Debian package otpgate needs, once, in one place.
+# Called by the README's commands and by .ci/run; a no-op when all are present.
+set -euo pipefail
+
+PACKAGES=(
+  # toolchain
+  build-essential cmake pkg-config ccache clang-format git openssl ca-certificates curl
+  # crypto, HTTP, formats, CLI
+  libssl-dev libcurl4-openssl-dev libcpp-httplib-dev nlohmann-json3-dev
+  libtomlplusplus-dev libcli11-dev libboost-dev libsqlite3-dev
+  # tests and benchmarks
+  libgtest-dev libgmock-dev libbenchmark-dev
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "install-deps: installing ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
