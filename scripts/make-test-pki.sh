@@ -24,7 +24,9 @@ fi
 
 issue() {  # issue NAME CN EXTFILE
   key "$1.key"
-  openssl req -new -key "$1.key" -subj "/CN=$2" -out "$1.csr" 2>/dev/null
+  local cn=${2//\\/\\\\}          # escape \ / + = for -subj
+  cn=${cn//\//\\/}; cn=${cn//+/\\+}; cn=${cn//=/\\=}
+  openssl req -new -key "$1.key" -subj "/CN=$cn" -out "$1.csr" 2>/dev/null
   openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -sha256 \
     -extfile "$3" -out "$1.crt" 2>/dev/null
   rm -f "$1.csr"

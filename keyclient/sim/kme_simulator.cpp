@@ -348,6 +348,8 @@ void KmeSimulator::start() {
   }
   // The socket already listens, so clients may connect before the accept loop runs.
   i.thread = std::thread([&i] { i.server->listen_after_bind(); });
+  // stop() is a no-op until the accept loop runs, so do not return before it does.
+  while (!i.server->is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
 
 void KmeSimulator::stop() {

@@ -53,6 +53,8 @@ struct KeyRing::Impl {
   bool has_current = false;
   std::uint32_t current = 0;
   std::uint32_t position = 0;  // bytes of `current` already taken
+  bool has_expected = false;
+  std::uint64_t expected_next = 0;  // offset that continues the stream
 };
 
 KeyRing::KeyRing(std::size_t slot_count, std::size_t slot_bytes) {
@@ -85,25 +87,24 @@ std::optional<std::uint64_t> KeyRing::take(std::span<std::uint8_t> out) {
   std::size_t copied = 0;
   std::uint64_t start = 0;
   while (copied < want) {
-    if (!r.has_current || r.position == r.info[r.current].length) {
+    if (!r.has_current) {
       std::uint32_t next = 0;
       if (!r.filled.pop(next)) {
         // Only reachable after a discontinuity consumed what the counters promised.
         OPENSSL_cleanse(out.data(), copied);
+        r.consumed.fetch_sub(copied, std::memory_order_relaxed);
         r.discarded.fetch_add(copied, std::memory_order_relaxed);
         return std::nullopt;
       }
-      const bool continues =
-          r.has_current && r.info[next].offset == r.info[r.current].offset + r.position;
-      if (r.has_current) r.recycle(r.current, r.info[r.current].length);
+      const bool continues = r.has_expected && r.info[next].offset == r.expected_next;
       r.has_current = true;
       r.current = next;
       r.position = 0;
       if (copied != 0 && !continues) {
         // The pad stream jumps here: what we copied cannot be used with what follows.
         OPENSSL_cleanse(out.data(), copied);
-        r.discarded.fetch_add(copied, std::memory_order_relaxed);
         r.consumed.fetch_sub(copied, std::memory_order_relaxed);
+        r.discarded.fetch_add(copied, std::memory_order_relaxed);
         copied = 0;
         if (bytes_available() < want) return std::nullopt;
       }
@@ -117,6 +118,12 @@ std::optional<std::uint64_t> KeyRing::take(std::span<std::uint8_t> out) {
     r.position += static_cast<std::uint32_t>(n);
     copied += n;
     r.consumed.fetch_add(n, std::memory_order_relaxed);
+    r.expected_next = slot.offset + r.position;
+    r.has_expected = true;
+    if (r.position == slot.length) {
+      r.free.push(r.current);  // already wiped; the producer may refill it now
+      r.has_current = false;
+    }
   }
   return start;
 }

@@ -1,0 +1,175 @@
+// Key supplies (refill threads) against qkd-kme-sim: both roles, shortage, restarts.
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include "test_pki.hpp"
+
+using namespace otpgate;
+using otpgate::testing::client_config;
+using otpgate::testing::eventually;
+namespace fs = std::filesystem;
+
+namespace {
+
+class KeySupplyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("otpgate-supply-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    start_sim(otpgate::testing::simulator_config());
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  void start_sim(kmesim::SimulatorConfig config) {
+    sim_.reset();
+    sim_ = std::make_unique<kmesim::KmeSimulator>(std::move(config));
+    sim_->start();
+  }
+
+  keys::KeySupplyConfig master_config(std::size_t ring_bytes = 256u << 10) {
+    keys::KeySupplyConfig c;
+    c.role = keys::SaeRole::master;
+    c.peer_sae_id = "sae-b";
+    c.journal = dir_ / "a-to-b.journal";
+    c.ring_bytes = ring_bytes;
+    c.reserve_chunk = 64u << 10;
+    c.log = keys::stderr_log_sink(keys::LogLevel::error);
+    return c;
+  }
+  keys::KeySupplyConfig slave_config() {
+    keys::KeySupplyConfig c;
+    c.role = keys::SaeRole::slave;
+    c.peer_sae_id = "sae-a";
+    c.ring_bytes = 1u << 20;
+    c.log = keys::stderr_log_sink(keys::LogLevel::error);
+    return c;
+  }
+
+  fs::path dir_;
+  std::unique_ptr<kmesim::KmeSimulator> sim_;
+};
+
+}  // namespace
+
+TEST_F(KeySupplyTest, MasterAndSlaveHoldIdenticalPadAtEveryOffset) {
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_config());
+  keys::KeySupply slave(client_config(sim_->url(), "sae-b"), slave_config());
+  master.start();
+  slave.start();
+
+  std::map<std::uint64_t, std::vector<std::uint8_t>> sent;  // offset -> pad, test only
+  std::vector<std::uint8_t> chunk(1200);
+  while (sent.size() < 800) {
+    while (auto a = master.next_announcement()) ASSERT_TRUE(slave.request(*a));
+    if (auto offset = master.take(chunk)) {
+      sent.emplace(*offset, chunk);
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+  while (auto a = master.next_announcement()) ASSERT_TRUE(slave.request(*a));
+
+  // Collect the slave's keys by offset and compare every byte the master used.
+  std::map<std::uint64_t, std::vector<std::uint8_t>> received;
+  const std::uint64_t end = sent.rbegin()->first + chunk.size();
+  ASSERT_TRUE(eventually([&] {
+    while (auto s = slave.pop_segment()) {
+      received.emplace(s->offset, std::vector<std::uint8_t>(s->bytes.begin(), s->bytes.end()));
+      slave.release(*s);
+    }
+    return !received.empty() &&
+           received.rbegin()->first + received.rbegin()->second.size() >= end;
+  }));
+  std::uint64_t compared = 0;
+  for (const auto& [offset, pad] : sent) {
+    for (std::size_t i = 0; i < pad.size(); ++i) {
+      auto it = std::prev(received.upper_bound(offset + i));
+      ASSERT_EQ(it->second.at(offset + i - it->first), pad[i]) << "offset " << offset + i;
+      ++compared;
+    }
+  }
+  EXPECT_EQ(compared, 800u * 1200u);
+  EXPECT_EQ(master.stats().key_size_bits, 8192u) << "asks for the largest keys the KME allows";
+  EXPECT_EQ(slave.stats().keys_lost, 0u);
+  EXPECT_EQ(master.stats().kme_errors, 0u);
+}
+
+TEST_F(KeySupplyTest, ExhaustionIsReportedAndTheSupplyRecovers) {
+  auto config = otpgate::testing::simulator_config();
+  config.start_full = false;
+  config.key_rate_bps = 8;
+  start_sim(config);
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_config());
+  master.start();
+  std::vector<std::uint8_t> chunk(1200);
+  ASSERT_TRUE(eventually([&] { return master.stats().kme_errors > 0; }));
+  EXPECT_FALSE(master.take(chunk)) << "no key: nothing to hand out";
+  const auto down = master.stats();
+  EXPECT_FALSE(down.kme_healthy);
+  EXPECT_NE(down.last_error.find("HTTP 503"), std::string::npos) << down.last_error;
+
+  sim_->set_key_rate(0);  // the QKD link delivers again
+  ASSERT_TRUE(eventually([&] { return master.take(chunk).has_value(); }));
+  EXPECT_TRUE(master.stats().kme_healthy);
+}
+
+TEST_F(KeySupplyTest, ARestartNeverHandsOutAnOffsetAgain) {
+  std::uint64_t highest_end = 0;
+  std::uint64_t reserved = 0;
+  {
+    keys::KeySupply first(client_config(sim_->url(), "sae-a"), master_config());
+    first.start();
+    std::vector<std::uint8_t> chunk(1000);
+    for (int taken = 0; taken < 300;) {
+      if (auto offset = first.take(chunk)) {
+        highest_end = std::max(highest_end, *offset + chunk.size());
+        ++taken;
+      }
+    }
+    reserved = first.stats().reserved_offset;
+    EXPECT_GE(reserved, highest_end) << "reserved before handed out";
+  }
+  keys::KeySupply second(client_config(sim_->url(), "sae-a"), master_config());
+  second.start();
+  std::vector<std::uint8_t> chunk(1000);
+  std::optional<std::uint64_t> offset;
+  ASSERT_TRUE(eventually([&] { return (offset = second.take(chunk)).has_value(); }));
+  EXPECT_GE(*offset, reserved);
+  EXPECT_GE(*offset, highest_end);
+}
+
+TEST_F(KeySupplyTest, AKeyTheKmeNeverDeliversIsCountedAsLost) {
+  auto kme = client_config(sim_->url(), "sae-b");
+  kme.retry.relay_grace = std::chrono::milliseconds(100);
+  keys::KeySupply slave(kme, slave_config());
+  slave.start();
+  const auto ghost = *keys::KeyId::parse("0f0f0f0f-0000-4000-8000-000000000001");
+  ASSERT_TRUE(slave.request({4096, ghost, 1024}));
+  ASSERT_TRUE(eventually([&] { return slave.stats().keys_lost == 1; }));
+  EXPECT_NE(slave.stats().last_error.find(ghost.to_string()), std::string::npos);
+  EXPECT_FALSE(slave.pop_segment());
+}
+
+TEST_F(KeySupplyTest, RepeatedAnnouncementsFetchAKeyOnce) {
+  keys::KmeClient a(client_config(sim_->url(), "sae-a"));
+  const auto issued = a.enc_keys("sae-b", 1, 1024);
+  keys::KeySupply slave(client_config(sim_->url(), "sae-b"), slave_config());
+  slave.start();
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(slave.request({0, issued[0].id, 128}));
+  std::optional<keys::PadSegment> segment;
+  ASSERT_TRUE(eventually([&] { return (segment = slave.pop_segment()).has_value(); }));
+  EXPECT_TRUE(std::equal(segment->bytes.begin(), segment->bytes.end(), issued[0].bytes.span().begin()));
+  slave.release(*segment);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(slave.pop_segment());
+  EXPECT_EQ(slave.stats().keys_lost, 0u) << "repeats must not be fetched again (and fail)";
+  EXPECT_EQ(sim_->stats().keys_to_slaves, 1u);
+}
+
+TEST_F(KeySupplyTest, AMasterWithoutJournalIsAConfigurationError) {
+  auto config = master_config();
+  config.journal.clear();
+  EXPECT_THROW(keys::KeySupply(client_config(sim_->url(), "sae-a"), config), std::invalid_argument);
+}

@@ -1,0 +1,59 @@
+// Shared test helpers: the test PKI made by ctest's make_test_pki fixture, an
+// in-process qkd-kme-sim on a free loopback port, and client configs per SAE.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+#include <thread>
+
+#include "kme_simulator.hpp"
+#include "otpgate/keyclient.hpp"
+
+namespace otpgate::testing {
+
+inline std::filesystem::path pki_dir(const std::string& which = "good") {
+  return std::filesystem::path(OTPGATE_TEST_PKI) / which;
+}
+
+inline kmesim::SimulatorConfig simulator_config() {
+  kmesim::SimulatorConfig c;
+  c.certificate = pki_dir() / "kme.crt";
+  c.private_key = pki_dir() / "kme.key";
+  c.client_ca = pki_dir() / "ca.crt";
+  c.sae_ids = {"sae-a", "sae-b", "sae-c", "ward 7+icu%"};
+  c.key_rate_bps = 0;  // unlimited unless a test throttles it
+  c.store_bits = 64ull << 23;  // 64 MiB
+  c.log = keys::stderr_log_sink(keys::LogLevel::error);
+  return c;
+}
+
+inline keys::KmeClientConfig client_config(const std::string& url, const std::string& sae,
+                                           const std::string& which_pki = "good",
+                                           const std::string& trusted_ca = "good") {
+  keys::KmeClientConfig c;
+  c.base_url = url;
+  c.tls = {pki_dir(which_pki) / (sae + ".crt"), pki_dir(which_pki) / (sae + ".key"),
+           pki_dir(trusted_ca) / "ca.crt"};
+  c.retry.initial_backoff = std::chrono::milliseconds(5);
+  c.retry.max_backoff = std::chrono::milliseconds(50);
+  c.retry.max_attempts = 3;
+  c.retry.relay_grace = std::chrono::milliseconds(300);
+  c.request_timeout = std::chrono::milliseconds(5000);
+  c.log = keys::stderr_log_sink(keys::LogLevel::error);
+  return c;
+}
+
+// Runs `check` until it holds or `limit` passes; for waiting on background threads.
+template <typename Check>
+bool eventually(Check check, std::chrono::milliseconds limit = std::chrono::seconds(20)) {
+  const auto until = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < until) {
+    if (check()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return check();
+}
+
+}  // namespace otpgate::testing
