@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   # toolchain
-  build-essential cmake pkg-config ccache clang-format git openssl ca-certificates curl
+  build-essential cmake ninja-build pkg-config ccache clang-format git openssl ca-certificates curl
   # crypto, HTTP, formats, CLI
   libssl-dev libcurl4-openssl-dev libcpp-httplib-dev nlohmann-json3-dev
   libtomlplusplus-dev libcli11-dev libboost-dev libsqlite3-dev

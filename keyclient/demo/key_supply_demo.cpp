@@ -89,6 +89,16 @@ int main(int argc, char** argv) {
     keys::KeySupply slave(kme_for(sae_b), slave_cfg);
     master.start();
     slave.start();
+    // A call starts once site A holds key, as the gateway does.
+    const auto ready_by = Clock::now() + std::chrono::seconds(15);
+    while (master.stats().bytes_available == 0 && Clock::now() < ready_by) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (master.stats().bytes_available == 0) {
+      std::fprintf(stderr, "otp-keys-demo: no key from the KME within 15 s: %s\n",
+                   master.stats().last_error.c_str());
+      return 1;
+    }
 
     boost::lockfree::spsc_queue<ChunkRecord> records(65536);
     std::atomic<bool> media_done{false};
