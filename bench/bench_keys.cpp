@@ -94,7 +94,8 @@ int main(int argc, char** argv) {
     if (arg == "--pki" && i + 1 < argc) pki = argv[++i];
   }
   if (pki.empty()) {
-    std::fprintf(stderr, "usage: bench_keys --pki DIR [--quick]   (DIR from scripts/make-test-pki.sh)\n");
+    std::fprintf(stderr,
+                 "usage: bench_keys --pki DIR [--quick]   (DIR from scripts/make-test-pki.sh)\n");
     return 2;
   }
   const std::uint64_t total = quick ? (8u << 20) : (2ull << 30);
@@ -109,8 +110,9 @@ int main(int argc, char** argv) {
     std::printf("%8zu %14.2f %16.2f %12.2f %8.2f %10.0f\n", chunk, take, take_only, copy,
                 take_only / copy, double(chunk) / take_only);
   }
-  std::printf("(take: with a producer thread refilling on the other core; take-only: the\n"
-              " consumer's own cost, which includes wiping the bytes it hands out)\n");
+  std::printf(
+      "(take: with a producer thread refilling on the other core; take-only: the\n"
+      " consumer's own cost, which includes wiping the bytes it hands out)\n");
 
   otpgate::kmesim::SimulatorConfig config;
   config.certificate = pki + "/kme.crt";
@@ -149,8 +151,9 @@ int main(int argc, char** argv) {
     slave.dec_keys("sae-a", ids);
     dec_seconds += seconds_since(t);
   }
-  std::printf("\n== key delivery from qkd-kme-sim over HTTPS/mTLS, %u-bit keys, %u per request ==\n",
-              bits, per_request);
+  std::printf(
+      "\n== key delivery from qkd-kme-sim over HTTPS/mTLS, %u-bit keys, %u per request ==\n", bits,
+      per_request);
   std::printf("enc_keys (master): %8.1f MB/s of key\n", double(bytes) / enc_seconds / 1e6);
   std::printf("dec_keys (slave):  %8.1f MB/s of key\n", double(bytes) / dec_seconds / 1e6);
   std::printf("a 10 Mbit/s QKD link delivers 1.25 MB/s: the client is %.0fx faster than the link\n",

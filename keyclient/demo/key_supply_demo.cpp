@@ -59,7 +59,8 @@ int main(int argc, char** argv) {
   app.add_option("--pki", pki, "Folder made by scripts/make-test-pki.sh")->required();
   app.add_option("--sae-a", sae_a, "SAE ID of site A (master)")->capture_default_str();
   app.add_option("--sae-b", sae_b, "SAE ID of site B (slave)")->capture_default_str();
-  app.add_option("--media-mbps", media_mbps, "Simulated media rate (Mbit/s)")->capture_default_str();
+  app.add_option("--media-mbps", media_mbps, "Simulated media rate (Mbit/s)")
+      ->capture_default_str();
   app.add_option("--seconds", seconds, "How long to run")->capture_default_str();
   app.add_option("--chunk", chunk, "Pad bytes per simulated packet")->capture_default_str();
   app.add_option("--state-dir", state_dir, "Where the offset journal lives")->capture_default_str();
@@ -158,7 +159,8 @@ int main(int argc, char** argv) {
             continue;
           }
           const std::size_t from = want - it->offset;
-          const std::size_t n = std::min<std::size_t>(record.length - filled, it->bytes.size() - from);
+          const std::size_t n =
+              std::min<std::size_t>(record.length - filled, it->bytes.size() - from);
           std::copy_n(it->bytes.begin() + from, n, pad.begin() + filled);
           filled += static_cast<std::uint32_t>(n);
         }
@@ -171,8 +173,8 @@ int main(int argc, char** argv) {
         }
         OPENSSL_cleanse(pad.data(), pad.size());
         // Keys wholly below this chunk's end are used up at site B too: wipe them.
-        while (!window.empty() &&
-               window.front().offset + window.front().bytes.size() <= record.offset + record.length) {
+        while (!window.empty() && window.front().offset + window.front().bytes.size() <=
+                                      record.offset + record.length) {
           slave.release(window.front());
           window.pop_front();
         }
@@ -180,8 +182,9 @@ int main(int argc, char** argv) {
       for (auto& s : window) slave.release(s);
     });
 
-    std::printf("otp-keys-demo: %s -> %s, media %.2f Mbit/s in %u-byte packets, for %.0f s (KME %s)\n",
-                sae_a.c_str(), sae_b.c_str(), media_mbps, chunk, seconds, kme_url.c_str());
+    std::printf(
+        "otp-keys-demo: %s -> %s, media %.2f Mbit/s in %u-byte packets, for %.0f s (KME %s)\n",
+        sae_a.c_str(), sae_b.c_str(), media_mbps, chunk, seconds, kme_url.c_str());
     const auto start = Clock::now();
     while (!media_done) {
       std::this_thread::sleep_for(std::chrono::seconds(1));
@@ -196,7 +199,8 @@ int main(int argc, char** argv) {
           mib(double(a.bytes_fetched)).c_str(),
           std::isinf(left) ? "inf s" : (std::to_string(static_cast<long>(left)) + " s").c_str(),
           a.kme_healthy ? "ok" : ("DOWN: " + a.last_error).c_str(),
-          static_cast<unsigned long long>(b.keys_fetched), static_cast<unsigned long long>(b.keys_lost),
+          static_cast<unsigned long long>(b.keys_fetched),
+          static_cast<unsigned long long>(b.keys_lost),
           static_cast<unsigned long long>(verified.load()),
           static_cast<unsigned long long>(mismatched.load()));
       std::fflush(stdout);
@@ -209,9 +213,10 @@ int main(int argc, char** argv) {
         "summary: %llu packets protected, %llu without key (dropped), pad consumed %s "
         "(%.2f Mbit/s) with key size %u bits; site B verified %llu identical pad ranges, "
         "%llu mismatched, %llu missing; next pad offset %llu (journal reserved up to %llu)\n",
-        static_cast<unsigned long long>(sent.load()), static_cast<unsigned long long>(no_key.load()),
-        mib(double(a.bytes_consumed)).c_str(), double(a.bytes_consumed) * 8 / elapsed / 1e6,
-        a.key_size_bits, static_cast<unsigned long long>(verified.load()),
+        static_cast<unsigned long long>(sent.load()),
+        static_cast<unsigned long long>(no_key.load()), mib(double(a.bytes_consumed)).c_str(),
+        double(a.bytes_consumed) * 8 / elapsed / 1e6, a.key_size_bits,
+        static_cast<unsigned long long>(verified.load()),
         static_cast<unsigned long long>(mismatched.load()),
         static_cast<unsigned long long>(missing.load()),
         static_cast<unsigned long long>(a.next_offset),

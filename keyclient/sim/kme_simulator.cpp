@@ -15,10 +15,10 @@
 
 namespace otpgate::kmesim {
 
-using nlohmann::json;
 using keys::KeyId;
 using keys::LogLevel;
 using keys::SecretBytes;
+using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -56,7 +56,8 @@ std::string base64(std::span<const std::uint8_t> bytes) {
 
 KeyId random_uuid() {
   std::array<std::uint8_t, 16> b{};
-  if (RAND_bytes(b.data(), static_cast<int>(b.size())) != 1) throw std::runtime_error("RAND_bytes failed");
+  if (RAND_bytes(b.data(), static_cast<int>(b.size())) != 1)
+    throw std::runtime_error("RAND_bytes failed");
   b[6] = static_cast<std::uint8_t>((b[6] & 0x0f) | 0x40);  // version 4
   b[8] = static_cast<std::uint8_t>((b[8] & 0x3f) | 0x80);  // RFC 4122 variant
   return KeyId(b);
@@ -96,12 +97,13 @@ struct KmeSimulator::Impl {
       throw std::invalid_argument(
           "key sizes must be multiples of 8 with 0 < min-key-size <= key-size <= max-key-size");
     }
-    for (const auto& [name, path] : {std::pair{"certificate", config.certificate},
-                                     std::pair{"private key", config.private_key},
-                                     std::pair{"client CA", config.client_ca}}) {
+    for (const auto& [name, path] :
+         {std::pair{"certificate", config.certificate},
+          std::pair{"private key", config.private_key}, std::pair{"client CA", config.client_ca}}) {
       if (!std::filesystem::is_regular_file(path)) {
-        throw std::invalid_argument(std::string("KME ") + name + " \"" + path.string() +
-                                    "\" is not a readable file (make one with scripts/make-test-pki.sh)");
+        throw std::invalid_argument(
+            std::string("KME ") + name + " \"" + path.string() +
+            "\" is not a readable file (make one with scripts/make-test-pki.sh)");
       }
     }
     ready_bits = config.start_full ? config.store_bits : 0;
@@ -167,17 +169,19 @@ struct KmeSimulator::Impl {
     }
     if (auto it = request.find("additional_slave_SAE_IDs"); it != request.end() && !it->empty()) {
       throw Refusal{400, "requested parameters do not adhere to KME rules",
-                    json::array({{{"message", "additional_slave_SAE_IDs are not supported "
-                                              "(max_SAE_ID_count is 0)"}}})};
+                    json::array({{{"message",
+                                   "additional_slave_SAE_IDs are not supported "
+                                   "(max_SAE_ID_count is 0)"}}})};
     }
     if (size % 8 != 0) throw Refusal{400, "size shall be a multiple of 8"};
-    if (size < config.min_key_size || size > config.max_key_size || number > config.max_keys_per_request) {
-      throw Refusal{400, "requested parameters do not adhere to KME rules",
-                    json::array({{{"message", "size must be within [" +
-                                                  std::to_string(config.min_key_size) + ", " +
-                                                  std::to_string(config.max_key_size) +
-                                                  "] bits and number at most " +
-                                                  std::to_string(config.max_keys_per_request)}}})};
+    if (size < config.min_key_size || size > config.max_key_size ||
+        number > config.max_keys_per_request) {
+      throw Refusal{
+          400, "requested parameters do not adhere to KME rules",
+          json::array(
+              {{{"message", "size must be within [" + std::to_string(config.min_key_size) + ", " +
+                                std::to_string(config.max_key_size) + "] bits and number at most " +
+                                std::to_string(config.max_keys_per_request)}}})};
     }
     std::lock_guard lock(mutex);
     refill();
@@ -203,12 +207,14 @@ struct KmeSimulator::Impl {
     return json{{"keys", std::move(list)}};
   }
 
-  json dec_keys(const std::string& caller, const std::string& master, const std::vector<std::string>& ids) {
+  json dec_keys(const std::string& caller, const std::string& master,
+                const std::vector<std::string>& ids) {
     if (ids.empty()) throw Refusal{400, "key_IDs shall name at least one key"};
     if (ids.size() > config.max_keys_per_request) {
-      throw Refusal{400, "requested parameters do not adhere to KME rules",
-                    json::array({{{"message", "at most " + std::to_string(config.max_keys_per_request) +
-                                                  " key_IDs per request"}}})};
+      throw Refusal{
+          400, "requested parameters do not adhere to KME rules",
+          json::array({{{"message", "at most " + std::to_string(config.max_keys_per_request) +
+                                        " key_IDs per request"}}})};
     }
     std::lock_guard lock(mutex);
     const auto now = Clock::now();
@@ -258,50 +264,64 @@ struct KmeSimulator::Impl {
                         "application/json");
         res.status = 500;
       }
-      config.log(LogLevel::debug, req.method + " " + req.path + " -> " + std::to_string(res.status));
+      config.log(LogLevel::debug,
+                 req.method + " " + req.path + " -> " + std::to_string(res.status));
     };
   }
 
   static json parse_body(const httplib::Request& req) {
     if (req.body.empty()) return json::object();
     json doc = json::parse(req.body, nullptr, false);
-    if (doc.is_discarded() || !doc.is_object()) throw Refusal{400, "request body is not a JSON object"};
+    if (doc.is_discarded() || !doc.is_object())
+      throw Refusal{400, "request body is not a JSON object"};
     return doc;
   }
 
   void routes() {
     const std::string base = R"(/api/v1/keys/([^/]+)/)";
-    server->Get(base + "status", handler([this](const std::string& caller, const httplib::Request& req) {
-      return status(caller, req.matches[1]);
-    }));
-    server->Get(base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req) {
-      const std::uint64_t number = req.has_param("number") ? positive_integer(req.get_param_value("number"), "number") : 1;
-      const std::uint64_t size = req.has_param("size") ? positive_integer(req.get_param_value("size"), "size") : config.key_size;
-      return enc_keys(caller, req.matches[1], number, size, json::object());
-    }));
-    server->Post(base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req) {
-      const json doc = parse_body(req);
-      const std::uint64_t number = doc.contains("number") ? positive_integer(doc["number"], "number") : 1;
-      const std::uint64_t size = doc.contains("size") ? positive_integer(doc["size"], "size") : config.key_size;
-      return enc_keys(caller, req.matches[1], number, size, doc);
-    }));
-    server->Get(base + "dec_keys", handler([this](const std::string& caller, const httplib::Request& req) {
-      if (!req.has_param("key_ID")) throw Refusal{400, "key_ID query parameter is missing"};
-      return dec_keys(caller, req.matches[1], {req.get_param_value("key_ID")});
-    }));
-    server->Post(base + "dec_keys", handler([this](const std::string& caller, const httplib::Request& req) {
-      const json doc = parse_body(req);
-      auto it = doc.find("key_IDs");
-      if (it == doc.end() || !it->is_array()) throw Refusal{400, "key_IDs shall be an array"};
-      std::vector<std::string> ids;
-      for (const json& entry : *it) {
-        if (!entry.is_object() || !entry.contains("key_ID") || !entry["key_ID"].is_string()) {
-          throw Refusal{400, "each key_IDs entry shall be an object with a string key_ID"};
-        }
-        ids.push_back(entry["key_ID"].get<std::string>());
-      }
-      return dec_keys(caller, req.matches[1], ids);
-    }));
+    server->Get(base + "status",
+                handler([this](const std::string& caller, const httplib::Request& req) {
+                  return status(caller, req.matches[1]);
+                }));
+    server->Get(
+        base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+          const std::uint64_t number =
+              req.has_param("number") ? positive_integer(req.get_param_value("number"), "number")
+                                      : 1;
+          const std::uint64_t size = req.has_param("size")
+                                         ? positive_integer(req.get_param_value("size"), "size")
+                                         : config.key_size;
+          return enc_keys(caller, req.matches[1], number, size, json::object());
+        }));
+    server->Post(
+        base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+          const json doc = parse_body(req);
+          const std::uint64_t number =
+              doc.contains("number") ? positive_integer(doc["number"], "number") : 1;
+          const std::uint64_t size =
+              doc.contains("size") ? positive_integer(doc["size"], "size") : config.key_size;
+          return enc_keys(caller, req.matches[1], number, size, doc);
+        }));
+    server->Get(base + "dec_keys",
+                handler([this](const std::string& caller, const httplib::Request& req) {
+                  if (!req.has_param("key_ID"))
+                    throw Refusal{400, "key_ID query parameter is missing"};
+                  return dec_keys(caller, req.matches[1], {req.get_param_value("key_ID")});
+                }));
+    server->Post(
+        base + "dec_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+          const json doc = parse_body(req);
+          auto it = doc.find("key_IDs");
+          if (it == doc.end() || !it->is_array()) throw Refusal{400, "key_IDs shall be an array"};
+          std::vector<std::string> ids;
+          for (const json& entry : *it) {
+            if (!entry.is_object() || !entry.contains("key_ID") || !entry["key_ID"].is_string()) {
+              throw Refusal{400, "each key_IDs entry shall be an object with a string key_ID"};
+            }
+            ids.push_back(entry["key_ID"].get<std::string>());
+          }
+          return dec_keys(caller, req.matches[1], ids);
+        }));
   }
 
   SimulatorConfig config;
@@ -318,16 +338,18 @@ struct KmeSimulator::Impl {
   std::atomic<std::uint64_t> keys_to_masters{0}, keys_to_slaves{0}, requests{0}, refused{0};
 };
 
-KmeSimulator::KmeSimulator(SimulatorConfig config) : impl_(std::make_unique<Impl>(std::move(config))) {}
+KmeSimulator::KmeSimulator(SimulatorConfig config)
+    : impl_(std::make_unique<Impl>(std::move(config))) {}
 
-KmeSimulator::~KmeSimulator() { stop(); }
+KmeSimulator::~KmeSimulator() {
+  stop();
+}
 
 void KmeSimulator::start() {
   Impl& i = *impl_;
   if (i.thread.joinable()) return;
-  i.server = std::make_unique<httplib::SSLServer>(i.config.certificate.c_str(),
-                                                  i.config.private_key.c_str(),
-                                                  i.config.client_ca.c_str());
+  i.server = std::make_unique<httplib::SSLServer>(
+      i.config.certificate.c_str(), i.config.private_key.c_str(), i.config.client_ca.c_str());
   if (!i.server->is_valid()) {
     throw std::runtime_error("KME simulator: cannot load the TLS certificate, key or client CA (" +
                              i.config.certificate.string() + ")");
@@ -335,7 +357,8 @@ void KmeSimulator::start() {
   // Required for TLS session resumption when client certificates are verified; without
   // it OpenSSL aborts resumed handshakes with an internal-error alert.
   static constexpr unsigned char kSessionContext[] = "qkd-kme-sim";
-  SSL_CTX_set_session_id_context(i.server->ssl_context(), kSessionContext, sizeof kSessionContext - 1);
+  SSL_CTX_set_session_id_context(i.server->ssl_context(), kSessionContext,
+                                 sizeof kSessionContext - 1);
   i.routes();
   if (i.config.port == 0) {
     i.bound_port = i.server->bind_to_any_port(i.config.host);
@@ -358,14 +381,18 @@ void KmeSimulator::stop() {
   impl_->thread.join();
 }
 
-int KmeSimulator::port() const { return impl_->bound_port; }
-std::string KmeSimulator::url() const { return "https://localhost:" + std::to_string(port()); }
+int KmeSimulator::port() const {
+  return impl_->bound_port;
+}
+std::string KmeSimulator::url() const {
+  return "https://localhost:" + std::to_string(port());
+}
 
 SimulatorStats KmeSimulator::stats() const {
   std::lock_guard lock(impl_->mutex);
   impl_->refill();
-  return SimulatorStats{impl_->ready_bits,     impl_->pending_bits,   impl_->keys_to_masters,
-                        impl_->keys_to_slaves, impl_->requests, impl_->refused};
+  return SimulatorStats{impl_->ready_bits,     impl_->pending_bits, impl_->keys_to_masters,
+                        impl_->keys_to_slaves, impl_->requests,     impl_->refused};
 }
 
 void KmeSimulator::set_key_rate(double bits_per_second) {

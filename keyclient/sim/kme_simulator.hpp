@@ -22,11 +22,11 @@ struct SimulatorConfig {
   int port = 0;  // 0: any free port (see KmeSimulator::port())
   std::filesystem::path certificate, private_key, client_ca;
   std::string kme_id = "KME-SIM";
-  std::vector<std::string> sae_ids;         // SAEs allowed to connect
-  double key_rate_bps = 10e6;               // key generation rate; 0 = unlimited
-  std::uint64_t store_bits = 1ull << 30;    // key store capacity (128 MiB of key)
-  bool start_full = true;                   // store full at start (else empty)
-  std::uint32_t key_size = 256;             // default size (bits)
+  std::vector<std::string> sae_ids;       // SAEs allowed to connect
+  double key_rate_bps = 10e6;             // key generation rate; 0 = unlimited
+  std::uint64_t store_bits = 1ull << 30;  // key store capacity (128 MiB of key)
+  bool start_full = true;                 // store full at start (else empty)
+  std::uint32_t key_size = 256;           // default size (bits)
   std::uint32_t min_key_size = 64;
   std::uint32_t max_key_size = 8192;
   std::uint32_t max_keys_per_request = 1024;

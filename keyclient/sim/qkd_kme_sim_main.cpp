@@ -2,9 +2,9 @@
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
+#include <condition_variable>
 #include <cstdio>
 #include <fstream>
-#include <condition_variable>
 #include <mutex>
 #include <thread>
 
@@ -38,7 +38,8 @@ int main(int argc, char** argv) {
   app.add_option("--key-rate", config.key_rate_bps,
                  "Key generation rate in bits/s (0: unlimited); real QKD links give ~1-10 Mbit/s")
       ->capture_default_str();
-  app.add_option("--store-bytes", store_bytes, "Key store capacity in bytes")->capture_default_str();
+  app.add_option("--store-bytes", store_bytes, "Key store capacity in bytes")
+      ->capture_default_str();
   app.add_flag("!--start-empty", config.start_full, "Start with an empty key store");
   app.add_option("--key-size", config.key_size, "Default key size (bits)")->capture_default_str();
   app.add_option("--min-key-size", config.min_key_size, "Minimum key size (bits)")
@@ -91,12 +92,13 @@ int main(int argc, char** argv) {
                                  [] { return false; });
           if (stop.stop_requested()) break;
           const auto s = sim.stats();
-          std::printf("qkd-kme-sim: store %llu bytes ready, %llu in relay, keys to masters %llu, "
-                      "to slaves %llu\n",
-                      static_cast<unsigned long long>(s.stored_bits / 8),
-                      static_cast<unsigned long long>(s.pending_bits / 8),
-                      static_cast<unsigned long long>(s.keys_to_masters),
-                      static_cast<unsigned long long>(s.keys_to_slaves));
+          std::printf(
+              "qkd-kme-sim: store %llu bytes ready, %llu in relay, keys to masters %llu, "
+              "to slaves %llu\n",
+              static_cast<unsigned long long>(s.stored_bits / 8),
+              static_cast<unsigned long long>(s.pending_bits / 8),
+              static_cast<unsigned long long>(s.keys_to_masters),
+              static_cast<unsigned long long>(s.keys_to_slaves));
           std::fflush(stdout);
         }
       });

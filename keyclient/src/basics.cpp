@@ -57,7 +57,9 @@ SecretBytes::SecretBytes(std::size_t size)
   locked_ = size > 0 && ::mlock(data_.get(), size) == 0;
 }
 
-SecretBytes::~SecretBytes() { release(); }
+SecretBytes::~SecretBytes() {
+  release();
+}
 
 SecretBytes::SecretBytes(SecretBytes&& other) noexcept
     : data_(std::move(other.data_)),

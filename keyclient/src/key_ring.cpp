@@ -77,7 +77,9 @@ bool KeyRing::push(std::uint64_t offset, const KeyId& id, std::span<const std::u
   return true;
 }
 
-std::size_t KeyRing::free_slots() const { return impl_->free.read_available(); }
+std::size_t KeyRing::free_slots() const {
+  return impl_->free.read_available();
+}
 
 std::optional<std::uint64_t> KeyRing::take(std::span<std::uint8_t> out) {
   Impl& r = *impl_;
@@ -147,11 +149,23 @@ std::uint64_t KeyRing::bytes_available() const {
                     impl_->discarded.load(std::memory_order_relaxed);
   return pushed > gone ? pushed - gone : 0;
 }
-std::uint64_t KeyRing::bytes_pushed() const { return impl_->pushed.load(); }
-std::uint64_t KeyRing::bytes_consumed() const { return impl_->consumed.load(); }
-std::uint64_t KeyRing::bytes_discarded() const { return impl_->discarded.load(); }
-std::size_t KeyRing::slot_bytes() const { return impl_->slot_bytes; }
-std::size_t KeyRing::slot_count() const { return impl_->slot_count; }
-bool KeyRing::memory_locked() const { return impl_->arena.locked(); }
+std::uint64_t KeyRing::bytes_pushed() const {
+  return impl_->pushed.load();
+}
+std::uint64_t KeyRing::bytes_consumed() const {
+  return impl_->consumed.load();
+}
+std::uint64_t KeyRing::bytes_discarded() const {
+  return impl_->discarded.load();
+}
+std::size_t KeyRing::slot_bytes() const {
+  return impl_->slot_bytes;
+}
+std::size_t KeyRing::slot_count() const {
+  return impl_->slot_count;
+}
+bool KeyRing::memory_locked() const {
+  return impl_->arena.locked();
+}
 
 }  // namespace otpgate::keys

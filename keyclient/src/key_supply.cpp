@@ -114,8 +114,8 @@ struct KeySupply::Impl {
       for (const Key& k : keys) {
         if (k.bytes.size() > r.slot_bytes()) {
           throw KmeError(KmeErrorKind::protocol, 200,
-                         "KME delivered a " + std::to_string(k.bytes.size() * 8) + "-bit key where " +
-                             std::to_string(key_bits) + " bits were asked; " +
+                         "KME delivered a " + std::to_string(k.bytes.size() * 8) +
+                             "-bit key where " + std::to_string(key_bits) + " bits were asked; " +
                              std::to_string(keys.size()) + " keys wiped unused");
         }
         total += k.bytes.size();
@@ -315,7 +315,9 @@ void KeySupply::stop() {
   if (impl_->thread.joinable()) impl_->thread.join();
 }
 
-SaeRole KeySupply::role() const { return impl_->config.role; }
+SaeRole KeySupply::role() const {
+  return impl_->config.role;
+}
 
 std::optional<std::uint64_t> KeySupply::take(std::span<std::uint8_t> out) {
   KeyRing* r = impl_->ring.load(std::memory_order_acquire);

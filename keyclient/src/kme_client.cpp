@@ -22,17 +22,28 @@ using nlohmann::json;
 
 std::string_view to_string(KmeErrorKind kind) {
   switch (kind) {
-    case KmeErrorKind::transport: return "transport";
-    case KmeErrorKind::tls: return "tls";
-    case KmeErrorKind::bad_request: return "bad_request";
-    case KmeErrorKind::unauthorized: return "unauthorized";
-    case KmeErrorKind::not_found: return "not_found";
-    case KmeErrorKind::unavailable: return "unavailable";
-    case KmeErrorKind::server: return "server";
-    case KmeErrorKind::http: return "http";
-    case KmeErrorKind::protocol: return "protocol";
-    case KmeErrorKind::key_not_found: return "key_not_found";
-    case KmeErrorKind::cancelled: return "cancelled";
+    case KmeErrorKind::transport:
+      return "transport";
+    case KmeErrorKind::tls:
+      return "tls";
+    case KmeErrorKind::bad_request:
+      return "bad_request";
+    case KmeErrorKind::unauthorized:
+      return "unauthorized";
+    case KmeErrorKind::not_found:
+      return "not_found";
+    case KmeErrorKind::unavailable:
+      return "unavailable";
+    case KmeErrorKind::server:
+      return "server";
+    case KmeErrorKind::http:
+      return "http";
+    case KmeErrorKind::protocol:
+      return "protocol";
+    case KmeErrorKind::key_not_found:
+      return "key_not_found";
+    case KmeErrorKind::cancelled:
+      return "cancelled";
   }
   return "unknown";
 }
@@ -103,8 +114,8 @@ std::string brief(std::string_view text, std::size_t limit = 160) {
       if (c == '>') in_tag = false;
       c = ' ';
     }
-    const bool space = std::isspace(static_cast<unsigned char>(c)) ||
-                       !std::isprint(static_cast<unsigned char>(c));
+    const bool space =
+        std::isspace(static_cast<unsigned char>(c)) || !std::isprint(static_cast<unsigned char>(c));
     if (space && last_space) continue;
     out.push_back(space ? ' ' : c);
     last_space = space;
@@ -139,12 +150,17 @@ std::string error_text(std::string_view body) {
 
 KmeErrorKind kind_for_status(long status) {
   switch (status) {
-    case 400: return KmeErrorKind::bad_request;
+    case 400:
+      return KmeErrorKind::bad_request;
     case 401:
-    case 403: return KmeErrorKind::unauthorized;
-    case 404: return KmeErrorKind::not_found;
-    case 503: return KmeErrorKind::unavailable;
-    default: return status >= 500 ? KmeErrorKind::server : KmeErrorKind::http;
+    case 403:
+      return KmeErrorKind::unauthorized;
+    case 404:
+      return KmeErrorKind::not_found;
+    case 503:
+      return KmeErrorKind::unavailable;
+    default:
+      return status >= 500 ? KmeErrorKind::server : KmeErrorKind::http;
   }
 }
 
@@ -180,7 +196,8 @@ std::string optional_string(const json& doc, const char* field) {
 }
 
 std::uint32_t to_u32(std::uint64_t value, const char* field, const std::string& where) {
-  if (value > UINT32_MAX) throw protocol_error(where, std::string("field \"") + field + "\" is too large");
+  if (value > UINT32_MAX)
+    throw protocol_error(where, std::string("field \"") + field + "\" is too large");
   return static_cast<std::uint32_t>(value);
 }
 
@@ -275,6 +292,17 @@ struct KmeClient::Impl {
       case CURLE_SSL_ENGINE_INITFAILED:
       case CURLE_SSL_ISSUER_ERROR:
         break;
+      case CURLE_SEND_ERROR:
+      case CURLE_RECV_ERROR:
+        if (lowered.find("alert") == std::string::npos) {
+          // With TLS 1.3 a KME that rejects our certificate often just closes the
+          // connection after the handshake, which looks like this.
+          return KmeError(KmeErrorKind::transport, 0,
+                          what + " failed: " + detail + " (KME " + config.base_url +
+                              "; if this persists, the KME may be rejecting this SAE's "
+                              "certificate: check tls-cert/tls-key)");
+        }
+        break;
       default:
         if (lowered.find("alert") == std::string::npos &&
             lowered.find("certificate") == std::string::npos) {
@@ -294,10 +322,9 @@ struct KmeClient::Impl {
     while (std::chrono::steady_clock::now() < until) {
       if (cancelled) throw KmeError(KmeErrorKind::cancelled, 0, what + " cancelled");
       std::this_thread::sleep_for(std::min<std::chrono::milliseconds>(
-          std::chrono::milliseconds(10),
-          std::chrono::duration_cast<std::chrono::milliseconds>(until -
-                                                                std::chrono::steady_clock::now()) +
-              std::chrono::milliseconds(1)));
+          std::chrono::milliseconds(10), std::chrono::duration_cast<std::chrono::milliseconds>(
+                                             until - std::chrono::steady_clock::now()) +
+                                             std::chrono::milliseconds(1)));
     }
   }
 
@@ -380,9 +407,11 @@ struct KmeClient::Impl {
         const std::string id_text = id_it->get<std::string>();
         auto id = KeyId::parse(id_text);
         if (!id) {
-          if (first_error.empty()) first_error = "key_ID \"" + brief(id_text, 60) + "\" is not a UUID";
+          if (first_error.empty())
+            first_error = "key_ID \"" + brief(id_text, 60) + "\" is not a UUID";
         } else if (bytes.size() == 0) {
-          if (first_error.empty()) first_error = "key for key_ID " + id_text + " is not valid base64";
+          if (first_error.empty())
+            first_error = "key for key_ID " + id_text + " is not valid base64";
         } else {
           keys.push_back(Key{*id, std::move(bytes)});
         }
@@ -405,9 +434,9 @@ KmeClient::KmeClient(KmeClientConfig config) : impl_(std::make_unique<Impl>()) {
     throw std::invalid_argument("kme-url \"" + c.base_url +
                                 "\" must start with https:// (ETSI GS QKD 014 requires TLS)");
   }
-  for (const auto& [name, path] : {std::pair{"tls-cert", c.tls.certificate},
-                                   std::pair{"tls-key", c.tls.private_key},
-                                   std::pair{"tls-ca", c.tls.ca_bundle}}) {
+  for (const auto& [name, path] :
+       {std::pair{"tls-cert", c.tls.certificate}, std::pair{"tls-key", c.tls.private_key},
+        std::pair{"tls-ca", c.tls.ca_bundle}}) {
     if (path.empty()) {
       throw std::invalid_argument(std::string(name) +
                                   " is not set; mutual TLS with the KME is mandatory");
@@ -444,8 +473,12 @@ KmeClient::~KmeClient() = default;
 KmeClient::KmeClient(KmeClient&&) noexcept = default;
 KmeClient& KmeClient::operator=(KmeClient&&) noexcept = default;
 
-void KmeClient::cancel() { impl_->cancelled = true; }
-const std::string& KmeClient::base_url() const { return impl_->config.base_url; }
+void KmeClient::cancel() {
+  impl_->cancelled = true;
+}
+const std::string& KmeClient::base_url() const {
+  return impl_->config.base_url;
+}
 
 KmeStatus KmeClient::status(std::string_view slave_sae_id) {
   const std::string what = "status for SAE \"" + std::string(slave_sae_id) + "\"";
@@ -520,8 +553,8 @@ std::vector<Key> KmeClient::dec_keys(std::string_view master_sae_id, std::span<c
 Key KmeClient::dec_key(std::string_view master_sae_id, const KeyId& id) {
   const std::string what =
       "dec_keys from SAE \"" + std::string(master_sae_id) + "\" (key_ID " + id.to_string() + ")";
-  json doc = impl_->call(what, impl_->url_for(master_sae_id, "dec_keys") + "?key_ID=" + id.to_string(),
-                         nullptr, true);
+  json doc = impl_->call(
+      what, impl_->url_for(master_sae_id, "dec_keys") + "?key_ID=" + id.to_string(), nullptr, true);
   auto keys = impl_->parse_keys(what, doc);
   if (keys.size() != 1 || keys.front().id != id) {
     throw protocol_error(what, "the KME did not deliver exactly the key_ID asked for");

@@ -30,7 +30,8 @@ struct Fd {
 
 void fsync_path(const std::filesystem::path& path, int flags) {
   Fd f{::open(path.c_str(), flags | O_CLOEXEC)};
-  if (f.fd < 0 || ::fsync(f.fd) != 0) fail(path, std::string("fsync failed: ") + std::strerror(errno));
+  if (f.fd < 0 || ::fsync(f.fd) != 0)
+    fail(path, std::string("fsync failed: ") + std::strerror(errno));
 }
 }  // namespace
 
@@ -45,8 +46,9 @@ OffsetJournal::OffsetJournal(std::filesystem::path path) : path_(std::move(path)
   std::string line;
   if (!in || !std::getline(in, line)) fail(path_, "cannot be read; check its permissions");
   if (line.rfind(kMagic, 0) != 0) {
-    fail(path_, "is corrupt (unexpected content); refusing to guess which pad offsets were used. "
-                "Restore it from backup or retire this pad stream");
+    fail(path_,
+         "is corrupt (unexpected content); refusing to guess which pad offsets were used. "
+         "Restore it from backup or retire this pad stream");
   }
   const std::string_view number = std::string_view(line).substr(kMagic.size());
   std::uint64_t value = 0;

@@ -55,9 +55,9 @@ TEST(CrashNoReuse, SigkillMidStreamThenRestartNeverRepeatsAnOffset) {
   std::vector<std::uint64_t> journal_after;
   for (int run = 0; run < 3; ++run) {
     const fs::path log = dir / ("run" + std::to_string(run) + ".log");
-    const pid_t child = spawn_child({OTPGATE_CRASH_CHILD, sim.url(),
-                                     otpgate::testing::pki_dir().string(), journal.string(),
-                                     log.string()});
+    const pid_t child =
+        spawn_child({OTPGATE_CRASH_CHILD, sim.url(), otpgate::testing::pki_dir().string(),
+                     journal.string(), log.string()});
     // Let it run through several journal reservations, then kill it without warning.
     ASSERT_TRUE(eventually([&] { return read_ranges(log).size() >= 600; }));
     ASSERT_EQ(::kill(child, SIGKILL), 0);
@@ -85,7 +85,8 @@ TEST(CrashNoReuse, SigkillMidStreamThenRestartNeverRepeatsAnOffset) {
   // And pairwise: every range of every run is disjoint from every other.
   std::vector<Range> all;
   for (const auto& r : runs) all.insert(all.end(), r.begin(), r.end());
-  std::sort(all.begin(), all.end(), [](const Range& a, const Range& b) { return a.offset < b.offset; });
+  std::sort(all.begin(), all.end(),
+            [](const Range& a, const Range& b) { return a.offset < b.offset; });
   for (std::size_t i = 1; i < all.size(); ++i) {
     ASSERT_GE(all[i].offset, all[i - 1].offset + all[i - 1].length) << "pad offset used twice";
   }

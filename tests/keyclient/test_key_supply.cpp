@@ -79,8 +79,7 @@ TEST_F(KeySupplyTest, MasterAndSlaveHoldIdenticalPadAtEveryOffset) {
       received.emplace(s->offset, std::vector<std::uint8_t>(s->bytes.begin(), s->bytes.end()));
       slave.release(*s);
     }
-    return !received.empty() &&
-           received.rbegin()->first + received.rbegin()->second.size() >= end;
+    return !received.empty() && received.rbegin()->first + received.rbegin()->second.size() >= end;
   }));
   std::uint64_t compared = 0;
   for (const auto& [offset, pad] : sent) {
@@ -160,7 +159,8 @@ TEST_F(KeySupplyTest, RepeatedAnnouncementsFetchAKeyOnce) {
   for (int i = 0; i < 5; ++i) ASSERT_TRUE(slave.request({0, issued[0].id, 128}));
   std::optional<keys::PadSegment> segment;
   ASSERT_TRUE(eventually([&] { return (segment = slave.pop_segment()).has_value(); }));
-  EXPECT_TRUE(std::equal(segment->bytes.begin(), segment->bytes.end(), issued[0].bytes.span().begin()));
+  EXPECT_TRUE(
+      std::equal(segment->bytes.begin(), segment->bytes.end(), issued[0].bytes.span().begin()));
   slave.release(*segment);
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_FALSE(slave.pop_segment());

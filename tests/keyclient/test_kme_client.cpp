@@ -114,7 +114,9 @@ TEST_F(KmeClientTest, AnUnregisteredSaeGets401) {
 TEST_F(KmeClientTest, ACertificateFromAnotherCaIsRefused) {
   KmeClient rogue(client_config(sim_->url(), "sae-a", "rogue", "good"));
   const KmeError e = error_of([&] { rogue.status("sae-b"); });
-  EXPECT_EQ(e.kind(), KmeErrorKind::tls) << e.what();
+  // TLS 1.3: the KME's rejection arrives as an alert or, if our request was already on
+  // its way, as a closed connection; either way the call fails and names the setting.
+  EXPECT_TRUE(e.kind() == KmeErrorKind::tls || e.kind() == KmeErrorKind::transport) << e.what();
   EXPECT_NE(std::string(e.what()).find("tls-cert"), std::string::npos) << e.what();
 }
 
@@ -126,8 +128,7 @@ TEST_F(KmeClientTest, AKmeCertificateFromAnotherCaIsRefused) {
 
 TEST_F(KmeClientTest, TheKmeHostNameIsChecked) {
   // The KME certificate names localhost and 127.0.0.1, not 127.0.0.2.
-  KmeClient wrong_host(
-      client_config("https://127.0.0.2:" + std::to_string(sim_->port()), "sae-a"));
+  KmeClient wrong_host(client_config("https://127.0.0.2:" + std::to_string(sim_->port()), "sae-a"));
   auto config = otpgate::testing::simulator_config();
   const KmeError e = error_of([&] { wrong_host.status("sae-b"); });
   EXPECT_TRUE(e.kind() == KmeErrorKind::tls || e.kind() == KmeErrorKind::transport) << e.what();
@@ -150,9 +151,10 @@ TEST_F(KmeClientTest, UnsupportedMandatoryExtensionsAreRefused) {
                          (otpgate::testing::pki_dir() / "sae-a.key").string());
   raw.set_ca_cert_path((otpgate::testing::pki_dir() / "ca.crt").c_str());
   raw.enable_server_certificate_verification(true);
-  auto res = raw.Post("/api/v1/keys/sae-b/enc_keys",
-                      R"({"number":1,"size":256,"extension_mandatory":[{"abc_route_type":"direct"}]})",
-                      "application/json");
+  auto res =
+      raw.Post("/api/v1/keys/sae-b/enc_keys",
+               R"({"number":1,"size":256,"extension_mandatory":[{"abc_route_type":"direct"}]})",
+               "application/json");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);
   EXPECT_NE(res->body.find("not all extension_mandatory parameters are supported"),

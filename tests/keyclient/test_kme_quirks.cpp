@@ -122,9 +122,9 @@ TEST(KmeQuirks, CapitalisedKeysAndUnknownFieldsAreAccepted) {
 
 TEST(KmeQuirks, MalformedKeyAnswersAreNeverQuoted) {
   FakeKme kme([](const auto&, httplib::Response& res, int) {
-    res.set_content(std::string(R"({"keys":[{"key_ID":")") + kKeyId + R"(","key":")" +
-                        kSecretLooking,
-                    "application/json");
+    res.set_content(
+        std::string(R"({"keys":[{"key_ID":")") + kKeyId + R"(","key":")" + kSecretLooking,
+        "application/json");
   });
   auto client = client_for(kme);
   const KmeError e = error_of([&] { client.enc_keys("sae-b", 1, 256); });
@@ -148,9 +148,9 @@ TEST(KmeQuirks, MissingOrMalformedFieldsAreNamed) {
     res.set_content(bodies[which], "application/json");
   });
   auto client = client_for(kme);
-  const char* expected[] = {"no string \"key_ID\"", "is not a UUID", "is not valid base64",
-                            "no \"keys\" array", "\"key_size\" is \"256\"",
-                            "\"key_size\" is missing"};
+  const char* expected[] = {"no string \"key_ID\"",    "is not a UUID",
+                            "is not valid base64",     "no \"keys\" array",
+                            "\"key_size\" is \"256\"", "\"key_size\" is missing"};
   for (which = 0; which < 6; ++which) {
     const KmeError e = error_of([&] {
       if (which < 4) {
@@ -197,8 +197,8 @@ TEST(KmeQuirks, AConnectionClosedMidAnswerIsATransportError) {
     res.set_content_provider(
         4096, "application/json", [](std::size_t offset, std::size_t, httplib::DataSink& sink) {
           if (offset != 0) return false;  // drop the connection after the first bytes
-          const std::string start = std::string(R"({"keys":[{"key_ID":")") + kKeyId +
-                                    R"(","key":")" + kSecretLooking;
+          const std::string start =
+              std::string(R"({"keys":[{"key_ID":")") + kKeyId + R"(","key":")" + kSecretLooking;
           sink.write(start.data(), start.size());
           return true;
         });

@@ -23,7 +23,7 @@ inline kmesim::SimulatorConfig simulator_config() {
   c.private_key = pki_dir() / "kme.key";
   c.client_ca = pki_dir() / "ca.crt";
   c.sae_ids = {"sae-a", "sae-b", "sae-c", "ward 7+icu%"};
-  c.key_rate_bps = 0;  // unlimited unless a test throttles it
+  c.key_rate_bps = 0;          // unlimited unless a test throttles it
   c.store_bits = 64ull << 23;  // 64 MiB
   c.log = keys::stderr_log_sink(keys::LogLevel::error);
   return c;

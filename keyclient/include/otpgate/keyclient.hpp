@@ -253,14 +253,14 @@ struct KeyAnnouncement {
 
 struct KeySupplyConfig {
   SaeRole role = SaeRole::master;
-  std::string peer_sae_id;              // slave SAE (master role) or master SAE (slave role)
-  std::filesystem::path journal;        // master: offset journal (required)
-  std::size_t ring_bytes = 4u << 20;    // key kept ready in memory
-  double low_water = 0.5;               // refill when the ring is below this fraction
-  double high_water = 0.9;              // ... up to this fraction
-  std::uint32_t key_size_cap_bits = 0;  // 0: the largest the KME allows
-  std::uint32_t fallback_key_bits = 8192;    // slave: slot size if status is refused
-  std::uint64_t reserve_chunk = 16u << 20;   // journal granularity (bytes of pad)
+  std::string peer_sae_id;                  // slave SAE (master role) or master SAE (slave role)
+  std::filesystem::path journal;            // master: offset journal (required)
+  std::size_t ring_bytes = 4u << 20;        // key kept ready in memory
+  double low_water = 0.5;                   // refill when the ring is below this fraction
+  double high_water = 0.9;                  // ... up to this fraction
+  std::uint32_t key_size_cap_bits = 0;      // 0: the largest the KME allows
+  std::uint32_t fallback_key_bits = 8192;   // slave: slot size if status is refused
+  std::uint64_t reserve_chunk = 16u << 20;  // journal granularity (bytes of pad)
   std::chrono::milliseconds poll_interval{10};
   bool publish_announcements = true;  // master: queue a KeyAnnouncement per key
   LogSink log;
@@ -273,8 +273,8 @@ struct KeySupplyStats {
   std::uint64_t keys_fetched = 0;
   std::uint64_t keys_lost = 0;  // slave: announced keys the KME never delivered
   std::uint64_t kme_errors = 0;
-  std::uint64_t next_offset = 0;        // master: offset the next fetched key gets
-  std::uint64_t reserved_offset = 0;    // master: journal value
+  std::uint64_t next_offset = 0;      // master: offset the next fetched key gets
+  std::uint64_t reserved_offset = 0;  // master: journal value
   std::uint32_t key_size_bits = 0;
   std::size_t ring_capacity_bytes = 0;
   double consumption_bytes_per_s = 0;
