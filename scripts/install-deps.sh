@@ -9,6 +9,9 @@ PACKAGES=(
   # crypto, HTTP, formats, CLI
   libssl-dev libcurl4-openssl-dev libcpp-httplib-dev nlohmann-json3-dev
   libtomlplusplus-dev libcli11-dev libboost-dev libsqlite3-dev
+  # GStreamer (elements, pipelines, GstHarness via gstcheck) and SRTP for the AES mode
+  libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-tools
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad libsrtp2-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev
 )

@@ -130,6 +130,13 @@ std::optional<std::uint64_t> KeyRing::take(std::span<std::uint8_t> out) {
   return start;
 }
 
+std::optional<std::uint64_t> KeyRing::peek_offset() const {
+  const Impl& r = *impl_;
+  if (r.has_current) return r.info[r.current].offset + r.position;
+  if (r.filled.read_available() == 0) return std::nullopt;
+  return r.info[r.filled.front()].offset;
+}
+
 std::optional<PadSegment> KeyRing::pop_segment() {
   std::uint32_t slot = 0;
   if (!impl_->filled.pop(slot)) return std::nullopt;

@@ -11,6 +11,13 @@
 #include <set>
 #include <thread>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
 #include "otpgate/keyclient.hpp"
 
 namespace otpgate::keys {
@@ -24,31 +31,178 @@ using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
+
+// Where keys come from: a KME (ETSI 014) or a pre-shared pad file.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  struct Geometry {
+    std::uint32_t key_bits;     // size asked for (master) / largest expected (slave)
+    std::uint32_t per_request;  // keys per call
+  };
+  virtual Geometry geometry(SaeRole role, const KeySupplyConfig& config, const LogSink& log) = 0;
+  // Master: `number` keys of `key_bits`, to be placed from `next_offset` on.
+  virtual std::vector<Key> deliver(std::uint64_t next_offset, std::size_t number,
+                                   std::uint32_t key_bits) = 0;
+  // Slave: the announced keys; an empty optional is a key that will never come.
+  virtual std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted) = 0;
+  virtual void cancel() = 0;
+};
+
+class KmeBackend final : public Backend {
+ public:
+  KmeBackend(KmeClientConfig kme, std::string peer) : client_(std::move(kme)), peer_(std::move(peer)) {}
+
+  Geometry geometry(SaeRole role, const KeySupplyConfig& config, const LogSink& log) override {
+    try {
+      const KmeStatus status = client_.status(peer_);
+      const std::uint32_t bits = choose_key_size(status, config.key_size_cap_bits);
+      return {role == SaeRole::master ? bits : status.max_key_size, status.max_key_per_request};
+    } catch (const KmeError& e) {
+      // Many KMEs only answer status to the master; a slave can do without it.
+      if (role == SaeRole::master || e.http_status() < 400 || e.http_status() >= 500) throw;
+      log(LogLevel::info, std::string("status refused to the slave (") + e.what() +
+                              "); assuming keys of at most " +
+                              std::to_string(config.fallback_key_bits) + " bits");
+      return {config.fallback_key_bits, kDefaultMaxKeysPerRequest};
+    }
+  }
+
+  std::vector<Key> deliver(std::uint64_t, std::size_t number, std::uint32_t key_bits) override {
+    return client_.enc_keys(peer_, static_cast<std::uint32_t>(number), key_bits);
+  }
+
+  std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted) override {
+    std::vector<KeyId> ids;
+    for (const auto& a : wanted) ids.push_back(a.key_id);
+    std::vector<std::optional<Key>> fetched(wanted.size());
+    try {
+      auto keys = client_.dec_keys(peer_, ids);
+      for (std::size_t i = 0; i < keys.size(); ++i) fetched[i] = std::move(keys[i]);
+    } catch (const KmeError& e) {
+      if (e.kind() != KmeErrorKind::key_not_found) throw;
+      // One missing key fails the whole batch: find out which, one by one.
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        try {
+          fetched[i] = client_.dec_key(peer_, ids[i]);
+        } catch (const KmeError& single) {
+          if (single.kind() != KmeErrorKind::key_not_found) throw;
+        }
+      }
+    }
+    return fetched;
+  }
+
+  void cancel() override { client_.cancel(); }
+
+ private:
+  KmeClient client_;
+  std::string peer_;
+};
+
+class PadFileBackend final : public Backend {
+ public:
+  explicit PadFileBackend(PadFileConfig config) : config_(std::move(config)) {
+    if (config_.chunk_bytes == 0) throw std::invalid_argument("pad-file chunk size must not be 0");
+    fd_ = ::open(config_.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) {
+      throw std::invalid_argument("pad-file \"" + config_.path.string() +
+                                  "\" cannot be opened: " + std::strerror(errno));
+    }
+    struct stat st {};
+    ::fstat(fd_, &st);
+    size_ = static_cast<std::uint64_t>(st.st_size);
+  }
+  ~PadFileBackend() override { ::close(fd_); }
+
+  Geometry geometry(SaeRole, const KeySupplyConfig&, const LogSink&) override {
+    return {config_.chunk_bytes * 8, 64};
+  }
+
+  std::vector<Key> deliver(std::uint64_t next_offset, std::size_t number, std::uint32_t) override {
+    std::vector<Key> keys;
+    for (std::size_t i = 0; i < number && next_offset < size_; ++i) {
+      const std::uint64_t length = std::min<std::uint64_t>(config_.chunk_bytes, size_ - next_offset);
+      keys.push_back(read(next_offset, length));
+      next_offset += length;
+    }
+    if (keys.empty()) {
+      throw KmeError(KmeErrorKind::unavailable, 0,
+                     "pad file " + config_.path.string() + " is used up (" + std::to_string(size_) +
+                         " bytes); provide a new pre-shared pad");
+    }
+    return keys;
+  }
+
+  std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted) override {
+    std::vector<std::optional<Key>> fetched(wanted.size());
+    for (std::size_t i = 0; i < wanted.size(); ++i) {
+      const auto& a = wanted[i];
+      if (a.key_id == pad_file_key_id(a.offset) && a.length != 0 && a.offset <= size_ &&
+          a.length <= size_ - a.offset) {
+        fetched[i] = read(a.offset, a.length);
+      }
+    }
+    return fetched;
+  }
+
+  void cancel() override {}
+
+ private:
+  Key read(std::uint64_t offset, std::uint64_t length) {
+    SecretBytes bytes(length);
+    std::size_t done = 0;
+    while (done < length) {
+      const ssize_t n = ::pread(fd_, bytes.span().data() + done, length - done,
+                                static_cast<off_t>(offset + done));
+      if (n <= 0) {
+        throw std::runtime_error("pad file " + config_.path.string() + ": read failed at offset " +
+                                 std::to_string(offset + done));
+      }
+      done += static_cast<std::size_t>(n);
+    }
+    return Key{pad_file_key_id(offset), std::move(bytes)};
+  }
+
+  PadFileConfig config_;
+  int fd_ = -1;
+  std::uint64_t size_ = 0;
+};
+
 }  // namespace
 
+KeyId pad_file_key_id(std::uint64_t offset) {
+  std::array<std::uint8_t, 16> bytes{'o', 't', 'p', '-', 'p', 'a', 'd', '-'};
+  for (int i = 0; i < 8; ++i) bytes[15 - i] = static_cast<std::uint8_t>(offset >> (8 * i));
+  return KeyId(bytes);
+}
+
 struct KeySupply::Impl {
-  Impl(KmeClientConfig kme, KeySupplyConfig cfg) : config(std::move(cfg)) {
-    if (!config.log) config.log = stderr_log_sink();
-    if (!kme.log) kme.log = config.log;
-    if (config.peer_sae_id.empty()) {
-      throw std::invalid_argument("peer SAE ID is not set: name the SAE at the other site");
-    }
+  Impl(std::unique_ptr<Backend> source, KeySupplyConfig cfg, bool journal_required)
+      : config(std::move(cfg)), backend(std::move(source)) {
     if (!(config.low_water > 0 && config.low_water < config.high_water &&
           config.high_water <= 1.0)) {
       throw std::invalid_argument("key ring water marks must satisfy 0 < low < high <= 1");
     }
-    client = std::make_unique<KmeClient>(std::move(kme));
-    if (config.role == SaeRole::master) {
-      if (config.journal.empty()) {
-        throw std::invalid_argument(
-            "a master key supply needs an offset journal path (it guarantees no pad offset "
-            "is reused after a restart)");
-      }
+    if (journal_required && config.journal.empty()) {
+      throw std::invalid_argument(
+          "this key supply needs an offset journal path (it guarantees no pad offset is "
+          "reused after a restart)");
+    }
+    if (!config.journal.empty()) {
       journal.emplace(config.journal);
       next_offset = journal->reserved();
       published_next_offset = next_offset;
       published_reserved = journal->reserved();
     }
+  }
+
+  static KeySupplyConfig checked(KeySupplyConfig config) {
+    if (!config.log) config.log = stderr_log_sink();
+    if (config.peer_sae_id.empty()) {
+      throw std::invalid_argument("peer SAE ID is not set: name the SAE at the other site");
+    }
+    return config;
   }
 
   void log(LogLevel level, const std::string& message) const { config.log(level, message); }
@@ -63,25 +217,20 @@ struct KeySupply::Impl {
     log(LogLevel::warning, "key supply (peer " + config.peer_sae_id + "): " + message);
   }
 
+  // Makes sure the journal covers offsets below `end` before they can be used.
+  void reserve_up_to(std::uint64_t end) {
+    if (end <= journal->reserved()) return;
+    journal->reserve(std::max(end, journal->reserved() + config.reserve_chunk));
+    published_reserved = journal->reserved();
+  }
+
   // Creates the ring once the key size is known. Refill thread only.
   void ensure_ring() {
     if (ring_owner) return;
-    std::size_t key_bytes = 0;
-    try {
-      status = client->status(config.peer_sae_id);
-      key_bits = choose_key_size(status, config.key_size_cap_bits);
-      key_bytes = config.role == SaeRole::master ? key_bits / 8 : status.max_key_size / 8;
-      max_keys_per_request = status.max_key_per_request;
-    } catch (const KmeError& e) {
-      // Many KMEs only answer status to the master; a slave can do without it.
-      if (config.role == SaeRole::master || e.http_status() < 400 || e.http_status() >= 500) throw;
-      log(LogLevel::info, std::string("status refused to the slave (") + e.what() +
-                              "); assuming keys of at most " +
-                              std::to_string(config.fallback_key_bits) + " bits");
-      key_bytes = config.fallback_key_bits / 8;
-      key_bits = config.fallback_key_bits;
-      max_keys_per_request = kDefaultMaxKeysPerRequest;
-    }
+    const Backend::Geometry g = backend->geometry(config.role, config, config.log);
+    key_bits = g.key_bits;
+    max_keys_per_request = std::max<std::uint32_t>(1, g.per_request);
+    const std::size_t key_bytes = key_bits / 8;
     if (key_bytes == 0) throw KmeError(KmeErrorKind::protocol, 200, "KME advertises 0-bit keys");
     const std::size_t slots = std::max<std::size_t>(2, config.ring_bytes / key_bytes);
     ring_owner = std::make_unique<KeyRing>(slots, key_bytes);
@@ -92,8 +241,8 @@ struct KeySupply::Impl {
     }
     published_key_bits = key_bits;
     ring.store(ring_owner.get(), std::memory_order_release);
-    log(LogLevel::info, "key ring ready: " + std::to_string(slots) + " keys of " +
-                            std::to_string(key_bits) + " bits for peer " + config.peer_sae_id);
+    log(LogLevel::debug, "key ring ready: " + std::to_string(slots) + " keys of " +
+                             std::to_string(key_bits) + " bits for peer " + config.peer_sae_id);
   }
 
   void refill_master() {
@@ -107,8 +256,7 @@ struct KeySupply::Impl {
       if (config.publish_announcements) number = std::min(number, announcements.write_available());
       if (number == 0) return;
       const auto started = Clock::now();
-      std::vector<Key> keys =
-          client->enc_keys(config.peer_sae_id, static_cast<std::uint32_t>(number), key_bits);
+      std::vector<Key> keys = backend->deliver(next_offset, number, key_bits);
       note_latency(ms_since(started));
       std::uint64_t total = 0;
       for (const Key& k : keys) {
@@ -121,16 +269,14 @@ struct KeySupply::Impl {
         total += k.bytes.size();
       }
       // Reserve before any byte above the old reservation can be handed out.
-      if (next_offset + total > journal->reserved()) {
-        journal->reserve(std::max(next_offset + total, journal->reserved() + config.reserve_chunk));
-        published_reserved = journal->reserved();
-      }
+      reserve_up_to(next_offset + total);
       for (const Key& k : keys) {
-        r.push(next_offset, k.id, k.bytes.span());  // cannot fail: free slots were counted
+        // Announce first: the consumer must never take a byte it could not announce.
         if (config.publish_announcements) {
           announcements.push(
               KeyAnnouncement{next_offset, k.id, static_cast<std::uint32_t>(k.bytes.size())});
         }
+        r.push(next_offset, k.id, k.bytes.span());  // cannot fail: free slots were counted
         next_offset += k.bytes.size();
       }
       published_next_offset = next_offset;
@@ -151,50 +297,44 @@ struct KeySupply::Impl {
         recent.erase(recent_order.front());
         recent_order.pop_front();
       }
+      if (journal && a.offset < journal->reserved()) {
+        ++keys_refused;  // pad below the journal was (or may have been) used already
+        continue;
+      }
       pending.push_back(a);
     }
     while (!stopping_flag && !pending.empty() && r.free_slots() > 0) {
       const std::size_t number =
           std::min({pending.size(), r.free_slots(), std::size_t(max_keys_per_request)});
-      std::vector<KeyId> ids;
-      for (std::size_t i = 0; i < number; ++i) ids.push_back(pending[i].key_id);
-      const auto started = Clock::now();
-      std::vector<std::optional<Key>> fetched(number);
-      try {
-        auto keys = client->dec_keys(config.peer_sae_id, ids);
-        for (std::size_t i = 0; i < number; ++i) fetched[i] = std::move(keys[i]);
-      } catch (const KmeError& e) {
-        if (e.kind() != KmeErrorKind::key_not_found) throw;
-        // One missing key fails the whole batch: find out which, one by one.
-        for (std::size_t i = 0; i < number; ++i) {
-          try {
-            fetched[i] = client->dec_key(config.peer_sae_id, ids[i]);
-          } catch (const KmeError& single) {
-            if (single.kind() != KmeErrorKind::key_not_found) throw;
-          }
-        }
+      const std::vector<KeyAnnouncement> wanted(pending.begin(), pending.begin() + number);
+      if (journal) {
+        std::uint64_t end = 0;
+        for (const auto& w : wanted) end = std::max(end, w.offset + w.length);
+        reserve_up_to(end);
       }
+      const auto started = Clock::now();
+      auto fetched = backend->fetch(wanted);
       note_latency(ms_since(started));
       for (std::size_t i = 0; i < number; ++i) {
-        const KeyAnnouncement& wanted = pending.front();
+        const KeyAnnouncement& w = wanted[i];
         if (!fetched[i]) {
           ++keys_lost;
-          record_error("key_ID " + wanted.key_id.to_string() + " announced for pad offset " +
-                       std::to_string(wanted.offset) +
-                       " was never delivered by the KME; packets using it will be dropped");
-        } else if (fetched[i]->bytes.size() != wanted.length) {
+          record_error("key_ID " + w.key_id.to_string() + " announced for pad offset " +
+                       std::to_string(w.offset) +
+                       " was never delivered; packets using it will be dropped");
+        } else if (fetched[i]->bytes.size() != w.length) {
           ++keys_lost;
-          record_error("key_ID " + wanted.key_id.to_string() + " has " +
+          record_error("key_ID " + w.key_id.to_string() + " has " +
                        std::to_string(fetched[i]->bytes.size()) + " bytes but was announced with " +
-                       std::to_string(wanted.length) + "; wiped unused");
-        } else if (!r.push(wanted.offset, wanted.key_id, fetched[i]->bytes.span())) {
+                       std::to_string(w.length) + "; wiped unused");
+        } else if (!r.push(w.offset, w.key_id, fetched[i]->bytes.span())) {
           ++keys_lost;
-          record_error("key_ID " + wanted.key_id.to_string() + " does not fit the key ring (" +
-                       std::to_string(wanted.length) + " bytes > slot of " +
+          record_error("key_ID " + w.key_id.to_string() + " does not fit the key ring (" +
+                       std::to_string(w.length) + " bytes > slot of " +
                        std::to_string(r.slot_bytes()) + "); wiped unused");
         } else {
           ++keys_fetched;
-          bytes_fetched += wanted.length;
+          bytes_fetched += w.length;
           healthy = true;
         }
         pending.pop_front();
@@ -252,12 +392,11 @@ struct KeySupply::Impl {
   }
 
   KeySupplyConfig config;
-  std::unique_ptr<KmeClient> client;
+  std::unique_ptr<Backend> backend;
   std::optional<OffsetJournal> journal;
 
   // Refill-thread state.
   std::unique_ptr<KeyRing> ring_owner;
-  KmeStatus status;
   std::uint32_t key_bits = 0;
   std::uint32_t max_keys_per_request = kDefaultMaxKeysPerRequest;
   std::uint64_t next_offset = 0;
@@ -270,7 +409,8 @@ struct KeySupply::Impl {
   std::atomic<KeyRing*> ring{nullptr};
   boost::lockfree::spsc_queue<KeyAnnouncement> announcements{kQueueCapacity};
   boost::lockfree::spsc_queue<KeyAnnouncement> requests{kQueueCapacity};
-  std::atomic<std::uint64_t> bytes_fetched{0}, keys_fetched{0}, keys_lost{0}, kme_errors{0};
+  std::atomic<std::uint64_t> bytes_fetched{0}, keys_fetched{0}, keys_lost{0}, keys_refused{0},
+      kme_errors{0};
   std::atomic<std::uint64_t> published_next_offset{0}, published_reserved{0};
   std::atomic<std::uint32_t> published_key_bits{0};
   std::atomic<double> latency_last{0}, latency_avg{0}, consumption{0};
@@ -285,8 +425,20 @@ struct KeySupply::Impl {
   bool stopping = false;
 };
 
-KeySupply::KeySupply(KmeClientConfig kme, KeySupplyConfig config)
-    : impl_(std::make_unique<Impl>(std::move(kme), std::move(config))) {}
+KeySupply::KeySupply(KmeClientConfig kme, KeySupplyConfig config) {
+  config = Impl::checked(std::move(config));
+  if (!kme.log) kme.log = config.log;
+  const bool master = config.role == SaeRole::master;
+  auto backend = std::make_unique<KmeBackend>(std::move(kme), config.peer_sae_id);
+  impl_ = std::make_unique<Impl>(std::move(backend), std::move(config), master);
+}
+
+KeySupply::KeySupply(PadFileConfig pad_file, KeySupplyConfig config) {
+  config = Impl::checked(std::move(config));
+  auto backend = std::make_unique<PadFileBackend>(std::move(pad_file));
+  // Both sides read offsets straight from the file: both need the journal.
+  impl_ = std::make_unique<Impl>(std::move(backend), std::move(config), true);
+}
 
 KeySupply::~KeySupply() {
   stop();
@@ -311,17 +463,25 @@ void KeySupply::stop() {
   }
   impl_->stopping_flag = true;
   impl_->cv.notify_all();
-  impl_->client->cancel();
+  impl_->backend->cancel();
   if (impl_->thread.joinable()) impl_->thread.join();
 }
 
-SaeRole KeySupply::role() const {
-  return impl_->config.role;
-}
+SaeRole KeySupply::role() const { return impl_->config.role; }
 
 std::optional<std::uint64_t> KeySupply::take(std::span<std::uint8_t> out) {
   KeyRing* r = impl_->ring.load(std::memory_order_acquire);
   return r ? r->take(out) : std::nullopt;
+}
+
+std::optional<std::uint64_t> KeySupply::peek_offset() {
+  KeyRing* r = impl_->ring.load(std::memory_order_acquire);
+  return r ? r->peek_offset() : std::nullopt;
+}
+
+std::uint64_t KeySupply::available() const {
+  const KeyRing* r = impl_->ring.load(std::memory_order_acquire);
+  return r ? r->bytes_available() : 0;
 }
 
 std::optional<KeyAnnouncement> KeySupply::next_announcement() {
@@ -355,6 +515,7 @@ KeySupplyStats KeySupply::stats() const {
   s.bytes_fetched = i.bytes_fetched;
   s.keys_fetched = i.keys_fetched;
   s.keys_lost = i.keys_lost;
+  s.keys_refused = i.keys_refused;
   s.kme_errors = i.kme_errors;
   s.next_offset = i.published_next_offset;
   s.reserved_offset = i.published_reserved;

@@ -198,6 +198,8 @@ class KeyRing {
   // nothing consumed) when fewer are available. Should the stream jump between two
   // segments, bytes already copied for this call are wiped and counted as discarded.
   std::optional<std::uint64_t> take(std::span<std::uint8_t> out);
+  // Consumer: offset of the byte take() would hand out next, if any is available.
+  std::optional<std::uint64_t> peek_offset() const;
 
   // Consumer, segment mode (random access for the decrypting side): a whole key, owned
   // by the caller until release(), which wipes it and returns the slot to the producer.
@@ -251,6 +253,30 @@ struct KeyAnnouncement {
   std::uint32_t length = 0;  // bytes
 };
 
+// What the one-time-pad codec needs from a key source; KeySupply implements it, and
+// so can an in-memory source (tests, test vectors).
+class PadSource {
+ public:
+  virtual ~PadSource() = default;
+  // Sending side (one media thread): lock-free, no allocation, no I/O.
+  virtual std::optional<std::uint64_t> peek_offset() = 0;
+  virtual std::uint64_t available() const = 0;
+  virtual std::optional<std::uint64_t> take(std::span<std::uint8_t> out) = 0;
+  virtual std::optional<KeyAnnouncement> next_announcement() = 0;
+  // Receiving side (one media thread).
+  virtual bool request(const KeyAnnouncement& announcement) = 0;
+  virtual std::optional<PadSegment> pop_segment() = 0;
+  virtual void release(const PadSegment& segment) = 0;
+};
+
+// The synthetic key_ID of a pad-file chunk: "otp-pad-file" marker plus its offset.
+KeyId pad_file_key_id(std::uint64_t offset);
+
+struct PadFileConfig {
+  std::filesystem::path path;          // pre-shared pad, identical at both sites
+  std::uint32_t chunk_bytes = 65536;   // bytes read (and announced) at a time
+};
+
 struct KeySupplyConfig {
   SaeRole role = SaeRole::master;
   std::string peer_sae_id;                  // slave SAE (master role) or master SAE (slave role)
@@ -272,6 +298,7 @@ struct KeySupplyStats {
   std::uint64_t bytes_fetched = 0;
   std::uint64_t keys_fetched = 0;
   std::uint64_t keys_lost = 0;  // slave: announced keys the KME never delivered
+  std::uint64_t keys_refused = 0;  // slave: announced below the journal (replayed)
   std::uint64_t kme_errors = 0;
   std::uint64_t next_offset = 0;      // master: offset the next fetched key gets
   std::uint64_t reserved_offset = 0;  // master: journal value
@@ -286,9 +313,10 @@ struct KeySupplyStats {
   std::string last_error;  // never contains key bytes
 };
 
-class KeySupply {
+class KeySupply final : public PadSource {
  public:
-  KeySupply(KmeClientConfig kme, KeySupplyConfig config);
+  KeySupply(KmeClientConfig kme, KeySupplyConfig config);       // keys from a KME
+  KeySupply(PadFileConfig pad_file, KeySupplyConfig config);    // keys from a pad file
   ~KeySupply();  // stops the refill thread; unused key is wiped
   KeySupply(const KeySupply&) = delete;
   KeySupply& operator=(const KeySupply&) = delete;
@@ -298,16 +326,19 @@ class KeySupply {
   SaeRole role() const;
 
   // Master, media thread: next out.size() pad bytes and their offset, or nullopt.
-  std::optional<std::uint64_t> take(std::span<std::uint8_t> out);
-  // Master, media thread: key_IDs to announce, in pad order, as keys enter the ring.
-  std::optional<KeyAnnouncement> next_announcement();
+  std::optional<std::uint64_t> take(std::span<std::uint8_t> out) override;
+  std::optional<std::uint64_t> peek_offset() override;
+  std::uint64_t available() const override;
+  // Master, media thread: key_IDs to announce, in pad order. A key's announcement is
+  // queued before the key enters the ring, so nothing is taken unannounced.
+  std::optional<KeyAnnouncement> next_announcement() override;
 
   // Slave, media thread: ask for an announced key (repeats are ignored). Lock-free;
   // false when the request queue is full (the announcement will come again).
-  bool request(const KeyAnnouncement& announcement);
+  bool request(const KeyAnnouncement& announcement) override;
   // Slave, media thread: fetched keys in arrival order; release() wipes one.
-  std::optional<PadSegment> pop_segment();
-  void release(const PadSegment& segment);
+  std::optional<PadSegment> pop_segment() override;
+  void release(const PadSegment& segment) override;
 
   KeySupplyStats stats() const;
 
