@@ -220,7 +220,10 @@ struct KeySupply::Impl {
   // Makes sure the journal covers offsets below `end` before they can be used.
   void reserve_up_to(std::uint64_t end) {
     if (end <= journal->reserved()) return;
-    journal->reserve(std::max(end, journal->reserved() + config.reserve_chunk));
+    // Whole chunks: after a restart the stream resumes on a chunk boundary, which the
+    // codec's authentication epochs are aligned to, so no pad is skipped.
+    const std::uint64_t chunk = std::max<std::uint64_t>(1, config.reserve_chunk);
+    journal->reserve((end + chunk - 1) / chunk * chunk);
     published_reserved = journal->reserved();
   }
 

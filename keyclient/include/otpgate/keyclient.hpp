@@ -286,7 +286,9 @@ struct KeySupplyConfig {
   double high_water = 0.9;                  // ... up to this fraction
   std::uint32_t key_size_cap_bits = 0;      // 0: the largest the KME allows
   std::uint32_t fallback_key_bits = 8192;   // slave: slot size if status is refused
-  std::uint64_t reserve_chunk = 16u << 20;  // journal granularity (bytes of pad)
+  // Journal granularity (bytes of pad); reservations are whole multiples of it, so keep
+  // it a multiple of the codec's epoch (256 KiB) for restarts without skipped pad.
+  std::uint64_t reserve_chunk = 16u << 20;
   std::chrono::milliseconds poll_interval{10};
   bool publish_announcements = true;  // master: queue a KeyAnnouncement per key
   LogSink log;

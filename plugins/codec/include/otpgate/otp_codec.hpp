@@ -1,0 +1,158 @@
+// The one-time-pad packet codec: the one implementation of the wire format in
+// docs/wire-format.md, used by otpencrypt/otpdecrypt and by the file transfer.
+//
+// Every protected unit (an RTP or RTCP packet, a stream record, a key announcement)
+// draws 16 + n bytes of pad at pad offset P, within one epoch of kEpochBytes:
+//   s = pad[P, P+16)                 one-time mask of the Wegman-Carter tag
+//   pad[P+16, P+16+n)                XORed with the n payload bytes
+//   r = pad[E*k, E*k+16), k = P / E  Poly1305 hash key shared by the epoch
+//   tag = Poly1305(r || s, authenticated bytes) = (h_r(m) + s) mod 2^128
+// No pad byte is used for two purposes: the receiver tracks every byte it used.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+
+#include "otpgate/keyclient.hpp"
+
+namespace otpgate::otp {
+
+inline constexpr std::uint64_t kEpochBytes = 1u << 18;  // 256 KiB
+inline constexpr std::size_t kAuthKeyBytes = 16;         // r
+inline constexpr std::size_t kMaskBytes = 16;            // s
+inline constexpr std::size_t kTagBytes = 16;
+inline constexpr std::size_t kOffsetBytes = 8;
+inline constexpr std::size_t kTrailerBytes = kOffsetBytes + kTagBytes;  // datagram overhead
+inline constexpr std::size_t kRecordPrefixBytes = 8;                    // "OTP" kind len32
+inline constexpr std::size_t kRecordHeaderBytes = kRecordPrefixBytes + 24;  // + id, index, P
+inline constexpr std::size_t kRecordOverhead = kRecordHeaderBytes + kTagBytes;
+inline constexpr std::size_t kMaxUnitPayload = 65536;  // largest n in one unit
+inline constexpr std::size_t kMaxAnnouncedKeys = 64;   // key_IDs per announcement
+inline constexpr std::size_t kAnnouncementFixedBytes = kRecordPrefixBytes + 22 + kTagBytes;
+inline constexpr std::size_t kMaxAnnouncementBytes = kAnnouncementFixedBytes + 16 * kMaxAnnouncedKeys;
+
+enum class RecordKind : char {
+  announcement = 'A',  // key_IDs for pad offsets (both modes)
+  stream_start = 'S',  // stream mode: index 0, no payload
+  data = 'D',          // stream mode: payload
+  final = 'F',         // stream mode: the last record; anything after it is refused
+};
+
+enum class DatagramType { rtp, rtcp, announcement, unknown };
+// RTP/RTCP by version 2 and RFC 5761 payload types; announcements by their prefix.
+DatagramType classify(std::span<const std::uint8_t> datagram);
+// Bytes left in the clear: the RTP header with CSRCs and extension, or RTCP's first 8.
+std::optional<std::size_t> clear_header_length(std::span<const std::uint8_t> packet,
+                                               DatagramType type);
+
+struct EncoderStats {
+  std::uint64_t units = 0;                // packets and records protected
+  std::uint64_t payload_bytes = 0;        // plaintext bytes protected
+  std::uint64_t pad_bytes_used = 0;       // pad drawn for payloads, masks and r keys
+  std::uint64_t pad_bytes_skipped = 0;    // pad wiped unused at epoch boundaries
+  std::uint64_t announcements = 0;        // announcement units sent (first time)
+  std::uint64_t announcement_repeats = 0;
+  std::uint64_t announcement_bytes = 0;   // wire bytes of announcements incl. repeats
+  std::uint64_t keys_announced = 0;
+  std::uint64_t no_key = 0;               // units refused for lack of pad
+};
+
+struct DecoderStats {
+  std::uint64_t units = 0;  // authenticated and decrypted
+  std::uint64_t payload_bytes = 0;
+  std::uint64_t pad_bytes_used = 0;
+  std::uint64_t auth_failures = 0;
+  std::uint64_t replays = 0;  // pad already used, or its key already destroyed
+  std::uint64_t no_key = 0;   // pad not (yet) fetched
+  std::uint64_t malformed = 0;
+  std::uint64_t announcements_verified = 0;
+  std::uint64_t announcement_repeats = 0;
+  std::uint64_t announcements_pending = 0;  // now waiting for keys
+  std::uint64_t keys_placed = 0;
+};
+
+class Encoder {
+ public:
+  enum class Status { ok, no_key, malformed };
+
+  // `stream_id` names a stream-mode stream (authenticated in each record).
+  Encoder(keys::PadSource& pad, std::uint64_t stream_id, unsigned announcement_repeats = 2);
+  ~Encoder();
+  Encoder(const Encoder&) = delete;
+  Encoder& operator=(const Encoder&) = delete;
+
+  // Writes the next announcement to send into `out` (>= kMaxAnnouncementBytes) and
+  // returns its size; 0 when there is none. Call until 0 before every protect call:
+  // new keys first, then (datagram mode) repeats that fell due.
+  std::size_t next_announcement(std::span<std::uint8_t> out, bool with_repeats);
+
+  // RTP or RTCP: `out` >= in.size() + kTrailerBytes; `written` is the wire size.
+  Status protect_datagram(std::span<const std::uint8_t> in, std::span<std::uint8_t> out,
+                          std::size_t& written);
+
+  // Stream mode: the next record of `kind` carrying the first `consumed` bytes of
+  // `payload` (fewer than offered at an epoch boundary). `out` >= payload + kRecordOverhead.
+  Status protect_record(RecordKind kind, std::span<const std::uint8_t> payload,
+                        std::span<std::uint8_t> out, std::size_t& consumed, std::size_t& written);
+
+  // True when `n` payload bytes could be protected now (for blocking policies).
+  bool has_pad_for(std::size_t n) const;
+  const EncoderStats& stats() const;
+  std::uint64_t stream_id() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+struct DecoderConfig {
+  std::size_t window_bytes = 16u << 20;  // pad held for reordering and look-ahead
+  std::size_t max_pending_announcements = 256;
+  std::size_t max_unplaced_keys = 65536;
+};
+
+class Decoder {
+ public:
+  enum class Verdict {
+    plaintext,             // `out` holds the payload
+    announcement,          // verified; its keys are placed
+    announcement_pending,  // kept until its keys (or the pad it uses) arrive
+    repeat,                // an announcement already verified
+    auth_failure,          // tag mismatch: dropped, nothing consumed
+    replay,                // pad already used, or below the window (key destroyed)
+    no_key,                // pad not (yet) here
+    malformed,             // unparsable
+    out_of_sequence,       // stream mode: wrong stream, index or record after final
+  };
+
+  Decoder(keys::PadSource& pad, DecoderConfig config = {});
+  ~Decoder();
+  Decoder(const Decoder&) = delete;
+  Decoder& operator=(const Decoder&) = delete;
+
+  // RTP, RTCP or announcement datagram. `out` >= in.size().
+  Verdict open_datagram(std::span<const std::uint8_t> in, std::span<std::uint8_t> out,
+                        std::size_t& written);
+
+  // Stream mode: total size of the record whose first kRecordPrefixBytes are given, or
+  // nullopt if they are not an otpencrypt record.
+  static std::optional<std::size_t> record_size(std::span<const std::uint8_t> prefix);
+  // One whole record. `kind` says what it was; payload (data records) goes to `out`.
+  Verdict open_record(std::span<const std::uint8_t> record, std::span<std::uint8_t> out,
+                      std::size_t& written, RecordKind& kind);
+  bool stream_finished() const;  // the final record was verified
+
+  // Takes keys the source has fetched and retries pending announcements. Cheap when
+  // there is nothing new; called by open_* as well.
+  void poll();
+  const DecoderStats& stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace otpgate::otp

@@ -1,0 +1,832 @@
+#include "otpgate/otp_codec.hpp"
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+namespace otpgate::otp {
+
+using keys::KeyAnnouncement;
+using keys::PadSegment;
+using keys::SecretBytes;
+
+namespace {
+
+constexpr std::uint64_t E = kEpochBytes;
+constexpr std::size_t kMinRecordFill = 512;  // below this, skip to the next epoch instead
+
+void put_be(std::uint8_t* p, std::uint64_t v, int bytes) {
+  for (int i = bytes - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<std::uint8_t>(v);
+}
+std::uint64_t get_be(const std::uint8_t* p, int bytes) {
+  std::uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i) v = v << 8 | p[i];
+  return v;
+}
+
+bool is_record_kind(std::uint8_t k) {
+  return k == 'A' || k == 'S' || k == 'D' || k == 'F';
+}
+
+// Poly1305 (OpenSSL EVP_MAC) used as a Wegman-Carter MAC: key = r || s, where r is the
+// epoch's hash key and s a fresh one-time mask, so tag = h_r(m) + s mod 2^128.
+class WegmanCarter {
+ public:
+  WegmanCarter() {
+    mac_.reset(EVP_MAC_fetch(nullptr, "POLY1305", nullptr));
+    if (mac_) ctx_.reset(EVP_MAC_CTX_new(mac_.get()));
+    if (!ctx_) throw std::runtime_error("OpenSSL has no Poly1305 MAC");
+  }
+  void tag(const std::uint8_t* r, const std::uint8_t* s,
+           std::initializer_list<std::span<const std::uint8_t>> parts, std::uint8_t* out) {
+    std::uint8_t key[32];
+    std::memcpy(key, r, 16);
+    std::memcpy(key + 16, s, 16);
+    const int ok = EVP_MAC_init(ctx_.get(), key, sizeof key, nullptr);
+    OPENSSL_cleanse(key, sizeof key);
+    if (ok != 1) throw std::runtime_error("Poly1305 initialisation failed");
+    for (auto part : parts) EVP_MAC_update(ctx_.get(), part.data(), part.size());
+    std::size_t length = 0;
+    EVP_MAC_final(ctx_.get(), out, &length, kTagBytes);
+  }
+
+ private:
+  struct Free {
+    void operator()(EVP_MAC* m) const { EVP_MAC_free(m); }
+    void operator()(EVP_MAC_CTX* c) const { EVP_MAC_CTX_free(c); }
+  };
+  std::unique_ptr<EVP_MAC, Free> mac_;
+  std::unique_ptr<EVP_MAC_CTX, Free> ctx_;
+};
+
+void xor_into(std::uint8_t* out, const std::uint8_t* in, const std::uint8_t* pad, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) out[i] = in[i] ^ pad[i];
+}
+
+// Parsed announcement record (points into the record's bytes).
+struct Announcement {
+  std::uint64_t mask_offset;  // P of its own s
+  std::uint64_t base;
+  std::uint32_t key_length;
+  std::uint16_t count;
+  const std::uint8_t* ids;
+  std::span<const std::uint8_t> authenticated;
+  const std::uint8_t* tag;
+
+  keys::KeyId id(std::size_t i) const {
+    std::array<std::uint8_t, 16> b{};
+    std::memcpy(b.data(), ids + 16 * i, 16);
+    return keys::KeyId(b);
+  }
+};
+
+std::optional<Announcement> parse_announcement(std::span<const std::uint8_t> rec) {
+  if (rec.size() < kAnnouncementFixedBytes || std::memcmp(rec.data(), "OTPA", 4) != 0) return {};
+  if (get_be(rec.data() + 4, 4) != rec.size() - kRecordPrefixBytes) return {};
+  Announcement a{};
+  const std::uint8_t* p = rec.data() + kRecordPrefixBytes;
+  a.mask_offset = get_be(p, 8);
+  a.base = get_be(p + 8, 8);
+  a.key_length = static_cast<std::uint32_t>(get_be(p + 16, 4));
+  a.count = static_cast<std::uint16_t>(get_be(p + 20, 2));
+  if (a.count == 0 || a.count > kMaxAnnouncedKeys || a.key_length == 0) return {};
+  if (rec.size() != kAnnouncementFixedBytes + 16u * a.count) return {};
+  if (a.base > UINT64_MAX - std::uint64_t(a.count) * a.key_length) return {};
+  a.ids = p + 22;
+  a.authenticated = rec.first(rec.size() - kTagBytes);
+  a.tag = rec.data() + rec.size() - kTagBytes;
+  return a;
+}
+
+bool fits_epoch(std::uint64_t offset, std::size_t n) {
+  const std::uint64_t in = offset % E;
+  return in >= kAuthKeyBytes && in + kMaskBytes + n <= E && offset <= UINT64_MAX - E;
+}
+
+}  // namespace
+
+DatagramType classify(std::span<const std::uint8_t> d) {
+  if (d.size() >= 4 && std::memcmp(d.data(), "OTPA", 4) == 0) return DatagramType::announcement;
+  if (d.size() >= 8 && (d[0] >> 6) == 2) {
+    if (d[1] >= 192 && d[1] <= 223) return DatagramType::rtcp;  // RFC 5761
+    if (d.size() >= 12) return DatagramType::rtp;
+  }
+  return DatagramType::unknown;
+}
+
+std::optional<std::size_t> clear_header_length(std::span<const std::uint8_t> p, DatagramType type) {
+  if (type == DatagramType::rtcp) return p.size() >= 8 ? std::optional<std::size_t>(8) : std::nullopt;
+  if (type != DatagramType::rtp || p.size() < 12) return std::nullopt;
+  std::size_t h = 12 + 4 * (p[0] & 0x0f);
+  if (p[0] & 0x10) {  // header extension
+    if (p.size() < h + 4) return std::nullopt;
+    h += 4 + 4 * get_be(p.data() + h + 2, 2);
+  }
+  if (h > p.size()) return std::nullopt;
+  return h;
+}
+
+// ---------------------------------------------------------------------------
+// Encoder
+
+struct Encoder::Impl {
+  struct Repeat {
+    std::vector<std::uint8_t> bytes;
+    std::size_t size = 0;
+    unsigned remaining = 0;
+    std::uint64_t due = 0;
+  };
+
+  Impl(keys::PadSource& source, std::uint64_t id, unsigned repeat_count)
+      : pad(source),
+        stream_id(id),
+        repeats(repeat_count),
+        r(kAuthKeyBytes),
+        scratch(kMaskBytes + kMaxUnitPayload),
+        discard(65536),
+        repeat_queue(256) {
+    for (auto& q : repeat_queue) q.bytes.resize(kMaxAnnouncementBytes);
+    batch.reserve(kMaxAnnouncedKeys);
+  }
+
+  // Draws kMaskBytes + n pad bytes into `scratch` within one epoch; returns P.
+  std::optional<std::uint64_t> draw(std::size_t n) {
+    const std::size_t need = kMaskBytes + n;
+    while (true) {
+      const auto offset = pad.peek_offset();
+      if (!offset) return std::nullopt;
+      const std::uint64_t in = *offset % E;
+      const std::uint64_t epoch = *offset / E;
+      if (in == 0) {  // an epoch starts: its first 16 bytes are its hash key r
+        if (!pad.take(r.span())) return std::nullopt;
+        have_r = true;
+        r_epoch = epoch;
+        stats.pad_bytes_used += kAuthKeyBytes;
+        continue;
+      }
+      if (!have_r || r_epoch != epoch || in < kAuthKeyBytes || in + need > E) {
+        // Cannot use this epoch (no r, or the unit would cross its end): wipe the rest.
+        const std::uint64_t step = std::min<std::uint64_t>({E - in, discard.size(), pad.available()});
+        if (step == 0 || !pad.take(discard.span().first(step))) return std::nullopt;
+        OPENSSL_cleanse(discard.span().data(), step);
+        stats.pad_bytes_skipped += step;
+        continue;
+      }
+      const auto p = pad.take(scratch.span().first(need));
+      if (p) stats.pad_bytes_used += need;
+      return p;
+    }
+  }
+
+  // Room left in the current epoch for a unit's payload, if the next draw stays in it.
+  std::optional<std::size_t> room_in_epoch() {
+    const auto offset = pad.peek_offset();
+    if (!offset || !have_r || r_epoch != *offset / E) return std::nullopt;
+    const std::uint64_t in = *offset % E;
+    if (in < kAuthKeyBytes || in + kMaskBytes >= E) return std::nullopt;
+    return E - in - kMaskBytes;
+  }
+
+  std::size_t build_announcement(std::span<std::uint8_t> out) {
+    if (out.size() < kMaxAnnouncementBytes) return 0;
+    while (batch.size() < kMaxAnnouncedKeys) {
+      std::optional<KeyAnnouncement> a = held ? held : pad.next_announcement();
+      held.reset();
+      if (!a) break;
+      if (!batch.empty() && (a->length != batch.front().length ||
+                             a->offset != batch.front().offset + batch.size() * a->length)) {
+        held = a;  // starts the next batch
+        break;
+      }
+      batch.push_back(*a);
+    }
+    if (batch.empty()) return 0;
+    const auto p = draw(0);
+    if (!p) return 0;  // kept in `batch`; sent as soon as there is pad for its mask
+    const std::size_t size = kAnnouncementFixedBytes + 16 * batch.size();
+    std::uint8_t* o = out.data();
+    std::memcpy(o, "OTPA", 4);
+    put_be(o + 4, size - kRecordPrefixBytes, 4);
+    put_be(o + 8, *p, 8);
+    put_be(o + 16, batch.front().offset, 8);
+    put_be(o + 24, batch.front().length, 4);
+    put_be(o + 28, batch.size(), 2);
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      std::memcpy(o + 30 + 16 * i, batch[i].key_id.bytes().data(), 16);
+    }
+    mac.tag(r.span().data(), scratch.span().data(), {out.first(size - kTagBytes)},
+            o + size - kTagBytes);
+    OPENSSL_cleanse(scratch.span().data(), kMaskBytes);
+    stats.announcements += 1;
+    stats.keys_announced += batch.size();
+    stats.announcement_bytes += size;
+    batch.clear();
+    return size;
+  }
+
+  keys::PadSource& pad;
+  const std::uint64_t stream_id;
+  const unsigned repeats;
+  WegmanCarter mac;
+  SecretBytes r;
+  bool have_r = false;
+  std::uint64_t r_epoch = 0;
+  SecretBytes scratch;
+  SecretBytes discard;
+  std::vector<KeyAnnouncement> batch;
+  std::optional<KeyAnnouncement> held;
+  std::vector<Repeat> repeat_queue;
+  std::uint64_t units_sent = 0;
+  std::uint64_t record_index = 0;
+  EncoderStats stats;
+};
+
+Encoder::Encoder(keys::PadSource& pad, std::uint64_t stream_id, unsigned announcement_repeats)
+    : impl_(std::make_unique<Impl>(pad, stream_id, announcement_repeats)) {}
+Encoder::~Encoder() = default;
+
+std::size_t Encoder::next_announcement(std::span<std::uint8_t> out, bool with_repeats) {
+  Impl& e = *impl_;
+  if (const std::size_t size = e.build_announcement(out)) {
+    if (with_repeats && e.repeats > 0) {
+      // Keep a copy to send again later, spread out, so one lost packet costs nothing.
+      auto slot = std::min_element(e.repeat_queue.begin(), e.repeat_queue.end(),
+                                   [](const auto& a, const auto& b) { return a.remaining < b.remaining; });
+      std::memcpy(slot->bytes.data(), out.data(), size);
+      slot->size = size;
+      slot->remaining = e.repeats;
+      slot->due = e.units_sent + 8;
+    }
+    return size;
+  }
+  if (!with_repeats) return 0;
+  for (auto& slot : e.repeat_queue) {
+    if (slot.remaining == 0 || slot.due > e.units_sent || out.size() < slot.size) continue;
+    std::memcpy(out.data(), slot.bytes.data(), slot.size);
+    --slot.remaining;
+    slot.due = e.units_sent + 64;
+    ++e.stats.announcement_repeats;
+    e.stats.announcement_bytes += slot.size;
+    return slot.size;
+  }
+  return 0;
+}
+
+Encoder::Status Encoder::protect_datagram(std::span<const std::uint8_t> in,
+                                          std::span<std::uint8_t> out, std::size_t& written) {
+  Impl& e = *impl_;
+  const DatagramType type = classify(in);
+  const auto header = clear_header_length(in, type);
+  if (!header || in.size() - *header > kMaxUnitPayload || out.size() < in.size() + kTrailerBytes) {
+    return Status::malformed;
+  }
+  const std::size_t n = in.size() - *header;
+  const auto p = e.draw(n);
+  if (!p) {
+    ++e.stats.no_key;
+    return Status::no_key;
+  }
+  const std::uint8_t* s = e.scratch.span().data();
+  std::memcpy(out.data(), in.data(), *header);
+  xor_into(out.data() + *header, in.data() + *header, s + kMaskBytes, n);
+  std::uint8_t* trailer = out.data() + in.size();
+  put_be(trailer, *p, 8);
+  const std::uint8_t kind = type == DatagramType::rtp ? 'R' : 'C';
+  e.mac.tag(e.r.span().data(), s, {{&kind, 1}, out.first(in.size() + kOffsetBytes)},
+            trailer + kOffsetBytes);
+  OPENSSL_cleanse(e.scratch.span().data(), kMaskBytes + n);
+  written = in.size() + kTrailerBytes;
+  ++e.stats.units;
+  ++e.units_sent;
+  e.stats.payload_bytes += n;
+  return Status::ok;
+}
+
+Encoder::Status Encoder::protect_record(RecordKind kind, std::span<const std::uint8_t> payload,
+                                        std::span<std::uint8_t> out, std::size_t& consumed,
+                                        std::size_t& written) {
+  Impl& e = *impl_;
+  if (kind == RecordKind::announcement || out.size() < kRecordOverhead) return Status::malformed;
+  std::size_t n = kind == RecordKind::data ? payload.size() : 0;
+  n = std::min({n, kMaxUnitPayload, out.size() - kRecordOverhead});
+  if (const auto room = e.room_in_epoch(); room && n > *room && *room >= kMinRecordFill) {
+    n = *room;  // fill the epoch exactly instead of wasting its tail
+  }
+  const auto p = e.draw(n);
+  if (!p) {
+    ++e.stats.no_key;
+    return Status::no_key;
+  }
+  const std::size_t size = kRecordOverhead + n;
+  std::uint8_t* o = out.data();
+  std::memcpy(o, "OTP", 3);
+  o[3] = static_cast<std::uint8_t>(kind);
+  put_be(o + 4, size - kRecordPrefixBytes, 4);
+  put_be(o + 8, e.stream_id, 8);
+  put_be(o + 16, e.record_index, 8);
+  put_be(o + 24, *p, 8);
+  const std::uint8_t* s = e.scratch.span().data();
+  xor_into(o + kRecordHeaderBytes, payload.data(), s + kMaskBytes, n);
+  e.mac.tag(e.r.span().data(), s, {out.first(kRecordHeaderBytes + n)}, o + kRecordHeaderBytes + n);
+  OPENSSL_cleanse(e.scratch.span().data(), kMaskBytes + n);
+  ++e.record_index;
+  ++e.stats.units;
+  e.stats.payload_bytes += n;
+  consumed = n;
+  written = size;
+  return Status::ok;
+}
+
+bool Encoder::has_pad_for(std::size_t n) const {
+  return impl_->pad.available() >= kMaskBytes + kAuthKeyBytes + n;
+}
+const EncoderStats& Encoder::stats() const { return impl_->stats; }
+std::uint64_t Encoder::stream_id() const { return impl_->stream_id; }
+
+// ---------------------------------------------------------------------------
+// Decoder
+
+namespace {
+
+// Pad held by the receiver, addressed by pad offset: a circular arena of `size` bytes
+// covering [base, base + size), with bitmaps of bytes present and bytes used.
+class PadWindow {
+ public:
+  explicit PadWindow(std::size_t size)
+      : size_(size), bytes_(size), present_(size / 64), used_(size / 64) {
+    if (size == 0 || size % E != 0) throw std::invalid_argument("window must be a multiple of 256 KiB");
+  }
+
+  std::uint64_t base() const { return base_; }
+  bool in_range(std::uint64_t off, std::size_t n) const {
+    return off >= base_ && off - base_ <= size_ && n <= size_ - (off - base_);
+  }
+  bool all_present(std::uint64_t off, std::size_t n) const { return test(present_, off, n, true); }
+  bool none_used(std::uint64_t off, std::size_t n) const { return test(used_, off, n, false); }
+  bool any_used(std::uint64_t off, std::size_t n) const { return !test(used_, off, n, false); }
+
+  void copy_out(std::uint64_t off, std::size_t n, std::uint8_t* out) const {
+    pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t done) {
+      std::memcpy(out + done, bytes_.span().data() + at, len);
+    });
+  }
+  // Marks used and wipes: the pad can never be used again.
+  void consume(std::uint64_t off, std::size_t n) {
+    pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t) {
+      OPENSSL_cleanse(bytes_.span().data() + at, len);
+      set(used_, at, len, true);
+    });
+  }
+  // Places key bytes; moves the window forward if they reach past its end.
+  void place(std::uint64_t off, std::span<const std::uint8_t> key) {
+    const std::uint64_t end = off + key.size();
+    if (end <= base_) return;
+    if (end > base_ + size_) advance(end - size_);
+    std::size_t skip = off < base_ ? static_cast<std::size_t>(base_ - off) : 0;
+    pieces(off + skip, key.size() - skip, [&](std::size_t at, std::size_t len, std::size_t done) {
+      std::memcpy(bytes_.span().data() + at, key.data() + skip + done, len);
+      set(present_, at, len, true);
+      set(used_, at, len, false);
+    });
+  }
+
+ private:
+  void advance(std::uint64_t new_base) {
+    const std::uint64_t drop = new_base - base_;
+    if (drop >= size_) {
+      OPENSSL_cleanse(bytes_.span().data(), size_);
+      std::fill(present_.begin(), present_.end(), 0);
+      std::fill(used_.begin(), used_.end(), 0);
+    } else {
+      pieces(base_, static_cast<std::size_t>(drop), [&](std::size_t at, std::size_t len, std::size_t) {
+        OPENSSL_cleanse(bytes_.span().data() + at, len);
+        set(present_, at, len, false);
+        set(used_, at, len, false);
+      });
+    }
+    base_ = new_base;
+  }
+
+  template <typename F>
+  void pieces(std::uint64_t off, std::size_t n, F f) const {
+    std::size_t done = 0;
+    while (done < n) {
+      const std::size_t at = static_cast<std::size_t>((off + done) % size_);
+      const std::size_t len = std::min(n - done, size_ - at);
+      f(at, len, done);
+      done += len;
+    }
+  }
+
+  static void set(std::vector<std::uint64_t>& bits, std::size_t at, std::size_t n, bool value) {
+    for (std::size_t i = at, end = at + n; i < end;) {
+      const std::size_t b = i % 64;
+      const std::size_t take = std::min<std::size_t>(64 - b, end - i);
+      const std::uint64_t mask = (take == 64 ? ~0ull : ((1ull << take) - 1)) << b;
+      if (value) {
+        bits[i / 64] |= mask;
+      } else {
+        bits[i / 64] &= ~mask;
+      }
+      i += take;
+    }
+  }
+
+  bool test(const std::vector<std::uint64_t>& bits, std::uint64_t off, std::size_t n, bool value) const {
+    bool all = true;
+    pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t) {
+      for (std::size_t i = at, end = at + len; i < end && all;) {
+        const std::size_t b = i % 64;
+        const std::size_t take = std::min<std::size_t>(64 - b, end - i);
+        const std::uint64_t mask = (take == 64 ? ~0ull : ((1ull << take) - 1)) << b;
+        const std::uint64_t got = bits[i / 64] & mask;
+        all = value ? got == mask : got == 0;
+        i += take;
+      }
+    });
+    return all;
+  }
+
+  std::size_t size_;
+  SecretBytes bytes_;
+  std::vector<std::uint64_t> present_, used_;
+  std::uint64_t base_ = 0;
+};
+
+}  // namespace
+
+struct Decoder::Impl {
+  struct EpochKey {
+    std::uint64_t epoch = UINT64_MAX;
+    std::array<std::uint8_t, kAuthKeyBytes> r{};
+  };
+  struct Pending {
+    std::vector<std::uint8_t> bytes;
+    std::size_t size = 0;
+  };
+  enum class Check { verified, missing, bad };
+
+  Impl(keys::PadSource& source, DecoderConfig c)
+      : pad(source),
+        config(c),
+        window(c.window_bytes),
+        epoch_keys(c.window_bytes / E + 2),
+        scratch(kMaskBytes + kMaxUnitPayload) {
+    pool.reserve(c.max_unplaced_keys);
+    pending.resize(c.max_pending_announcements);
+    for (auto& p : pending) p.bytes.resize(kMaxAnnouncementBytes);
+  }
+  ~Impl() {
+    for (auto& k : epoch_keys) OPENSSL_cleanse(k.r.data(), k.r.size());
+    for (const auto& s : pool) pad.release(s);
+  }
+
+  // r of `epoch`, read from the window once and then kept (its bytes are consumed).
+  const std::uint8_t* epoch_key(std::uint64_t epoch) {
+    EpochKey& k = epoch_keys[epoch % epoch_keys.size()];
+    if (k.epoch == epoch) return k.r.data();
+    const std::uint64_t at = epoch * E;
+    if (!window.in_range(at, kAuthKeyBytes) || !window.all_present(at, kAuthKeyBytes) ||
+        window.any_used(at, kAuthKeyBytes)) {
+      return nullptr;
+    }
+    window.copy_out(at, kAuthKeyBytes, k.r.data());
+    window.consume(at, kAuthKeyBytes);
+    k.epoch = epoch;
+    return k.r.data();
+  }
+
+  void forget_old_epoch_keys() {
+    for (auto& k : epoch_keys) {
+      if (k.epoch != UINT64_MAX && (k.epoch + 1) * E <= window.base()) {
+        OPENSSL_cleanse(k.r.data(), k.r.size());
+        k.epoch = UINT64_MAX;
+      }
+    }
+  }
+
+  void place(std::uint64_t offset, std::span<const std::uint8_t> key) {
+    window.place(offset, key);
+    forget_old_epoch_keys();
+    ++stats.keys_placed;
+  }
+
+  // One byte of pad for verifying an announcement: from the window, or from the
+  // announcement's own keys (fetched, not yet placed) at the offsets it claims.
+  bool gather(std::uint64_t off, std::size_t n, const Announcement& a,
+              const std::array<int, kMaxAnnouncedKeys>& found, std::uint8_t* out) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint64_t o = off + i;
+      if (window.in_range(o, 1) && window.all_present(o, 1)) {
+        if (window.any_used(o, 1)) return false;
+        window.copy_out(o, 1, out + i);
+      } else if (o >= a.base && (o - a.base) / a.key_length < a.count) {
+        const auto& seg = pool[static_cast<std::size_t>(found[(o - a.base) / a.key_length])];
+        out[i] = seg.bytes[(o - a.base) % a.key_length];
+      } else {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  Check verify(std::span<const std::uint8_t> record) {
+    const auto a = parse_announcement(record);
+    if (!a || !fits_epoch(a->mask_offset, 0)) return Check::bad;
+    std::array<int, kMaxAnnouncedKeys> found{};
+    for (std::size_t i = 0; i < a->count; ++i) {
+      const keys::KeyId id = a->id(i);
+      auto it = std::find_if(pool.begin(), pool.end(), [&](const PadSegment& s) { return s.key_id == id; });
+      if (it == pool.end() || it->bytes.size() != a->key_length) return Check::missing;
+      found[i] = static_cast<int>(it - pool.begin());
+      if (std::find(found.begin(), found.begin() + i, found[i]) != found.begin() + i) {
+        return Check::bad;  // the same key twice: never from a real encoder
+      }
+    }
+    std::uint8_t r[kAuthKeyBytes], s[kMaskBytes], tag[kTagBytes];
+    const std::uint64_t epoch = a->mask_offset / E;
+    const EpochKey& cached = epoch_keys[epoch % epoch_keys.size()];
+    const bool r_cached = cached.epoch == epoch;
+    if (r_cached) {
+      std::memcpy(r, cached.r.data(), sizeof r);
+    } else if (!gather(epoch * E, kAuthKeyBytes, *a, found, r)) {
+      return Check::missing;
+    }
+    if (!gather(a->mask_offset, kMaskBytes, *a, found, s)) {
+      OPENSSL_cleanse(r, sizeof r);
+      return Check::missing;
+    }
+    mac.tag(r, s, {a->authenticated}, tag);
+    const bool ok = CRYPTO_memcmp(tag, a->tag, kTagBytes) == 0;
+    OPENSSL_cleanse(r, sizeof r);
+    OPENSSL_cleanse(s, sizeof s);
+    if (!ok) return Check::bad;
+
+    // Authentic: place its keys where it says, then consume r (once) and its mask.
+    for (std::size_t i = 0; i < a->count; ++i) {
+      const auto& seg = pool[static_cast<std::size_t>(found[i])];
+      place(a->base + i * a->key_length, seg.bytes);
+    }
+    std::sort(found.begin(), found.begin() + a->count, std::greater<>());
+    for (std::size_t i = 0; i < a->count; ++i) {
+      pad.release(pool[static_cast<std::size_t>(found[i])]);
+      pool[static_cast<std::size_t>(found[i])] = pool.back();
+      pool.pop_back();
+    }
+    epoch_key(epoch);  // caches r and consumes its bytes if not done yet
+    if (window.in_range(a->mask_offset, kMaskBytes)) window.consume(a->mask_offset, kMaskBytes);
+    stats.pad_bytes_used += kMaskBytes;
+    ++stats.announcements_verified;
+    return Check::verified;
+  }
+
+  bool is_repeat(const Announcement& a) const {
+    return a.mask_offset < window.base() ||
+           (window.in_range(a.mask_offset, kMaskBytes) && window.any_used(a.mask_offset, kMaskBytes));
+  }
+
+  Verdict on_announcement(std::span<const std::uint8_t> record) {
+    const auto a = parse_announcement(record);
+    if (!a) {
+      ++stats.malformed;
+      return Verdict::malformed;
+    }
+    if (is_repeat(*a)) {
+      ++stats.announcement_repeats;
+      return Verdict::repeat;
+    }
+    for (std::size_t i = 0; i < a->count; ++i) {
+      pad.request(KeyAnnouncement{a->base + i * a->key_length, a->id(i), a->key_length});
+    }
+    pull_segments();
+    switch (verify(record)) {
+      case Check::verified:
+        retry_pending();
+        return Verdict::announcement;
+      case Check::bad:
+        ++stats.auth_failures;
+        return Verdict::auth_failure;
+      case Check::missing:
+        break;
+    }
+    for (std::size_t i = 0; i < pending_count; ++i) {
+      if (pending[i].size == record.size() &&
+          std::memcmp(pending[i].bytes.data(), record.data(), record.size()) == 0) {
+        return Verdict::announcement_pending;
+      }
+    }
+    if (pending_count == pending.size()) {  // full: the oldest gives way (it will be repeated)
+      std::rotate(pending.begin(), pending.begin() + 1, pending.end());
+      --pending_count;
+    }
+    std::memcpy(pending[pending_count].bytes.data(), record.data(), record.size());
+    pending[pending_count].size = record.size();
+    ++pending_count;
+    stats.announcements_pending = pending_count;
+    return Verdict::announcement_pending;
+  }
+
+  bool pull_segments() {
+    bool got = false;
+    while (auto segment = pad.pop_segment()) {
+      if (pool.size() == config.max_unplaced_keys) {  // never announced validly: wipe
+        pad.release(pool.front());
+        pool.front() = pool.back();
+        pool.pop_back();
+      }
+      pool.push_back(*segment);
+      got = true;
+    }
+    return got;
+  }
+
+  void retry_pending() {
+    bool progress = true;
+    while (progress && pending_count > 0) {
+      progress = false;
+      for (std::size_t i = 0; i < pending_count;) {
+        const std::span<const std::uint8_t> rec(pending[i].bytes.data(), pending[i].size);
+        const auto a = parse_announcement(rec);
+        const Check c = a && is_repeat(*a) ? Check::bad : verify(rec);
+        if (c == Check::missing) {
+          ++i;
+          continue;
+        }
+        if (c == Check::bad && a && !is_repeat(*a)) ++stats.auth_failures;
+        std::rotate(pending.begin() + i, pending.begin() + i + 1, pending.begin() + pending_count);
+        --pending_count;
+        progress = progress || c == Check::verified;
+      }
+    }
+    stats.announcements_pending = pending_count;
+  }
+
+  // Checks the pad of a unit at P with n payload bytes; on success returns r and leaves
+  // s || pad in `scratch`.
+  Verdict load_pad(std::uint64_t p, std::size_t n, const std::uint8_t*& r) {
+    if (!fits_epoch(p, n)) {
+      ++stats.malformed;
+      return Verdict::malformed;
+    }
+    const std::size_t need = kMaskBytes + n;
+    if (p < window.base()) {
+      ++stats.replays;  // its key was destroyed when the window moved past it
+      return Verdict::replay;
+    }
+    if (!window.in_range(p, need) || !window.all_present(p, need)) {
+      ++stats.no_key;
+      return Verdict::no_key;
+    }
+    if (window.any_used(p, need)) {
+      ++stats.replays;
+      return Verdict::replay;
+    }
+    r = epoch_key(p / E);
+    if (!r) {
+      ++stats.no_key;
+      return Verdict::no_key;
+    }
+    window.copy_out(p, need, scratch.span().data());
+    return Verdict::plaintext;
+  }
+
+  keys::PadSource& pad;
+  DecoderConfig config;
+  PadWindow window;
+  std::vector<EpochKey> epoch_keys;
+  SecretBytes scratch;
+  std::vector<PadSegment> pool;  // fetched keys not yet placed by a verified announcement
+  std::vector<Pending> pending;
+  std::size_t pending_count = 0;
+  WegmanCarter mac;
+  DecoderStats stats;
+  // Stream mode.
+  bool stream_started = false;
+  bool stream_done = false;
+  std::uint64_t stream_id = 0;
+  std::uint64_t next_index = 0;
+};
+
+Decoder::Decoder(keys::PadSource& pad, DecoderConfig config)
+    : impl_(std::make_unique<Impl>(pad, config)) {}
+Decoder::~Decoder() = default;
+
+void Decoder::poll() {
+  if (impl_->pull_segments()) impl_->retry_pending();
+}
+
+Decoder::Verdict Decoder::open_datagram(std::span<const std::uint8_t> in,
+                                        std::span<std::uint8_t> out, std::size_t& written) {
+  Impl& d = *impl_;
+  written = 0;
+  poll();
+  const DatagramType type = classify(in);
+  if (type == DatagramType::announcement) return d.on_announcement(in);
+  const auto header = type == DatagramType::unknown || in.size() < kTrailerBytes
+                          ? std::nullopt
+                          : clear_header_length(in.first(in.size() - kTrailerBytes), type);
+  if (!header || out.size() < in.size()) {
+    ++d.stats.malformed;
+    return Verdict::malformed;
+  }
+  const std::size_t n = in.size() - kTrailerBytes - *header;
+  const std::uint8_t* trailer = in.data() + in.size() - kTrailerBytes;
+  const std::uint64_t p = get_be(trailer, 8);
+  const std::uint8_t* r = nullptr;
+  if (const Verdict v = d.load_pad(p, n, r); v != Verdict::plaintext) return v;
+
+  std::uint8_t tag[kTagBytes];
+  const std::uint8_t kind = type == DatagramType::rtp ? 'R' : 'C';
+  d.mac.tag(r, d.scratch.span().data(), {{&kind, 1}, in.first(in.size() - kTagBytes)}, tag);
+  if (CRYPTO_memcmp(tag, trailer + kOffsetBytes, kTagBytes) != 0) {
+    OPENSSL_cleanse(d.scratch.span().data(), kMaskBytes + n);
+    ++d.stats.auth_failures;  // nothing consumed: a forgery cannot burn pad
+    return Verdict::auth_failure;
+  }
+  std::memcpy(out.data(), in.data(), *header);
+  xor_into(out.data() + *header, in.data() + *header, d.scratch.span().data() + kMaskBytes, n);
+  OPENSSL_cleanse(d.scratch.span().data(), kMaskBytes + n);
+  d.window.consume(p, kMaskBytes + n);
+  written = *header + n;
+  ++d.stats.units;
+  d.stats.payload_bytes += n;
+  d.stats.pad_bytes_used += kMaskBytes + n;
+  return Verdict::plaintext;
+}
+
+std::optional<std::size_t> Decoder::record_size(std::span<const std::uint8_t> prefix) {
+  if (prefix.size() < kRecordPrefixBytes || std::memcmp(prefix.data(), "OTP", 3) != 0 ||
+      !is_record_kind(prefix[3])) {
+    return std::nullopt;
+  }
+  const std::uint64_t rest = get_be(prefix.data() + 4, 4);
+  const std::uint64_t max = prefix[3] == 'A' ? kMaxAnnouncementBytes - kRecordPrefixBytes
+                                             : kRecordOverhead - kRecordPrefixBytes + kMaxUnitPayload;
+  const std::uint64_t min = prefix[3] == 'A' ? kAnnouncementFixedBytes - kRecordPrefixBytes
+                                             : kRecordOverhead - kRecordPrefixBytes;
+  if (rest < min || rest > max) return std::nullopt;
+  return static_cast<std::size_t>(kRecordPrefixBytes + rest);
+}
+
+Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
+                                      std::span<std::uint8_t> out, std::size_t& written,
+                                      RecordKind& kind) {
+  Impl& d = *impl_;
+  written = 0;
+  poll();
+  const auto size = record_size(record);
+  if (!size || *size != record.size()) {
+    ++d.stats.malformed;
+    return Verdict::malformed;
+  }
+  kind = static_cast<RecordKind>(record[3]);
+  if (kind == RecordKind::announcement) return d.on_announcement(record);
+  const std::size_t n = record.size() - kRecordOverhead;
+  if (out.size() < n) {
+    ++d.stats.malformed;
+    return Verdict::malformed;
+  }
+  const std::uint64_t id = get_be(record.data() + 8, 8);
+  const std::uint64_t index = get_be(record.data() + 16, 8);
+  const std::uint64_t p = get_be(record.data() + 24, 8);
+  const std::uint8_t* r = nullptr;
+  if (const Verdict v = d.load_pad(p, n, r); v != Verdict::plaintext) return v;
+  std::uint8_t tag[kTagBytes];
+  d.mac.tag(r, d.scratch.span().data(), {record.first(kRecordHeaderBytes + n)}, tag);
+  if (CRYPTO_memcmp(tag, record.data() + kRecordHeaderBytes + n, kTagBytes) != 0) {
+    OPENSSL_cleanse(d.scratch.span().data(), kMaskBytes + n);
+    ++d.stats.auth_failures;
+    return Verdict::auth_failure;
+  }
+  d.window.consume(p, kMaskBytes + n);
+  d.stats.pad_bytes_used += kMaskBytes + n;
+  // Authentic; now the stream's order: start, data 1..k, final; one stream only.
+  const bool in_sequence =
+      !d.stream_done && (d.stream_started ? (kind != RecordKind::stream_start && id == d.stream_id &&
+                                             index == d.next_index)
+                                          : (kind == RecordKind::stream_start && index == 0));
+  if (!in_sequence) {
+    OPENSSL_cleanse(d.scratch.span().data(), kMaskBytes + n);
+    return Verdict::out_of_sequence;
+  }
+  d.stream_started = true;
+  d.stream_id = id;
+  d.next_index = index + 1;
+  d.stream_done = kind == RecordKind::final;
+  xor_into(out.data(), record.data() + kRecordHeaderBytes, d.scratch.span().data() + kMaskBytes, n);
+  OPENSSL_cleanse(d.scratch.span().data(), kMaskBytes + n);
+  written = n;
+  ++d.stats.units;
+  d.stats.payload_bytes += n;
+  return Verdict::plaintext;
+}
+
+bool Decoder::stream_finished() const { return impl_->stream_done; }
+const DecoderStats& Decoder::stats() const { return impl_->stats; }
+
+}  // namespace otpgate::otp

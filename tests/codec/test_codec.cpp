@@ -1,0 +1,364 @@
+// The OTP codec end to end over in-memory pad: round trips, announcements, and the
+// adversarial cases (tampering, replay, loss, reordering, duplication, truncation).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <set>
+
+#include "memory_pad.hpp"
+#include "otpgate/otp_codec.hpp"
+
+using namespace otpgate;
+using otp::Decoder;
+using otp::Encoder;
+using Bytes = std::vector<std::uint8_t>;
+
+namespace {
+
+Bytes rtp_packet(std::uint16_t seq, std::uint32_t ssrc, std::size_t payload, std::uint8_t csrcs = 0,
+                 bool extension = false) {
+  Bytes p;
+  p.push_back(static_cast<std::uint8_t>(0x80 | (extension ? 0x10 : 0) | csrcs));
+  p.push_back(96);
+  p.push_back(static_cast<std::uint8_t>(seq >> 8));
+  p.push_back(static_cast<std::uint8_t>(seq));
+  for (int i = 0; i < 4; ++i) p.push_back(static_cast<std::uint8_t>(seq * 160 >> (24 - 8 * i)));
+  for (int i = 0; i < 4; ++i) p.push_back(static_cast<std::uint8_t>(ssrc >> (24 - 8 * i)));
+  for (int c = 0; c < csrcs; ++c) p.insert(p.end(), {0xc5, 0xc5, 0xc5, static_cast<std::uint8_t>(c)});
+  if (extension) p.insert(p.end(), {0xbe, 0xde, 0x00, 0x01, 0x10, 0xaa, 0x00, 0x00});
+  for (std::size_t i = 0; i < payload; ++i) p.push_back(static_cast<std::uint8_t>(seq + i * 3));
+  return p;
+}
+
+Bytes rtcp_sender_report(std::uint32_t ssrc) {
+  Bytes p{0x80, 200, 0x00, 0x06};
+  for (int i = 0; i < 4; ++i) p.push_back(static_cast<std::uint8_t>(ssrc >> (24 - 8 * i)));
+  for (int i = 0; i < 20; ++i) p.push_back(static_cast<std::uint8_t>(i));
+  // compound: an SDES after it
+  p.insert(p.end(), {0x81, 202, 0x00, 0x02, 0, 0, 0, 1, 1, 1, 'x', 0});
+  return p;
+}
+
+struct Link {
+  explicit Link(std::uint32_t key_length = 1024, std::uint64_t pad_bytes = 4u << 20,
+                std::uint64_t start = 0)
+      : tx(start, pad_bytes, key_length), rx(start, pad_bytes, key_length), encoder(tx, 42),
+        decoder(rx) {
+    tx.fill_for_sending();
+  }
+  // Everything the sender puts on the wire for one packet: announcements, then it.
+  std::vector<Bytes> send(const Bytes& packet) {
+    std::vector<Bytes> wire;
+    Bytes buf(otp::kMaxAnnouncementBytes);
+    while (std::size_t n = encoder.next_announcement(buf, true)) wire.emplace_back(buf.begin(), buf.begin() + n);
+    Bytes out(packet.size() + otp::kTrailerBytes);
+    std::size_t written = 0;
+    if (encoder.protect_datagram(packet, out, written) == Encoder::Status::ok) {
+      out.resize(written);
+      wire.push_back(out);
+    }
+    return wire;
+  }
+  Decoder::Verdict receive(const Bytes& datagram, Bytes* plain = nullptr) {
+    Bytes out(datagram.size());
+    std::size_t written = 0;
+    const auto v = decoder.open_datagram(datagram, out, written);
+    if (plain) *plain = Bytes(out.begin(), out.begin() + written);
+    return v;
+  }
+  otpgate::testing::MemoryPad tx, rx;
+  Encoder encoder;
+  Decoder decoder;
+};
+
+}  // namespace
+
+TEST(Codec, RtpRoundTripKeepsTheHeaderInTheClear) {
+  Link link;
+  const Bytes packet = rtp_packet(1, 0x11223344, 1200, 2, true);
+  const auto wire = link.send(packet);
+  ASSERT_GE(wire.size(), 2u);  // announcement(s) first
+  EXPECT_EQ(otp::classify(wire.front()), otp::DatagramType::announcement);
+  const Bytes& protected_packet = wire.back();
+  ASSERT_EQ(protected_packet.size(), packet.size() + otp::kTrailerBytes);
+  const std::size_t header = 12 + 8 + 8;
+  EXPECT_TRUE(std::equal(packet.begin(), packet.begin() + header, protected_packet.begin()));
+  EXPECT_FALSE(std::equal(packet.begin() + header, packet.end(), protected_packet.begin() + header));
+  for (std::size_t i = 0; i + 1 < wire.size(); ++i) {
+    EXPECT_EQ(link.receive(wire[i]), Decoder::Verdict::announcement);
+  }
+  Bytes plain;
+  ASSERT_EQ(link.receive(protected_packet, &plain), Decoder::Verdict::plaintext);
+  EXPECT_EQ(plain, packet);
+}
+
+TEST(Codec, RtcpCompoundIsProtectedAfterItsFirstEightBytes) {
+  Link link;
+  const Bytes report = rtcp_sender_report(0x55667788);
+  const auto wire = link.send(report);
+  const Bytes& p = wire.back();
+  EXPECT_EQ(otp::classify(p), otp::DatagramType::rtcp);
+  EXPECT_TRUE(std::equal(report.begin(), report.begin() + 8, p.begin()));
+  EXPECT_FALSE(std::equal(report.begin() + 8, report.end(), p.begin() + 8));
+  for (const auto& d : wire) {
+    Bytes plain;
+    const auto v = link.receive(d, &plain);
+    if (&d == &wire.back()) {
+      ASSERT_EQ(v, Decoder::Verdict::plaintext);
+      EXPECT_EQ(plain, report);
+    }
+  }
+}
+
+TEST(Codec, EveryFlippedBitIsCaughtAndNothingIsConsumed) {
+  Link link;
+  const Bytes packet = rtp_packet(7, 0xabcdef01, 64, 1, true);
+  const auto wire = link.send(packet);
+  for (std::size_t i = 0; i + 1 < wire.size(); ++i) link.receive(wire[i]);
+  const Bytes good = wire.back();
+  std::uint64_t rejected = 0;
+  for (std::size_t bit = 0; bit < good.size() * 8; ++bit) {
+    Bytes bad = good;
+    bad[bit / 8] ^= static_cast<std::uint8_t>(1u << (bit % 8));
+    Bytes plain;
+    const auto v = link.receive(bad, &plain);
+    EXPECT_NE(v, Decoder::Verdict::plaintext) << "bit " << bit;
+    rejected += v != Decoder::Verdict::plaintext;
+  }
+  EXPECT_EQ(rejected, good.size() * 8);
+  EXPECT_GT(link.decoder.stats().auth_failures, good.size() * 6);  // most are tag failures
+  Bytes plain;
+  ASSERT_EQ(link.receive(good, &plain), Decoder::Verdict::plaintext) << "forgeries burned no pad";
+  EXPECT_EQ(plain, packet);
+}
+
+TEST(Codec, AReplayedPacketIsRejected) {
+  Link link;
+  const auto wire = link.send(rtp_packet(1, 1, 200));
+  for (const auto& d : wire) link.receive(d);
+  EXPECT_EQ(link.receive(wire.back()), Decoder::Verdict::replay);
+  EXPECT_EQ(link.decoder.stats().replays, 1u);
+  EXPECT_EQ(link.decoder.stats().units, 1u);
+}
+
+TEST(Codec, LossReorderingAndDuplicationDeliverEachSurvivorExactlyOnce) {
+  Link link;
+  std::vector<Bytes> wire;
+  std::map<std::uint16_t, Bytes> sent;
+  for (std::uint16_t seq = 0; seq < 2000; ++seq) {
+    const Bytes p = rtp_packet(seq, 0x1234, 100 + seq % 1100);
+    sent[seq] = p;
+    for (auto& d : link.send(p)) wire.push_back(std::move(d));
+  }
+  std::mt19937 rng(7);
+  std::vector<Bytes> network;
+  for (const auto& d : wire) {
+    if (rng() % 10 == 0) continue;                 // 10% loss
+    network.push_back(d);
+    if (rng() % 20 == 0) network.push_back(d);     // 5% duplicates
+  }
+  for (std::size_t i = 0; i + 8 < network.size(); i += 8) {  // reorder within bursts of 8
+    std::shuffle(network.begin() + i, network.begin() + i + 8, rng);
+  }
+  std::map<std::uint16_t, int> delivered;
+  for (const auto& d : network) {
+    Bytes plain;
+    if (link.receive(d, &plain) == Decoder::Verdict::plaintext) {
+      const std::uint16_t seq = static_cast<std::uint16_t>(plain[2] << 8 | plain[3]);
+      ASSERT_EQ(plain, sent[seq]);
+      ++delivered[seq];
+    }
+  }
+  std::size_t survivors = 0;
+  for (const auto& d : wire) {
+    if (otp::classify(d) == otp::DatagramType::rtp &&
+        std::find(network.begin(), network.end(), d) != network.end()) {
+      ++survivors;
+    }
+  }
+  EXPECT_EQ(delivered.size(), survivors) << "every packet that arrived is delivered";
+  for (const auto& [seq, count] : delivered) EXPECT_EQ(count, 1) << seq;
+  EXPECT_EQ(link.decoder.stats().auth_failures, 0u);
+}
+
+TEST(Codec, AnnouncementsSurviveLossThroughRepeats) {
+  Link link;
+  std::vector<Bytes> wire;
+  for (std::uint16_t seq = 0; seq < 200; ++seq) {
+    for (auto& d : link.send(rtp_packet(seq, 9, 1000))) wire.push_back(std::move(d));
+  }
+  // Drop the first transmission of every announcement.
+  std::set<Bytes> seen;
+  std::size_t ok = 0;
+  for (const auto& d : wire) {
+    if (otp::classify(d) == otp::DatagramType::announcement && seen.insert(d).second) continue;
+    ok += link.receive(d) == Decoder::Verdict::plaintext;
+  }
+  EXPECT_GE(link.encoder.stats().announcement_repeats, link.encoder.stats().announcements);
+  EXPECT_GT(ok, 150u) << "after the first repeat arrives, packets decrypt";
+}
+
+TEST(Codec, PacketsWaitingForKeyAreCountedNotDecrypted) {
+  Link link;
+  link.rx.hold_deliveries = true;  // the KME has not relayed the keys yet
+  const auto wire = link.send(rtp_packet(1, 1, 500));
+  for (std::size_t i = 0; i + 1 < wire.size(); ++i) {
+    EXPECT_EQ(link.receive(wire[i]), Decoder::Verdict::announcement_pending);
+  }
+  EXPECT_EQ(link.receive(wire.back()), Decoder::Verdict::no_key);
+  link.rx.release_held();
+  link.decoder.poll();
+  EXPECT_EQ(link.decoder.stats().announcements_verified, wire.size() - 1);
+  EXPECT_EQ(link.receive(wire.back()), Decoder::Verdict::plaintext);
+}
+
+TEST(Codec, ASmallKeySizeNeedsMoreAnnouncementsButWorks) {
+  Link link(32, 1u << 20);  // 256-bit keys, as some vendor KMEs cap them
+  std::size_t ok = 0;
+  for (std::uint16_t seq = 0; seq < 300; ++seq) {
+    for (const auto& d : link.send(rtp_packet(seq, 3, 1200))) {
+      ok += link.receive(d) == Decoder::Verdict::plaintext;
+    }
+  }
+  EXPECT_EQ(ok, 300u);
+  EXPECT_GT(link.encoder.stats().keys_announced, 300u * 1200 / 32);
+}
+
+TEST(Codec, KeyConsumptionIsCloseToOnePerPayloadByte) {
+  Link link(1024, 64u << 20);
+  std::uint64_t payload = 0;
+  for (std::uint32_t i = 0; i < 20000; ++i) {
+    const Bytes p = rtp_packet(static_cast<std::uint16_t>(i), 5, 1200);
+    for (const auto& d : link.send(p)) link.receive(d);
+    payload += 1200;
+  }
+  const auto& s = link.encoder.stats();
+  const double ratio = double(s.pad_bytes_used + s.pad_bytes_skipped) / double(payload);
+  EXPECT_LT(ratio, 1.02) << "pad per payload byte";
+  EXPECT_EQ(link.decoder.stats().units, 20000u);
+}
+
+TEST(Codec, ExhaustedPadRefusesRatherThanSendingPlaintext) {
+  Link link(1024, 8192);
+  std::size_t protected_count = 0;
+  for (std::uint16_t seq = 0; seq < 20; ++seq) {
+    const Bytes p = rtp_packet(seq, 1, 1000);
+    const auto wire = link.send(p);
+    for (const auto& d : wire) {
+      EXPECT_NE(d, p) << "never the plaintext";
+      protected_count += otp::classify(d) == otp::DatagramType::rtp;
+    }
+  }
+  EXPECT_EQ(protected_count, 8u);  // 16 (r) + 16 (mask) + 8 x 1016 <= 8192
+  EXPECT_EQ(link.encoder.stats().no_key, 12u);
+}
+
+// ---- stream mode
+
+namespace {
+std::vector<Bytes> stream_records(Encoder& e, const Bytes& data, std::size_t record_size) {
+  std::vector<Bytes> records;
+  Bytes buf(otp::kMaxAnnouncementBytes);
+  auto announce = [&] {
+    while (std::size_t n = e.next_announcement(buf, false)) records.emplace_back(buf.begin(), buf.begin() + n);
+  };
+  auto emit = [&](otp::RecordKind kind, std::span<const std::uint8_t> payload) {
+    announce();
+    Bytes out(payload.size() + otp::kRecordOverhead);
+    std::size_t consumed = 0, written = 0;
+    EXPECT_EQ(e.protect_record(kind, payload, out, consumed, written), Encoder::Status::ok);
+    out.resize(written);
+    records.push_back(out);
+    return consumed;
+  };
+  emit(otp::RecordKind::stream_start, {});
+  for (std::size_t at = 0; at < data.size();) {
+    at += emit(otp::RecordKind::data,
+               std::span(data).subspan(at, std::min(record_size, data.size() - at)));
+  }
+  emit(otp::RecordKind::final, {});
+  return records;
+}
+
+struct StreamResult {
+  Bytes data;
+  Decoder::Verdict last = Decoder::Verdict::plaintext;
+  bool finished = false;
+};
+
+StreamResult open_stream(Decoder& d, const std::vector<Bytes>& records) {
+  StreamResult r;
+  Bytes out(otp::kMaxUnitPayload);
+  for (const auto& rec : records) {
+    std::size_t written = 0;
+    otp::RecordKind kind{};
+    const auto v = d.open_record(rec, out, written, kind);
+    if (v != Decoder::Verdict::plaintext && v != Decoder::Verdict::announcement &&
+        v != Decoder::Verdict::announcement_pending) {
+      r.last = v;
+      break;
+    }
+    r.data.insert(r.data.end(), out.begin(), out.begin() + written);
+  }
+  r.finished = d.stream_finished();
+  return r;
+}
+}  // namespace
+
+TEST(CodecStream, AFileRoundTripsAcrossEpochs) {
+  otpgate::testing::MemoryPad tx(0, 4u << 20, 1024), rx(0, 4u << 20, 1024);
+  tx.fill_for_sending();
+  Encoder e(tx, 0xfeedfacecafebeef);
+  Decoder d(rx);
+  Bytes data(1'500'000);
+  std::mt19937 rng(3);
+  for (auto& b : data) b = static_cast<std::uint8_t>(rng());
+  const auto records = stream_records(e, data, 32768);
+  const auto result = open_stream(d, records);
+  EXPECT_EQ(result.last, Decoder::Verdict::plaintext);
+  EXPECT_TRUE(result.finished);
+  EXPECT_EQ(result.data, data);
+  EXPECT_LT(double(e.stats().pad_bytes_used + e.stats().pad_bytes_skipped) / double(data.size()), 1.002);
+}
+
+TEST(CodecStream, TruncationReorderingAndSplicingAreDetected) {
+  Bytes data(200000, 0x42);
+  auto make = [&](std::uint64_t id, otpgate::testing::MemoryPad& tx) {
+    Encoder e(tx, id);
+    return stream_records(e, data, 16384);
+  };
+  {  // truncated: no final record
+    otpgate::testing::MemoryPad tx(0, 1u << 20, 1024), rx(0, 1u << 20, 1024);
+    tx.fill_for_sending();
+    auto records = make(1, tx);
+    records.pop_back();
+    Decoder d(rx);
+    EXPECT_FALSE(open_stream(d, records).finished);
+  }
+  {  // two data records swapped
+    otpgate::testing::MemoryPad tx(0, 1u << 20, 1024), rx(0, 1u << 20, 1024);
+    tx.fill_for_sending();
+    auto records = make(1, tx);
+    std::vector<std::size_t> data_at;
+    for (std::size_t i = 0; i < records.size(); ++i) if (records[i][3] == 'D') data_at.push_back(i);
+    std::swap(records[data_at[1]], records[data_at[2]]);
+    Decoder d(rx);
+    EXPECT_EQ(open_stream(d, records).last, Decoder::Verdict::out_of_sequence);
+  }
+  {  // a record of another stream (same pad source) spliced in
+    otpgate::testing::MemoryPad tx(0, 2u << 20, 1024), rx(0, 2u << 20, 1024);
+    tx.fill_for_sending();
+    auto first = make(1, tx);
+    auto second = make(2, tx);
+    std::size_t data_index = 0;
+    while (first[data_index][3] != 'D') ++data_index;
+    std::size_t other = 0;
+    while (second[other][3] != 'D') ++other;
+    first.insert(first.begin() + static_cast<long>(data_index) + 1, second.begin(), second.begin() + static_cast<long>(other));
+    first[data_index + 1 + other] = second[other];  // replaces a data record
+    Decoder d(rx);
+    EXPECT_EQ(open_stream(d, first).last, Decoder::Verdict::out_of_sequence);
+  }
+}
