@@ -26,7 +26,8 @@ Bytes rtp_packet(std::uint16_t seq, std::uint32_t ssrc, std::size_t payload, std
   p.push_back(static_cast<std::uint8_t>(seq));
   for (int i = 0; i < 4; ++i) p.push_back(static_cast<std::uint8_t>(seq * 160 >> (24 - 8 * i)));
   for (int i = 0; i < 4; ++i) p.push_back(static_cast<std::uint8_t>(ssrc >> (24 - 8 * i)));
-  for (int c = 0; c < csrcs; ++c) p.insert(p.end(), {0xc5, 0xc5, 0xc5, static_cast<std::uint8_t>(c)});
+  for (int c = 0; c < csrcs; ++c)
+    p.insert(p.end(), {0xc5, 0xc5, 0xc5, static_cast<std::uint8_t>(c)});
   if (extension) p.insert(p.end(), {0xbe, 0xde, 0x00, 0x01, 0x10, 0xaa, 0x00, 0x00});
   for (std::size_t i = 0; i < payload; ++i) p.push_back(static_cast<std::uint8_t>(seq + i * 3));
   return p;
@@ -44,7 +45,9 @@ Bytes rtcp_sender_report(std::uint32_t ssrc) {
 struct Link {
   explicit Link(std::uint32_t key_length = 1024, std::uint64_t pad_bytes = 4u << 20,
                 std::uint64_t start = 0)
-      : tx(start, pad_bytes, key_length), rx(start, pad_bytes, key_length), encoder(tx, 42),
+      : tx(start, pad_bytes, key_length),
+        rx(start, pad_bytes, key_length),
+        encoder(tx, 42),
         decoder(rx) {
     tx.fill_for_sending();
   }
@@ -52,7 +55,8 @@ struct Link {
   std::vector<Bytes> send(const Bytes& packet) {
     std::vector<Bytes> wire;
     Bytes buf(otp::kMaxAnnouncementBytes);
-    while (std::size_t n = encoder.next_announcement(buf, true)) wire.emplace_back(buf.begin(), buf.begin() + n);
+    while (std::size_t n = encoder.next_announcement(buf, true))
+      wire.emplace_back(buf.begin(), buf.begin() + n);
     Bytes out(packet.size() + otp::kTrailerBytes);
     std::size_t written = 0;
     if (encoder.protect_datagram(packet, out, written) == Encoder::Status::ok) {
@@ -85,7 +89,8 @@ TEST(Codec, RtpRoundTripKeepsTheHeaderInTheClear) {
   ASSERT_EQ(protected_packet.size(), packet.size() + otp::kTrailerBytes);
   const std::size_t header = 12 + 8 + 8;
   EXPECT_TRUE(std::equal(packet.begin(), packet.begin() + header, protected_packet.begin()));
-  EXPECT_FALSE(std::equal(packet.begin() + header, packet.end(), protected_packet.begin() + header));
+  EXPECT_FALSE(
+      std::equal(packet.begin() + header, packet.end(), protected_packet.begin() + header));
   for (std::size_t i = 0; i + 1 < wire.size(); ++i) {
     EXPECT_EQ(link.receive(wire[i]), Decoder::Verdict::announcement);
   }
@@ -155,9 +160,9 @@ TEST(Codec, LossReorderingAndDuplicationDeliverEachSurvivorExactlyOnce) {
   std::mt19937 rng(7);
   std::vector<Bytes> network;
   for (const auto& d : wire) {
-    if (rng() % 10 == 0) continue;                 // 10% loss
+    if (rng() % 10 == 0) continue;  // 10% loss
     network.push_back(d);
-    if (rng() % 20 == 0) network.push_back(d);     // 5% duplicates
+    if (rng() % 20 == 0) network.push_back(d);  // 5% duplicates
   }
   for (std::size_t i = 0; i + 8 < network.size(); i += 8) {  // reorder within bursts of 8
     std::shuffle(network.begin() + i, network.begin() + i + 8, rng);
@@ -262,7 +267,8 @@ std::vector<Bytes> stream_records(Encoder& e, const Bytes& data, std::size_t rec
   std::vector<Bytes> records;
   Bytes buf(otp::kMaxAnnouncementBytes);
   auto announce = [&] {
-    while (std::size_t n = e.next_announcement(buf, false)) records.emplace_back(buf.begin(), buf.begin() + n);
+    while (std::size_t n = e.next_announcement(buf, false))
+      records.emplace_back(buf.begin(), buf.begin() + n);
   };
   auto emit = [&](otp::RecordKind kind, std::span<const std::uint8_t> payload) {
     announce();
@@ -320,7 +326,8 @@ TEST(CodecStream, AFileRoundTripsAcrossEpochs) {
   EXPECT_EQ(result.last, Decoder::Verdict::plaintext);
   EXPECT_TRUE(result.finished);
   EXPECT_EQ(result.data, data);
-  EXPECT_LT(double(e.stats().pad_bytes_used + e.stats().pad_bytes_skipped) / double(data.size()), 1.002);
+  EXPECT_LT(double(e.stats().pad_bytes_used + e.stats().pad_bytes_skipped) / double(data.size()),
+            1.002);
 }
 
 TEST(CodecStream, TruncationReorderingAndSplicingAreDetected) {
@@ -342,7 +349,8 @@ TEST(CodecStream, TruncationReorderingAndSplicingAreDetected) {
     tx.fill_for_sending();
     auto records = make(1, tx);
     std::vector<std::size_t> data_at;
-    for (std::size_t i = 0; i < records.size(); ++i) if (records[i][3] == 'D') data_at.push_back(i);
+    for (std::size_t i = 0; i < records.size(); ++i)
+      if (records[i][3] == 'D') data_at.push_back(i);
     std::swap(records[data_at[1]], records[data_at[2]]);
     Decoder d(rx);
     EXPECT_EQ(open_stream(d, records).last, Decoder::Verdict::out_of_sequence);
@@ -356,7 +364,8 @@ TEST(CodecStream, TruncationReorderingAndSplicingAreDetected) {
     while (first[data_index][3] != 'D') ++data_index;
     std::size_t other = 0;
     while (second[other][3] != 'D') ++other;
-    first.insert(first.begin() + static_cast<long>(data_index) + 1, second.begin(), second.begin() + static_cast<long>(other));
+    first.insert(first.begin() + static_cast<long>(data_index) + 1, second.begin(),
+                 second.begin() + static_cast<long>(other));
     first[data_index + 1 + other] = second[other];  // replaces a data record
     Decoder d(rx);
     EXPECT_EQ(open_stream(d, first).last, Decoder::Verdict::out_of_sequence);

@@ -27,10 +27,12 @@ inline keys::KeyId test_key_id(std::uint64_t index) {
 class MemoryPad final : public keys::PadSource {
  public:
   MemoryPad(std::uint64_t start, std::uint64_t bytes, std::uint32_t key_length)
-      : start_(start), key_length_(key_length),
+      : start_(start),
+        key_length_(key_length),
         ring_(static_cast<std::size_t>((bytes + key_length - 1) / key_length) + 1, key_length) {
     for (std::uint64_t off = start; off < start + bytes; off += key_length) {
-      const std::uint32_t len = static_cast<std::uint32_t>(std::min<std::uint64_t>(key_length, start + bytes - off));
+      const std::uint32_t len =
+          static_cast<std::uint32_t>(std::min<std::uint64_t>(key_length, start + bytes - off));
       const keys::KeyId id = test_key_id((off - start) / key_length);
       keys_[id] = {off, len};
     }
@@ -78,7 +80,8 @@ class MemoryPad final : public keys::PadSource {
   bool request(const keys::KeyAnnouncement& a) override {
     ++requests;
     auto it = keys_.find(a.key_id);
-    if (it == keys_.end() || delivered_.count(a.key_id) || it->second.second != a.length) return true;
+    if (it == keys_.end() || delivered_.count(a.key_id) || it->second.second != a.length)
+      return true;
     delivered_[a.key_id] = true;
     // Delivered as the KME would: the bytes of that key, placed where asked.
     if (hold_deliveries) {

@@ -120,7 +120,8 @@ DatagramType classify(std::span<const std::uint8_t> d) {
 }
 
 std::optional<std::size_t> clear_header_length(std::span<const std::uint8_t> p, DatagramType type) {
-  if (type == DatagramType::rtcp) return p.size() >= 8 ? std::optional<std::size_t>(8) : std::nullopt;
+  if (type == DatagramType::rtcp)
+    return p.size() >= 8 ? std::optional<std::size_t>(8) : std::nullopt;
   if (type != DatagramType::rtp || p.size() < 12) return std::nullopt;
   std::size_t h = 12 + 4 * (p[0] & 0x0f);
   if (p[0] & 0x10) {  // header extension
@@ -171,7 +172,8 @@ struct Encoder::Impl {
       }
       if (!have_r || r_epoch != epoch || in < kAuthKeyBytes || in + need > E) {
         // Cannot use this epoch (no r, or the unit would cross its end): wipe the rest.
-        const std::uint64_t step = std::min<std::uint64_t>({E - in, discard.size(), pad.available()});
+        const std::uint64_t step =
+            std::min<std::uint64_t>({E - in, discard.size(), pad.available()});
         if (step == 0 || !pad.take(discard.span().first(step))) return std::nullopt;
         OPENSSL_cleanse(discard.span().data(), step);
         stats.pad_bytes_skipped += step;
@@ -255,8 +257,9 @@ std::size_t Encoder::next_announcement(std::span<std::uint8_t> out, bool with_re
   if (const std::size_t size = e.build_announcement(out)) {
     if (with_repeats && e.repeats > 0) {
       // Keep a copy to send again later, spread out, so one lost packet costs nothing.
-      auto slot = std::min_element(e.repeat_queue.begin(), e.repeat_queue.end(),
-                                   [](const auto& a, const auto& b) { return a.remaining < b.remaining; });
+      auto slot =
+          std::min_element(e.repeat_queue.begin(), e.repeat_queue.end(),
+                           [](const auto& a, const auto& b) { return a.remaining < b.remaining; });
       std::memcpy(slot->bytes.data(), out.data(), size);
       slot->size = size;
       slot->remaining = e.repeats;
@@ -345,8 +348,12 @@ Encoder::Status Encoder::protect_record(RecordKind kind, std::span<const std::ui
 bool Encoder::has_pad_for(std::size_t n) const {
   return impl_->pad.available() >= kMaskBytes + kAuthKeyBytes + n;
 }
-const EncoderStats& Encoder::stats() const { return impl_->stats; }
-std::uint64_t Encoder::stream_id() const { return impl_->stream_id; }
+const EncoderStats& Encoder::stats() const {
+  return impl_->stats;
+}
+std::uint64_t Encoder::stream_id() const {
+  return impl_->stream_id;
+}
 
 // ---------------------------------------------------------------------------
 // Decoder
@@ -359,7 +366,8 @@ class PadWindow {
  public:
   explicit PadWindow(std::size_t size)
       : size_(size), bytes_(size), present_(size / 64), used_(size / 64) {
-    if (size == 0 || size % E != 0) throw std::invalid_argument("window must be a multiple of 256 KiB");
+    if (size == 0 || size % E != 0)
+      throw std::invalid_argument("window must be a multiple of 256 KiB");
   }
 
   std::uint64_t base() const { return base_; }
@@ -403,11 +411,12 @@ class PadWindow {
       std::fill(present_.begin(), present_.end(), 0);
       std::fill(used_.begin(), used_.end(), 0);
     } else {
-      pieces(base_, static_cast<std::size_t>(drop), [&](std::size_t at, std::size_t len, std::size_t) {
-        OPENSSL_cleanse(bytes_.span().data() + at, len);
-        set(present_, at, len, false);
-        set(used_, at, len, false);
-      });
+      pieces(base_, static_cast<std::size_t>(drop),
+             [&](std::size_t at, std::size_t len, std::size_t) {
+               OPENSSL_cleanse(bytes_.span().data() + at, len);
+               set(present_, at, len, false);
+               set(used_, at, len, false);
+             });
     }
     base_ = new_base;
   }
@@ -437,7 +446,8 @@ class PadWindow {
     }
   }
 
-  bool test(const std::vector<std::uint64_t>& bits, std::uint64_t off, std::size_t n, bool value) const {
+  bool test(const std::vector<std::uint64_t>& bits, std::uint64_t off, std::size_t n,
+            bool value) const {
     bool all = true;
     pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t) {
       for (std::size_t i = at, end = at + len; i < end && all;) {
@@ -541,7 +551,8 @@ struct Decoder::Impl {
     std::array<int, kMaxAnnouncedKeys> found{};
     for (std::size_t i = 0; i < a->count; ++i) {
       const keys::KeyId id = a->id(i);
-      auto it = std::find_if(pool.begin(), pool.end(), [&](const PadSegment& s) { return s.key_id == id; });
+      auto it = std::find_if(pool.begin(), pool.end(),
+                             [&](const PadSegment& s) { return s.key_id == id; });
       if (it == pool.end() || it->bytes.size() != a->key_length) return Check::missing;
       found[i] = static_cast<int>(it - pool.begin());
       if (std::find(found.begin(), found.begin() + i, found[i]) != found.begin() + i) {
@@ -586,8 +597,8 @@ struct Decoder::Impl {
   }
 
   bool is_repeat(const Announcement& a) const {
-    return a.mask_offset < window.base() ||
-           (window.in_range(a.mask_offset, kMaskBytes) && window.any_used(a.mask_offset, kMaskBytes));
+    return a.mask_offset < window.base() || (window.in_range(a.mask_offset, kMaskBytes) &&
+                                             window.any_used(a.mask_offset, kMaskBytes));
   }
 
   Verdict on_announcement(std::span<const std::uint8_t> record) {
@@ -765,8 +776,9 @@ std::optional<std::size_t> Decoder::record_size(std::span<const std::uint8_t> pr
     return std::nullopt;
   }
   const std::uint64_t rest = get_be(prefix.data() + 4, 4);
-  const std::uint64_t max = prefix[3] == 'A' ? kMaxAnnouncementBytes - kRecordPrefixBytes
-                                             : kRecordOverhead - kRecordPrefixBytes + kMaxUnitPayload;
+  const std::uint64_t max = prefix[3] == 'A'
+                                ? kMaxAnnouncementBytes - kRecordPrefixBytes
+                                : kRecordOverhead - kRecordPrefixBytes + kMaxUnitPayload;
   const std::uint64_t min = prefix[3] == 'A' ? kAnnouncementFixedBytes - kRecordPrefixBytes
                                              : kRecordOverhead - kRecordPrefixBytes;
   if (rest < min || rest > max) return std::nullopt;
@@ -807,8 +819,8 @@ Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
   d.stats.pad_bytes_used += kMaskBytes + n;
   // Authentic; now the stream's order: start, data 1..k, final; one stream only.
   const bool in_sequence =
-      !d.stream_done && (d.stream_started ? (kind != RecordKind::stream_start && id == d.stream_id &&
-                                             index == d.next_index)
+      !d.stream_done && (d.stream_started ? (kind != RecordKind::stream_start &&
+                                             id == d.stream_id && index == d.next_index)
                                           : (kind == RecordKind::stream_start && index == 0));
   if (!in_sequence) {
     OPENSSL_cleanse(d.scratch.span().data(), kMaskBytes + n);
@@ -826,7 +838,11 @@ Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
   return Verdict::plaintext;
 }
 
-bool Decoder::stream_finished() const { return impl_->stream_done; }
-const DecoderStats& Decoder::stats() const { return impl_->stats; }
+bool Decoder::stream_finished() const {
+  return impl_->stream_done;
+}
+const DecoderStats& Decoder::stats() const {
+  return impl_->stats;
+}
 
 }  // namespace otpgate::otp

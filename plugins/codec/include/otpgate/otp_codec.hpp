@@ -21,18 +21,19 @@
 namespace otpgate::otp {
 
 inline constexpr std::uint64_t kEpochBytes = 1u << 18;  // 256 KiB
-inline constexpr std::size_t kAuthKeyBytes = 16;         // r
-inline constexpr std::size_t kMaskBytes = 16;            // s
+inline constexpr std::size_t kAuthKeyBytes = 16;        // r
+inline constexpr std::size_t kMaskBytes = 16;           // s
 inline constexpr std::size_t kTagBytes = 16;
 inline constexpr std::size_t kOffsetBytes = 8;
-inline constexpr std::size_t kTrailerBytes = kOffsetBytes + kTagBytes;  // datagram overhead
-inline constexpr std::size_t kRecordPrefixBytes = 8;                    // "OTP" kind len32
+inline constexpr std::size_t kTrailerBytes = kOffsetBytes + kTagBytes;      // datagram overhead
+inline constexpr std::size_t kRecordPrefixBytes = 8;                        // "OTP" kind len32
 inline constexpr std::size_t kRecordHeaderBytes = kRecordPrefixBytes + 24;  // + id, index, P
 inline constexpr std::size_t kRecordOverhead = kRecordHeaderBytes + kTagBytes;
 inline constexpr std::size_t kMaxUnitPayload = 65536;  // largest n in one unit
 inline constexpr std::size_t kMaxAnnouncedKeys = 64;   // key_IDs per announcement
 inline constexpr std::size_t kAnnouncementFixedBytes = kRecordPrefixBytes + 22 + kTagBytes;
-inline constexpr std::size_t kMaxAnnouncementBytes = kAnnouncementFixedBytes + 16 * kMaxAnnouncedKeys;
+inline constexpr std::size_t kMaxAnnouncementBytes =
+    kAnnouncementFixedBytes + 16 * kMaxAnnouncedKeys;
 
 enum class RecordKind : char {
   announcement = 'A',  // key_IDs for pad offsets (both modes)
@@ -49,15 +50,15 @@ std::optional<std::size_t> clear_header_length(std::span<const std::uint8_t> pac
                                                DatagramType type);
 
 struct EncoderStats {
-  std::uint64_t units = 0;                // packets and records protected
-  std::uint64_t payload_bytes = 0;        // plaintext bytes protected
-  std::uint64_t pad_bytes_used = 0;       // pad drawn for payloads, masks and r keys
-  std::uint64_t pad_bytes_skipped = 0;    // pad wiped unused at epoch boundaries
-  std::uint64_t announcements = 0;        // announcement units sent (first time)
+  std::uint64_t units = 0;              // packets and records protected
+  std::uint64_t payload_bytes = 0;      // plaintext bytes protected
+  std::uint64_t pad_bytes_used = 0;     // pad drawn for payloads, masks and r keys
+  std::uint64_t pad_bytes_skipped = 0;  // pad wiped unused at epoch boundaries
+  std::uint64_t announcements = 0;      // announcement units sent (first time)
   std::uint64_t announcement_repeats = 0;
-  std::uint64_t announcement_bytes = 0;   // wire bytes of announcements incl. repeats
+  std::uint64_t announcement_bytes = 0;  // wire bytes of announcements incl. repeats
   std::uint64_t keys_announced = 0;
-  std::uint64_t no_key = 0;               // units refused for lack of pad
+  std::uint64_t no_key = 0;  // units refused for lack of pad
 };
 
 struct DecoderStats {
