@@ -51,7 +51,8 @@ class Backend {
 
 class KmeBackend final : public Backend {
  public:
-  KmeBackend(KmeClientConfig kme, std::string peer) : client_(std::move(kme)), peer_(std::move(peer)) {}
+  KmeBackend(KmeClientConfig kme, std::string peer)
+      : client_(std::move(kme)), peer_(std::move(peer)) {}
 
   Geometry geometry(SaeRole role, const KeySupplyConfig& config, const LogSink& log) override {
     try {
@@ -122,7 +123,8 @@ class PadFileBackend final : public Backend {
   std::vector<Key> deliver(std::uint64_t next_offset, std::size_t number, std::uint32_t) override {
     std::vector<Key> keys;
     for (std::size_t i = 0; i < number && next_offset < size_; ++i) {
-      const std::uint64_t length = std::min<std::uint64_t>(config_.chunk_bytes, size_ - next_offset);
+      const std::uint64_t length =
+          std::min<std::uint64_t>(config_.chunk_bytes, size_ - next_offset);
       keys.push_back(read(next_offset, length));
       next_offset += length;
     }
@@ -192,6 +194,7 @@ struct KeySupply::Impl {
     if (!config.journal.empty()) {
       journal.emplace(config.journal);
       next_offset = journal->reserved();
+      restart_floor = journal->reserved();
       published_next_offset = next_offset;
       published_reserved = journal->reserved();
     }
@@ -300,8 +303,8 @@ struct KeySupply::Impl {
         recent.erase(recent_order.front());
         recent_order.pop_front();
       }
-      if (journal && a.offset < journal->reserved()) {
-        ++keys_refused;  // pad below the journal was (or may have been) used already
+      if (journal && a.offset < restart_floor) {
+        ++keys_refused;  // pad below the journal was (or may have been) used by an earlier run
         continue;
       }
       pending.push_back(a);
@@ -403,6 +406,7 @@ struct KeySupply::Impl {
   std::uint32_t key_bits = 0;
   std::uint32_t max_keys_per_request = kDefaultMaxKeysPerRequest;
   std::uint64_t next_offset = 0;
+  std::uint64_t restart_floor = 0;  // slave: nothing below the journal at start is fetched
   std::deque<KeyAnnouncement> pending;
   std::set<KeyId> recent;
   std::deque<KeyId> recent_order;
@@ -470,7 +474,9 @@ void KeySupply::stop() {
   if (impl_->thread.joinable()) impl_->thread.join();
 }
 
-SaeRole KeySupply::role() const { return impl_->config.role; }
+SaeRole KeySupply::role() const {
+  return impl_->config.role;
+}
 
 std::optional<std::uint64_t> KeySupply::take(std::span<std::uint8_t> out) {
   KeyRing* r = impl_->ring.load(std::memory_order_acquire);

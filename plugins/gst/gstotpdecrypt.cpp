@@ -1,0 +1,531 @@
+/**
+ * otpdecrypt: authenticates and decrypts what otpencrypt sent.
+ *
+ * Datagram mode: every packet's Wegman-Carter tag is checked before anything is
+ * output; failures, replays (pad already used, or its key already destroyed), packets
+ * whose key has not arrived and malformed input are dropped and counted, never passed
+ * on. Loss, reordering and duplication never desynchronise: each packet carries its pad
+ * offset. RTP leaves on "src", RTCP on "rtcp_src".
+ *
+ *   gst-launch-1.0 udpsrc port=5004 caps=application/x-otp ! otpdecrypt pad-file=pad.bin ! \
+ *       application/x-rtp,media=audio,clock-rate=48000,encoding-name=OPUS,payload=96 ! \
+ *       rtpopusdepay ! opusdec ! autoaudiosink
+ *
+ * Stream mode: records in order, ending with the final record; any failure, or a stream
+ * that ends early, is an error (no partial success). See docs/wire-format.md.
+ */
+#include <gst/base/gstadapter.h>
+
+#include <cstring>
+#include <thread>
+
+#include "otp_element_common.hpp"
+#include "otpgate/otp_codec.hpp"
+
+using namespace otpgate;
+using namespace otpgate::gst;
+
+GST_DEBUG_CATEGORY_STATIC(otp_decrypt_debug);
+#define GST_CAT_DEFAULT otp_decrypt_debug
+
+namespace {
+
+enum { PROP_KEY_TIMEOUT = PROP_COMMON_LAST, PROP_WINDOW_SIZE, PROP_KEY_WAIT };
+
+enum Counter {
+  C_PACKETS_IN,
+  C_BYTES_IN,
+  C_PACKETS_OUT,
+  C_BYTES_OUT,
+  C_RTCP_OUT,
+  C_PAD_USED,
+  C_AUTH_FAILURES,
+  C_REPLAYS,
+  C_DROPS_NO_KEY,
+  C_DROPS_MALFORMED,
+  C_ANNOUNCEMENTS,
+  C_ANNOUNCEMENT_REPEATS,
+  C_ANNOUNCEMENTS_PENDING,
+  C_COUNT
+};
+constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
+                                                "bytes-in",
+                                                "packets-out",
+                                                "bytes-out",
+                                                "rtcp-packets-out",
+                                                "pad-bytes-used",
+                                                "auth-failures",
+                                                "replays",
+                                                "drops-no-key",
+                                                "drops-malformed",
+                                                "announcements-verified",
+                                                "announcement-repeats",
+                                                "announcements-pending"};
+
+constexpr std::uint8_t kPreamble[] = {'O', 'T', 'P', 'S', 'T', 'R', 'M', 1};
+
+struct Session {
+  KeySource source;
+  std::unique_ptr<otp::Decoder> decoder;
+  GstPtr<GstAdapter> adapter{gst_adapter_new()};
+  bool mode_known = false;
+  bool stream = false;
+  bool preamble_seen = false;
+  std::vector<std::uint8_t> out = std::vector<std::uint8_t>(otp::kMaxUnitPayload);
+};
+
+struct Private {
+  KeySourceSettings settings;
+  guint key_timeout_ms = 30000;
+  guint key_wait_ms = 200;
+  guint64 window_size = 16u << 20;
+  std::unique_ptr<Session> session;
+  std::atomic<bool> flushing{false};
+  GstEvent* pending_segment = nullptr;  // held until the src caps are known
+  bool src_caps_sent = false;
+  bool rtcp_caps_sent = false;
+  PublishedCounters<C_COUNT> counters;
+};
+
+}  // namespace
+
+struct GstOtpDecrypt {
+  GstElement parent;
+  GstPad* sinkpad;
+  GstPad* srcpad;
+  GstPad* rtcp_srcpad;
+  Private* priv;
+};
+struct GstOtpDecryptClass {
+  GstElementClass parent_class;
+};
+
+G_DEFINE_TYPE(GstOtpDecrypt, gst_otp_decrypt, GST_TYPE_ELEMENT)
+#define GST_OTP_DECRYPT(obj) (reinterpret_cast<GstOtpDecrypt*>(obj))
+
+static GstStaticPadTemplate sink_template = GST_STATIC_PAD_TEMPLATE(
+    "sink", GST_PAD_SINK, GST_PAD_ALWAYS, GST_STATIC_CAPS("application/x-otp"));
+static GstStaticPadTemplate src_template =
+    GST_STATIC_PAD_TEMPLATE("src", GST_PAD_SRC, GST_PAD_ALWAYS,
+                            GST_STATIC_CAPS("application/x-rtp; application/octet-stream"));
+static GstStaticPadTemplate rtcp_src_template = GST_STATIC_PAD_TEMPLATE(
+    "rtcp_src", GST_PAD_SRC, GST_PAD_ALWAYS, GST_STATIC_CAPS("application/x-rtcp"));
+
+namespace {
+
+void bump(Private& p, Counter c, guint64 by = 1) {
+  p.counters.set(c, p.counters.get(c) + by);
+}
+
+void publish(GstOtpDecrypt* self) {
+  Private& p = *self->priv;
+  const auto& s = p.session->decoder->stats();
+  auto& c = p.counters;
+  c.set(C_PAD_USED, s.pad_bytes_used);
+  c.set(C_ANNOUNCEMENTS, s.announcements_verified);
+  c.set(C_ANNOUNCEMENT_REPEATS, s.announcement_repeats);
+  c.set(C_ANNOUNCEMENTS_PENDING, s.announcements_pending);
+}
+
+// Output caps: what downstream asks for (e.g. a capsfilter with clock-rate), else plain.
+void send_caps(GstOtpDecrypt* self, GstPad* pad, const char* media_type) {
+  GstPtr<GstCaps> filter(gst_caps_new_empty_simple(media_type));
+  GstPtr<GstCaps> wanted(gst_pad_peer_query_caps(pad, filter.get()));
+  GstCaps* caps = nullptr;
+  if (wanted && !gst_caps_is_empty(wanted.get()) && !gst_caps_is_any(wanted.get())) {
+    caps = gst_caps_fixate(gst_caps_copy(wanted.get()));
+  } else {
+    caps = gst_caps_new_empty_simple(media_type);
+  }
+  gst_pad_push_event(pad, gst_event_new_caps(caps));
+  gst_caps_unref(caps);
+  if (self->priv->pending_segment)
+    gst_pad_push_event(pad, gst_event_ref(self->priv->pending_segment));
+}
+
+GstFlowReturn push_out(GstOtpDecrypt* self, GstPad* pad, const std::uint8_t* data, std::size_t n,
+                       GstBuffer* timing) {
+  Private& p = *self->priv;
+  const bool rtcp = pad == self->rtcp_srcpad;
+  bool& sent = rtcp ? p.rtcp_caps_sent : p.src_caps_sent;
+  if (!sent) {
+    sent = true;
+    send_caps(self, pad,
+              rtcp                ? "application/x-rtcp"
+              : p.session->stream ? "application/octet-stream"
+                                  : "application/x-rtp");
+  }
+  GstBuffer* out = gst_buffer_new_allocate(nullptr, n, nullptr);
+  gst_buffer_fill(out, 0, data, n);
+  if (timing) gst_buffer_copy_into(out, timing, GST_BUFFER_COPY_METADATA, 0, -1);
+  bump(p, rtcp ? C_RTCP_OUT : C_PACKETS_OUT);
+  bump(p, C_BYTES_OUT, n);
+  const GstFlowReturn ret = gst_pad_push(pad, out);
+  return rtcp && ret == GST_FLOW_NOT_LINKED ? GST_FLOW_OK : ret;  // RTCP is optional
+}
+
+GstFlowReturn open_datagram(GstOtpDecrypt* self, GstBuffer* in) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  GstMapInfo map;
+  if (!gst_buffer_map(in, &map, GST_MAP_READ)) return GST_FLOW_ERROR;
+  std::size_t written = 0;
+  const std::span<const std::uint8_t> datagram(map.data, map.size);
+  auto verdict = s.decoder->open_datagram(datagram, s.out, written);
+  // Right after announcements (call start, or a KME relaying late) the keys may still be
+  // on their way: wait briefly rather than drop, but only while some are outstanding.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms);
+  while (verdict == otp::Decoder::Verdict::no_key && s.decoder->stats().announcements_pending > 0 &&
+         std::chrono::steady_clock::now() < deadline && !p.flushing) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    verdict = s.decoder->open_datagram(datagram, s.out, written);
+  }
+  GstFlowReturn ret = GST_FLOW_OK;
+  using V = otp::Decoder::Verdict;
+  switch (verdict) {
+    case V::plaintext: {
+      GstPad* pad =
+          otp::classify(datagram) == otp::DatagramType::rtcp ? self->rtcp_srcpad : self->srcpad;
+      ret = push_out(self, pad, s.out.data(), written, in);
+      break;
+    }
+    case V::auth_failure:
+      bump(p, C_AUTH_FAILURES);
+      GST_DEBUG_OBJECT(self, "dropped a packet that failed authentication");
+      break;
+    case V::replay:
+      bump(p, C_REPLAYS);
+      break;
+    case V::no_key:
+      bump(p, C_DROPS_NO_KEY);
+      break;
+    case V::malformed:
+    case V::out_of_sequence:
+      bump(p, C_DROPS_MALFORMED);
+      break;
+    default:
+      break;  // announcements
+  }
+  gst_buffer_unmap(in, &map);
+  publish(self);
+  return ret;
+}
+
+GstFlowReturn fail(GstOtpDecrypt* self, const char* what, otp::Decoder::Verdict verdict) {
+  using V = otp::Decoder::Verdict;
+  Private& p = *self->priv;
+  bump(p, verdict == V::auth_failure ? C_AUTH_FAILURES
+          : verdict == V::replay     ? C_REPLAYS
+          : verdict == V::no_key     ? C_DROPS_NO_KEY
+                                     : C_DROPS_MALFORMED);
+  static constexpr const char* kWhy[] = {
+      "plaintext",
+      "announcement",
+      "announcement pending",
+      "repeat",
+      "failed authentication: the data was corrupted or tampered with on the way",
+      "replays pad that was already used",
+      "its key never arrived",
+      "is not a valid otpencrypt record",
+      "is out of sequence: records were reordered, removed or "
+      "spliced from another stream"};
+  GST_ELEMENT_ERROR(self, STREAM, DECRYPT, ("%s %s", what, kWhy[static_cast<int>(verdict)]),
+                    (nullptr));
+  return GST_FLOW_ERROR;
+}
+
+GstFlowReturn drain_stream(GstOtpDecrypt* self) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  GstAdapter* adapter = s.adapter.get();
+  if (!s.preamble_seen) {
+    if (gst_adapter_available(adapter) < sizeof kPreamble) return GST_FLOW_OK;
+    const auto* head = static_cast<const std::uint8_t*>(gst_adapter_map(adapter, sizeof kPreamble));
+    const bool ok = std::memcmp(head, kPreamble, sizeof kPreamble) == 0;
+    gst_adapter_unmap(adapter);
+    if (!ok) {
+      GST_ELEMENT_ERROR(self, STREAM, WRONG_TYPE,
+                        ("input is not an otpencrypt stream (wrong preamble); is the sender "
+                         "otpencrypt in stream mode?"),
+                        (nullptr));
+      return GST_FLOW_ERROR;
+    }
+    gst_adapter_flush(adapter, sizeof kPreamble);
+    s.preamble_seen = true;
+  }
+  while (gst_adapter_available(adapter) >= otp::kRecordPrefixBytes) {
+    const auto* prefix =
+        static_cast<const std::uint8_t*>(gst_adapter_map(adapter, otp::kRecordPrefixBytes));
+    const auto size = otp::Decoder::record_size({prefix, otp::kRecordPrefixBytes});
+    gst_adapter_unmap(adapter);
+    if (!size) return fail(self, "a record", otp::Decoder::Verdict::malformed);
+    if (gst_adapter_available(adapter) < *size) return GST_FLOW_OK;
+    const auto* record = static_cast<const std::uint8_t*>(gst_adapter_map(adapter, *size));
+    std::size_t written = 0;
+    otp::RecordKind kind{};
+    otp::Decoder::Verdict verdict;
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_timeout_ms);
+    while ((verdict = s.decoder->open_record({record, *size}, s.out, written, kind)) ==
+               otp::Decoder::Verdict::no_key &&
+           std::chrono::steady_clock::now() < deadline && !p.flushing) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));  // keys are being fetched
+    }
+    gst_adapter_unmap(adapter);
+    gst_adapter_flush(adapter, *size);
+    publish(self);
+    using V = otp::Decoder::Verdict;
+    if (verdict == V::plaintext) {
+      if (written > 0) {
+        const GstFlowReturn ret = push_out(self, self->srcpad, s.out.data(), written, nullptr);
+        if (ret != GST_FLOW_OK) return ret;
+      }
+    } else if (verdict == V::no_key && p.flushing) {
+      return GST_FLOW_FLUSHING;
+    } else if (verdict != V::announcement && verdict != V::announcement_pending &&
+               verdict != V::repeat) {
+      return fail(self, "a record", verdict);
+    }
+  }
+  return GST_FLOW_OK;
+}
+
+GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
+  GstOtpDecrypt* self = GST_OTP_DECRYPT(parent);
+  Private& p = *self->priv;
+  GstPtr<GstBuffer> in(buffer);
+  if (!p.session) return GST_FLOW_FLUSHING;
+  Session& s = *p.session;
+  bump(p, C_PACKETS_IN);
+  bump(p, C_BYTES_IN, gst_buffer_get_size(buffer));
+  if (!s.mode_known) {
+    s.mode_known = true;
+    if (p.settings.mode != OTP_MODE_AUTO) {
+      s.stream = p.settings.mode == OTP_MODE_STREAM;
+    } else {
+      std::uint8_t head[sizeof kPreamble] = {};
+      const gsize n = gst_buffer_extract(buffer, 0, head, sizeof head);
+      s.stream = n == sizeof head && std::memcmp(head, kPreamble, sizeof head) == 0;
+    }
+    GST_INFO_OBJECT(self, "%s mode", s.stream ? "stream" : "datagram");
+  }
+  if (!s.stream) return open_datagram(self, buffer);
+  gst_adapter_push(s.adapter.get(), in.release());
+  return drain_stream(self);
+}
+
+gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
+  GstOtpDecrypt* self = GST_OTP_DECRYPT(parent);
+  Private& p = *self->priv;
+  switch (GST_EVENT_TYPE(event)) {
+    case GST_EVENT_CAPS:
+      gst_event_unref(event);  // ours are decided on the first output
+      return TRUE;
+    case GST_EVENT_SEGMENT:
+      if (!p.src_caps_sent || !p.rtcp_caps_sent) {
+        gst_event_replace(&p.pending_segment, event);
+        if (!p.src_caps_sent && !p.rtcp_caps_sent) {
+          gst_event_unref(event);
+          return TRUE;
+        }
+        // One pad is running: forward to it; the other gets it with its caps.
+        GstPad* running = p.src_caps_sent ? self->srcpad : self->rtcp_srcpad;
+        return gst_pad_push_event(running, event);
+      }
+      break;
+    case GST_EVENT_FLUSH_START:
+      p.flushing = true;
+      break;
+    case GST_EVENT_FLUSH_STOP:
+      p.flushing = false;
+      break;
+    case GST_EVENT_EOS:
+      if (p.session && p.session->stream && !p.session->decoder->stream_finished()) {
+        GST_ELEMENT_ERROR(self, STREAM, DECRYPT,
+                          ("the stream ended before its final record: the received data is "
+                           "incomplete (connection cut or truncated by an attacker)"),
+                          (nullptr));
+        gst_event_unref(event);
+        return FALSE;
+      }
+      if (!p.src_caps_sent) send_caps(self, self->srcpad, "application/octet-stream");
+      p.src_caps_sent = true;
+      break;
+    default:
+      break;
+  }
+  return gst_pad_event_default(pad, parent, event);
+}
+
+}  // namespace
+
+static void gst_otp_decrypt_set_property(GObject* object, guint id, const GValue* value,
+                                         GParamSpec* pspec) {
+  Private& p = *GST_OTP_DECRYPT(object)->priv;
+  GST_OBJECT_LOCK(object);
+  if (!set_common_property(p.settings, id, value)) {
+    switch (id) {
+      case PROP_KEY_TIMEOUT:
+        p.key_timeout_ms = g_value_get_uint(value);
+        break;
+      case PROP_WINDOW_SIZE:
+        p.window_size = g_value_get_uint64(value);
+        break;
+      case PROP_KEY_WAIT:
+        p.key_wait_ms = g_value_get_uint(value);
+        break;
+      default:
+        G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
+    }
+  }
+  GST_OBJECT_UNLOCK(object);
+}
+
+static void gst_otp_decrypt_get_property(GObject* object, guint id, GValue* value,
+                                         GParamSpec* pspec) {
+  Private& p = *GST_OTP_DECRYPT(object)->priv;
+  if (id == PROP_STATS) {
+    GstStructure* s = gst_structure_new_empty("application/x-otp-decrypt-stats");
+    for (int i = 0; i < C_COUNT; ++i)
+      gst_structure_set(s, kCounterNames[i], G_TYPE_UINT64, p.counters.get(i), nullptr);
+    gst_structure_set(s, "cipher", G_TYPE_STRING, "otp", nullptr);
+    GST_OBJECT_LOCK(object);
+    if (p.session) {
+      gst_structure_set(s, "mode", G_TYPE_STRING,
+                        !p.session->mode_known ? "unknown"
+                        : p.session->stream    ? "stream"
+                                               : "datagram",
+                        nullptr);
+      add_supply_stats(s, p.session->source);
+    }
+    GST_OBJECT_UNLOCK(object);
+    g_value_take_boxed(value, s);
+    return;
+  }
+  GST_OBJECT_LOCK(object);
+  if (!get_common_property(p.settings, id, value)) {
+    switch (id) {
+      case PROP_KEY_TIMEOUT:
+        g_value_set_uint(value, p.key_timeout_ms);
+        break;
+      case PROP_WINDOW_SIZE:
+        g_value_set_uint64(value, p.window_size);
+        break;
+      case PROP_KEY_WAIT:
+        g_value_set_uint(value, p.key_wait_ms);
+        break;
+      default:
+        G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
+    }
+  }
+  GST_OBJECT_UNLOCK(object);
+}
+
+static GstStateChangeReturn gst_otp_decrypt_change_state(GstElement* element,
+                                                         GstStateChange transition) {
+  GstOtpDecrypt* self = GST_OTP_DECRYPT(element);
+  Private& p = *self->priv;
+  if (transition == GST_STATE_CHANGE_READY_TO_PAUSED) {
+    if (p.window_size % otp::kEpochBytes != 0) {
+      GST_ELEMENT_ERROR(
+          self, RESOURCE, SETTINGS,
+          ("otpdecrypt: window-size %" G_GUINT64_FORMAT " must be a multiple of 262144",
+           p.window_size),
+          (nullptr));
+      return GST_STATE_CHANGE_FAILURE;
+    }
+    std::string error;
+    KeySource source = open_key_source(p.settings, keys::SaeRole::slave, "otpdecrypt",
+                                       GST_CAT_DEFAULT, GST_OBJECT(self), error);
+    if (!source.pad) {
+      GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("%s", error.c_str()), (nullptr));
+      return GST_STATE_CHANGE_FAILURE;
+    }
+    auto session = std::make_unique<Session>();
+    session->source = std::move(source);
+    otp::DecoderConfig config;
+    config.window_bytes = p.window_size;
+    session->decoder = std::make_unique<otp::Decoder>(*session->source.pad, config);
+    p.flushing = false;
+    p.src_caps_sent = p.rtcp_caps_sent = false;
+    GST_OBJECT_LOCK(self);
+    p.session = std::move(session);
+    GST_OBJECT_UNLOCK(self);
+  } else if (transition == GST_STATE_CHANGE_PAUSED_TO_READY) {
+    p.flushing = true;
+  }
+  const GstStateChangeReturn ret =
+      GST_ELEMENT_CLASS(gst_otp_decrypt_parent_class)->change_state(element, transition);
+  if (transition == GST_STATE_CHANGE_PAUSED_TO_READY) {
+    std::unique_ptr<Session> old;
+    GST_OBJECT_LOCK(self);
+    old = std::move(p.session);
+    GST_OBJECT_UNLOCK(self);
+    gst_event_replace(&p.pending_segment, nullptr);
+  }
+  return ret;
+}
+
+static void gst_otp_decrypt_finalize(GObject* object) {
+  std::unique_ptr<Private> owned(GST_OTP_DECRYPT(object)->priv);
+  gst_event_replace(&owned->pending_segment, nullptr);
+  G_OBJECT_CLASS(gst_otp_decrypt_parent_class)->finalize(object);
+}
+
+static void gst_otp_decrypt_class_init(GstOtpDecryptClass* klass) {
+  GObjectClass* gobject = G_OBJECT_CLASS(klass);
+  GstElementClass* element = GST_ELEMENT_CLASS(klass);
+  gobject->set_property = gst_otp_decrypt_set_property;
+  gobject->get_property = gst_otp_decrypt_get_property;
+  gobject->finalize = gst_otp_decrypt_finalize;
+  element->change_state = gst_otp_decrypt_change_state;
+
+  install_common_properties(gobject, keys::SaeRole::slave);
+  const auto rw = static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS |
+                                           GST_PARAM_MUTABLE_READY);
+  g_object_class_install_property(
+      gobject, PROP_KEY_TIMEOUT,
+      g_param_spec_uint("key-timeout", "Key timeout",
+                        "Stream mode: milliseconds to wait for a record's key before failing", 0,
+                        G_MAXUINT, 30000, rw));
+  g_object_class_install_property(
+      gobject, PROP_KEY_WAIT,
+      g_param_spec_uint("key-wait", "Key wait",
+                        "Datagram mode: milliseconds a packet may wait for keys that were "
+                        "announced but are still being fetched, instead of being dropped",
+                        0, 5000, 200, rw));
+  g_object_class_install_property(
+      gobject, PROP_WINDOW_SIZE,
+      g_param_spec_uint64("window-size", "Window size",
+                          "Bytes of pad held for reordering and look-ahead (multiple of 256 KiB); "
+                          "pad that falls out of it is destroyed, so late packets count as replays",
+                          otp::kEpochBytes, G_MAXUINT32, 16u << 20, rw));
+
+  gst_element_class_add_static_pad_template(element, &sink_template);
+  gst_element_class_add_static_pad_template(element, &src_template);
+  gst_element_class_add_static_pad_template(element, &rtcp_src_template);
+  gst_element_class_set_static_metadata(
+      element, "One-time pad decoder", "Filter/Network/Crypto",
+      "Authenticates and decrypts RTP, RTCP or a byte stream protected by otpencrypt, with pad "
+      "from QKD (ETSI GS QKD 014) or a pre-shared pad file",
+      "otpgate <otpgate@localhost>");
+  GST_DEBUG_CATEGORY_INIT(otp_decrypt_debug, "otpdecrypt", 0, "One-time pad decoder");
+}
+
+static void gst_otp_decrypt_init(GstOtpDecrypt* self) {
+  self->priv = std::make_unique<Private>().release();  // owned; freed in finalize
+  self->sinkpad = gst_pad_new_from_static_template(&sink_template, "sink");
+  gst_pad_set_chain_function(self->sinkpad, chain);
+  gst_pad_set_event_function(self->sinkpad, sink_event);
+  gst_element_add_pad(GST_ELEMENT(self), self->sinkpad);
+  self->srcpad = gst_pad_new_from_static_template(&src_template, "src");
+  gst_pad_use_fixed_caps(self->srcpad);
+  gst_element_add_pad(GST_ELEMENT(self), self->srcpad);
+  self->rtcp_srcpad = gst_pad_new_from_static_template(&rtcp_src_template, "rtcp_src");
+  gst_pad_use_fixed_caps(self->rtcp_srcpad);
+  gst_element_add_pad(GST_ELEMENT(self), self->rtcp_srcpad);
+}
+
+GType otpgate_decrypt_get_type() {
+  return gst_otp_decrypt_get_type();
+}

@@ -1,0 +1,519 @@
+/**
+ * otpencrypt: protects RTP/RTCP packets or a byte stream with a one-time pad from QKD.
+ *
+ * Datagram mode (RTP/RTCP over UDP): the RTP header (CSRCs, extensions) or the first
+ * 8 bytes of an RTCP compound packet stay in the clear, the rest is XORed with pad, and
+ * a 24-byte trailer carries the pad offset and a Wegman-Carter (Poly1305) tag. Stream
+ * mode (files over TCP): self-delimiting authenticated records with a final record.
+ * Key announcements (key_IDs for pad offsets) are sent in band ahead of use.
+ *
+ *   gst-launch-1.0 audiotestsrc ! opusenc ! rtpopuspay ! otpencrypt pad-file=pad.bin ! \
+ *       udpsink host=127.0.0.1 port=5004
+ *
+ * Never sends plaintext: without pad, packets are dropped (on-key-exhausted=drop) or
+ * the stream waits (block; always in stream mode). See docs/wire-format.md.
+ */
+#include <gst/base/gstadapter.h>
+#include <openssl/rand.h>
+
+#include <thread>
+
+#include "otp_element_common.hpp"
+#include "otpgate/otp_codec.hpp"
+
+using namespace otpgate;
+using namespace otpgate::gst;
+
+GST_DEBUG_CATEGORY_STATIC(otp_encrypt_debug);
+#define GST_CAT_DEFAULT otp_encrypt_debug
+
+namespace {
+
+enum OnKeyExhausted { KEY_EXHAUSTED_DROP = 0, KEY_EXHAUSTED_BLOCK = 1 };
+
+GType on_key_exhausted_get_type() {
+  static GType type = 0;
+  static const GEnumValue values[] = {
+      {KEY_EXHAUSTED_DROP, "Drop the packet and count it (never send it in the clear)", "drop"},
+      {KEY_EXHAUSTED_BLOCK, "Wait until key arrives", "block"},
+      {0, nullptr, nullptr}};
+  if (g_once_init_enter(&type))
+    g_once_init_leave(&type, g_enum_register_static("OtpOnKeyExhausted", values));
+  return type;
+}
+
+enum { PROP_ON_KEY_EXHAUSTED = PROP_COMMON_LAST, PROP_ANNOUNCE_REPEATS, PROP_RECORD_SIZE };
+enum { SIGNAL_KEY_LOW, SIGNAL_KEY_EXHAUSTED, N_SIGNALS };
+guint signals[N_SIGNALS];
+
+enum Counter {
+  C_PACKETS_IN,
+  C_BYTES_IN,
+  C_PACKETS_OUT,
+  C_BYTES_OUT,
+  C_PAD_USED,
+  C_PAD_SKIPPED,
+  C_ANNOUNCEMENTS,
+  C_ANNOUNCEMENT_REPEATS,
+  C_ANNOUNCEMENT_BYTES,
+  C_KEYS_ANNOUNCED,
+  C_DROPS_NO_KEY,
+  C_DROPS_MALFORMED,
+  C_COUNT
+};
+constexpr const char* kCounterNames[C_COUNT] = {
+    "packets-in",         "bytes-in",          "packets-out",   "bytes-out",
+    "pad-bytes-used",     "pad-bytes-skipped", "announcements", "announcement-repeats",
+    "announcement-bytes", "keys-announced",    "drops-no-key",  "drops-malformed"};
+
+// Everything that exists between READY->PAUSED and PAUSED->READY.
+struct Session {
+  KeySource source;
+  std::unique_ptr<otp::Encoder> encoder;
+  GstPtr<GstAdapter> adapter{gst_adapter_new()};
+  bool mode_known = false;
+  bool stream = false;
+  bool stream_started = false;
+  bool key_low = false;
+  bool exhausted = false;
+  std::vector<std::uint8_t> announcement = std::vector<std::uint8_t>(otp::kMaxAnnouncementBytes);
+};
+
+struct Private {
+  KeySourceSettings settings;
+  int on_key_exhausted = KEY_EXHAUSTED_DROP;
+  guint announce_repeats = 2;
+  guint record_size = 32768;
+  GstPtr<GstCaps> sink_caps;
+  std::unique_ptr<Session> session;
+  std::atomic<bool> flushing{false};
+  bool caps_pushed = false;
+  PublishedCounters<C_COUNT> counters;
+};
+
+}  // namespace
+
+struct GstOtpEncrypt {
+  GstElement parent;
+  GstPad* sinkpad;
+  GstPad* srcpad;
+  Private* priv;
+};
+struct GstOtpEncryptClass {
+  GstElementClass parent_class;
+};
+
+G_DEFINE_TYPE(GstOtpEncrypt, gst_otp_encrypt, GST_TYPE_ELEMENT)
+#define GST_OTP_ENCRYPT(obj) (reinterpret_cast<GstOtpEncrypt*>(obj))
+
+static GstStaticPadTemplate sink_template = GST_STATIC_PAD_TEMPLATE(
+    "sink", GST_PAD_SINK, GST_PAD_ALWAYS,
+    GST_STATIC_CAPS("application/x-rtp; application/x-rtcp; application/octet-stream"));
+static GstStaticPadTemplate src_template = GST_STATIC_PAD_TEMPLATE(
+    "src", GST_PAD_SRC, GST_PAD_ALWAYS, GST_STATIC_CAPS("application/x-otp"));
+
+namespace {
+
+void publish(GstOtpEncrypt* self) {
+  Private& p = *self->priv;
+  const auto& s = p.session->encoder->stats();
+  auto& c = p.counters;
+  c.set(C_PAD_USED, s.pad_bytes_used);
+  c.set(C_PAD_SKIPPED, s.pad_bytes_skipped);
+  c.set(C_ANNOUNCEMENTS, s.announcements);
+  c.set(C_ANNOUNCEMENT_REPEATS, s.announcement_repeats);
+  c.set(C_ANNOUNCEMENT_BYTES, s.announcement_bytes);
+  c.set(C_KEYS_ANNOUNCED, s.keys_announced);
+}
+
+void bump(Private& p, Counter c, guint64 by = 1) {
+  p.counters.set(c, p.counters.get(c) + by);
+}
+
+GstFlowReturn push_bytes(GstOtpEncrypt* self, const std::uint8_t* data, std::size_t size,
+                         GstBuffer* timing) {
+  GstBuffer* out = gst_buffer_new_allocate(nullptr, size, nullptr);
+  gst_buffer_fill(out, 0, data, size);
+  if (timing) gst_buffer_copy_into(out, timing, GST_BUFFER_COPY_METADATA, 0, -1);
+  bump(*self->priv, C_PACKETS_OUT);
+  bump(*self->priv, C_BYTES_OUT, size);
+  return gst_pad_push(self->srcpad, out);
+}
+
+void push_caps_once(GstOtpEncrypt* self) {
+  if (self->priv->caps_pushed) return;
+  self->priv->caps_pushed = true;
+  gst_pad_push_event(self->srcpad,
+                     gst_event_new_caps(gst_static_pad_template_get_caps(&src_template)));
+}
+
+// Announcements due now: new keys first, then (datagram mode) repeats.
+GstFlowReturn push_announcements(GstOtpEncrypt* self, GstBuffer* timing) {
+  Session& s = *self->priv->session;
+  while (std::size_t n = s.encoder->next_announcement(s.announcement, !s.stream)) {
+    const GstFlowReturn ret = push_bytes(self, s.announcement.data(), n, timing);
+    if (ret != GST_FLOW_OK && ret != GST_FLOW_NOT_LINKED) return ret;
+  }
+  return GST_FLOW_OK;
+}
+
+void check_key_level(GstOtpEncrypt* self) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  const guint64 level = s.source.pad->available();
+  const bool low = level < p.settings.key_low_threshold;
+  if (low && !s.key_low) {
+    GST_WARNING_OBJECT(self, "key low: %" G_GUINT64_FORMAT " bytes ready", level);
+    g_signal_emit(self, signals[SIGNAL_KEY_LOW], 0, level);
+  }
+  s.key_low = low;
+}
+
+void note_exhausted(GstOtpEncrypt* self, bool exhausted) {
+  Session& s = *self->priv->session;
+  if (exhausted && !s.exhausted) {
+    GST_WARNING_OBJECT(self, "key exhausted: %s",
+                       self->priv->on_key_exhausted == KEY_EXHAUSTED_DROP && !s.stream
+                           ? "dropping packets until key returns"
+                           : "waiting for key");
+    g_signal_emit(self, signals[SIGNAL_KEY_EXHAUSTED], 0);
+  } else if (!exhausted && s.exhausted) {
+    GST_INFO_OBJECT(self, "key available again");
+  }
+  s.exhausted = exhausted;
+}
+
+// Waits for pad in blocking modes; false when the element is shutting down.
+bool wait_for_key(GstOtpEncrypt* self) {
+  if (self->priv->flushing) return false;
+  std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  return !self->priv->flushing;
+}
+
+GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  GstMapInfo map;
+  if (!gst_buffer_map(in, &map, GST_MAP_READ)) return GST_FLOW_ERROR;
+  const std::span<const std::uint8_t> packet(map.data, map.size);
+  GstBuffer* out = gst_buffer_new_allocate(nullptr, map.size + otp::kTrailerBytes, nullptr);
+  GstMapInfo out_map;
+  gst_buffer_map(out, &out_map, GST_MAP_WRITE);
+  std::size_t written = 0;
+  otp::Encoder::Status status;
+  while (true) {
+    status = s.encoder->protect_datagram(packet, {out_map.data, out_map.size}, written);
+    if (status != otp::Encoder::Status::no_key) break;
+    note_exhausted(self, true);
+    if (p.on_key_exhausted == KEY_EXHAUSTED_DROP || !wait_for_key(self)) break;
+  }
+  gst_buffer_unmap(out, &out_map);
+  gst_buffer_unmap(in, &map);
+  publish(self);
+  if (status != otp::Encoder::Status::ok) {
+    gst_buffer_unref(out);
+    if (status == otp::Encoder::Status::malformed) {
+      bump(p, C_DROPS_MALFORMED);
+      GST_DEBUG_OBJECT(self, "dropping a buffer that is not an RTP/RTCP packet");
+      return GST_FLOW_OK;
+    }
+    if (p.flushing) return GST_FLOW_FLUSHING;  // shutting down while waiting: not a drop
+    bump(p, C_DROPS_NO_KEY);
+    return GST_FLOW_OK;
+  }
+  note_exhausted(self, false);
+  check_key_level(self);
+  gst_buffer_copy_into(out, in, GST_BUFFER_COPY_METADATA, 0, -1);
+  bump(p, C_PACKETS_OUT);
+  bump(p, C_BYTES_OUT, written);
+  return gst_pad_push(self->srcpad, out);
+}
+
+// Stream mode: one record of `kind` with up to `payload` bytes; returns bytes consumed.
+GstFlowReturn emit_record(GstOtpEncrypt* self, otp::RecordKind kind,
+                          std::span<const std::uint8_t> payload, std::size_t& consumed) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  std::vector<std::uint8_t> out(payload.size() + otp::kRecordOverhead);
+  std::size_t written = 0;
+  while (true) {
+    GstFlowReturn ret = push_announcements(self, nullptr);
+    if (ret != GST_FLOW_OK) return ret;
+    const auto status = s.encoder->protect_record(kind, payload, out, consumed, written);
+    if (status == otp::Encoder::Status::ok) break;
+    note_exhausted(self, true);  // a stream cannot drop: it slows to the key rate
+    if (!wait_for_key(self)) return GST_FLOW_FLUSHING;
+  }
+  note_exhausted(self, false);
+  check_key_level(self);
+  publish(self);
+  return push_bytes(self, out.data(), written, nullptr);
+}
+
+GstFlowReturn drain_stream(GstOtpEncrypt* self, bool all) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  if (!s.stream_started) {
+    static constexpr std::uint8_t kPreamble[] = {'O', 'T', 'P', 'S', 'T', 'R', 'M', 1};
+    GstFlowReturn ret = push_bytes(self, kPreamble, sizeof kPreamble, nullptr);
+    std::size_t consumed = 0;
+    if (ret == GST_FLOW_OK) ret = emit_record(self, otp::RecordKind::stream_start, {}, consumed);
+    if (ret != GST_FLOW_OK) return ret;
+    s.stream_started = true;
+  }
+  while (true) {
+    const std::size_t available = gst_adapter_available(s.adapter.get());
+    if (available == 0 || (!all && available < p.record_size)) return GST_FLOW_OK;
+    const std::size_t n = std::min<std::size_t>(available, p.record_size);
+    const auto* data = static_cast<const std::uint8_t*>(gst_adapter_map(s.adapter.get(), n));
+    std::size_t consumed = 0;
+    const GstFlowReturn ret = emit_record(self, otp::RecordKind::data, {data, n}, consumed);
+    gst_adapter_unmap(s.adapter.get());
+    gst_adapter_flush(s.adapter.get(), consumed);
+    if (ret != GST_FLOW_OK) return ret;
+  }
+}
+
+GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
+  GstOtpEncrypt* self = GST_OTP_ENCRYPT(parent);
+  Private& p = *self->priv;
+  GstPtr<GstBuffer> in(buffer);
+  if (!p.session) return GST_FLOW_FLUSHING;
+  Session& s = *p.session;
+  bump(p, C_PACKETS_IN);
+  bump(p, C_BYTES_IN, gst_buffer_get_size(buffer));
+  if (!s.mode_known) {
+    s.mode_known = true;
+    if (p.settings.mode != OTP_MODE_AUTO) {
+      s.stream = p.settings.mode == OTP_MODE_STREAM;
+    } else if (p.sink_caps) {
+      const char* name = gst_structure_get_name(gst_caps_get_structure(p.sink_caps.get(), 0));
+      s.stream =
+          !g_str_equal(name, "application/x-rtp") && !g_str_equal(name, "application/x-rtcp");
+    } else {
+      GstMapInfo map;
+      gst_buffer_map(buffer, &map, GST_MAP_READ);
+      const auto type = otp::classify({map.data, map.size});
+      gst_buffer_unmap(buffer, &map);
+      s.stream = type != otp::DatagramType::rtp && type != otp::DatagramType::rtcp;
+    }
+    GST_INFO_OBJECT(self, "%s mode", s.stream ? "stream" : "datagram");
+  }
+  push_caps_once(self);
+  if (s.stream) {
+    gst_adapter_push(s.adapter.get(), in.release());
+    return drain_stream(self, false);
+  }
+  const GstFlowReturn ret = push_announcements(self, buffer);
+  if (ret != GST_FLOW_OK) return ret;
+  return protect_datagram(self, buffer);
+}
+
+gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
+  GstOtpEncrypt* self = GST_OTP_ENCRYPT(parent);
+  Private& p = *self->priv;
+  switch (GST_EVENT_TYPE(event)) {
+    case GST_EVENT_CAPS: {
+      GstCaps* caps = nullptr;
+      gst_event_parse_caps(event, &caps);
+      p.sink_caps.reset(gst_caps_ref(caps));
+      gst_event_unref(event);
+      push_caps_once(self);
+      return TRUE;
+    }
+    case GST_EVENT_SEGMENT:
+      push_caps_once(self);
+      break;
+    case GST_EVENT_FLUSH_START:
+      p.flushing = true;
+      break;
+    case GST_EVENT_FLUSH_STOP:
+      p.flushing = false;
+      break;
+    case GST_EVENT_EOS:
+      if (p.session && p.session->stream) {
+        // The final record proves to the receiver that nothing was cut off.
+        std::size_t consumed = 0;
+        GstFlowReturn ret = drain_stream(self, true);
+        if (ret == GST_FLOW_OK) ret = emit_record(self, otp::RecordKind::final, {}, consumed);
+        if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING) {
+          GST_ELEMENT_ERROR(self, STREAM, FAILED, ("could not finish the protected stream"),
+                            ("flow: %s", gst_flow_get_name(ret)));
+        }
+      }
+      break;
+    default:
+      break;
+  }
+  return gst_pad_event_default(pad, parent, event);
+}
+
+}  // namespace
+
+static void gst_otp_encrypt_set_property(GObject* object, guint id, const GValue* value,
+                                         GParamSpec* pspec) {
+  Private& p = *GST_OTP_ENCRYPT(object)->priv;
+  GST_OBJECT_LOCK(object);
+  if (!set_common_property(p.settings, id, value)) {
+    switch (id) {
+      case PROP_ON_KEY_EXHAUSTED:
+        p.on_key_exhausted = g_value_get_enum(value);
+        break;
+      case PROP_ANNOUNCE_REPEATS:
+        p.announce_repeats = g_value_get_uint(value);
+        break;
+      case PROP_RECORD_SIZE:
+        p.record_size = g_value_get_uint(value);
+        break;
+      default:
+        G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
+    }
+  }
+  GST_OBJECT_UNLOCK(object);
+}
+
+static void gst_otp_encrypt_get_property(GObject* object, guint id, GValue* value,
+                                         GParamSpec* pspec) {
+  GstOtpEncrypt* self = GST_OTP_ENCRYPT(object);
+  Private& p = *self->priv;
+  if (id == PROP_STATS) {
+    GstStructure* s = gst_structure_new_empty("application/x-otp-encrypt-stats");
+    for (int i = 0; i < C_COUNT; ++i) {
+      gst_structure_set(s, kCounterNames[i], G_TYPE_UINT64, p.counters.get(i), nullptr);
+    }
+    gst_structure_set(s, "cipher", G_TYPE_STRING, "otp", nullptr);
+    GST_OBJECT_LOCK(object);
+    if (p.session) {
+      gst_structure_set(s, "mode", G_TYPE_STRING,
+                        !p.session->mode_known ? "unknown"
+                        : p.session->stream    ? "stream"
+                                               : "datagram",
+                        "key-exhausted", G_TYPE_BOOLEAN, p.session->exhausted, nullptr);
+      add_supply_stats(s, p.session->source);
+    }
+    GST_OBJECT_UNLOCK(object);
+    g_value_take_boxed(value, s);
+    return;
+  }
+  GST_OBJECT_LOCK(object);
+  if (!get_common_property(p.settings, id, value)) {
+    switch (id) {
+      case PROP_ON_KEY_EXHAUSTED:
+        g_value_set_enum(value, p.on_key_exhausted);
+        break;
+      case PROP_ANNOUNCE_REPEATS:
+        g_value_set_uint(value, p.announce_repeats);
+        break;
+      case PROP_RECORD_SIZE:
+        g_value_set_uint(value, p.record_size);
+        break;
+      default:
+        G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
+    }
+  }
+  GST_OBJECT_UNLOCK(object);
+}
+
+static GstStateChangeReturn gst_otp_encrypt_change_state(GstElement* element,
+                                                         GstStateChange transition) {
+  GstOtpEncrypt* self = GST_OTP_ENCRYPT(element);
+  Private& p = *self->priv;
+  if (transition == GST_STATE_CHANGE_READY_TO_PAUSED) {
+    std::string error;
+    KeySource source = open_key_source(p.settings, keys::SaeRole::master, "otpencrypt",
+                                       GST_CAT_DEFAULT, GST_OBJECT(self), error);
+    if (!source.pad) {
+      GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("%s", error.c_str()), (nullptr));
+      return GST_STATE_CHANGE_FAILURE;
+    }
+    auto session = std::make_unique<Session>();
+    session->source = std::move(source);
+    std::uint64_t stream_id = 0;
+    RAND_bytes(reinterpret_cast<unsigned char*>(&stream_id), sizeof stream_id);
+    session->encoder =
+        std::make_unique<otp::Encoder>(*session->source.pad, stream_id, p.announce_repeats);
+    p.flushing = false;
+    p.caps_pushed = false;
+    GST_OBJECT_LOCK(self);
+    p.session = std::move(session);
+    GST_OBJECT_UNLOCK(self);
+  } else if (transition == GST_STATE_CHANGE_PAUSED_TO_READY) {
+    p.flushing = true;  // releases a chain function waiting for key
+  }
+  const GstStateChangeReturn ret =
+      GST_ELEMENT_CLASS(gst_otp_encrypt_parent_class)->change_state(element, transition);
+  if (transition == GST_STATE_CHANGE_PAUSED_TO_READY) {
+    std::unique_ptr<Session> old;
+    GST_OBJECT_LOCK(self);
+    old = std::move(p.session);
+    GST_OBJECT_UNLOCK(self);
+    p.sink_caps.reset();
+  }
+  return ret;
+}
+
+static void gst_otp_encrypt_finalize(GObject* object) {
+  std::unique_ptr<Private> owned(GST_OTP_ENCRYPT(object)->priv);
+  G_OBJECT_CLASS(gst_otp_encrypt_parent_class)->finalize(object);
+}
+
+static void gst_otp_encrypt_class_init(GstOtpEncryptClass* klass) {
+  GObjectClass* gobject = G_OBJECT_CLASS(klass);
+  GstElementClass* element = GST_ELEMENT_CLASS(klass);
+  gobject->set_property = gst_otp_encrypt_set_property;
+  gobject->get_property = gst_otp_encrypt_get_property;
+  gobject->finalize = gst_otp_encrypt_finalize;
+  element->change_state = gst_otp_encrypt_change_state;
+
+  install_common_properties(gobject, keys::SaeRole::master);
+  const auto rw = static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS |
+                                           GST_PARAM_MUTABLE_READY);
+  g_object_class_install_property(
+      gobject, PROP_ON_KEY_EXHAUSTED,
+      g_param_spec_enum("on-key-exhausted", "On key exhausted",
+                        "What datagram mode does without pad (stream mode always waits); never "
+                        "sends plaintext",
+                        on_key_exhausted_get_type(), KEY_EXHAUSTED_DROP, rw));
+  g_object_class_install_property(
+      gobject, PROP_ANNOUNCE_REPEATS,
+      g_param_spec_uint("announce-repeats", "Announcement repeats",
+                        "Datagram mode: times each key announcement is sent again, spread out, "
+                        "so a lost packet does not lose keys",
+                        0, 16, 2, rw));
+  g_object_class_install_property(
+      gobject, PROP_RECORD_SIZE,
+      g_param_spec_uint("record-size", "Record size", "Stream mode: payload bytes per record", 256,
+                        otp::kMaxUnitPayload, 32768, rw));
+
+  signals[SIGNAL_KEY_LOW] = g_signal_new("key-low", G_TYPE_FROM_CLASS(klass), G_SIGNAL_RUN_LAST, 0,
+                                         nullptr, nullptr, nullptr, G_TYPE_NONE, 1, G_TYPE_UINT64);
+  signals[SIGNAL_KEY_EXHAUSTED] =
+      g_signal_new("key-exhausted", G_TYPE_FROM_CLASS(klass), G_SIGNAL_RUN_LAST, 0, nullptr,
+                   nullptr, nullptr, G_TYPE_NONE, 0);
+
+  gst_element_class_add_static_pad_template(element, &sink_template);
+  gst_element_class_add_static_pad_template(element, &src_template);
+  gst_element_class_set_static_metadata(
+      element, "One-time pad encoder", "Filter/Network/Crypto",
+      "Protects RTP, RTCP or a byte stream with a one-time pad from QKD (ETSI GS QKD 014) and "
+      "an information-theoretically secure Wegman-Carter MAC",
+      "otpgate <otpgate@localhost>");
+  GST_DEBUG_CATEGORY_INIT(otp_encrypt_debug, "otpencrypt", 0, "One-time pad encoder");
+  gst_type_mark_as_plugin_api(otp_mode_get_type(), static_cast<GstPluginAPIFlags>(0));
+  gst_type_mark_as_plugin_api(on_key_exhausted_get_type(), static_cast<GstPluginAPIFlags>(0));
+}
+
+static void gst_otp_encrypt_init(GstOtpEncrypt* self) {
+  self->priv = std::make_unique<Private>().release();  // owned; freed in finalize
+  self->sinkpad = gst_pad_new_from_static_template(&sink_template, "sink");
+  gst_pad_set_chain_function(self->sinkpad, chain);
+  gst_pad_set_event_function(self->sinkpad, sink_event);
+  gst_element_add_pad(GST_ELEMENT(self), self->sinkpad);
+  self->srcpad = gst_pad_new_from_static_template(&src_template, "src");
+  gst_pad_use_fixed_caps(self->srcpad);
+  gst_element_add_pad(GST_ELEMENT(self), self->srcpad);
+}
+
+GType otpgate_encrypt_get_type() {
+  return gst_otp_encrypt_get_type();
+}

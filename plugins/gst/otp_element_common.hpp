@@ -1,0 +1,82 @@
+// What otpencrypt and otpdecrypt share: the key-source properties and how they become
+// a key supply, the mode enum, RAII for GLib/GStreamer handles, and stats publishing.
+#pragma once
+
+#include <gst/base/gstadapter.h>
+#include <gst/gst.h>
+
+#include <array>
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "otpgate/keyclient.hpp"
+
+namespace otpgate::gst {
+
+// RAII for GStreamer/GLib references.
+struct GstUnref {
+  void operator()(GstBuffer* b) const { gst_buffer_unref(b); }
+  void operator()(GstCaps* c) const { gst_caps_unref(c); }
+  void operator()(GstStructure* s) const { gst_structure_free(s); }
+  void operator()(GstAdapter* a) const { g_object_unref(a); }
+};
+template <typename T>
+using GstPtr = std::unique_ptr<T, GstUnref>;
+
+enum OtpMode { OTP_MODE_AUTO = 0, OTP_MODE_DATAGRAM = 1, OTP_MODE_STREAM = 2 };
+GType otp_mode_get_type();
+
+// Property ids shared by both elements (each adds its own after PROP_COMMON_LAST).
+enum {
+  PROP_0,
+  PROP_MODE,
+  PROP_KME_URL,
+  PROP_SAE_ID,
+  PROP_PEER_SAE_ID,
+  PROP_TLS_CERT,
+  PROP_TLS_KEY,
+  PROP_TLS_CA,
+  PROP_PAD_FILE,
+  PROP_JOURNAL,
+  PROP_KEY_SUPPLY,
+  PROP_KEY_LOW_THRESHOLD,
+  PROP_STATS,
+  PROP_COMMON_LAST
+};
+
+struct KeySourceSettings {
+  int mode = OTP_MODE_AUTO;
+  std::string kme_url, sae_id, peer_sae_id, tls_cert, tls_key, tls_ca, pad_file, journal;
+  keys::PadSource* external = nullptr;  // key-supply property: owned by the application
+  guint64 key_low_threshold = 1u << 20;
+};
+
+// Installs the shared properties; `role` words the blurbs (master or slave SAE).
+void install_common_properties(GObjectClass* klass, keys::SaeRole role);
+// Handles a shared property; false if `id` is not one of them.
+bool set_common_property(KeySourceSettings& s, guint id, const GValue* value);
+bool get_common_property(const KeySourceSettings& s, guint id, GValue* value);
+
+// The key source these settings describe, started. On a configuration problem returns
+// nullptr and sets `error` to one line naming the property and the fix.
+struct KeySource {
+  std::unique_ptr<keys::KeySupply> owned;  // null when the application provides one
+  keys::PadSource* pad = nullptr;
+  keys::KeySupply* supply() const { return owned.get(); }
+};
+KeySource open_key_source(const KeySourceSettings& s, keys::SaeRole role, const char* element,
+                          GstDebugCategory* category, GstObject* object, std::string& error);
+
+// Counters written by the streaming thread, read by the "stats" property.
+template <std::size_t N>
+struct PublishedCounters {
+  std::array<std::atomic<guint64>, N> values{};
+  void set(std::size_t i, guint64 v) { values[i].store(v, std::memory_order_relaxed); }
+  guint64 get(std::size_t i) const { return values[i].load(std::memory_order_relaxed); }
+};
+
+// Adds the key supply's figures (level, rate, KME health) to a stats structure.
+void add_supply_stats(GstStructure* s, const KeySource& source);
+
+}  // namespace otpgate::gst
