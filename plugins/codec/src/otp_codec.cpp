@@ -243,6 +243,8 @@ struct Encoder::Impl {
   std::vector<KeyAnnouncement> batch;
   std::optional<KeyAnnouncement> held;
   std::vector<Repeat> repeat_queue;
+  std::size_t repeats_active = 0;  // slots with repeats left
+  std::uint64_t next_repeat_due = UINT64_MAX;
   std::uint64_t units_sent = 0;
   std::uint64_t record_index = 0;
   EncoderStats stats;
@@ -261,18 +263,26 @@ std::size_t Encoder::next_announcement(std::span<std::uint8_t> out, bool with_re
           std::min_element(e.repeat_queue.begin(), e.repeat_queue.end(),
                            [](const auto& a, const auto& b) { return a.remaining < b.remaining; });
       std::memcpy(slot->bytes.data(), out.data(), size);
+      if (slot->remaining == 0) ++e.repeats_active;
       slot->size = size;
       slot->remaining = e.repeats;
       slot->due = e.units_sent + 8;
+      e.next_repeat_due = std::min(e.next_repeat_due, slot->due);
     }
     return size;
   }
-  if (!with_repeats) return 0;
+  if (!with_repeats || e.repeats_active == 0 || e.units_sent < e.next_repeat_due) return 0;
+  e.next_repeat_due = UINT64_MAX;
+  for (auto& slot : e.repeat_queue) {
+    if (slot.remaining != 0) e.next_repeat_due = std::min(e.next_repeat_due, slot.due);
+  }
   for (auto& slot : e.repeat_queue) {
     if (slot.remaining == 0 || slot.due > e.units_sent || out.size() < slot.size) continue;
     std::memcpy(out.data(), slot.bytes.data(), slot.size);
     --slot.remaining;
+    if (slot.remaining == 0) --e.repeats_active;
     slot.due = e.units_sent + 64;
+    e.next_repeat_due = std::min(e.next_repeat_due, slot.due);
     ++e.stats.announcement_repeats;
     e.stats.announcement_bytes += slot.size;
     return slot.size;
