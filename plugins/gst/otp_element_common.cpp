@@ -7,7 +7,10 @@ namespace otpgate::gst {
 GType otp_mode_get_type() {
   static GType type = 0;
   static const GEnumValue values[] = {
-      {OTP_MODE_AUTO, "From caps, else from the first buffer", "auto"},
+      {OTP_MODE_AUTO,
+       "otpencrypt: datagram for application/x-rtp or x-rtcp caps, else stream; otpdecrypt: "
+       "stream if the input starts with the stream preamble, else datagram",
+       "auto"},
       {OTP_MODE_DATAGRAM, "One RTP/RTCP packet per buffer (UDP)", "datagram"},
       {OTP_MODE_STREAM, "A byte stream of self-delimiting records (TCP, files)", "stream"},
       {0, nullptr, nullptr}};
@@ -23,7 +26,7 @@ void install_common_properties(GObjectClass* k, keys::SaeRole role) {
       k, PROP_MODE,
       g_param_spec_enum("mode", "Mode",
                         "datagram: RTP/RTCP packets (header in the clear); stream: records over "
-                        "a byte stream; auto: from caps or the first buffer",
+                        "a byte stream; auto: see the values",
                         otp_mode_get_type(), OTP_MODE_AUTO, flags));
   g_object_class_install_property(
       k, PROP_KME_URL,
