@@ -2,6 +2,7 @@
 // offsets may already have been handed out. It is written before the keys above the
 // old value enter the ring, so a crash can lose pad, never repeat it.
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -38,6 +39,15 @@ void fsync_path(const std::filesystem::path& path, int flags) {
 OffsetJournal::OffsetJournal(std::filesystem::path path) : path_(std::move(path)) {
   std::error_code ec;
   if (path_.has_parent_path()) std::filesystem::create_directories(path_.parent_path(), ec);
+  // Two users of one journal would hand out the same offsets: refuse the second.
+  const std::filesystem::path lock = path_.string() + ".lock";
+  lock_fd_ = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lock_fd_ < 0) fail(lock, std::string("cannot be created: ") + std::strerror(errno));
+  if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    ::close(lock_fd_);
+    lock_fd_ = -1;
+    fail(path_, "is in use by another running stream; give each stream its own journal");
+  }
   if (!std::filesystem::exists(path_)) {
     reserve(0);
     return;
@@ -57,6 +67,10 @@ OffsetJournal::OffsetJournal(std::filesystem::path path) : path_(std::move(path)
     fail(path_, "is corrupt (bad offset); refusing to guess which pad offsets were used");
   }
   reserved_ = value;
+}
+
+OffsetJournal::~OffsetJournal() {
+  if (lock_fd_ >= 0) ::close(lock_fd_);  // releases the flock
 }
 
 void OffsetJournal::reserve(std::uint64_t new_reserved) {

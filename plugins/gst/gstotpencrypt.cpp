@@ -286,18 +286,20 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
     s.mode_known = true;
     if (p.settings.mode != OTP_MODE_AUTO) {
       s.stream = p.settings.mode == OTP_MODE_STREAM;
-    } else if (p.sink_caps) {
-      const char* name = gst_structure_get_name(gst_caps_get_structure(p.sink_caps.get(), 0));
+    } else {
+      // From caps only: guessing from content would misread a file that happens to
+      // start like an RTP header. No caps (filesrc, tcpserversrc) means a byte stream;
+      // udpsrc users set caps=application/x-rtp or mode=datagram.
+      GstCaps* caps = p.sink_caps.get();
+      const char* name = caps && !gst_caps_is_empty(caps) && !gst_caps_is_any(caps)
+                             ? gst_structure_get_name(gst_caps_get_structure(caps, 0))
+                             : "";
       s.stream =
           !g_str_equal(name, "application/x-rtp") && !g_str_equal(name, "application/x-rtcp");
-    } else {
-      GstMapInfo map;
-      gst_buffer_map(buffer, &map, GST_MAP_READ);
-      const auto type = otp::classify({map.data, map.size});
-      gst_buffer_unmap(buffer, &map);
-      s.stream = type != otp::DatagramType::rtp && type != otp::DatagramType::rtcp;
     }
-    GST_INFO_OBJECT(self, "%s mode", s.stream ? "stream" : "datagram");
+    GST_INFO_OBJECT(self, "%s mode (mode property %d, caps %" GST_PTR_FORMAT ")",
+                    s.stream ? "stream" : "datagram", p.settings.mode,
+                    static_cast<void*>(p.sink_caps.get()));
   }
   push_caps_once(self);
   if (s.stream) {

@@ -32,9 +32,11 @@ TEST_F(OffsetJournalTest, StartsAtZeroAndPersistsReservations) {
 }
 
 TEST_F(OffsetJournalTest, NeverMovesBackwards) {
-  OffsetJournal journal(dir_ / "b.journal");
-  journal.reserve(100);
-  EXPECT_THROW(journal.reserve(99), std::runtime_error);
+  {
+    OffsetJournal journal(dir_ / "b.journal");
+    journal.reserve(100);
+    EXPECT_THROW(journal.reserve(99), std::runtime_error);
+  }
   EXPECT_EQ(OffsetJournal(dir_ / "b.journal").reserved(), 100u);
 }
 
@@ -50,4 +52,14 @@ TEST_F(OffsetJournalTest, CorruptJournalIsRefusedWithItsName) {
   }
   std::ofstream(dir_ / "d.journal") << "hello\n";
   EXPECT_THROW(OffsetJournal(dir_ / "d.journal"), std::runtime_error);
+}
+
+TEST_F(OffsetJournalTest, OneJournalServesOneStreamAtATime) {
+  OffsetJournal first(dir_ / "e.journal");
+  try {
+    OffsetJournal second(dir_ / "e.journal");
+    FAIL() << "two users of one journal would reuse offsets";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("in use"), std::string::npos) << e.what();
+  }
 }

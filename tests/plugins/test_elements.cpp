@@ -390,6 +390,7 @@ TEST_F(ElementTest, AMultiMegabyteFileCrossesARealTcpConnectionIntact) {
   EXPECT_EQ(run(sender), "");
   rx.join();
   EXPECT_EQ(receive_error, "");
+  EXPECT_EQ(fs::file_size(output), fs::file_size(input));
   EXPECT_EQ(sha256_file(output), sha256_file(input));
   gst_object_unref(sender);
   gst_object_unref(receiver);

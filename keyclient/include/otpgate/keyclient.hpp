@@ -228,6 +228,9 @@ class OffsetJournal {
   // Opens or creates the journal; throws std::runtime_error naming the file if it is
   // unreadable or corrupt (we never guess an offset).
   explicit OffsetJournal(std::filesystem::path path);
+  ~OffsetJournal();
+  OffsetJournal(const OffsetJournal&) = delete;
+  OffsetJournal& operator=(const OffsetJournal&) = delete;
   // Every offset below this may have been used: restart from here.
   std::uint64_t reserved() const { return reserved_; }
   // Durably records a new reservation (write temp, fsync, rename, fsync directory).
@@ -237,6 +240,7 @@ class OffsetJournal {
  private:
   std::filesystem::path path_;
   std::uint64_t reserved_ = 0;
+  int lock_fd_ = -1;  // flock on PATH.lock: one pad stream, one user
 };
 
 // ---------------------------------------------------------------------------
