@@ -202,6 +202,13 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
   std::size_t written = 0;
   otp::Encoder::Status status;
   while (true) {
+    // Keys that arrived while we waited must be announced before their first use.
+    if (const GstFlowReturn pushed = push_announcements(self, in); pushed != GST_FLOW_OK) {
+      gst_buffer_unmap(out, &out_map);
+      gst_buffer_unmap(in, &map);
+      gst_buffer_unref(out);
+      return pushed;
+    }
     status = s.encoder->protect_datagram(packet, {out_map.data, out_map.size}, written);
     if (status != otp::Encoder::Status::no_key) break;
     note_exhausted(self, true);
@@ -306,8 +313,6 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
     gst_adapter_push(s.adapter.get(), in.release());
     return drain_stream(self, false);
   }
-  const GstFlowReturn ret = push_announcements(self, buffer);
-  if (ret != GST_FLOW_OK) return ret;
   return protect_datagram(self, buffer);
 }
 

@@ -205,7 +205,7 @@ KeySource open_key_source(const KeySourceSettings& s, keys::SaeRole role, const 
       if (config.peer_sae_id.empty()) config.peer_sae_id = "pad-file";
       if (config.journal.empty()) config.journal = s.pad_file + (master ? ".sent" : ".received");
       config.reserve_chunk = 1u << 20;  // a pre-shared pad is precious: skip little at restart
-      config.ring_bytes = master ? (1u << 20) : (4u << 20);  // local reads need no deep prefetch
+      config.ring_bytes = 4u << 20;     // local reads: a few MiB keeps the media thread fed
       source.owned = std::make_unique<keys::KeySupply>(keys::PadFileConfig{s.pad_file}, config);
     } else {
       for (const auto& [name, value] :
