@@ -29,6 +29,8 @@ GST_DEBUG_CATEGORY_STATIC(otp_encrypt_debug);
 
 namespace {
 
+constexpr auto kStartupWait = std::chrono::seconds(10);
+
 enum OnKeyExhausted { KEY_EXHAUSTED_DROP = 0, KEY_EXHAUSTED_BLOCK = 1 };
 
 GType on_key_exhausted_get_type() {
@@ -76,6 +78,8 @@ struct Session {
   bool stream_started = false;
   bool key_low = false;
   bool exhausted = false;
+  bool had_key = false;
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   std::vector<std::uint8_t> announcement = std::vector<std::uint8_t>(otp::kMaxAnnouncementBytes);
 };
 
@@ -211,9 +215,13 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
     }
     status = s.encoder->protect_datagram(packet, {out_map.data, out_map.size}, written);
     if (status != otp::Encoder::Status::no_key) break;
-    note_exhausted(self, true);
-    if (p.on_key_exhausted == KEY_EXHAUSTED_DROP || !wait_for_key(self)) break;
+    // Until the first key has arrived we are starting, not exhausted: wait (bounded)
+    // so that a call does not lose its first frames to the first KME round trip.
+    const bool starting = !s.had_key && std::chrono::steady_clock::now() < s.started + kStartupWait;
+    if (!starting) note_exhausted(self, true);
+    if ((p.on_key_exhausted == KEY_EXHAUSTED_DROP && !starting) || !wait_for_key(self)) break;
   }
+  if (status == otp::Encoder::Status::ok) s.had_key = true;
   gst_buffer_unmap(out, &out_map);
   gst_buffer_unmap(in, &map);
   publish(self);
