@@ -46,6 +46,7 @@ enum Counter {
   C_ANNOUNCEMENTS,
   C_ANNOUNCEMENT_REPEATS,
   C_ANNOUNCEMENTS_PENDING,
+  C_AES_PACKETS,
   C_COUNT
 };
 constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
@@ -60,7 +61,8 @@ constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
                                                 "drops-malformed",
                                                 "announcements-verified",
                                                 "announcement-repeats",
-                                                "announcements-pending"};
+                                                "announcements-pending",
+                                                "aes-packets"};
 
 constexpr std::uint8_t kPreamble[] = {'O', 'T', 'P', 'S', 'T', 'R', 'M', 1};
 
@@ -123,6 +125,7 @@ void publish(GstOtpDecrypt* self) {
   auto& c = p.counters;
   c.set(C_PAD_USED, s.pad_bytes_used);
   c.set(C_ANNOUNCEMENTS, s.announcements_verified);
+  c.set(C_AES_PACKETS, s.aes_units);
   c.set(C_ANNOUNCEMENT_REPEATS, s.announcement_repeats);
   c.set(C_ANNOUNCEMENTS_PENDING, s.announcements_pending);
 }

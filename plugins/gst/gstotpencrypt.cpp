@@ -31,20 +31,49 @@ namespace {
 
 constexpr auto kStartupWait = std::chrono::seconds(10);
 
-enum OnKeyExhausted { KEY_EXHAUSTED_DROP = 0, KEY_EXHAUSTED_BLOCK = 1 };
+enum OnKeyExhausted {
+  KEY_EXHAUSTED_DROP = 0,
+  KEY_EXHAUSTED_BLOCK = 1,
+  KEY_EXHAUSTED_FALLBACK_AES = 2
+};
+enum Cipher { CIPHER_OTP = 0, CIPHER_AES_256_GCM = 1 };
+
+GType cipher_get_type() {
+  static GType type = 0;
+  static const GEnumValue values[] = {
+      {CIPHER_OTP, "One-time pad with a Wegman-Carter MAC (information-theoretic)", "otp"},
+      {CIPHER_AES_256_GCM,
+       "SRTP AES-256-GCM (libsrtp2) with master keys from the pad, rekeyed every rekey-interval "
+       "packets",
+       "aes-256-gcm"},
+      {0, nullptr, nullptr}};
+  if (g_once_init_enter(&type))
+    g_once_init_leave(&type, g_enum_register_static("OtpCipher", values));
+  return type;
+}
 
 GType on_key_exhausted_get_type() {
   static GType type = 0;
   static const GEnumValue values[] = {
       {KEY_EXHAUSTED_DROP, "Drop the packet and count it (never send it in the clear)", "drop"},
       {KEY_EXHAUSTED_BLOCK, "Wait until key arrives", "block"},
+      {KEY_EXHAUSTED_FALLBACK_AES,
+       "Carry on with SRTP AES-256-GCM under the last master key drawn from the pad, back to "
+       "the one-time pad as soon as pad returns",
+       "fallback-aes"},
       {0, nullptr, nullptr}};
   if (g_once_init_enter(&type))
     g_once_init_leave(&type, g_enum_register_static("OtpOnKeyExhausted", values));
   return type;
 }
 
-enum { PROP_ON_KEY_EXHAUSTED = PROP_COMMON_LAST, PROP_ANNOUNCE_REPEATS, PROP_RECORD_SIZE };
+enum {
+  PROP_ON_KEY_EXHAUSTED = PROP_COMMON_LAST,
+  PROP_ANNOUNCE_REPEATS,
+  PROP_RECORD_SIZE,
+  PROP_CIPHER,
+  PROP_REKEY_INTERVAL
+};
 enum { SIGNAL_KEY_LOW, SIGNAL_KEY_EXHAUSTED, N_SIGNALS };
 guint signals[N_SIGNALS];
 
@@ -61,12 +90,15 @@ enum Counter {
   C_KEYS_ANNOUNCED,
   C_DROPS_NO_KEY,
   C_DROPS_MALFORMED,
+  C_AES_PACKETS,
+  C_AES_REKEYS,
   C_COUNT
 };
 constexpr const char* kCounterNames[C_COUNT] = {
     "packets-in",         "bytes-in",          "packets-out",   "bytes-out",
     "pad-bytes-used",     "pad-bytes-skipped", "announcements", "announcement-repeats",
-    "announcement-bytes", "keys-announced",    "drops-no-key",  "drops-malformed"};
+    "announcement-bytes", "keys-announced",    "drops-no-key",  "drops-malformed",
+    "aes-packets",        "aes-rekeys"};
 
 // Everything that exists between READY->PAUSED and PAUSED->READY.
 struct Session {
@@ -79,6 +111,7 @@ struct Session {
   bool key_low = false;
   bool exhausted = false;
   bool had_key = false;
+  bool in_fallback = false;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   std::vector<std::uint8_t> announcement = std::vector<std::uint8_t>(otp::kMaxAnnouncementBytes);
 };
@@ -86,6 +119,8 @@ struct Session {
 struct Private {
   KeySourceSettings settings;
   int on_key_exhausted = KEY_EXHAUSTED_DROP;
+  int cipher = CIPHER_OTP;
+  guint rekey_interval = 1024;
   guint announce_repeats = 2;
   guint record_size = 32768;
   GstPtr<GstCaps> sink_caps;
@@ -128,6 +163,8 @@ void publish(GstOtpEncrypt* self) {
   c.set(C_ANNOUNCEMENT_REPEATS, s.announcement_repeats);
   c.set(C_ANNOUNCEMENT_BYTES, s.announcement_bytes);
   c.set(C_KEYS_ANNOUNCED, s.keys_announced);
+  c.set(C_AES_PACKETS, s.aes_units);
+  c.set(C_AES_REKEYS, s.aes_rekeys);
 }
 
 void bump(Private& p, Counter c, guint64 by = 1) {
@@ -200,7 +237,7 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
   GstMapInfo map;
   if (!gst_buffer_map(in, &map, GST_MAP_READ)) return GST_FLOW_ERROR;
   const std::span<const std::uint8_t> packet(map.data, map.size);
-  GstBuffer* out = gst_buffer_new_allocate(nullptr, map.size + otp::kTrailerBytes, nullptr);
+  GstBuffer* out = gst_buffer_new_allocate(nullptr, map.size + otp::kMaxDatagramOverhead, nullptr);
   GstMapInfo out_map;
   gst_buffer_map(out, &out_map, GST_MAP_WRITE);
   std::size_t written = 0;
@@ -213,7 +250,28 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
       gst_buffer_unref(out);
       return pushed;
     }
-    status = s.encoder->protect_datagram(packet, {out_map.data, out_map.size}, written);
+    const std::span<std::uint8_t> out_span(out_map.data, out_map.size);
+    if (p.cipher == CIPHER_AES_256_GCM) {
+      status = s.encoder->protect_datagram_aes(packet, out_span, written, p.rekey_interval);
+    } else {
+      status = s.encoder->protect_datagram(packet, out_span, written);
+      if (status == otp::Encoder::Status::ok && p.on_key_exhausted == KEY_EXHAUSTED_FALLBACK_AES) {
+        s.encoder->prepare_aes();  // a master key in reserve for when pad runs out
+      }
+      if (status == otp::Encoder::Status::no_key &&
+          p.on_key_exhausted == KEY_EXHAUSTED_FALLBACK_AES) {
+        status = s.encoder->protect_datagram_aes(packet, out_span, written, p.rekey_interval);
+        if (status == otp::Encoder::Status::ok && !s.in_fallback) {
+          GST_WARNING_OBJECT(self,
+                             "pad exhausted: falling back to SRTP AES-256-GCM keyed from QKD");
+          g_signal_emit(self, signals[SIGNAL_KEY_EXHAUSTED], 0);
+          s.in_fallback = true;
+        }
+      } else if (status == otp::Encoder::Status::ok && s.in_fallback) {
+        GST_INFO_OBJECT(self, "pad available again: back to the one-time pad");
+        s.in_fallback = false;
+      }
+    }
     if (status != otp::Encoder::Status::no_key) break;
     // Until the first key has arrived we are starting, not exhausted: wait (bounded)
     // so that a call does not lose its first frames to the first KME round trip.
@@ -238,6 +296,7 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
   }
   note_exhausted(self, false);
   check_key_level(self);
+  gst_buffer_set_size(out, static_cast<gssize>(written));
   gst_buffer_copy_into(out, in, GST_BUFFER_COPY_METADATA, 0, -1);
   bump(p, C_PACKETS_OUT);
   bump(p, C_BYTES_OUT, written);
@@ -317,6 +376,13 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
                     static_cast<void*>(p.sink_caps.get()));
   }
   push_caps_once(self);
+  if (s.stream && p.cipher == CIPHER_AES_256_GCM) {
+    GST_ELEMENT_ERROR(self, STREAM, NOT_IMPLEMENTED,
+                      ("otpencrypt: cipher=aes-256-gcm protects RTP/RTCP (datagram mode); a byte "
+                       "stream is always protected with the one-time pad"),
+                      (nullptr));
+    return GST_FLOW_ERROR;
+  }
   if (s.stream) {
     gst_adapter_push(s.adapter.get(), in.release());
     return drain_stream(self, false);
@@ -380,6 +446,12 @@ static void gst_otp_encrypt_set_property(GObject* object, guint id, const GValue
       case PROP_RECORD_SIZE:
         p.record_size = g_value_get_uint(value);
         break;
+      case PROP_CIPHER:
+        p.cipher = g_value_get_enum(value);
+        break;
+      case PROP_REKEY_INTERVAL:
+        p.rekey_interval = g_value_get_uint(value);
+        break;
       default:
         G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
     }
@@ -396,14 +468,16 @@ static void gst_otp_encrypt_get_property(GObject* object, guint id, GValue* valu
     for (int i = 0; i < C_COUNT; ++i) {
       gst_structure_set(s, kCounterNames[i], G_TYPE_UINT64, p.counters.get(i), nullptr);
     }
-    gst_structure_set(s, "cipher", G_TYPE_STRING, "otp", nullptr);
+    gst_structure_set(s, "cipher", G_TYPE_STRING,
+                      p.cipher == CIPHER_AES_256_GCM ? "aes-256-gcm" : "otp", nullptr);
     GST_OBJECT_LOCK(object);
     if (p.session) {
       gst_structure_set(s, "mode", G_TYPE_STRING,
                         !p.session->mode_known ? "unknown"
                         : p.session->stream    ? "stream"
                                                : "datagram",
-                        "key-exhausted", G_TYPE_BOOLEAN, p.session->exhausted, nullptr);
+                        "key-exhausted", G_TYPE_BOOLEAN, p.session->exhausted, "aes-fallback",
+                        G_TYPE_BOOLEAN, p.session->in_fallback, nullptr);
       add_supply_stats(s, p.session->source);
     }
     GST_OBJECT_UNLOCK(object);
@@ -421,6 +495,12 @@ static void gst_otp_encrypt_get_property(GObject* object, guint id, GValue* valu
         break;
       case PROP_RECORD_SIZE:
         g_value_set_uint(value, p.record_size);
+        break;
+      case PROP_CIPHER:
+        g_value_set_enum(value, p.cipher);
+        break;
+      case PROP_REKEY_INTERVAL:
+        g_value_set_uint(value, p.rekey_interval);
         break;
       default:
         G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
@@ -500,6 +580,18 @@ static void gst_otp_encrypt_class_init(GstOtpEncryptClass* klass) {
       g_param_spec_uint("record-size", "Record size", "Stream mode: payload bytes per record", 256,
                         otp::kMaxUnitPayload, 32768, rw));
 
+  g_object_class_install_property(
+      gobject, PROP_CIPHER,
+      g_param_spec_enum("cipher", "Cipher",
+                        "Datagram mode cipher: the one-time pad, or SRTP AES-256-GCM with master "
+                        "keys drawn from the same QKD key stream",
+                        cipher_get_type(), CIPHER_OTP, rw));
+  g_object_class_install_property(
+      gobject, PROP_REKEY_INTERVAL,
+      g_param_spec_uint("rekey-interval", "Rekey interval",
+                        "AES mode and AES fallback: packets per master key (a new key is drawn "
+                        "from the pad after this many, while pad lasts)",
+                        1, G_MAXINT32, 1024, rw));
   signals[SIGNAL_KEY_LOW] = g_signal_new("key-low", G_TYPE_FROM_CLASS(klass), G_SIGNAL_RUN_LAST, 0,
                                          nullptr, nullptr, nullptr, G_TYPE_NONE, 1, G_TYPE_UINT64);
   signals[SIGNAL_KEY_EXHAUSTED] =
@@ -516,6 +608,7 @@ static void gst_otp_encrypt_class_init(GstOtpEncryptClass* klass) {
   GST_DEBUG_CATEGORY_INIT(otp_encrypt_debug, "otpencrypt", 0, "One-time pad encoder");
   gst_type_mark_as_plugin_api(otp_mode_get_type(), static_cast<GstPluginAPIFlags>(0));
   gst_type_mark_as_plugin_api(on_key_exhausted_get_type(), static_cast<GstPluginAPIFlags>(0));
+  gst_type_mark_as_plugin_api(cipher_get_type(), static_cast<GstPluginAPIFlags>(0));
 }
 
 static void gst_otp_encrypt_init(GstOtpEncrypt* self) {

@@ -464,3 +464,38 @@ TEST_F(ElementTest, KeysFromTheKmeSimulatorOverMutualTls) {
   EXPECT_EQ(got, expected);
   EXPECT_GT(sim.stats().keys_to_slaves, 0u);
 }
+
+TEST_F(ElementTest, AesModeRoundTripsWithMasterKeysFromThePad) {
+  GstHarness* enc = encryptor("application/x-rtp", "cipher=aes-256-gcm rekey-interval=50");
+  GstHarness* dec = decryptor();
+  const auto sent = packets(300, 800);
+  const auto wire = protect(enc, sent);
+  for (const auto& w : wire) {
+    for (const auto& s : sent) ASSERT_NE(w, s);
+  }
+  EXPECT_EQ(open(dec, wire), sent);
+  EXPECT_EQ(stat(enc->element, "aes-packets"), 300u);
+  EXPECT_EQ(stat(enc->element, "aes-rekeys"), 6u);
+  EXPECT_EQ(stat(dec->element, "aes-packets"), 300u);
+  EXPECT_LT(stat(enc->element, "pad-bytes-used"), 10000u) << "AES spends 44 bytes of pad per key";
+}
+
+TEST_F(ElementTest, FallbackAesCarriesTheCallWhenPadRunsOutAndNeverSendsPlaintext) {
+  make_pad(48 * 1024);
+  GstHarness* enc =
+      encryptor("application/x-rtp", "on-key-exhausted=fallback-aes rekey-interval=1000");
+  GstHarness* dec = decryptor();
+  int exhausted = 0;
+  g_signal_connect_swapped(enc->element, "key-exhausted", G_CALLBACK(+[](int* n) { ++*n; }),
+                           &exhausted);
+  const auto sent = packets(200, 600);
+  const auto wire = protect(enc, sent);
+  for (const auto& w : wire) {
+    for (const auto& s : sent) ASSERT_NE(w, s);
+  }
+  EXPECT_EQ(stat(enc->element, "drops-no-key"), 0u) << "nothing dropped: AES took over";
+  EXPECT_GT(stat(enc->element, "aes-packets"), 50u);
+  EXPECT_LT(stat(enc->element, "aes-packets"), 200u) << "OTP first, while pad lasted";
+  EXPECT_EQ(exhausted, 1);
+  EXPECT_EQ(open(dec, wire), sent);
+}

@@ -4,8 +4,11 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include <srtp2/srtp.h>
+
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <vector>
 
@@ -107,6 +110,38 @@ bool fits_epoch(std::uint64_t offset, std::size_t n) {
   const std::uint64_t in = offset % E;
   return in >= kAuthKeyBytes && in + kMaskBytes + n <= E && offset <= UINT64_MAX - E;
 }
+
+// One libsrtp2 AES-256-GCM session for one master key drawn from the pad.
+class SrtpSession {
+ public:
+  SrtpSession(const std::uint8_t* key, bool outbound) {
+    static std::once_flag once;
+    std::call_once(once, [] { srtp_init(); });
+    srtp_policy_t policy{};
+    srtp_crypto_policy_set_aes_gcm_256_16_auth(&policy.rtp);
+    srtp_crypto_policy_set_aes_gcm_256_16_auth(&policy.rtcp);
+    policy.ssrc.type = outbound ? ssrc_any_outbound : ssrc_any_inbound;
+    policy.key = const_cast<std::uint8_t*>(key);
+    policy.window_size = 1024;
+    if (srtp_create(&session_, &policy) != srtp_err_status_ok) {
+      session_ = nullptr;
+      throw std::runtime_error("libsrtp2 could not create an AES-256-GCM session");
+    }
+  }
+  ~SrtpSession() {
+    if (session_) srtp_dealloc(session_);
+  }
+  SrtpSession(const SrtpSession&) = delete;
+  SrtpSession& operator=(const SrtpSession&) = delete;
+  srtp_t get() const { return session_; }
+
+ private:
+  srtp_t session_ = nullptr;
+};
+
+// AES datagrams carry the key's pad offset (with kAesFlag) where OTP datagrams carry
+// theirs: 24 bytes from the end, just before the 16-byte GCM tag.
+constexpr std::size_t kAesKeyPayload = kAesKeyBytes - kMaskBytes;  // drawn like a unit
 
 }  // namespace
 
@@ -247,7 +282,21 @@ struct Encoder::Impl {
   std::uint64_t next_repeat_due = UINT64_MAX;
   std::uint64_t units_sent = 0;
   std::uint64_t record_index = 0;
+  std::unique_ptr<SrtpSession> aes;
+  std::uint64_t aes_key_offset = 0;
+  std::uint32_t aes_packets = 0;
   EncoderStats stats;
+
+  bool rekey_aes() {
+    const auto p = draw(kAesKeyPayload);
+    if (!p) return false;
+    aes = std::make_unique<SrtpSession>(scratch.span().data(), true);
+    OPENSSL_cleanse(scratch.span().data(), kAesKeyBytes);
+    aes_key_offset = *p;
+    aes_packets = 0;
+    ++stats.aes_rekeys;
+    return true;
+  }
 };
 
 Encoder::Encoder(keys::PadSource& pad, std::uint64_t stream_id, unsigned announcement_repeats)
@@ -353,6 +402,45 @@ Encoder::Status Encoder::protect_record(RecordKind kind, std::span<const std::ui
   consumed = n;
   written = size;
   return Status::ok;
+}
+
+Encoder::Status Encoder::protect_datagram_aes(std::span<const std::uint8_t> in,
+                                              std::span<std::uint8_t> out, std::size_t& written,
+                                              std::uint32_t rekey_interval) {
+  Impl& e = *impl_;
+  const DatagramType type = classify(in);
+  const auto header = clear_header_length(in, type);
+  if (!header || in.size() > kMaxUnitPayload || out.size() < in.size() + kMaxDatagramOverhead) {
+    return Status::malformed;
+  }
+  if ((!e.aes || e.aes_packets >= rekey_interval) && !e.rekey_aes() && !e.aes) {
+    ++e.stats.no_key;
+    return Status::no_key;
+  }
+  std::memcpy(out.data(), in.data(), in.size());
+  int length = static_cast<int>(in.size());
+  const srtp_err_status_t err = type == DatagramType::rtcp
+                                    ? srtp_protect_rtcp(e.aes->get(), out.data(), &length)
+                                    : srtp_protect(e.aes->get(), out.data(), &length);
+  if (err != srtp_err_status_ok || length < static_cast<int>(kTagBytes)) return Status::malformed;
+  // Move the GCM tag back 8 bytes and put the key's offset in front of it.
+  std::uint8_t* tag = out.data() + length - kTagBytes;
+  std::memmove(tag + kOffsetBytes, tag, kTagBytes);
+  put_be(tag, e.aes_key_offset | kAesFlag, 8);
+  written = static_cast<std::size_t>(length) + kOffsetBytes;
+  ++e.aes_packets;
+  ++e.units_sent;
+  ++e.stats.units;
+  ++e.stats.aes_units;
+  e.stats.payload_bytes += in.size() - *header;
+  return Status::ok;
+}
+
+bool Encoder::prepare_aes() {
+  return impl_->aes || impl_->rekey_aes();
+}
+std::uint64_t Encoder::aes_rekeys() const {
+  return impl_->stats.aes_rekeys;
 }
 
 bool Encoder::has_pad_for(std::size_t n) const {
@@ -726,6 +814,80 @@ struct Decoder::Impl {
   std::size_t pending_count = 0;
   WegmanCarter mac;
   DecoderStats stats;
+  struct AesKey {
+    std::uint64_t offset = UINT64_MAX;
+    std::unique_ptr<SrtpSession> session;
+    std::uint64_t last_use = 0;
+  };
+  std::array<AesKey, 4> aes_keys;  // recent AES master keys (rekeys overlap in flight)
+  std::uint64_t aes_clock = 0;
+
+  Verdict open_aes(std::span<const std::uint8_t> in, std::uint64_t key_offset, DatagramType type,
+                   std::span<std::uint8_t> out, std::size_t& written) {
+    // Rebuild the SRTP packet: everything but our 8-byte offset field.
+    const std::size_t body = in.size() - kTrailerBytes;
+    std::memcpy(out.data(), in.data(), body);
+    std::memcpy(out.data() + body, in.data() + in.size() - kTagBytes, kTagBytes);
+    auto unprotect = [&](srtp_t session, int& length) {
+      length = static_cast<int>(body + kTagBytes);
+      return type == DatagramType::rtcp ? srtp_unprotect_rtcp(session, out.data(), &length)
+                                        : srtp_unprotect(session, out.data(), &length);
+    };
+    auto verdict_of = [&](srtp_err_status_t err) {
+      if (err == srtp_err_status_replay_fail || err == srtp_err_status_replay_old) {
+        ++stats.replays;
+        return Verdict::replay;
+      }
+      ++stats.auth_failures;
+      return Verdict::auth_failure;
+    };
+    int length = 0;
+    for (auto& k : aes_keys) {
+      if (k.offset != key_offset || !k.session) continue;
+      k.last_use = ++aes_clock;
+      const srtp_err_status_t err = unprotect(k.session->get(), length);
+      if (err != srtp_err_status_ok) return verdict_of(err);
+      written = static_cast<std::size_t>(length);
+      ++stats.units;
+      ++stats.aes_units;
+      return Verdict::plaintext;
+    }
+    // A key not seen yet: read it, and consume it only once a packet authenticates.
+    if (!fits_epoch(key_offset, kAesKeyPayload)) {
+      ++stats.malformed;
+      return Verdict::malformed;
+    }
+    if (key_offset < window.base()) {
+      ++stats.replays;
+      return Verdict::replay;
+    }
+    if (!window.in_range(key_offset, kAesKeyBytes) ||
+        !window.all_present(key_offset, kAesKeyBytes)) {
+      ++stats.no_key;
+      return Verdict::no_key;
+    }
+    if (window.any_used(key_offset, kAesKeyBytes)) {
+      ++stats.replays;
+      return Verdict::replay;
+    }
+    std::uint8_t key[kAesKeyBytes];
+    window.copy_out(key_offset, kAesKeyBytes, key);
+    auto session = std::make_unique<SrtpSession>(key, false);
+    OPENSSL_cleanse(key, sizeof key);
+    const srtp_err_status_t err = unprotect(session->get(), length);
+    if (err != srtp_err_status_ok) return verdict_of(err);
+    window.consume(key_offset, kAesKeyBytes);
+    stats.pad_bytes_used += kAesKeyBytes;
+    auto oldest =
+        std::min_element(aes_keys.begin(), aes_keys.end(),
+                         [](const AesKey& a, const AesKey& b) { return a.last_use < b.last_use; });
+    *oldest = AesKey{key_offset, std::move(session), ++aes_clock};
+    written = static_cast<std::size_t>(length);
+    ++stats.units;
+    ++stats.aes_units;
+    return Verdict::plaintext;
+  }
+
   // Stream mode.
   bool stream_started = false;
   bool stream_done = false;
@@ -755,9 +917,10 @@ Decoder::Verdict Decoder::open_datagram(std::span<const std::uint8_t> in,
     ++d.stats.malformed;
     return Verdict::malformed;
   }
-  const std::size_t n = in.size() - kTrailerBytes - *header;
   const std::uint8_t* trailer = in.data() + in.size() - kTrailerBytes;
   const std::uint64_t p = get_be(trailer, 8);
+  if (p & kAesFlag) return d.open_aes(in, p & ~kAesFlag, type, out, written);
+  const std::size_t n = in.size() - kTrailerBytes - *header;
   const std::uint8_t* r = nullptr;
   if (const Verdict v = d.load_pad(p, n, r); v != Verdict::plaintext) return v;
 

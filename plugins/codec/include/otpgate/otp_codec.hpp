@@ -25,7 +25,14 @@ inline constexpr std::size_t kAuthKeyBytes = 16;        // r
 inline constexpr std::size_t kMaskBytes = 16;           // s
 inline constexpr std::size_t kTagBytes = 16;
 inline constexpr std::size_t kOffsetBytes = 8;
-inline constexpr std::size_t kTrailerBytes = kOffsetBytes + kTagBytes;      // datagram overhead
+inline constexpr std::size_t kTrailerBytes = kOffsetBytes + kTagBytes;  // datagram overhead
+// AES mode: an SRTP AES-256-GCM packet (libsrtp2) whose GCM tag is preceded by the
+// 8-byte pad offset of its master key with the top bit set (OTP offsets never have it).
+inline constexpr std::uint64_t kAesFlag = 1ull << 63;
+inline constexpr std::size_t kAesKeyBytes = 44;  // AES-256 key (32) + SRTP salt (12)
+// Room a caller leaves after a datagram for either mode (libsrtp writes up to its
+// maximum trailer in place before trimming).
+inline constexpr std::size_t kMaxDatagramOverhead = 160;
 inline constexpr std::size_t kRecordPrefixBytes = 8;                        // "OTP" kind len32
 inline constexpr std::size_t kRecordHeaderBytes = kRecordPrefixBytes + 24;  // + id, index, P
 inline constexpr std::size_t kRecordOverhead = kRecordHeaderBytes + kTagBytes;
@@ -58,7 +65,9 @@ struct EncoderStats {
   std::uint64_t announcement_repeats = 0;
   std::uint64_t announcement_bytes = 0;  // wire bytes of announcements incl. repeats
   std::uint64_t keys_announced = 0;
-  std::uint64_t no_key = 0;  // units refused for lack of pad
+  std::uint64_t no_key = 0;      // units refused for lack of pad
+  std::uint64_t aes_units = 0;   // of `units`, those sent in AES mode
+  std::uint64_t aes_rekeys = 0;  // AES master keys drawn from the pad
 };
 
 struct DecoderStats {
@@ -73,6 +82,7 @@ struct DecoderStats {
   std::uint64_t announcement_repeats = 0;
   std::uint64_t announcements_pending = 0;  // now waiting for keys
   std::uint64_t keys_placed = 0;
+  std::uint64_t aes_units = 0;  // of `units`, those in AES mode
 };
 
 class Encoder {
@@ -93,6 +103,16 @@ class Encoder {
   // RTP or RTCP: `out` >= in.size() + kTrailerBytes; `written` is the wire size.
   Status protect_datagram(std::span<const std::uint8_t> in, std::span<std::uint8_t> out,
                           std::size_t& written);
+
+  // AES mode: SRTP AES-256-GCM (libsrtp2) with a master key drawn from the pad, a new
+  // one every `rekey_interval` packets while pad lasts; when pad runs out the current
+  // key carries on (that is what AES fallback is for). no_key only if there never was
+  // a key. `out` >= in.size() + kMaxDatagramOverhead.
+  Status protect_datagram_aes(std::span<const std::uint8_t> in, std::span<std::uint8_t> out,
+                              std::size_t& written, std::uint32_t rekey_interval);
+  // Draws an AES master key now if there is none (so that fallback has one ready).
+  bool prepare_aes();
+  std::uint64_t aes_rekeys() const;
 
   // Stream mode: the next record of `kind` carrying the first `consumed` bytes of
   // `payload` (fewer than offered at an epoch boundary). `out` >= payload + kRecordOverhead.
@@ -134,7 +154,7 @@ class Decoder {
   Decoder(const Decoder&) = delete;
   Decoder& operator=(const Decoder&) = delete;
 
-  // RTP, RTCP or announcement datagram. `out` >= in.size().
+  // RTP, RTCP (OTP or AES mode) or announcement datagram. `out` >= in.size().
   Verdict open_datagram(std::span<const std::uint8_t> in, std::span<std::uint8_t> out,
                         std::size_t& written);
 
