@@ -11,7 +11,7 @@ clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-reco
   -I"$src/keyclient/include" -I"$src/plugins/codec/include" -I"$src/tests/support" \
   "$src/tests/fuzz/fuzz_decoder.cpp" "$src/plugins/codec/src/otp_codec.cpp" \
   "$src/keyclient/src/basics.cpp" "$src/keyclient/src/key_ring.cpp" \
-  -lcrypto -o "$out/fuzz_decoder"
+  -lsrtp2 -lcrypto -o "$out/fuzz_decoder"
 # Seed with valid shapes: an RTP header, an announcement prefix, a record prefix.
 printf '\x80\x60\x00\x01\x00\x00\x00\xa0\x11\x22\x33\x44payload-and-24-bytes-of-trailer..' > "$out/corpus/rtp"
 printf 'OTPA\x00\x00\x00\x26' > "$out/corpus/announcement"
