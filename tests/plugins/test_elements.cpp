@@ -499,3 +499,27 @@ TEST_F(ElementTest, FallbackAesCarriesTheCallWhenPadRunsOutAndNeverSendsPlaintex
   EXPECT_EQ(exhausted, 1);
   EXPECT_EQ(open(dec, wire), sent);
 }
+
+TEST_F(ElementTest, AKeySupplySharedInsideTheProcessFeedsTheElement) {
+  // The gateway's way: it owns one key supply per direction and hands it to the element.
+  otpgate::keys::KeySupplyConfig config;
+  config.role = otpgate::keys::SaeRole::master;
+  config.peer_sae_id = "site-b";
+  config.journal = dir_ / "shared.journal";
+  config.reserve_chunk = 1u << 20;
+  otpgate::keys::KeySupply supply(otpgate::keys::PadFileConfig{pad_path()}, config);
+  supply.start();
+  GstElement* e = gst_element_factory_make("otpencrypt", nullptr);
+  g_object_set(e, "key-supply", static_cast<otpgate::keys::PadSource*>(&supply), nullptr);
+  GstHarness* enc = gst_harness_new_with_element(e, "sink", "src");
+  gst_object_unref(e);
+  harnesses_.push_back(enc);
+  gst_harness_set_src_caps_str(enc, "application/x-rtp");
+  wait_for_key(enc->element);
+  GstHarness* dec = decryptor();
+  const auto sent = packets(100);
+  EXPECT_EQ(open(dec, protect(enc, sent)), sent);
+  EXPECT_GT(supply.stats().bytes_consumed, 100u * 1100u) << "the pad came from the shared supply";
+  gst_harness_teardown(enc);  // before the supply it uses goes away
+  harnesses_.erase(std::find(harnesses_.begin(), harnesses_.end(), enc));
+}
