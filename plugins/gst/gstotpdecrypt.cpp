@@ -388,10 +388,8 @@ static void gst_otp_decrypt_get_property(GObject* object, guint id, GValue* valu
                                          GParamSpec* pspec) {
   Private& p = *GST_OTP_DECRYPT(object)->priv;
   if (id == PROP_STATS) {
-    GstStructure* s = gst_structure_new_empty("application/x-otp-decrypt-stats");
-    for (int i = 0; i < C_COUNT; ++i)
-      gst_structure_set(s, kCounterNames[i], G_TYPE_UINT64, p.counters.get(i), nullptr);
-    gst_structure_set(s, "cipher", G_TYPE_STRING, "otp", nullptr);
+    GstStructure* s =
+        counters_structure("application/x-otp-decrypt-stats", p.counters, kCounterNames);
     GST_OBJECT_LOCK(object);
     if (p.session) {
       gst_structure_set(s, "mode", G_TYPE_STRING,

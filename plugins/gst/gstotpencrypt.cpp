@@ -464,10 +464,8 @@ static void gst_otp_encrypt_get_property(GObject* object, guint id, GValue* valu
   GstOtpEncrypt* self = GST_OTP_ENCRYPT(object);
   Private& p = *self->priv;
   if (id == PROP_STATS) {
-    GstStructure* s = gst_structure_new_empty("application/x-otp-encrypt-stats");
-    for (int i = 0; i < C_COUNT; ++i) {
-      gst_structure_set(s, kCounterNames[i], G_TYPE_UINT64, p.counters.get(i), nullptr);
-    }
+    GstStructure* s =
+        counters_structure("application/x-otp-encrypt-stats", p.counters, kCounterNames);
     gst_structure_set(s, "cipher", G_TYPE_STRING,
                       p.cipher == CIPHER_AES_256_GCM ? "aes-256-gcm" : "otp", nullptr);
     GST_OBJECT_LOCK(object);

@@ -76,6 +76,17 @@ struct PublishedCounters {
   guint64 get(std::size_t i) const { return values[i].load(std::memory_order_relaxed); }
 };
 
+// A stats structure holding every counter under its name.
+template <std::size_t N>
+GstStructure* counters_structure(const char* name, const PublishedCounters<N>& counters,
+                                 const char* const (&names)[N]) {
+  GstStructure* s = gst_structure_new_empty(name);
+  for (std::size_t i = 0; i < N; ++i) {
+    gst_structure_set(s, names[i], G_TYPE_UINT64, counters.get(i), nullptr);
+  }
+  return s;
+}
+
 // Adds the key supply's figures (level, rate, KME health) to a stats structure.
 void add_supply_stats(GstStructure* s, const KeySource& source);
 

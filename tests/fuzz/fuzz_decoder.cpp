@@ -36,15 +36,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::vector<std::uint8_t> out(size + 64);
   std::size_t written = 0;
   if (!primed) {
-    primed = decoder.open_datagram(announcement, out, written) == otp::Decoder::Verdict::announcement;
+    primed =
+        decoder.open_datagram(announcement, out, written) == otp::Decoder::Verdict::announcement;
   }
   const std::span<const std::uint8_t> input(data, size);
   if (decoder.open_datagram(input, out, written) == otp::Decoder::Verdict::plaintext) {
     std::abort();  // a forged packet got through: the MAC or the parser is broken
   }
-  if (const auto record_size = otp::Decoder::record_size(input); record_size && *record_size == size) {
+  if (const auto record_size = otp::Decoder::record_size(input);
+      record_size && *record_size == size) {
     otp::RecordKind kind{};
-    if (decoder.open_record(input, out, written, kind) == otp::Decoder::Verdict::plaintext) std::abort();
+    if (decoder.open_record(input, out, written, kind) == otp::Decoder::Verdict::plaintext)
+      std::abort();
   }
   return 0;
 }

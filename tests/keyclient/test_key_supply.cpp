@@ -14,14 +14,7 @@ namespace {
 
 class KeySupplyTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("otpgate-supply-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    start_sim(otpgate::testing::simulator_config());
-  }
-  void TearDown() override { fs::remove_all(dir_); }
+  void SetUp() override { start_sim(otpgate::testing::simulator_config()); }
   void start_sim(kmesim::SimulatorConfig config) {
     sim_.reset();
     sim_ = std::make_unique<kmesim::KmeSimulator>(std::move(config));
@@ -47,7 +40,8 @@ class KeySupplyTest : public ::testing::Test {
     return c;
   }
 
-  fs::path dir_;
+  otpgate::testing::TestDir test_dir_;
+  const fs::path dir_ = test_dir_.path;
   std::unique_ptr<kmesim::KmeSimulator> sim_;
 };
 

@@ -21,17 +21,6 @@ class KmeClientTest : public ::testing::Test {
   void SetUp() override { start(); }
   KmeClient client(const std::string& sae) { return KmeClient(client_config(sim_->url(), sae)); }
 
-  template <typename F>
-  static KmeError error_of(F call) {
-    try {
-      call();
-    } catch (const KmeError& e) {
-      return e;
-    }
-    ADD_FAILURE() << "expected a KmeError";
-    return KmeError(KmeErrorKind::http, 0, "none");
-  }
-
   std::unique_ptr<kmesim::KmeSimulator> sim_;
 };
 
@@ -85,7 +74,7 @@ TEST_F(KmeClientTest, ASlaveGetsAKeyExactlyOnce) {
   auto b = client("sae-b");
   const auto keys = a.enc_keys("sae-b", 1, 256);
   b.dec_key("sae-a", keys[0].id);
-  const KmeError e = error_of([&] { b.dec_key("sae-a", keys[0].id); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { b.dec_key("sae-a", keys[0].id); });
   EXPECT_EQ(e.kind(), KmeErrorKind::key_not_found);
   EXPECT_EQ(e.http_status(), 400);
   EXPECT_NE(std::string(e.what()).find("one or more keys specified are not found on KME"),
@@ -97,7 +86,7 @@ TEST_F(KmeClientTest, AKeyForAnotherSlaveGets401) {
   auto a = client("sae-a");
   auto c = client("sae-c");
   const auto keys = a.enc_keys("sae-b", 1, 256);
-  const KmeError e = error_of([&] { c.dec_key("sae-a", keys[0].id); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { c.dec_key("sae-a", keys[0].id); });
   EXPECT_EQ(e.kind(), KmeErrorKind::unauthorized);
   EXPECT_EQ(e.http_status(), 401);
   // ... and the key is still there for its real slave.
@@ -106,14 +95,14 @@ TEST_F(KmeClientTest, AKeyForAnotherSlaveGets401) {
 
 TEST_F(KmeClientTest, AnUnregisteredSaeGets401) {
   auto x = client("sae-unregistered");
-  const KmeError e = error_of([&] { x.status("sae-b"); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { x.status("sae-b"); });
   EXPECT_EQ(e.kind(), KmeErrorKind::unauthorized);
   EXPECT_NE(std::string(e.what()).find("not registered"), std::string::npos) << e.what();
 }
 
 TEST_F(KmeClientTest, ACertificateFromAnotherCaIsRefused) {
   KmeClient rogue(client_config(sim_->url(), "sae-a", "rogue", "good"));
-  const KmeError e = error_of([&] { rogue.status("sae-b"); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { rogue.status("sae-b"); });
   // TLS 1.3: the KME's rejection arrives as an alert or, if our request was already on
   // its way, as a closed connection; either way the call fails and names the setting.
   EXPECT_TRUE(e.kind() == KmeErrorKind::tls || e.kind() == KmeErrorKind::transport) << e.what();
@@ -122,7 +111,7 @@ TEST_F(KmeClientTest, ACertificateFromAnotherCaIsRefused) {
 
 TEST_F(KmeClientTest, AKmeCertificateFromAnotherCaIsRefused) {
   KmeClient doubting(client_config(sim_->url(), "sae-a", "good", "rogue"));
-  const KmeError e = error_of([&] { doubting.status("sae-b"); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { doubting.status("sae-b"); });
   EXPECT_EQ(e.kind(), KmeErrorKind::tls) << e.what();
 }
 
@@ -130,18 +119,18 @@ TEST_F(KmeClientTest, TheKmeHostNameIsChecked) {
   // The KME certificate names localhost and 127.0.0.1, not 127.0.0.2.
   KmeClient wrong_host(client_config("https://127.0.0.2:" + std::to_string(sim_->port()), "sae-a"));
   auto config = otpgate::testing::simulator_config();
-  const KmeError e = error_of([&] { wrong_host.status("sae-b"); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { wrong_host.status("sae-b"); });
   EXPECT_TRUE(e.kind() == KmeErrorKind::tls || e.kind() == KmeErrorKind::transport) << e.what();
 }
 
 TEST_F(KmeClientTest, SizesMustBeMultiplesOfEightAndWithinLimits) {
   auto a = client("sae-a");
-  KmeError e = error_of([&] { a.enc_keys("sae-b", 1, 260); });
+  KmeError e = otpgate::testing::kme_error_of([&] { a.enc_keys("sae-b", 1, 260); });
   EXPECT_EQ(e.kind(), KmeErrorKind::bad_request);
   EXPECT_NE(std::string(e.what()).find("size shall be a multiple of 8"), std::string::npos);
-  e = error_of([&] { a.enc_keys("sae-b", 1, 16384); });
+  e = otpgate::testing::kme_error_of([&] { a.enc_keys("sae-b", 1, 16384); });
   EXPECT_EQ(e.kind(), KmeErrorKind::bad_request);
-  e = error_of([&] { a.enc_keys("sae-b", 2000, 256); });
+  e = otpgate::testing::kme_error_of([&] { a.enc_keys("sae-b", 2000, 256); });
   EXPECT_NE(std::string(e.what()).find("do not adhere to KME rules"), std::string::npos);
 }
 
@@ -177,7 +166,7 @@ TEST_F(KmeClientTest, AnEmptyStoreAnswers503AndRecovers) {
   config.key_rate_bps = 8;  // one byte a second: empty for the test's purposes
   start(config);
   auto a = client("sae-a");
-  const KmeError e = error_of([&] { a.enc_keys("sae-b", 1, 8192); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { a.enc_keys("sae-b", 1, 8192); });
   EXPECT_EQ(e.kind(), KmeErrorKind::unavailable);
   EXPECT_EQ(e.http_status(), 503);
   EXPECT_TRUE(e.retryable());
@@ -223,7 +212,7 @@ TEST_F(KmeClientTest, ADeadKmeIsATransportError) {
   const std::string url = sim_->url();
   sim_.reset();
   auto a = KmeClient(client_config(url, "sae-a"));
-  const KmeError e = error_of([&] { a.status("sae-b"); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { a.status("sae-b"); });
   EXPECT_EQ(e.kind(), KmeErrorKind::transport) << e.what();
   EXPECT_TRUE(e.retryable());
 }

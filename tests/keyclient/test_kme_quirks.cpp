@@ -53,17 +53,6 @@ KmeClient client_for(const FakeKme& kme) {
   return KmeClient(otpgate::testing::client_config(kme.url(), "sae-a"));
 }
 
-template <typename F>
-KmeError error_of(F call) {
-  try {
-    call();
-  } catch (const KmeError& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a KmeError";
-  return KmeError(KmeErrorKind::http, 0, "none");
-}
-
 std::string keys_json(const char* container) {
   return std::string(R"({")") + container + R"(":[{"key_ID":")" + kKeyId +
          R"(","key":"AAECAwQFBgcICQoLDA0ODw==","key_ID_extension":{"vendor":1}}],"vendor_extra":true})";
@@ -78,7 +67,7 @@ TEST(KmeQuirks, HtmlErrorPagesAreQuotedBrieflyAndRetried) {
                     "text/html");
   });
   auto client = client_for(kme);
-  const KmeError e = error_of([&] { client.enc_keys("sae-b", 1, 256); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { client.enc_keys("sae-b", 1, 256); });
   EXPECT_EQ(e.kind(), KmeErrorKind::server);
   EXPECT_EQ(e.http_status(), 500);
   EXPECT_NE(std::string(e.what()).find("Internal Server Error upstream gone"), std::string::npos)
@@ -93,7 +82,7 @@ TEST(KmeQuirks, DetailBodiesAndOtherCodesAreReadNotRetried) {
     res.set_content(R"({"detail":"size: value is not a valid integer"})", "application/json");
   });
   auto client = client_for(kme);
-  const KmeError e = error_of([&] { client.enc_keys("sae-b", 1, 256); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { client.enc_keys("sae-b", 1, 256); });
   EXPECT_EQ(e.kind(), KmeErrorKind::http);
   EXPECT_EQ(e.http_status(), 422);
   EXPECT_NE(std::string(e.what()).find("size: value is not a valid integer"), std::string::npos);
@@ -103,7 +92,7 @@ TEST(KmeQuirks, DetailBodiesAndOtherCodesAreReadNotRetried) {
 TEST(KmeQuirks, EmptyErrorBodiesAreSaidToBeEmpty) {
   FakeKme kme([](const auto&, httplib::Response& res, int) { res.status = 404; });
   auto client = client_for(kme);
-  const KmeError e = error_of([&] { client.status("sae-b"); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { client.status("sae-b"); });
   EXPECT_EQ(e.kind(), KmeErrorKind::not_found);
   EXPECT_NE(std::string(e.what()).find("HTTP 404: (empty body)"), std::string::npos) << e.what();
 }
@@ -127,7 +116,7 @@ TEST(KmeQuirks, MalformedKeyAnswersAreNeverQuoted) {
         "application/json");
   });
   auto client = client_for(kme);
-  const KmeError e = error_of([&] { client.enc_keys("sae-b", 1, 256); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { client.enc_keys("sae-b", 1, 256); });
   EXPECT_EQ(e.kind(), KmeErrorKind::protocol);
   EXPECT_NE(std::string(e.what()).find("not a JSON object"), std::string::npos) << e.what();
   EXPECT_EQ(std::string(e.what()).find(kSecretLooking), std::string::npos);
@@ -152,7 +141,7 @@ TEST(KmeQuirks, MissingOrMalformedFieldsAreNamed) {
                             "is not valid base64",     "no \"keys\" array",
                             "\"key_size\" is \"256\"", "\"key_size\" is missing"};
   for (which = 0; which < 6; ++which) {
-    const KmeError e = error_of([&] {
+    const KmeError e = otpgate::testing::kme_error_of([&] {
       if (which < 4) {
         client.enc_keys("sae-b", 1, 128);
       } else {
@@ -187,7 +176,7 @@ TEST(KmeQuirks, AHangingKmeTimesOut) {
   config.request_timeout = std::chrono::milliseconds(300);
   config.retry.max_attempts = 1;
   KmeClient client(config);
-  const KmeError e = error_of([&] { client.status("sae-b"); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { client.status("sae-b"); });
   EXPECT_EQ(e.kind(), KmeErrorKind::transport);
   EXPECT_NE(std::string(e.what()).find("timed out"), std::string::npos) << e.what();
 }
@@ -206,7 +195,7 @@ TEST(KmeQuirks, AConnectionClosedMidAnswerIsATransportError) {
   auto config = otpgate::testing::client_config(kme.url(), "sae-a");
   config.retry.max_attempts = 1;
   KmeClient client(config);
-  const KmeError e = error_of([&] { client.enc_keys("sae-b", 1, 256); });
+  const KmeError e = otpgate::testing::kme_error_of([&] { client.enc_keys("sae-b", 1, 256); });
   EXPECT_TRUE(e.kind() == KmeErrorKind::transport || e.kind() == KmeErrorKind::tls) << e.what();
   EXPECT_EQ(std::string(e.what()).find(kSecretLooking), std::string::npos);
 }
@@ -226,7 +215,8 @@ TEST(KmeQuirks, NotYetRelayedKeysAreAwaitedThenDeclaredLost) {
   const auto id = *keys::KeyId::parse(kKeyId);
   EXPECT_EQ(client.dec_keys("sae-b", std::vector{id}).size(), 1u);
   const auto other = *keys::KeyId::parse("00000000-0000-4000-8000-000000000000");
-  const KmeError e = error_of([&] { client.dec_keys("sae-b", std::vector{other}); });
+  const KmeError e =
+      otpgate::testing::kme_error_of([&] { client.dec_keys("sae-b", std::vector{other}); });
   EXPECT_EQ(e.kind(), KmeErrorKind::key_not_found);
   EXPECT_NE(std::string(e.what()).find("relay"), std::string::npos) << e.what();
 }

@@ -3,20 +3,15 @@
 #include <fstream>
 
 #include "otpgate/keyclient.hpp"
+#include "test_pki.hpp"
 
 using otpgate::keys::OffsetJournal;
 namespace fs = std::filesystem;
 
 class OffsetJournalTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("otpgate-journal-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  fs::path dir_;
+  otpgate::testing::TestDir test_dir_;
+  const fs::path dir_ = test_dir_.path;
 };
 
 TEST_F(OffsetJournalTest, StartsAtZeroAndPersistsReservations) {

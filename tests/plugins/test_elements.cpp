@@ -70,17 +70,9 @@ guint64 stat(GstElement* e, const char* field) {
 
 class ElementTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("otpgate-elements-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-    make_pad(8u << 20);
-  }
+  void SetUp() override { make_pad(8u << 20); }
   void TearDown() override {
     for (GstHarness* h : harnesses_) gst_harness_teardown(h);
-    fs::remove_all(dir_);
   }
   void make_pad(std::size_t size) {
     Bytes pad(size);
@@ -132,7 +124,8 @@ class ElementTest : public ::testing::Test {
     return plain;
   }
 
-  fs::path dir_;
+  otpgate::testing::TestDir test_dir_;
+  const fs::path dir_ = test_dir_.path;
   std::vector<GstHarness*> harnesses_;
 };
 

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
 #include <filesystem>
 #include <string>
 #include <thread>
@@ -44,6 +45,33 @@ inline keys::KmeClientConfig client_config(const std::string& url, const std::st
   c.log = keys::stderr_log_sink(keys::LogLevel::error);
   return c;
 }
+
+// The KmeError a call throws (a test failure if it throws nothing).
+template <typename F>
+keys::KmeError kme_error_of(F call) {
+  try {
+    call();
+  } catch (const keys::KmeError& e) {
+    return e;
+  }
+  ADD_FAILURE() << "expected a KmeError";
+  return keys::KmeError(keys::KmeErrorKind::http, 0, "none");
+}
+
+// A fresh folder under /tmp named after the running test, removed when done.
+struct TestDir {
+  TestDir()
+      : path(std::filesystem::temp_directory_path() /
+             ("otpgate-" + std::to_string(::getpid()) + "-" +
+              ::testing::UnitTest::GetInstance()->current_test_info()->name())) {
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TestDir() { std::filesystem::remove_all(path); }
+  TestDir(const TestDir&) = delete;
+  TestDir& operator=(const TestDir&) = delete;
+  std::filesystem::path path;
+};
 
 // Runs `check` until it holds or `limit` passes; for waiting on background threads.
 template <typename Check>
