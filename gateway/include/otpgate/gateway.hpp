@@ -1,0 +1,76 @@
+// otp-gateway: the site daemon between a conference system's RTP and the remote site.
+// Config (TOML) -> per stream, two GStreamer pipelines (local RTP/RTCP in -> otpencrypt
+// -> peer; peer -> otpdecrypt -> conference system), one key supply per stream and
+// direction, and a status API (JSON and Prometheus). See docs/gateway.md.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace otpgate::gateway {
+
+// A configuration problem: names the key, the value and what is expected.
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct Endpoint {
+  std::string host;
+  std::uint16_t port = 0;
+};
+
+struct StreamConfig {
+  std::string name;                      // "video-1", "audio-1", "content"
+  std::uint16_t local_rtp_port = 0;      // the conference system sends RTP here
+  std::uint16_t local_rtcp_port = 0;     // ... and RTCP here (0: none)
+  std::uint16_t peer_port = 0;           // the peer gateway listens here for this stream
+  std::uint16_t listen_port = 0;         // we listen here for this stream from the peer
+  Endpoint deliver_rtp;                  // decrypted RTP from the remote site goes here
+  std::optional<Endpoint> deliver_rtcp;  // ... and RTCP here
+};
+
+struct GatewayConfig {
+  std::string site_name;
+  std::string sae_id;
+  std::filesystem::path state_dir;
+  std::string kme_url;
+  std::filesystem::path tls_cert, tls_key, tls_ca;
+  std::string peer_sae_id;
+  std::string peer_address;
+  std::string cipher = "otp";             // otp | aes-256-gcm
+  std::string on_key_exhausted = "drop";  // drop | block | fallback-aes
+  std::uint32_t rekey_interval = 1024;
+  Endpoint status_listen{"127.0.0.1", 8080};
+  std::vector<StreamConfig> streams;
+};
+
+// Reads and validates a config file; throws ConfigError with one readable line.
+GatewayConfig load_config(const std::filesystem::path& path);
+GatewayConfig parse_config(std::string_view toml_text, const std::string& source_name);
+
+class Gateway {
+ public:
+  explicit Gateway(GatewayConfig config);
+  ~Gateway();  // stops
+  Gateway(const Gateway&) = delete;
+  Gateway& operator=(const Gateway&) = delete;
+
+  void start();  // key supplies, pipelines, status API; throws with a readable reason
+  void stop();   // pipelines to NULL, key supplies stopped (journals are already durable)
+
+  std::string status_json() const;   // what /api/v1/status serves
+  std::string metrics_text() const;  // what /metrics serves (Prometheus text format)
+  std::uint16_t status_port() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace otpgate::gateway

@@ -1,0 +1,332 @@
+#include <gst/gst.h>
+#include <httplib.h>
+
+#include <atomic>
+#include <cstdio>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "otpgate/gateway.hpp"
+#include "otpgate/keyclient.hpp"
+
+namespace otpgate::gateway {
+
+using nlohmann::json;
+
+namespace {
+
+struct PipelineDeleter {
+  void operator()(GstElement* pipeline) const {
+    gst_element_set_state(pipeline, GST_STATE_NULL);
+    gst_object_unref(pipeline);
+  }
+};
+using PipelinePtr = std::unique_ptr<GstElement, PipelineDeleter>;
+
+struct ObjectUnref {
+  void operator()(GstElement* e) const { gst_object_unref(e); }
+};
+using ElementPtr = std::unique_ptr<GstElement, ObjectUnref>;
+
+std::string endpoint_text(const Endpoint& e) {
+  return e.host + ":" + std::to_string(e.port);
+}
+
+// A GstStructure of counters as JSON (numbers, booleans, strings).
+json structure_json(const GstStructure* s) {
+  json out = json::object();
+  if (!s) return out;
+  for (int i = 0; i < gst_structure_n_fields(s); ++i) {
+    const char* name = gst_structure_nth_field_name(s, static_cast<guint>(i));
+    const GValue* v = gst_structure_get_value(s, name);
+    if (G_VALUE_HOLDS_UINT64(v)) {
+      out[name] = g_value_get_uint64(v);
+    } else if (G_VALUE_HOLDS_UINT(v)) {
+      out[name] = g_value_get_uint(v);
+    } else if (G_VALUE_HOLDS_BOOLEAN(v)) {
+      out[name] = static_cast<bool>(g_value_get_boolean(v));
+    } else if (G_VALUE_HOLDS_DOUBLE(v)) {
+      out[name] = g_value_get_double(v);
+    } else if (G_VALUE_HOLDS_STRING(v)) {
+      const char* text = g_value_get_string(v);
+      out[name] = text ? text : "";
+    }
+  }
+  return out;
+}
+
+json element_stats(GstElement* element) {
+  GstStructure* s = nullptr;
+  g_object_get(element, "stats", &s, nullptr);
+  json out = structure_json(s);
+  if (s) gst_structure_free(s);
+  return out;
+}
+
+json supply_json(const keys::KeySupply& supply) {
+  const auto s = supply.stats();
+  return json{{"bytes_available", s.bytes_available},
+              {"bytes_consumed", s.bytes_consumed},
+              {"bytes_fetched", s.bytes_fetched},
+              {"keys_fetched", s.keys_fetched},
+              {"keys_lost", s.keys_lost},
+              {"kme_errors", s.kme_errors},
+              {"kme_healthy", s.kme_healthy},
+              {"kme_last_error", s.last_error},
+              {"key_size_bits", s.key_size_bits},
+              {"consumption_bits_per_s", s.consumption_bytes_per_s * 8},
+              {"seconds_to_exhaustion",
+               std::isinf(s.seconds_to_exhaustion) ? json(nullptr) : json(s.seconds_to_exhaustion)},
+              {"refill_latency_ms", s.refill_latency_ms_avg},
+              {"memory_locked", s.memory_locked}};
+}
+
+}  // namespace
+
+struct Gateway::Impl {
+  struct Stream {
+    StreamConfig config;
+    std::unique_ptr<keys::KeySupply> send_keys;     // this site is master SAE
+    std::unique_ptr<keys::KeySupply> receive_keys;  // this site is slave SAE
+    PipelinePtr pipeline;
+    ElementPtr encrypt, decrypt;
+  };
+
+  GatewayConfig config;
+  std::vector<Stream> streams;
+  httplib::Server status_server;
+  std::thread status_thread;
+  int status_port = 0;
+  std::thread bus_thread;
+  std::atomic<bool> running{false};
+
+  keys::KmeClientConfig kme_config() const {
+    keys::KmeClientConfig k;
+    k.base_url = config.kme_url;
+    k.tls = {config.tls_cert, config.tls_key, config.tls_ca};
+    return k;
+  }
+
+  void build(Stream& s) {
+    const StreamConfig& c = s.config;
+    keys::KeySupplyConfig send;
+    send.role = keys::SaeRole::master;
+    send.peer_sae_id = config.peer_sae_id;
+    send.journal = config.state_dir /
+                   (config.sae_id + "-to-" + config.peer_sae_id + "-" + c.name + ".journal");
+    s.send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
+    keys::KeySupplyConfig receive;
+    receive.role = keys::SaeRole::slave;
+    receive.peer_sae_id = config.peer_sae_id;
+    receive.ring_bytes = 12u << 20;
+    s.receive_keys = std::make_unique<keys::KeySupply>(kme_config(), receive);
+
+    // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway;
+    // the peer gateway -> otpdecrypt -> the conference system.
+    std::string d =
+        "udpsrc name=rtp_in port=" + std::to_string(c.local_rtp_port) +
+        " caps=application/x-rtp ! funnel name=mux ! otpencrypt name=enc ! udpsink host=" +
+        config.peer_address + " port=" + std::to_string(c.peer_port) + " sync=false async=false ";
+    if (c.local_rtcp_port) {
+      d += "udpsrc port=" + std::to_string(c.local_rtcp_port) + " caps=application/x-rtcp ! mux. ";
+    }
+    d += "udpsrc port=" + std::to_string(c.listen_port) +
+         " caps=application/x-otp buffer-size=4194304 ! otpdecrypt name=dec ! udpsink host=" +
+         c.deliver_rtp.host + " port=" + std::to_string(c.deliver_rtp.port) +
+         " sync=false async=false ";
+    d += c.deliver_rtcp
+             ? "dec.rtcp_src ! udpsink host=" + c.deliver_rtcp->host +
+                   " port=" + std::to_string(c.deliver_rtcp->port) + " sync=false async=false"
+             : "dec.rtcp_src ! fakesink sync=false async=false";
+    GError* error = nullptr;
+    GstElement* pipeline = gst_parse_launch(d.c_str(), &error);
+    if (error) {
+      const std::string message = error->message;
+      g_error_free(error);
+      if (pipeline) gst_object_unref(pipeline);
+      throw std::runtime_error("stream " + c.name + ": cannot build its pipeline: " + message +
+                               " (is the otp plugin on GST_PLUGIN_PATH?)");
+    }
+    s.pipeline.reset(pipeline);
+    s.encrypt.reset(gst_bin_get_by_name(GST_BIN(pipeline), "enc"));
+    s.decrypt.reset(gst_bin_get_by_name(GST_BIN(pipeline), "dec"));
+    g_object_set(s.encrypt.get(), "key-supply", static_cast<keys::PadSource*>(s.send_keys.get()),
+                 "rekey-interval", config.rekey_interval, nullptr);
+    gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "cipher", config.cipher.c_str());
+    gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "on-key-exhausted",
+                            config.on_key_exhausted.c_str());
+    g_object_set(s.decrypt.get(), "key-supply", static_cast<keys::PadSource*>(s.receive_keys.get()),
+                 nullptr);
+  }
+
+  void watch_buses() {
+    while (running) {
+      for (auto& s : streams) {
+        GstBus* bus = gst_element_get_bus(s.pipeline.get());
+        while (GstMessage* m = gst_bus_pop_filtered(
+                   bus, static_cast<GstMessageType>(GST_MESSAGE_ERROR | GST_MESSAGE_WARNING))) {
+          GError* err = nullptr;
+          gchar* debug = nullptr;
+          const bool is_error = GST_MESSAGE_TYPE(m) == GST_MESSAGE_ERROR;
+          if (is_error) {
+            gst_message_parse_error(m, &err, &debug);
+          } else {
+            gst_message_parse_warning(m, &err, &debug);
+          }
+          std::fprintf(stderr, "otp-gateway[%s]: stream %s: %s\n", is_error ? "error" : "warning",
+                       s.config.name.c_str(), err->message);
+          g_error_free(err);
+          g_free(debug);
+          gst_message_unref(m);
+        }
+        gst_object_unref(bus);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+
+  json status() const {
+    json out{{"site", config.site_name},
+             {"sae_id", config.sae_id},
+             {"peer", {{"sae_id", config.peer_sae_id}, {"address", config.peer_address}}},
+             {"policy",
+              {{"cipher", config.cipher},
+               {"on_key_exhausted", config.on_key_exhausted},
+               {"rekey_interval", config.rekey_interval}}},
+             {"kme", {{"url", config.kme_url}}},
+             {"running", running.load()}};
+    bool healthy = true;
+    json list = json::array();
+    for (const auto& s : streams) {
+      json stream{
+          {"name", s.config.name},
+          {"local_rtp_port", s.config.local_rtp_port},
+          {"peer_port", s.config.peer_port},
+          {"listen_port", s.config.listen_port},
+          {"deliver_rtp", endpoint_text(s.config.deliver_rtp)},
+          {"send", element_stats(s.encrypt.get())},
+          {"receive", element_stats(s.decrypt.get())},
+          {"key_supply",
+           {{"send", supply_json(*s.send_keys)}, {"receive", supply_json(*s.receive_keys)}}}};
+      healthy = healthy && s.send_keys->stats().kme_healthy;
+      list.push_back(std::move(stream));
+    }
+    out["kme"]["healthy"] = healthy;
+    out["streams"] = std::move(list);
+    return out;
+  }
+
+  std::string metrics() const {
+    std::string out;
+    std::set<std::string> typed;
+    auto metric = [&](const std::string& name, const char* type, const std::string& labels,
+                      double value) {
+      if (typed.insert(name).second) out += "# TYPE " + name + " " + type + "\n";
+      char number[64];
+      std::snprintf(number, sizeof number, "%.17g", value);
+      out += name + "{" + labels + "} " + number + "\n";
+    };
+    const json st = status();
+    for (const auto& s : st["streams"]) {
+      for (const char* direction : {"send", "receive"}) {
+        const std::string labels = "site=\"" + config.site_name + "\",stream=\"" +
+                                   s["name"].get<std::string>() + "\",direction=\"" + direction +
+                                   "\"";
+        for (const auto& [field, value] : s[direction].items()) {
+          if (!value.is_number_unsigned() || field.rfind("key-", 0) == 0) continue;
+          std::string name = "otpgate_" + field;
+          std::replace(name.begin(), name.end(), '-', '_');
+          metric(name + "_total", "counter", labels, value.get<double>());
+        }
+        const json& k = s["key_supply"][direction];
+        metric("otpgate_key_available_bytes", "gauge", labels, k["bytes_available"].get<double>());
+        metric("otpgate_key_consumed_bytes_total", "counter", labels,
+               k["bytes_consumed"].get<double>());
+        metric("otpgate_key_fetched_bytes_total", "counter", labels,
+               k["bytes_fetched"].get<double>());
+        metric("otpgate_kme_errors_total", "counter", labels, k["kme_errors"].get<double>());
+        metric("otpgate_kme_healthy", "gauge", labels, k["kme_healthy"].get<bool>() ? 1 : 0);
+        metric("otpgate_keys_lost_total", "counter", labels, k["keys_lost"].get<double>());
+      }
+    }
+    return out;
+  }
+};
+
+Gateway::Gateway(GatewayConfig config) : impl_(std::make_unique<Impl>()) {
+  impl_->config = std::move(config);
+  if (!gst_is_initialized()) gst_init(nullptr, nullptr);
+}
+
+Gateway::~Gateway() {
+  stop();
+}
+
+void Gateway::start() {
+  Impl& g = *impl_;
+  if (g.running) return;
+  std::filesystem::create_directories(g.config.state_dir);
+  for (const auto& c : g.config.streams) {
+    g.streams.push_back(Impl::Stream{c, nullptr, nullptr, nullptr, nullptr, nullptr});
+    g.build(g.streams.back());
+  }
+  for (auto& s : g.streams) {
+    s.send_keys->start();
+    s.receive_keys->start();
+    if (gst_element_set_state(s.pipeline.get(), GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) {
+      throw std::runtime_error("stream " + s.config.name +
+                               ": its pipeline did not start (UDP port " +
+                               std::to_string(s.config.local_rtp_port) + " or " +
+                               std::to_string(s.config.listen_port) + " in use?)");
+    }
+  }
+  g.running = true;
+  g.bus_thread = std::thread([&g] { g.watch_buses(); });
+
+  g.status_server.Get("/api/v1/status", [&g](const httplib::Request&, httplib::Response& res) {
+    res.set_content(g.status().dump(2), "application/json");
+  });
+  g.status_server.Get("/metrics", [&g](const httplib::Request&, httplib::Response& res) {
+    res.set_content(g.metrics(), "text/plain; version=0.0.4");
+  });
+  const Endpoint& listen = g.config.status_listen;
+  g.status_port = listen.port == 0
+                      ? g.status_server.bind_to_any_port(listen.host)
+                      : (g.status_server.bind_to_port(listen.host, listen.port) ? listen.port : -1);
+  if (g.status_port <= 0) {
+    throw std::runtime_error("status.listen " + endpoint_text(listen) +
+                             ": cannot listen (in use?)");
+  }
+  g.status_thread = std::thread([&g] { g.status_server.listen_after_bind(); });
+  while (!g.status_server.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
+
+void Gateway::stop() {
+  Impl& g = *impl_;
+  if (g.status_thread.joinable()) {
+    g.status_server.stop();
+    g.status_thread.join();
+  }
+  g.running = false;
+  if (g.bus_thread.joinable()) g.bus_thread.join();
+  // Pipelines first (they use the key supplies), then the supplies.
+  for (auto& s : g.streams) {
+    s.encrypt.reset();
+    s.decrypt.reset();
+    s.pipeline.reset();
+  }
+  g.streams.clear();
+}
+
+std::string Gateway::status_json() const {
+  return impl_->status().dump(2);
+}
+std::string Gateway::metrics_text() const {
+  return impl_->metrics();
+}
+std::uint16_t Gateway::status_port() const {
+  return static_cast<std::uint16_t>(impl_->status_port);
+}
+
+}  // namespace otpgate::gateway

@@ -1,0 +1,65 @@
+// otp-gateway: the site daemon. Runs until SIGTERM or SIGINT, then stops cleanly.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+
+#include "otpgate/gateway.hpp"
+
+int main(int argc, char** argv) {
+  std::string config_path;
+  bool check_only = false;
+  CLI::App app{
+      "otp-gateway: protects a site's conference RTP/RTCP with a one-time pad from QKD.\n"
+      "For every [[stream]] in the config it takes RTP (and RTCP) from the local conference\n"
+      "system, encrypts it with keys fetched as master SAE from the KME (ETSI GS QKD 014) and\n"
+      "sends it to the peer gateway; what the peer sends back is decrypted with keys fetched\n"
+      "as slave SAE and delivered to the conference system. Status: GET /api/v1/status (JSON)\n"
+      "and /metrics (Prometheus) on status.listen. See docs/gateway.md for the config."};
+  app.add_option("-c,--config", config_path,
+                 "Site config file (TOML), e.g. /etc/otpgate/site-a.toml")
+      ->required();
+  app.add_flag("--check-config", check_only,
+               "Validate the config, print a summary and exit (0: valid)");
+  CLI11_PARSE(app, argc, argv);
+
+  otpgate::gateway::GatewayConfig config;
+  try {
+    config = otpgate::gateway::load_config(config_path);
+  } catch (const otpgate::gateway::ConfigError& e) {
+    std::fprintf(stderr, "otp-gateway: %s\n", e.what());
+    return 2;
+  }
+  if (check_only) {
+    std::printf(
+        "%s: valid: site %s (SAE %s), peer %s at %s, %zu streams, cipher %s, on key exhausted: "
+        "%s\n",
+        config_path.c_str(), config.site_name.c_str(), config.sae_id.c_str(),
+        config.peer_sae_id.c_str(), config.peer_address.c_str(), config.streams.size(),
+        config.cipher.c_str(), config.on_key_exhausted.c_str());
+    return 0;
+  }
+
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  try {
+    otpgate::gateway::Gateway gateway(config);
+    gateway.start();
+    std::printf(
+        "otp-gateway: site %s running %zu streams to %s; status on http://%s:%u/api/v1/status\n",
+        config.site_name.c_str(), config.streams.size(), config.peer_address.c_str(),
+        config.status_listen.host.c_str(), gateway.status_port());
+    std::fflush(stdout);
+    int signal = 0;
+    sigwait(&stop_signals, &signal);
+    std::printf("otp-gateway: stopping on signal %d\n", signal);
+    gateway.stop();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "otp-gateway: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

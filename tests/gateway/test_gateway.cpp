@@ -1,0 +1,259 @@
+// Two otp-gateways and qkd-kme-sim on loopback: media from each site's conference system
+// arrives at the other decrypted and byte-identical, both directions, audio and video at
+// once; the status API and /metrics count what was sent; config errors are readable.
+#include <arpa/inet.h>
+#include <gst/gst.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "otpgate/gateway.hpp"
+#include "test_pki.hpp"
+
+namespace fs = std::filesystem;
+using Bytes = std::vector<std::uint8_t>;
+using otpgate::gateway::ConfigError;
+
+namespace {
+
+class UdpSocket {
+ public:
+  explicit UdpSocket(std::uint16_t port = 0) : fd_(::socket(AF_INET, SOCK_DGRAM, 0)) {
+    int size = 8 << 20;
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0)
+      throw std::runtime_error("bind failed");
+  }
+  ~UdpSocket() { ::close(fd_); }
+  void send_to(std::uint16_t port, const Bytes& data) const {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ::sendto(fd_, data.data(), data.size(), 0, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  }
+  std::optional<Bytes> receive(int timeout_ms) const {
+    pollfd p{fd_, POLLIN, 0};
+    if (::poll(&p, 1, timeout_ms) <= 0) return std::nullopt;
+    Bytes b(65536);
+    const ssize_t n = ::recv(fd_, b.data(), b.size(), 0);
+    if (n < 0) return std::nullopt;
+    b.resize(static_cast<std::size_t>(n));
+    return b;
+  }
+
+ private:
+  int fd_;
+};
+
+Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::size_t payload) {
+  Bytes p{0x80, pt, static_cast<std::uint8_t>(seq >> 8), static_cast<std::uint8_t>(seq), 0, 0,
+          0,    0};
+  for (int i = 0; i < 4; ++i) p.push_back(static_cast<std::uint8_t>(ssrc >> (24 - 8 * i)));
+  for (std::size_t i = 0; i < payload; ++i)
+    p.push_back(static_cast<std::uint8_t>(seq * 13 + i + pt));
+  return p;
+}
+
+std::uint16_t base_port() {
+  static std::uint16_t next = static_cast<std::uint16_t>(20000 + (::getpid() % 2000) * 20);
+  next = static_cast<std::uint16_t>(next + 20);
+  return next;
+}
+
+std::string site_config(const std::string& me, const std::string& peer, const std::string& kme_url,
+                        const fs::path& state, std::uint16_t base, bool site_a) {
+  const std::string pki = otpgate::testing::pki_dir().string();
+  // Ports: base+0.. A local, base+5.. B local; A listens base+10.., B listens base+15..
+  auto port = [&](int offset) { return std::to_string(base + offset); };
+  const int local = site_a ? 0 : 5, listen = site_a ? 10 : 15, peer_listen = site_a ? 15 : 10;
+  const int deliver = site_a ? 100 : 105;
+  std::string t = "[site]\nname = \"" + me + "-site\"\nsae_id = \"" + me + "\"\nstate_dir = \"" +
+                  state.string() + "\"\n[kme]\nurl = \"" + kme_url + "\"\ntls_cert = \"" + pki +
+                  "/" + me + ".crt\"\ntls_key = \"" + pki + "/" + me + ".key\"\ntls_ca = \"" + pki +
+                  "/ca.crt\"\n[peer]\nsae_id = \"" + peer +
+                  "\"\naddress = \"127.0.0.1\"\n[status]\nlisten = \"127.0.0.1:0\"\n";
+  const char* names[] = {"audio-1", "video-1"};
+  for (int s = 0; s < 2; ++s) {
+    t += "[[stream]]\nname = \"" + std::string(names[s]) +
+         "\"\nlocal_rtp_port = " + port(local + 2 * s) +
+         "\nlocal_rtcp_port = " + port(local + 2 * s + 1) +
+         "\npeer_port = " + port(peer_listen + s) + "\nlisten_port = " + port(listen + s) +
+         "\ndeliver_rtp = \"127.0.0.1:" + port(deliver + 2 * s) +
+         "\"\ndeliver_rtcp = \"127.0.0.1:" + port(deliver + 2 * s + 1) + "\"\n";
+  }
+  return t;
+}
+
+class GatewayTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    g_setenv("GST_PLUGIN_PATH", OTPGATE_PLUGIN_DIR, TRUE);
+    if (!gst_is_initialized()) gst_init(nullptr, nullptr);
+    sim_.start();
+    base_ = base_port();
+    a_ = std::make_unique<otpgate::gateway::Gateway>(otpgate::gateway::parse_config(
+        site_config("sae-a", "sae-b", sim_.url(), dir_.path / "a", base_, true), "site-a.toml"));
+    b_ = std::make_unique<otpgate::gateway::Gateway>(otpgate::gateway::parse_config(
+        site_config("sae-b", "sae-a", sim_.url(), dir_.path / "b", base_, false), "site-b.toml"));
+    a_->start();
+    b_->start();
+  }
+  void TearDown() override {
+    a_.reset();
+    b_.reset();
+  }
+
+  // Sends `count` packets per stream from one site's conference system; returns what
+  // the other site's conference system received, per stream.
+  std::map<int, std::vector<Bytes>> exchange(bool from_a, int count,
+                                             std::map<int, std::vector<Bytes>>& sent) {
+    const int local = from_a ? 0 : 5, deliver = from_a ? 105 : 100;
+    UdpSocket conference;
+    std::vector<std::unique_ptr<UdpSocket>> sinks;
+    for (int s = 0; s < 2; ++s)
+      sinks.push_back(std::make_unique<UdpSocket>(base_ + deliver + 2 * s));
+    for (int i = 0; i < count; ++i) {
+      for (int s = 0; s < 2; ++s) {
+        const Bytes p = rtp(static_cast<std::uint16_t>(i), from_a ? 0xa0 + s : 0xb0 + s,
+                            s == 0 ? 111 : 96, s == 0 ? 160 : 1100);
+        sent[s].push_back(p);
+        conference.send_to(static_cast<std::uint16_t>(base_ + local + 2 * s), p);
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+    }
+    std::map<int, std::vector<Bytes>> received;
+    for (int s = 0; s < 2; ++s) {
+      while (auto p = sinks[s]->receive(3000)) {
+        received[s].push_back(*p);
+        if (received[s].size() == static_cast<std::size_t>(count)) break;
+      }
+    }
+    return received;
+  }
+
+  otpgate::testing::TestDir dir_;
+  otpgate::kmesim::KmeSimulator sim_{otpgate::testing::simulator_config()};
+  std::uint16_t base_ = 0;
+  std::unique_ptr<otpgate::gateway::Gateway> a_, b_;
+};
+
+nlohmann::json get_json(std::uint16_t port, const char* path) {
+  httplib::Client client("127.0.0.1", port);
+  auto res = client.Get(path);
+  if (!res || res->status != 200) return nullptr;
+  return nlohmann::json::parse(res->body);
+}
+
+}  // namespace
+
+TEST_F(GatewayTest, AudioAndVideoArriveByteIdenticalInBothDirections) {
+  for (bool from_a : {true, false}) {
+    std::map<int, std::vector<Bytes>> sent;
+    auto received = exchange(from_a, 300, sent);
+    for (int s = 0; s < 2; ++s) {
+      EXPECT_EQ(received[s], sent[s]) << (from_a ? "A->B" : "B->A") << " stream " << s;
+    }
+  }
+  for (auto* g : {a_.get(), b_.get()}) {
+    const auto status = get_json(g->status_port(), "/api/v1/status");
+    for (const auto& stream : status["streams"]) {
+      EXPECT_EQ(stream["receive"]["auth-failures"], 0);
+      EXPECT_EQ(stream["receive"]["replays"], 0);
+    }
+  }
+}
+
+TEST_F(GatewayTest, StatusApiAndMetricsCountWhatWasSent) {
+  std::map<int, std::vector<Bytes>> sent;
+  exchange(true, 120, sent);
+  const auto a = get_json(a_->status_port(), "/api/v1/status");
+  const auto b = get_json(b_->status_port(), "/api/v1/status");
+  ASSERT_TRUE(a.is_object());
+  EXPECT_EQ(a["site"], "sae-a-site");
+  EXPECT_EQ(a["streams"][0]["name"], "audio-1");
+  EXPECT_EQ(a["streams"][0]["send"]["packets-in"], 120);
+  EXPECT_EQ(a["streams"][1]["send"]["packets-in"], 120);
+  EXPECT_EQ(b["streams"][0]["receive"]["packets-out"], 120);
+  EXPECT_TRUE(a["kme"]["healthy"].get<bool>());
+  EXPECT_GT(a["streams"][0]["key_supply"]["send"]["bytes_consumed"].get<std::uint64_t>(),
+            120u * 160u);
+
+  httplib::Client client("127.0.0.1", a_->status_port());
+  auto metrics = client.Get("/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_NE(metrics->body.find("otpgate_packets_in_total{site=\"sae-a-site\",stream=\"video-1\","
+                               "direction=\"send\"} 120"),
+            std::string::npos)
+      << metrics->body;
+  EXPECT_NE(metrics->body.find("# TYPE otpgate_key_available_bytes gauge"), std::string::npos);
+}
+
+TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
+  const std::string pki = otpgate::testing::pki_dir().string();
+  const std::string good =
+      "[site]\nname = \"a\"\nsae_id = \"sae-a\"\n[kme]\nurl = \"https://kme:443\"\ntls_cert = \"" +
+      pki + "/sae-a.crt\"\ntls_key = \"" + pki + "/sae-a.key\"\ntls_ca = \"" + pki +
+      "/ca.crt\"\n[peer]\nsae_id = \"sae-b\"\naddress = \"10.0.0.2\"\n"
+      "[[stream]]\nname = \"audio\"\nlocal_rtp_port = 5004\npeer_port = 6004\n"
+      "listen_port = 6004\ndeliver_rtp = \"127.0.0.1:7004\"\n";
+  EXPECT_NO_THROW(otpgate::gateway::parse_config(good, "site.toml"));
+  auto error_for = [&](const std::string& from, const std::string& to) {
+    std::string text = good;
+    const auto at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    text.replace(at, from.size(), to);
+    try {
+      otpgate::gateway::parse_config(text, "site.toml");
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(error_for("https://kme:443", "http://kme:443"),
+            "site.toml: kme.url = \"http://kme:443\": expected an https:// URL (ETSI GS QKD 014 "
+            "requires TLS)");
+  EXPECT_EQ(
+      error_for("local_rtp_port = 5004", "local_rtp_port = 70000"),
+      "site.toml: stream[0].local_rtp_port = 70000: expected a UDP port number from 1 to 65535");
+  EXPECT_EQ(error_for("sae_id = \"sae-b\"", "sae_id = \"sae-a\""),
+            "site.toml: peer.sae_id = \"sae-a\": expected an SAE ID other than site.sae_id");
+  EXPECT_EQ(error_for("deliver_rtp = \"127.0.0.1:7004\"", "deliver_rtp = \"nowhere\""),
+            "site.toml: stream[0].deliver_rtp = \"nowhere\": expected \"host:port\"");
+  EXPECT_NE(error_for("/sae-a.key", "/missing.key").find("kme.tls_key"), std::string::npos);
+  EXPECT_NE(error_for("[peer]", "[pear]").find("[peer] is missing: expected a table"),
+            std::string::npos);
+  EXPECT_NE(error_for("name = \"audio\"", "name = \"audio\"\n[bad").find("not valid TOML"),
+            std::string::npos);
+  EXPECT_EQ(error_for("listen_port = 6004", "listen_port = 5004"),
+            "site.toml: stream[0].*_port = 5004: expected a local port no other stream or "
+            "direction uses");
+}
+
+TEST(GatewayCli, CheckConfigExitsNonZeroWithOneReadableLine) {
+  const fs::path bad =
+      fs::temp_directory_path() / ("otpgate-bad-" + std::to_string(::getpid()) + ".toml");
+  std::ofstream(bad) << "[site]\nname = 3\n";
+  const std::string command =
+      std::string(OTPGATE_GATEWAY_BIN) + " --check-config --config " + bad.string() + " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  char line[512] = {};
+  std::string output;
+  while (std::fgets(line, sizeof line, pipe)) output += line;
+  const int status = ::pclose(pipe);
+  fs::remove(bad);
+  EXPECT_EQ(WEXITSTATUS(status), 2);
+  EXPECT_EQ(output, "otp-gateway: " + bad.string() +
+                        ": site.name = 3: expected a site name such as \"hospital-a\"\n");
+}
