@@ -124,10 +124,11 @@ struct Gateway::Impl {
 
     // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway;
     // the peer gateway -> otpdecrypt -> the conference system.
-    std::string d =
-        "udpsrc name=rtp_in port=" + std::to_string(c.local_rtp_port) +
-        " caps=application/x-rtp ! funnel name=mux ! otpencrypt name=enc ! udpsink host=" +
-        config.peer_address + " port=" + std::to_string(c.peer_port) + " sync=false async=false ";
+    std::string d = "udpsrc name=rtp_in port=" + std::to_string(c.local_rtp_port) +
+                    " caps=application/x-rtp buffer-size=4194304 ! funnel name=mux ! otpencrypt "
+                    "name=enc ! udpsink host=" +
+                    config.peer_address + " port=" + std::to_string(c.peer_port) +
+                    " sync=false async=false ";
     if (c.local_rtcp_port) {
       d += "udpsrc port=" + std::to_string(c.local_rtcp_port) + " caps=application/x-rtcp ! mux. ";
     }
@@ -283,6 +284,19 @@ void Gateway::start() {
   }
   g.running = true;
   g.bus_thread = std::thread([&g] { g.watch_buses(); });
+  // Ready when every stream holds key to send with; a KME that is down at start is
+  // reported and survived (media flows as soon as keys come).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (auto& s : g.streams) {
+    while (s.send_keys->available() == 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (s.send_keys->available() == 0) {
+      std::fprintf(stderr,
+                   "otp-gateway[warning]: stream %s has no key yet (%s); media waits for it\n",
+                   s.config.name.c_str(), s.send_keys->stats().last_error.c_str());
+    }
+  }
 
   g.status_server.Get("/api/v1/status", [&g](const httplib::Request&, httplib::Response& res) {
     res.set_content(g.status().dump(2), "application/json");
