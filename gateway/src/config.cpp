@@ -163,6 +163,14 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
                                              "packets per AES key, at least 1", c.rekey_interval));
   }
 
+  if (const toml::node* keys_node = root.get("keys")) {
+    if (!keys_node->is_table()) r.fail("[keys]", Reader::shown(keys_node), "a table");
+    c.key_ring_bytes = static_cast<std::uint64_t>(
+        r.integer(*keys_node->as_table(), "keys.", "ring_bytes", 65536, std::int64_t(1) << 32,
+                  "bytes of key held ready per stream and direction, 65536 to 4294967296",
+                  static_cast<std::int64_t>(c.key_ring_bytes)));
+  }
+
   if (const toml::node* status_node = root.get("status")) {
     if (!status_node->is_table()) r.fail("[status]", Reader::shown(status_node), "a table");
     c.status_listen = r.endpoint(*status_node->as_table(), "status.", "listen", true);  // :0 = any

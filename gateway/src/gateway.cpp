@@ -113,13 +113,14 @@ struct Gateway::Impl {
     keys::KeySupplyConfig send;
     send.role = keys::SaeRole::master;
     send.peer_sae_id = config.peer_sae_id;
+    send.ring_bytes = config.key_ring_bytes;
     send.journal = config.state_dir /
                    (config.sae_id + "-to-" + config.peer_sae_id + "-" + c.name + ".journal");
     s.send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
     keys::KeySupplyConfig receive;
     receive.role = keys::SaeRole::slave;
     receive.peer_sae_id = config.peer_sae_id;
-    receive.ring_bytes = 12u << 20;
+    receive.ring_bytes = 3 * config.key_ring_bytes;  // what the sender holds, plus reordering room
     s.receive_keys = std::make_unique<keys::KeySupply>(kme_config(), receive);
 
     // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway;

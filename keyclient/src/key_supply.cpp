@@ -386,7 +386,9 @@ struct KeySupply::Impl {
         if (e.kind() == KmeErrorKind::cancelled) break;
         record_error(e.what());
         wait = backoff;
-        backoff = std::min(backoff * 2, std::chrono::milliseconds(2000));
+        // A slave waits for keys media is about to need: retry its KME sooner.
+        backoff = std::min(backoff * 2,
+                           std::chrono::milliseconds(config.role == SaeRole::slave ? 250 : 2000));
       } catch (const std::exception& e) {
         record_error(e.what());
         wait = std::chrono::milliseconds(1000);

@@ -10,8 +10,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <random>
+#include <set>
 
 #include "otpgate/gateway.hpp"
 #include "test_pki.hpp"
@@ -100,12 +103,20 @@ class GatewayTest : public ::testing::Test {
   void SetUp() override {
     g_setenv("GST_PLUGIN_PATH", OTPGATE_PLUGIN_DIR, TRUE);
     if (!gst_is_initialized()) gst_init(nullptr, nullptr);
-    sim_.start();
     base_ = base_port();
-    a_ = std::make_unique<otpgate::gateway::Gateway>(otpgate::gateway::parse_config(
-        site_config("sae-a", "sae-b", sim_.url(), dir_.path / "a", base_, true), "site-a.toml"));
-    b_ = std::make_unique<otpgate::gateway::Gateway>(otpgate::gateway::parse_config(
-        site_config("sae-b", "sae-a", sim_.url(), dir_.path / "b", base_, false), "site-b.toml"));
+  }
+  // Starts the simulator and both gateways; `tweak` may edit the two config texts.
+  void start(const std::function<void(std::string& a, std::string& b)>& tweak = {},
+             otpgate::kmesim::SimulatorConfig kme = otpgate::testing::simulator_config()) {
+    sim_ = std::make_unique<otpgate::kmesim::KmeSimulator>(kme);
+    sim_->start();
+    std::string a = site_config("sae-a", "sae-b", sim_->url(), dir_.path / "a", base_, true);
+    std::string b = site_config("sae-b", "sae-a", sim_->url(), dir_.path / "b", base_, false);
+    if (tweak) tweak(a, b);
+    a_ = std::make_unique<otpgate::gateway::Gateway>(
+        otpgate::gateway::parse_config(a, "site-a.toml"));
+    b_ = std::make_unique<otpgate::gateway::Gateway>(
+        otpgate::gateway::parse_config(b, "site-b.toml"));
     a_->start();
     b_->start();
   }
@@ -143,7 +154,7 @@ class GatewayTest : public ::testing::Test {
   }
 
   otpgate::testing::TestDir dir_;
-  otpgate::kmesim::KmeSimulator sim_{otpgate::testing::simulator_config()};
+  std::unique_ptr<otpgate::kmesim::KmeSimulator> sim_;
   std::uint16_t base_ = 0;
   std::unique_ptr<otpgate::gateway::Gateway> a_, b_;
 };
@@ -158,6 +169,7 @@ nlohmann::json get_json(std::uint16_t port, const char* path) {
 }  // namespace
 
 TEST_F(GatewayTest, AudioAndVideoArriveByteIdenticalInBothDirections) {
+  start();
   for (bool from_a : {true, false}) {
     std::map<int, std::vector<Bytes>> sent;
     auto received = exchange(from_a, 300, sent);
@@ -175,6 +187,7 @@ TEST_F(GatewayTest, AudioAndVideoArriveByteIdenticalInBothDirections) {
 }
 
 TEST_F(GatewayTest, StatusApiAndMetricsCountWhatWasSent) {
+  start();
   std::map<int, std::vector<Bytes>> sent;
   exchange(true, 120, sent);
   const auto a = get_json(a_->status_port(), "/api/v1/status");
@@ -256,4 +269,143 @@ TEST(GatewayCli, CheckConfigExitsNonZeroWithOneReadableLine) {
   EXPECT_EQ(WEXITSTATUS(status), 2);
   EXPECT_EQ(output, "otp-gateway: " + bad.string() +
                         ": site.name = 3: expected a site name such as \"hospital-a\"\n");
+}
+
+namespace {
+
+// A UDP hop that loses, duplicates and reorders packets, with one burst outage.
+class ImpairedLink {
+ public:
+  ImpairedLink(std::uint16_t listen, std::uint16_t forward) : in_(listen), forward_(forward) {
+    thread_ = std::thread([this] { run(); });
+  }
+  ~ImpairedLink() {
+    stop_ = true;
+    thread_.join();
+  }
+  std::set<std::uint16_t> delivered_rtp_seqs() {
+    std::lock_guard lock(mutex_);
+    return seqs_;
+  }
+
+ private:
+  void forward(const Bytes& p) {
+    out_.send_to(forward_, p);
+    if ((p[0] >> 6) == 2 && p[1] < 192) {  // an RTP packet (announcements start with 'O')
+      std::lock_guard lock(mutex_);
+      seqs_.insert(static_cast<std::uint16_t>(p[2] << 8 | p[3]));
+    }
+  }
+  void run() {
+    std::mt19937 rng(5);
+    std::vector<Bytes> held;
+    int n = 0;
+    while (!stop_) {
+      auto p = in_.receive(10);
+      if (!p) {
+        for (auto& h : held) forward(h);
+        held.clear();
+        continue;
+      }
+      ++n;
+      if (n >= 200 && n < 230) continue;  // burst outage
+      if (rng() % 10 == 0) continue;      // 10% loss
+      if (rng() % 20 == 0) forward(*p);   // duplicate
+      held.push_back(*p);
+      if (held.size() == 4) {  // reorder within groups of four
+        std::shuffle(held.begin(), held.end(), rng);
+        for (auto& h : held) forward(h);
+        held.clear();
+      }
+    }
+  }
+  UdpSocket in_, out_;
+  std::uint16_t forward_;
+  std::atomic<bool> stop_{false};
+  std::mutex mutex_;
+  std::set<std::uint16_t> seqs_;
+  std::thread thread_;
+};
+
+std::uint16_t seq_of(const Bytes& p) {
+  return static_cast<std::uint16_t>(p[2] << 8 | p[3]);
+}
+
+}  // namespace
+
+TEST_F(GatewayTest, AnImpairedLinkLosesOnlyWhatTheNetworkLost) {
+  const std::uint16_t relay = static_cast<std::uint16_t>(base_ + 19);
+  start([&](std::string& a, std::string&) {
+    // Stream 0 of site A goes through the impaired hop instead of straight to B.
+    const std::string direct = "peer_port = " + std::to_string(base_ + 15);
+    a.replace(a.find(direct), direct.size(), "peer_port = " + std::to_string(relay));
+  });
+  ImpairedLink link(relay, static_cast<std::uint16_t>(base_ + 15));
+  std::map<int, std::vector<Bytes>> sent;
+  auto received = exchange(true, 600, sent);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const auto forwarded = link.delivered_rtp_seqs();
+  std::set<std::uint16_t> got;
+  std::map<std::uint16_t, Bytes> by_seq;
+  for (const auto& p : sent[0]) by_seq[seq_of(p)] = p;
+  for (const auto& p : received[0]) {
+    EXPECT_TRUE(got.insert(seq_of(p)).second) << "delivered twice: " << seq_of(p);
+    EXPECT_EQ(p, by_seq[seq_of(p)]);
+  }
+  EXPECT_LT(forwarded.size(), 560u) << "the link did lose packets";
+  EXPECT_EQ(got, forwarded) << "every packet the network delivered, and only those";
+  const auto b = get_json(b_->status_port(), "/api/v1/status");
+  EXPECT_EQ(b["streams"][0]["receive"]["auth-failures"], 0);
+}
+
+TEST_F(GatewayTest, AKmeOutageMidCallIsSurvivedWithoutARestart) {
+  start([&](std::string& a, std::string& b) {
+    a += "[keys]\nring_bytes = 262144\n";  // small: an outage shows within the test
+    b += "[keys]\nring_bytes = 262144\n";
+  });
+  std::map<int, std::vector<Bytes>> sent;
+  auto before = exchange(true, 50, sent);
+  EXPECT_EQ(before[0].size(), 50u);
+  const int port = sim_->port();
+  sim_->stop();  // the KME dies mid-call
+  sent.clear();
+  exchange(true, 800, sent);  // ~900 KB of video: more than its ring holds
+  const auto during = get_json(a_->status_port(), "/api/v1/status");
+  EXPECT_FALSE(during["kme"]["healthy"].get<bool>());
+  EXPECT_GT(during["streams"][1]["key_supply"]["send"]["kme_errors"].get<int>(), 0);
+  EXPECT_GT(during["streams"][1]["send"]["drops-no-key"].get<int>(), 0)
+      << "dropped, never sent in the clear";
+
+  auto config = otpgate::testing::simulator_config();
+  config.port = port;
+  sim_ = std::make_unique<otpgate::kmesim::KmeSimulator>(config);
+  sim_->start();  // ... and comes back
+  ASSERT_TRUE(otpgate::testing::eventually(
+      [&] { return get_json(a_->status_port(), "/api/v1/status")["kme"]["healthy"].get<bool>(); }));
+  sent.clear();
+  exchange(true, 100, sent);  // the first packets may meet keys still on their way
+  sent.clear();
+  auto after = exchange(true, 100, sent);
+  EXPECT_EQ(after[0], sent[0]) << "media flows again without a restart";
+  EXPECT_EQ(after[1], sent[1]);
+}
+
+TEST_F(GatewayTest, AesFallbackCarriesMediaWhenTheKeyRateIsTooLow) {
+  auto kme = otpgate::testing::simulator_config();
+  kme.start_full = false;
+  kme.key_rate_bps = 400000;  // 50 KB/s of key, far below the media rate
+  start(
+      [&](std::string& a, std::string& b) {
+        for (std::string* t : {&a, &b})
+          *t += "[keys]\nring_bytes = 65536\n[policy]\non_key_exhausted = \"fallback-aes\"\n";
+      },
+      kme);
+  std::map<int, std::vector<Bytes>> sent;
+  auto received = exchange(true, 400, sent);
+  EXPECT_EQ(received[1], sent[1]) << "every video packet arrived";
+  const auto a = get_json(a_->status_port(), "/api/v1/status");
+  EXPECT_GT(a["streams"][1]["send"]["aes-packets"].get<int>(), 0);
+  EXPECT_EQ(a["streams"][1]["send"]["drops-no-key"].get<int>(), 0);
+  const auto b = get_json(b_->status_port(), "/api/v1/status");
+  EXPECT_GT(b["streams"][1]["receive"]["aes-packets"].get<int>(), 0);
 }

@@ -46,6 +46,7 @@ struct GatewayConfig {
   std::string cipher = "otp";             // otp | aes-256-gcm
   std::string on_key_exhausted = "drop";  // drop | block | fallback-aes
   std::uint32_t rekey_interval = 1024;
+  std::uint64_t key_ring_bytes = 4u << 20;  // key held ready per stream and direction
   Endpoint status_listen{"127.0.0.1", 8080};
   std::vector<StreamConfig> streams;
 };
