@@ -191,12 +191,22 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
     s.name = r.string(*t, prefix, "name", "a stream name such as \"video-1\"");
     if (!names.insert(s.name).second)
       r.fail(prefix + "name", '"' + s.name + '"', "a name no other stream has");
-    s.local_rtp_port = r.port(*t, prefix, "local_rtp_port", true);
-    s.local_rtcp_port = r.port(*t, prefix, "local_rtcp_port", false);
-    s.peer_port = r.port(*t, prefix, "peer_port", true);
-    s.listen_port = r.port(*t, prefix, "listen_port", true);
-    s.deliver_rtp = r.endpoint(*t, prefix, "deliver_rtp");
-    if (t->get("deliver_rtcp")) s.deliver_rtcp = r.endpoint(*t, prefix, "deliver_rtcp");
+    s.direction =
+        r.string(*t, prefix, "direction", "\"both\", \"send\" or \"receive\"", s.direction);
+    if (s.direction != "both" && s.direction != "send" && s.direction != "receive") {
+      r.fail(prefix + "direction", '"' + s.direction + '"', "\"both\", \"send\" or \"receive\"");
+    }
+    if (s.sends()) {
+      s.local_rtp_port = r.port(*t, prefix, "local_rtp_port", true);
+      s.local_rtcp_port = r.port(*t, prefix, "local_rtcp_port", false);
+      s.peer_port = r.port(*t, prefix, "peer_port", true);
+    }
+    if (s.receives()) {
+      s.listen_port = r.port(*t, prefix, "listen_port", true);
+      s.deliver_rtp = r.endpoint(*t, prefix, "deliver_rtp");
+    }
+    if (s.receives() && t->get("deliver_rtcp"))
+      s.deliver_rtcp = r.endpoint(*t, prefix, "deliver_rtcp");
     for (std::uint16_t port : {s.local_rtp_port, s.local_rtcp_port, s.listen_port}) {
       if (port != 0 && !local_ports.insert(port).second) {
         r.fail(prefix + "*_port", std::to_string(port),

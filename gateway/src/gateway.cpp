@@ -110,37 +110,42 @@ struct Gateway::Impl {
 
   void build(Stream& s) {
     const StreamConfig& c = s.config;
-    keys::KeySupplyConfig send;
-    send.role = keys::SaeRole::master;
-    send.peer_sae_id = config.peer_sae_id;
-    send.ring_bytes = config.key_ring_bytes;
-    send.journal = config.state_dir /
-                   (config.sae_id + "-to-" + config.peer_sae_id + "-" + c.name + ".journal");
-    s.send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
-    keys::KeySupplyConfig receive;
-    receive.role = keys::SaeRole::slave;
-    receive.peer_sae_id = config.peer_sae_id;
-    receive.ring_bytes = 3 * config.key_ring_bytes;  // what the sender holds, plus reordering room
-    s.receive_keys = std::make_unique<keys::KeySupply>(kme_config(), receive);
-
-    // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway;
-    // the peer gateway -> otpdecrypt -> the conference system.
-    std::string d = "udpsrc name=rtp_in port=" + std::to_string(c.local_rtp_port) +
-                    " caps=application/x-rtp buffer-size=4194304 ! funnel name=mux ! otpencrypt "
-                    "name=enc ! udpsink host=" +
-                    config.peer_address + " port=" + std::to_string(c.peer_port) +
-                    " sync=false async=false ";
-    if (c.local_rtcp_port) {
-      d += "udpsrc port=" + std::to_string(c.local_rtcp_port) + " caps=application/x-rtcp ! mux. ";
+    std::string d;
+    if (c.sends()) {
+      keys::KeySupplyConfig send;
+      send.role = keys::SaeRole::master;
+      send.peer_sae_id = config.peer_sae_id;
+      send.ring_bytes = config.key_ring_bytes;
+      send.journal = config.state_dir /
+                     (config.sae_id + "-to-" + config.peer_sae_id + "-" + c.name + ".journal");
+      s.send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
+      // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway.
+      d += "udpsrc port=" + std::to_string(c.local_rtp_port) +
+           " caps=application/x-rtp buffer-size=4194304 ! funnel name=mux ! otpencrypt name=enc"
+           " ! udpsink host=" +
+           config.peer_address + " port=" + std::to_string(c.peer_port) +
+           " sync=false async=false ";
+      if (c.local_rtcp_port) {
+        d +=
+            "udpsrc port=" + std::to_string(c.local_rtcp_port) + " caps=application/x-rtcp ! mux. ";
+      }
     }
-    d += "udpsrc port=" + std::to_string(c.listen_port) +
-         " caps=application/x-otp buffer-size=4194304 ! otpdecrypt name=dec ! udpsink host=" +
-         c.deliver_rtp.host + " port=" + std::to_string(c.deliver_rtp.port) +
-         " sync=false async=false ";
-    d += c.deliver_rtcp
-             ? "dec.rtcp_src ! udpsink host=" + c.deliver_rtcp->host +
-                   " port=" + std::to_string(c.deliver_rtcp->port) + " sync=false async=false"
-             : "dec.rtcp_src ! fakesink sync=false async=false";
+    if (c.receives()) {
+      keys::KeySupplyConfig receive;
+      receive.role = keys::SaeRole::slave;
+      receive.peer_sae_id = config.peer_sae_id;
+      receive.ring_bytes = 3 * config.key_ring_bytes;  // what the sender holds, plus reordering
+      s.receive_keys = std::make_unique<keys::KeySupply>(kme_config(), receive);
+      // The peer gateway -> otpdecrypt -> the conference system.
+      d += "udpsrc port=" + std::to_string(c.listen_port) +
+           " caps=application/x-otp buffer-size=4194304 ! otpdecrypt name=dec ! udpsink host=" +
+           c.deliver_rtp.host + " port=" + std::to_string(c.deliver_rtp.port) +
+           " sync=false async=false ";
+      d += c.deliver_rtcp
+               ? "dec.rtcp_src ! udpsink host=" + c.deliver_rtcp->host +
+                     " port=" + std::to_string(c.deliver_rtcp->port) + " sync=false async=false"
+               : "dec.rtcp_src ! fakesink sync=false async=false";
+    }
     GError* error = nullptr;
     GstElement* pipeline = gst_parse_launch(d.c_str(), &error);
     if (error) {
@@ -150,16 +155,26 @@ struct Gateway::Impl {
       throw std::runtime_error("stream " + c.name + ": cannot build its pipeline: " + message +
                                " (is the otp plugin on GST_PLUGIN_PATH?)");
     }
-    s.pipeline.reset(pipeline);
-    s.encrypt.reset(gst_bin_get_by_name(GST_BIN(pipeline), "enc"));
-    s.decrypt.reset(gst_bin_get_by_name(GST_BIN(pipeline), "dec"));
-    g_object_set(s.encrypt.get(), "key-supply", static_cast<keys::PadSource*>(s.send_keys.get()),
-                 "rekey-interval", config.rekey_interval, nullptr);
-    gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "cipher", config.cipher.c_str());
-    gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "on-key-exhausted",
-                            config.on_key_exhausted.c_str());
-    g_object_set(s.decrypt.get(), "key-supply", static_cast<keys::PadSource*>(s.receive_keys.get()),
-                 nullptr);
+    // gst_parse_launch returns the element itself, not a bin, for a single chain.
+    GstElement* bin = pipeline;
+    if (!GST_IS_PIPELINE(pipeline)) {
+      bin = gst_pipeline_new(c.name.c_str());
+      gst_bin_add(GST_BIN(bin), pipeline);
+    }
+    s.pipeline.reset(bin);
+    if (c.sends()) {
+      s.encrypt.reset(gst_bin_get_by_name(GST_BIN(bin), "enc"));
+      g_object_set(s.encrypt.get(), "key-supply", static_cast<keys::PadSource*>(s.send_keys.get()),
+                   "rekey-interval", config.rekey_interval, nullptr);
+      gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "cipher", config.cipher.c_str());
+      gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "on-key-exhausted",
+                              config.on_key_exhausted.c_str());
+    }
+    if (c.receives()) {
+      s.decrypt.reset(gst_bin_get_by_name(GST_BIN(bin), "dec"));
+      g_object_set(s.decrypt.get(), "key-supply",
+                   static_cast<keys::PadSource*>(s.receive_keys.get()), nullptr);
+    }
   }
 
   void watch_buses() {
@@ -201,17 +216,18 @@ struct Gateway::Impl {
     bool healthy = true;
     json list = json::array();
     for (const auto& s : streams) {
-      json stream{
-          {"name", s.config.name},
-          {"local_rtp_port", s.config.local_rtp_port},
-          {"peer_port", s.config.peer_port},
-          {"listen_port", s.config.listen_port},
-          {"deliver_rtp", endpoint_text(s.config.deliver_rtp)},
-          {"send", element_stats(s.encrypt.get())},
-          {"receive", element_stats(s.decrypt.get())},
-          {"key_supply",
-           {{"send", supply_json(*s.send_keys)}, {"receive", supply_json(*s.receive_keys)}}}};
-      healthy = healthy && s.send_keys->stats().kme_healthy;
+      json stream{{"name", s.config.name},
+                  {"local_rtp_port", s.config.local_rtp_port},
+                  {"peer_port", s.config.peer_port},
+                  {"listen_port", s.config.listen_port},
+                  {"deliver_rtp", endpoint_text(s.config.deliver_rtp)},
+                  {"direction", s.config.direction},
+                  {"send", s.encrypt ? element_stats(s.encrypt.get()) : json(nullptr)},
+                  {"receive", s.decrypt ? element_stats(s.decrypt.get()) : json(nullptr)},
+                  {"key_supply",
+                   {{"send", s.send_keys ? supply_json(*s.send_keys) : json(nullptr)},
+                    {"receive", s.receive_keys ? supply_json(*s.receive_keys) : json(nullptr)}}}};
+      if (s.send_keys) healthy = healthy && s.send_keys->stats().kme_healthy;
       list.push_back(std::move(stream));
     }
     out["kme"]["healthy"] = healthy;
@@ -232,6 +248,7 @@ struct Gateway::Impl {
     const json st = status();
     for (const auto& s : st["streams"]) {
       for (const char* direction : {"send", "receive"}) {
+        if (s[direction].is_null()) continue;
         const std::string labels = "site=\"" + config.site_name + "\",stream=\"" +
                                    s["name"].get<std::string>() + "\",direction=\"" + direction +
                                    "\"";
@@ -274,8 +291,8 @@ void Gateway::start() {
     g.build(g.streams.back());
   }
   for (auto& s : g.streams) {
-    s.send_keys->start();
-    s.receive_keys->start();
+    if (s.send_keys) s.send_keys->start();
+    if (s.receive_keys) s.receive_keys->start();
     if (gst_element_set_state(s.pipeline.get(), GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) {
       throw std::runtime_error("stream " + s.config.name +
                                ": its pipeline did not start (UDP port " +
@@ -289,6 +306,7 @@ void Gateway::start() {
   // reported and survived (media flows as soon as keys come).
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   for (auto& s : g.streams) {
+    if (!s.send_keys) continue;
     while (s.send_keys->available() == 0 && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }

@@ -33,6 +33,9 @@ struct StreamConfig {
   std::uint16_t listen_port = 0;         // we listen here for this stream from the peer
   Endpoint deliver_rtp;                  // decrypted RTP from the remote site goes here
   std::optional<Endpoint> deliver_rtcp;  // ... and RTCP here
+  std::string direction = "both";        // both | send | receive
+  bool sends() const { return direction != "receive"; }
+  bool receives() const { return direction != "send"; }
 };
 
 struct GatewayConfig {
