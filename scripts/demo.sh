@@ -1,29 +1,112 @@
 #!/usr/bin/env bash
-# The README's first command: installs what is missing, builds, and runs the main job
-# on one machine: qkd-kme-sim (QKD-like key rate) serving two sites over mutual TLS,
-# and one direction of a link taking pad at a conference-like rate.
-#   scripts/demo.sh [--seconds N] [--media-mbps R] ...   (extra options go to otp-keys-demo)
+# The README's first command: installs what is missing, builds, and runs the two-site
+# expert-panel demo on one machine: qkd-kme-sim (QKD-like key rate, mutual TLS),
+# otp-gateway at site A and at site B, and a simulated conference system at each site
+# (ten participants in all, VP8 video and Opus audio over RTP), then prints a summary.
+#   scripts/demo.sh [--seconds N] [--profile panel|full] [--key-rate BITS_PER_S]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+seconds=20
+profile=panel
+key_rate=10e6
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds=$2; shift 2 ;;
+    --profile) profile=$2; shift 2 ;;
+    --key-rate) key_rate=$2; shift 2 ;;
+    *) echo "demo: unknown option $1 (use --seconds N, --profile panel|full, --key-rate BITS_PER_S)" >&2; exit 2 ;;
+  esac
+done
 "$root/scripts/install-deps.sh"
-"$root/scripts/build.sh" -- qkd-kme-sim otp-keys-demo
+"$root/scripts/build.sh" -- qkd-kme-sim otp-gateway otp-conference-sim gstotp
+export GST_PLUGIN_PATH=$root/build/plugins
+bin=$root/build
 
 work=$(mktemp -d /tmp/otpgate-demo.XXXXXX)
-sim_pid=""
+pids=()
 cleanup() {
-  [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null && wait "$sim_pid" 2>/dev/null
-  rm -rf "$work"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${KEEP_DEMO:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
 
 "$root/scripts/make-test-pki.sh" "$work/pki" sae-a sae-b >/dev/null
-# 10 Mbit/s of key (a short-reach QKD link) into a 4 MB store that starts full.
-"$root/build/keyclient/qkd-kme-sim" --cert "$work/pki/kme.crt" --key "$work/pki/kme.key" \
-  --ca "$work/pki/ca.crt" --sae sae-a --sae sae-b --port 0 --port-file "$work/kme.port" \
-  --key-rate 10e6 --store-bytes 4000000 &
-sim_pid=$!
-for _ in $(seq 100); do [ -s "$work/kme.port" ] && break; sleep 0.1; done
-[ -s "$work/kme.port" ] || { echo "demo: qkd-kme-sim did not start" >&2; exit 1; }
+"$bin/keyclient/qkd-kme-sim" --cert "$work/pki/kme.crt" --key "$work/pki/kme.key" --ca "$work/pki/ca.crt" \
+  --sae sae-a --sae sae-b --port 0 --port-file "$work/kme.port" --key-rate "$key_rate" \
+  --store-bytes 16000000 >"$work/kme.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -s "$work/kme.port" ] && break; sleep 0.05; done
+kme_port=$(cat "$work/kme.port")
 
-"$root/build/keyclient/otp-keys-demo" --kme-url "https://localhost:$(cat "$work/kme.port")" \
-  --pki "$work/pki" --state-dir "$work/state" "$@"
+# Ports: A's participants p1-p5 send to gateway A on 41000+i and arrive at site B's
+# conference system on 46000+i; B's participants p6-p10 send to gateway B on 45000+i
+# and arrive at site A on 44000+i. Between the gateways: B listens on 42000+i, A on 43000+i.
+site_config() {  # site me peer local_base peer_listen_base listen_base deliver_base status_port
+  local site=$1 me=$2 peer=$3 local_base=$4 peer_listen=$5 listen_base=$6 deliver_base=$7 status=$8
+  cat <<CONF
+[site]
+name = "$site"
+sae_id = "$me"
+state_dir = "$work/state-$me"
+[kme]
+url = "https://localhost:$kme_port"
+tls_cert = "$work/pki/$me.crt"
+tls_key = "$work/pki/$me.key"
+tls_ca = "$work/pki/ca.crt"
+[peer]
+sae_id = "$peer"
+address = "127.0.0.1"
+[keys]
+ring_bytes = 524288
+[status]
+listen = "127.0.0.1:$status"
+CONF
+  local first_local first_remote
+  if [ "$me" = sae-a ]; then first_local=1; first_remote=6; else first_local=6; first_remote=1; fi
+  for k in 0 1 2 3 4; do
+    for m in 0 1; do
+      local i=$((2 * k + m)) media=video
+      [ $m -eq 1 ] && media=audio
+      cat <<CONF
+[[stream]]
+name = "p$((first_local + k))-$media"
+direction = "send"
+local_rtp_port = $((local_base + i))
+peer_port = $((peer_listen + i))
+[[stream]]
+name = "p$((first_remote + k))-$media"
+direction = "receive"
+listen_port = $((listen_base + i))
+deliver_rtp = "127.0.0.1:$((deliver_base + i))"
+CONF
+    done
+  done
+}
+site_config hospital-a sae-a sae-b 41000 42000 43000 44000 48080 >"$work/site-a.toml"
+site_config hospital-b sae-b sae-a 45000 43000 42000 46000 48081 >"$work/site-b.toml"
+"$bin/gateway/otp-gateway" --config "$work/site-a.toml" --check-config
+"$bin/gateway/otp-gateway" --config "$work/site-b.toml" --check-config
+"$bin/gateway/otp-gateway" --config "$work/site-a.toml" 2>"$work/gateway-a.log" &
+pids+=($!)
+"$bin/gateway/otp-gateway" --config "$work/site-b.toml" 2>"$work/gateway-b.log" &
+pids+=($!)
+for port in 48080 48081; do
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
+done
+
+echo "demo: expert panel, 10 participants ($profile profile), ${seconds}s, KME key rate $key_rate bit/s"
+"$bin/gateway/otp-conference-sim" --site hospital-a --first-participant 1 --send-base 41000 \
+  --receive-base 44000 --seconds "$seconds" --profile "$profile" --gateway-status-port 48080 >"$work/conf-a.out" &
+conf_a=$!
+"$bin/gateway/otp-conference-sim" --site hospital-b --first-participant 6 --send-base 45000 \
+  --receive-base 46000 --seconds "$seconds" --profile "$profile" --gateway-status-port 48081 >"$work/conf-b.out"
+wait $conf_a
+echo
+echo "== summary =="
+cat "$work/conf-a.out" "$work/conf-b.out"
+echo "status API while it ran: http://127.0.0.1:48080/api/v1/status and /metrics (site B: 48081)"
+if grep -q "auth failures [1-9]" "$work/conf-a.out" "$work/conf-b.out"; then
+  echo "demo: FAILED: authentication failures" >&2
+  exit 1
+fi

@@ -359,6 +359,10 @@ void KmeSimulator::start() {
   static constexpr unsigned char kSessionContext[] = "qkd-kme-sim";
   SSL_CTX_set_session_id_context(i.server->ssl_context(), kSessionContext,
                                  sizeof kSessionContext - 1);
+  // Each SAE keeps a connection open (a gateway has one per stream and direction), and
+  // cpp-httplib serves a kept-alive connection on one worker: size the pool for that.
+  // (cpp-httplib takes ownership of the queue it is given.)
+  i.server->new_task_queue = [] { return new httplib::ThreadPool(96); };
   i.routes();
   if (i.config.port == 0) {
     i.bound_port = i.server->bind_to_any_port(i.config.host);
