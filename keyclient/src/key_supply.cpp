@@ -12,6 +12,7 @@
 #include <thread>
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -367,6 +368,9 @@ struct KeySupply::Impl {
   }
 
   void run() {
+    // Refills are bulk work (HTTPS, JSON, base64 of up to megabytes); the media threads
+    // must win the CPU whenever they are runnable, so run below them.
+    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 10);
     auto backoff = std::chrono::milliseconds(100);
     auto last_time = Clock::now();
     std::uint64_t last_consumed = 0;

@@ -1,0 +1,276 @@
+// A gateway hop against a plain UDP relay of the same traffic, on loopback, in one run:
+// ten participants' streams (about 50 Mbit/s of 1200-byte RTP in all) go
+//   sender -> relay -> relay -> receiver                 (baseline: two plain UDP hops)
+//   sender -> gateway A (encrypt) -> gateway B (decrypt) -> receiver
+// Each packet carries its send time; the receiver records one-way latency. Prints
+// p50/p99 of both, the added latency, loss, and process CPU per Mbit/s.
+//   bench_gateway --pki DIR [--seconds N] [--mbps M]
+#include <arpa/inet.h>
+#include <gst/gst.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kme_simulator.hpp"
+#include "otpgate/gateway.hpp"
+
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int kStreams = 10;
+constexpr std::size_t kPacket = 1212;  // 12-byte RTP header + 1200 bytes
+
+int udp_socket(std::uint16_t port) {
+  const int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
+  int size = 16 << 20;
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    std::fprintf(stderr, "bench_gateway: cannot bind UDP port %u\n", port);
+    std::exit(1);
+  }
+  return fd;
+}
+
+sockaddr_in loopback(std::uint16_t port) {
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  return a;
+}
+
+double cpu_seconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
+// A plain UDP relay: what arrives on `in` goes to `out`, per stream.
+struct Relay {
+  Relay(std::uint16_t in_base, std::uint16_t out_base) {
+    for (int s = 0; s < kStreams; ++s) {
+      fds.push_back(udp_socket(static_cast<std::uint16_t>(in_base + s)));
+      targets.push_back(loopback(static_cast<std::uint16_t>(out_base + s)));
+    }
+    thread = std::thread([this] {
+      std::vector<pollfd> p;
+      for (int fd : fds) p.push_back({fd, POLLIN, 0});
+      char buf[2048];
+      while (!stop) {
+        if (::poll(p.data(), p.size(), 20) <= 0) continue;
+        for (std::size_t i = 0; i < p.size(); ++i) {
+          if (!(p[i].revents & POLLIN)) continue;
+          const ssize_t n = ::recv(fds[i], buf, sizeof buf, 0);
+          if (n > 0)
+            ::sendto(fds[i], buf, static_cast<std::size_t>(n), 0,
+                     reinterpret_cast<sockaddr*>(&targets[i]), sizeof targets[i]);
+        }
+      }
+    });
+  }
+  ~Relay() {
+    stop = true;
+    thread.join();
+    for (int fd : fds) ::close(fd);
+  }
+  std::vector<int> fds;
+  std::vector<sockaddr_in> targets;
+  std::atomic<bool> stop{false};
+  std::thread thread;
+};
+
+struct Result {
+  std::vector<double> latency_us;
+  std::uint64_t sent = 0;
+  double cpu = 0;
+  double mbps = 0;
+};
+
+// Sends paced traffic to send_base+s and receives it on receive_base+s.
+Result run(std::uint16_t send_base, std::uint16_t receive_base, double seconds, double mbps) {
+  Result r;
+  std::vector<int> rx;
+  for (int s = 0; s < kStreams; ++s)
+    rx.push_back(udp_socket(static_cast<std::uint16_t>(receive_base + s)));
+  std::atomic<bool> done{false};
+  std::thread receiver([&] {
+    std::vector<pollfd> p;
+    for (int fd : rx) p.push_back({fd, POLLIN, 0});
+    char buf[2048];
+    while (!done) {
+      if (::poll(p.data(), p.size(), 50) <= 0) continue;
+      const auto now = Clock::now().time_since_epoch().count();
+      for (std::size_t i = 0; i < p.size(); ++i) {
+        if (!(p[i].revents & POLLIN)) continue;
+        while (true) {
+          const ssize_t n = ::recv(rx[i], buf, sizeof buf, MSG_DONTWAIT);
+          if (n < static_cast<ssize_t>(12 + sizeof(std::int64_t))) break;
+          std::int64_t sent_at = 0;
+          std::memcpy(&sent_at, buf + 12, sizeof sent_at);
+          r.latency_us.push_back(double(now - sent_at) / 1000.0);
+        }
+      }
+    }
+  });
+  const int tx = udp_socket(0);
+  std::vector<sockaddr_in> targets;
+  for (int s = 0; s < kStreams; ++s)
+    targets.push_back(loopback(static_cast<std::uint16_t>(send_base + s)));
+  const double packets_per_second = mbps * 1e6 / 8 / kPacket;
+  std::vector<char> packet(kPacket, 0x55);
+  packet[0] = char(0x80);
+  packet[1] = 96;
+  const double cpu0 = cpu_seconds();
+  const auto start = Clock::now();
+  std::uint64_t n = 0;
+  while (true) {
+    const double t = std::chrono::duration<double>(Clock::now() - start).count();
+    if (t >= seconds) break;
+    for (; n < static_cast<std::uint64_t>(t * packets_per_second); ++n) {
+      const int s = static_cast<int>(n % kStreams);
+      packet[2] = char(n >> 8);
+      packet[3] = char(n);
+      packet[11] = char(s);
+      const std::int64_t now = Clock::now().time_since_epoch().count();
+      std::memcpy(packet.data() + 12, &now, sizeof now);
+      ::sendto(tx, packet.data(), packet.size(), 0,
+               reinterpret_cast<sockaddr*>(&targets[static_cast<std::size_t>(s)]),
+               sizeof targets[0]);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  done = true;
+  receiver.join();
+  r.cpu = cpu_seconds() - cpu0;
+  r.sent = n;
+  r.mbps = double(n) * kPacket * 8 / seconds / 1e6;
+  ::close(tx);
+  for (int fd : rx) ::close(fd);
+  std::sort(r.latency_us.begin(), r.latency_us.end());
+  return r;
+}
+
+double percentile(const std::vector<double>& v, double p) {
+  return v.empty() ? 0 : v[std::min(v.size() - 1, static_cast<std::size_t>(p * double(v.size())))];
+}
+
+std::string site(const std::string& me, const std::string& peer, const std::string& url,
+                 const std::string& pki, const fs::path& state, std::uint16_t local,
+                 std::uint16_t peer_listen, std::uint16_t listen, std::uint16_t deliver,
+                 bool sends) {
+  std::string t = "[site]\nname=\"" + me + "\"\nsae_id=\"" + me + "\"\nstate_dir=\"" +
+                  state.string() + "\"\n[kme]\nurl=\"" + url + "\"\ntls_cert=\"" + pki + "/" + me +
+                  ".crt\"\ntls_key=\"" + pki + "/" + me + ".key\"\ntls_ca=\"" + pki +
+                  "/ca.crt\"\n[peer]\nsae_id=\"" + peer +
+                  "\"\naddress=\"127.0.0.1\"\n[status]\nlisten=\"127.0.0.1:0\"\n";
+  for (int s = 0; s < kStreams; ++s) {
+    t += "[[stream]]\nname=\"p" + std::to_string(s) + "\"\n";
+    if (sends) {
+      t += "direction=\"send\"\nlocal_rtp_port=" + std::to_string(local + s) +
+           "\npeer_port=" + std::to_string(peer_listen + s) + "\n";
+    } else {
+      t += "direction=\"receive\"\nlisten_port=" + std::to_string(listen + s) +
+           "\ndeliver_rtp=\"127.0.0.1:" + std::to_string(deliver + s) + "\"\n";
+    }
+  }
+  return t;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string pki;
+  double seconds = 5, mbps = 50;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--pki" && i + 1 < argc) pki = argv[++i];
+    if (a == "--seconds" && i + 1 < argc) seconds = std::stod(argv[++i]);
+    if (a == "--mbps" && i + 1 < argc) mbps = std::stod(argv[++i]);
+  }
+  if (pki.empty()) {
+    std::fprintf(stderr, "usage: bench_gateway --pki DIR [--seconds N] [--mbps M]\n");
+    return 2;
+  }
+  gst_init(nullptr, nullptr);
+  const std::uint16_t base = static_cast<std::uint16_t>(50000 + (::getpid() % 100) * 100);
+
+  Result plain;
+  {
+    Relay first(base, static_cast<std::uint16_t>(base + 20));
+    Relay second(static_cast<std::uint16_t>(base + 20), static_cast<std::uint16_t>(base + 40));
+    run(base, static_cast<std::uint16_t>(base + 40), 1, mbps);  // warm-up
+    plain = run(base, static_cast<std::uint16_t>(base + 40), seconds, mbps);
+  }
+
+  otpgate::kmesim::SimulatorConfig kme;
+  kme.certificate = pki + "/kme.crt";
+  kme.private_key = pki + "/kme.key";
+  kme.client_ca = pki + "/ca.crt";
+  kme.key_rate_bps = 0;  // unthrottled: this measures the gateway, not the key rate
+  kme.store_bits = 4ull << 33;
+  otpgate::kmesim::KmeSimulator sim(kme);
+  sim.start();
+  const fs::path state =
+      fs::temp_directory_path() / ("otpgate-bench-gw-" + std::to_string(::getpid()));
+  Result otp;
+  {
+    otpgate::gateway::Gateway a(otpgate::gateway::parse_config(
+        site("sae-a", "sae-b", sim.url(), pki, state / "a", static_cast<std::uint16_t>(base + 60),
+             static_cast<std::uint16_t>(base + 80), 0, 0, true),
+        "bench-a"));
+    otpgate::gateway::Gateway b(otpgate::gateway::parse_config(
+        site("sae-b", "sae-a", sim.url(), pki, state / "b", 0, 0,
+             static_cast<std::uint16_t>(base + 80), static_cast<std::uint16_t>(base + 100), false),
+        "bench-b"));
+    a.start();
+    b.start();
+    // Warm-up: the first announcements and key fetches of a call are not the steady state.
+    run(static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100), 1, mbps);
+    otp = run(static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100),
+              seconds, mbps);
+  }
+  fs::remove_all(state);
+
+  std::printf(
+      "== gateway hop vs plain UDP relay, %d streams, %.1f Mbit/s of 1200-byte RTP, %.0f s ==\n",
+      kStreams, plain.mbps, seconds);
+  std::printf("%-34s %10s %10s %10s %10s %12s\n", "path", "p50 us", "p99 us", "p99.9 us", "lost",
+              "CPU s/Mbit");
+  auto row = [&](const char* name, const Result& r) {
+    std::printf("%-34s %10.1f %10.1f %10.1f %10lld %12.4f\n", name, percentile(r.latency_us, 0.5),
+                percentile(r.latency_us, 0.99), percentile(r.latency_us, 0.999),
+                static_cast<long long>(r.sent) - static_cast<long long>(r.latency_us.size()),
+                r.cpu / (r.mbps * seconds));
+  };
+  row("two plain UDP relays (baseline)", plain);
+  row("gateway A (encrypt) -> B (decrypt)", otp);
+  std::printf(
+      "added by the gateways: p50 %.1f us, p99 %.1f us (target: p99 < 200 us), packets lost by the "
+      "gateways: %lld\n",
+      percentile(otp.latency_us, 0.5) - percentile(plain.latency_us, 0.5),
+      percentile(otp.latency_us, 0.99) - percentile(plain.latency_us, 0.99),
+      static_cast<long long>(otp.sent - otp.latency_us.size()) -
+          static_cast<long long>(plain.sent - plain.latency_us.size()));
+  return 0;
+}
