@@ -69,7 +69,7 @@ Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::size_t pa
 }
 
 std::uint16_t base_port() {
-  static std::uint16_t next = static_cast<std::uint16_t>(20000 + (::getpid() % 2000) * 20);
+  static std::uint16_t next = static_cast<std::uint16_t>(20000 + (::getpid() % 1900) * 20);  // 20000-58000
   next = static_cast<std::uint16_t>(next + 20);
   return next;
 }
