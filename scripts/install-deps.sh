@@ -12,6 +12,8 @@ PACKAGES=(
   # GStreamer (elements, pipelines, GstHarness via gstcheck) and SRTP for the AES mode
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-tools
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad libsrtp2-dev
+  # ICE between gateways behind NAT (NiceAgent, nicesrc/nicesink)
+  libnice-dev gstreamer1.0-nice
   # tests and benchmarks (clang + its runtime: the libFuzzer target of the decoder)
   libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
 )

@@ -143,6 +143,17 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
       r.string(peer, "peer.", "address", "the remote gateway's IP address or host name");
   if (c.peer_sae_id == c.sae_id)
     r.fail("peer.sae_id", '"' + c.peer_sae_id + '"', "an SAE ID other than site.sae_id");
+  c.transport = r.string(peer, "peer.", "transport", "\"udp\" or \"ice\"", c.transport);
+  if (c.transport != "udp" && c.transport != "ice") {
+    r.fail("peer.transport", '"' + c.transport + '"', "\"udp\" or \"ice\"");
+  }
+  if (c.transport == "ice") {
+    const toml::table& ice = r.table("ice");
+    c.ice_signalling_listen = r.endpoint(ice, "ice.", "signalling_listen", true);
+    c.ice_peer_signalling = r.endpoint(ice, "ice.", "peer_signalling");
+    if (ice.get("stun")) c.ice_stun = r.endpoint(ice, "ice.", "stun");
+  }
+  const bool udp = c.transport == "udp";
 
   if (const toml::node* policy_node = root.get("policy")) {
     if (!policy_node->is_table()) r.fail("[policy]", Reader::shown(policy_node), "a table");
@@ -199,10 +210,10 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
     if (s.sends()) {
       s.local_rtp_port = r.port(*t, prefix, "local_rtp_port", true);
       s.local_rtcp_port = r.port(*t, prefix, "local_rtcp_port", false);
-      s.peer_port = r.port(*t, prefix, "peer_port", true);
+      s.peer_port = r.port(*t, prefix, "peer_port", udp);  // ICE finds its own path
     }
     if (s.receives()) {
-      s.listen_port = r.port(*t, prefix, "listen_port", true);
+      s.listen_port = r.port(*t, prefix, "listen_port", udp);
       s.deliver_rtp = r.endpoint(*t, prefix, "deliver_rtp");
     }
     if (s.receives() && t->get("deliver_rtcp"))

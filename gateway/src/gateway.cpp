@@ -1,14 +1,19 @@
 #include <gst/gst.h>
 #include <httplib.h>
 
+#include <openssl/crypto.h>
+
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "ice_session.hpp"
 #include "otpgate/gateway.hpp"
 #include "otpgate/keyclient.hpp"
+#include "otpgate/otp_codec.hpp"
 
 namespace otpgate::gateway {
 
@@ -94,6 +99,12 @@ struct Gateway::Impl {
   };
 
   GatewayConfig config;
+  std::unique_ptr<IceSession> ice_session;
+  httplib::Server signalling_server;
+  std::thread signalling_thread;
+  std::mutex ice_mutex;
+  std::condition_variable ice_changed;
+  bool ice_remote_set = false;
   std::vector<Stream> streams;
   httplib::Server status_server;
   std::thread status_thread;
@@ -110,6 +121,7 @@ struct Gateway::Impl {
 
   void build(Stream& s) {
     const StreamConfig& c = s.config;
+    const bool ice = ice_session != nullptr;
     std::string d;
     if (c.sends()) {
       keys::KeySupplyConfig send;
@@ -120,11 +132,12 @@ struct Gateway::Impl {
                      (config.sae_id + "-to-" + config.peer_sae_id + "-" + c.name + ".journal");
       s.send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
       // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway.
-      d += "udpsrc port=" + std::to_string(c.local_rtp_port) +
-           " caps=application/x-rtp buffer-size=4194304 ! funnel name=mux ! otpencrypt name=enc"
-           " ! udpsink host=" +
-           config.peer_address + " port=" + std::to_string(c.peer_port) +
-           " sync=false async=false ";
+      d +=
+          "udpsrc port=" + std::to_string(c.local_rtp_port) +
+          " caps=application/x-rtp buffer-size=4194304 ! funnel name=mux ! otpencrypt name=enc ! " +
+          (ice ? std::string("nicesink name=net_out")
+               : "udpsink host=" + config.peer_address + " port=" + std::to_string(c.peer_port)) +
+          " sync=false async=false ";
       if (c.local_rtcp_port) {
         d +=
             "udpsrc port=" + std::to_string(c.local_rtcp_port) + " caps=application/x-rtcp ! mux. ";
@@ -137,10 +150,11 @@ struct Gateway::Impl {
       receive.ring_bytes = 3 * config.key_ring_bytes;  // what the sender holds, plus reordering
       s.receive_keys = std::make_unique<keys::KeySupply>(kme_config(), receive);
       // The peer gateway -> otpdecrypt -> the conference system.
-      d += "udpsrc port=" + std::to_string(c.listen_port) +
-           " caps=application/x-otp buffer-size=4194304 ! otpdecrypt name=dec ! udpsink host=" +
-           c.deliver_rtp.host + " port=" + std::to_string(c.deliver_rtp.port) +
-           " sync=false async=false ";
+      d += (ice ? std::string("nicesrc name=net_in ! application/x-otp")
+                : "udpsrc port=" + std::to_string(c.listen_port) +
+                      " buffer-size=4194304 caps=application/x-otp") +
+           " ! otpdecrypt name=dec ! udpsink host=" + c.deliver_rtp.host +
+           " port=" + std::to_string(c.deliver_rtp.port) + " sync=false async=false ";
       d += c.deliver_rtcp
                ? "dec.rtcp_src ! udpsink host=" + c.deliver_rtcp->host +
                      " port=" + std::to_string(c.deliver_rtcp->port) + " sync=false async=false"
@@ -170,10 +184,150 @@ struct Gateway::Impl {
       gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "on-key-exhausted",
                               config.on_key_exhausted.c_str());
     }
+    if (ice) {
+      for (const char* name : {"net_out", "net_in"}) {
+        if (GstElement* e = gst_bin_get_by_name(GST_BIN(bin), name)) {
+          g_object_set(e, "agent", ice_session->agent(), "stream", ice_session->stream_id(c.name),
+                       "component", 1u, nullptr);
+          gst_object_unref(e);
+        }
+      }
+    }
     if (c.receives()) {
       s.decrypt.reset(gst_bin_get_by_name(GST_BIN(bin), "dec"));
       g_object_set(s.decrypt.get(), "key-supply",
                    static_cast<keys::PadSource*>(s.receive_keys.get()), nullptr);
+    }
+  }
+
+  // ICE descriptions travel sealed with QKD key (encrypted and Wegman-Carter
+  // authenticated): this site fetches fresh keys as master SAE, the peer fetches the same
+  // ones as slave SAE by their key_IDs. No other credentials are needed.
+  std::string seal(const std::string& text) {
+    keys::KmeClient kme(kme_config());
+    const auto status = kme.status(config.peer_sae_id);
+    const std::uint32_t bits = keys::choose_key_size(status, 0);
+    const std::size_t need = otp::kAuthKeyBytes + otp::kMaskBytes + text.size();
+    const auto count = static_cast<std::uint32_t>((need + bits / 8 - 1) / (bits / 8));
+    auto fetched = kme.enc_keys(config.peer_sae_id, count, bits);
+    std::vector<std::uint8_t> pad;
+    json ids = json::array();
+    for (const auto& k : fetched) {
+      pad.insert(pad.end(), k.bytes.span().begin(), k.bytes.span().end());
+      ids.push_back(k.id.to_string());
+    }
+    const auto sealed =
+        otp::seal_message(pad, {reinterpret_cast<const std::uint8_t*>(text.data()), text.size()});
+    OPENSSL_cleanse(pad.data(), pad.size());
+    return json{{"from", config.sae_id}, {"key_IDs", ids}, {"sealed", hex(sealed)}}.dump();
+  }
+
+  std::string open(const std::string& message) {
+    const json m = json::parse(message, nullptr, false);
+    if (!m.is_object() || !m.contains("key_IDs") || !m.contains("sealed") ||
+        m.value("from", "") != config.peer_sae_id) {
+      throw std::runtime_error("ICE: a signalling message that is not from " + config.peer_sae_id);
+    }
+    std::vector<keys::KeyId> ids;
+    for (const auto& id : m["key_IDs"]) {
+      auto parsed = keys::KeyId::parse(id.is_string() ? id.get<std::string>() : "");
+      if (!parsed) throw std::runtime_error("ICE: malformed key_ID in a signalling message");
+      ids.push_back(*parsed);
+    }
+    keys::KmeClient kme(kme_config());
+    auto fetched = kme.dec_keys(config.peer_sae_id, ids);
+    std::vector<std::uint8_t> pad;
+    for (const auto& k : fetched)
+      pad.insert(pad.end(), k.bytes.span().begin(), k.bytes.span().end());
+    const auto plain = otp::open_message(pad, unhex(m["sealed"].get<std::string>()));
+    OPENSSL_cleanse(pad.data(), pad.size());
+    if (!plain) throw std::runtime_error("ICE: a signalling message failed authentication");
+    return std::string(plain->begin(), plain->end());
+  }
+
+  static std::string hex(std::span<const std::uint8_t> bytes) {
+    static constexpr char kHex[] = "0123456789abcdef";
+    std::string out;
+    for (auto b : bytes) {
+      out.push_back(kHex[b >> 4]);
+      out.push_back(kHex[b & 15]);
+    }
+    return out;
+  }
+  static std::vector<std::uint8_t> unhex(const std::string& text) {
+    std::vector<std::uint8_t> out;
+    for (std::size_t i = 0; i + 1 < text.size(); i += 2) {
+      out.push_back(static_cast<std::uint8_t>(std::stoi(text.substr(i, 2), nullptr, 16)));
+    }
+    return out;
+  }
+
+  // Gathers candidates, exchanges descriptions with the peer, waits for connectivity.
+  void connect_ice() {
+    std::vector<std::string> names;
+    for (const auto& c : config.streams) names.push_back(c.name);
+    const bool controlling = config.sae_id < config.peer_sae_id;
+    ice_session = std::make_unique<IceSession>(controlling, names,
+                                               config.ice_stun ? config.ice_stun->host : "",
+                                               config.ice_stun ? config.ice_stun->port : 0u);
+    if (!ice_session->gather(std::chrono::seconds(10))) {
+      throw std::runtime_error("ICE: candidate gathering timed out");
+    }
+    const std::string local = ice_session->local_description();
+    signalling_server.Post(
+        "/api/v1/ice", [this, local](const httplib::Request& req, httplib::Response& res) {
+          try {
+            const std::string remote = open(req.body);
+            std::lock_guard lock(ice_mutex);
+            if (!ice_remote_set) ice_session->set_remote_description(remote);
+            ice_remote_set = true;
+            ice_changed.notify_all();
+            res.set_content(seal(local), "application/json");
+          } catch (const std::exception& e) {
+            res.status = 403;
+            res.set_content(json{{"message", e.what()}}.dump(), "application/json");
+          }
+        });
+    const Endpoint& listen = config.ice_signalling_listen;
+    const bool bound = listen.port == 0 ? signalling_server.bind_to_any_port(listen.host) > 0
+                                        : signalling_server.bind_to_port(listen.host, listen.port);
+    if (!bound) {
+      throw std::runtime_error("ice.signalling_listen " + endpoint_text(listen) +
+                               ": cannot listen (in use?)");
+    }
+    signalling_thread = std::thread([this] { signalling_server.listen_after_bind(); });
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    if (controlling) {
+      httplib::Client peer(config.ice_peer_signalling.host, config.ice_peer_signalling.port);
+      peer.set_read_timeout(20, 0);
+      std::string last = "no answer";
+      bool done = false;
+      while (!done && std::chrono::steady_clock::now() < deadline) {
+        auto res = peer.Post("/api/v1/ice", seal(local), "application/json");
+        if (res && res->status == 200) {
+          ice_session->set_remote_description(open(res->body));
+          done = true;
+        } else {
+          last = res ? "HTTP " + std::to_string(res->status) + ": " + res->body
+                     : httplib::to_string(res.error());
+          std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        }
+      }
+      if (!done) {
+        throw std::runtime_error("ICE: the peer gateway at " +
+                                 endpoint_text(config.ice_peer_signalling) + " did not answer (" +
+                                 last + ")");
+      }
+    } else {
+      std::unique_lock lock(ice_mutex);
+      if (!ice_changed.wait_until(lock, deadline, [this] { return ice_remote_set; })) {
+        throw std::runtime_error("ICE: the peer gateway never sent its description to " +
+                                 endpoint_text(listen));
+      }
+    }
+    if (!ice_session->wait_connected(std::chrono::seconds(20))) {
+      throw std::runtime_error(
+          "ICE: the streams did not connect (blocked UDP? set ice.stun behind NAT)");
     }
   }
 
@@ -286,6 +440,7 @@ void Gateway::start() {
   Impl& g = *impl_;
   if (g.running) return;
   std::filesystem::create_directories(g.config.state_dir);
+  if (g.config.transport == "ice") g.connect_ice();
   for (const auto& c : g.config.streams) {
     g.streams.push_back(Impl::Stream{c, nullptr, nullptr, nullptr, nullptr, nullptr});
     g.build(g.streams.back());
@@ -350,6 +505,11 @@ void Gateway::stop() {
     s.pipeline.reset();
   }
   g.streams.clear();
+  if (g.signalling_thread.joinable()) {
+    g.signalling_server.stop();
+    g.signalling_thread.join();
+  }
+  g.ice_session.reset();
 }
 
 std::string Gateway::status_json() const {

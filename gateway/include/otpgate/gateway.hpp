@@ -46,6 +46,10 @@ struct GatewayConfig {
   std::filesystem::path tls_cert, tls_key, tls_ca;
   std::string peer_sae_id;
   std::string peer_address;
+  std::string transport = "udp";          // udp | ice
+  Endpoint ice_signalling_listen;         // ice: where the peer gateway reaches us
+  Endpoint ice_peer_signalling;           // ice: where we reach the peer gateway
+  std::optional<Endpoint> ice_stun;       // ice: STUN server for server-reflexive candidates
   std::string cipher = "otp";             // otp | aes-256-gcm
   std::string on_key_exhausted = "drop";  // drop | block | fallback-aes
   std::uint32_t rekey_interval = 1024;

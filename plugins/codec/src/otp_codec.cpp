@@ -145,6 +145,32 @@ constexpr std::size_t kAesKeyPayload = kAesKeyBytes - kMaskBytes;  // drawn like
 
 }  // namespace
 
+std::vector<std::uint8_t> seal_message(std::span<const std::uint8_t> key,
+                                       std::span<const std::uint8_t> plaintext) {
+  constexpr std::size_t kMacKey = kAuthKeyBytes + kMaskBytes;
+  if (key.size() < kMacKey + plaintext.size())
+    throw std::invalid_argument("seal_message: key too short");
+  std::vector<std::uint8_t> sealed(plaintext.size() + kTagBytes);
+  xor_into(sealed.data(), plaintext.data(), key.data() + kMacKey, plaintext.size());
+  WegmanCarter().tag(key.data(), key.data() + kAuthKeyBytes,
+                     {std::span(sealed).first(plaintext.size())}, sealed.data() + plaintext.size());
+  return sealed;
+}
+
+std::optional<std::vector<std::uint8_t>> open_message(std::span<const std::uint8_t> key,
+                                                      std::span<const std::uint8_t> sealed) {
+  constexpr std::size_t kMacKey = kAuthKeyBytes + kMaskBytes;
+  if (sealed.size() < kTagBytes || key.size() < kMacKey + sealed.size() - kTagBytes)
+    return std::nullopt;
+  const std::size_t n = sealed.size() - kTagBytes;
+  std::uint8_t tag[kTagBytes];
+  WegmanCarter().tag(key.data(), key.data() + kAuthKeyBytes, {sealed.first(n)}, tag);
+  if (CRYPTO_memcmp(tag, sealed.data() + n, kTagBytes) != 0) return std::nullopt;
+  std::vector<std::uint8_t> plain(n);
+  xor_into(plain.data(), sealed.data(), key.data() + kMacKey, n);
+  return plain;
+}
+
 DatagramType classify(std::span<const std::uint8_t> d) {
   if (d.size() >= 4 && std::memcmp(d.data(), "OTPA", 4) == 0) return DatagramType::announcement;
   if (d.size() >= 8 && (d[0] >> 6) == 2) {

@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "otpgate/keyclient.hpp"
 
@@ -41,6 +42,14 @@ inline constexpr std::size_t kMaxAnnouncedKeys = 64;   // key_IDs per announceme
 inline constexpr std::size_t kAnnouncementFixedBytes = kRecordPrefixBytes + 22 + kTagBytes;
 inline constexpr std::size_t kMaxAnnouncementBytes =
     kAnnouncementFixedBytes + 16 * kMaxAnnouncedKeys;
+
+// A one-time sealed message (e.g. the gateways' ICE descriptions): `key` is fresh pad of
+// at least kMaskBytes + kAuthKeyBytes + plaintext size bytes, never used again. The
+// first 32 bytes key Poly1305 (r || s) over the ciphertext, the rest is XORed with it.
+std::vector<std::uint8_t> seal_message(std::span<const std::uint8_t> key,
+                                       std::span<const std::uint8_t> plaintext);
+std::optional<std::vector<std::uint8_t>> open_message(std::span<const std::uint8_t> key,
+                                                      std::span<const std::uint8_t> sealed);
 
 enum class RecordKind : char {
   announcement = 'A',  // key_IDs for pad offsets (both modes)
