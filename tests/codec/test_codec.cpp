@@ -440,3 +440,24 @@ TEST(CodecAes, WhenPadRunsOutTheCurrentKeyCarriesOn) {
   protect_aes(link, packet, 1, wire);  // rekey due, no pad: keep the old key
   EXPECT_EQ(link.encoder.aes_rekeys(), 1u);
 }
+
+TEST(SealedMessage, RoundTripsAndRefusesAnyChange) {
+  const Bytes key = otpgate::testing::MemoryPad::pad_bytes(1000, 600);
+  const std::string text = R"({"audio-1":"v=0 candidate..."})";
+  const Bytes plain(text.begin(), text.end());
+  const Bytes sealed = otp::seal_message(key, plain);
+  ASSERT_EQ(sealed.size(), plain.size() + otp::kTagBytes);
+  EXPECT_EQ(std::search(sealed.begin(), sealed.end(), plain.begin(), plain.begin() + 8),
+            sealed.end())
+      << "encrypted, not only authenticated";
+  EXPECT_EQ(otp::open_message(key, sealed), plain);
+  for (std::size_t i = 0; i < sealed.size(); ++i) {
+    Bytes bad = sealed;
+    bad[i] ^= 0x20;
+    EXPECT_FALSE(otp::open_message(key, bad)) << i;
+  }
+  Bytes other_key = key;
+  other_key[3] ^= 1;
+  EXPECT_FALSE(otp::open_message(other_key, sealed));
+  EXPECT_FALSE(otp::open_message(std::span(key).first(40), sealed)) << "key too short";
+}
