@@ -4,17 +4,22 @@
 # otp-gateway at site A and at site B, and a simulated conference system at each site
 # (ten participants in all, VP8 video and Opus audio over RTP), then prints a summary.
 #   scripts/demo.sh [--seconds N] [--profile panel|full] [--key-rate BITS_PER_S]
+#                   [--policy drop|block|fallback-aes]
+# The full profile (about 21 Mbit/s per site) needs more key than a 10 Mbit/s QKD link
+# makes: watch packets drop, or run it with --policy fallback-aes or a higher --key-rate.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=20
 profile=panel
 key_rate=10e6
+policy=drop
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --profile) profile=$2; shift 2 ;;
     --key-rate) key_rate=$2; shift 2 ;;
-    *) echo "demo: unknown option $1 (use --seconds N, --profile panel|full, --key-rate BITS_PER_S)" >&2; exit 2 ;;
+    --policy) policy=$2; shift 2 ;;
+    *) echo "demo: unknown option $1 (use --seconds N, --profile panel|full, --key-rate BITS_PER_S, --policy drop|block|fallback-aes)" >&2; exit 2 ;;
   esac
 done
 "$root/scripts/install-deps.sh"
@@ -57,6 +62,8 @@ tls_ca = "$work/pki/ca.crt"
 [peer]
 sae_id = "$peer"
 address = "127.0.0.1"
+[policy]
+on_key_exhausted = "$policy"
 [keys]
 ring_bytes = 524288
 [status]
@@ -95,7 +102,7 @@ for port in 48080 48081; do
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
 done
 
-echo "demo: expert panel, 10 participants ($profile profile), ${seconds}s, KME key rate $key_rate bit/s"
+echo "demo: expert panel, 10 participants ($profile profile), ${seconds}s, KME key rate $key_rate bit/s, on key exhausted: $policy"
 "$bin/gateway/otp-conference-sim" --site hospital-a --first-participant 1 --send-base 41000 \
   --receive-base 44000 --seconds "$seconds" --profile "$profile" --gateway-status-port 48080 >"$work/conf-a.out" &
 conf_a=$!
