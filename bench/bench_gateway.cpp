@@ -4,7 +4,8 @@
 //   sender -> gateway A (encrypt) -> gateway B (decrypt) -> receiver
 // Each packet carries its send time; the receiver records one-way latency. Prints
 // p50/p99 of both, the added latency, loss, and process CPU per Mbit/s.
-//   bench_gateway --pki DIR [--seconds N] [--mbps M]
+//   bench_gateway --pki DIR [--seconds N] [--mbps M] [--kme-url URL]
+// Without --kme-url the KME simulator runs inside the benchmark (and competes for CPU).
 #include <arpa/inet.h>
 #include <gst/gst.h>
 #include <netinet/in.h>
@@ -200,20 +201,22 @@ std::string site(const std::string& me, const std::string& peer, const std::stri
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string pki;
+  std::string pki, kme_url;
   double seconds = 5, mbps = 50;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--pki" && i + 1 < argc) pki = argv[++i];
     if (a == "--seconds" && i + 1 < argc) seconds = std::stod(argv[++i]);
     if (a == "--mbps" && i + 1 < argc) mbps = std::stod(argv[++i]);
+    if (a == "--kme-url" && i + 1 < argc) kme_url = argv[++i];  // a KME in another process
   }
   if (pki.empty()) {
     std::fprintf(stderr, "usage: bench_gateway --pki DIR [--seconds N] [--mbps M]\n");
     return 2;
   }
   gst_init(nullptr, nullptr);
-  const std::uint16_t base = static_cast<std::uint16_t>(61000 + (::getpid() % 40) * 100);  // apart from the tests' ports
+  const std::uint16_t base =
+      static_cast<std::uint16_t>(61000 + (::getpid() % 40) * 100);  // apart from the tests' ports
 
   Result plain;
   {
@@ -230,17 +233,20 @@ int main(int argc, char** argv) {
   kme.key_rate_bps = 0;  // unthrottled: this measures the gateway, not the key rate
   kme.store_bits = 4ull << 33;
   otpgate::kmesim::KmeSimulator sim(kme);
-  sim.start();
+  if (kme_url.empty()) {
+    sim.start();
+    kme_url = sim.url();
+  }
   const fs::path state =
       fs::temp_directory_path() / ("otpgate-bench-gw-" + std::to_string(::getpid()));
   Result otp;
   {
     otpgate::gateway::Gateway a(otpgate::gateway::parse_config(
-        site("sae-a", "sae-b", sim.url(), pki, state / "a", static_cast<std::uint16_t>(base + 60),
+        site("sae-a", "sae-b", kme_url, pki, state / "a", static_cast<std::uint16_t>(base + 60),
              static_cast<std::uint16_t>(base + 80), 0, 0, true),
         "bench-a"));
     otpgate::gateway::Gateway b(otpgate::gateway::parse_config(
-        site("sae-b", "sae-a", sim.url(), pki, state / "b", 0, 0,
+        site("sae-b", "sae-a", kme_url, pki, state / "b", 0, 0,
              static_cast<std::uint16_t>(base + 80), static_cast<std::uint16_t>(base + 100), false),
         "bench-b"));
     a.start();
