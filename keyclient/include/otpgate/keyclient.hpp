@@ -277,19 +277,19 @@ class PadSource {
 KeyId pad_file_key_id(std::uint64_t offset);
 
 struct PadFileConfig {
-  std::filesystem::path path;          // pre-shared pad, identical at both sites
-  std::uint32_t chunk_bytes = 65536;   // bytes read (and announced) at a time
+  std::filesystem::path path;         // pre-shared pad, identical at both sites
+  std::uint32_t chunk_bytes = 65536;  // bytes read (and announced) at a time
 };
 
 struct KeySupplyConfig {
   SaeRole role = SaeRole::master;
-  std::string peer_sae_id;                  // slave SAE (master role) or master SAE (slave role)
-  std::filesystem::path journal;            // master: offset journal (required)
-  std::size_t ring_bytes = 4u << 20;        // key kept ready in memory
-  double low_water = 0.5;                   // refill when the ring is below this fraction
-  double high_water = 0.9;                  // ... up to this fraction
-  std::uint32_t key_size_cap_bits = 0;      // 0: the largest the KME allows
-  std::uint32_t fallback_key_bits = 8192;   // slave: slot size if status is refused
+  std::string peer_sae_id;                 // slave SAE (master role) or master SAE (slave role)
+  std::filesystem::path journal;           // master: offset journal (required)
+  std::size_t ring_bytes = 4u << 20;       // key kept ready in memory
+  double low_water = 0.5;                  // refill when the ring is below this fraction
+  double high_water = 0.9;                 // ... up to this fraction
+  std::uint32_t key_size_cap_bits = 0;     // 0: the largest the KME allows
+  std::uint32_t fallback_key_bits = 8192;  // slave: slot size if status is refused
   // Journal granularity (bytes of pad); reservations are whole multiples of it, so keep
   // it a multiple of the codec's epoch (256 KiB) for restarts without skipped pad.
   std::uint64_t reserve_chunk = 16u << 20;
@@ -303,7 +303,7 @@ struct KeySupplyStats {
   std::uint64_t bytes_consumed = 0;
   std::uint64_t bytes_fetched = 0;
   std::uint64_t keys_fetched = 0;
-  std::uint64_t keys_lost = 0;  // slave: announced keys the KME never delivered
+  std::uint64_t keys_lost = 0;     // slave: announced keys the KME never delivered
   std::uint64_t keys_refused = 0;  // slave: announced below the journal (replayed)
   std::uint64_t kme_errors = 0;
   std::uint64_t next_offset = 0;      // master: offset the next fetched key gets
@@ -321,8 +321,8 @@ struct KeySupplyStats {
 
 class KeySupply final : public PadSource {
  public:
-  KeySupply(KmeClientConfig kme, KeySupplyConfig config);       // keys from a KME
-  KeySupply(PadFileConfig pad_file, KeySupplyConfig config);    // keys from a pad file
+  KeySupply(KmeClientConfig kme, KeySupplyConfig config);     // keys from a KME
+  KeySupply(PadFileConfig pad_file, KeySupplyConfig config);  // keys from a pad file
   ~KeySupply();  // stops the refill thread; unused key is wiped
   KeySupply(const KeySupply&) = delete;
   KeySupply& operator=(const KeySupply&) = delete;
