@@ -3,6 +3,7 @@
 # and one client certificate per SAE (common name = SAE ID).
 #   scripts/make-test-pki.sh DIR [SAE_ID ...]      (default SAEs: sae-a sae-b sae-c)
 # Nothing here is secret or committed; tests and the demo make it at run time.
+# OTPGATE_PKI_EXTRA_SANS adds names to the KME certificate (e.g. "IP:10.200.1.1").
 set -euo pipefail
 dir=${1:?usage: make-test-pki.sh DIR [SAE_ID ...]}
 shift
@@ -34,7 +35,7 @@ issue() {  # issue NAME CN EXTFILE
 
 if [ ! -f kme.crt ]; then
   printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=digitalSignature" \
-    "extendedKeyUsage=serverAuth" "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1" > server.ext
+    "extendedKeyUsage=serverAuth" "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1${OTPGATE_PKI_EXTRA_SANS:+,$OTPGATE_PKI_EXTRA_SANS}" > server.ext
   issue kme localhost server.ext
 fi
 printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=digitalSignature" \
