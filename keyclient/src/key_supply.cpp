@@ -196,6 +196,7 @@ struct KeySupply::Impl {
       journal.emplace(config.journal);
       next_offset = journal->reserved();
       restart_floor = journal->reserved();
+      released_end = restart_floor;
       published_next_offset = next_offset;
       published_reserved = journal->reserved();
     }
@@ -298,6 +299,14 @@ struct KeySupply::Impl {
     KeyAnnouncement a;
     while (requests.pop(a)) {
       if (recent.contains(a.key_id)) continue;
+      // A journalled (pad-file) receiver reads and reserves the offsets it is asked for
+      // before the announcement is verified: only so far beyond what verified traffic
+      // has used, so forged announcements cannot push its journal ahead without bound.
+      if (journal &&
+          a.offset > released_end.load(std::memory_order_relaxed) + 8 * config.ring_bytes) {
+        ++keys_refused;  // not remembered: a genuine repeat is taken once in range
+        continue;
+      }
       recent.insert(a.key_id);
       recent_order.push_back(a.key_id);
       if (recent_order.size() > kRecentIds) {
@@ -428,6 +437,7 @@ struct KeySupply::Impl {
   std::atomic<std::uint32_t> published_key_bits{0};
   std::atomic<double> latency_last{0}, latency_avg{0}, consumption{0};
   std::atomic<bool> healthy{false};
+  std::atomic<std::uint64_t> released_end{0};  // slave: end of the furthest key released
   std::atomic<bool> stopping_flag{false};
   mutable std::mutex error_mutex;
   std::string last_error;
@@ -515,7 +525,12 @@ std::optional<PadSegment> KeySupply::pop_segment() {
 }
 
 void KeySupply::release(const PadSegment& segment) {
+  const std::uint64_t end = segment.offset + segment.bytes.size();
   impl_->ring.load(std::memory_order_acquire)->release(segment);
+  // Single consumer: a plain load/store pair is enough to keep the maximum.
+  if (end > impl_->released_end.load(std::memory_order_relaxed)) {
+    impl_->released_end.store(end, std::memory_order_relaxed);
+  }
 }
 
 KeySupplyStats KeySupply::stats() const {

@@ -79,7 +79,7 @@ struct Session {
 struct Private {
   KeySourceSettings settings;
   guint key_timeout_ms = 30000;
-  guint key_wait_ms = 200;
+  guint key_wait_ms = 500;
   guint64 window_size = 16u << 20;
   std::unique_ptr<Session> session;
   std::atomic<bool> flushing{false};
@@ -494,7 +494,7 @@ static void gst_otp_decrypt_class_init(GstOtpDecryptClass* klass) {
       g_param_spec_uint("key-wait", "Key wait",
                         "Datagram mode: milliseconds a packet may wait for keys that were "
                         "announced but are still being fetched, instead of being dropped",
-                        0, 5000, 200, rw));
+                        0, 5000, 500, rw));
   g_object_class_install_property(
       gobject, PROP_WINDOW_SIZE,
       g_param_spec_uint64("window-size", "Window size",

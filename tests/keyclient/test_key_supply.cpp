@@ -1,6 +1,7 @@
 // Key supplies (refill threads) against qkd-kme-sim: both roles, shortage, restarts.
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <map>
 
 #include "test_pki.hpp"
@@ -166,4 +167,31 @@ TEST_F(KeySupplyTest, AMasterWithoutJournalIsAConfigurationError) {
   auto config = master_config();
   config.journal.clear();
   EXPECT_THROW(keys::KeySupply(client_config(sim_->url(), "sae-a"), config), std::invalid_argument);
+}
+
+TEST_F(KeySupplyTest, APadFileReceiverFetchesOnlySoFarAheadOfVerifiedTraffic) {
+  const auto pad = dir_ / "pad.bin";
+  {
+    std::vector<char> bytes(64u << 20, 7);
+    std::ofstream(pad, std::ios::binary).write(bytes.data(), static_cast<long>(bytes.size()));
+  }
+  keys::KeySupplyConfig config = slave_config();
+  config.peer_sae_id = "pad-file";
+  config.journal = dir_ / "pad.received";
+  config.ring_bytes = 1u << 20;
+  config.reserve_chunk = 1u << 20;
+  keys::KeySupply slave(keys::PadFileConfig{pad}, config);
+  slave.start();
+  // A forged announcement 60 MiB ahead: refused, and the journal does not move.
+  const std::uint64_t far = 60u << 20;
+  ASSERT_TRUE(slave.request({far, keys::pad_file_key_id(far), 65536}));
+  ASSERT_TRUE(otpgate::testing::eventually([&] { return slave.stats().keys_refused == 1; }));
+  EXPECT_LT(slave.stats().reserved_offset, far);
+  // What a genuine sender announces (near the start) is fetched.
+  ASSERT_TRUE(slave.request({0, keys::pad_file_key_id(0), 65536}));
+  std::optional<keys::PadSegment> segment;
+  ASSERT_TRUE(
+      otpgate::testing::eventually([&] { return (segment = slave.pop_segment()).has_value(); }));
+  EXPECT_EQ(segment->offset, 0u);
+  slave.release(*segment);
 }
