@@ -12,6 +12,8 @@
  *
  * Never sends plaintext: without pad, packets are dropped (on-key-exhausted=drop) or
  * the stream waits (block; always in stream mode). See docs/wire-format.md.
+ * Stream mode emits a record per record-size bytes; a custom downstream event named
+ * "otp-flush" emits what is pending at once (for control messages and growing files).
  */
 #include <gst/base/gstadapter.h>
 #include <openssl/rand.h>
@@ -43,8 +45,8 @@ GType cipher_get_type() {
   static const GEnumValue values[] = {
       {CIPHER_OTP, "One-time pad with a Wegman-Carter MAC (information-theoretic)", "otp"},
       {CIPHER_AES_256_GCM,
-       "SRTP AES-256-GCM (libsrtp2) with master keys from the pad, rekeyed every rekey-interval "
-       "packets",
+       "AES-256-GCM with keys from the pad, rekeyed every rekey-interval packets or records "
+       "(SRTP via libsrtp2 for RTP/RTCP)",
        "aes-256-gcm"},
       {0, nullptr, nullptr}};
   if (g_once_init_enter(&type))
@@ -313,7 +315,11 @@ GstFlowReturn emit_record(GstOtpEncrypt* self, otp::RecordKind kind,
   while (true) {
     GstFlowReturn ret = push_announcements(self, nullptr);
     if (ret != GST_FLOW_OK) return ret;
-    const auto status = s.encoder->protect_record(kind, payload, out, consumed, written);
+    const auto status =
+        p.cipher == CIPHER_AES_256_GCM
+            ? s.encoder->protect_record_aes(kind, payload, out, consumed, written,
+                                            p.rekey_interval)
+            : s.encoder->protect_record(kind, payload, out, consumed, written);
     if (status == otp::Encoder::Status::ok) break;
     note_exhausted(self, true);  // a stream cannot drop: it slows to the key rate
     if (!wait_for_key(self)) return GST_FLOW_FLUSHING;
@@ -376,13 +382,6 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
                     static_cast<void*>(p.sink_caps.get()));
   }
   push_caps_once(self);
-  if (s.stream && p.cipher == CIPHER_AES_256_GCM) {
-    GST_ELEMENT_ERROR(self, STREAM, NOT_IMPLEMENTED,
-                      ("otpencrypt: cipher=aes-256-gcm protects RTP/RTCP (datagram mode); a byte "
-                       "stream is always protected with the one-time pad"),
-                      (nullptr));
-    return GST_FLOW_ERROR;
-  }
   if (s.stream) {
     gst_adapter_push(s.adapter.get(), in.release());
     return drain_stream(self, false);
@@ -410,6 +409,15 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       break;
     case GST_EVENT_FLUSH_STOP:
       p.flushing = false;
+      break;
+    case GST_EVENT_CUSTOM_DOWNSTREAM:
+      // "otp-flush": emit what is pending now instead of waiting for a full record (the
+      // file transfer sends it after control messages and at the end of a growing file).
+      if (gst_event_has_name(event, "otp-flush") && p.session && p.session->stream) {
+        gst_event_unref(event);
+        const GstFlowReturn ret = drain_stream(self, true);
+        return ret == GST_FLOW_OK || ret == GST_FLOW_FLUSHING;
+      }
       break;
     case GST_EVENT_EOS:
       if (p.session && p.session->stream) {
@@ -581,14 +589,14 @@ static void gst_otp_encrypt_class_init(GstOtpEncryptClass* klass) {
   g_object_class_install_property(
       gobject, PROP_CIPHER,
       g_param_spec_enum("cipher", "Cipher",
-                        "Datagram mode cipher: the one-time pad, or SRTP AES-256-GCM with master "
-                        "keys drawn from the same QKD key stream",
+                        "The one-time pad, or AES-256-GCM with keys drawn from the same QKD key "
+                        "stream (SRTP in datagram mode, AES-GCM records in stream mode)",
                         cipher_get_type(), CIPHER_OTP, rw));
   g_object_class_install_property(
       gobject, PROP_REKEY_INTERVAL,
       g_param_spec_uint("rekey-interval", "Rekey interval",
-                        "AES mode and AES fallback: packets per master key (a new key is drawn "
-                        "from the pad after this many, while pad lasts)",
+                        "AES mode and AES fallback: packets (datagram) or records (stream) per "
+                        "key; a new key is drawn from the pad after this many, while pad lasts",
                         1, G_MAXINT32, 1024, rw));
   signals[SIGNAL_KEY_LOW] = g_signal_new("key-low", G_TYPE_FROM_CLASS(klass), G_SIGNAL_RUN_LAST, 0,
                                          nullptr, nullptr, nullptr, G_TYPE_NONE, 1, G_TYPE_UINT64);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <random>
 #include <set>
@@ -263,7 +264,9 @@ TEST(Codec, ExhaustedPadRefusesRatherThanSendingPlaintext) {
 // ---- stream mode
 
 namespace {
-std::vector<Bytes> stream_records(Encoder& e, const Bytes& data, std::size_t record_size) {
+// `aes_rekey` > 0: AES-256-GCM records with a new key every `aes_rekey` records.
+std::vector<Bytes> stream_records(Encoder& e, const Bytes& data, std::size_t record_size,
+                                  std::uint32_t aes_rekey = 0) {
   std::vector<Bytes> records;
   Bytes buf(otp::kMaxAnnouncementBytes);
   auto announce = [&] {
@@ -274,7 +277,9 @@ std::vector<Bytes> stream_records(Encoder& e, const Bytes& data, std::size_t rec
     announce();
     Bytes out(payload.size() + otp::kRecordOverhead);
     std::size_t consumed = 0, written = 0;
-    EXPECT_EQ(e.protect_record(kind, payload, out, consumed, written), Encoder::Status::ok);
+    EXPECT_EQ(aes_rekey ? e.protect_record_aes(kind, payload, out, consumed, written, aes_rekey)
+                        : e.protect_record(kind, payload, out, consumed, written),
+              Encoder::Status::ok);
     out.resize(written);
     records.push_back(out);
     return consumed;
@@ -369,6 +374,82 @@ TEST(CodecStream, TruncationReorderingAndSplicingAreDetected) {
     first[data_index + 1 + other] = second[other];  // replaces a data record
     Decoder d(rx);
     EXPECT_EQ(open_stream(d, first).last, Decoder::Verdict::out_of_sequence);
+  }
+}
+
+// ---- stream mode with AES-256-GCM records (keys from the pad)
+
+TEST(CodecStreamAes, AFileRoundTripsWithRekeysAndLittlePad) {
+  otpgate::testing::MemoryPad tx(0, 1u << 20, 1024), rx(0, 1u << 20, 1024);
+  tx.fill_for_sending();
+  Encoder e(tx, 77);
+  Decoder d(rx);
+  Bytes data(3'000'000);
+  std::mt19937 rng(5);
+  for (auto& b : data) b = static_cast<std::uint8_t>(rng());
+  const auto records = stream_records(e, data, 32768, 8);
+  // Ciphertext, not plaintext, on the wire.
+  const Bytes& first_data = *std::find_if(records.begin(), records.end(),
+                                          [](const Bytes& r) { return r[3] == 'D'; });
+  EXPECT_NE(0, std::memcmp(first_data.data() + otp::kRecordHeaderBytes, data.data(), 1024));
+  const auto result = open_stream(d, records);
+  EXPECT_EQ(result.last, Decoder::Verdict::plaintext);
+  EXPECT_TRUE(result.finished);
+  EXPECT_EQ(result.data, data);
+  EXPECT_EQ(e.stats().aes_units, records.size() - e.stats().announcements);
+  EXPECT_GE(e.stats().aes_rekeys, 12u);  // ~94 records / 8
+  // Pad only for keys (and the epoch's r): far below the data size.
+  EXPECT_LT(e.stats().pad_bytes_used, 1024u);
+  EXPECT_EQ(d.stats().aes_units, e.stats().aes_units);
+}
+
+TEST(CodecStreamAes, TamperingForgedKeysAndReorderingAreRejected) {
+  Bytes data(400000, 0x5a);
+  auto fresh = [](otpgate::testing::MemoryPad& tx) { tx.fill_for_sending(); };
+  {  // every flipped byte of a data record fails it
+    otpgate::testing::MemoryPad tx(0, 1u << 20, 1024), rx(0, 1u << 20, 1024);
+    fresh(tx);
+    Encoder e(tx, 9);
+    auto records = stream_records(e, data, 16384, 4);
+    std::size_t at = 0;
+    while (records[at][3] != 'D') ++at;
+    records[at][otp::kRecordHeaderBytes + 100] ^= 1;
+    Decoder d(rx);
+    EXPECT_EQ(open_stream(d, records).last, Decoder::Verdict::auth_failure);
+  }
+  {  // a forged record naming a key that is not used yet consumes no pad: the genuine
+     // stream that later uses that key still opens
+    otpgate::testing::MemoryPad tx(0, 1u << 20, 1024), rx(0, 1u << 20, 1024);
+    fresh(tx);
+    Encoder e(tx, 9);
+    auto records = stream_records(e, data, 16384, 4);
+    std::vector<std::size_t> data_at;
+    for (std::size_t i = 0; i < records.size(); ++i)
+      if (records[i][3] == 'D') data_at.push_back(i);
+    Bytes forged = records[data_at[0]];
+    const Bytes& later = records[data_at[8]];  // its key offset is a later key's
+    std::copy(later.begin() + 24, later.begin() + 32, forged.begin() + 24);
+    Decoder d(rx);
+    std::vector<Bytes> with_forgery(records.begin(), records.begin() + long(data_at[0]));
+    with_forgery.push_back(forged);
+    EXPECT_EQ(open_stream(d, with_forgery).last, Decoder::Verdict::auth_failure);
+    const std::vector<Bytes> rest(records.begin() + long(data_at[0]), records.end());
+    const auto result = open_stream(d, rest);
+    EXPECT_EQ(result.last, Decoder::Verdict::plaintext);
+    EXPECT_TRUE(result.finished);
+    EXPECT_EQ(result.data, data);
+  }
+  {  // swapped data records
+    otpgate::testing::MemoryPad tx(0, 1u << 20, 1024), rx(0, 1u << 20, 1024);
+    fresh(tx);
+    Encoder e(tx, 9);
+    auto records = stream_records(e, data, 16384, 4);
+    std::vector<std::size_t> data_at;
+    for (std::size_t i = 0; i < records.size(); ++i)
+      if (records[i][3] == 'D') data_at.push_back(i);
+    std::swap(records[data_at[2]], records[data_at[3]]);
+    Decoder d(rx);
+    EXPECT_EQ(open_stream(d, records).last, Decoder::Verdict::out_of_sequence);
   }
 }
 

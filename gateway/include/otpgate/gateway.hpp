@@ -12,18 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "otpgate/config_error.hpp"
+
 namespace otpgate::gateway {
 
-// A configuration problem: names the key, the value and what is expected.
-class ConfigError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-struct Endpoint {
-  std::string host;
-  std::uint16_t port = 0;
-};
+using config::ConfigError;
+using config::Endpoint;
 
 struct StreamConfig {
   std::string name;                      // "video-1", "audio-1", "content"

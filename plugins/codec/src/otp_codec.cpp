@@ -7,6 +7,7 @@
 #include <srtp2/srtp.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -137,6 +138,58 @@ class SrtpSession {
 
  private:
   srtp_t session_ = nullptr;
+};
+
+// Stream-mode AES: AES-256-GCM (OpenSSL) over a record's payload with its 32-byte
+// header as associated data. Key and 12-byte salt come from one pad draw; the nonce is
+// salt XOR the record index, unique because a key serves one stream's increasing indices.
+class GcmKey {
+ public:
+  GcmKey(const std::uint8_t* key_and_salt, bool encrypt)
+      : ctx_(EVP_CIPHER_CTX_new()), encrypt_(encrypt) {
+    if (!ctx_) throw std::bad_alloc();
+    std::memcpy(salt_.data(), key_and_salt + 32, salt_.size());
+    const int ok = encrypt ? EVP_EncryptInit_ex(ctx_.get(), EVP_aes_256_gcm(), nullptr,
+                                                key_and_salt, nullptr)
+                           : EVP_DecryptInit_ex(ctx_.get(), EVP_aes_256_gcm(), nullptr,
+                                                key_and_salt, nullptr);
+    if (ok != 1) throw std::runtime_error("AES-256-GCM initialisation failed");
+  }
+  ~GcmKey() { OPENSSL_cleanse(salt_.data(), salt_.size()); }
+  GcmKey(const GcmKey&) = delete;
+  GcmKey& operator=(const GcmKey&) = delete;
+
+  // Encrypts (or decrypts and verifies) `n` bytes; the tag is written to / read from `tag`.
+  bool seal(std::uint64_t index, std::span<const std::uint8_t> aad, const std::uint8_t* in,
+            std::size_t n, std::uint8_t* out, std::uint8_t* tag) {
+    std::array<std::uint8_t, 12> nonce = salt_;
+    for (int i = 0; i < 8; ++i) nonce[4 + i] ^= static_cast<std::uint8_t>(index >> (56 - 8 * i));
+    EVP_CIPHER_CTX* c = ctx_.get();
+    int len = 0;
+    const int init = encrypt_ ? EVP_EncryptInit_ex(c, nullptr, nullptr, nullptr, nonce.data())
+                              : EVP_DecryptInit_ex(c, nullptr, nullptr, nullptr, nonce.data());
+    if (init != 1) return false;
+    if (encrypt_) {
+      if (EVP_EncryptUpdate(c, nullptr, &len, aad.data(), static_cast<int>(aad.size())) != 1 ||
+          (n && EVP_EncryptUpdate(c, out, &len, in, static_cast<int>(n)) != 1) ||
+          EVP_EncryptFinal_ex(c, out + n, &len) != 1) {
+        return false;
+      }
+      return EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, kTagBytes, tag) == 1;
+    }
+    return EVP_DecryptUpdate(c, nullptr, &len, aad.data(), static_cast<int>(aad.size())) == 1 &&
+           (!n || EVP_DecryptUpdate(c, out, &len, in, static_cast<int>(n)) == 1) &&
+           EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, kTagBytes, tag) == 1 &&
+           EVP_DecryptFinal_ex(c, out + n, &len) == 1;
+  }
+
+ private:
+  struct Free {
+    void operator()(EVP_CIPHER_CTX* c) const { EVP_CIPHER_CTX_free(c); }
+  };
+  std::unique_ptr<EVP_CIPHER_CTX, Free> ctx_;
+  std::array<std::uint8_t, 12> salt_{};
+  bool encrypt_;
 };
 
 // AES datagrams carry the key's pad offset (with kAesFlag) where OTP datagrams carry
@@ -311,7 +364,31 @@ struct Encoder::Impl {
   std::unique_ptr<SrtpSession> aes;
   std::uint64_t aes_key_offset = 0;
   std::uint32_t aes_packets = 0;
+  std::unique_ptr<GcmKey> gcm;  // stream-mode AES key
+  std::uint64_t gcm_key_offset = 0;
+  std::uint32_t gcm_records = 0;
   EncoderStats stats;
+
+  // Stream-mode AES: a new key from the pad (drawn like a unit, so never reused).
+  bool rekey_gcm() {
+    const auto p = draw(kAesKeyPayload);
+    if (!p) return false;
+    gcm = std::make_unique<GcmKey>(scratch.span().data(), true);
+    OPENSSL_cleanse(scratch.span().data(), kAesKeyBytes);
+    gcm_key_offset = *p;
+    gcm_records = 0;
+    ++stats.aes_rekeys;
+    return true;
+  }
+
+  void write_record_header(std::uint8_t* o, RecordKind kind, std::size_t size, std::uint64_t p) {
+    std::memcpy(o, "OTP", 3);
+    o[3] = static_cast<std::uint8_t>(kind);
+    put_be(o + 4, size - kRecordPrefixBytes, 4);
+    put_be(o + 8, stream_id, 8);
+    put_be(o + 16, record_index, 8);
+    put_be(o + 24, p, 8);
+  }
 
   bool rekey_aes() {
     const auto p = draw(kAesKeyPayload);
@@ -412,18 +489,42 @@ Encoder::Status Encoder::protect_record(RecordKind kind, std::span<const std::ui
   }
   const std::size_t size = kRecordOverhead + n;
   std::uint8_t* o = out.data();
-  std::memcpy(o, "OTP", 3);
-  o[3] = static_cast<std::uint8_t>(kind);
-  put_be(o + 4, size - kRecordPrefixBytes, 4);
-  put_be(o + 8, e.stream_id, 8);
-  put_be(o + 16, e.record_index, 8);
-  put_be(o + 24, *p, 8);
+  e.write_record_header(o, kind, size, *p);
   const std::uint8_t* s = e.scratch.span().data();
   xor_into(o + kRecordHeaderBytes, payload.data(), s + kMaskBytes, n);
   e.mac.tag(e.r.span().data(), s, {out.first(kRecordHeaderBytes + n)}, o + kRecordHeaderBytes + n);
   OPENSSL_cleanse(e.scratch.span().data(), kMaskBytes + n);
   ++e.record_index;
   ++e.stats.units;
+  e.stats.payload_bytes += n;
+  consumed = n;
+  written = size;
+  return Status::ok;
+}
+
+Encoder::Status Encoder::protect_record_aes(RecordKind kind,
+                                            std::span<const std::uint8_t> payload,
+                                            std::span<std::uint8_t> out, std::size_t& consumed,
+                                            std::size_t& written, std::uint32_t rekey_interval) {
+  Impl& e = *impl_;
+  if (kind == RecordKind::announcement || out.size() < kRecordOverhead) return Status::malformed;
+  std::size_t n = kind == RecordKind::data ? payload.size() : 0;
+  n = std::min({n, kMaxUnitPayload, out.size() - kRecordOverhead});
+  if ((!e.gcm || e.gcm_records >= rekey_interval) && !e.rekey_gcm() && !e.gcm) {
+    ++e.stats.no_key;
+    return Status::no_key;
+  }
+  const std::size_t size = kRecordOverhead + n;
+  std::uint8_t* o = out.data();
+  e.write_record_header(o, kind, size, e.gcm_key_offset | kAesFlag);
+  if (!e.gcm->seal(e.record_index, out.first(kRecordHeaderBytes), payload.data(), n,
+                   o + kRecordHeaderBytes, o + kRecordHeaderBytes + n)) {
+    return Status::malformed;
+  }
+  ++e.gcm_records;
+  ++e.record_index;
+  ++e.stats.units;
+  ++e.stats.aes_units;
   e.stats.payload_bytes += n;
   consumed = n;
   written = size;
@@ -914,6 +1015,59 @@ struct Decoder::Impl {
     return Verdict::plaintext;
   }
 
+  // Stream mode AES: the stream's current key (keys only move forward in a stream).
+  std::unique_ptr<GcmKey> gcm;
+  std::uint64_t gcm_key_offset = UINT64_MAX;
+
+  // Opens a stream-mode AES record into `out`; the key is consumed only once a record
+  // authenticates under it, so a forged record naming unseen pad costs no pad.
+  Verdict open_record_aes(std::span<const std::uint8_t> record, std::uint64_t key_offset,
+                          std::size_t n, std::span<std::uint8_t> out) {
+    const std::uint64_t index = get_be(record.data() + 16, 8);
+    const std::uint8_t* in = record.data() + kRecordHeaderBytes;
+    std::uint8_t tag[kTagBytes];
+    std::memcpy(tag, in + n, kTagBytes);
+    if (gcm && key_offset == gcm_key_offset) {
+      if (!gcm->seal(index, record.first(kRecordHeaderBytes), in, n, out.data(), tag)) {
+        OPENSSL_cleanse(out.data(), n);
+        ++stats.auth_failures;
+        return Verdict::auth_failure;
+      }
+      return Verdict::plaintext;
+    }
+    if (!fits_epoch(key_offset, kAesKeyPayload)) {
+      ++stats.malformed;
+      return Verdict::malformed;
+    }
+    if (key_offset < window.base()) {
+      ++stats.replays;
+      return Verdict::replay;
+    }
+    if (!window.in_range(key_offset, kAesKeyBytes) ||
+        !window.all_present(key_offset, kAesKeyBytes)) {
+      ++stats.no_key;
+      return Verdict::no_key;
+    }
+    if (window.any_used(key_offset, kAesKeyBytes)) {
+      ++stats.replays;
+      return Verdict::replay;
+    }
+    std::uint8_t key[kAesKeyBytes];
+    window.copy_out(key_offset, kAesKeyBytes, key);
+    auto candidate = std::make_unique<GcmKey>(key, false);
+    OPENSSL_cleanse(key, sizeof key);
+    if (!candidate->seal(index, record.first(kRecordHeaderBytes), in, n, out.data(), tag)) {
+      OPENSSL_cleanse(out.data(), n);
+      ++stats.auth_failures;
+      return Verdict::auth_failure;
+    }
+    window.consume(key_offset, kAesKeyBytes);
+    stats.pad_bytes_used += kAesKeyBytes;
+    gcm = std::move(candidate);
+    gcm_key_offset = key_offset;
+    return Verdict::plaintext;
+  }
+
   // Stream mode.
   bool stream_started = false;
   bool stream_done = false;
@@ -1005,6 +1159,28 @@ Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
   const std::uint64_t id = get_be(record.data() + 8, 8);
   const std::uint64_t index = get_be(record.data() + 16, 8);
   const std::uint64_t p = get_be(record.data() + 24, 8);
+  auto in_sequence = [&] {
+    return !d.stream_done && (d.stream_started ? (kind != RecordKind::stream_start &&
+                                                  id == d.stream_id && index == d.next_index)
+                                               : (kind == RecordKind::stream_start && index == 0));
+  };
+  if (p & kAesFlag) {
+    // Sequence first: a record out of order must not move the stream's key forward.
+    if (!in_sequence()) return Verdict::out_of_sequence;
+    if (const Verdict v = d.open_record_aes(record, p & ~kAesFlag, n, out);
+        v != Verdict::plaintext) {
+      return v;
+    }
+    d.stream_started = true;
+    d.stream_id = id;
+    d.next_index = index + 1;
+    d.stream_done = kind == RecordKind::final;
+    written = n;
+    ++d.stats.units;
+    ++d.stats.aes_units;
+    d.stats.payload_bytes += n;
+    return Verdict::plaintext;
+  }
   const std::uint8_t* r = nullptr;
   if (const Verdict v = d.load_pad(p, n, r); v != Verdict::plaintext) return v;
   std::uint8_t tag[kTagBytes];
@@ -1017,11 +1193,7 @@ Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
   d.window.consume(p, kMaskBytes + n);
   d.stats.pad_bytes_used += kMaskBytes + n;
   // Authentic; now the stream's order: start, data 1..k, final; one stream only.
-  const bool in_sequence =
-      !d.stream_done && (d.stream_started ? (kind != RecordKind::stream_start &&
-                                             id == d.stream_id && index == d.next_index)
-                                          : (kind == RecordKind::stream_start && index == 0));
-  if (!in_sequence) {
+  if (!in_sequence()) {
     OPENSSL_cleanse(d.scratch.span().data(), kMaskBytes + n);
     return Verdict::out_of_sequence;
   }

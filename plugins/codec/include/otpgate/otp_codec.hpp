@@ -128,6 +128,14 @@ class Encoder {
   Status protect_record(RecordKind kind, std::span<const std::uint8_t> payload,
                         std::span<std::uint8_t> out, std::size_t& consumed, std::size_t& written);
 
+  // Stream mode, AES: like protect_record, but the payload is AES-256-GCM encrypted under
+  // a key drawn from the pad (its offset, with kAesFlag, in the P field), a new key every
+  // `rekey_interval` records while pad lasts. For transfers whose size the key budget
+  // cannot cover; needs pad only for the keys.
+  Status protect_record_aes(RecordKind kind, std::span<const std::uint8_t> payload,
+                            std::span<std::uint8_t> out, std::size_t& consumed,
+                            std::size_t& written, std::uint32_t rekey_interval);
+
   // True when `n` payload bytes could be protected now (for blocking policies).
   bool has_pad_for(std::size_t n) const;
   const EncoderStats& stats() const;

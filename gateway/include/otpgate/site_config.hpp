@@ -1,0 +1,66 @@
+// The one config loader's shared part (toml++): reading values with errors that name
+// the key, the value and what is expected, and the sections every otpgate daemon has
+// ([site], [kme], [peer] sae_id, [keys]). otp-gateway and otp-transfer build on it.
+#pragma once
+
+#include <toml++/toml.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "otpgate/config_error.hpp"
+
+namespace otpgate::config {
+
+class Reader {
+ public:
+  Reader(const toml::table& root, std::string source) : root_(root), source_(std::move(source)) {}
+
+  [[noreturn]] void fail(const std::string& key, const std::string& value,
+                         const std::string& expected) const;
+  static std::string shown(const toml::node* node);
+
+  std::string string(const toml::table& table, const std::string& prefix, const char* key,
+                     const char* expected,
+                     std::optional<std::string> fallback = std::nullopt) const;
+  std::int64_t integer(const toml::table& table, const std::string& prefix, const char* key,
+                       std::int64_t min, std::int64_t max, const char* expected,
+                       std::optional<std::int64_t> fallback = std::nullopt) const;
+  std::uint16_t port(const toml::table& table, const std::string& prefix, const char* key,
+                     bool required) const;
+  // "host:port"; port 0 only when `any_port_allowed` (listen addresses).
+  Endpoint endpoint(const toml::table& table, const std::string& prefix, const char* key,
+                    bool any_port_allowed = false) const;
+  const toml::table& table(const char* key) const;            // required
+  const toml::table* optional_table(const char* key) const;  // absent: nullptr
+  std::filesystem::path file(const toml::table& table, const std::string& prefix,
+                             const char* key) const;  // an existing PEM file
+  const toml::table& root() const { return root_; }
+
+ private:
+  const toml::table& root_;
+  std::string source_;
+};
+
+// What every site daemon needs: who it is, its KME, its peer's SAE ID, key ring size.
+struct SiteConfig {
+  std::string site_name;
+  std::string sae_id;
+  std::filesystem::path state_dir;
+  std::string kme_url;
+  std::filesystem::path tls_cert, tls_key, tls_ca;
+  std::string peer_sae_id;
+  std::uint64_t key_ring_bytes = 4u << 20;  // key held ready per key supply
+};
+
+// Parses TOML text; a syntax error becomes "source:line:column: not valid TOML: ...".
+toml::table parse_toml(std::string_view text, const std::string& source);
+// Reads a config file's text; a missing file is a ConfigError naming it.
+std::string read_config_file(const std::filesystem::path& path);
+// Reads [site], [kme], [peer].sae_id and [keys] into `c` (defaults kept when absent).
+void read_site(const Reader& r, SiteConfig& c);
+
+}  // namespace otpgate::config

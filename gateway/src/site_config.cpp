@@ -1,0 +1,146 @@
+// The shared part of the one config loader: see otpgate/site_config.hpp.
+#include "otpgate/site_config.hpp"
+
+#include <fstream>
+#include <sstream>
+
+namespace otpgate::config {
+
+void Reader::fail(const std::string& key, const std::string& value,
+                  const std::string& expected) const {
+  throw ConfigError(source_ + ": " + key + (value.empty() ? " is missing" : " = " + value) +
+                    ": expected " + expected);
+}
+
+std::string Reader::shown(const toml::node* node) {
+  if (!node) return "";
+  std::ostringstream out;
+  node->visit([&out](auto&& value) { out << value; });
+  return out.str();
+}
+
+std::string Reader::string(const toml::table& table, const std::string& prefix, const char* key,
+                           const char* expected, std::optional<std::string> fallback) const {
+  const toml::node* node = table.get(key);
+  if (!node) {
+    if (fallback) return *fallback;
+    fail(prefix + key, "", expected);
+  }
+  const auto* value = node->as_string();
+  if (!value || value->get().empty()) fail(prefix + key, shown(node), expected);
+  return value->get();
+}
+
+std::int64_t Reader::integer(const toml::table& table, const std::string& prefix, const char* key,
+                             std::int64_t min, std::int64_t max, const char* expected,
+                             std::optional<std::int64_t> fallback) const {
+  const toml::node* node = table.get(key);
+  if (!node) {
+    if (fallback) return *fallback;
+    fail(prefix + key, "", expected);
+  }
+  const auto* value = node->as_integer();
+  if (!value || value->get() < min || value->get() > max) fail(prefix + key, shown(node), expected);
+  return value->get();
+}
+
+std::uint16_t Reader::port(const toml::table& table, const std::string& prefix, const char* key,
+                           bool required) const {
+  if (!required && !table.get(key)) return 0;
+  return static_cast<std::uint16_t>(
+      integer(table, prefix, key, 1, 65535, "a UDP port number from 1 to 65535"));
+}
+
+Endpoint Reader::endpoint(const toml::table& table, const std::string& prefix, const char* key,
+                          bool any_port_allowed) const {
+  const std::string text = string(table, prefix, key, "\"host:port\"");
+  const auto colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0)
+    fail(prefix + key, '"' + text + '"', "\"host:port\"");
+  int port = 0;
+  try {
+    std::size_t used = 0;
+    port = std::stoi(text.substr(colon + 1), &used);
+    if (used != text.size() - colon - 1) port = 0;
+  } catch (const std::exception&) {
+    port = 0;
+  }
+  if (port < (any_port_allowed ? 0 : 1) || port > 65535 ||
+      (port == 0 && text.substr(colon + 1) != "0")) {
+    fail(prefix + key, '"' + text + '"', "\"host:port\" with a port from 1 to 65535");
+  }
+  return Endpoint{text.substr(0, colon), static_cast<std::uint16_t>(port)};
+}
+
+const toml::table& Reader::table(const char* key) const {
+  const toml::node* node = root_.get(key);
+  if (!node || !node->is_table()) fail(std::string("[") + key + "]", shown(node), "a table");
+  return *node->as_table();
+}
+
+const toml::table* Reader::optional_table(const char* key) const {
+  const toml::node* node = root_.get(key);
+  if (!node) return nullptr;
+  if (!node->is_table()) fail(std::string("[") + key + "]", shown(node), "a table");
+  return node->as_table();
+}
+
+std::filesystem::path Reader::file(const toml::table& table, const std::string& prefix,
+                                   const char* key) const {
+  const std::string path = string(table, prefix, key, "the path of a readable PEM file");
+  if (!std::filesystem::is_regular_file(path)) {
+    fail(prefix + key, '"' + path + '"', "the path of a readable PEM file (no such file)");
+  }
+  return path;
+}
+
+toml::table parse_toml(std::string_view text, const std::string& source) {
+  try {
+    return toml::parse(text, source);
+  } catch (const toml::parse_error& e) {
+    const auto& where = e.source().begin;
+    throw ConfigError(source + ":" + std::to_string(where.line) + ":" +
+                      std::to_string(where.column) +
+                      ": not valid TOML: " + std::string(e.description()));
+  }
+}
+
+std::string read_config_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError(path.string() + ": cannot be read (does it exist? check --config)");
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+void read_site(const Reader& r, SiteConfig& c) {
+  const toml::table& site = r.table("site");
+  c.site_name = r.string(site, "site.", "name", "a site name such as \"hospital-a\"");
+  c.sae_id = r.string(site, "site.", "sae_id",
+                      "this site's SAE ID (the CN of its KME client certificate)");
+  c.state_dir = r.string(site, "site.", "state_dir", "a writable folder for offset journals",
+                         std::string("/var/lib/otpgate"));
+
+  const toml::table& kme = r.table("kme");
+  c.kme_url = r.string(kme, "kme.", "url", "the KME base URL, https://host:port");
+  if (c.kme_url.rfind("https://", 0) != 0) {
+    r.fail("kme.url", '"' + c.kme_url + '"', "an https:// URL (ETSI GS QKD 014 requires TLS)");
+  }
+  c.tls_cert = r.file(kme, "kme.", "tls_cert");
+  c.tls_key = r.file(kme, "kme.", "tls_key");
+  c.tls_ca = r.file(kme, "kme.", "tls_ca");
+
+  const toml::table& peer = r.table("peer");
+  c.peer_sae_id = r.string(peer, "peer.", "sae_id", "the remote site's SAE ID");
+  if (c.peer_sae_id == c.sae_id)
+    r.fail("peer.sae_id", '"' + c.peer_sae_id + '"', "an SAE ID other than site.sae_id");
+
+  if (const toml::table* keys = r.optional_table("keys")) {
+    c.key_ring_bytes = static_cast<std::uint64_t>(
+        r.integer(*keys, "keys.", "ring_bytes", 65536, std::int64_t(1) << 32,
+                  "bytes of key held ready per key supply, 65536 to 4294967296",
+                  static_cast<std::int64_t>(c.key_ring_bytes)));
+  }
+}
+
+}  // namespace otpgate::config
