@@ -377,6 +377,39 @@ TEST(CodecStream, TruncationReorderingAndSplicingAreDetected) {
   }
 }
 
+TEST(CodecStream, NoRecordUsesPadWhoseAnnouncementIsNotSentYet) {
+  // Keys that enter the ring between the sender draining announcements and protecting a
+  // record must not be used by it: a stream receiver would wait for an announcement
+  // queued behind the record. Found when otp-transfer ran the KME dry.
+  otpgate::testing::MemoryPad tx(0, 1u << 20, 1024), rx(0, 1u << 20, 1024);
+  tx.fill_for_sending(8192);  // 8 keys ready and queued for announcement
+  Encoder e(tx, 5);
+  Bytes buf(otp::kMaxAnnouncementBytes), out(otp::kMaxUnitPayload + otp::kRecordOverhead);
+  std::vector<Bytes> wire;
+  while (std::size_t n = e.next_announcement(buf, false)) wire.emplace_back(buf.begin(), buf.begin() + n);
+  std::size_t consumed = 0, written = 0;
+  ASSERT_EQ(e.protect_record(otp::RecordKind::stream_start, {}, out, consumed, written),
+            Encoder::Status::ok);
+  wire.emplace_back(out.begin(), out.begin() + long(written));
+  const Bytes payload(6000, 0x33);  // within the announced 8 KiB
+  ASSERT_EQ(e.protect_record(otp::RecordKind::data, payload, out, consumed, written),
+            Encoder::Status::ok);
+  wire.emplace_back(out.begin(), out.begin() + long(written));
+  tx.top_up();  // the refill adds keys (and queues their announcement) right now
+  // 4000 more bytes would run past the announced pad: refused until announced.
+  const Bytes more(4000, 0x44);
+  EXPECT_EQ(e.protect_record(otp::RecordKind::data, more, out, consumed, written),
+            Encoder::Status::no_key);
+  while (std::size_t n = e.next_announcement(buf, false)) wire.emplace_back(buf.begin(), buf.begin() + n);
+  ASSERT_EQ(e.protect_record(otp::RecordKind::data, more, out, consumed, written),
+            Encoder::Status::ok);
+  wire.emplace_back(out.begin(), out.begin() + long(written));
+  Decoder d(rx);
+  const auto result = open_stream(d, wire);
+  EXPECT_EQ(result.last, Decoder::Verdict::plaintext);
+  EXPECT_EQ(result.data.size(), payload.size() + more.size());
+}
+
 // ---- stream mode with AES-256-GCM records (keys from the pad)
 
 TEST(CodecStreamAes, AFileRoundTripsWithRekeysAndLittlePad) {

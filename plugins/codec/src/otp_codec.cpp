@@ -277,7 +277,14 @@ struct Encoder::Impl {
       if (!offset) return std::nullopt;
       const std::uint64_t in = *offset % E;
       const std::uint64_t epoch = *offset / E;
+      // Only announced pad: a unit sent before the announcement of its key would make a
+      // stream receiver wait for an announcement that is queued behind the unit itself.
+      // (An encoder that never announced shares its source with one that does.)
+      const std::uint64_t limit = announced_end || announcing_end
+                                      ? std::max(announced_end, announcing_end)
+                                      : UINT64_MAX;
       if (in == 0) {  // an epoch starts: its first 16 bytes are its hash key r
+        if (*offset + kAuthKeyBytes > limit) return std::nullopt;
         if (!pad.take(r.span())) return std::nullopt;
         have_r = true;
         r_epoch = epoch;
@@ -286,13 +293,14 @@ struct Encoder::Impl {
       }
       if (!have_r || r_epoch != epoch || in < kAuthKeyBytes || in + need > E) {
         // Cannot use this epoch (no r, or the unit would cross its end): wipe the rest.
-        const std::uint64_t step =
-            std::min<std::uint64_t>({E - in, discard.size(), pad.available()});
+        const std::uint64_t step = std::min<std::uint64_t>(
+            {E - in, discard.size(), pad.available(), limit - std::min(limit, *offset)});
         if (step == 0 || !pad.take(discard.span().first(step))) return std::nullopt;
         OPENSSL_cleanse(discard.span().data(), step);
         stats.pad_bytes_skipped += step;
         continue;
       }
+      if (*offset + need > limit) return std::nullopt;
       const auto p = pad.take(scratch.span().first(need));
       if (p) stats.pad_bytes_used += need;
       return p;
@@ -322,8 +330,13 @@ struct Encoder::Impl {
       batch.push_back(*a);
     }
     if (batch.empty()) return 0;
+    // The announcement's own mask may lie in the keys it announces (bootstrap).
+    announcing_end = batch.front().offset + batch.size() * batch.front().length;
     const auto p = draw(0);
+    announcing_end = 0;
     if (!p) return 0;  // kept in `batch`; sent as soon as there is pad for its mask
+    announced_end = std::max(announced_end,
+                             batch.front().offset + batch.size() * batch.front().length);
     const std::size_t size = kAnnouncementFixedBytes + 16 * batch.size();
     std::uint8_t* o = out.data();
     std::memcpy(o, "OTPA", 4);
@@ -356,6 +369,8 @@ struct Encoder::Impl {
   SecretBytes discard;
   std::vector<KeyAnnouncement> batch;
   std::optional<KeyAnnouncement> held;
+  std::uint64_t announced_end = 0;   // pad below this is covered by sent announcements
+  std::uint64_t announcing_end = 0;  // ... or by the one being built
   std::vector<Repeat> repeat_queue;
   std::size_t repeats_active = 0;  // slots with repeats left
   std::uint64_t next_repeat_due = UINT64_MAX;

@@ -1,0 +1,172 @@
+// otp-transfer: specimen files (FASTQ/BAM/VCF) sent between two sites with the one-time
+// pad, as they are sequenced. The sender runs `otpencrypt` in stream mode, the receiver
+// `otpdecrypt`, over one TCP connection per job attempt; files are hashed (SHA-256) at
+// both ends, committed by the receiver as they arrive, and resumed from the last
+// committed byte with fresh pad. Jobs live in a SQLite database. See docs/transfer.md.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "otpgate/config_error.hpp"
+
+namespace otpgate::transfer {
+
+using config::ConfigError;
+using config::Endpoint;
+
+struct TransferConfig {
+  // [site], [kme], [peer] sae_id, [keys]: as in otp-gateway.
+  std::string site_name, sae_id;
+  std::filesystem::path state_dir;  // job database, offset journals
+  std::string kme_url;
+  std::filesystem::path tls_cert, tls_key, tls_ca;
+  std::string peer_sae_id;
+  std::uint64_t key_ring_bytes = 16u << 20;
+  // [peer] address: the receiving site's `otp-transfer serve` (sending side only).
+  std::optional<Endpoint> peer_transfer;
+  // [transfer]
+  Endpoint listen{"0.0.0.0", 7400};      // serve: where senders connect
+  std::filesystem::path incoming_dir;    // serve: received specimens land here
+  std::filesystem::path data_root;       // sending side: folders the job API may send
+  std::string method = "otp";            // otp | aes
+  std::vector<std::string> completion_markers{"CopyComplete.txt", "RTAComplete.txt"};
+  std::uint32_t record_size = 65536;     // otpencrypt record size
+  std::uint64_t commit_bytes = 32u << 20;  // receiver commits (fsync) at least this often
+  std::uint32_t aes_rekey_records = 1024;  // AES method: records per key
+  int max_attempts = 5;                    // connection attempts per run before giving up
+  // [api]
+  Endpoint api_listen{"127.0.0.1", 7480};  // job API (JSON) of `serve`
+};
+
+// Reads and validates a config file; throws ConfigError with one readable line.
+TransferConfig load_config(const std::filesystem::path& path);
+TransferConfig parse_config(std::string_view toml_text, const std::string& source_name);
+
+// ---------------------------------------------------------------------------
+// Job database (SQLite, WAL): one row per job, one per file. Shared by the CLI and the
+// service of a site, which may run at the same time.
+
+struct FileRecord {
+  int index = 0;
+  std::string path;  // relative to the job's folder (as sent)
+  std::uint64_t size = 0;
+  std::uint64_t committed = 0;  // receiver: bytes durably written; sender: acknowledged
+  std::string sha256;           // hex, once known
+  std::string state;            // pending | sending | done | failed
+};
+
+struct Job {
+  std::string job_id;
+  std::string direction;  // send | receive
+  std::string specimen_id;
+  std::string folder;     // the specimen folder (sender's path; receiver's destination)
+  std::string data_type;  // FASTQ | BAM | VCF | mixed | hash ...
+  std::int64_t created_at = 0;  // unix milliseconds
+  std::string analysis_state;   // sequencing | complete
+  std::uint64_t analysis_size = 0;
+  std::int64_t analysis_time = 0;
+  std::string transfer_state;  // queued | running | waiting-for-key | completed | failed | aborted
+  std::uint64_t transfer_size = 0;  // bytes to transfer (grows while sequencing)
+  std::uint64_t transferred = 0;    // bytes committed by the receiver
+  std::int64_t completed_at = 0;
+  std::string method;  // OTP | AES
+  std::string peer;
+  std::string error;
+  bool watch = false;  // follows a growing run folder
+  std::vector<std::string> sources;  // sender: paths given to send/watch
+  std::vector<FileRecord> files;     // filled by JobStore::get
+};
+
+class JobStore {
+ public:
+  explicit JobStore(const std::filesystem::path& database);
+  ~JobStore();
+  JobStore(const JobStore&) = delete;
+  JobStore& operator=(const JobStore&) = delete;
+
+  void insert(const Job& job);
+  std::optional<Job> get(const std::string& job_id) const;  // with files
+  std::vector<Job> list() const;                            // newest first, without files
+  void update(const Job& job);                              // job columns, not files
+  void set_state(const std::string& job_id, const std::string& state, const std::string& error);
+  void upsert_file(const std::string& job_id, const FileRecord& file);
+  bool remove(const std::string& job_id);
+  // Abort requests cross processes through the database (the API, `otp-transfer abort`).
+  void request_abort(const std::string& job_id);
+  bool abort_requested(const std::string& job_id) const;
+  void clear_abort(const std::string& job_id);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Deletes a job and what this site wrote for it (received files, partial and failed
+// copies; never a sender's source data). Throws if it is running; false if unknown.
+bool delete_job(JobStore& store, const TransferConfig& config, const std::string& job_id);
+
+std::string new_job_id();  // "J" + date + random, unique per site
+std::filesystem::path database_path(const TransferConfig& config);
+
+// ---------------------------------------------------------------------------
+// Sending
+
+struct Progress {
+  std::uint64_t bytes_done = 0;   // committed by the receiver
+  std::uint64_t bytes_total = 0;  // known so far
+  double rate_bytes_per_s = 0;
+  std::uint64_t key_available = 0;  // pad bytes ready in the key ring
+  double key_rate_bytes_per_s = 0;  // current consumption
+  bool waiting_for_key = false;     // the transfer runs at the key rate right now
+  bool sequencing = false;          // watch: the run is not complete yet
+  std::string file;                 // the file being sent
+};
+
+struct SendOptions {
+  std::function<void(const Progress&)> on_progress;  // called about 4 times a second
+  const std::atomic<bool>* cancel = nullptr;         // e.g. SIGINT: stops, job stays resumable
+};
+
+// Creates a send job (not started). `paths` are files or folders; relative names on the
+// receiver keep the folder's own name. Throws std::runtime_error naming a bad path.
+Job create_send_job(JobStore& store, const TransferConfig& config, const std::string& specimen_id,
+                    const std::vector<std::filesystem::path>& paths, const std::string& method,
+                    bool watch);
+
+// Runs (or resumes) a send job to completion. Returns the final job; its transfer_state
+// says completed, failed (with error) or aborted.
+Job run_send_job(JobStore& store, const TransferConfig& config, const std::string& job_id,
+                 const SendOptions& options = {});
+
+// ---------------------------------------------------------------------------
+// The site service: receives jobs from the peer, serves the job API, and runs send
+// jobs started through the API.
+
+class Service {
+ public:
+  explicit Service(TransferConfig config);
+  ~Service();
+  Service(const Service&) = delete;
+  Service& operator=(const Service&) = delete;
+
+  void start();  // binds both ports; throws with a readable reason
+  void stop();   // closes connections (jobs stay resumable)
+  std::uint16_t transfer_port() const;
+  std::uint16_t api_port() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Formats sizes for people ("1.4 GiB").
+std::string human_bytes(double bytes);
+
+}  // namespace otpgate::transfer

@@ -1,0 +1,85 @@
+// otp-transfer's config: the shared [site]/[kme]/[peer]/[keys] sections of the one
+// config loader (otpgate/site_config.hpp) plus [transfer] and [api].
+#include "otpgate/site_config.hpp"
+#include "otpgate/transfer.hpp"
+
+namespace otpgate::transfer {
+
+TransferConfig parse_config(std::string_view text, const std::string& source) {
+  const toml::table root = config::parse_toml(text, source);
+  const config::Reader r(root, source);
+  TransferConfig c;
+  config::SiteConfig site;
+  site.key_ring_bytes = c.key_ring_bytes;
+  config::read_site(r, site);
+  c.site_name = site.site_name;
+  c.sae_id = site.sae_id;
+  c.state_dir = site.state_dir;
+  c.kme_url = site.kme_url;
+  c.tls_cert = site.tls_cert;
+  c.tls_key = site.tls_key;
+  c.tls_ca = site.tls_ca;
+  c.peer_sae_id = site.peer_sae_id;
+  c.key_ring_bytes = site.key_ring_bytes;
+
+  const toml::table& peer = r.table("peer");
+  if (peer.get("transfer")) c.peer_transfer = r.endpoint(peer, "peer.", "transfer");
+
+  const toml::table& t = r.table("transfer");
+  if (t.get("listen")) c.listen = r.endpoint(t, "transfer.", "listen", true);
+  c.incoming_dir =
+      r.string(t, "transfer.", "incoming_dir", "a writable folder for received specimens");
+  if (t.get("data_root")) {
+    c.data_root = r.string(t, "transfer.", "data_root", "the folder holding specimen folders");
+    if (!std::filesystem::is_directory(c.data_root)) {
+      r.fail("transfer.data_root", '"' + c.data_root.string() + '"',
+             "an existing folder (the sequencer's output root)");
+    }
+  }
+  c.method = r.string(t, "transfer.", "method", "\"otp\" or \"aes\"", c.method);
+  if (c.method != "otp" && c.method != "aes")
+    r.fail("transfer.method", '"' + c.method + '"', "\"otp\" or \"aes\"");
+  if (const toml::node* markers = t.get("completion_markers")) {
+    const toml::array* list = markers->as_array();
+    if (!list || list->empty()) {
+      r.fail("transfer.completion_markers", config::Reader::shown(markers),
+             "a list of file names such as [\"CopyComplete.txt\"]");
+    }
+    c.completion_markers.clear();
+    for (const auto& m : *list) {
+      const auto* name = m.as_string();
+      if (!name || name->get().empty() || name->get().find('/') != std::string::npos) {
+        r.fail("transfer.completion_markers", config::Reader::shown(markers),
+               "a list of plain file names such as [\"CopyComplete.txt\"]");
+      }
+      c.completion_markers.push_back(name->get());
+    }
+  }
+  c.record_size = static_cast<std::uint32_t>(
+      r.integer(t, "transfer.", "record_size", 4096, 65536, "bytes per record, 4096 to 65536",
+                c.record_size));
+  c.commit_bytes = static_cast<std::uint64_t>(
+      r.integer(t, "transfer.", "commit_bytes", 1 << 20, std::int64_t(1) << 34,
+                "bytes between receiver commits, 1 MiB to 16 GiB",
+                static_cast<std::int64_t>(c.commit_bytes)));
+  c.aes_rekey_records = static_cast<std::uint32_t>(
+      r.integer(t, "transfer.", "aes_rekey_records", 1, 1 << 24,
+                "records per AES key, 1 to 16777216", c.aes_rekey_records));
+  c.max_attempts = static_cast<int>(r.integer(t, "transfer.", "max_attempts", 1, 1000,
+                                              "connection attempts, 1 to 1000", c.max_attempts));
+
+  if (const toml::table* api = r.optional_table("api")) {
+    if (api->get("listen")) c.api_listen = r.endpoint(*api, "api.", "listen", true);
+  }
+  return c;
+}
+
+TransferConfig load_config(const std::filesystem::path& path) {
+  return parse_config(config::read_config_file(path), path.string());
+}
+
+std::filesystem::path database_path(const TransferConfig& config) {
+  return config.state_dir / "transfer-jobs.sqlite";
+}
+
+}  // namespace otpgate::transfer
