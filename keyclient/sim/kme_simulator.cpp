@@ -113,6 +113,19 @@ struct KmeSimulator::Impl {
   // Caller holds `mutex`. Accrues key at the configured rate up to the store size.
   void refill() {
     const auto now = Clock::now();
+    // Keys a master took but its slave never asked for (a sender that stopped with key
+    // in its ring) expire, as on real KMEs, instead of filling the store for good.
+    if (now - last_expiry > std::chrono::seconds(1)) {
+      last_expiry = now;
+      for (auto it = store.begin(); it != store.end();) {
+        if (it->second.relayed_at + config.unclaimed_ttl < now) {
+          pending_bits -= std::min<std::uint64_t>(pending_bits, it->second.bytes.size() * 8);
+          it = store.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
     const std::uint64_t room = config.store_bits - std::min(config.store_bits, pending_bits);
     if (config.key_rate_bps <= 0) {
       ready_bits = std::max(ready_bits, room);
@@ -335,6 +348,7 @@ struct KmeSimulator::Impl {
   std::uint64_t pending_bits = 0;
   double carry = 0;
   Clock::time_point last_refill;
+  Clock::time_point last_expiry{};
   std::atomic<std::uint64_t> keys_to_masters{0}, keys_to_slaves{0}, requests{0}, refused{0};
 };
 

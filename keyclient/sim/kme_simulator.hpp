@@ -31,6 +31,7 @@ struct SimulatorConfig {
   std::uint32_t max_key_size = 8192;
   std::uint32_t max_keys_per_request = 1024;
   std::chrono::milliseconds relay_delay{0};  // keys reach the slave's KME this late
+  std::chrono::seconds unclaimed_ttl{300};   // keys the slave never fetched expire after this
   keys::LogSink log;
 };
 

@@ -50,6 +50,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-keys-per-request", config.max_keys_per_request,
                  "max_key_per_request advertised and enforced")
       ->capture_default_str();
+  int unclaimed_ttl_s = 300;
+  app.add_option("--unclaimed-ttl-s", unclaimed_ttl_s,
+                 "Seconds after which keys given to a master but never fetched by its slave "
+                 "expire")
+      ->check(CLI::PositiveNumber);
   app.add_option("--relay-delay-ms", relay_delay_ms,
                  "Delay before a key given to a master can be fetched by its slave")
       ->capture_default_str();
@@ -59,6 +64,7 @@ int main(int argc, char** argv) {
 
   config.store_bits = store_bytes * 8;
   config.relay_delay = std::chrono::milliseconds(relay_delay_ms);
+  config.unclaimed_ttl = std::chrono::seconds(unclaimed_ttl_s);
   config.log = otpgate::keys::stderr_log_sink(verbose ? otpgate::keys::LogLevel::debug
                                                       : otpgate::keys::LogLevel::warning);
 

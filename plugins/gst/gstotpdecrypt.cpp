@@ -274,6 +274,14 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
            std::chrono::steady_clock::now() < deadline && !p.flushing) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));  // keys are being fetched
     }
+    if (verdict == otp::Decoder::Verdict::no_key && *size >= otp::kRecordHeaderBytes) {
+      std::uint64_t offset = 0;
+      for (int i = 24; i < 32; ++i) offset = (offset << 8) | record[i];
+      GST_WARNING_OBJECT(self, "record %c of %zu bytes at pad offset %" G_GUINT64_FORMAT
+                         " has no key after %u ms: %s",
+                         record[3], *size, offset, p.key_timeout_ms,
+                         s.decoder->explain_no_key(offset, *size - otp::kRecordOverhead).c_str());
+    }
     gst_adapter_unmap(adapter);
     gst_adapter_flush(adapter, *size);
     publish(self);
@@ -311,6 +319,7 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
       s.stream = n == sizeof head && std::memcmp(head, kPreamble, sizeof head) == 0;
     }
     GST_INFO_OBJECT(self, "%s mode", s.stream ? "stream" : "datagram");
+    if (s.stream) s.decoder->use_stream_limits();
   }
   if (!s.stream) return open_datagram(self, buffer);
   gst_adapter_push(s.adapter.get(), in.release());

@@ -194,6 +194,16 @@ void push_caps_once(GstOtpEncrypt* self) {
 GstFlowReturn push_announcements(GstOtpEncrypt* self, GstBuffer* timing) {
   Session& s = *self->priv->session;
   while (std::size_t n = s.encoder->next_announcement(s.announcement, !s.stream)) {
+    const std::uint8_t* a = s.announcement.data();
+    auto be = [a](int at, int bytes) {
+      std::uint64_t v = 0;
+      for (int i = 0; i < bytes; ++i) v = (v << 8) | a[at + i];
+      return v;
+    };
+    GST_DEBUG_OBJECT(self,
+                     "announcement at pad offset %" G_GUINT64_FORMAT ": %" G_GUINT64_FORMAT
+                     " keys of %" G_GUINT64_FORMAT " bytes from %" G_GUINT64_FORMAT,
+                     be(8, 8), be(28, 2), be(24, 4), be(16, 8));
     const GstFlowReturn ret = push_bytes(self, s.announcement.data(), n, timing);
     if (ret != GST_FLOW_OK && ret != GST_FLOW_NOT_LINKED) return ret;
   }

@@ -410,6 +410,54 @@ TEST(CodecStream, NoRecordUsesPadWhoseAnnouncementIsNotSentYet) {
   EXPECT_EQ(result.data.size(), payload.size() + more.size());
 }
 
+namespace {
+// A receiver whose KME answers late: requested keys are handed out only once opened.
+class LatePad : public keys::PadSource {
+ public:
+  explicit LatePad(otpgate::testing::MemoryPad& inner) : inner_(inner) {}
+  std::optional<std::uint64_t> peek_offset() override { return std::nullopt; }
+  std::uint64_t available() const override { return 0; }
+  std::optional<std::uint64_t> take(std::span<std::uint8_t>) override { return std::nullopt; }
+  std::optional<keys::KeyAnnouncement> next_announcement() override { return std::nullopt; }
+  bool request(const keys::KeyAnnouncement& a) override { return inner_.request(a); }
+  std::optional<keys::PadSegment> pop_segment() override {
+    return open_ ? inner_.pop_segment() : std::nullopt;
+  }
+  void release(const keys::PadSegment& s) override { inner_.release(s); }
+  bool open_ = false;
+
+ private:
+  otpgate::testing::MemoryPad& inner_;
+};
+}  // namespace
+
+TEST(CodecStream, AnnouncementsFarAheadOfSlowKeysAreAllKept) {
+  // Stream mode sends each announcement once: hundreds may wait for a slow KME at once.
+  otpgate::testing::MemoryPad tx(0, 6u << 20, 256), rx(0, 6u << 20, 256);
+  tx.fill_for_sending(6u << 20);
+  Encoder e(tx, 8);
+  const Bytes data(5'500'000, 0x61);
+  auto records = stream_records(e, data, 32768);
+  // All announcements first (as when a sender's ring runs far ahead), then the records.
+  std::stable_partition(records.begin(), records.end(), [](const Bytes& r) { return r[3] == 'A'; });
+  ASSERT_GT(e.stats().announcements, 300u);
+  LatePad late(rx);
+  Decoder d(late);
+  d.use_stream_limits();
+  Bytes out(otp::kMaxUnitPayload);
+  std::size_t i = 0;
+  for (; records[i][3] == 'A'; ++i) {
+    std::size_t written = 0;
+    otp::RecordKind kind{};
+    EXPECT_EQ(d.open_record(records[i], out, written, kind), Decoder::Verdict::announcement_pending);
+  }
+  late.open_ = true;  // the keys arrive
+  const auto result = open_stream(d, std::vector<Bytes>(records.begin() + long(i), records.end()));
+  EXPECT_EQ(result.last, Decoder::Verdict::plaintext);
+  EXPECT_TRUE(result.finished);
+  EXPECT_EQ(result.data, data);
+}
+
 // ---- stream mode with AES-256-GCM records (keys from the pad)
 
 TEST(CodecStreamAes, AFileRoundTripsWithRekeysAndLittlePad) {

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -728,8 +729,7 @@ struct Decoder::Impl {
         epoch_keys(c.window_bytes / E + 2),
         scratch(kMaskBytes + kMaxUnitPayload) {
     pool.reserve(c.max_unplaced_keys);
-    pending.resize(c.max_pending_announcements);
-    for (auto& p : pending) p.bytes.resize(kMaxAnnouncementBytes);
+    pending_limit = c.max_pending_announcements;
   }
   ~Impl() {
     for (auto& k : epoch_keys) OPENSSL_cleanse(k.r.data(), k.r.size());
@@ -871,6 +871,9 @@ struct Decoder::Impl {
         return Verdict::announcement_pending;
       }
     }
+    if (pending_count == pending.size() && pending.size() < pending_limit) {
+      pending.emplace_back().bytes.resize(kMaxAnnouncementBytes);  // grown as needed
+    }
     if (pending_count == pending.size()) {  // full: the oldest gives way (it will be repeated)
       std::rotate(pending.begin(), pending.begin() + 1, pending.end());
       --pending_count;
@@ -954,6 +957,7 @@ struct Decoder::Impl {
   std::vector<PadSegment> pool;  // fetched keys not yet placed by a verified announcement
   std::vector<Pending> pending;
   std::size_t pending_count = 0;
+  std::size_t pending_limit = 0;
   WegmanCarter mac;
   DecoderStats stats;
   struct AesKey {
@@ -1222,6 +1226,29 @@ Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
   ++d.stats.units;
   d.stats.payload_bytes += n;
   return Verdict::plaintext;
+}
+
+std::string Decoder::explain_no_key(std::uint64_t p, std::size_t n) const {
+  const Impl& d = *impl_;
+  const std::size_t need = kMaskBytes + n;
+  std::uint64_t missing[4] = {};
+  int shown = 0;
+  for (std::uint64_t o = p; o < p + need && shown < 4; o += 1024) {
+    if (d.window.in_range(o, 1) && !d.window.all_present(o, 1)) missing[shown++] = o;
+  }
+  const Impl::EpochKey& k = d.epoch_keys[(p / E) % d.epoch_keys.size()];
+  char text[320];
+  std::snprintf(text, sizeof text,
+                "window base %llu, in range %d, keys fetched and unplaced %zu, announcements "
+                "pending %zu, r %s, %d missing 1 KiB pieces from %llu",
+                static_cast<unsigned long long>(d.window.base()), int(d.window.in_range(p, need)),
+                d.pool.size(), d.pending_count, k.epoch == p / E ? "cached" : "not cached", shown,
+                static_cast<unsigned long long>(missing[0]));
+  return text;
+}
+
+void Decoder::use_stream_limits() {
+  impl_->pending_limit = std::max(impl_->pending_limit, impl_->config.max_pending_stream);
 }
 
 bool Decoder::stream_finished() const {

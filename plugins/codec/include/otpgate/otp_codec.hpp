@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "otpgate/keyclient.hpp"
@@ -148,7 +149,10 @@ class Encoder {
 
 struct DecoderConfig {
   std::size_t window_bytes = 16u << 20;  // pad held for reordering and look-ahead
-  std::size_t max_pending_announcements = 256;
+  std::size_t max_pending_announcements = 256;  // datagram: the oldest gives way (repeats)
+  // Stream mode sends each announcement once and may announce a whole key ring ahead of
+  // the receiver's KME round trips, so none may be dropped: a far larger bound there.
+  std::size_t max_pending_stream = 16384;
   std::size_t max_unplaced_keys = 65536;
 };
 
@@ -182,6 +186,9 @@ class Decoder {
   Verdict open_record(std::span<const std::uint8_t> record, std::span<std::uint8_t> out,
                       std::size_t& written, RecordKind& kind);
   bool stream_finished() const;  // the final record was verified
+  void use_stream_limits();      // call once the input is known to be a stream
+  // Why a unit at P with n payload bytes has no key (for logs; no key bytes).
+  std::string explain_no_key(std::uint64_t p, std::size_t n) const;
 
   // Takes keys the source has fetched and retries pending announcements. Cheap when
   // there is nothing new; called by open_* as well.
