@@ -22,9 +22,10 @@ namespace fs = std::filesystem;
 
 // A failure the sender must hear about; `resumable` says whether `start` can continue.
 struct ReceiveError : std::runtime_error {
-  ReceiveError(const std::string& what, bool can_resume)
-      : std::runtime_error(what), resumable(can_resume) {}
+  ReceiveError(const std::string& what, bool can_resume, bool link_lost = false)
+      : std::runtime_error(what), resumable(can_resume), interrupted(link_lost) {}
   bool resumable;
+  bool interrupted;  // the link went away: nothing is wrong with the data
 };
 
 struct OpenFile {
@@ -53,7 +54,7 @@ class ReceiveSession {
     DecryptPipeline pipeline(supply, socket_.fd, 4 * config_.key_ring_bytes + (8u << 20));
     MessageParser parser;
     std::string failure;
-    bool resumable = true;
+    bool resumable = true, interrupted = false;
     try {
       while (!done_) {
         if (stopping_) throw ReceiveError("the receiving service is stopping", true);
@@ -69,17 +70,23 @@ class ReceiveSession {
           const std::string error = pipeline.error();
           if (!error.empty()) {
             const bool tampered = pipeline.auth_failures() > 0;
-            throw ReceiveError(tampered ? "a record failed authentication (corrupted or "
-                                          "tampered on the wire): " + error
-                                        : error,
-                               true);
+            if (tampered) {
+              throw ReceiveError(
+                  "a record failed authentication (corrupted or tampered on the wire): " + error,
+                  true);
+            }
+            const bool cut = error.find("ended before its final record") != std::string::npos ||
+                             error.find("read") != std::string::npos;
+            throw ReceiveError(error, true, cut);
           }
-          if (!done_) throw ReceiveError("the connection ended before the job was complete", true);
+          if (!done_)
+            throw ReceiveError("the connection ended before the job was complete", true, true);
         }
       }
     } catch (const ReceiveError& e) {
       failure = e.what();
       resumable = e.resumable;
+      interrupted = e.interrupted;
     } catch (const std::exception& e) {
       failure = e.what();
     }
@@ -95,7 +102,7 @@ class ReceiveSession {
                    static_cast<unsigned long long>(ks.kme_errors),
                    ks.last_error.empty() ? "" : ", last: ", ks.last_error.c_str());
       std::fprintf(stderr, "otp-transfer: decrypt stats: %s\n", pipeline.stats_text().c_str());
-      finish_with_error(failure, resumable);
+      finish_with_error(failure, resumable, interrupted);
     } else {
       // Done: the sender closes the stream with its final record; take it so that the
       // end is clean (it proves nothing was cut, though everything is already verified).
@@ -389,15 +396,15 @@ class ReceiveSession {
     done_ = true;
   }
 
-  void finish_with_error(const std::string& failure, bool resumable) {
+  void finish_with_error(const std::string& failure, bool resumable, bool interrupted) {
     const std::string message =
         "receiver: " + failure +
         (resumable && job_ ? "; committed data is kept, resume with `otp-transfer start " +
                                  job_->job_id + "` on the sending site"
                            : "");
     send_ack({{"type", "error"}, {"message", message}, {"resumable", resumable}});
-    if (!job_) return;
-    job_->transfer_state = "failed";
+    if (!job_ || job_->transfer_state == "aborted") return;
+    job_->transfer_state = interrupted ? "interrupted" : "failed";
     job_->error = message;
     store_.update(*job_);
   }

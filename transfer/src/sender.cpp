@@ -488,6 +488,9 @@ class SendSession {
 
   // The stream broke: if the receiver said why before closing, that is the outcome.
   Outcome link_failure(std::string& error) {
+    if (stop_requested() && !(options_.cancel && *options_.cancel) && socket_) {
+      return stop_outcome();  // the push gave up because of the abort
+    }
     {
       std::unique_lock lock(ack_mutex_);
       ack_cv_.wait_for(lock, std::chrono::seconds(2), [&] { return ack_closed_; });
@@ -504,9 +507,10 @@ class SendSession {
     if (options_.cancel && *options_.cancel) return Outcome::cancelled;
     std::vector<std::uint8_t> out;
     append_json_message(out, MessageType::abort, {{"message", "aborted at the sending site"}});
-    const auto until = Clock::now() + std::chrono::seconds(2);
+    // The abort follows the data already queued (at most a queue's worth).
+    const auto until = Clock::now() + std::chrono::seconds(10);
     if (pipeline_->push(out, [until] { return Clock::now() < until; })) pipeline_->flush();
-    pipeline_->finish(std::chrono::seconds(5));
+    pipeline_->finish(std::chrono::seconds(10));
     return Outcome::aborted;
   }
 

@@ -1,0 +1,508 @@
+// otp-transfer end to end on loopback: a real KME simulator over mTLS, the receiving
+// service (in process or as `otp-transfer serve`), senders in process or as the CLI, a
+// real SQLite database, real files. Adversarial: SIGKILL of either side, a corrupted
+// byte on the wire, a full disk, bad input.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <netinet/in.h>
+#include <openssl/evp.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+
+#include "otpgate/keyclient.hpp"
+#include "otpgate/transfer.hpp"
+#include "test_pki.hpp"
+
+using namespace otpgate;
+using namespace otpgate::testing;
+using transfer::Job;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string sha256_of(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  std::vector<char> buffer(1 << 20);
+  while (in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    EVP_DigestUpdate(ctx, buffer.data(), static_cast<std::size_t>(in.gcount()));
+  }
+  unsigned char digest[32];
+  unsigned int n = 0;
+  EVP_DigestFinal_ex(ctx, digest, &n);
+  EVP_MD_CTX_free(ctx);
+  std::string hex;
+  char two[3];
+  for (unsigned i = 0; i < n; ++i) {
+    std::snprintf(two, sizeof two, "%02x", digest[i]);
+    hex += two;
+  }
+  return hex;
+}
+
+void write_random(const fs::path& file, std::size_t bytes, unsigned seed) {
+  fs::create_directories(file.parent_path());
+  std::ofstream out(file, std::ios::binary);
+  std::mt19937_64 rng(seed);
+  std::vector<std::uint64_t> block(1 << 17);
+  for (std::size_t done = 0; done < bytes;) {
+    for (auto& v : block) v = rng();
+    const std::size_t n = std::min(bytes - done, block.size() * 8);
+    out.write(reinterpret_cast<const char*>(block.data()), static_cast<std::streamsize>(n));
+    done += n;
+  }
+}
+
+std::uint16_t free_port() {
+  const int s = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(s);
+  return ntohs(a.sin_port);
+}
+
+// A child process (the CLI), killed when the test ends.
+struct Child {
+  pid_t pid = -1;
+  Child(std::vector<std::string> args, const fs::path& output, rlim_t file_limit = RLIM_INFINITY) {
+    pid = ::fork();
+    if (pid == 0) {
+      const int fd = ::open(output.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+      if (file_limit != RLIM_INFINITY) {
+        rlimit limit{file_limit, file_limit};
+        ::setrlimit(RLIMIT_FSIZE, &limit);
+      }
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+  }
+  int wait() {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  void kill(int signal = SIGKILL) {
+    if (pid > 0) {
+      ::kill(pid, signal);
+      wait();
+    }
+  }
+  ~Child() { kill(); }
+};
+
+std::string slurp(const fs::path& file) {
+  std::ifstream in(file);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+// Two sites (A sends, B receives) sharing one KME simulator.
+class TransferTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto c = simulator_config();
+    c.max_key_size = 65536;
+    c.store_bits = 8ull << 30;  // 1 GiB of key: the large-file test needs 2 x 200 MiB
+    sim_ = std::make_unique<kmesim::KmeSimulator>(c);
+    sim_->start();
+    transfer_port_ = free_port();
+  }
+
+  std::string config_text(const std::string& site, const std::string& extra = "") const {
+    const bool a = site == "a";
+    const fs::path pki = pki_dir();
+    std::ostringstream t;
+    t << "[site]\nname = \"hospital-" << site << "\"\nsae_id = \"sae-" << site
+      << "\"\nstate_dir = \"" << (dir_.path / ("state-" + site)).string() << "\"\n"
+      << "[kme]\nurl = \"" << sim_->url() << "\"\ntls_cert = \"" << (pki / ("sae-" + site + ".crt")).string()
+      << "\"\ntls_key = \"" << (pki / ("sae-" + site + ".key")).string() << "\"\ntls_ca = \""
+      << (pki / "ca.crt").string() << "\"\n"
+      << "[peer]\nsae_id = \"sae-" << (a ? "b" : "a") << "\"\ntransfer = \"127.0.0.1:"
+      << transfer_port_ << "\"\n"
+      << "[transfer]\nlisten = \"127.0.0.1:" << (a ? 0 : transfer_port_) << "\"\nincoming_dir = \""
+      << (dir_.path / ("incoming-" + site)).string() << "\"\ndata_root = \""
+      << (dir_.path / "data").string() << "\"\nmax_attempts = 20\ncommit_bytes = 4194304\n"
+      << extra << "\n[api]\nlisten = \"127.0.0.1:0\"\n";
+    return t.str();
+  }
+  transfer::TransferConfig config(const std::string& site, const std::string& extra = "") const {
+    return transfer::parse_config(config_text(site, extra), "site-" + site + ".toml");
+  }
+  fs::path config_file(const std::string& site, const std::string& extra = "") const {
+    const fs::path f = dir_.path / ("site-" + site + ".toml");
+    std::ofstream(f) << config_text(site, extra);
+    return f;
+  }
+  fs::path data(const std::string& relative) const { return dir_.path / "data" / relative; }
+  fs::path received(const Job& job, const std::string& relative) const {
+    return dir_.path / "incoming-b" / job.specimen_id / job.job_id / relative;
+  }
+  std::vector<std::string> cli(const std::string& site, std::vector<std::string> args) const {
+    std::vector<std::string> all{OTPGATE_TRANSFER_BIN, "-c", config_file(site).string()};
+    all.insert(all.end(), args.begin(), args.end());
+    return all;
+  }
+
+  TestDir dir_;
+  std::unique_ptr<kmesim::KmeSimulator> sim_;
+  std::uint16_t transfer_port_ = 0;
+};
+
+void expect_same_files(const fs::path& sent, const fs::path& got) {
+  for (const auto& e : fs::recursive_directory_iterator(sent)) {
+    if (!e.is_regular_file()) continue;
+    const fs::path other = got / fs::relative(e.path(), sent);
+    ASSERT_TRUE(fs::exists(other)) << other;
+    EXPECT_EQ(sha256_of(e.path()), sha256_of(other)) << other;
+  }
+}
+
+}  // namespace
+
+TEST_F(TransferTest, ALargeFileAndAFolderOfSamplesArriveIdenticalWithVerifiedHashes) {
+  write_random(data("S1/big.bam"), 200u << 20, 1);
+  write_random(data("S1/reads_R1.fastq.gz"), 3u << 20, 2);
+  write_random(data("S1/calls/S1.vcf.gz"), 100000, 3);
+  std::ofstream(data("S1/empty.txt")).flush();
+  transfer::Service b(config("b"));
+  b.start();
+  const auto a_config = config("a");
+  transfer::JobStore store(transfer::database_path(a_config));
+  const Job made = transfer::create_send_job(store, a_config, "S1", {data("S1")}, "otp", false);
+  EXPECT_EQ(made.files.size(), 4u);
+  EXPECT_EQ(made.data_type, "mixed");
+  const Job done = transfer::run_send_job(store, a_config, made.job_id);
+  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  expect_same_files(data("S1"), received(done, "S1"));
+  for (const auto& f : done.files) EXPECT_EQ(f.state, "done") << f.path;
+  // The receiver's database agrees, and holds the hash manifest (the "hash" record).
+  transfer::JobStore b_store(transfer::database_path(config("b")));
+  const auto at_b = b_store.get(done.job_id);
+  ASSERT_TRUE(at_b);
+  EXPECT_EQ(at_b->transfer_state, "completed");
+  EXPECT_EQ(at_b->direction, "receive");
+  EXPECT_EQ(at_b->transferred, done.transfer_size);
+  const std::string manifest =
+      slurp(dir_.path / "incoming-b" / "S1" / (done.job_id + ".sha256"));
+  EXPECT_NE(manifest.find(sha256_of(data("S1/big.bam")) + "  S1/big.bam"), std::string::npos);
+  EXPECT_FALSE(fs::exists(dir_.path / "incoming-b" / ".partial" / done.job_id / "0.part"));
+}
+
+TEST_F(TransferTest, AesMethodSpendsPadOnlyOnKeys) {
+  write_random(data("S2/reads.bam"), 40u << 20, 4);
+  transfer::Service b(config("b"));
+  b.start();
+  const auto a_config = config("a");
+  transfer::JobStore store(transfer::database_path(a_config));
+  const Job job = transfer::create_send_job(store, a_config, "S2", {data("S2")}, "aes", false);
+  const auto before = sim_->stats().keys_to_masters;
+  const Job done = transfer::run_send_job(store, a_config, job.job_id);
+  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  EXPECT_EQ(done.method, "AES");
+  EXPECT_EQ(sha256_of(data("S2/reads.bam")), sha256_of(received(done, "S2/reads.bam")));
+  // OTP would need 40 MiB of key (5120 keys of 8 KiB); AES needs a ring's worth at most.
+  EXPECT_LT(sim_->stats().keys_to_masters - before, 5120u / 2);
+}
+
+TEST_F(TransferTest, WatchStreamsAGrowingFileAndFinishesAtTheCompletionMarker) {
+  const fs::path run = data("RUN7");
+  fs::create_directories(run / "Data");
+  transfer::Service b(config("b"));
+  b.start();
+  const auto a_config = config("a");
+  transfer::JobStore store(transfer::database_path(a_config));
+  const Job job = transfer::create_send_job(store, a_config, "S7", {run}, "otp", true);
+  std::atomic<bool> writer_done{false};
+  std::thread sequencer([&] {
+    std::ofstream out(run / "Data" / "S7_R1.fastq", std::ios::binary);
+    std::mt19937 rng(7);
+    for (int i = 0; i < 40; ++i) {
+      std::string chunk(64 * 1024, 'A');
+      for (auto& ch : chunk) ch = "ACGT\n"[rng() % 5];
+      out << chunk;
+      out.flush();
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    out.close();
+    std::ofstream(run / "RTAComplete.txt") << "done\n";
+    writer_done = true;
+  });
+  // While it grows, bytes already reach the receiver (real-time, not a bulk copy).
+  bool seen_partial = false;
+  std::thread watcher([&] {
+    seen_partial = eventually(
+        [&] {
+          const fs::path part = dir_.path / "incoming-b" / ".partial" / job.job_id / "0.part";
+          return !writer_done && fs::exists(part) && fs::file_size(part) > 0;
+        },
+        std::chrono::seconds(10));
+  });
+  const Job done = transfer::run_send_job(store, a_config, job.job_id);
+  sequencer.join();
+  watcher.join();
+  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  EXPECT_TRUE(seen_partial);
+  EXPECT_EQ(done.analysis_state, "complete");
+  EXPECT_EQ(sha256_of(run / "Data" / "S7_R1.fastq"),
+            sha256_of(received(done, "RUN7/Data/S7_R1.fastq")));
+  EXPECT_TRUE(fs::exists(received(done, "RUN7/RTAComplete.txt")));
+}
+
+TEST_F(TransferTest, SenderKilledMidFileResumesWithFreshPad) {
+  write_random(data("S3/big.bam"), 120u << 20, 5);
+  // Throttled key: the first run is still sending when it is killed.
+  sim_->set_key_rate(200e6);
+  transfer::Service b(config("b"));
+  b.start();
+  const fs::path log = dir_.path / "send.log";
+  Child sender(cli("a", {"send", "S3", data("S3").string()}), log);
+  transfer::JobStore b_store(transfer::database_path(config("b")));
+  ASSERT_TRUE(eventually(
+      [&] {
+        const auto jobs = b_store.list();
+        return !jobs.empty() && jobs[0].transferred > (20u << 20);
+      },
+      std::chrono::seconds(60)));
+  sender.kill(SIGKILL);
+  const std::string job_id = b_store.list()[0].job_id;
+  const fs::path journal = dir_.path / "state-a" / "transfer-journals" / (job_id + ".journal");
+  std::uint64_t reserved_after_kill = 0;
+  {
+    const keys::OffsetJournal first_run(journal);  // the killed sender's lock is gone
+    reserved_after_kill = first_run.reserved();
+  }
+  EXPECT_GT(reserved_after_kill, 0u);
+  sim_->set_key_rate(0);
+  Child again(cli("a", {"start", job_id}), dir_.path / "start.log");
+  EXPECT_EQ(again.wait(), 0) << slurp(dir_.path / "start.log");
+  const auto job = b_store.get(job_id);
+  ASSERT_TRUE(job);
+  EXPECT_EQ(job->transfer_state, "completed");
+  EXPECT_EQ(sha256_of(data("S3/big.bam")), sha256_of(received(*job, "S3/big.bam")));
+  // The second run's pad started at the first run's journal: no offset used twice.
+  keys::OffsetJournal after(journal);
+  EXPECT_GT(after.reserved(), reserved_after_kill);
+}
+
+TEST_F(TransferTest, ReceiverKilledMidFileResumesFromItsLastCommit) {
+  write_random(data("S4/big.bam"), 120u << 20, 6);
+  sim_->set_key_rate(200e6);
+  const fs::path b_config = config_file("b");
+  auto serve = std::make_unique<Child>(
+      std::vector<std::string>{OTPGATE_TRANSFER_BIN, "-c", b_config.string(), "serve"},
+      dir_.path / "serve1.log");
+  const auto a_config = config("a");
+  transfer::JobStore store(transfer::database_path(a_config));
+  const Job job = transfer::create_send_job(store, a_config, "S4", {data("S4")}, "otp", false);
+  std::thread killer([&] {
+    transfer::JobStore watch(transfer::database_path(config("b")));
+    eventually(
+        [&] {
+          const auto j = watch.get(job.job_id);
+          return j && j->transferred > (20u << 20);
+        },
+        std::chrono::seconds(60));
+    serve->kill(SIGKILL);
+    sim_->set_key_rate(0);
+    serve = std::make_unique<Child>(
+        std::vector<std::string>{OTPGATE_TRANSFER_BIN, "-c", b_config.string(), "serve"},
+        dir_.path / "serve2.log");
+  });
+  const Job done = transfer::run_send_job(store, a_config, job.job_id);  // retries the link
+  killer.join();
+  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  EXPECT_EQ(sha256_of(data("S4/big.bam")), sha256_of(received(done, "S4/big.bam")));
+}
+
+TEST_F(TransferTest, ACorruptedByteOnTheWireFailsTheRecordAndTheJobSaysSo) {
+  write_random(data("S5/reads.bam"), 8u << 20, 8);
+  transfer::Service b(config("b"));
+  b.start();
+  // A relay between the sites that flips one bit in the middle of the stream.
+  const std::uint16_t relay_port = free_port();
+  std::thread relay([&] {
+    const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+    const int one = 1;
+    ::setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(relay_port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ::bind(listener, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    ::listen(listener, 1);
+    const int in = ::accept(listener, nullptr, nullptr);
+    const int out = ::socket(AF_INET, SOCK_STREAM, 0);
+    a.sin_port = htons(transfer_port_);
+    ::connect(out, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    std::thread back([&] {
+      char buf[65536];
+      ssize_t n;
+      while ((n = ::recv(out, buf, sizeof buf, 0)) > 0) ::send(in, buf, std::size_t(n), MSG_NOSIGNAL);
+      ::shutdown(in, SHUT_RDWR);
+    });
+    char buf[65536];
+    std::uint64_t total = 0;
+    bool flipped = false;
+    ssize_t n;
+    while ((n = ::recv(in, buf, sizeof buf, 0)) > 0) {
+      if (!flipped && total + std::uint64_t(n) > (4u << 20)) {
+        buf[(4u << 20) - total] ^= 0x10;
+        flipped = true;
+      }
+      total += std::uint64_t(n);
+      if (::send(out, buf, std::size_t(n), MSG_NOSIGNAL) < 0) break;
+    }
+    ::shutdown(out, SHUT_RDWR);
+    back.join();
+    ::close(in);
+    ::close(out);
+    ::close(listener);
+  });
+  auto a_config = config("a");
+  a_config.peer_transfer = transfer::Endpoint{"127.0.0.1", relay_port};
+  a_config.max_attempts = 1;
+  transfer::JobStore store(transfer::database_path(a_config));
+  const Job job = transfer::create_send_job(store, a_config, "S5", {data("S5")}, "otp", false);
+  const Job done = transfer::run_send_job(store, a_config, job.job_id);
+  relay.join();
+  EXPECT_EQ(done.transfer_state, "failed");
+  EXPECT_NE(done.error.find("failed authentication"), std::string::npos) << done.error;
+  transfer::JobStore b_store(transfer::database_path(config("b")));
+  const auto at_b = b_store.get(job.job_id);
+  ASSERT_TRUE(at_b);
+  EXPECT_EQ(at_b->transfer_state, "failed");
+  EXPECT_NE(at_b->error.find("corrupted or tampered"), std::string::npos) << at_b->error;
+  EXPECT_FALSE(fs::exists(received(done, "S5/reads.bam")));  // never renamed into place
+}
+
+TEST_F(TransferTest, AbortAndDeleteThroughTheJobApi) {
+  write_random(data("S6/reads.bam"), 64u << 20, 9);
+  transfer::Service b(config("b"));
+  b.start();
+  sim_->set_key_rate(80e6);  // 10 MB/s: the job is still running when aborted
+  transfer::Service a(config("a"));
+  a.start();
+  httplib::Client api("127.0.0.1", a.api_port());
+  // State changes need JSON (cross-site requests cannot send it).
+  auto refused = api.Post("/api/v1/jobs", "specimen_id=S6&folder=S6",
+                          "application/x-www-form-urlencoded");
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->status, 415);
+  auto outside = api.Post("/api/v1/jobs", R"({"specimen_id":"S6","folder":"../../etc"})",
+                          "application/json");
+  ASSERT_TRUE(outside);
+  EXPECT_EQ(outside->status, 400);
+  EXPECT_NE(outside->body.find("inside the data root"), std::string::npos);
+  auto created = api.Post("/api/v1/jobs", R"({"specimen_id":"S6","folder":"S6"})",
+                          "application/json");
+  ASSERT_TRUE(created);
+  ASSERT_EQ(created->status, 201) << created->body;
+  const std::string id = nlohmann::json::parse(created->body)["job_id"];
+  transfer::JobStore b_store(transfer::database_path(config("b")));
+  ASSERT_TRUE(eventually([&] {
+    const auto j = b_store.get(id);
+    return j && j->transferred > (4u << 20);
+  }, std::chrono::seconds(60)));
+  auto aborted = api.Post("/api/v1/jobs/" + id + "/abort", "{}", "application/json");
+  ASSERT_TRUE(aborted);
+  EXPECT_EQ(aborted->status, 202);
+  transfer::JobStore a_store(transfer::database_path(config("a")));
+  ASSERT_TRUE(eventually([&] { return a_store.get(id)->transfer_state == "aborted"; }));
+  ASSERT_TRUE(eventually([&] { return b_store.get(id)->transfer_state == "aborted"; }));
+  // Delete on the receiving side removes the row and what it wrote.
+  httplib::Client b_api("127.0.0.1", b.api_port());
+  auto deleted = b_api.Delete("/api/v1/jobs/" + id);
+  ASSERT_TRUE(deleted);
+  EXPECT_EQ(deleted->status, 200) << deleted->body;
+  EXPECT_FALSE(b_store.get(id));
+  EXPECT_FALSE(fs::exists(dir_.path / "incoming-b" / ".partial" / id));
+  auto unknown = b_api.Delete("/api/v1/jobs/J-nope");
+  ASSERT_TRUE(unknown);
+  EXPECT_EQ(unknown->status, 404);
+  // Delete on the sending side removes the row, never the source data.
+  auto deleted_a = api.Delete("/api/v1/jobs/" + id);
+  ASSERT_TRUE(deleted_a);
+  EXPECT_EQ(deleted_a->status, 200);
+  EXPECT_TRUE(fs::exists(data("S6/reads.bam")));
+}
+
+TEST_F(TransferTest, AFullDiskGivesAClearErrorAndAResumableJob) {
+  write_random(data("S8/reads.bam"), 24u << 20, 10);
+  const fs::path b_config = config_file("b");
+  {
+    // A receiver that may write files of at most 8 MiB.
+    Child serve({OTPGATE_TRANSFER_BIN, "-c", b_config.string(), "serve"}, dir_.path / "serve.log",
+                8u << 20);
+    const auto a_config = config("a");
+    transfer::JobStore store(transfer::database_path(a_config));
+    const Job job = transfer::create_send_job(store, a_config, "S8", {data("S8")}, "otp", false);
+    ASSERT_TRUE(eventually([&] { return fs::exists(dir_.path / "incoming-b"); }));
+    const Job failed = transfer::run_send_job(store, a_config, job.job_id);
+    EXPECT_EQ(failed.transfer_state, "failed");
+    EXPECT_NE(failed.error.find("file size limit"), std::string::npos) << failed.error;
+    EXPECT_NE(failed.error.find("otp-transfer start " + job.job_id), std::string::npos);
+    serve.kill(SIGTERM);
+  }
+  // Space is freed: the same job resumes and completes.
+  Child serve({OTPGATE_TRANSFER_BIN, "-c", b_config.string(), "serve"}, dir_.path / "serve2.log");
+  transfer::JobStore store(transfer::database_path(config("a")));
+  const std::string id = store.list()[0].job_id;
+  const Job done = transfer::run_send_job(store, config("a"), id);
+  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  EXPECT_EQ(sha256_of(data("S8/reads.bam")), sha256_of(received(done, "S8/reads.bam")));
+}
+
+TEST_F(TransferTest, BadInputGetsOneClearLineAndANonZeroExit) {
+  fs::create_directories(data(""));
+  auto run = [&](std::vector<std::string> args, const std::string& name) {
+    Child c(std::move(args), dir_.path / name);
+    const int rc = c.wait();
+    return std::make_pair(rc, slurp(dir_.path / name));
+  };
+  auto [rc1, out1] = run(cli("a", {"send", "S9", (dir_.path / "no-such-folder").string()}), "1");
+  EXPECT_EQ(rc1, 1);
+  EXPECT_NE(out1.find("no-such-folder: no such file or folder"), std::string::npos) << out1;
+  auto [rc2, out2] = run(cli("a", {"start", "J20990101-deadbeef"}), "2");
+  EXPECT_EQ(rc2, 1);
+  EXPECT_NE(out2.find("no job J20990101-deadbeef"), std::string::npos) << out2;
+  auto [rc3, out3] = run(cli("a", {"send", "bad/id", data("").string()}), "3");
+  EXPECT_EQ(rc3, 1);
+  EXPECT_NE(out3.find("specimen ID \"bad/id\" is not valid"), std::string::npos) << out3;
+  const fs::path bad = dir_.path / "bad.toml";
+  std::ofstream(bad) << config_text("a", "method = \"rot13\"");
+  auto [rc4, out4] = run({OTPGATE_TRANSFER_BIN, "-c", bad.string(), "jobs"}, "4");
+  EXPECT_EQ(rc4, 2);
+  EXPECT_NE(out4.find("transfer.method = \"rot13\": expected \"otp\" or \"aes\""), std::string::npos)
+      << out4;
+  auto [rc5, out5] = run({OTPGATE_TRANSFER_BIN, "-c", (dir_.path / "none.toml").string(), "jobs"}, "5");
+  EXPECT_EQ(rc5, 2);
+  EXPECT_NE(out5.find("cannot be read"), std::string::npos) << out5;
+}
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  ::setenv("GST_PLUGIN_PATH", OTPGATE_PLUGIN_DIR, 1);
+  ::signal(SIGPIPE, SIG_IGN);
+  return RUN_ALL_TESTS();
+}
