@@ -3,6 +3,8 @@
 # expert-panel demo on one machine: qkd-kme-sim (QKD-like key rate, mutual TLS),
 # otp-gateway at site A and at site B, and a simulated conference system at each site
 # (ten participants in all, VP8 video and Opus audio over RTP), then prints a summary.
+# Meanwhile site A's lab sends a sample exome specimen (FASTQ.gz, BAM, VCF) to site B
+# with otp-transfer over the same QKD link, and the job tables of both sites are shown.
 #   scripts/demo.sh [--seconds N] [--profile panel|full] [--key-rate BITS_PER_S]
 #                   [--policy drop|block|fallback-aes]
 # The full profile (about 21 Mbit/s per site) needs more key than a 10 Mbit/s QKD link
@@ -23,7 +25,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 "$root/scripts/install-deps.sh"
-"$root/scripts/build.sh" -- qkd-kme-sim otp-gateway otp-conference-sim gstotp
+"$root/scripts/build.sh" -- qkd-kme-sim otp-gateway otp-conference-sim otp-transfer gstotp
 export GST_PLUGIN_PATH=$root/build/plugins
 bin=$root/build
 
@@ -102,17 +104,74 @@ for port in 48080 48081; do
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
 done
 
+# Specimen transfer: site B receives, site A sends; both services serve their job API.
+transfer_config() {  # site me peer listen api
+  cat <<CONF
+[site]
+name = "$1"
+sae_id = "$2"
+state_dir = "$work/transfer-state-$2"
+[kme]
+url = "https://localhost:$kme_port"
+tls_cert = "$work/pki/$2.crt"
+tls_key = "$work/pki/$2.key"
+tls_ca = "$work/pki/ca.crt"
+[peer]
+sae_id = "$3"
+transfer = "127.0.0.1:47400"
+[keys]
+ring_bytes = 1048576
+[transfer]
+listen = "127.0.0.1:$4"
+incoming_dir = "$work/incoming-$2"
+data_root = "$work/sequencer"
+[api]
+listen = "127.0.0.1:$5"
+CONF
+}
+transfer_config hospital-a sae-a sae-b 47401 47480 >"$work/transfer-a.toml"
+transfer_config hospital-b sae-b sae-a 47400 47481 >"$work/transfer-b.toml"
+"$root/media-samples/make-sequencing-samples.sh" "$work/sequencer" S-DEMO-01 >/dev/null
+"$bin/transfer/otp-transfer" -c "$work/transfer-b.toml" serve >"$work/transfer-b.log" 2>&1 &
+pids+=($!)
+"$bin/transfer/otp-transfer" -c "$work/transfer-a.toml" serve >"$work/transfer-a.log" 2>&1 &
+pids+=($!)
+for port in 47480 47481; do
+  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
+done
+
 echo "demo: expert panel, 10 participants ($profile profile), ${seconds}s, KME key rate $key_rate bit/s, on key exhausted: $policy"
 "$bin/gateway/otp-conference-sim" --site hospital-a --first-participant 1 --send-base 41000 \
   --receive-base 44000 --seconds "$seconds" --profile "$profile" --gateway-status-port 48080 >"$work/conf-a.out" &
 conf_a=$!
 "$bin/gateway/otp-conference-sim" --site hospital-b --first-participant 6 --send-base 45000 \
-  --receive-base 46000 --seconds "$seconds" --profile "$profile" --gateway-status-port 48081 >"$work/conf-b.out"
+  --receive-base 46000 --seconds "$seconds" --profile "$profile" --gateway-status-port 48081 >"$work/conf-b.out" &
+conf_b=$!
+sleep 2  # the call is up; now the lab sends a specimen over the same QKD link
+"$bin/transfer/otp-transfer" -c "$work/transfer-a.toml" send S-DEMO-01 "$work/sequencer/S-DEMO-01" \
+  >"$work/transfer-send.out" 2>&1 &
+transfer_pid=$!
+wait $conf_b
 wait $conf_a
+wait $transfer_pid && transfer_rc=0 || transfer_rc=$?
 echo
 echo "== summary =="
 cat "$work/conf-a.out" "$work/conf-b.out"
 echo "status API while it ran: http://127.0.0.1:48080/api/v1/status and /metrics (site B: 48081)"
+echo
+echo "== specimen transfer (otp-transfer, one-time pad, SHA-256 at both ends) =="
+grep -v "^progress" "$work/transfer-send.out" || true
+echo "-- site A jobs:"
+"$bin/transfer/otp-transfer" -c "$work/transfer-a.toml" jobs
+echo "-- site B jobs:"
+"$bin/transfer/otp-transfer" -c "$work/transfer-b.toml" jobs
+echo "received at site B:"
+(cd "$work/incoming-sae-b" && find . -type f ! -path "./.partial/*" | sort | sed 's/^/  /')
+echo "job API while it ran: http://127.0.0.1:47480/api/v1/jobs (site A), http://127.0.0.1:47481/api/v1/jobs (site B)"
+if [ "$transfer_rc" -ne 0 ]; then
+  echo "demo: FAILED: the specimen transfer did not complete" >&2
+  exit 1
+fi
 if grep -q "auth failures [1-9]" "$work/conf-a.out" "$work/conf-b.out"; then
   echo "demo: FAILED: authentication failures" >&2
   exit 1

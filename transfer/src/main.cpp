@@ -106,11 +106,11 @@ int run_job(JobStore& store, const TransferConfig& config, const std::string& jo
 }
 
 void print_jobs(const std::vector<Job>& jobs) {
-  std::printf("%-22s %-5s %-12s %-6s %-16s %-10s %9s %-16s %-15s %9s %-16s %-4s\n", "JOB", "DIR",
+  std::printf("%-22s %-7s %-12s %-6s %-16s %-10s %9s %-16s %-15s %9s %-16s %-4s\n", "JOB", "DIR",
               "SPECIMEN", "TYPE", "CREATED", "ANALYSIS", "A.SIZE", "A.TIME", "TRANSFER",
               "T.SIZE", "COMPLETED", "METHOD");
   for (const auto& j : jobs) {
-    std::printf("%-22s %-5s %-12s %-6s %-16s %-10s %9s %-16s %-15s %9s %-16s %-4s\n",
+    std::printf("%-22s %-7s %-12s %-6s %-16s %-10s %9s %-16s %-15s %9s %-16s %-4s\n",
                 j.job_id.c_str(), j.direction.c_str(), j.specimen_id.c_str(), j.data_type.c_str(),
                 local_time(j.created_at).c_str(), j.analysis_state.c_str(),
                 human_bytes(double(j.analysis_size)).c_str(), local_time(j.analysis_time).c_str(),
