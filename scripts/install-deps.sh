@@ -8,7 +8,7 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config ccache clang-format git openssl ca-certificates curl
   # crypto, HTTP, formats, CLI
   libssl-dev libcurl4-openssl-dev libcpp-httplib-dev nlohmann-json3-dev
-  libtomlplusplus-dev libcli11-dev libboost-dev libsqlite3-dev
+  libtomlplusplus-dev libcli11-dev libboost-dev libsqlite3-dev libsimdjson-dev
   # GStreamer (elements, pipelines, GstHarness via gstcheck) and SRTP for the AES mode
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-tools
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad libsrtp2-dev

@@ -1,8 +1,9 @@
 // ETSI GS QKD 014 REST client over HTTPS with mutual TLS (libcurl).
 //
 // Response bodies of successful key calls hold base64 key material: they are read
-// into wiped memory, never quoted in errors, and the JSON strings are cleansed after
-// decoding. Error bodies are quoted briefly, since they carry no keys.
+// into wiped memory, never quoted in errors, and parsed in place with simdjson (the key
+// strings are decoded straight from that buffer, so no other copy of them is made).
+// Error bodies are quoted briefly, since they carry no keys.
 #include <curl/curl.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -12,6 +13,7 @@
 #include <cctype>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <simdjson.h>
 #include <thread>
 
 #include "otpgate/keyclient.hpp"
@@ -96,6 +98,17 @@ class WipedBuffer {
   }
   std::string_view view() const {
     return {reinterpret_cast<const char*>(memory_.span().data()), used_};
+  }
+  // The body with the zeroed slack simdjson reads past the end.
+  simdjson::padded_string_view padded() {
+    if (memory_.size() < used_ + simdjson::SIMDJSON_PADDING) {
+      SecretBytes bigger(used_ + simdjson::SIMDJSON_PADDING);
+      std::copy_n(memory_.span().data(), used_, bigger.span().data());
+      memory_ = std::move(bigger);
+    }
+    std::memset(memory_.span().data() + used_, 0, simdjson::SIMDJSON_PADDING);
+    return simdjson::padded_string_view(reinterpret_cast<const char*>(memory_.span().data()), used_,
+                                        memory_.size());
   }
 
  private:
@@ -201,20 +214,18 @@ std::uint32_t to_u32(std::uint64_t value, const char* field, const std::string& 
   return static_cast<std::uint32_t>(value);
 }
 
+// Standard base64 (RFC 4648, with padding), as ETSI GS QKD 014 uses; empty if invalid.
 SecretBytes decode_base64(std::string_view text) {
-  std::unique_ptr<EVP_ENCODE_CTX, EncodeCtxDeleter> ctx(EVP_ENCODE_CTX_new());
-  if (!ctx) throw std::bad_alloc();
-  EVP_DecodeInit(ctx.get());
-  SecretBytes out(text.size() / 4 * 3 + 3);
-  int produced = 0;
-  int tail = 0;
-  if (EVP_DecodeUpdate(ctx.get(), out.span().data(), &produced,
-                       reinterpret_cast<const unsigned char*>(text.data()),
-                       static_cast<int>(text.size())) < 0 ||
-      EVP_DecodeFinal(ctx.get(), out.span().data() + produced, &tail) != 1) {
-    return SecretBytes();
-  }
-  out.truncate(static_cast<std::size_t>(produced + tail));
+  if (text.empty() || text.size() % 4 != 0) return SecretBytes();
+  SecretBytes out(text.size() / 4 * 3);
+  const int n = EVP_DecodeBlock(out.span().data(),
+                                reinterpret_cast<const unsigned char*>(text.data()),
+                                static_cast<int>(text.size()));
+  if (n < 0) return SecretBytes();
+  std::size_t pad = 0;
+  if (text.back() == '=') ++pad;
+  if (text.size() > 1 && text[text.size() - 2] == '=') ++pad;
+  out.truncate(static_cast<std::size_t>(n) - pad);
   return out;
 }
 
@@ -332,13 +343,19 @@ struct KmeClient::Impl {
   // `relay_wait`: also retry "not found" answers until the relay grace runs out.
   json call(const std::string& what, const std::string& url, const std::string* post_body,
             bool relay_wait) {
+    return parse_body(what, call_raw(what, url, post_body, relay_wait));
+  }
+
+  // Calls until a 2xx and leaves its body in `body`; returns the status.
+  long call_raw(const std::string& what, const std::string& url, const std::string* post_body,
+                bool relay_wait) {
     auto backoff = config.retry.initial_backoff;
     const auto relay_deadline = std::chrono::steady_clock::now() + config.retry.relay_grace;
     for (int attempt = 1;; ++attempt) {
       std::optional<KmeError> failure;
       try {
         const long status = perform(what, url, post_body);
-        if (status >= 200 && status < 300) return parse_body(what, status);
+        if (status >= 200 && status < 300) return status;
         const std::string text = error_text(body.view());
         body.clear();
         failure.emplace(kind_for_status(status), static_cast<int>(status),
@@ -381,49 +398,87 @@ struct KmeClient::Impl {
     return doc;
   }
 
-  std::vector<Key> parse_keys(const std::string& what, json& doc) {
-    // Some KMEs spell the container "Keys".
-    json* container = nullptr;
-    for (const char* name : {"keys", "Keys"}) {
-      if (auto it = doc.find(name); it != doc.end()) container = &*it;
-    }
-    if (!container || !container->is_array()) {
-      throw protocol_error(what, "no \"keys\" array");
-    }
+  // Parses a key container ({"keys": [{"key_ID": ..., "key": ...}, ...]}) from `body`
+  // and wipes it. Strict: one bad entry fails the whole answer.
+  std::vector<Key> parse_keys(const std::string& what, long status) {
+    struct WipeBody {
+      WipedBuffer& b;
+      ~WipeBody() { b.clear(); }
+    } wipe{body};
+    const std::size_t size = body.view().size();
+    auto not_an_object = [&] {
+      return KmeError(KmeErrorKind::protocol, static_cast<int>(status),
+                      what + ": KME answered HTTP " + std::to_string(status) + " with " +
+                          std::to_string(size) + " bytes that are not a JSON object");
+    };
+    namespace od = simdjson::ondemand;
+    od::document doc;
+    od::object root;
+    if (json_parser.iterate(body.padded()).get(doc) || doc.get_object().get(root))
+      throw not_an_object();
     std::vector<Key> keys;
-    keys.reserve(container->size());
     std::string first_error;
-    for (json& item : *container) {
-      auto id_it = item.is_object() ? item.find("key_ID") : item.end();
-      auto key_it = item.is_object() ? item.find("key") : item.end();
-      if (key_it != item.end() && key_it->is_string()) {
-        std::string& encoded = key_it->get_ref<std::string&>();
-        SecretBytes bytes = decode_base64(encoded);
-        OPENSSL_cleanse(encoded.data(), encoded.size());
-        if (id_it == item.end() || !id_it->is_string()) {
-          if (first_error.empty()) first_error = "a key has no string \"key_ID\"";
-          continue;
+    bool found_container = false;
+    try {
+      for (auto field : root) {
+        std::string_view name;
+        if (field.unescaped_key().get(name)) throw not_an_object();
+        if (name != "keys" && name != "Keys") continue;  // some KMEs spell it "Keys"
+        od::array list;
+        if (field.value().get_array().get(list)) throw protocol_error(what, "no \"keys\" array");
+        found_container = true;
+        for (auto element : list) {
+          od::object item;
+          if (element.get_object().get(item)) {
+            if (first_error.empty()) first_error = "an entry has no string \"key\"";
+            continue;
+          }
+          std::optional<std::string> id_text;
+          SecretBytes bytes;
+          bool has_key = false;
+          for (auto entry : item) {
+            std::string_view key_name;
+            if (entry.unescaped_key().get(key_name)) throw not_an_object();
+            if (key_name == "key_ID") {
+              std::string_view text;
+              if (!entry.value().get_string().get(text)) id_text = std::string(text);
+            } else if (key_name == "key") {
+              // The raw token, straight from the wiped body: base64 needs no unescaping.
+              std::string_view token;
+              if (entry.value().raw_json_token().get(token)) throw not_an_object();
+              while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back())))
+                token.remove_suffix(1);
+              if (token.size() >= 2 && token.front() == '"' && token.back() == '"') {
+                has_key = true;
+                bytes = decode_base64(token.substr(1, token.size() - 2));
+              }
+            }
+          }
+          if (!has_key) {
+            if (first_error.empty()) first_error = "an entry has no string \"key\"";
+          } else if (!id_text) {
+            if (first_error.empty()) first_error = "a key has no string \"key_ID\"";
+          } else if (auto id = KeyId::parse(*id_text); !id) {
+            if (first_error.empty())
+              first_error = "key_ID \"" + brief(*id_text, 60) + "\" is not a UUID";
+          } else if (bytes.size() == 0) {
+            if (first_error.empty())
+              first_error = "key for key_ID " + *id_text + " is not valid base64";
+          } else {
+            keys.push_back(Key{*id, std::move(bytes)});
+          }
         }
-        const std::string id_text = id_it->get<std::string>();
-        auto id = KeyId::parse(id_text);
-        if (!id) {
-          if (first_error.empty())
-            first_error = "key_ID \"" + brief(id_text, 60) + "\" is not a UUID";
-        } else if (bytes.size() == 0) {
-          if (first_error.empty())
-            first_error = "key for key_ID " + id_text + " is not valid base64";
-        } else {
-          keys.push_back(Key{*id, std::move(bytes)});
-        }
-      } else if (first_error.empty()) {
-        first_error = "an entry has no string \"key\"";
       }
+    } catch (const simdjson::simdjson_error&) {
+      throw not_an_object();
     }
-    // Strict: one bad entry fails the whole answer (the others are wiped with `keys`).
+    if (!found_container) throw protocol_error(what, "no \"keys\" array");
     if (!first_error.empty()) throw protocol_error(what, first_error);
     if (keys.empty()) throw protocol_error(what, "the \"keys\" array is empty");
     return keys;
   }
+
+  simdjson::ondemand::parser json_parser;
 };
 
 KmeClient::KmeClient(KmeClientConfig config) : impl_(std::make_unique<Impl>()) {
@@ -512,15 +567,15 @@ std::vector<Key> KmeClient::enc_keys(std::string_view slave_sae_id, std::uint32_
   const std::string what = "enc_keys for SAE \"" + std::string(slave_sae_id) + "\" (" +
                            std::to_string(number) + " x " + std::to_string(size_bits) + " bits)";
   std::string url = impl_->url_for(slave_sae_id, "enc_keys");
-  json doc;
+  long status = 0;
   if (method == Method::post) {
     const std::string request = json{{"number", number}, {"size", size_bits}}.dump();
-    doc = impl_->call(what, url, &request, false);
+    status = impl_->call_raw(what, url, &request, false);
   } else {
     url += "?number=" + std::to_string(number) + "&size=" + std::to_string(size_bits);
-    doc = impl_->call(what, url, nullptr, false);
+    status = impl_->call_raw(what, url, nullptr, false);
   }
-  auto keys = impl_->parse_keys(what, doc);
+  auto keys = impl_->parse_keys(what, status);
   if (keys.size() != number) {
     impl_->log(LogLevel::warning, what + ": KME delivered " + std::to_string(keys.size()) +
                                       " keys instead of " + std::to_string(number));
@@ -535,8 +590,9 @@ std::vector<Key> KmeClient::dec_keys(std::string_view master_sae_id, std::span<c
   json list = json::array();
   for (const KeyId& id : ids) list.push_back({{"key_ID", id.to_string()}});
   const std::string request = json{{"key_IDs", list}}.dump();
-  json doc = impl_->call(what, impl_->url_for(master_sae_id, "dec_keys"), &request, true);
-  auto keys = impl_->parse_keys(what, doc);
+  const long status =
+      impl_->call_raw(what, impl_->url_for(master_sae_id, "dec_keys"), &request, true);
+  auto keys = impl_->parse_keys(what, status);
   // Hand them back in the order asked; anything else is a KME bug we must not paper over.
   std::vector<Key> ordered;
   ordered.reserve(ids.size());
@@ -553,9 +609,9 @@ std::vector<Key> KmeClient::dec_keys(std::string_view master_sae_id, std::span<c
 Key KmeClient::dec_key(std::string_view master_sae_id, const KeyId& id) {
   const std::string what =
       "dec_keys from SAE \"" + std::string(master_sae_id) + "\" (key_ID " + id.to_string() + ")";
-  json doc = impl_->call(
+  const long status = impl_->call_raw(
       what, impl_->url_for(master_sae_id, "dec_keys") + "?key_ID=" + id.to_string(), nullptr, true);
-  auto keys = impl_->parse_keys(what, doc);
+  auto keys = impl_->parse_keys(what, status);
   if (keys.size() != 1 || keys.front().id != id) {
     throw protocol_error(what, "the KME did not deliver exactly the key_ID asked for");
   }

@@ -145,11 +145,11 @@ class SendSession {
 
  private:
   Job finish(const std::string& state, const std::string& error) {
+    report(true);  // first: it may still note a change of the key-wait state
     job_.transfer_state = state;
     job_.error = error;
     if (state == "aborted" || stop_requested()) store_.clear_abort(job_.job_id);
     store_.update(job_);
-    report(true);
     return *store_.get(job_.job_id);
   }
 
