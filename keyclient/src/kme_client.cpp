@@ -8,12 +8,12 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include <simdjson.h>
 #include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <cstring>
 #include <nlohmann/json.hpp>
-#include <simdjson.h>
 #include <thread>
 
 #include "otpgate/keyclient.hpp"
@@ -218,9 +218,9 @@ std::uint32_t to_u32(std::uint64_t value, const char* field, const std::string& 
 SecretBytes decode_base64(std::string_view text) {
   if (text.empty() || text.size() % 4 != 0) return SecretBytes();
   SecretBytes out(text.size() / 4 * 3);
-  const int n = EVP_DecodeBlock(out.span().data(),
-                                reinterpret_cast<const unsigned char*>(text.data()),
-                                static_cast<int>(text.size()));
+  const int n =
+      EVP_DecodeBlock(out.span().data(), reinterpret_cast<const unsigned char*>(text.data()),
+                      static_cast<int>(text.size()));
   if (n < 0) return SecretBytes();
   std::size_t pad = 0;
   if (text.back() == '=') ++pad;

@@ -277,7 +277,8 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
     if (verdict == otp::Decoder::Verdict::no_key && *size >= otp::kRecordHeaderBytes) {
       std::uint64_t offset = 0;
       for (int i = 24; i < 32; ++i) offset = (offset << 8) | record[i];
-      GST_WARNING_OBJECT(self, "record %c of %zu bytes at pad offset %" G_GUINT64_FORMAT
+      GST_WARNING_OBJECT(self,
+                         "record %c of %zu bytes at pad offset %" G_GUINT64_FORMAT
                          " has no key after %u ms: %s",
                          record[3], *size, offset, p.key_timeout_ms,
                          s.decoder->explain_no_key(offset, *size - otp::kRecordOverhead).c_str());

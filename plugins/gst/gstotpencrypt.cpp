@@ -327,8 +327,7 @@ GstFlowReturn emit_record(GstOtpEncrypt* self, otp::RecordKind kind,
     if (ret != GST_FLOW_OK) return ret;
     const auto status =
         p.cipher == CIPHER_AES_256_GCM
-            ? s.encoder->protect_record_aes(kind, payload, out, consumed, written,
-                                            p.rekey_interval)
+            ? s.encoder->protect_record_aes(kind, payload, out, consumed, written, p.rekey_interval)
             : s.encoder->protect_record(kind, payload, out, consumed, written);
     if (status == otp::Encoder::Status::ok) break;
     note_exhausted(self, true);  // a stream cannot drop: it slows to the key rate

@@ -386,7 +386,8 @@ TEST(CodecStream, NoRecordUsesPadWhoseAnnouncementIsNotSentYet) {
   Encoder e(tx, 5);
   Bytes buf(otp::kMaxAnnouncementBytes), out(otp::kMaxUnitPayload + otp::kRecordOverhead);
   std::vector<Bytes> wire;
-  while (std::size_t n = e.next_announcement(buf, false)) wire.emplace_back(buf.begin(), buf.begin() + n);
+  while (std::size_t n = e.next_announcement(buf, false))
+    wire.emplace_back(buf.begin(), buf.begin() + n);
   std::size_t consumed = 0, written = 0;
   ASSERT_EQ(e.protect_record(otp::RecordKind::stream_start, {}, out, consumed, written),
             Encoder::Status::ok);
@@ -400,7 +401,8 @@ TEST(CodecStream, NoRecordUsesPadWhoseAnnouncementIsNotSentYet) {
   const Bytes more(4000, 0x44);
   EXPECT_EQ(e.protect_record(otp::RecordKind::data, more, out, consumed, written),
             Encoder::Status::no_key);
-  while (std::size_t n = e.next_announcement(buf, false)) wire.emplace_back(buf.begin(), buf.begin() + n);
+  while (std::size_t n = e.next_announcement(buf, false))
+    wire.emplace_back(buf.begin(), buf.begin() + n);
   ASSERT_EQ(e.protect_record(otp::RecordKind::data, more, out, consumed, written),
             Encoder::Status::ok);
   wire.emplace_back(out.begin(), out.begin() + long(written));
@@ -449,7 +451,8 @@ TEST(CodecStream, AnnouncementsFarAheadOfSlowKeysAreAllKept) {
   for (; records[i][3] == 'A'; ++i) {
     std::size_t written = 0;
     otp::RecordKind kind{};
-    EXPECT_EQ(d.open_record(records[i], out, written, kind), Decoder::Verdict::announcement_pending);
+    EXPECT_EQ(d.open_record(records[i], out, written, kind),
+              Decoder::Verdict::announcement_pending);
   }
   late.open_ = true;  // the keys arrive
   const auto result = open_stream(d, std::vector<Bytes>(records.begin() + long(i), records.end()));
@@ -470,8 +473,8 @@ TEST(CodecStreamAes, AFileRoundTripsWithRekeysAndLittlePad) {
   for (auto& b : data) b = static_cast<std::uint8_t>(rng());
   const auto records = stream_records(e, data, 32768, 8);
   // Ciphertext, not plaintext, on the wire.
-  const Bytes& first_data = *std::find_if(records.begin(), records.end(),
-                                          [](const Bytes& r) { return r[3] == 'D'; });
+  const Bytes& first_data =
+      *std::find_if(records.begin(), records.end(), [](const Bytes& r) { return r[3] == 'D'; });
   EXPECT_NE(0, std::memcmp(first_data.data() + otp::kRecordHeaderBytes, data.data(), 1024));
   const auto result = open_stream(d, records);
   EXPECT_EQ(result.last, Decoder::Verdict::plaintext);

@@ -135,11 +135,12 @@ class TransferTest : public ::testing::Test {
     std::ostringstream t;
     t << "[site]\nname = \"hospital-" << site << "\"\nsae_id = \"sae-" << site
       << "\"\nstate_dir = \"" << (dir_.path / ("state-" + site)).string() << "\"\n"
-      << "[kme]\nurl = \"" << sim_->url() << "\"\ntls_cert = \"" << (pki / ("sae-" + site + ".crt")).string()
-      << "\"\ntls_key = \"" << (pki / ("sae-" + site + ".key")).string() << "\"\ntls_ca = \""
-      << (pki / "ca.crt").string() << "\"\n"
-      << "[peer]\nsae_id = \"sae-" << (a ? "b" : "a") << "\"\ntransfer = \"127.0.0.1:"
-      << transfer_port_ << "\"\n"
+      << "[kme]\nurl = \"" << sim_->url() << "\"\ntls_cert = \""
+      << (pki / ("sae-" + site + ".crt")).string() << "\"\ntls_key = \""
+      << (pki / ("sae-" + site + ".key")).string() << "\"\ntls_ca = \"" << (pki / "ca.crt").string()
+      << "\"\n"
+      << "[peer]\nsae_id = \"sae-" << (a ? "b" : "a")
+      << "\"\ntransfer = \"127.0.0.1:" << transfer_port_ << "\"\n"
       << "[transfer]\nlisten = \"127.0.0.1:" << (a ? 0 : transfer_port_) << "\"\nincoming_dir = \""
       << (dir_.path / ("incoming-" + site)).string() << "\"\ndata_root = \""
       << (dir_.path / "data").string() << "\"\nmax_attempts = 20\ncommit_bytes = 4194304\n"
@@ -203,8 +204,7 @@ TEST_F(TransferTest, ALargeFileAndAFolderOfSamplesArriveIdenticalWithVerifiedHas
   EXPECT_EQ(at_b->transfer_state, "completed");
   EXPECT_EQ(at_b->direction, "receive");
   EXPECT_EQ(at_b->transferred, done.transfer_size);
-  const std::string manifest =
-      slurp(dir_.path / "incoming-b" / "S1" / (done.job_id + ".sha256"));
+  const std::string manifest = slurp(dir_.path / "incoming-b" / "S1" / (done.job_id + ".sha256"));
   EXPECT_NE(manifest.find(sha256_of(data("S1/big.bam")) + "  S1/big.bam"), std::string::npos);
   EXPECT_FALSE(fs::exists(dir_.path / "incoming-b" / ".partial" / done.job_id / "0.part"));
 }
@@ -358,7 +358,8 @@ TEST_F(TransferTest, ACorruptedByteOnTheWireFailsTheRecordAndTheJobSaysSo) {
     std::thread back([&] {
       char buf[65536];
       ssize_t n;
-      while ((n = ::recv(out, buf, sizeof buf, 0)) > 0) ::send(in, buf, std::size_t(n), MSG_NOSIGNAL);
+      while ((n = ::recv(out, buf, sizeof buf, 0)) > 0)
+        ::send(in, buf, std::size_t(n), MSG_NOSIGNAL);
       ::shutdown(in, SHUT_RDWR);
     });
     char buf[65536];
@@ -405,25 +406,27 @@ TEST_F(TransferTest, AbortAndDeleteThroughTheJobApi) {
   a.start();
   httplib::Client api("127.0.0.1", a.api_port());
   // State changes need JSON (cross-site requests cannot send it).
-  auto refused = api.Post("/api/v1/jobs", "specimen_id=S6&folder=S6",
-                          "application/x-www-form-urlencoded");
+  auto refused =
+      api.Post("/api/v1/jobs", "specimen_id=S6&folder=S6", "application/x-www-form-urlencoded");
   ASSERT_TRUE(refused);
   EXPECT_EQ(refused->status, 415);
-  auto outside = api.Post("/api/v1/jobs", R"({"specimen_id":"S6","folder":"../../etc"})",
-                          "application/json");
+  auto outside =
+      api.Post("/api/v1/jobs", R"({"specimen_id":"S6","folder":"../../etc"})", "application/json");
   ASSERT_TRUE(outside);
   EXPECT_EQ(outside->status, 400);
   EXPECT_NE(outside->body.find("inside the data root"), std::string::npos);
-  auto created = api.Post("/api/v1/jobs", R"({"specimen_id":"S6","folder":"S6"})",
-                          "application/json");
+  auto created =
+      api.Post("/api/v1/jobs", R"({"specimen_id":"S6","folder":"S6"})", "application/json");
   ASSERT_TRUE(created);
   ASSERT_EQ(created->status, 201) << created->body;
   const std::string id = nlohmann::json::parse(created->body)["job_id"];
   transfer::JobStore b_store(transfer::database_path(config("b")));
-  ASSERT_TRUE(eventually([&] {
-    const auto j = b_store.get(id);
-    return j && j->transferred > (4u << 20);
-  }, std::chrono::seconds(60)));
+  ASSERT_TRUE(eventually(
+      [&] {
+        const auto j = b_store.get(id);
+        return j && j->transferred > (4u << 20);
+      },
+      std::chrono::seconds(60)));
   auto aborted = api.Post("/api/v1/jobs/" + id + "/abort", "{}", "application/json");
   ASSERT_TRUE(aborted);
   EXPECT_EQ(aborted->status, 202);
@@ -493,9 +496,11 @@ TEST_F(TransferTest, BadInputGetsOneClearLineAndANonZeroExit) {
   std::ofstream(bad) << config_text("a", "method = \"rot13\"");
   auto [rc4, out4] = run({OTPGATE_TRANSFER_BIN, "-c", bad.string(), "jobs"}, "4");
   EXPECT_EQ(rc4, 2);
-  EXPECT_NE(out4.find("transfer.method = \"rot13\": expected \"otp\" or \"aes\""), std::string::npos)
+  EXPECT_NE(out4.find("transfer.method = \"rot13\": expected \"otp\" or \"aes\""),
+            std::string::npos)
       << out4;
-  auto [rc5, out5] = run({OTPGATE_TRANSFER_BIN, "-c", (dir_.path / "none.toml").string(), "jobs"}, "5");
+  auto [rc5, out5] =
+      run({OTPGATE_TRANSFER_BIN, "-c", (dir_.path / "none.toml").string(), "jobs"}, "5");
   EXPECT_EQ(rc5, 2);
   EXPECT_NE(out5.find("cannot be read"), std::string::npos) << out5;
 }

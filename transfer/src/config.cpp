@@ -55,9 +55,9 @@ TransferConfig parse_config(std::string_view text, const std::string& source) {
       c.completion_markers.push_back(name->get());
     }
   }
-  c.record_size = static_cast<std::uint32_t>(
-      r.integer(t, "transfer.", "record_size", 4096, 65536, "bytes per record, 4096 to 65536",
-                c.record_size));
+  c.record_size =
+      static_cast<std::uint32_t>(r.integer(t, "transfer.", "record_size", 4096, 65536,
+                                           "bytes per record, 4096 to 65536", c.record_size));
   c.commit_bytes = static_cast<std::uint64_t>(
       r.integer(t, "transfer.", "commit_bytes", 1 << 20, std::int64_t(1) << 34,
                 "bytes between receiver commits, 1 MiB to 16 GiB",

@@ -67,7 +67,8 @@ struct JobStore::Impl {
   std::string path;
 
   [[noreturn]] void fail(const std::string& what) const {
-    throw std::runtime_error("job database " + path + ": " + what + ": " + sqlite3_errmsg(db.get()));
+    throw std::runtime_error("job database " + path + ": " + what + ": " +
+                             sqlite3_errmsg(db.get()));
   }
 
   void exec(const char* sql) const {
@@ -149,9 +150,9 @@ JobStore::JobStore(const std::filesystem::path& database) : impl_(std::make_uniq
   std::error_code ec;
   std::filesystem::create_directories(database.parent_path(), ec);
   sqlite3* db = nullptr;
-  const int rc = sqlite3_open_v2(impl_->path.c_str(), &db,
-                                 SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
-                                 nullptr);
+  const int rc =
+      sqlite3_open_v2(impl_->path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
   impl_->db.reset(db);
   if (rc != SQLITE_OK) {
     throw std::runtime_error("job database " + impl_->path + " cannot be opened (" +
@@ -292,7 +293,8 @@ std::string new_job_id() {
   char date[16];
   std::strftime(date, sizeof date, "%Y%m%d", &tm);
   unsigned char random[4];
-  if (RAND_bytes(random, sizeof random) != 1) throw std::runtime_error("no randomness for a job id");
+  if (RAND_bytes(random, sizeof random) != 1)
+    throw std::runtime_error("no randomness for a job id");
   char id[32];
   std::snprintf(id, sizeof id, "J%s-%02x%02x%02x%02x", date, random[0], random[1], random[2],
                 random[3]);

@@ -36,8 +36,10 @@ std::string duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--";
   const long s = std::lround(seconds);
   char text[32];
-  if (s >= 3600) std::snprintf(text, sizeof text, "%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
-  else std::snprintf(text, sizeof text, "%ld:%02ld", s / 60, s % 60);
+  if (s >= 3600)
+    std::snprintf(text, sizeof text, "%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
+  else
+    std::snprintf(text, sizeof text, "%ld:%02ld", s / 60, s % 60);
   return text;
 }
 
@@ -50,10 +52,10 @@ class ProgressPrinter {
     if (!tty_ && now - last_ < std::chrono::seconds(5)) return;
     last_ = now;
     const double fraction = p.bytes_total ? double(p.bytes_done) / double(p.bytes_total) : 0;
-    const double eta = p.rate_bytes_per_s > 1
-                           ? double(p.bytes_total - std::min(p.bytes_total, p.bytes_done)) /
-                                 p.rate_bytes_per_s
-                           : NAN;
+    const double eta =
+        p.rate_bytes_per_s > 1
+            ? double(p.bytes_total - std::min(p.bytes_total, p.bytes_done)) / p.rate_bytes_per_s
+            : NAN;
     std::string state = p.waiting_for_key ? "  waiting for key: running at the key rate"
                         : p.sequencing    ? "  run still sequencing"
                                           : "";
@@ -107,8 +109,8 @@ int run_job(JobStore& store, const TransferConfig& config, const std::string& jo
 
 void print_jobs(const std::vector<Job>& jobs) {
   std::printf("%-22s %-7s %-12s %-6s %-16s %-10s %9s %-16s %-15s %9s %-16s %-4s\n", "JOB", "DIR",
-              "SPECIMEN", "TYPE", "CREATED", "ANALYSIS", "A.SIZE", "A.TIME", "TRANSFER",
-              "T.SIZE", "COMPLETED", "METHOD");
+              "SPECIMEN", "TYPE", "CREATED", "ANALYSIS", "A.SIZE", "A.TIME", "TRANSFER", "T.SIZE",
+              "COMPLETED", "METHOD");
   for (const auto& j : jobs) {
     std::printf("%-22s %-7s %-12s %-6s %-16s %-10s %9s %-16s %-15s %9s %-16s %-4s\n",
                 j.job_id.c_str(), j.direction.c_str(), j.specimen_id.c_str(), j.data_type.c_str(),
@@ -131,17 +133,20 @@ int main(int argc, char** argv) {
       "`send`, `watch` or the service's job API.\nSee docs/transfer.md."};
   app.require_subcommand(1);
   std::string config_path;
-  app.add_option("-c,--config", config_path, "Site config file (TOML), e.g. /etc/otpgate/transfer.toml")
+  app.add_option("-c,--config", config_path,
+                 "Site config file (TOML), e.g. /etc/otpgate/transfer.toml")
       ->required();
 
   auto* serve = app.add_subcommand(
-      "serve", "Run the site service: receive specimens from the peer site into "
-               "transfer.incoming_dir, serve the job API on api.listen, run jobs started there");
+      "serve",
+      "Run the site service: receive specimens from the peer site into "
+      "transfer.incoming_dir, serve the job API on api.listen, run jobs started there");
   std::string specimen, method;
   std::vector<std::string> paths;
   auto* send = app.add_subcommand(
-      "send", "Send files or folders as one job for a specimen; waits until the receiver "
-              "has verified every file (exit 0), or says why not");
+      "send",
+      "Send files or folders as one job for a specimen; waits until the receiver "
+      "has verified every file (exit 0), or says why not");
   send->add_option("SPECIMEN_ID", specimen, "Specimen ID (letters, digits, - _ .)")->required();
   send->add_option("PATH", paths, "Files or folders to send")->required();
   send->add_option("-m,--method", method,
@@ -149,8 +154,9 @@ int main(int argc, char** argv) {
                    "from QKD, when the key budget cannot cover the data)");
   std::string run_folder;
   auto* watch = app.add_subcommand(
-      "watch", "Follow a sequencer's run folder: send files while they grow, finish when a "
-               "completion marker (transfer.completion_markers) appears");
+      "watch",
+      "Follow a sequencer's run folder: send files while they grow, finish when a "
+      "completion marker (transfer.completion_markers) appears");
   watch->add_option("RUN_FOLDER", run_folder, "The run's output folder")->required();
   watch->add_option("-s,--specimen", specimen, "Specimen ID")->required();
   watch->add_option("-m,--method", method, "otp or aes");
@@ -158,13 +164,15 @@ int main(int argc, char** argv) {
   auto* jobs = app.add_subcommand("jobs", "List this site's jobs as a table");
   jobs->add_flag("--json", as_json, "JSON instead of a table");
   std::string job_id;
-  auto* start = app.add_subcommand("start", "Start or resume a send job (from what the receiver committed)");
+  auto* start =
+      app.add_subcommand("start", "Start or resume a send job (from what the receiver committed)");
   start->add_option("JOB_ID", job_id)->required();
   auto* abort = app.add_subcommand("abort", "Abort a running job (it stays resumable with start)");
   abort->add_option("JOB_ID", job_id)->required();
   auto* remove = app.add_subcommand(
-      "delete", "Delete a job from the database with what this site wrote for it (received "
-                "files; never the sender's source data)");
+      "delete",
+      "Delete a job from the database with what this site wrote for it (received "
+      "files; never the sender's source data)");
   remove->add_option("JOB_ID", job_id)->required();
   bool check_only = false;
   app.add_flag("--check-config", check_only, "Validate the config and exit (0: valid)");
@@ -209,11 +217,11 @@ int main(int argc, char** argv) {
       for (const auto& p : paths) sources.emplace_back(p);
       const Job job = create_send_job(store, config, specimen, sources,
                                       method.empty() ? config.method : method, watch->parsed());
-      std::printf("job %s: specimen %s, %zu files, %s, method %s\n", job.job_id.c_str(),
-                  job.specimen_id.c_str(), job.files.size(),
-                  watch->parsed() ? "following the run"
-                                  : human_bytes(double(job.transfer_size)).c_str(),
-                  job.method.c_str());
+      std::printf(
+          "job %s: specimen %s, %zu files, %s, method %s\n", job.job_id.c_str(),
+          job.specimen_id.c_str(), job.files.size(),
+          watch->parsed() ? "following the run" : human_bytes(double(job.transfer_size)).c_str(),
+          job.method.c_str());
       std::fflush(stdout);
       return run_job(store, config, job.job_id);
     }
@@ -222,10 +230,14 @@ int main(int argc, char** argv) {
       if (as_json) {
         nlohmann::json out = nlohmann::json::array();
         for (const auto& j : list) {
-          out.push_back({{"job_id", j.job_id},         {"direction", j.direction},
-                         {"specimen_id", j.specimen_id}, {"transfer_state", j.transfer_state},
-                         {"method", j.method},         {"transferred", j.transferred},
-                         {"transfer_size", j.transfer_size}, {"error", j.error}});
+          out.push_back({{"job_id", j.job_id},
+                         {"direction", j.direction},
+                         {"specimen_id", j.specimen_id},
+                         {"transfer_state", j.transfer_state},
+                         {"method", j.method},
+                         {"transferred", j.transferred},
+                         {"transfer_size", j.transfer_size},
+                         {"error", j.error}});
         }
         std::printf("%s\n", out.dump(2).c_str());
       } else {

@@ -121,7 +121,8 @@ class ReceiveSession {
   }
 
   void handle(const Message& m) {
-    if (!job_ && m.type != MessageType::hello) throw ReceiveError("stream did not start with a job", false);
+    if (!job_ && m.type != MessageType::hello)
+      throw ReceiveError("stream did not start with a job", false);
     switch (m.type) {
       case MessageType::hello:
         on_hello(m.as_json());
@@ -213,11 +214,15 @@ class ReceiveSession {
     FileRecord record{index, path, f.value("size", std::uint64_t(0)), 0, "", "sending"};
     for (const auto& known : job_->files) {
       if (known.index != index) continue;
-      if (known.path != path) throw ReceiveError("file " + std::to_string(index) + " changed its name", false);
+      if (known.path != path)
+        throw ReceiveError("file " + std::to_string(index) + " changed its name", false);
       record = known;
     }
     if (record.state == "done") {
-      send_ack({{"type", "resume"}, {"index", index}, {"offset", record.size}, {"done", true},
+      send_ack({{"type", "resume"},
+                {"index", index},
+                {"offset", record.size},
+                {"done", true},
                 {"sha256", record.sha256}});
       return;
     }
@@ -226,8 +231,8 @@ class ReceiveSession {
     file.fd = Fd(::open(file.part.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640));
     if (!file.fd) throw ReceiveError(io_problem("open", file.part), true);
     // Bytes past the last commit may be incomplete: resume from the commit.
-    const std::uint64_t committed =
-        std::min<std::uint64_t>(record.committed, fs::exists(file.part) ? fs::file_size(file.part) : 0);
+    const std::uint64_t committed = std::min<std::uint64_t>(
+        record.committed, fs::exists(file.part) ? fs::file_size(file.part) : 0);
     if (::ftruncate(file.fd.fd, static_cast<off_t>(committed)) != 0 ||
         ::lseek(file.fd.fd, static_cast<off_t>(committed), SEEK_SET) < 0) {
       throw ReceiveError(io_problem("truncate", file.part), true);
@@ -286,10 +291,12 @@ class ReceiveSession {
       store_.upsert_file(job_->job_id, f.record);
       remember(f.record);
       open_.erase(it);
-      throw ReceiveError("SHA-256 mismatch for " + f.record.path + ": the sender has " +
-                             expected + " (" + std::to_string(size) + " bytes), received " + got +
-                             " (" + std::to_string(f.record.size) + " bytes); the received copy "
-                             "is kept at " + aside.string(),
+      throw ReceiveError("SHA-256 mismatch for " + f.record.path + ": the sender has " + expected +
+                             " (" + std::to_string(size) + " bytes), received " + got + " (" +
+                             std::to_string(f.record.size) +
+                             " bytes); the received copy "
+                             "is kept at " +
+                             aside.string(),
                          false);
     }
     const fs::path target = final_path(f.record.path);
@@ -315,9 +322,9 @@ class ReceiveSession {
       if (gap != 64) throw ReceiveError("malformed hash manifest line", false);
       const std::string hash = line.substr(0, 64), path = line.substr(66);
       bool matched = false;
-      for (const auto& f : job_->files) matched |= f.path == path && f.sha256 == hash && f.state == "done";
-      if (!matched)
-        throw ReceiveError("hash manifest does not match the received " + path, false);
+      for (const auto& f : job_->files)
+        matched |= f.path == path && f.sha256 == hash && f.state == "done";
+      if (!matched) throw ReceiveError("hash manifest does not match the received " + path, false);
       ++count;
     }
     const fs::path manifest = config_.incoming_dir / job_->specimen_id / (job_->job_id + ".sha256");
@@ -423,8 +430,8 @@ class ReceiveSession {
 
   static std::string io_problem(const char* what, const fs::path& path) {
     const int error = errno;
-    std::string text = std::string("cannot ") + what + " " + path.string() + ": " +
-                       std::strerror(error);
+    std::string text =
+        std::string("cannot ") + what + " " + path.string() + ": " + std::strerror(error);
     if (error == ENOSPC || error == EFBIG || error == EDQUOT)
       text += " (the receiving disk is full or a file size limit was hit; free space)";
     return text;

@@ -5,16 +5,16 @@
 #include <openssl/rand.h>
 #include <signal.h>
 #include <sys/inotify.h>
-#include <sys/stat.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <poll.h>
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <map>
-#include <poll.h>
 #include <set>
 #include <thread>
 
@@ -58,7 +58,8 @@ fs::path source_of(const std::vector<std::string>& sources, const std::string& r
   for (const auto& source : sources) {
     const fs::path root(source);
     const std::string name = root.filename().string();
-    if (relative == name || relative.rfind(name + "/", 0) == 0) return root.parent_path() / relative;
+    if (relative == name || relative.rfind(name + "/", 0) == 0)
+      return root.parent_path() / relative;
   }
   throw std::runtime_error("file " + relative + " is in none of the job's sources");
 }
@@ -90,8 +91,9 @@ class SendSession {
 
   Job run() {
     if (!config_.peer_transfer) {
-      return finish("failed", "peer.transfer is not set in the config (the receiving site's "
-                              "otp-transfer serve address, \"host:port\")");
+      return finish("failed",
+                    "peer.transfer is not set in the config (the receiving site's "
+                    "otp-transfer serve address, \"host:port\")");
     }
     job_.transfer_state = "running";
     job_.error.clear();
@@ -114,8 +116,10 @@ class SendSession {
         case Outcome::aborted:
           return finish("aborted", error.empty() ? "aborted" : error);
         case Outcome::cancelled:
-          return finish("interrupted", "stopped before completion; resume with `otp-transfer "
-                                       "start " + job_.job_id + "`");
+          return finish("interrupted",
+                        "stopped before completion; resume with `otp-transfer "
+                        "start " +
+                            job_.job_id + "`");
         case Outcome::receiver_error:
           return finish("failed", error);
         case Outcome::link_error:
@@ -138,8 +142,7 @@ class SendSession {
       return finish("interrupted", "stopped before completion; resume with `otp-transfer start " +
                                        job_.job_id + "`");
     }
-    return finish("failed", last_error + "; gave up after " +
-                                std::to_string(config_.max_attempts) +
+    return finish("failed", last_error + "; gave up after " + std::to_string(config_.max_attempts) +
                                 " attempts, resume with `otp-transfer start " + job_.job_id + "`");
   }
 
@@ -192,11 +195,9 @@ class SendSession {
     }
     OPENSSL_cleanse(ack_key.data(), ack_key.size());
     std::vector<std::uint8_t> out;
-    append_json_message(out, MessageType::hello,
-                        {{"protocol", 1},
-                         {"site", config_.site_name},
-                         {"ack_key", key_hex},
-                         {"job", job_json()}});
+    append_json_message(
+        out, MessageType::hello,
+        {{"protocol", 1}, {"site", config_.site_name}, {"ack_key", key_hex}, {"job", job_json()}});
     OPENSSL_cleanse(key_hex.data(), key_hex.size());
     if (!send(out)) return link_failure(error);
 
@@ -238,9 +239,9 @@ class SendSession {
       return Outcome::receiver_error;
     }
     std::vector<std::uint8_t> out;
-    append_json_message(out, MessageType::file,
-                        {{"index", f.record.index}, {"path", f.record.path},
-                         {"size", f.record.size}});
+    append_json_message(
+        out, MessageType::file,
+        {{"index", f.record.index}, {"path", f.record.path}, {"size", f.record.size}});
     if (!send(out)) return link_failure(error);
     json resume;
     if (auto o = await("resume", f.record.index, std::chrono::seconds(120), resume, error))
@@ -293,7 +294,8 @@ class SendSession {
     std::vector<std::uint8_t> buffer(kMessageHeaderBytes + kDataHeaderBytes + kChunk);
     std::uint8_t* data = buffer.data() + kMessageHeaderBytes + kDataHeaderBytes;
     while (f.sent < limit) {
-      const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, limit - f.sent));
+      const std::size_t want =
+          static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, limit - f.sent));
       const ssize_t n = ::read(f.fd.fd, data, want);
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) {
@@ -338,9 +340,9 @@ class SendSession {
     if (f.ended) return std::nullopt;  // the receiver already had all of it
     if (auto o = stream_bytes(f, f.record.size, error)) return o;
     if (f.sent != f.record.size || file_size(f) != f.record.size) {
-      error = f.path.string() + " changed size while being sent (" +
-              std::to_string(f.record.size) + " bytes when the job was made, now " +
-              std::to_string(file_size(f)) + "); use `otp-transfer watch` for files that grow";
+      error = f.path.string() + " changed size while being sent (" + std::to_string(f.record.size) +
+              " bytes when the job was made, now " + std::to_string(file_size(f)) +
+              "); use `otp-transfer watch` for files that grow";
       return Outcome::receiver_error;
     }
     return end_file(f, error);
@@ -680,8 +682,8 @@ class SendSession {
       p.key_available = s.bytes_available;
       p.key_rate_bytes_per_s = s.consumption_bytes_per_s;
       // The stream is held back by key when the element waits on an empty ring.
-      p.waiting_for_key = s.bytes_available < 2u * config_.record_size + 4096 &&
-                          pipeline_ && pipeline_->queued_bytes() > (1u << 20);
+      p.waiting_for_key = s.bytes_available < 2u * config_.record_size + 4096 && pipeline_ &&
+                          pipeline_->queued_bytes() > (1u << 20);
     } else {
       p.key_available = last_key_available_;
     }
@@ -733,8 +735,7 @@ Job create_send_job(JobStore& store, const TransferConfig& config, const std::st
   if (method != "otp" && method != "aes")
     throw std::runtime_error("method \"" + method + "\" is not valid: use otp or aes");
   if (paths.empty()) throw std::runtime_error("nothing to send: give at least one file or folder");
-  if (watch && paths.size() != 1)
-    throw std::runtime_error("watch follows exactly one run folder");
+  if (watch && paths.size() != 1) throw std::runtime_error("watch follows exactly one run folder");
   Job job;
   std::set<std::string> names;
   for (const auto& p : paths) {
@@ -757,7 +758,8 @@ Job create_send_job(JobStore& store, const TransferConfig& config, const std::st
   job.job_id = new_job_id();
   job.direction = "send";
   job.specimen_id = specimen_id;
-  job.folder = job.sources.size() == 1 ? job.sources[0] : fs::path(job.sources[0]).parent_path().string();
+  job.folder =
+      job.sources.size() == 1 ? job.sources[0] : fs::path(job.sources[0]).parent_path().string();
   job.created_at = now_ms();
   job.method = method == "aes" ? "AES" : "OTP";
   job.peer = config.peer_sae_id;

@@ -241,7 +241,8 @@ struct Service::Impl {
                  const std::string id = req.matches[1];
                  const auto job = store->get(id);
                  if (!job) return reply_error(res, 404, "no job " + id);
-                 if (running(id)) return reply_error(res, 409, "job " + id + " is running: abort it first");
+                 if (running(id))
+                   return reply_error(res, 409, "job " + id + " is running: abort it first");
                  try {
                    delete_job(*store, config, id);
                  } catch (const std::exception& e) {
@@ -299,8 +300,8 @@ void Service::start() {
   s.bound_transfer_port = local_port(s.listener.fd);
   s.routes();
   const auto& a = s.config.api_listen;
-  s.bound_api_port =
-      a.port == 0 ? s.api.bind_to_any_port(a.host) : (s.api.bind_to_port(a.host, a.port) ? a.port : -1);
+  s.bound_api_port = a.port == 0 ? s.api.bind_to_any_port(a.host)
+                                 : (s.api.bind_to_port(a.host, a.port) ? a.port : -1);
   if (s.bound_api_port <= 0) {
     throw std::runtime_error("cannot listen on api.listen " + a.host + ":" +
                              std::to_string(a.port) + " (in use? change [api] listen)");

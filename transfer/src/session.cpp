@@ -101,8 +101,8 @@ std::array<std::uint8_t, 32> hmac(std::span<const std::uint8_t> key,
                                   std::span<const std::uint8_t> data) {
   std::array<std::uint8_t, 32> mac{};
   unsigned int length = 0;
-  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), data.data(), data.size(),
-       mac.data(), &length);
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), data.data(), data.size(), mac.data(),
+       &length);
   return mac;
 }
 }  // namespace
@@ -154,8 +154,8 @@ Fd connect_tcp(const Endpoint& peer, std::chrono::milliseconds timeout) {
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* found = nullptr;
-  if (const int rc = getaddrinfo(peer.host.c_str(), std::to_string(peer.port).c_str(), &hints,
-                                 &found);
+  if (const int rc =
+          getaddrinfo(peer.host.c_str(), std::to_string(peer.port).c_str(), &hints, &found);
       rc != 0) {
     throw std::runtime_error("cannot resolve the receiving site " + where + ": " +
                              gai_strerror(rc));
@@ -245,8 +245,7 @@ bool read_exact(int fd, std::uint8_t* out, std::size_t n, Clock::time_point dead
 }
 }  // namespace
 
-std::optional<std::vector<std::uint8_t>> read_ack_frame(int fd,
-                                                         std::chrono::milliseconds timeout) {
+std::optional<std::vector<std::uint8_t>> read_ack_frame(int fd, std::chrono::milliseconds timeout) {
   const auto deadline = Clock::now() + timeout;
   std::uint8_t head[4];
   if (!read_exact(fd, head, 4, deadline)) return std::nullopt;
@@ -404,7 +403,8 @@ std::vector<std::uint8_t> DecryptPipeline::pull(std::chrono::milliseconds timeou
   GstSample* sample = gst_app_sink_try_pull_sample(
       GST_APP_SINK(sink_), static_cast<GstClockTime>(timeout.count()) * GST_MSECOND);
   if (!sample) {
-    ended = gst_app_sink_is_eos(GST_APP_SINK(sink_)) || !take_error(pipeline_.get(), error_).empty();
+    ended =
+        gst_app_sink_is_eos(GST_APP_SINK(sink_)) || !take_error(pipeline_.get(), error_).empty();
     return {};
   }
   std::vector<std::uint8_t> bytes;
@@ -516,12 +516,18 @@ std::string data_type_of(const std::vector<std::string>& paths) {
              name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
     };
     std::string t;
-    if (ends(".fastq") || ends(".fastq.gz") || ends(".fq") || ends(".fq.gz")) t = "FASTQ";
-    else if (ends(".bam") || ends(".cram") || ends(".sam")) t = "BAM";
-    else if (ends(".vcf") || ends(".vcf.gz") || ends(".bcf")) t = "VCF";
-    else continue;  // indexes, markers, run metadata do not decide the type
-    if (type.empty()) type = t;
-    else if (type != t) return "mixed";
+    if (ends(".fastq") || ends(".fastq.gz") || ends(".fq") || ends(".fq.gz"))
+      t = "FASTQ";
+    else if (ends(".bam") || ends(".cram") || ends(".sam"))
+      t = "BAM";
+    else if (ends(".vcf") || ends(".vcf.gz") || ends(".bcf"))
+      t = "VCF";
+    else
+      continue;  // indexes, markers, run metadata do not decide the type
+    if (type.empty())
+      type = t;
+    else if (type != t)
+      return "mixed";
   }
   return type.empty() ? "other" : type;
 }

@@ -10,8 +10,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <functional>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -129,9 +129,9 @@ class EncryptPipeline {
   // Copies bytes in; blocks while the element waits for key (the transfer slows to the
   // key rate). False when the pipeline failed (see error()).
   bool push(std::span<const std::uint8_t> bytes, const std::function<bool()>& keep_waiting = {});
-  bool flush();   // emits pending bytes as a record now (control messages)
+  bool flush();  // emits pending bytes as a record now (control messages)
   bool finish(std::chrono::milliseconds timeout);  // final record, all written
-  std::string error();  // first error posted, "" if none
+  std::string error();                             // first error posted, "" if none
   std::uint64_t queued_bytes() const;
 
  private:

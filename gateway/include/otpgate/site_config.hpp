@@ -34,7 +34,7 @@ class Reader {
   // "host:port"; port 0 only when `any_port_allowed` (listen addresses).
   Endpoint endpoint(const toml::table& table, const std::string& prefix, const char* key,
                     bool any_port_allowed = false) const;
-  const toml::table& table(const char* key) const;            // required
+  const toml::table& table(const char* key) const;           // required
   const toml::table* optional_table(const char* key) const;  // absent: nullptr
   std::filesystem::path file(const toml::table& table, const std::string& prefix,
                              const char* key) const;  // an existing PEM file

@@ -150,10 +150,9 @@ class GcmKey {
       : ctx_(EVP_CIPHER_CTX_new()), encrypt_(encrypt) {
     if (!ctx_) throw std::bad_alloc();
     std::memcpy(salt_.data(), key_and_salt + 32, salt_.size());
-    const int ok = encrypt ? EVP_EncryptInit_ex(ctx_.get(), EVP_aes_256_gcm(), nullptr,
-                                                key_and_salt, nullptr)
-                           : EVP_DecryptInit_ex(ctx_.get(), EVP_aes_256_gcm(), nullptr,
-                                                key_and_salt, nullptr);
+    const int ok =
+        encrypt ? EVP_EncryptInit_ex(ctx_.get(), EVP_aes_256_gcm(), nullptr, key_and_salt, nullptr)
+                : EVP_DecryptInit_ex(ctx_.get(), EVP_aes_256_gcm(), nullptr, key_and_salt, nullptr);
     if (ok != 1) throw std::runtime_error("AES-256-GCM initialisation failed");
   }
   ~GcmKey() { OPENSSL_cleanse(salt_.data(), salt_.size()); }
@@ -281,9 +280,8 @@ struct Encoder::Impl {
       // Only announced pad: a unit sent before the announcement of its key would make a
       // stream receiver wait for an announcement that is queued behind the unit itself.
       // (An encoder that never announced shares its source with one that does.)
-      const std::uint64_t limit = announced_end || announcing_end
-                                      ? std::max(announced_end, announcing_end)
-                                      : UINT64_MAX;
+      const std::uint64_t limit =
+          announced_end || announcing_end ? std::max(announced_end, announcing_end) : UINT64_MAX;
       if (in == 0) {  // an epoch starts: its first 16 bytes are its hash key r
         if (*offset + kAuthKeyBytes > limit) return std::nullopt;
         if (!pad.take(r.span())) return std::nullopt;
@@ -336,8 +334,8 @@ struct Encoder::Impl {
     const auto p = draw(0);
     announcing_end = 0;
     if (!p) return 0;  // kept in `batch`; sent as soon as there is pad for its mask
-    announced_end = std::max(announced_end,
-                             batch.front().offset + batch.size() * batch.front().length);
+    announced_end =
+        std::max(announced_end, batch.front().offset + batch.size() * batch.front().length);
     const std::size_t size = kAnnouncementFixedBytes + 16 * batch.size();
     std::uint8_t* o = out.data();
     std::memcpy(o, "OTPA", 4);
@@ -518,8 +516,7 @@ Encoder::Status Encoder::protect_record(RecordKind kind, std::span<const std::ui
   return Status::ok;
 }
 
-Encoder::Status Encoder::protect_record_aes(RecordKind kind,
-                                            std::span<const std::uint8_t> payload,
+Encoder::Status Encoder::protect_record_aes(RecordKind kind, std::span<const std::uint8_t> payload,
                                             std::span<std::uint8_t> out, std::size_t& consumed,
                                             std::size_t& written, std::uint32_t rekey_interval) {
   Impl& e = *impl_;

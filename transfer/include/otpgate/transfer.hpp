@@ -32,12 +32,12 @@ struct TransferConfig {
   // [peer] address: the receiving site's `otp-transfer serve` (sending side only).
   std::optional<Endpoint> peer_transfer;
   // [transfer]
-  Endpoint listen{"0.0.0.0", 7400};      // serve: where senders connect
-  std::filesystem::path incoming_dir;    // serve: received specimens land here
-  std::filesystem::path data_root;       // sending side: folders the job API may send
-  std::string method = "otp";            // otp | aes
+  Endpoint listen{"0.0.0.0", 7400};    // serve: where senders connect
+  std::filesystem::path incoming_dir;  // serve: received specimens land here
+  std::filesystem::path data_root;     // sending side: folders the job API may send
+  std::string method = "otp";          // otp | aes
   std::vector<std::string> completion_markers{"CopyComplete.txt", "RTAComplete.txt"};
-  std::uint32_t record_size = 65536;     // otpencrypt record size
+  std::uint32_t record_size = 65536;       // otpencrypt record size
   std::uint64_t commit_bytes = 32u << 20;  // receiver commits (fsync) at least this often
   std::uint32_t aes_rekey_records = 1024;  // AES method: records per key
   int max_attempts = 5;                    // connection attempts per run before giving up
@@ -66,8 +66,8 @@ struct Job {
   std::string job_id;
   std::string direction;  // send | receive
   std::string specimen_id;
-  std::string folder;     // the specimen folder (sender's path; receiver's destination)
-  std::string data_type;  // FASTQ | BAM | VCF | mixed | hash ...
+  std::string folder;           // the specimen folder (sender's path; receiver's destination)
+  std::string data_type;        // FASTQ | BAM | VCF | mixed | hash ...
   std::int64_t created_at = 0;  // unix milliseconds
   std::string analysis_state;   // sequencing | complete
   std::uint64_t analysis_size = 0;
@@ -79,7 +79,7 @@ struct Job {
   std::string method;  // OTP | AES
   std::string peer;
   std::string error;
-  bool watch = false;  // follows a growing run folder
+  bool watch = false;                // follows a growing run folder
   std::vector<std::string> sources;  // sender: paths given to send/watch
   std::vector<FileRecord> files;     // filled by JobStore::get
 };

@@ -148,7 +148,7 @@ class Encoder {
 };
 
 struct DecoderConfig {
-  std::size_t window_bytes = 16u << 20;  // pad held for reordering and look-ahead
+  std::size_t window_bytes = 16u << 20;         // pad held for reordering and look-ahead
   std::size_t max_pending_announcements = 256;  // datagram: the oldest gives way (repeats)
   // Stream mode sends each announcement once and may announce a whole key ring ahead of
   // the receiver's KME round trips, so none may be dropped: a far larger bound there.
