@@ -225,6 +225,57 @@ TEST_F(TransferTest, AesMethodSpendsPadOnlyOnKeys) {
   EXPECT_LT(sim_->stats().keys_to_masters - before, 5120u / 2);
 }
 
+TEST_F(TransferTest, KeyShortageSlowsTheTransferToTheKeyRateAndSaysSo) {
+  write_random(data("S10/reads.bam"), 6u << 20, 11);
+  transfer::Service b(config("b"));
+  b.start();
+  sim_->set_key_rate(16e6);  // 2 MB/s of key: far below what the link could carry
+  sim_->drain();
+  const auto a_config = config("a");
+  transfer::JobStore store(transfer::database_path(a_config));
+  const Job job = transfer::create_send_job(store, a_config, "S10", {data("S10")}, "otp", false);
+  std::atomic<bool> said_waiting{false};
+  std::atomic<bool> state_waiting{false};
+  transfer::SendOptions options;
+  options.on_progress = [&](const transfer::Progress& p) {
+    if (p.waiting_for_key) said_waiting = true;
+  };
+  std::atomic<bool> done{false};
+  std::thread watch([&] {
+    transfer::JobStore reader(transfer::database_path(a_config));
+    while (!done) {
+      if (reader.get(job.job_id)->transfer_state == "waiting-for-key") state_waiting = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  const Job finished = transfer::run_send_job(store, a_config, job.job_id, options);
+  done = true;
+  watch.join();
+  ASSERT_EQ(finished.transfer_state, "completed") << finished.error;  // slowed, not failed
+  EXPECT_TRUE(said_waiting);
+  EXPECT_TRUE(state_waiting);
+  EXPECT_EQ(sha256_of(data("S10/reads.bam")), sha256_of(received(finished, "S10/reads.bam")));
+}
+
+TEST_F(TransferTest, AKilledSendersJobCanBeDeletedButARunningOneCannot) {
+  write_random(data("S11/reads.bam"), 40u << 20, 12);
+  transfer::Service b(config("b"));
+  b.start();
+  sim_->set_key_rate(80e6);
+  Child sender(cli("a", {"send", "S11", data("S11").string()}), dir_.path / "send.log");
+  transfer::JobStore store(transfer::database_path(config("a")));
+  ASSERT_TRUE(eventually([&] {
+    const auto jobs = store.list();
+    return !jobs.empty() && jobs[0].transferred > 0;
+  }));
+  const std::string id = store.list()[0].job_id;
+  EXPECT_THROW(transfer::delete_job(store, config("a"), id), std::runtime_error);
+  sender.kill(SIGKILL);
+  EXPECT_TRUE(transfer::delete_job(store, config("a"), id));
+  EXPECT_FALSE(store.get(id));
+  EXPECT_TRUE(fs::exists(data("S11/reads.bam")));
+}
+
 TEST_F(TransferTest, WatchStreamsAGrowingFileAndFinishesAtTheCompletionMarker) {
   const fs::path run = data("RUN7");
   fs::create_directories(run / "Data");

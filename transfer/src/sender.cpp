@@ -681,9 +681,7 @@ class SendSession {
       const auto s = supply_->stats();
       p.key_available = s.bytes_available;
       p.key_rate_bytes_per_s = s.consumption_bytes_per_s;
-      // The stream is held back by key when the element waits on an empty ring.
-      p.waiting_for_key = s.bytes_available < 2u * config_.record_size + 4096 && pipeline_ &&
-                          pipeline_->queued_bytes() > (1u << 20);
+      p.waiting_for_key = pipeline_ && pipeline_->waiting_for_key();  // the element says so
     } else {
       p.key_available = last_key_available_;
     }

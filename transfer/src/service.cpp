@@ -65,8 +65,22 @@ void reply_error(httplib::Response& res, int status, const std::string& message)
 bool delete_job(JobStore& store, const TransferConfig& config, const std::string& job_id) {
   const auto job = store.get(job_id);
   if (!job) return false;
-  if (job->transfer_state == "running" || job->transfer_state == "waiting-for-key")
-    throw std::runtime_error("job " + job_id + " is running: abort it first");
+  if (job->transfer_state == "running" || job->transfer_state == "waiting-for-key") {
+    // A send job's journal is locked while a sender runs it; a sender that was killed
+    // left the state behind but not the lock.
+    bool running = true;
+    if (job->direction == "send") {
+      try {
+        std::error_code ec;
+        fs::create_directories(journal_path(config, job_id).parent_path(), ec);
+        const keys::OffsetJournal probe(journal_path(config, job_id));
+        running = false;
+      } catch (const std::exception&) {
+        running = true;
+      }
+    }
+    if (running) throw std::runtime_error("job " + job_id + " is running: abort it first");
+  }
   if (job->direction == "receive") {
     std::error_code ec;
     fs::remove_all(config.incoming_dir / job->specimen_id / job->job_id, ec);

@@ -371,6 +371,17 @@ std::string EncryptPipeline::error() {
   return take_error(pipeline_.get(), error_);
 }
 
+bool EncryptPipeline::waiting_for_key() const {
+  GstStructure* stats = nullptr;
+  g_object_get(encrypt_, "stats", &stats, nullptr);
+  gboolean exhausted = FALSE;
+  if (stats) {
+    gst_structure_get_boolean(stats, "key-exhausted", &exhausted);
+    gst_structure_free(stats);
+  }
+  return exhausted;
+}
+
 std::uint64_t EncryptPipeline::queued_bytes() const {
   return gst_app_src_get_current_level_bytes(GST_APP_SRC(src_));
 }

@@ -133,6 +133,7 @@ class EncryptPipeline {
   bool finish(std::chrono::milliseconds timeout);  // final record, all written
   std::string error();                             // first error posted, "" if none
   std::uint64_t queued_bytes() const;
+  bool waiting_for_key() const;  // the element waits for pad right now
 
  private:
   bool check_bus();
