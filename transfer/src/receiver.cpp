@@ -59,11 +59,11 @@ class ReceiveSession {
       while (!done_) {
         if (stopping_) throw ReceiveError("the receiving service is stopping", true);
         bool ended = false;
-        const auto bytes = pipeline.pull(std::chrono::milliseconds(250), ended);
-        if (!bytes.empty()) {
-          parser.feed(bytes);
-          while (auto m = parser.next()) handle(*m);
-        }
+        pipeline.pull(std::chrono::milliseconds(250), ended,
+                      [&](std::span<const std::uint8_t> bytes) {
+                        parser.feed(bytes);
+                        while (auto m = parser.next()) handle(*m);
+                      });
         commit_due(false);
         check_abort();
         if (ended) {
@@ -108,7 +108,7 @@ class ReceiveSession {
       // end is clean (it proves nothing was cut, though everything is already verified).
       const auto until = Clock::now() + std::chrono::seconds(5);
       for (bool ended = false; !ended && Clock::now() < until && !stopping_;)
-        pipeline.pull(std::chrono::milliseconds(100), ended);
+        pipeline.pull(std::chrono::milliseconds(100), ended, [](std::span<const std::uint8_t>) {});
     }
     ::shutdown(socket_.fd, SHUT_RDWR);
   }

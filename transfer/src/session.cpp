@@ -81,8 +81,7 @@ std::optional<Message> MessageParser::next() {
   for (int i = 1; i <= 4; ++i) n = (n << 8) | p[i];
   if (n > kMaxMessageBytes) throw std::runtime_error("oversized message in the protected stream");
   if (left < kMessageHeaderBytes + n) return std::nullopt;
-  Message m{static_cast<MessageType>(type),
-            std::vector<std::uint8_t>(p + kMessageHeaderBytes, p + kMessageHeaderBytes + n)};
+  Message m{static_cast<MessageType>(type), {p + kMessageHeaderBytes, n}};
   read_ += kMessageHeaderBytes + n;
   return m;
 }
@@ -409,24 +408,30 @@ DecryptPipeline::~DecryptPipeline() {
   gst_element_set_state(pipeline_.get(), GST_STATE_NULL);
 }
 
-std::vector<std::uint8_t> DecryptPipeline::pull(std::chrono::milliseconds timeout, bool& ended) {
+bool DecryptPipeline::pull(std::chrono::milliseconds timeout, bool& ended,
+                           const std::function<void(std::span<const std::uint8_t>)>& sink) {
   ended = false;
   GstSample* sample = gst_app_sink_try_pull_sample(
       GST_APP_SINK(sink_), static_cast<GstClockTime>(timeout.count()) * GST_MSECOND);
   if (!sample) {
     ended =
         gst_app_sink_is_eos(GST_APP_SINK(sink_)) || !take_error(pipeline_.get(), error_).empty();
-    return {};
+    return false;
   }
-  std::vector<std::uint8_t> bytes;
   GstBuffer* buffer = gst_sample_get_buffer(sample);
   GstMapInfo map;
   if (buffer && gst_buffer_map(buffer, &map, GST_MAP_READ)) {
-    bytes.assign(map.data, map.data + map.size);
+    try {
+      sink({map.data, map.size});
+    } catch (...) {
+      gst_buffer_unmap(buffer, &map);
+      gst_sample_unref(sample);
+      throw;
+    }
     gst_buffer_unmap(buffer, &map);
   }
   gst_sample_unref(sample);
-  return bytes;
+  return true;
 }
 
 std::string DecryptPipeline::error() {

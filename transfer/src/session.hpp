@@ -45,9 +45,11 @@ inline constexpr std::size_t kMessageHeaderBytes = 5;
 inline constexpr std::size_t kDataHeaderBytes = 12;
 inline constexpr std::size_t kMaxMessageBytes = 16u << 20;
 
+// A message as parsed: `body` points into the parser's buffer and stays valid until the
+// next feed() (no copy of file data on the receiving path).
 struct Message {
   MessageType type{};
-  std::vector<std::uint8_t> body;
+  std::span<const std::uint8_t> body;
   json as_json() const;  // throws std::runtime_error on a malformed body
 };
 
@@ -149,8 +151,10 @@ class DecryptPipeline {
  public:
   DecryptPipeline(keys::PadSource& keys, int socket_fd, std::size_t window_bytes);
   ~DecryptPipeline();
-  // Next decrypted bytes; empty with `ended` set at the end of the stream or on error.
-  std::vector<std::uint8_t> pull(std::chrono::milliseconds timeout, bool& ended);
+  // Hands the next decrypted bytes to `sink` (no copy); false with `ended` set at the end
+  // of the stream or on error, false alone on a timeout.
+  bool pull(std::chrono::milliseconds timeout, bool& ended,
+            const std::function<void(std::span<const std::uint8_t>)>& sink);
   std::string error();
   std::uint64_t auth_failures();
   std::string stats_text();  // the element's stats structure, for logs
