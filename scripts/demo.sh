@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 "$root/scripts/install-deps.sh"
-"$root/scripts/build.sh" -- qkd-kme-sim otp-gateway otp-conference-sim otp-transfer gstotp
+"$root/scripts/build.sh" -- qkd-kme-sim otp-gateway otp-conference-sim otp-transfer otp-console gstotp
 export GST_PLUGIN_PATH=$root/build/plugins
 bin=$root/build
 
@@ -140,6 +140,8 @@ for port in 47480 47481; do
   for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
 done
 
+echo "demo: watch it live in the operator console (another terminal, with a display):"
+echo "  $bin/qt-console/otp-console -g http://127.0.0.1:48080 -g http://127.0.0.1:48081 -t http://127.0.0.1:47480 -t http://127.0.0.1:47481"
 echo "demo: expert panel, 10 participants ($profile profile), ${seconds}s, KME key rate $key_rate bit/s, on key exhausted: $policy"
 "$bin/gateway/otp-conference-sim" --site hospital-a --first-participant 1 --send-base 41000 \
   --receive-base 44000 --seconds "$seconds" --profile "$profile" --gateway-status-port 48080 >"$work/conf-a.out" &

@@ -14,6 +14,8 @@ PACKAGES=(
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad libsrtp2-dev
   # ICE between gateways behind NAT (NiceAgent, nicesrc/nicesink)
   libnice-dev gstreamer1.0-nice
+  # the operator console (Qt 6 Widgets, Network, Charts, Test; offscreen platform for tests)
+  qt6-base-dev qt6-charts-dev libgl-dev
   # sequencing samples for the transfer demo and tests (htslib's test data, samtools, bgzip/tabix)
   samtools tabix htslib-test
   # tests and benchmarks (clang + its runtime: the libFuzzer target of the decoder)

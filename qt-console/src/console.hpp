@@ -1,0 +1,175 @@
+// otp-console: the operator console's parts. Services (gateways, transfer services) are
+// polled over HTTP without ever blocking the UI thread; their JSON feeds table models;
+// rules over the models raise alerts. See qt-console/README in docs/console.md.
+#pragma once
+
+#include <QAbstractTableModel>
+#include <QDateTime>
+#include <QJsonArray>
+#include <QJsonObject>
+#include <QNetworkAccessManager>
+#include <QStringListModel>
+#include <QTimer>
+#include <QUrl>
+#include <map>
+#include <vector>
+
+namespace otpgate::console {
+
+// One service polled every second: a gateway (GET /api/v1/status) or a transfer service
+// (GET /api/v1/jobs). A service that does not answer within two seconds is down; polling
+// goes on, so it comes back by itself.
+class ServicePoller : public QObject {
+  Q_OBJECT
+ public:
+  enum class Kind { gateway, transfer };
+  ServicePoller(Kind kind, QUrl base, QObject* parent = nullptr);
+  Kind kind() const { return kind_; }
+  QUrl base() const { return base_; }
+  bool up() const { return up_; }
+  QString last_error() const { return last_error_; }
+  void start(int interval_ms = 1000);
+  void poll_now();
+  // Actions on a transfer service: POST (JSON body) or DELETE; `done` gets the HTTP
+  // status (0 when unreachable) and the service's one-line error, if any.
+  void post(const QString& path, const QJsonObject& body,
+            std::function<void(int, QString)> done = {});
+  void remove(const QString& path, std::function<void(int, QString)> done = {});
+
+ signals:
+  void updated(const QJsonObject& document);
+  void availability_changed(bool up, const QString& error);
+
+ private:
+  void finished(QNetworkReply* reply);
+  void set_up(bool up, const QString& error);
+  void action_finished(QNetworkReply* reply, const std::function<void(int, QString)>& done);
+
+  Kind kind_;
+  QUrl base_;
+  QNetworkAccessManager network_;
+  QTimer timer_;
+  bool in_flight_ = false;
+  bool up_ = false;
+  bool seen_ = false;
+  QString last_error_;
+};
+
+// Per key supply (stream x direction at a gateway): level, time left, rates, KME health.
+class KeySupplyModel : public QAbstractTableModel {
+  Q_OBJECT
+ public:
+  enum Column {
+    site,
+    stream,
+    direction,
+    ready,
+    seconds_left,
+    consumption,
+    kme,
+    last_error,
+    mode,
+    count
+  };
+  struct Row {
+    QString site, stream, direction, kme_error, mode;
+    double ready_bytes = 0, seconds_left = -1, consumption_bps = 0, fetched_bytes = 0;
+    bool kme_healthy = true;
+  };
+  using QAbstractTableModel::QAbstractTableModel;
+  int rowCount(const QModelIndex& = {}) const override { return int(rows_.size()); }
+  int columnCount(const QModelIndex& = {}) const override { return count; }
+  QVariant data(const QModelIndex& index, int role) const override;
+  QVariant headerData(int section, Qt::Orientation o, int role) const override;
+  void update_site(const QJsonObject& gateway_status);  // replaces that site's rows
+  const std::vector<Row>& rows() const { return rows_; }
+
+ private:
+  std::vector<Row> rows_;
+};
+
+// Per stream and direction: packets, bytes, auth failures, replays, drops.
+class StreamModel : public QAbstractTableModel {
+  Q_OBJECT
+ public:
+  enum Column { site, stream, direction, packets, bytes, auth_failures, replays, drops, count };
+  struct Row {
+    QString site, stream, direction;
+    qulonglong packets = 0, bytes = 0, auth_failures = 0, replays = 0, drops = 0;
+  };
+  using QAbstractTableModel::QAbstractTableModel;
+  int rowCount(const QModelIndex& = {}) const override { return int(rows_.size()); }
+  int columnCount(const QModelIndex& = {}) const override { return count; }
+  QVariant data(const QModelIndex& index, int role) const override;
+  QVariant headerData(int section, Qt::Orientation o, int role) const override;
+  void update_site(const QJsonObject& gateway_status);
+  const std::vector<Row>& rows() const { return rows_; }
+
+ private:
+  std::vector<Row> rows_;
+};
+
+// The seed's job table, one row per job of every transfer service watched.
+class JobModel : public QAbstractTableModel {
+  Q_OBJECT
+ public:
+  enum Column {
+    site,
+    specimen,
+    job,
+    folder,
+    data_type,
+    created,
+    analysis_state,
+    analysis_size,
+    analysis_time,
+    transfer_state,
+    transfer_size,
+    completed,
+    method,
+    progress,
+    count
+  };
+  using QAbstractTableModel::QAbstractTableModel;
+  int rowCount(const QModelIndex& = {}) const override { return int(rows_.size()); }
+  int columnCount(const QModelIndex& = {}) const override { return count; }
+  QVariant data(const QModelIndex& index, int role) const override;
+  QVariant headerData(int section, Qt::Orientation o, int role) const override;
+  void update_site(const QString& service, const QJsonObject& jobs_document);
+  QJsonObject job_at(int row) const { return rows_.at(std::size_t(row)).second; }
+  QString service_of(int row) const { return rows_.at(std::size_t(row)).first; }
+
+ private:
+  std::vector<std::pair<QString, QJsonObject>> rows_;  // service URL, job
+};
+
+// Rules over what the services report; each alert is logged once until it clears.
+class AlertLog : public QStringListModel {
+  Q_OBJECT
+ public:
+  struct Thresholds {
+    // A sending supply's ring predicted to run dry within N minutes at the current rate
+    // (the ring refills at half, so short times are normal while the KME keeps up).
+    double exhaustion_minutes = 1;
+    double low_water_bytes = 1 << 20;
+  };
+  explicit AlertLog(QObject* parent = nullptr) : QStringListModel(parent) {}
+  void set_thresholds(Thresholds t) { thresholds_ = t; }
+  void check_gateway(const QString& service, const QJsonObject& status);
+  void check_jobs(const QString& service, const QJsonObject& jobs);
+  void service_availability(const QString& service, bool up, const QString& error);
+  QStringList active() const;
+
+ signals:
+  void raised(const QString& text);
+
+ private:
+  void set(const QString& key, bool on, const QString& text);
+  Thresholds thresholds_;
+  std::map<QString, bool> state_;
+  std::map<QString, qulonglong> auth_failures_;
+};
+
+QString human_bytes(double bytes);
+
+}  // namespace otpgate::console

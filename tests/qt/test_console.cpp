@@ -1,0 +1,184 @@
+// otp-console against a real HTTP server started by the test, serving JSON recorded from
+// the demo's gateway (tests/data/gateway-status.json) and a transfer service's job list
+// (tests/data/transfer-jobs.json). Runs headless (QT_QPA_PLATFORM=offscreen).
+#include <httplib.h>
+
+#include <QFile>
+#include <QJsonDocument>
+#include <QPushButton>
+#include <QtTest>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "main_window.hpp"
+
+using otpgate::console::MainWindow;
+using otpgate::console::ServicePoller;
+
+namespace {
+
+std::string read(const char* name) {
+  std::ifstream in(std::string(OTPGATE_TEST_DATA) + "/" + name);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// A status server that serves the recorded documents and records every request.
+class RecordedService {
+ public:
+  void start(int port = 0) {
+    server_ = std::make_unique<httplib::Server>();
+    server_->Get("/api/v1/status", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content(read("gateway-status.json"), "application/json");
+    });
+    server_->Get("/api/v1/jobs", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content(read("transfer-jobs.json"), "application/json");
+    });
+    auto record = [this](const httplib::Request& req, httplib::Response& res) {
+      std::lock_guard lock(mutex_);
+      requests_.push_back(req.method + " " + req.path + " " + req.get_header_value("Content-Type"));
+      res.set_content("{}", "application/json");
+    };
+    server_->Post(R"(/api/v1/jobs/.*)", record);
+    server_->Delete(R"(/api/v1/jobs/.*)", record);
+    port_ = port == 0 ? server_->bind_to_any_port("127.0.0.1")
+                      : (server_->bind_to_port("127.0.0.1", port) ? port : -1);
+    QVERIFY(port_ > 0);
+    thread_ = std::thread([this] { server_->listen_after_bind(); });
+  }
+  void stop() {
+    server_->stop();
+    if (thread_.joinable()) thread_.join();
+  }
+  ~RecordedService() { stop(); }
+  QUrl url() const { return QUrl(QString("http://127.0.0.1:%1").arg(port_)); }
+  int port() const { return port_; }
+  std::vector<std::string> requests() {
+    std::lock_guard lock(mutex_);
+    return requests_;
+  }
+
+ private:
+  std::unique_ptr<httplib::Server> server_;
+  std::thread thread_;
+  int port_ = 0;
+  std::mutex mutex_;
+  std::vector<std::string> requests_;
+};
+
+int row_of_job(MainWindow& w, const QString& id) {
+  for (int r = 0; r < w.jobs().rowCount(); ++r)
+    if (w.jobs().job_at(r).value("job_id").toString() == id) return r;
+  return -1;
+}
+
+}  // namespace
+
+class ConsoleTest : public QObject {
+  Q_OBJECT
+ private slots:
+  void modelsHoldTheServedValues() {
+    RecordedService gateway, transfer;
+    gateway.start();
+    transfer.start();
+    MainWindow w;
+    w.add_service(ServicePoller::Kind::gateway, gateway.url(), 100);
+    w.add_service(ServicePoller::Kind::transfer, transfer.url(), 100);
+    QTRY_COMPARE(w.key_supplies().rowCount(), 20);  // 20 streams, one direction each at site A
+    QTRY_COMPARE(w.jobs().rowCount(), 3);
+    // The supply of p1-video (send) reports what the gateway served.
+    bool found = false;
+    for (const auto& r : w.key_supplies().rows()) {
+      if (r.stream == "p1-video" && r.direction == "send") {
+        QCOMPARE(r.ready_bytes, 452210.0);
+        QCOMPARE(r.site, QString("hospital-a"));
+        QCOMPARE(r.mode, QString("OTP"));
+        QVERIFY(r.kme_healthy);
+        found = true;
+      }
+    }
+    QVERIFY(found);
+    QCOMPARE(w.streams().rowCount(), 20);
+    const int failed = row_of_job(w, "J20261124-8c9d0e1f");
+    QVERIFY(failed >= 0);
+    QCOMPARE(w.jobs()
+                 .data(w.jobs().index(failed, otpgate::console::JobModel::method), Qt::DisplayRole)
+                 .toString(),
+             QString("AES"));
+    const int running = row_of_job(w, "J20261124-4e5f6a7b");
+    QCOMPARE(
+        w.jobs()
+            .data(w.jobs().index(running, otpgate::console::JobModel::progress), Qt::DisplayRole)
+            .toString(),
+        QString("50%"));
+    // Alerts: the failed transfer, and key predicted to run out within 10 minutes.
+    QTRY_VERIFY(
+        w.alerts().stringList().join("\n").contains("J20261124-8c9d0e1f (specimen S-0044) failed"));
+    QVERIFY(w.alerts().stringList().join("\n").contains("predicted to run out"));
+  }
+
+  void actionButtonsSendTheRightRequests() {
+    RecordedService transfer;
+    transfer.start();
+    MainWindow w;
+    w.confirm_deletes = false;
+    w.add_service(ServicePoller::Kind::transfer, transfer.url(), 100);
+    QTRY_COMPARE(w.jobs().rowCount(), 3);
+    w.job_view()->selectRow(row_of_job(w, "J20261124-4e5f6a7b"));
+    w.abort_button()->click();
+    QTRY_COMPARE(transfer.requests().size(), std::size_t(1));
+    QCOMPARE(transfer.requests()[0],
+             std::string("POST /api/v1/jobs/J20261124-4e5f6a7b/abort application/json"));
+    QTRY_COMPARE(w.jobs().rowCount(), 3);
+    w.job_view()->selectRow(row_of_job(w, "J20261124-8c9d0e1f"));
+    w.start_button()->click();
+    QTRY_COMPARE(transfer.requests().size(), std::size_t(2));
+    QCOMPARE(transfer.requests()[1],
+             std::string("POST /api/v1/jobs/J20261124-8c9d0e1f/start application/json"));
+    QTRY_COMPARE(w.jobs().rowCount(), 3);
+    w.job_view()->selectRow(row_of_job(w, "J20261124-0a1b2c3d"));
+    w.delete_button()->click();
+    QTRY_COMPARE(transfer.requests().size(), std::size_t(3));
+    QCOMPARE(transfer.requests()[2], std::string("DELETE /api/v1/jobs/J20261124-0a1b2c3d "));
+  }
+
+  void aServiceThatGoesAwayIsShownDownAndComesBack() {
+    RecordedService gateway;
+    gateway.start();
+    const int port = gateway.port();
+    MainWindow w;
+    w.add_service(ServicePoller::Kind::gateway, gateway.url(), 100);
+    ServicePoller* service = w.services().front();
+    QTRY_VERIFY(service->up());
+    gateway.stop();
+    QTRY_VERIFY(!service->up());
+    QTRY_VERIFY(w.alerts().stringList().join("\n").contains("is down"));
+    RecordedService again;
+    again.start(port);
+    QTRY_VERIFY_WITH_TIMEOUT(service->up(), 10000);
+    QVERIFY(!w.alerts().active().contains("down:" + service->base().toString()));
+  }
+
+  void screenshotOfTheMainWindowWithData() {
+    RecordedService gateway, transfer;
+    gateway.start();
+    transfer.start();
+    MainWindow w;
+    w.add_service(ServicePoller::Kind::gateway, gateway.url(), 200);
+    w.add_service(ServicePoller::Kind::transfer, transfer.url(), 200);
+    w.show();
+    QTRY_COMPARE(w.key_supplies().rowCount(), 20);
+    QTRY_COMPARE(w.jobs().rowCount(), 3);
+    QTest::qWait(1500);  // a few chart points
+    const QString path = QString(OTPGATE_ARTIFACTS) + "/otp-console.png";
+    QDir().mkpath(OTPGATE_ARTIFACTS);
+    QVERIFY(w.grab().save(path));
+    QVERIFY(QFileInfo(path).size() > 10000);
+  }
+};
+
+QTEST_MAIN(ConsoleTest)
+#include "test_console.moc"
