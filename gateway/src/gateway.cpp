@@ -82,6 +82,7 @@ json supply_json(const keys::KeySupply& supply) {
               {"kme_healthy", s.kme_healthy},
               {"kme_last_error", s.last_error},
               {"key_size_bits", s.key_size_bits},
+              {"ring_capacity_bytes", s.ring_capacity_bytes},
               {"consumption_bits_per_s", s.consumption_bytes_per_s * 8},
               {"seconds_to_exhaustion",
                std::isinf(s.seconds_to_exhaustion) ? json(nullptr) : json(s.seconds_to_exhaustion)},

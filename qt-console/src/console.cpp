@@ -154,6 +154,7 @@ void KeySupplyModel::update_site(const QJsonObject& status) {
                            : k.value("seconds_to_exhaustion").toDouble();
       r.consumption_bps = k.value("consumption_bits_per_s").toDouble();
       r.fetched_bytes = k.value("bytes_fetched").toDouble();
+      r.capacity_bytes = k.value("ring_capacity_bytes").toDouble();
       r.kme_healthy = k.value("kme_healthy").toBool(true);
       r.kme_error = k.value("kme_last_error").toString();
       r.mode = element.value("aes-fallback").toBool()                ? "AES fallback"
@@ -170,6 +171,10 @@ void KeySupplyModel::update_site(const QJsonObject& status) {
 QVariant KeySupplyModel::data(const QModelIndex& index, int role) const {
   if (!index.isValid()) return {};
   const Row& r = rows_.at(std::size_t(index.row()));
+  if (role == Qt::UserRole + 1 && index.column() == ready) {  // the gauge's fill, 0..1
+    return r.capacity_bytes > 0 ? QVariant(std::min(1.0, r.ready_bytes / r.capacity_bytes))
+                                : QVariant();
+  }
   if (role == Qt::UserRole) {  // raw numbers for tests and charts
     switch (index.column()) {
       case ready:
@@ -374,8 +379,10 @@ void AlertLog::check_gateway(const QString& service, const QJsonObject& status) 
       if (k.isEmpty()) continue;
       const QString where = site + " " + stream + " " + dir;
       const double ready = k.value("bytes_available").toDouble();
+      const double capacity = k.value("ring_capacity_bytes").toDouble();
+      const double low_water = capacity > 0 ? capacity * thresholds_.low_water_fraction : 65536;
       const QJsonValue left = k.value("seconds_to_exhaustion");
-      set("low:" + where, std::string_view(dir) == "send" && ready < thresholds_.low_water_bytes,
+      set("low:" + where, std::string_view(dir) == "send" && ready < low_water,
           where + ": key below the low-water mark (" + human_bytes(ready) + " ready)");
       set("exhaust:" + where,
           std::string_view(dir) == "send" && !left.isNull() &&

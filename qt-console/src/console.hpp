@@ -74,6 +74,7 @@ class KeySupplyModel : public QAbstractTableModel {
   struct Row {
     QString site, stream, direction, kme_error, mode;
     double ready_bytes = 0, seconds_left = -1, consumption_bps = 0, fetched_bytes = 0;
+    double capacity_bytes = 0;  // the key ring's size (0: not reported)
     bool kme_healthy = true;
   };
   using QAbstractTableModel::QAbstractTableModel;
@@ -151,7 +152,7 @@ class AlertLog : public QStringListModel {
     // A sending supply's ring predicted to run dry within N minutes at the current rate
     // (the ring refills at half, so short times are normal while the KME keeps up).
     double exhaustion_minutes = 1;
-    double low_water_bytes = 1 << 20;
+    double low_water_fraction = 0.25;  // of the ring; 64 KiB when the size is not reported
   };
   explicit AlertLog(QObject* parent = nullptr) : QStringListModel(parent) {}
   void set_thresholds(Thresholds t) { thresholds_ = t; }

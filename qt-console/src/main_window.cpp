@@ -1,6 +1,7 @@
 // See main_window.hpp.
 #include "main_window.hpp"
 
+#include <QApplication>
 #include <QChartView>
 #include <QDateTime>
 #include <QHBoxLayout>
@@ -8,15 +9,38 @@
 #include <QLabel>
 #include <QListView>
 #include <QMessageBox>
+#include <QPainter>
 #include <QPushButton>
 #include <QSplitter>
 #include <QStatusBar>
+#include <QStyledItemDelegate>
 #include <QTabWidget>
 #include <QVBoxLayout>
 
 namespace otpgate::console {
 
 namespace {
+
+// "Key ready" as a level gauge: a progress bar of the ring's fill with the bytes on it.
+class GaugeDelegate : public QStyledItemDelegate {
+ public:
+  using QStyledItemDelegate::QStyledItemDelegate;
+  void paint(QPainter* painter, const QStyleOptionViewItem& option,
+             const QModelIndex& index) const override {
+    const QVariant fill = index.data(Qt::UserRole + 1);
+    if (!fill.isValid()) return QStyledItemDelegate::paint(painter, option, index);
+    QStyleOptionProgressBar bar;
+    bar.rect = option.rect.adjusted(2, 3, -2, -3);
+    bar.minimum = 0;
+    bar.maximum = 1000;
+    bar.progress = int(fill.toDouble() * 1000);
+    bar.text = index.data(Qt::DisplayRole).toString();
+    bar.textVisible = true;
+    bar.state = option.state | QStyle::State_Horizontal;
+    QApplication::style()->drawControl(QStyle::CE_ProgressBar, &bar, painter);
+  }
+};
+
 QTableView* table(QAbstractItemModel* model, QWidget* parent) {
   auto* view = new QTableView(parent);
   view->setModel(model);
@@ -43,6 +67,11 @@ MainWindow::MainWindow(QWidget* parent) : QMainWindow(parent) {
   // Key supplies: the table over a chart of consumption and refill per site.
   auto* keys_page = new QSplitter(Qt::Vertical, tabs);
   auto* key_view = table(&key_supplies_, keys_page);
+  key_view->setItemDelegateForColumn(KeySupplyModel::ready, new GaugeDelegate(key_view));
+  connect(&key_supplies_, &QAbstractItemModel::modelReset, key_view, [key_view] {
+    key_view->setColumnWidth(KeySupplyModel::ready,
+                             std::max(key_view->columnWidth(KeySupplyModel::ready), 120));
+  });
   chart_ = new QChart();
   chart_->setTitle("Key consumption and refill (bit/s, last 5 minutes)");
   x_axis_ = new QValueAxis(chart_);

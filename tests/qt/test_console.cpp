@@ -94,6 +94,7 @@ class ConsoleTest : public QObject {
     for (const auto& r : w.key_supplies().rows()) {
       if (r.stream == "p1-video" && r.direction == "send") {
         QCOMPARE(r.ready_bytes, 452210.0);
+        QCOMPARE(r.capacity_bytes, 524288.0);
         QCOMPARE(r.site, QString("hospital-a"));
         QCOMPARE(r.mode, QString("OTP"));
         QVERIFY(r.kme_healthy);
