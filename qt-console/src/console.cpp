@@ -109,18 +109,31 @@ void ServicePoller::remove(const QString& path, std::function<void(int, QString)
 
 namespace {
 
-template <typename Row>
-void replace_site(QAbstractTableModel& model, std::vector<Row>& rows, const QString& site,
-                  std::vector<Row> fresh, const std::function<void()>& begin,
-                  const std::function<void()>& end) {
-  (void)model;
-  begin();
-  std::erase_if(rows, [&](const Row& r) { return r.site == site; });
-  for (auto& r : fresh) rows.push_back(std::move(r));
-  std::stable_sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) {
+// Replaces one site's rows. Same rows as before (the usual poll): updated in place, so
+// selections and scroll positions survive; otherwise the model is reset.
+template <typename Row, typename Model>
+void replace_site(Model& model, std::vector<Row>& rows, const QString& site,
+                  std::vector<Row> fresh) {
+  std::vector<Row> next;
+  for (const auto& r : rows)
+    if (r.site != site) next.push_back(r);
+  for (auto& r : fresh) next.push_back(std::move(r));
+  std::stable_sort(next.begin(), next.end(), [](const Row& a, const Row& b) {
     return std::tie(a.site, a.stream, a.direction) < std::tie(b.site, b.stream, b.direction);
   });
-  end();
+  const bool same_rows =
+      next.size() == rows.size() &&
+      std::equal(next.begin(), next.end(), rows.begin(), [](const Row& a, const Row& b) {
+        return std::tie(a.site, a.stream, a.direction) == std::tie(b.site, b.stream, b.direction);
+      });
+  if (same_rows) {
+    rows = std::move(next);
+    if (!rows.empty())
+      emit model.dataChanged(model.index(0, 0),
+                             model.index(int(rows.size()) - 1, model.columnCount() - 1));
+    return;
+  }
+  model.reset_rows([&] { rows = std::move(next); });
 }
 
 QVariant header(const QStringList& names, int section, Qt::Orientation o, int role) {
@@ -163,9 +176,7 @@ void KeySupplyModel::update_site(const QJsonObject& status) {
       fresh.push_back(std::move(r));
     }
   }
-  replace_site<Row>(
-      *this, rows_, site_name, std::move(fresh), [this] { beginResetModel(); },
-      [this] { endResetModel(); });
+  replace_site<Row>(*this, rows_, site_name, std::move(fresh));
 }
 
 QVariant KeySupplyModel::data(const QModelIndex& index, int role) const {
@@ -246,9 +257,7 @@ void StreamModel::update_site(const QJsonObject& status) {
       fresh.push_back(std::move(r));
     }
   }
-  replace_site<Row>(
-      *this, rows_, site_name, std::move(fresh), [this] { beginResetModel(); },
-      [this] { endResetModel(); });
+  replace_site<Row>(*this, rows_, site_name, std::move(fresh));
 }
 
 QVariant StreamModel::data(const QModelIndex& index, int role) const {
@@ -283,12 +292,23 @@ QVariant StreamModel::headerData(int section, Qt::Orientation o, int role) const
 }
 
 void JobModel::update_site(const QString& service, const QJsonObject& document) {
-  beginResetModel();
-  std::erase_if(rows_, [&](const auto& r) { return r.first == service; });
-  for (const auto& j : document.value("jobs").toArray()) rows_.emplace_back(service, j.toObject());
-  std::stable_sort(rows_.begin(), rows_.end(), [](const auto& a, const auto& b) {
+  auto next = rows_;
+  std::erase_if(next, [&](const auto& r) { return r.first == service; });
+  for (const auto& j : document.value("jobs").toArray()) next.emplace_back(service, j.toObject());
+  std::stable_sort(next.begin(), next.end(), [](const auto& a, const auto& b) {
     return a.second.value("created_at").toDouble() > b.second.value("created_at").toDouble();
   });
+  auto id = [](const auto& r) { return r.first + r.second.value("job_id").toString(); };
+  const bool same_rows = next.size() == rows_.size() &&
+                         std::equal(next.begin(), next.end(), rows_.begin(),
+                                    [&](const auto& a, const auto& b) { return id(a) == id(b); });
+  if (same_rows) {  // keeps the operator's selection between polls
+    rows_ = std::move(next);
+    if (!rows_.empty()) emit dataChanged(index(0, 0), index(int(rows_.size()) - 1, count - 1));
+    return;
+  }
+  beginResetModel();
+  rows_ = std::move(next);
   endResetModel();
 }
 

@@ -84,6 +84,12 @@ class KeySupplyModel : public QAbstractTableModel {
   QVariant headerData(int section, Qt::Orientation o, int role) const override;
   void update_site(const QJsonObject& gateway_status);  // replaces that site's rows
   const std::vector<Row>& rows() const { return rows_; }
+  template <typename F>
+  void reset_rows(F change) {
+    beginResetModel();
+    change();
+    endResetModel();
+  }
 
  private:
   std::vector<Row> rows_;
@@ -105,6 +111,12 @@ class StreamModel : public QAbstractTableModel {
   QVariant headerData(int section, Qt::Orientation o, int role) const override;
   void update_site(const QJsonObject& gateway_status);
   const std::vector<Row>& rows() const { return rows_; }
+  template <typename F>
+  void reset_rows(F change) {
+    beginResetModel();
+    change();
+    endResetModel();
+  }
 
  private:
   std::vector<Row> rows_;

@@ -67,13 +67,13 @@ MainWindow::MainWindow(QWidget* parent) : QMainWindow(parent) {
   // Key supplies: the table over a chart of consumption and refill per site.
   auto* keys_page = new QSplitter(Qt::Vertical, tabs);
   auto* key_view = table(&key_supplies_, keys_page);
+  key_view_ = key_view;
   key_view->setItemDelegateForColumn(KeySupplyModel::ready, new GaugeDelegate(key_view));
   connect(&key_supplies_, &QAbstractItemModel::modelReset, key_view, [key_view] {
     key_view->setColumnWidth(KeySupplyModel::ready,
                              std::max(key_view->columnWidth(KeySupplyModel::ready), 120));
   });
   chart_ = new QChart();
-  chart_->setTitle("Key consumption and refill (bit/s, last 5 minutes)");
   x_axis_ = new QValueAxis(chart_);
   x_axis_->setTitleText("seconds");
   y_axis_ = new QValueAxis(chart_);
@@ -81,6 +81,16 @@ MainWindow::MainWindow(QWidget* parent) : QMainWindow(parent) {
   y_axis_->setLabelFormat("%.0f");
   chart_->addAxis(x_axis_, Qt::AlignBottom);
   chart_->addAxis(y_axis_, Qt::AlignLeft);
+  // Selecting a supply charts it; selecting nothing charts the sites' totals.
+  connect(key_view->selectionModel(), &QItemSelectionModel::selectionChanged, this, [this] {
+    const QModelIndexList rows = key_view_->selectionModel()->selectedRows();
+    selected_supply_.clear();
+    if (!rows.isEmpty()) {
+      const auto& r = key_supplies_.rows().at(std::size_t(rows.first().row()));
+      selected_supply_ = r.site + "|" + r.stream + "|" + r.direction;
+    }
+    redraw();
+  });
   auto* chart_view = new QChartView(chart_, keys_page);
   chart_view->setRenderHint(QPainter::Antialiasing);
   chart_view->setMinimumHeight(220);
@@ -146,43 +156,84 @@ void MainWindow::on_gateway(ServicePoller*, const QJsonObject& status) {
   key_supplies_.update_site(status);
   streams_.update_site(status);
   alerts_.check_gateway(status.value("site").toString(), status);
-  // The chart: what this site's sending supplies consume, and what the KME refills.
+  // The chart's history: the site's totals and each of its supplies.
   const QString site = status.value("site").toString();
+  const qint64 now = QDateTime::currentMSecsSinceEpoch();
   double consumption = 0, fetched = 0;
   for (const auto& row : key_supplies_.rows()) {
     if (row.site != site) continue;
     consumption += row.consumption_bps;
     fetched += row.fetched_bytes;
+    record(row.site + "|" + row.stream + "|" + row.direction, row.consumption_bps,
+           row.fetched_bytes, now);
   }
-  SiteSeries& s = series_[site];
-  if (!s.consumption) {
-    s.consumption = new QLineSeries(chart_);
-    s.consumption->setName(site + " consumption");
-    s.refill = new QLineSeries(chart_);
-    s.refill->setName(site + " refill");
-    for (auto* series : {s.consumption, s.refill}) {
-      chart_->addSeries(series);
-      series->attachAxis(x_axis_);
-      series->attachAxis(y_axis_);
-    }
-  }
-  const qint64 now = QDateTime::currentMSecsSinceEpoch();
+  record(site, consumption, fetched, now);
+  redraw();
+}
+
+void MainWindow::record(const QString& key, double consumption_bps, double fetched_bytes,
+                        qint64 now) {
+  History& h = history_[key];
   const double t = double(now - started_ms_) / 1000;
   double refill = 0;
-  if (s.last_fetched >= 0 && now > s.last_ms)
-    refill = std::max(0.0, (fetched - s.last_fetched) * 8 * 1000 / double(now - s.last_ms));
-  s.last_fetched = fetched;
-  s.last_ms = now;
-  s.consumption->append(t, consumption);
-  s.refill->append(t, refill);
-  double top = 1000;
-  for (auto& [name, series] : series_) {
-    for (auto* line : {series.consumption, series.refill}) {
-      while (line->count() > 300) line->remove(0);
-      for (const auto& p : line->points()) top = std::max(top, p.y());
+  if (h.last_fetched >= 0 && now > h.last_ms)
+    refill = std::max(0.0, (fetched_bytes - h.last_fetched) * 8 * 1000 / double(now - h.last_ms));
+  h.last_fetched = fetched_bytes;
+  h.last_ms = now;
+  h.consumption.append(QPointF(t, consumption_bps));
+  h.refill.append(QPointF(t, refill));
+  while (h.consumption.size() > 300) h.consumption.removeFirst();  // 5 minutes at 1 Hz
+  while (h.refill.size() > 300) h.refill.removeFirst();
+}
+
+void MainWindow::redraw() {
+  std::vector<QString> keys;
+  if (!selected_supply_.isEmpty() && history_.count(selected_supply_)) {
+    keys.push_back(selected_supply_);
+  } else {
+    for (const auto& [key, h] : history_)
+      if (!key.contains('|')) keys.push_back(key);
+  }
+  chart_->setTitle(selected_supply_.isEmpty()
+                       ? "Key consumption and refill per site (bit/s, last 5 minutes)"
+                       : "Key consumption and refill of " +
+                             QString(selected_supply_).replace('|', ' ') +
+                             " (bit/s, last 5 minutes)");
+  for (auto it = shown_.begin(); it != shown_.end();) {
+    if (std::find(keys.begin(), keys.end(), it->first) == keys.end()) {
+      chart_->removeSeries(it->second.first);
+      chart_->removeSeries(it->second.second);
+      delete it->second.first;
+      delete it->second.second;
+      it = shown_.erase(it);
+    } else {
+      ++it;
     }
   }
-  x_axis_->setRange(std::max(0.0, t - 300), std::max(10.0, t));
+  double top = 1000, latest = 10;
+  for (const auto& key : keys) {
+    auto& pair = shown_[key];
+    if (!pair.first) {
+      const QString label = QString(key).replace('|', ' ');
+      pair.first = new QLineSeries();
+      pair.first->setName(label + " consumption");
+      pair.second = new QLineSeries();
+      pair.second->setName(label + " refill");
+      for (auto* series : {pair.first, pair.second}) {
+        chart_->addSeries(series);
+        series->attachAxis(x_axis_);
+        series->attachAxis(y_axis_);
+      }
+    }
+    const History& h = history_[key];
+    pair.first->replace(h.consumption);
+    pair.second->replace(h.refill);
+    for (const auto* points : {&h.consumption, &h.refill}) {
+      for (const auto& p : *points) top = std::max(top, p.y());
+      if (!points->isEmpty()) latest = std::max(latest, points->last().x());
+    }
+  }
+  x_axis_->setRange(std::max(0.0, latest - 300), latest);
   y_axis_->setRange(0, top * 1.1);
 }
 

@@ -49,13 +49,19 @@ class MainWindow : public QMainWindow {
   QLabel* services_label_ = nullptr;
   QChart* chart_ = nullptr;
   QValueAxis *x_axis_ = nullptr, *y_axis_ = nullptr;
-  struct SiteSeries {
-    QLineSeries* consumption = nullptr;
-    QLineSeries* refill = nullptr;
+  // Consumption and refill history per site (totals) and per key supply; the chart shows
+  // the selected supply, or every site's totals when none is selected.
+  struct History {
+    QList<QPointF> consumption, refill;
     double last_fetched = -1;
     qint64 last_ms = 0;
   };
-  std::map<QString, SiteSeries> series_;
+  void record(const QString& key, double consumption_bps, double fetched_bytes, qint64 now);
+  void redraw();
+  std::map<QString, History> history_;
+  std::map<QString, std::pair<QLineSeries*, QLineSeries*>> shown_;
+  QString selected_supply_;  // "site|stream|direction", empty: site totals
+  QTableView* key_view_ = nullptr;
   qint64 started_ms_ = 0;
 };
 

@@ -129,6 +129,8 @@ class ConsoleTest : public QObject {
     w.add_service(ServicePoller::Kind::transfer, transfer.url(), 100);
     QTRY_COMPARE(w.jobs().rowCount(), 3);
     w.job_view()->selectRow(row_of_job(w, "J20261124-4e5f6a7b"));
+    QTest::qWait(350);  // several polls: the operator's selection must survive them
+    QVERIFY(w.job_view()->selectionModel()->isRowSelected(row_of_job(w, "J20261124-4e5f6a7b"), {}));
     w.abort_button()->click();
     QTRY_COMPARE(transfer.requests().size(), std::size_t(1));
     QCOMPARE(transfer.requests()[0],

@@ -543,7 +543,18 @@ class SendSession {
   }
 
   void teardown() {
-    if (socket_) ::shutdown(socket_.fd, SHUT_RDWR);
+    if (socket_) {
+      // Close our side gently (FIN after everything written) and keep reading until the
+      // receiver closes: closing with unread acknowledgements would send a reset, and a
+      // reset makes the receiver drop stream bytes it has not read yet (an abort, the
+      // final record).
+      pipeline_.reset();
+      ::shutdown(socket_.fd, SHUT_WR);
+      std::unique_lock lock(ack_mutex_);
+      ack_cv_.wait_for(lock, std::chrono::seconds(5), [&] { return ack_closed_; });
+      lock.unlock();
+      ::shutdown(socket_.fd, SHUT_RDWR);
+    }
     if (ack_thread_.joinable()) ack_thread_.join();
     pipeline_.reset();
     if (supply_) {
