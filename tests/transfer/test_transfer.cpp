@@ -170,6 +170,11 @@ class TransferTest : public ::testing::Test {
   std::uint16_t transfer_port_ = 0;
 };
 
+bool store_empty(const fs::path& database) {
+  transfer::JobStore store(database);
+  return store.list().empty();
+}
+
 void expect_same_files(const fs::path& sent, const fs::path& got) {
   for (const auto& e : fs::recursive_directory_iterator(sent)) {
     if (!e.is_regular_file()) continue;
@@ -525,6 +530,58 @@ TEST_F(TransferTest, AFullDiskGivesAClearErrorAndAResumableJob) {
   const Job done = transfer::run_send_job(store, config("a"), id);
   ASSERT_EQ(done.transfer_state, "completed") << done.error;
   EXPECT_EQ(sha256_of(data("S8/reads.bam")), sha256_of(received(done, "S8/reads.bam")));
+}
+
+TEST_F(TransferTest, WebPageFoldersLoginAndCrossSiteChecksAreEnforcedByTheServer) {
+  write_random(data("S12/reads.bam"), 300000, 13);
+  fs::create_directories(data("S13"));
+  auto a_config = config("a");
+  a_config.api_user = "lab";
+  {
+    // password "panel": its SHA-256, as `echo -n panel | sha256sum` prints it
+    EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+    unsigned char digest[32];
+    unsigned int n = 0;
+    EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+    EVP_DigestUpdate(ctx, "panel", 5);
+    EVP_DigestFinal_ex(ctx, digest, &n);
+    EVP_MD_CTX_free(ctx);
+    char hex[65];
+    for (unsigned i = 0; i < 32; ++i) std::snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+    a_config.api_password_sha256 = hex;
+  }
+  transfer::Service a(a_config);
+  a.start();
+  httplib::Client api("127.0.0.1", a.api_port());
+  auto anonymous = api.Get("/api/v1/jobs");
+  ASSERT_TRUE(anonymous);
+  EXPECT_EQ(anonymous->status, 401);
+  EXPECT_EQ(api.Get("/")->status, 401);
+  api.set_basic_auth("lab", "wrong");
+  EXPECT_EQ(api.Get("/api/v1/jobs")->status, 401);
+  api.set_basic_auth("lab", "panel");
+  auto page = api.Get("/");
+  ASSERT_TRUE(page);
+  EXPECT_EQ(page->status, 200);
+  EXPECT_NE(page->body.find("検体転送"), std::string::npos);  // Japanese and English labels
+  EXPECT_NE(page->body.find("Specimen transfers"), std::string::npos);
+  auto folders = api.Get("/api/v1/folders");
+  ASSERT_TRUE(folders);
+  ASSERT_EQ(folders->status, 200) << folders->body;
+  const auto doc = nlohmann::json::parse(folders->body);
+  ASSERT_EQ(doc["folders"].size(), 2u);
+  EXPECT_EQ(doc["folders"][0]["folder"], "S12");
+  EXPECT_EQ(doc["folders"][0]["bytes"], 300000);
+  EXPECT_GT(doc["folders"][0]["key_needed_otp"].get<double>(), 300000.0);
+  EXPECT_LT(doc["folders"][0]["key_needed_aes"].get<double>(), 1000.0);
+  EXPECT_GT(doc["key_available"]["bytes"].get<double>(), 0.0);  // from the KME's status
+  // A request from another site's page is refused, whatever it sends.
+  httplib::Headers foreign{{"Origin", "http://evil.example"}};
+  auto cross = api.Post("/api/v1/jobs", foreign, R"({"specimen_id":"S12","folder":"S12"})",
+                        "application/json");
+  ASSERT_TRUE(cross);
+  EXPECT_EQ(cross->status, 403);
+  EXPECT_TRUE(store_empty(transfer::database_path(a_config)));
 }
 
 TEST_F(TransferTest, BadInputGetsOneClearLineAndANonZeroExit) {

@@ -70,6 +70,27 @@ TransferConfig parse_config(std::string_view text, const std::string& source) {
 
   if (const toml::table* api = r.optional_table("api")) {
     if (api->get("listen")) c.api_listen = r.endpoint(*api, "api.", "listen", true);
+    if (api->get("tls_cert") || api->get("tls_key")) {
+      c.api_tls_cert = r.file(*api, "api.", "tls_cert");
+      c.api_tls_key = r.file(*api, "api.", "tls_key");
+    }
+    if (api->get("user") || api->get("password_sha256")) {
+      c.api_user = r.string(*api, "api.", "user", "a user name for the web page and API");
+      c.api_password_sha256 = r.string(*api, "api.", "password_sha256",
+                                       "the hex SHA-256 of the password (echo -n PW | sha256sum)");
+      if (c.api_password_sha256.size() != 64 ||
+          c.api_password_sha256.find_first_not_of("0123456789abcdef") != std::string::npos) {
+        r.fail("api.password_sha256", "(hidden)",
+               "64 lower-case hex digits (echo -n PW | sha256sum)");
+      }
+    }
+  }
+  const std::string& host = c.api_listen.host;
+  const bool local = host == "127.0.0.1" || host == "localhost" || host == "::1";
+  if (!local && (c.api_tls_cert.empty() || c.api_user.empty())) {
+    r.fail("api.listen", '"' + host + ":" + std::to_string(c.api_listen.port) + '"',
+           "a localhost address, or api.tls_cert/tls_key and api.user/password_sha256 so the "
+           "page and API are served over HTTPS with a login");
   }
   return c;
 }

@@ -4,12 +4,17 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include <algorithm>
 #include <list>
 #include <map>
 #include <thread>
 
 #include "parts.hpp"
 #include "session.hpp"
+#include "web_page.hpp"
 
 namespace otpgate::transfer {
 
@@ -100,7 +105,8 @@ struct Service::Impl {
   int bound_api_port = 0;
   std::atomic<bool> stopping{false};
   std::thread accept_thread, api_thread;
-  httplib::Server api;
+  std::unique_ptr<httplib::Server> api_server;  // SSLServer when api.tls_cert is set
+  httplib::Server& api() { return *api_server; }
 
   std::mutex mutex;  // guards the two lists below
   struct Connection {
@@ -192,19 +198,121 @@ struct Service::Impl {
     return false;
   }
 
+  // Every request: the login when one is configured; for requests that change state, an
+  // Origin (when the browser sends one) that is this service itself.
+  httplib::Server::HandlerResponse check_access(const httplib::Request& req,
+                                                httplib::Response& res) const {
+    if (!config.api_user.empty() && !authorised(req.get_header_value("Authorization"))) {
+      res.set_header("WWW-Authenticate", "Basic realm=\"otp-transfer\", charset=\"UTF-8\"");
+      reply_error(res, 401, "log in with the user and password configured in [api]");
+      return httplib::Server::HandlerResponse::Handled;
+    }
+    if (req.method != "GET" && req.has_header("Origin")) {
+      const std::string origin = req.get_header_value("Origin");
+      const std::string host = req.get_header_value("Host");
+      const auto scheme_end = origin.find("://");
+      if (scheme_end == std::string::npos || origin.substr(scheme_end + 3) != host) {
+        reply_error(res, 403, "cross-site request refused (Origin " + origin + ")");
+        return httplib::Server::HandlerResponse::Handled;
+      }
+    }
+    return httplib::Server::HandlerResponse::Unhandled;
+  }
+
+  bool authorised(const std::string& header) const {
+    if (header.rfind("Basic ", 0) != 0) return false;
+    const std::string encoded = header.substr(6);
+    std::string decoded(encoded.size(), '\0');
+    const int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(decoded.data()),
+                                  reinterpret_cast<const unsigned char*>(encoded.data()),
+                                  static_cast<int>(encoded.size()));
+    if (n < 0) return false;
+    decoded.resize(static_cast<std::size_t>(n));
+    while (!decoded.empty() && decoded.back() == '\0') decoded.pop_back();  // base64 padding
+    const auto colon = decoded.find(':');
+    if (colon == std::string::npos) return false;
+    Sha256 hash;
+    const std::string password = decoded.substr(colon + 1);
+    hash.update({reinterpret_cast<const std::uint8_t*>(password.data()), password.size()});
+    const std::string digest = hash.hex_digest();
+    const bool user_ok = decoded.substr(0, colon) == config.api_user;
+    return user_ok && digest.size() == config.api_password_sha256.size() &&
+           CRYPTO_memcmp(digest.data(), config.api_password_sha256.data(), digest.size()) == 0;
+  }
+
+  // The specimen folders under data_root, with what each would need of key.
+  json folders() const {
+    json list = json::array();
+    if (config.data_root.empty()) return list;
+    std::error_code ec;
+    std::vector<fs::path> dirs;
+    for (const auto& e : fs::directory_iterator(config.data_root, ec))
+      if (e.is_directory()) dirs.push_back(e.path());
+    std::sort(dirs.begin(), dirs.end());
+    for (const auto& d : dirs) {
+      std::uint64_t bytes = 0, files = 0;
+      for (const auto& f : fs::recursive_directory_iterator(d, ec)) {
+        if (!f.is_regular_file()) continue;
+        bytes += f.file_size(ec);
+        ++files;
+      }
+      // OTP: a byte of pad per byte plus 16 per record of 64 KiB and per 256 KiB epoch;
+      // AES: one 44-byte key per aes_rekey_records records, and a ring's first fill.
+      const std::uint64_t records = bytes / config.record_size + files + 2;
+      list.push_back({{"folder", d.filename().string()},
+                      {"bytes", bytes},
+                      {"files", files},
+                      {"key_needed_otp", bytes + 16 * records + bytes / 262144 * 16 + 4096},
+                      {"key_needed_aes", 44 * (records / config.aes_rekey_records + 1)}});
+    }
+    return list;
+  }
+
+  // Key the KME holds for this site's sends to the peer right now (ETSI 014 status).
+  json key_available() const {
+    try {
+      auto kme = kme_client_config(config);
+      kme.retry.max_attempts = 1;
+      kme.request_timeout = std::chrono::milliseconds(3000);
+      keys::KmeClient client(kme);
+      const auto st = client.status(config.peer_sae_id);
+      return {{"bytes", st.stored_key_count * st.key_size / 8}, {"error", ""}};
+    } catch (const std::exception& e) {
+      return {{"bytes", nullptr}, {"error", e.what()}};
+    }
+  }
+
   void routes() {
-    api.Get("/api/v1/jobs", [this](const httplib::Request&, httplib::Response& res) {
+    api().set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+      return check_access(req, res);
+    });
+    api().Get("/", [](const httplib::Request&, httplib::Response& res) {
+      res.set_header("Content-Security-Policy",
+                     "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' "
+                     "'unsafe-inline'; frame-ancestors 'none'");
+      res.set_header("X-Frame-Options", "DENY");
+      res.set_content(web_page(), "text/html; charset=utf-8");
+    });
+    api().Get("/api/v1/folders", [this](const httplib::Request&, httplib::Response& res) {
+      reply(res, 200,
+            {{"site", config.site_name},
+             {"data_root", config.data_root.string()},
+             {"default_method", config.method},
+             {"folders", folders()},
+             {"key_available", key_available()}});
+    });
+    api().Get("/api/v1/jobs", [this](const httplib::Request&, httplib::Response& res) {
       json list = json::array();
       for (const auto& j : store->list()) list.push_back(job_to_json(j));
       reply(res, 200, {{"site", config.site_name}, {"jobs", list}});
     });
-    api.Get(R"(/api/v1/jobs/([A-Za-z0-9._-]+))",
-            [this](const httplib::Request& req, httplib::Response& res) {
-              const auto job = store->get(req.matches[1]);
-              if (!job) return reply_error(res, 404, "no job " + std::string(req.matches[1]));
-              reply(res, 200, job_to_json(*job));
-            });
-    api.Post("/api/v1/jobs", [this](const httplib::Request& req, httplib::Response& res) {
+    api().Get(R"(/api/v1/jobs/([A-Za-z0-9._-]+))",
+              [this](const httplib::Request& req, httplib::Response& res) {
+                const auto job = store->get(req.matches[1]);
+                if (!job) return reply_error(res, 404, "no job " + std::string(req.matches[1]));
+                reply(res, 200, job_to_json(*job));
+              });
+    api().Post("/api/v1/jobs", [this](const httplib::Request& req, httplib::Response& res) {
       if (!json_request(req, res)) return;
       try {
         const json body = json::parse(req.body);
@@ -230,41 +338,41 @@ struct Service::Impl {
         reply_error(res, 400, e.what());
       }
     });
-    api.Post(R"(/api/v1/jobs/([A-Za-z0-9._-]+)/(start|abort))",
-             [this](const httplib::Request& req, httplib::Response& res) {
-               if (!json_request(req, res)) return;
-               const std::string id = req.matches[1];
-               const auto job = store->get(id);
-               if (!job) return reply_error(res, 404, "no job " + id);
-               if (req.matches[2] == "abort") {
-                 if (job->transfer_state == "completed")
-                   return reply_error(res, 409, "job " + id + " is already complete");
-                 store->request_abort(id);
-                 return reply(res, 202, {{"job_id", id}, {"abort", "requested"}});
-               }
-               if (job->direction != "send")
-                 return reply_error(res, 409, "job " + id + " is started by the sending site");
-               if (job->transfer_state == "completed")
-                 return reply_error(res, 409, "job " + id + " is already complete");
-               if (running(id)) return reply_error(res, 409, "job " + id + " is running");
-               start_runner(id);
-               reply(res, 202, {{"job_id", id}, {"start", "requested"}});
-             });
-    api.Delete(R"(/api/v1/jobs/([A-Za-z0-9._-]+))",
+    api().Post(R"(/api/v1/jobs/([A-Za-z0-9._-]+)/(start|abort))",
                [this](const httplib::Request& req, httplib::Response& res) {
+                 if (!json_request(req, res)) return;
                  const std::string id = req.matches[1];
                  const auto job = store->get(id);
                  if (!job) return reply_error(res, 404, "no job " + id);
-                 if (running(id))
-                   return reply_error(res, 409, "job " + id + " is running: abort it first");
-                 try {
-                   delete_job(*store, config, id);
-                 } catch (const std::exception& e) {
-                   return reply_error(res, 409, e.what());
+                 if (req.matches[2] == "abort") {
+                   if (job->transfer_state == "completed")
+                     return reply_error(res, 409, "job " + id + " is already complete");
+                   store->request_abort(id);
+                   return reply(res, 202, {{"job_id", id}, {"abort", "requested"}});
                  }
-                 reply(res, 200, {{"job_id", id}, {"deleted", true}});
+                 if (job->direction != "send")
+                   return reply_error(res, 409, "job " + id + " is started by the sending site");
+                 if (job->transfer_state == "completed")
+                   return reply_error(res, 409, "job " + id + " is already complete");
+                 if (running(id)) return reply_error(res, 409, "job " + id + " is running");
+                 start_runner(id);
+                 reply(res, 202, {{"job_id", id}, {"start", "requested"}});
                });
-    api.Get("/api/v1/status", [this](const httplib::Request&, httplib::Response& res) {
+    api().Delete(R"(/api/v1/jobs/([A-Za-z0-9._-]+))",
+                 [this](const httplib::Request& req, httplib::Response& res) {
+                   const std::string id = req.matches[1];
+                   const auto job = store->get(id);
+                   if (!job) return reply_error(res, 404, "no job " + id);
+                   if (running(id))
+                     return reply_error(res, 409, "job " + id + " is running: abort it first");
+                   try {
+                     delete_job(*store, config, id);
+                   } catch (const std::exception& e) {
+                     return reply_error(res, 409, e.what());
+                   }
+                   reply(res, 200, {{"job_id", id}, {"deleted", true}});
+                 });
+    api().Get("/api/v1/status", [this](const httplib::Request&, httplib::Response& res) {
       std::size_t incoming = 0, outgoing = 0;
       {
         std::lock_guard lock(mutex);
@@ -312,15 +420,26 @@ void Service::start() {
   }
   s.listener = listen_tcp(s.config.listen);
   s.bound_transfer_port = local_port(s.listener.fd);
+  if (!s.config.api_tls_cert.empty()) {
+    auto tls = std::make_unique<httplib::SSLServer>(s.config.api_tls_cert.c_str(),
+                                                    s.config.api_tls_key.c_str());
+    if (!tls->is_valid()) {
+      throw std::runtime_error("api.tls_cert/tls_key cannot be used (" +
+                               s.config.api_tls_cert.string() + "): check the PEM files");
+    }
+    s.api_server = std::move(tls);
+  } else {
+    s.api_server = std::make_unique<httplib::Server>();
+  }
   s.routes();
   const auto& a = s.config.api_listen;
-  s.bound_api_port = a.port == 0 ? s.api.bind_to_any_port(a.host)
-                                 : (s.api.bind_to_port(a.host, a.port) ? a.port : -1);
+  s.bound_api_port = a.port == 0 ? s.api().bind_to_any_port(a.host)
+                                 : (s.api().bind_to_port(a.host, a.port) ? a.port : -1);
   if (s.bound_api_port <= 0) {
     throw std::runtime_error("cannot listen on api.listen " + a.host + ":" +
                              std::to_string(a.port) + " (in use? change [api] listen)");
   }
-  s.api_thread = std::thread([&s] { s.api.listen_after_bind(); });
+  s.api_thread = std::thread([&s] { s.api().listen_after_bind(); });
   s.accept_thread = std::thread([&s] { s.accept_loop(); });
 }
 
@@ -338,7 +457,7 @@ void Service::stop() {
   for (auto& r : s.runners) r.thread.join();
   s.connections.clear();
   s.runners.clear();
-  s.api.stop();
+  if (s.api_server) s.api().stop();
   if (s.api_thread.joinable()) s.api_thread.join();
 }
 

@@ -42,7 +42,11 @@ struct TransferConfig {
   std::uint32_t aes_rekey_records = 1024;  // AES method: records per key
   int max_attempts = 5;                    // connection attempts per run before giving up
   // [api]
-  Endpoint api_listen{"127.0.0.1", 7480};  // job API (JSON) of `serve`
+  Endpoint api_listen{"127.0.0.1", 7480};  // job API (JSON) and web page of `serve`
+  // [api] access when exposed beyond localhost: HTTPS with this certificate, and HTTP
+  // Basic authentication of one user whose password's SHA-256 is configured.
+  std::filesystem::path api_tls_cert, api_tls_key;
+  std::string api_user, api_password_sha256;
 };
 
 // Reads and validates a config file; throws ConfigError with one readable line.
