@@ -140,6 +140,7 @@ for port in 47480 47481; do
   for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
 done
 
+echo "demo: the specimen transfer page: http://127.0.0.1:47480/ (site A) and http://127.0.0.1:47481/ (site B)"
 echo "demo: watch it live in the operator console (another terminal, with a display):"
 echo "  $bin/qt-console/otp-console -g http://127.0.0.1:48080 -g http://127.0.0.1:48081 -t http://127.0.0.1:47480 -t http://127.0.0.1:47481"
 echo "demo: expert panel, 10 participants ($profile profile), ${seconds}s, KME key rate $key_rate bit/s, on key exhausted: $policy"
@@ -169,7 +170,8 @@ echo "-- site B jobs:"
 "$bin/transfer/otp-transfer" -c "$work/transfer-b.toml" jobs
 echo "received at site B:"
 (cd "$work/incoming-sae-b" && find . -type f ! -path "./.partial/*" | sort | sed 's/^/  /')
-echo "job API while it ran: http://127.0.0.1:47480/api/v1/jobs (site A), http://127.0.0.1:47481/api/v1/jobs (site B)"
+echo "web page while it ran: http://127.0.0.1:47480/ (site A: start transfers), http://127.0.0.1:47481/ (site B)"
+echo "job API: http://127.0.0.1:47480/api/v1/jobs (site A), http://127.0.0.1:47481/api/v1/jobs (site B)"
 if [ "$transfer_rc" -ne 0 ]; then
   echo "demo: FAILED: the specimen transfer did not complete" >&2
   exit 1

@@ -16,6 +16,8 @@ PACKAGES=(
   libnice-dev gstreamer1.0-nice
   # the operator console (Qt 6 Widgets, Network, Charts, Test; offscreen platform for tests)
   qt6-base-dev qt6-charts-dev libgl-dev
+  # the transfer web page's end-to-end test: headless Chromium over the DevTools protocol
+  chromium python3-websocket
   # sequencing samples for the transfer demo and tests (htslib's test data, samtools, bgzip/tabix)
   samtools tabix htslib-test
   # tests and benchmarks (clang + its runtime: the libFuzzer target of the decoder)
