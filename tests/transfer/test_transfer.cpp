@@ -584,6 +584,39 @@ TEST_F(TransferTest, WebPageFoldersLoginAndCrossSiteChecksAreEnforcedByTheServer
   EXPECT_TRUE(store_empty(transfer::database_path(a_config)));
 }
 
+TEST_F(TransferTest, AnExposedPageAndApiAreServedOverHttpsWithALogin) {
+  fs::create_directories(data("S14"));
+  // Listening beyond localhost without TLS and a login is refused by the config.
+  try {
+    transfer::parse_config(config_text("a") + "", "x");  // baseline is valid
+    auto text = config_text("a");
+    text.replace(text.find("[api]\nlisten = \"127.0.0.1:0\""), 31, "[api]\nlisten = \"0.0.0.0:0\"");
+    transfer::parse_config(text, "exposed.toml");
+    ADD_FAILURE() << "an exposed API without TLS and login was accepted";
+  } catch (const transfer::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("api.tls_cert/tls_key and api.user/password_sha256"),
+              std::string::npos)
+        << e.what();
+  }
+  auto a_config = config("a");
+  a_config.api_tls_cert = pki_dir() / "kme.crt";  // a localhost server certificate
+  a_config.api_tls_key = pki_dir() / "kme.key";
+  a_config.api_user = "lab";
+  a_config.api_password_sha256 = "1f2a4e0ba4d8a0d24d2e1c6c1e5a9c0c9aa86b03ec6b9e6f6fa5ef30f3f6f1fc";
+  transfer::Service a(a_config);
+  a.start();
+  httplib::SSLClient tls("localhost", a.api_port());
+  tls.set_ca_cert_path((pki_dir() / "ca.crt").c_str());
+  tls.enable_server_certificate_verification(true);
+  auto no_login = tls.Get("/api/v1/jobs");
+  ASSERT_TRUE(no_login) << httplib::to_string(no_login.error());
+  EXPECT_EQ(no_login->status, 401);
+  httplib::Client plain("127.0.0.1", a.api_port());
+  plain.set_connection_timeout(2);
+  auto cleartext = plain.Get("/api/v1/jobs");
+  EXPECT_TRUE(!cleartext || cleartext->status != 200);  // no plain HTTP on that port
+}
+
 TEST_F(TransferTest, BadInputGetsOneClearLineAndANonZeroExit) {
   fs::create_directories(data(""));
   auto run = [&](std::vector<std::string> args, const std::string& name) {
