@@ -9,18 +9,7 @@ TransferConfig parse_config(std::string_view text, const std::string& source) {
   const toml::table root = config::parse_toml(text, source);
   const config::Reader r(root, source);
   TransferConfig c;
-  config::SiteConfig site;
-  site.key_ring_bytes = c.key_ring_bytes;
-  config::read_site(r, site);
-  c.site_name = site.site_name;
-  c.sae_id = site.sae_id;
-  c.state_dir = site.state_dir;
-  c.kme_url = site.kme_url;
-  c.tls_cert = site.tls_cert;
-  c.tls_key = site.tls_key;
-  c.tls_ca = site.tls_ca;
-  c.peer_sae_id = site.peer_sae_id;
-  c.key_ring_bytes = site.key_ring_bytes;
+  config::read_site(r, c);
 
   const toml::table& peer = r.table("peer");
   if (peer.get("transfer")) c.peer_transfer = r.endpoint(peer, "peer.", "transfer");

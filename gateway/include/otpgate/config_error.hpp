@@ -1,7 +1,9 @@
-// Types shared by every otpgate config (kept apart from toml++ so they are cheap to include).
+// Types shared by every otpgate config (kept apart from toml++ so they are cheap to include):
+// the error, endpoints, and the site part every daemon's config starts with.
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <stdexcept>
 #include <string>
 
@@ -16,6 +18,18 @@ class ConfigError : public std::runtime_error {
 struct Endpoint {
   std::string host;
   std::uint16_t port = 0;
+};
+
+// What every site daemon needs: who it is, its KME, its peer's SAE ID, key ring size.
+// [site], [kme], [peer] sae_id, [keys]; read by config::read_site.
+struct SiteConfig {
+  std::string site_name;
+  std::string sae_id;
+  std::filesystem::path state_dir;  // offset journals (and the transfer's job database)
+  std::string kme_url;
+  std::filesystem::path tls_cert, tls_key, tls_ca;
+  std::string peer_sae_id;
+  std::uint64_t key_ring_bytes = 4u << 20;  // key held ready per key supply
 };
 
 }  // namespace otpgate::config

@@ -32,13 +32,7 @@ struct StreamConfig {
   bool receives() const { return direction != "send"; }
 };
 
-struct GatewayConfig {
-  std::string site_name;
-  std::string sae_id;
-  std::filesystem::path state_dir;
-  std::string kme_url;
-  std::filesystem::path tls_cert, tls_key, tls_ca;
-  std::string peer_sae_id;
+struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [keys]
   std::string peer_address;
   std::string transport = "udp";          // udp | ice
   Endpoint ice_signalling_listen;         // ice: where the peer gateway reaches us
@@ -47,7 +41,6 @@ struct GatewayConfig {
   std::string cipher = "otp";             // otp | aes-256-gcm
   std::string on_key_exhausted = "drop";  // drop | block | fallback-aes
   std::uint32_t rekey_interval = 1024;
-  std::uint64_t key_ring_bytes = 4u << 20;  // key held ready per stream and direction
   Endpoint status_listen{"127.0.0.1", 8080};
   std::vector<StreamConfig> streams;
 };

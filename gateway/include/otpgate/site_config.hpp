@@ -45,17 +45,6 @@ class Reader {
   std::string source_;
 };
 
-// What every site daemon needs: who it is, its KME, its peer's SAE ID, key ring size.
-struct SiteConfig {
-  std::string site_name;
-  std::string sae_id;
-  std::filesystem::path state_dir;
-  std::string kme_url;
-  std::filesystem::path tls_cert, tls_key, tls_ca;
-  std::string peer_sae_id;
-  std::uint64_t key_ring_bytes = 4u << 20;  // key held ready per key supply
-};
-
 // Parses TOML text; a syntax error becomes "source:line:column: not valid TOML: ...".
 toml::table parse_toml(std::string_view text, const std::string& source);
 // Reads a config file's text; a missing file is a ConfigError naming it.

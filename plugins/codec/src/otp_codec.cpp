@@ -965,6 +965,30 @@ struct Decoder::Impl {
   std::array<AesKey, 4> aes_keys;  // recent AES master keys (rekeys overlap in flight)
   std::uint64_t aes_clock = 0;
 
+  // Reads the AES key drawn at `key_offset` (both modes) without consuming it: the caller
+  // consumes it once a unit authenticates under it, so forgeries cost no pad.
+  Verdict read_new_aes_key(std::uint64_t key_offset, std::uint8_t (&key)[kAesKeyBytes]) {
+    if (!fits_epoch(key_offset, kAesKeyPayload)) {
+      ++stats.malformed;
+      return Verdict::malformed;
+    }
+    if (key_offset < window.base()) {
+      ++stats.replays;
+      return Verdict::replay;
+    }
+    if (!window.in_range(key_offset, kAesKeyBytes) ||
+        !window.all_present(key_offset, kAesKeyBytes)) {
+      ++stats.no_key;
+      return Verdict::no_key;
+    }
+    if (window.any_used(key_offset, kAesKeyBytes)) {
+      ++stats.replays;
+      return Verdict::replay;
+    }
+    window.copy_out(key_offset, kAesKeyBytes, key);
+    return Verdict::plaintext;
+  }
+
   Verdict open_aes(std::span<const std::uint8_t> in, std::uint64_t key_offset, DatagramType type,
                    std::span<std::uint8_t> out, std::size_t& written) {
     // Rebuild the SRTP packet: everything but our 8-byte offset field.
@@ -996,25 +1020,8 @@ struct Decoder::Impl {
       return Verdict::plaintext;
     }
     // A key not seen yet: read it, and consume it only once a packet authenticates.
-    if (!fits_epoch(key_offset, kAesKeyPayload)) {
-      ++stats.malformed;
-      return Verdict::malformed;
-    }
-    if (key_offset < window.base()) {
-      ++stats.replays;
-      return Verdict::replay;
-    }
-    if (!window.in_range(key_offset, kAesKeyBytes) ||
-        !window.all_present(key_offset, kAesKeyBytes)) {
-      ++stats.no_key;
-      return Verdict::no_key;
-    }
-    if (window.any_used(key_offset, kAesKeyBytes)) {
-      ++stats.replays;
-      return Verdict::replay;
-    }
     std::uint8_t key[kAesKeyBytes];
-    window.copy_out(key_offset, kAesKeyBytes, key);
+    if (const Verdict v = read_new_aes_key(key_offset, key); v != Verdict::plaintext) return v;
     auto session = std::make_unique<SrtpSession>(key, false);
     OPENSSL_cleanse(key, sizeof key);
     const srtp_err_status_t err = unprotect(session->get(), length);
@@ -1051,25 +1058,8 @@ struct Decoder::Impl {
       }
       return Verdict::plaintext;
     }
-    if (!fits_epoch(key_offset, kAesKeyPayload)) {
-      ++stats.malformed;
-      return Verdict::malformed;
-    }
-    if (key_offset < window.base()) {
-      ++stats.replays;
-      return Verdict::replay;
-    }
-    if (!window.in_range(key_offset, kAesKeyBytes) ||
-        !window.all_present(key_offset, kAesKeyBytes)) {
-      ++stats.no_key;
-      return Verdict::no_key;
-    }
-    if (window.any_used(key_offset, kAesKeyBytes)) {
-      ++stats.replays;
-      return Verdict::replay;
-    }
     std::uint8_t key[kAesKeyBytes];
-    window.copy_out(key_offset, kAesKeyBytes, key);
+    if (const Verdict v = read_new_aes_key(key_offset, key); v != Verdict::plaintext) return v;
     auto candidate = std::make_unique<GcmKey>(key, false);
     OPENSSL_cleanse(key, sizeof key);
     if (!candidate->seal(index, record.first(kRecordHeaderBytes), in, n, out.data(), tag)) {

@@ -21,14 +21,8 @@ namespace otpgate::transfer {
 using config::ConfigError;
 using config::Endpoint;
 
-struct TransferConfig {
-  // [site], [kme], [peer] sae_id, [keys]: as in otp-gateway.
-  std::string site_name, sae_id;
-  std::filesystem::path state_dir;  // job database, offset journals
-  std::string kme_url;
-  std::filesystem::path tls_cert, tls_key, tls_ca;
-  std::string peer_sae_id;
-  std::uint64_t key_ring_bytes = 16u << 20;
+struct TransferConfig : config::SiteConfig {        // [site], [kme], [peer] sae_id, [keys]
+  TransferConfig() { key_ring_bytes = 16u << 20; }  // files: a larger ring than media
   // [peer] address: the receiving site's `otp-transfer serve` (sending side only).
   std::optional<Endpoint> peer_transfer;
   // [transfer]
