@@ -109,33 +109,6 @@ void ServicePoller::remove(const QString& path, std::function<void(int, QString)
 
 namespace {
 
-// Replaces one site's rows. Same rows as before (the usual poll): updated in place, so
-// selections and scroll positions survive; otherwise the model is reset.
-template <typename Row, typename Model>
-void replace_site(Model& model, std::vector<Row>& rows, const QString& site,
-                  std::vector<Row> fresh) {
-  std::vector<Row> next;
-  for (const auto& r : rows)
-    if (r.site != site) next.push_back(r);
-  for (auto& r : fresh) next.push_back(std::move(r));
-  std::stable_sort(next.begin(), next.end(), [](const Row& a, const Row& b) {
-    return std::tie(a.site, a.stream, a.direction) < std::tie(b.site, b.stream, b.direction);
-  });
-  const bool same_rows =
-      next.size() == rows.size() &&
-      std::equal(next.begin(), next.end(), rows.begin(), [](const Row& a, const Row& b) {
-        return std::tie(a.site, a.stream, a.direction) == std::tie(b.site, b.stream, b.direction);
-      });
-  if (same_rows) {
-    rows = std::move(next);
-    if (!rows.empty())
-      emit model.dataChanged(model.index(0, 0),
-                             model.index(int(rows.size()) - 1, model.columnCount() - 1));
-    return;
-  }
-  model.reset_rows([&] { rows = std::move(next); });
-}
-
 QVariant header(const QStringList& names, int section, Qt::Orientation o, int role) {
   if (role != Qt::DisplayRole || o != Qt::Horizontal || section >= names.size()) return {};
   return names[section];
@@ -148,35 +121,28 @@ QString local_time(qint64 ms) {
 
 }  // namespace
 
-void KeySupplyModel::update_site(const QJsonObject& status) {
-  const QString site_name = status.value("site").toString();
-  std::vector<Row> fresh;
-  for (const auto& s : status.value("streams").toArray()) {
-    const QJsonObject stream_object = s.toObject();
-    for (const char* dir : {"send", "receive"}) {
-      const QJsonObject k = stream_object.value("key_supply").toObject().value(dir).toObject();
-      if (k.isEmpty()) continue;
-      const QJsonObject element = stream_object.value(dir).toObject();
-      Row r;
-      r.site = site_name;
-      r.stream = stream_object.value("name").toString();
-      r.direction = dir;
-      r.ready_bytes = k.value("bytes_available").toDouble();
-      r.seconds_left = k.value("seconds_to_exhaustion").isNull()
-                           ? -1
-                           : k.value("seconds_to_exhaustion").toDouble();
-      r.consumption_bps = k.value("consumption_bits_per_s").toDouble();
-      r.fetched_bytes = k.value("bytes_fetched").toDouble();
-      r.capacity_bytes = k.value("ring_capacity_bytes").toDouble();
-      r.kme_healthy = k.value("kme_healthy").toBool(true);
-      r.kme_error = k.value("kme_last_error").toString();
-      r.mode = element.value("aes-fallback").toBool()                ? "AES fallback"
-               : element.value("cipher").toString() == "aes-256-gcm" ? "AES"
-                                                                     : "OTP";
-      fresh.push_back(std::move(r));
-    }
-  }
-  replace_site<Row>(*this, rows_, site_name, std::move(fresh));
+std::optional<KeySupplyRow> KeySupplyModel::make_row(const QString& site_name,
+                                                     const QJsonObject& stream_object,
+                                                     const char* dir) const {
+  const QJsonObject k = stream_object.value("key_supply").toObject().value(dir).toObject();
+  if (k.isEmpty()) return std::nullopt;
+  const QJsonObject element = stream_object.value(dir).toObject();
+  Row r;
+  r.site = site_name;
+  r.stream = stream_object.value("name").toString();
+  r.direction = dir;
+  r.ready_bytes = k.value("bytes_available").toDouble();
+  r.seconds_left =
+      k.value("seconds_to_exhaustion").isNull() ? -1 : k.value("seconds_to_exhaustion").toDouble();
+  r.consumption_bps = k.value("consumption_bits_per_s").toDouble();
+  r.fetched_bytes = k.value("bytes_fetched").toDouble();
+  r.capacity_bytes = k.value("ring_capacity_bytes").toDouble();
+  r.kme_healthy = k.value("kme_healthy").toBool(true);
+  r.kme_error = k.value("kme_last_error").toString();
+  r.mode = element.value("aes-fallback").toBool()                ? "AES fallback"
+           : element.value("cipher").toString() == "aes-256-gcm" ? "AES"
+                                                                 : "OTP";
+  return r;
 }
 
 QVariant KeySupplyModel::data(const QModelIndex& index, int role) const {
@@ -205,13 +171,8 @@ QVariant KeySupplyModel::data(const QModelIndex& index, int role) const {
     return {};
   }
   if (role != Qt::DisplayRole) return {};
+  if (index.column() <= direction) return key_cell(r, index.column());
   switch (index.column()) {
-    case site:
-      return r.site;
-    case stream:
-      return r.stream;
-    case direction:
-      return r.direction;
     case ready:
       return human_bytes(r.ready_bytes);
     case seconds_left:
@@ -236,28 +197,21 @@ QVariant KeySupplyModel::headerData(int section, Qt::Orientation o, int role) co
   return header(names, section, o, role);
 }
 
-void StreamModel::update_site(const QJsonObject& status) {
-  const QString site_name = status.value("site").toString();
-  std::vector<Row> fresh;
-  for (const auto& s : status.value("streams").toArray()) {
-    const QJsonObject o = s.toObject();
-    for (const char* dir : {"send", "receive"}) {
-      const QJsonObject e = o.value(dir).toObject();
-      if (e.isEmpty()) continue;
-      auto n = [&](const char* field) { return qulonglong(e.value(field).toDouble()); };
-      Row r;
-      r.site = site_name;
-      r.stream = o.value("name").toString();
-      r.direction = dir;
-      r.packets = n("packets-out");
-      r.bytes = n("bytes-out");
-      r.auth_failures = n("auth-failures");
-      r.replays = n("replays");
-      r.drops = n("drops-no-key") + n("drops-malformed");
-      fresh.push_back(std::move(r));
-    }
-  }
-  replace_site<Row>(*this, rows_, site_name, std::move(fresh));
+std::optional<StreamRow> StreamModel::make_row(const QString& site_name, const QJsonObject& o,
+                                               const char* dir) const {
+  const QJsonObject e = o.value(dir).toObject();
+  if (e.isEmpty()) return std::nullopt;
+  auto n = [&](const char* field) { return qulonglong(e.value(field).toDouble()); };
+  Row r;
+  r.site = site_name;
+  r.stream = o.value("name").toString();
+  r.direction = dir;
+  r.packets = n("packets-out");
+  r.bytes = n("bytes-out");
+  r.auth_failures = n("auth-failures");
+  r.replays = n("replays");
+  r.drops = n("drops-no-key") + n("drops-malformed");
+  return r;
 }
 
 QVariant StreamModel::data(const QModelIndex& index, int role) const {
@@ -271,13 +225,8 @@ QVariant StreamModel::data(const QModelIndex& index, int role) const {
   }
   if (role == Qt::UserRole && index.column() >= packets) return values[index.column()];
   if (role != Qt::DisplayRole) return {};
+  if (index.column() <= direction) return key_cell(r, index.column());
   switch (index.column()) {
-    case site:
-      return r.site;
-    case stream:
-      return r.stream;
-    case direction:
-      return r.direction;
     case bytes:
       return human_bytes(double(r.bytes));
     default:

@@ -11,7 +11,10 @@
 #include <QStringListModel>
 #include <QTimer>
 #include <QUrl>
+#include <algorithm>
 #include <map>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace otpgate::console {
@@ -55,9 +58,64 @@ class ServicePoller : public QObject {
   QString last_error_;
 };
 
+// Rows for each stream and direction of a gateway, keyed by (site, stream, direction).
+// Each poll replaces one site's rows: in place when they are the same rows (selections
+// and scroll positions survive), else with a model reset.
+template <typename RowT, int Columns>
+class GatewayRowsModel : public QAbstractTableModel {
+ public:
+  using Row = RowT;
+  using QAbstractTableModel::QAbstractTableModel;
+  int rowCount(const QModelIndex& = {}) const override { return int(rows_.size()); }
+  int columnCount(const QModelIndex& = {}) const override { return Columns; }
+  const std::vector<Row>& rows() const { return rows_; }
+
+  void update_site(const QJsonObject& status) {
+    const QString site_name = status.value("site").toString();
+    std::vector<Row> next;
+    for (const auto& r : rows_)
+      if (r.site != site_name) next.push_back(r);
+    for (const auto& s : status.value("streams").toArray()) {
+      for (const char* dir : {"send", "receive"}) {
+        if (auto row = make_row(site_name, s.toObject(), dir)) next.push_back(std::move(*row));
+      }
+    }
+    auto key = [](const Row& r) { return std::tie(r.site, r.stream, r.direction); };
+    std::stable_sort(next.begin(), next.end(),
+                     [&](const Row& x, const Row& y) { return key(x) < key(y); });
+    const bool same_rows = next.size() == rows_.size() &&
+                           std::equal(next.begin(), next.end(), rows_.begin(),
+                                      [&](const Row& x, const Row& y) { return key(x) == key(y); });
+    if (same_rows) {
+      rows_ = std::move(next);
+      if (!rows_.empty()) emit dataChanged(index(0, 0), index(int(rows_.size()) - 1, Columns - 1));
+      return;
+    }
+    beginResetModel();
+    rows_ = std::move(next);
+    endResetModel();
+  }
+
+ protected:
+  // The first three columns of every such model: site, stream, direction.
+  static QVariant key_cell(const Row& r, int column) {
+    return column == 0 ? r.site : column == 1 ? r.stream : r.direction;
+  }
+  // The row for one stream object and direction of a status document, if it has one.
+  virtual std::optional<Row> make_row(const QString& site, const QJsonObject& stream,
+                                      const char* direction) const = 0;
+  std::vector<Row> rows_;
+};
+
+struct KeySupplyRow {
+  QString site, stream, direction, kme_error, mode;
+  double ready_bytes = 0, seconds_left = -1, consumption_bps = 0, fetched_bytes = 0;
+  double capacity_bytes = 0;  // the key ring's size (0: not reported)
+  bool kme_healthy = true;
+};
+
 // Per key supply (stream x direction at a gateway): level, time left, rates, KME health.
-class KeySupplyModel : public QAbstractTableModel {
-  Q_OBJECT
+class KeySupplyModel : public GatewayRowsModel<KeySupplyRow, 9> {
  public:
   enum Column {
     site,
@@ -71,55 +129,31 @@ class KeySupplyModel : public QAbstractTableModel {
     mode,
     count
   };
-  struct Row {
-    QString site, stream, direction, kme_error, mode;
-    double ready_bytes = 0, seconds_left = -1, consumption_bps = 0, fetched_bytes = 0;
-    double capacity_bytes = 0;  // the key ring's size (0: not reported)
-    bool kme_healthy = true;
-  };
-  using QAbstractTableModel::QAbstractTableModel;
-  int rowCount(const QModelIndex& = {}) const override { return int(rows_.size()); }
-  int columnCount(const QModelIndex& = {}) const override { return count; }
+  using GatewayRowsModel::GatewayRowsModel;
   QVariant data(const QModelIndex& index, int role) const override;
   QVariant headerData(int section, Qt::Orientation o, int role) const override;
-  void update_site(const QJsonObject& gateway_status);  // replaces that site's rows
-  const std::vector<Row>& rows() const { return rows_; }
-  template <typename F>
-  void reset_rows(F change) {
-    beginResetModel();
-    change();
-    endResetModel();
-  }
 
  private:
-  std::vector<Row> rows_;
+  std::optional<Row> make_row(const QString& site, const QJsonObject& stream,
+                              const char* direction) const override;
+};
+
+struct StreamRow {
+  QString site, stream, direction;
+  qulonglong packets = 0, bytes = 0, auth_failures = 0, replays = 0, drops = 0;
 };
 
 // Per stream and direction: packets, bytes, auth failures, replays, drops.
-class StreamModel : public QAbstractTableModel {
-  Q_OBJECT
+class StreamModel : public GatewayRowsModel<StreamRow, 8> {
  public:
   enum Column { site, stream, direction, packets, bytes, auth_failures, replays, drops, count };
-  struct Row {
-    QString site, stream, direction;
-    qulonglong packets = 0, bytes = 0, auth_failures = 0, replays = 0, drops = 0;
-  };
-  using QAbstractTableModel::QAbstractTableModel;
-  int rowCount(const QModelIndex& = {}) const override { return int(rows_.size()); }
-  int columnCount(const QModelIndex& = {}) const override { return count; }
+  using GatewayRowsModel::GatewayRowsModel;
   QVariant data(const QModelIndex& index, int role) const override;
   QVariant headerData(int section, Qt::Orientation o, int role) const override;
-  void update_site(const QJsonObject& gateway_status);
-  const std::vector<Row>& rows() const { return rows_; }
-  template <typename F>
-  void reset_rows(F change) {
-    beginResetModel();
-    change();
-    endResetModel();
-  }
 
  private:
-  std::vector<Row> rows_;
+  std::optional<Row> make_row(const QString& site, const QJsonObject& stream,
+                              const char* direction) const override;
 };
 
 // The seed's job table, one row per job of every transfer service watched.
