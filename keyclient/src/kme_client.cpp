@@ -74,9 +74,6 @@ struct CurlDeleter {
   void operator()(curl_slist* list) const { curl_slist_free_all(list); }
   void operator()(char* text) const { curl_free(text); }
 };
-struct EncodeCtxDeleter {
-  void operator()(EVP_ENCODE_CTX* ctx) const { EVP_ENCODE_CTX_free(ctx); }
-};
 
 // Growable response buffer that wipes every byte it lets go of.
 class WipedBuffer {

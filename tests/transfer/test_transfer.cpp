@@ -52,6 +52,19 @@ std::string sha256_of(const fs::path& file) {
   return hex;
 }
 
+std::string sha256_text(const std::string& text) {
+  unsigned char digest[32];
+  unsigned int n = 0;
+  EVP_Digest(text.data(), text.size(), digest, &n, EVP_sha256(), nullptr);
+  std::string hex;
+  char two[3];
+  for (unsigned i = 0; i < n; ++i) {
+    std::snprintf(two, sizeof two, "%02x", digest[i]);
+    hex += two;
+  }
+  return hex;
+}
+
 void write_random(const fs::path& file, std::size_t bytes, unsigned seed) {
   fs::create_directories(file.parent_path());
   std::ofstream out(file, std::ios::binary);
@@ -537,19 +550,7 @@ TEST_F(TransferTest, WebPageFoldersLoginAndCrossSiteChecksAreEnforcedByTheServer
   fs::create_directories(data("S13"));
   auto a_config = config("a");
   a_config.api_user = "lab";
-  {
-    // password "panel": its SHA-256, as `echo -n panel | sha256sum` prints it
-    EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-    unsigned char digest[32];
-    unsigned int n = 0;
-    EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
-    EVP_DigestUpdate(ctx, "panel", 5);
-    EVP_DigestFinal_ex(ctx, digest, &n);
-    EVP_MD_CTX_free(ctx);
-    char hex[65];
-    for (unsigned i = 0; i < 32; ++i) std::snprintf(hex + 2 * i, 3, "%02x", digest[i]);
-    a_config.api_password_sha256 = hex;
-  }
+  a_config.api_password_sha256 = sha256_text("panel");  // as `echo -n panel | sha256sum`
   transfer::Service a(a_config);
   a.start();
   httplib::Client api("127.0.0.1", a.api_port());
@@ -602,7 +603,7 @@ TEST_F(TransferTest, AnExposedPageAndApiAreServedOverHttpsWithALogin) {
   a_config.api_tls_cert = pki_dir() / "kme.crt";  // a localhost server certificate
   a_config.api_tls_key = pki_dir() / "kme.key";
   a_config.api_user = "lab";
-  a_config.api_password_sha256 = "1f2a4e0ba4d8a0d24d2e1c6c1e5a9c0c9aa86b03ec6b9e6f6fa5ef30f3f6f1fc";
+  a_config.api_password_sha256 = sha256_text("panel");
   transfer::Service a(a_config);
   a.start();
   httplib::SSLClient tls("localhost", a.api_port());
@@ -611,6 +612,13 @@ TEST_F(TransferTest, AnExposedPageAndApiAreServedOverHttpsWithALogin) {
   auto no_login = tls.Get("/api/v1/jobs");
   ASSERT_TRUE(no_login) << httplib::to_string(no_login.error());
   EXPECT_EQ(no_login->status, 401);
+  tls.set_basic_auth("lab", "panel");
+  auto logged_in = tls.Get("/api/v1/jobs");
+  ASSERT_TRUE(logged_in) << httplib::to_string(logged_in.error());
+  EXPECT_EQ(logged_in->status, 200);
+  auto page = tls.Get("/");
+  ASSERT_TRUE(page);
+  EXPECT_EQ(page->status, 200);
   httplib::Client plain("127.0.0.1", a.api_port());
   plain.set_connection_timeout(2);
   auto cleartext = plain.Get("/api/v1/jobs");

@@ -161,12 +161,11 @@ class ReceiveSession {
     const std::string specimen = j.at("specimen_id").get<std::string>();
     if (!valid_identifier(job_id) || !valid_identifier(specimen))
       throw ReceiveError("the sender named an invalid job or specimen ID", false);
-    const std::string key_hex = hello.at("ack_key").get<std::string>();
-    std::vector<std::uint8_t> key;
-    for (std::size_t i = 0; i + 1 < key_hex.size(); i += 2)
-      key.push_back(static_cast<std::uint8_t>(std::stoi(key_hex.substr(i, 2), nullptr, 16)));
-    acks_ = std::make_unique<AckCodec>(key);
-    OPENSSL_cleanse(key.data(), key.size());
+    auto key = from_hex(hello.at("ack_key").get<std::string>());
+    if (!key || key->size() != kAckKeyBytes)
+      throw ReceiveError("the job description has a malformed acknowledgement key", false);
+    acks_ = std::make_unique<AckCodec>(*key);
+    OPENSSL_cleanse(key->data(), key->size());
 
     auto existing = store_.get(job_id);
     if (existing && existing->direction != "receive")

@@ -187,12 +187,7 @@ class SendSession {
     if (RAND_bytes(ack_key.data(), ack_key.size()) != 1) throw std::runtime_error("no randomness");
     acks_ = std::make_unique<AckCodec>(ack_key);
     start_ack_reader();
-    static const char* hex = "0123456789abcdef";
-    std::string key_hex;
-    for (auto b : ack_key) {
-      key_hex += hex[b >> 4];
-      key_hex += hex[b & 15];
-    }
+    std::string key_hex = to_hex(ack_key);
     OPENSSL_cleanse(ack_key.data(), ack_key.size());
     std::vector<std::uint8_t> out;
     append_json_message(
@@ -674,11 +669,9 @@ class SendSession {
     const auto now = Clock::now();
     if (!force && now - last_report_ < std::chrono::milliseconds(250)) return;
     Progress p;
-    std::uint64_t sent = 0;
     for (const auto& f : files_) {
       p.bytes_done += f.record.committed;
       p.bytes_total += std::max(f.record.size, f.sent);
-      sent += f.sent;
       if (f.open && !f.ended) p.file = f.record.path;
     }
     p.bytes_total = std::max(p.bytes_total, job_.transfer_size);
@@ -704,7 +697,6 @@ class SendSession {
     }
     last_report_ = now;
     last_done_ = p.bytes_done;
-    (void)sent;
     options_.on_progress(p);
   }
 

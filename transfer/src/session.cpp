@@ -480,13 +480,30 @@ std::string Sha256::hex_digest() {
   unsigned char digest[32];
   unsigned int n = 0;
   EVP_DigestFinal_ex(ctx_, digest, &n);
-  static const char* hex = "0123456789abcdef";
+  return to_hex({digest, n});
+}
+
+std::string to_hex(std::span<const std::uint8_t> bytes) {
+  static constexpr char kDigits[] = "0123456789abcdef";
   std::string text;
-  for (unsigned i = 0; i < n; ++i) {
-    text += hex[digest[i] >> 4];
-    text += hex[digest[i] & 15];
+  text.reserve(2 * bytes.size());
+  for (const std::uint8_t b : bytes) {
+    text += kDigits[b >> 4];
+    text += kDigits[b & 15];
   }
   return text;
+}
+
+std::optional<std::vector<std::uint8_t>> from_hex(std::string_view text) {
+  std::vector<std::uint8_t> out(text.size() / 2);
+  std::size_t length = 0;
+  const std::string copy(text);  // OpenSSL wants a NUL-terminated string
+  if (text.size() % 2 != 0 ||
+      OPENSSL_hexstr2buf_ex(out.data(), out.size(), &length, copy.c_str(), '\0') != 1) {
+    return std::nullopt;
+  }
+  out.resize(length);
+  return out;
 }
 
 void hash_prefix(const std::filesystem::path& file, std::uint64_t bytes, Sha256& hash) {

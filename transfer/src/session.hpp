@@ -186,6 +186,10 @@ class Sha256 {
   EVP_MD_CTX* ctx_;
 };
 
+// Lower-case hex (digests, the acknowledgement key) and back; nullopt when not hex.
+std::string to_hex(std::span<const std::uint8_t> bytes);
+std::optional<std::vector<std::uint8_t>> from_hex(std::string_view text);
+
 // Hashes the first `bytes` of a file into `hash`; throws naming the file on a short read.
 void hash_prefix(const std::filesystem::path& file, std::uint64_t bytes, Sha256& hash);
 
