@@ -4,20 +4,14 @@
 #include <QBrush>
 #include <QColor>
 #include <QJsonDocument>
+#include <QLocale>
 #include <QNetworkReply>
 #include <QNetworkRequest>
 
 namespace otpgate::console {
 
 QString human_bytes(double bytes) {
-  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (bytes >= 1024 && u < 4) {
-    bytes /= 1024;
-    ++u;
-  }
-  return u == 0 ? QString("%1 B").arg(bytes, 0, 'f', 0)
-                : QString("%1 %2").arg(bytes, 0, 'f', 1).arg(units[u]);
+  return QLocale().formattedDataSize(qint64(bytes), 1);  // "423.1 KiB"
 }
 
 // ---------------------------------------------------------------------------
