@@ -14,8 +14,9 @@ PACKAGES=(
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad libsrtp2-dev
   # ICE between gateways behind NAT (NiceAgent, nicesrc/nicesink)
   libnice-dev gstreamer1.0-nice
-  # the operator console (Qt 6 Widgets, Network, Charts, Test; offscreen platform for tests)
-  qt6-base-dev qt6-charts-dev libgl-dev
+  # the operator console (Qt 6 Widgets, Network, Charts, Test; offscreen platform for tests;
+  # Qt6Charts' CMake package needs Qt6OpenGL's, which qt6-charts-dev does not pull in)
+  qt6-base-dev qt6-charts-dev libqt6opengl6-dev libgl-dev
   # the transfer web page's end-to-end test: headless Chromium over the DevTools protocol
   chromium python3-websocket
   # sequencing samples for the transfer demo and tests (htslib's test data, samtools, bgzip/tabix)

@@ -109,12 +109,12 @@ std::array<std::uint8_t, 32> hmac(std::span<const std::uint8_t> key,
 std::vector<std::uint8_t> AckCodec::seal(json message) {
   message["seq"] = next_out_++;
   const std::string text = message.dump();
-  std::vector<std::uint8_t> frame;
   const auto n = static_cast<std::uint32_t>(text.size() + 32);
-  for (int i = 3; i >= 0; --i) frame.push_back(static_cast<std::uint8_t>(n >> (8 * i)));
-  frame.insert(frame.end(), text.begin(), text.end());
+  std::vector<std::uint8_t> frame(4 + n);
+  for (int i = 0; i < 4; ++i) frame[i] = static_cast<std::uint8_t>(n >> (8 * (3 - i)));
+  std::memcpy(frame.data() + 4, text.data(), text.size());
   const auto mac = hmac(key_.span(), {frame.data() + 4, text.size()});
-  frame.insert(frame.end(), mac.begin(), mac.end());
+  std::memcpy(frame.data() + 4 + text.size(), mac.data(), mac.size());
   return frame;
 }
 
