@@ -232,6 +232,7 @@ int main(int argc, char** argv) {
   kme.client_ca = pki + "/ca.crt";
   kme.key_rate_bps = 0;  // unthrottled: this measures the gateway, not the key rate
   kme.store_bits = 4ull << 33;
+  kme.max_key_size = 1u << 20;  // 128 KiB keys, as bench_transfer.sh: measure the gateway, not per-key KME overhead
   otpgate::kmesim::KmeSimulator sim(kme);
   if (kme_url.empty()) {
     sim.start();

@@ -46,41 +46,96 @@ std::string peer_common_name(const httplib::Request& req) {
                      static_cast<std::size_t>(ASN1_STRING_length(data)));
 }
 
-std::string base64(std::span<const std::uint8_t> bytes) {
-  std::string out(4 * ((bytes.size() + 2) / 3) + 1, '\0');
-  const int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()), bytes.data(),
-                                static_cast<int>(bytes.size()));
-  out.resize(static_cast<std::size_t>(n));
-  return out;
-}
+using SharedKey = std::shared_ptr<const SecretBytes>;
 
-// An ETSI 014 Key container. Written out directly rather than through nlohmann::json,
-// whose per-character escaping of megabytes of base64 took over half the simulator's
-// CPU at file-transfer rates; UUIDs and base64 never need escaping.
+// An ETSI 014 Key container, streamed to the client key by key. The simulator serves
+// file transfers at hundreds of MB/s of key: building the whole document (then httplib
+// copying it again) cost most of its CPU in copies and page faults. Keys are shared with
+// the store, so no key byte is copied before its base64 text; UUIDs and base64 never
+// need JSON escaping.
 struct KeyContainer {
-  std::vector<std::pair<std::string, std::string>> keys;  // key_ID, base64 key
+  std::vector<std::pair<std::string, SharedKey>> keys;  // key_ID, key
 };
 
-std::string to_text(const json& doc) {
-  return doc.dump();
+std::size_t base64_size(std::size_t bytes) {
+  return 4 * ((bytes + 2) / 3);
 }
 
-std::string to_text(const KeyContainer& c) {
-  std::size_t size = 16;
-  for (const auto& [id, key] : c.keys) size += id.size() + key.size() + 32;
-  std::string out;
-  out.reserve(size);
-  out += "{\"keys\":[";
-  for (std::size_t i = 0; i < c.keys.size(); ++i) {
-    if (i) out += ',';
-    out += "{\"key_ID\":\"";
-    out += c.keys[i].first;
-    out += "\",\"key\":\"";
-    out += c.keys[i].second;
-    out += "\"}";
+constexpr std::string_view kContainerOpen = "{\"keys\":[";
+constexpr std::string_view kEntryOpen = "{\"key_ID\":\"";
+constexpr std::string_view kEntryMiddle = "\",\"key\":\"";
+constexpr std::string_view kEntryClose = "\"}";
+constexpr std::string_view kContainerClose = "]}";
+
+// Writes one key entry at a time into a buffer it wipes (it holds base64 key text).
+class KeyContainerWriter {
+ public:
+  explicit KeyContainerWriter(KeyContainer c) : container_(std::move(c)) {}
+  ~KeyContainerWriter() { OPENSSL_cleanse(text_.data(), text_.size()); }
+  KeyContainerWriter(const KeyContainerWriter&) = delete;
+  KeyContainerWriter& operator=(const KeyContainerWriter&) = delete;
+
+  std::size_t content_length() const {
+    std::size_t n = kContainerOpen.size() + kContainerClose.size();
+    for (std::size_t i = 0; i < container_.keys.size(); ++i) n += entry_size(i) + (i ? 1 : 0);
+    return n;
   }
-  out += "]}";
-  return out;
+
+  // The next piece of the document; empty when it is complete.
+  std::string_view next() {
+    const auto& keys = container_.keys;
+    if (next_ > keys.size()) return {};
+    std::size_t need = kContainerOpen.size() + kContainerClose.size() + 1;
+    if (next_ < keys.size()) need += entry_size(next_);
+    if (text_.size() < need) {
+      OPENSSL_cleanse(text_.data(), text_.size());
+      text_ = std::string(need, '\0');
+    }
+    std::size_t at = 0;
+    auto put = [&](std::string_view part) {
+      part.copy(text_.data() + at, part.size());
+      at += part.size();
+    };
+    if (next_ == 0) put(kContainerOpen);
+    if (next_ < keys.size()) {
+      if (next_ > 0) put(",");
+      const auto& [id, key] = keys[next_];
+      put(kEntryOpen);
+      put(id);
+      put(kEntryMiddle);
+      at += static_cast<std::size_t>(EVP_EncodeBlock(reinterpret_cast<unsigned char*>(text_.data() + at),
+                                                     key->span().data(), static_cast<int>(key->size())));
+      put(kEntryClose);
+    }
+    if (next_ + 1 >= keys.size()) put(kContainerClose);
+    next_ = next_ + 1 >= keys.size() ? keys.size() + 1 : next_ + 1;
+    return {text_.data(), at};
+  }
+
+ private:
+  std::size_t entry_size(std::size_t i) const {
+    const auto& [id, key] = container_.keys[i];
+    return kEntryOpen.size() + id.size() + kEntryMiddle.size() + base64_size(key->size()) +
+           kEntryClose.size();
+  }
+
+  KeyContainer container_;
+  std::size_t next_ = 0;
+  std::string text_;
+};
+
+void set_body(httplib::Response& res, const json& doc) {
+  res.set_content(doc.dump(), "application/json");
+}
+
+void set_body(httplib::Response& res, KeyContainer container) {
+  auto writer = std::make_shared<KeyContainerWriter>(std::move(container));
+  res.set_content_provider(
+      writer->content_length(), "application/json",
+      [writer](std::size_t, std::size_t, httplib::DataSink& sink) {
+        const std::string_view piece = writer->next();
+        return piece.empty() || sink.write(piece.data(), piece.size());
+      });
 }
 
 KeyId random_uuid() {
@@ -114,7 +169,7 @@ std::uint64_t positive_integer(const std::string& text, const char* name) {
 struct KmeSimulator::Impl {
   struct StoredKey {
     std::string master, slave;
-    SecretBytes bytes;
+    SharedKey bytes;  // shared with responses still being written
     Clock::time_point relayed_at;
   };
 
@@ -148,7 +203,7 @@ struct KmeSimulator::Impl {
       last_expiry = now;
       for (auto it = store.begin(); it != store.end();) {
         if (it->second.relayed_at + config.unclaimed_ttl < now) {
-          pending_bits -= std::min<std::uint64_t>(pending_bits, it->second.bytes.size() * 8);
+          pending_bits -= std::min<std::uint64_t>(pending_bits, it->second.bytes->size() * 8);
           it = store.erase(it);
         } else {
           ++it;
@@ -237,12 +292,12 @@ struct KmeSimulator::Impl {
     KeyContainer list;
     const auto relayed_at = Clock::now() + config.relay_delay;
     for (std::uint64_t i = 0; i < number; ++i) {
-      SecretBytes bytes(size / 8);
-      if (RAND_bytes(bytes.span().data(), static_cast<int>(bytes.size())) != 1) {
+      auto bytes = std::make_shared<SecretBytes>(size / 8);
+      if (RAND_bytes(bytes->span().data(), static_cast<int>(bytes->size())) != 1) {
         throw Refusal{500, "the KME's random generator failed"};
       }
       const KeyId id = random_uuid();
-      list.keys.emplace_back(id.to_string(), base64(bytes.span()));
+      list.keys.emplace_back(id.to_string(), bytes);
       store.emplace(id, StoredKey{caller, slave, std::move(bytes), relayed_at});
     }
     keys_to_masters += number;
@@ -277,9 +332,9 @@ struct KmeSimulator::Impl {
     }
     KeyContainer list;
     for (auto it : found) {
-      list.keys.emplace_back(it->first.to_string(), base64(it->second.bytes.span()));
-      pending_bits -= it->second.bytes.size() * 8;
-      store.erase(it);  // delivered once, then gone (SecretBytes wipes it)
+      list.keys.emplace_back(it->first.to_string(), it->second.bytes);
+      pending_bits -= it->second.bytes->size() * 8;
+      store.erase(it);  // delivered once, then gone (wiped once its response is written)
     }
     keys_to_slaves += found.size();
     return list;
@@ -292,7 +347,7 @@ struct KmeSimulator::Impl {
       ++requests;
       try {
         const std::string caller = authenticate(req);
-        res.set_content(to_text(body(caller, req)), "application/json");
+        set_body(res, body(caller, req));
         res.status = 200;
       } catch (const Refusal& r) {
         ++refused;
@@ -406,6 +461,10 @@ void KmeSimulator::start() {
   // cpp-httplib serves a kept-alive connection on one worker: size the pool for that.
   // (cpp-httplib takes ownership of the queue it is given.)
   i.server->new_task_queue = [] { return new httplib::ThreadPool(96); };
+  // cpp-httplib closes a kept-alive connection after 5 requests by default; a key supply
+  // asks every few milliseconds at transfer rates, and a new mTLS handshake each time is
+  // pure overhead. Real KMEs keep SAE connections open too.
+  i.server->set_keep_alive_max_count(100000);
   i.routes();
   if (i.config.port == 0) {
     i.bound_port = i.server->bind_to_any_port(i.config.host);

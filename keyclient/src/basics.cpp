@@ -52,7 +52,7 @@ std::string KeyId::to_string() const {
 }
 
 SecretBytes::SecretBytes(std::size_t size)
-    : data_(std::make_unique<std::uint8_t[]>(size)), size_(size), capacity_(size) {
+    : data_(std::make_unique_for_overwrite<std::uint8_t[]>(size)), size_(size), capacity_(size) {
   // Keep key material out of swap where the OS lets us; failing is not fatal.
   locked_ = size > 0 && ::mlock(data_.get(), size) == 0;
 }
