@@ -4,12 +4,18 @@
 //   sender -> gateway A (encrypt) -> gateway B (decrypt) -> receiver
 // Each packet carries its send time; the receiver records one-way latency. Prints
 // p50/p99 of both, the added latency, loss, and process CPU per Mbit/s.
-//   bench_gateway --pki DIR [--seconds N] [--mbps M] [--kme-url URL]
+// The gateways run their media threads SCHED_FIFO at --realtime-priority (as a deployment
+// does with [media] realtime_priority; 0: time-shared). The harness threads (the
+// conference systems' sender and receiver, and the baseline relays) run SCHED_FIFO above
+// that, so that neither path is measured waiting behind the other's threads.
+//   bench_gateway --pki DIR [--seconds N] [--mbps M] [--kme-url URL] [--realtime-priority P]
 // Without --kme-url the KME simulator runs inside the benchmark (and competes for CPU).
 #include <arpa/inet.h>
 #include <gst/gst.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -23,6 +29,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "kme_simulator.hpp"
 #include "otpgate/gateway.hpp"
@@ -59,6 +67,21 @@ sockaddr_in loopback(std::uint16_t port) {
   return a;
 }
 
+// The harness's own threads: above the gateways' media threads when allowed.
+struct HarnessScheduling {
+  int priority = 0;  // SCHED_FIFO priority; 0: time-shared
+  bool apply() const {
+    if (priority == 0) return false;
+    sched_param p{};
+    p.sched_priority = priority;
+    return ::pthread_setschedparam(::pthread_self(), SCHED_FIFO, &p) == 0;
+  }
+  static void reset() {
+    const sched_param other{};
+    ::pthread_setschedparam(::pthread_self(), SCHED_OTHER, &other);
+  }
+};
+
 double cpu_seconds() {
   rusage u{};
   ::getrusage(RUSAGE_SELF, &u);
@@ -68,12 +91,13 @@ double cpu_seconds() {
 
 // A plain UDP relay: what arrives on `in` goes to `out`, per stream.
 struct Relay {
-  Relay(std::uint16_t in_base, std::uint16_t out_base) {
+  Relay(std::uint16_t in_base, std::uint16_t out_base, HarnessScheduling scheduling) {
     for (int s = 0; s < kStreams; ++s) {
       fds.push_back(udp_socket(static_cast<std::uint16_t>(in_base + s)));
       targets.push_back(loopback(static_cast<std::uint16_t>(out_base + s)));
     }
-    thread = std::thread([this] {
+    thread = std::thread([this, scheduling] {
+      scheduling.apply();
       std::vector<pollfd> p;
       for (int fd : fds) p.push_back({fd, POLLIN, 0});
       char buf[2048];
@@ -108,13 +132,15 @@ struct Result {
 };
 
 // Sends paced traffic to send_base+s and receives it on receive_base+s.
-Result run(std::uint16_t send_base, std::uint16_t receive_base, double seconds, double mbps) {
+Result run(std::uint16_t send_base, std::uint16_t receive_base, double seconds, double mbps,
+           HarnessScheduling scheduling) {
   Result r;
   std::vector<int> rx;
   for (int s = 0; s < kStreams; ++s)
     rx.push_back(udp_socket(static_cast<std::uint16_t>(receive_base + s)));
   std::atomic<bool> done{false};
   std::thread receiver([&] {
+    scheduling.apply();
     std::vector<pollfd> p;
     for (int fd : rx) p.push_back({fd, POLLIN, 0});
     char buf[2048];
@@ -141,6 +167,7 @@ Result run(std::uint16_t send_base, std::uint16_t receive_base, double seconds, 
   std::vector<char> packet(kPacket, 0x55);
   packet[0] = char(0x80);
   packet[1] = 96;
+  scheduling.apply();  // the sender is this thread
   const double cpu0 = cpu_seconds();
   const auto start = Clock::now();
   std::uint64_t n = 0;
@@ -161,6 +188,7 @@ Result run(std::uint16_t send_base, std::uint16_t receive_base, double seconds, 
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  HarnessScheduling::reset();  // threads made from here on must not inherit SCHED_FIFO
   done = true;
   receiver.join();
   r.cpu = cpu_seconds() - cpu0;
@@ -178,13 +206,14 @@ double percentile(const std::vector<double>& v, double p) {
 
 std::string site(const std::string& me, const std::string& peer, const std::string& url,
                  const std::string& pki, const fs::path& state, std::uint16_t local,
-                 std::uint16_t peer_listen, std::uint16_t listen, std::uint16_t deliver,
-                 bool sends) {
+                 std::uint16_t peer_listen, std::uint16_t listen, std::uint16_t deliver, bool sends,
+                 int realtime_priority) {
   std::string t = "[site]\nname=\"" + me + "\"\nsae_id=\"" + me + "\"\nstate_dir=\"" +
                   state.string() + "\"\n[kme]\nurl=\"" + url + "\"\ntls_cert=\"" + pki + "/" + me +
                   ".crt\"\ntls_key=\"" + pki + "/" + me + ".key\"\ntls_ca=\"" + pki +
                   "/ca.crt\"\n[peer]\nsae_id=\"" + peer +
-                  "\"\naddress=\"127.0.0.1\"\n[status]\nlisten=\"127.0.0.1:0\"\n";
+                  "\"\naddress=\"127.0.0.1\"\n[status]\nlisten=\"127.0.0.1:0\"\n[media]\n" +
+                  "realtime_priority=" + std::to_string(realtime_priority) + "\n";
   for (int s = 0; s < kStreams; ++s) {
     t += "[[stream]]\nname=\"p" + std::to_string(s) + "\"\n";
     if (sends) {
@@ -203,27 +232,42 @@ std::string site(const std::string& me, const std::string& peer, const std::stri
 int main(int argc, char** argv) {
   std::string pki, kme_url;
   double seconds = 5, mbps = 50;
+  int realtime_priority = 20;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--pki" && i + 1 < argc) pki = argv[++i];
     if (a == "--seconds" && i + 1 < argc) seconds = std::stod(argv[++i]);
     if (a == "--mbps" && i + 1 < argc) mbps = std::stod(argv[++i]);
     if (a == "--kme-url" && i + 1 < argc) kme_url = argv[++i];  // a KME in another process
+    if (a == "--realtime-priority" && i + 1 < argc) realtime_priority = std::stoi(argv[++i]);
   }
   if (pki.empty()) {
     std::fprintf(stderr, "usage: bench_gateway --pki DIR [--seconds N] [--mbps M]\n");
     return 2;
   }
+  if (realtime_priority < 0 || realtime_priority > 89) {
+    std::fprintf(stderr, "bench_gateway: --realtime-priority takes 0 to 89\n");
+    return 2;
+  }
   gst_init(nullptr, nullptr);
+  HarnessScheduling harness{realtime_priority ? realtime_priority + 10 : 0};
+  if (harness.priority && !harness.apply()) {
+    std::fprintf(stderr,
+                 "bench_gateway: SCHED_FIFO is not permitted here (run as root or raise "
+                 "RLIMIT_RTPRIO); measuring with time-shared threads\n");
+    harness.priority = 0;
+  }
+  HarnessScheduling::reset();
   const std::uint16_t base =
       static_cast<std::uint16_t>(61000 + (::getpid() % 40) * 100);  // apart from the tests' ports
 
   Result plain;
   {
-    Relay first(base, static_cast<std::uint16_t>(base + 20));
-    Relay second(static_cast<std::uint16_t>(base + 20), static_cast<std::uint16_t>(base + 40));
-    run(base, static_cast<std::uint16_t>(base + 40), 1, mbps);  // warm-up
-    plain = run(base, static_cast<std::uint16_t>(base + 40), seconds, mbps);
+    Relay first(base, static_cast<std::uint16_t>(base + 20), harness);
+    Relay second(static_cast<std::uint16_t>(base + 20), static_cast<std::uint16_t>(base + 40),
+                 harness);
+    run(base, static_cast<std::uint16_t>(base + 40), 1, mbps, harness);  // warm-up
+    plain = run(base, static_cast<std::uint16_t>(base + 40), seconds, mbps, harness);
   }
 
   otpgate::kmesim::SimulatorConfig kme;
@@ -232,7 +276,9 @@ int main(int argc, char** argv) {
   kme.client_ca = pki + "/ca.crt";
   kme.key_rate_bps = 0;  // unthrottled: this measures the gateway, not the key rate
   kme.store_bits = 4ull << 33;
-  kme.max_key_size = 1u << 20;  // 128 KiB keys, as bench_transfer.sh: measure the gateway, not per-key KME overhead
+  kme.max_key_size =
+      1u
+      << 20;  // 128 KiB keys, as bench_transfer.sh: measure the gateway, not per-key KME overhead
   otpgate::kmesim::KmeSimulator sim(kme);
   if (kme_url.empty()) {
     sim.start();
@@ -241,21 +287,35 @@ int main(int argc, char** argv) {
   const fs::path state =
       fs::temp_directory_path() / ("otpgate-bench-gw-" + std::to_string(::getpid()));
   Result otp;
+  std::string media_threads;
   {
     otpgate::gateway::Gateway a(otpgate::gateway::parse_config(
         site("sae-a", "sae-b", kme_url, pki, state / "a", static_cast<std::uint16_t>(base + 60),
-             static_cast<std::uint16_t>(base + 80), 0, 0, true),
+             static_cast<std::uint16_t>(base + 80), 0, 0, true, realtime_priority),
         "bench-a"));
     otpgate::gateway::Gateway b(otpgate::gateway::parse_config(
         site("sae-b", "sae-a", kme_url, pki, state / "b", 0, 0,
-             static_cast<std::uint16_t>(base + 80), static_cast<std::uint16_t>(base + 100), false),
+             static_cast<std::uint16_t>(base + 80), static_cast<std::uint16_t>(base + 100), false,
+             realtime_priority),
         "bench-b"));
     a.start();
     b.start();
     // Warm-up: the first announcements and key fetches of a call are not the steady state.
-    run(static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100), 1, mbps);
+    run(static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100), 1, mbps,
+        harness);
     otp = run(static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100),
-              seconds, mbps);
+              seconds, mbps, harness);
+    int fifo = 0, shared = 0;
+    for (const auto* g : {&a, &b}) {
+      const auto media = nlohmann::json::parse(g->status_json())["media_threads"];
+      fifo += media["realtime_threads"].get<int>();
+      shared += media["raised_threads"].get<int>() + media["unraised_threads"].get<int>();
+    }
+    media_threads = "gateway media threads: " + std::to_string(fifo) + " SCHED_FIFO (priority " +
+                    std::to_string(realtime_priority) + "), " + std::to_string(shared) +
+                    " time-shared; harness threads: " +
+                    (harness.priority ? "SCHED_FIFO " + std::to_string(harness.priority)
+                                      : std::string("time-shared"));
   }
   fs::remove_all(state);
 
@@ -270,6 +330,7 @@ int main(int argc, char** argv) {
                 static_cast<long long>(r.sent) - static_cast<long long>(r.latency_us.size()),
                 r.cpu / (r.mbps * seconds));
   };
+  std::printf("%s\n", media_threads.c_str());
   row("two plain UDP relays (baseline)", plain);
   row("gateway A (encrypt) -> B (decrypt)", otp);
   std::printf(

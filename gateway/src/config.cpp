@@ -49,6 +49,13 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
                                              "packets per AES key, at least 1", c.rekey_interval));
   }
 
+  if (const toml::node* media_node = root.get("media")) {
+    if (!media_node->is_table()) r.fail("[media]", Reader::shown(media_node), "a table");
+    c.realtime_priority = static_cast<int>(
+        r.integer(*media_node->as_table(), "media.", "realtime_priority", 0, 99,
+                  "0 (time-sharing) or a SCHED_FIFO priority from 1 to 99", c.realtime_priority));
+  }
+
   if (const toml::node* status_node = root.get("status")) {
     if (!status_node->is_table()) r.fail("[status]", Reader::shown(status_node), "a table");
     c.status_listen = r.endpoint(*status_node->as_table(), "status.", "listen", true);  // :0 = any

@@ -2,6 +2,8 @@
 #include <httplib.h>
 
 #include <openssl/crypto.h>
+#include <pthread.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -90,6 +92,69 @@ json supply_json(const keys::KeySupply& supply) {
               {"memory_locked", s.memory_locked}};
 }
 
+// How the media streaming threads run. A packet's wait for a CPU is most of a gateway
+// hop's tail latency on a busy host: SCHED_FIFO (where configured and allowed) lets a
+// packet preempt key refills, the status API and everything else time-shared; otherwise
+// nice -10. GStreamer posts ENTER/LEAVE from the streaming thread itself, so the thread
+// changes its own scheduling; pool threads are handed back as they came.
+class MediaScheduling {
+ public:
+  explicit MediaScheduling(int realtime_priority) : realtime_priority_(realtime_priority) {}
+
+  void enter() {
+    if (realtime_priority_ > 0) {
+      sched_param p{};
+      p.sched_priority = realtime_priority_;
+      if (::pthread_setschedparam(::pthread_self(), SCHED_FIFO, &p) == 0) {
+        ++realtime_;
+        return;
+      }
+      if (!warned_.exchange(true)) {
+        std::fprintf(stderr,
+                     "otp-gateway[warning]: media threads cannot run SCHED_FIFO at priority %d "
+                     "(needs CAP_SYS_NICE or LimitRTPRIO=%d in the systemd unit); they stay "
+                     "time-shared\n",
+                     realtime_priority_, realtime_priority_);
+      }
+    }
+    // Fails quietly without CAP_SYS_NICE or RLIMIT_NICE.
+    if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), kRaisedNice) == 0) {
+      ++raised_;
+    } else {
+      ++unraised_;
+    }
+  }
+
+  void leave() {
+    int policy = SCHED_OTHER;
+    sched_param p{};
+    ::pthread_getschedparam(::pthread_self(), &policy, &p);
+    if (policy == SCHED_FIFO) {
+      --realtime_;
+      const sched_param other{};
+      ::pthread_setschedparam(::pthread_self(), SCHED_OTHER, &other);
+    } else if (::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())) == kRaisedNice) {
+      --raised_;
+    } else {
+      --unraised_;
+    }
+    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 0);
+  }
+
+  json status() const {
+    return json{{"realtime_priority", realtime_priority_},
+                {"realtime_threads", realtime_.load()},
+                {"raised_threads", raised_.load()},
+                {"unraised_threads", unraised_.load()}};
+  }
+
+ private:
+  static constexpr int kRaisedNice = -10;
+  const int realtime_priority_;
+  std::atomic<int> realtime_{0}, raised_{0}, unraised_{0};
+  std::atomic<bool> warned_{false};
+};
+
 }  // namespace
 
 struct Gateway::Impl {
@@ -102,6 +167,7 @@ struct Gateway::Impl {
   };
 
   GatewayConfig config;
+  std::unique_ptr<MediaScheduling> media;  // outlives the pipelines whose threads it counts
   std::unique_ptr<IceSession> ice_session;
   httplib::Server signalling_server;
   std::thread signalling_thread;
@@ -135,15 +201,15 @@ struct Gateway::Impl {
                      (config.sae_id + "-to-" + config.peer_sae_id + "-" + c.name + ".journal");
       s.send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
       // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway.
-      d +=
-          "udpsrc port=" + std::to_string(c.local_rtp_port) +
-          " caps=application/x-rtp buffer-size=4194304 ! funnel name=mux ! otpencrypt name=enc ! " +
-          (ice ? std::string("nicesink name=net_out")
-               : "udpsink host=" + config.peer_address + " port=" + std::to_string(c.peer_port)) +
-          " sync=false async=false ";
+      d += "udpsrc port=" + std::to_string(c.local_rtp_port) +
+           " caps=application/x-rtp buffer-size=4194304 retrieve-sender-address=false ! funnel "
+           "name=mux ! otpencrypt name=enc ! " +
+           (ice ? std::string("nicesink name=net_out")
+                : "udpsink host=" + config.peer_address + " port=" + std::to_string(c.peer_port)) +
+           " sync=false async=false ";
       if (c.local_rtcp_port) {
-        d +=
-            "udpsrc port=" + std::to_string(c.local_rtcp_port) + " caps=application/x-rtcp ! mux. ";
+        d += "udpsrc port=" + std::to_string(c.local_rtcp_port) +
+             " retrieve-sender-address=false caps=application/x-rtcp ! mux. ";
       }
     }
     if (c.receives()) {
@@ -155,7 +221,7 @@ struct Gateway::Impl {
       // The peer gateway -> otpdecrypt -> the conference system.
       d += (ice ? std::string("nicesrc name=net_in ! application/x-otp")
                 : "udpsrc port=" + std::to_string(c.listen_port) +
-                      " buffer-size=4194304 caps=application/x-otp") +
+                      " buffer-size=4194304 retrieve-sender-address=false caps=application/x-otp") +
            " ! otpdecrypt name=dec ! udpsink host=" + c.deliver_rtp.host +
            " port=" + std::to_string(c.deliver_rtp.port) + " sync=false async=false ";
       d += c.deliver_rtcp
@@ -179,23 +245,22 @@ struct Gateway::Impl {
       gst_bin_add(GST_BIN(bin), pipeline);
     }
     s.pipeline.reset(bin);
-    // Media threads ahead of everything else in the process (key refills run below
-    // normal priority): a streaming thread raises itself as it starts, where allowed.
+    // Media threads ahead of everything else on the host (key refills run below normal
+    // priority): a streaming thread sets its own scheduling as it starts.
     GstBus* bus = gst_element_get_bus(bin);
     gst_bus_set_sync_handler(
         bus,
-        [](GstBus*, GstMessage* message, gpointer) -> GstBusSyncReply {
+        [](GstBus*, GstMessage* message, gpointer data) -> GstBusSyncReply {
           if (GST_MESSAGE_TYPE(message) == GST_MESSAGE_STREAM_STATUS) {
             GstStreamStatusType type;
             gst_message_parse_stream_status(message, &type, nullptr);
-            if (type == GST_STREAM_STATUS_TYPE_ENTER) {
-              ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()),
-                            -10);  // fails quietly without CAP_SYS_NICE
-            }
+            auto* media_scheduling = static_cast<MediaScheduling*>(data);
+            if (type == GST_STREAM_STATUS_TYPE_ENTER) media_scheduling->enter();
+            if (type == GST_STREAM_STATUS_TYPE_LEAVE) media_scheduling->leave();
           }
           return GST_BUS_PASS;
         },
-        nullptr, nullptr);
+        media.get(), nullptr);
     gst_object_unref(bus);
     if (c.sends()) {
       s.encrypt.reset(gst_bin_get_by_name(GST_BIN(bin), "enc"));
@@ -387,6 +452,7 @@ struct Gateway::Impl {
                {"on_key_exhausted", config.on_key_exhausted},
                {"rekey_interval", config.rekey_interval}}},
              {"kme", {{"url", config.kme_url}}},
+             {"media_threads", media ? media->status() : json(nullptr)},
              {"running", running.load()}};
     bool healthy = true;
     json list = json::array();
@@ -421,6 +487,15 @@ struct Gateway::Impl {
       out += name + "{" + labels + "} " + number + "\n";
     };
     const json st = status();
+    if (const json& m = st["media_threads"]; !m.is_null()) {
+      const std::string site = "site=\"" + config.site_name + "\",scheduling=";
+      metric("otpgate_media_threads", "gauge", site + "\"realtime\"",
+             m["realtime_threads"].get<double>());
+      metric("otpgate_media_threads", "gauge", site + "\"raised\"",
+             m["raised_threads"].get<double>());
+      metric("otpgate_media_threads", "gauge", site + "\"unraised\"",
+             m["unraised_threads"].get<double>());
+    }
     for (const auto& s : st["streams"]) {
       for (const char* direction : {"send", "receive"}) {
         if (s[direction].is_null()) continue;
@@ -450,6 +525,7 @@ struct Gateway::Impl {
 
 Gateway::Gateway(GatewayConfig config) : impl_(std::make_unique<Impl>()) {
   impl_->config = std::move(config);
+  impl_->media = std::make_unique<MediaScheduling>(impl_->config.realtime_priority);
   if (!gst_is_initialized()) gst_init(nullptr, nullptr);
 }
 

@@ -103,8 +103,9 @@ class KeyContainerWriter {
       put(kEntryOpen);
       put(id);
       put(kEntryMiddle);
-      at += static_cast<std::size_t>(EVP_EncodeBlock(reinterpret_cast<unsigned char*>(text_.data() + at),
-                                                     key->span().data(), static_cast<int>(key->size())));
+      at += static_cast<std::size_t>(
+          EVP_EncodeBlock(reinterpret_cast<unsigned char*>(text_.data() + at), key->span().data(),
+                          static_cast<int>(key->size())));
       put(kEntryClose);
     }
     if (next_ + 1 >= keys.size()) put(kContainerClose);
@@ -130,12 +131,11 @@ void set_body(httplib::Response& res, const json& doc) {
 
 void set_body(httplib::Response& res, KeyContainer container) {
   auto writer = std::make_shared<KeyContainerWriter>(std::move(container));
-  res.set_content_provider(
-      writer->content_length(), "application/json",
-      [writer](std::size_t, std::size_t, httplib::DataSink& sink) {
-        const std::string_view piece = writer->next();
-        return piece.empty() || sink.write(piece.data(), piece.size());
-      });
+  res.set_content_provider(writer->content_length(), "application/json",
+                           [writer](std::size_t, std::size_t, httplib::DataSink& sink) {
+                             const std::string_view piece = writer->next();
+                             return piece.empty() || sink.write(piece.data(), piece.size());
+                           });
 }
 
 KeyId random_uuid() {

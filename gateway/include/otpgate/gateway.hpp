@@ -41,6 +41,10 @@ struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [k
   std::string cipher = "otp";             // otp | aes-256-gcm
   std::string on_key_exhausted = "drop";  // drop | block | fallback-aes
   std::uint32_t rekey_interval = 1024;
+  // [media] realtime_priority: 1-99 runs the media streaming threads SCHED_FIFO at that
+  // priority (needs CAP_SYS_NICE or RLIMIT_RTPRIO, e.g. LimitRTPRIO= in systemd); 0 keeps
+  // them time-shared at nice -10. Either falls back quietly to what the process may do.
+  int realtime_priority = 0;
   Endpoint status_listen{"127.0.0.1", 8080};
   std::vector<StreamConfig> streams;
 };
