@@ -9,30 +9,37 @@
 // conference systems' sender and receiver, and the baseline relays) run SCHED_FIFO above
 // that, so that neither path is measured waiting behind the other's threads.
 //   bench_gateway --pki DIR [--seconds N] [--mbps M] [--kme-url URL] [--realtime-priority P]
-// Without --kme-url the KME simulator runs inside the benchmark (and competes for CPU).
+// Without --kme-url the benchmark starts qkd-kme-sim in its own process. The two paths are
+// measured in alternating one-second slices.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <gst/gst.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
+#include <spawn.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
-#include "kme_simulator.hpp"
 #include "otpgate/gateway.hpp"
 
 using Clock = std::chrono::steady_clock;
@@ -129,6 +136,16 @@ struct Result {
   std::uint64_t sent = 0;
   double cpu = 0;
   double mbps = 0;
+  double seconds = 0;
+
+  void add(const Result& slice) {
+    latency_us.insert(latency_us.end(), slice.latency_us.begin(), slice.latency_us.end());
+    sent += slice.sent;
+    cpu += slice.cpu;
+    mbps = (mbps * seconds + slice.mbps * slice.seconds) / (seconds + slice.seconds);
+    seconds += slice.seconds;
+  }
+  void finish() { std::sort(latency_us.begin(), latency_us.end()); }
 };
 
 // Sends paced traffic to send_base+s and receives it on receive_base+s.
@@ -194,11 +211,71 @@ Result run(std::uint16_t send_base, std::uint16_t receive_base, double seconds, 
   r.cpu = cpu_seconds() - cpu0;
   r.sent = n;
   r.mbps = double(n) * kPacket * 8 / seconds / 1e6;
+  r.seconds = seconds;
   ::close(tx);
   for (int fd : rx) ::close(fd);
-  std::sort(r.latency_us.begin(), r.latency_us.end());
   return r;
 }
+
+// qkd-kme-sim as a child process (unthrottled, 1 Mbit keys as bench_transfer.sh uses:
+// this measures the gateway, not per-key KME overhead).
+class SimulatorProcess {
+ public:
+  SimulatorProcess(const std::string& pki, const fs::path& dir) {
+    const std::string port_file = (dir / "kme.port").string();
+    std::vector<std::string> args = {OTPGATE_KME_SIM,
+                                     "--cert",
+                                     pki + "/kme.crt",
+                                     "--key",
+                                     pki + "/kme.key",
+                                     "--ca",
+                                     pki + "/ca.crt",
+                                     "--port",
+                                     "0",
+                                     "--port-file",
+                                     port_file,
+                                     "--key-rate",
+                                     "0",
+                                     "--store-bytes",
+                                     std::to_string(4ull << 30),
+                                     "--max-key-size",
+                                     std::to_string(1u << 20)};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t files;
+    ::posix_spawn_file_actions_init(&files);
+    const std::string log = (dir / "kme.log").string();
+    ::posix_spawn_file_actions_addopen(&files, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::posix_spawn_file_actions_adddup2(&files, 1, 2);
+    const int spawned = ::posix_spawn(&pid_, argv[0], &files, nullptr, argv.data(), environ);
+    ::posix_spawn_file_actions_destroy(&files);
+    if (spawned != 0) {
+      std::fprintf(stderr, "bench_gateway: cannot start %s\n", OTPGATE_KME_SIM);
+      std::exit(1);
+    }
+    for (int i = 0; i < 200 && port_.empty(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+      std::ifstream in(port_file);
+      std::getline(in, port_);
+    }
+    if (port_.empty()) {
+      std::fprintf(stderr, "bench_gateway: qkd-kme-sim did not start\n");
+      std::exit(1);
+    }
+  }
+  ~SimulatorProcess() {
+    ::kill(pid_, SIGTERM);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  SimulatorProcess(const SimulatorProcess&) = delete;
+  SimulatorProcess& operator=(const SimulatorProcess&) = delete;
+  std::string url() const { return "https://localhost:" + port_; }
+
+ private:
+  pid_t pid_ = -1;
+  std::string port_;
+};
 
 double percentile(const std::vector<double>& v, double p) {
   return v.empty() ? 0 : v[std::min(v.size() - 1, static_cast<std::size_t>(p * double(v.size())))];
@@ -261,32 +338,20 @@ int main(int argc, char** argv) {
   const std::uint16_t base =
       static_cast<std::uint16_t>(61000 + (::getpid() % 40) * 100);  // apart from the tests' ports
 
-  Result plain;
-  {
-    Relay first(base, static_cast<std::uint16_t>(base + 20), harness);
-    Relay second(static_cast<std::uint16_t>(base + 20), static_cast<std::uint16_t>(base + 40),
-                 harness);
-    run(base, static_cast<std::uint16_t>(base + 40), 1, mbps, harness);  // warm-up
-    plain = run(base, static_cast<std::uint16_t>(base + 40), seconds, mbps, harness);
-  }
-
-  otpgate::kmesim::SimulatorConfig kme;
-  kme.certificate = pki + "/kme.crt";
-  kme.private_key = pki + "/kme.key";
-  kme.client_ca = pki + "/ca.crt";
-  kme.key_rate_bps = 0;  // unthrottled: this measures the gateway, not the key rate
-  kme.store_bits = 4ull << 33;
-  kme.max_key_size =
-      1u
-      << 20;  // 128 KiB keys, as bench_transfer.sh: measure the gateway, not per-key KME overhead
-  otpgate::kmesim::KmeSimulator sim(kme);
-  if (kme_url.empty()) {
-    sim.start();
-    kme_url = sim.url();
-  }
   const fs::path state =
       fs::temp_directory_path() / ("otpgate-bench-gw-" + std::to_string(::getpid()));
-  Result otp;
+  fs::create_directories(state);
+  // The KME in its own process, as in a deployment (a KME shares neither the gateway's
+  // CPU time accounting nor its address space).
+  std::optional<SimulatorProcess> sim;
+  if (kme_url.empty()) {
+    sim.emplace(pki, state);
+    kme_url = sim->url();
+  }
+  Relay first(base, static_cast<std::uint16_t>(base + 20), harness);
+  Relay second(static_cast<std::uint16_t>(base + 20), static_cast<std::uint16_t>(base + 40),
+               harness);
+  Result plain, otp;
   std::string media_threads;
   {
     otpgate::gateway::Gateway a(otpgate::gateway::parse_config(
@@ -300,11 +365,24 @@ int main(int argc, char** argv) {
         "bench-b"));
     a.start();
     b.start();
+    auto relayed = [&](double s) {
+      return run(base, static_cast<std::uint16_t>(base + 40), s, mbps, harness);
+    };
+    auto protected_ = [&](double s) {
+      return run(static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100), s,
+                 mbps, harness);
+    };
     // Warm-up: the first announcements and key fetches of a call are not the steady state.
-    run(static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100), 1, mbps,
-        harness);
-    otp = run(static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100),
-              seconds, mbps, harness);
+    relayed(1);
+    protected_(1);
+    // One-second slices, alternating, so that both paths see the same host (a shared VM's
+    // stolen time comes and goes over seconds).
+    for (int slice = 0; slice < static_cast<int>(std::ceil(seconds)); ++slice) {
+      plain.add(relayed(1));
+      otp.add(protected_(1));
+    }
+    plain.finish();
+    otp.finish();
     int fifo = 0, shared = 0;
     for (const auto* g : {&a, &b}) {
       const auto media = nlohmann::json::parse(g->status_json())["media_threads"];
@@ -317,7 +395,9 @@ int main(int argc, char** argv) {
                     (harness.priority ? "SCHED_FIFO " + std::to_string(harness.priority)
                                       : std::string("time-shared"));
   }
+  sim.reset();
   fs::remove_all(state);
+  seconds = std::ceil(seconds);
 
   std::printf(
       "== gateway hop vs plain UDP relay, %d streams, %.1f Mbit/s of 1200-byte RTP, %.0f s ==\n",
@@ -328,7 +408,7 @@ int main(int argc, char** argv) {
     std::printf("%-34s %10.1f %10.1f %10.1f %10lld %12.4f\n", name, percentile(r.latency_us, 0.5),
                 percentile(r.latency_us, 0.99), percentile(r.latency_us, 0.999),
                 static_cast<long long>(r.sent) - static_cast<long long>(r.latency_us.size()),
-                r.cpu / (r.mbps * seconds));
+                r.cpu / (r.mbps * r.seconds));
   };
   std::printf("%s\n", media_threads.c_str());
   row("two plain UDP relays (baseline)", plain);
