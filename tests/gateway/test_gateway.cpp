@@ -7,6 +7,7 @@
 #include <httplib.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -235,6 +236,47 @@ TEST_F(GatewayTest, StatusApiAndMetricsCountWhatWasSent) {
   EXPECT_NE(metrics->body.find("# TYPE otpgate_key_available_bytes gauge"), std::string::npos);
 }
 
+// Every media streaming thread takes the scheduling [media] asks for (SCHED_FIFO where
+// the process may; CI runs as root) and reports it; key refill threads never do.
+TEST_F(GatewayTest, MediaThreadsRunRealtimeWhereConfiguredAndReportIt) {
+  start([](std::string& a, std::string& b) {
+    a += "[media]\nrealtime_priority = 15\n";
+    b += "[media]\nrealtime_priority = 0\n";
+  });
+  std::map<int, std::vector<Bytes>> sent;
+  auto received = exchange(true, 20, sent);
+  EXPECT_EQ(received[1], sent[1]);  // media flows through the realtime threads
+  const auto a = get_json(a_->status_port(), "/api/v1/status")["media_threads"];
+  const auto b = get_json(b_->status_port(), "/api/v1/status")["media_threads"];
+  EXPECT_EQ(a["realtime_priority"], 15);
+  const int a_threads = a["realtime_threads"].get<int>() + a["raised_threads"].get<int>() +
+                        a["unraised_threads"].get<int>();
+  EXPECT_GE(a_threads, 4);  // two streams: RTP and RTCP sources, both directions
+  EXPECT_EQ(b["realtime_threads"], 0);
+  const sched_param probe{15};
+  const bool may_realtime = ::sched_setscheduler(0, SCHED_FIFO, &probe) == 0;
+  if (may_realtime) {
+    const sched_param other{};
+    ::sched_setscheduler(0, SCHED_OTHER, &other);
+    EXPECT_EQ(a["realtime_threads"].get<int>(), a_threads);
+    // Key refill threads (and the rest of the process) stay time-shared.
+    int realtime_elsewhere = 0;
+    for (const auto& task : fs::directory_iterator("/proc/self/task")) {
+      const pid_t tid = std::stoi(task.path().filename().string());
+      if (::sched_getscheduler(tid) == SCHED_FIFO) ++realtime_elsewhere;
+    }
+    EXPECT_EQ(realtime_elsewhere, a_threads);
+  }
+  httplib::Client client("127.0.0.1", a_->status_port());
+  auto metrics = client.Get("/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_NE(
+      metrics->body.find("otpgate_media_threads{site=\"sae-a-site\",scheduling=\"realtime\"} " +
+                         std::to_string(a["realtime_threads"].get<int>())),
+      std::string::npos)
+      << metrics->body;
+}
+
 TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
   const std::string pki = otpgate::testing::pki_dir().string();
   const std::string good =
@@ -271,6 +313,15 @@ TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
             std::string::npos);
   EXPECT_NE(error_for("name = \"audio\"", "name = \"audio\"\n[bad").find("not valid TOML"),
             std::string::npos);
+  EXPECT_EQ(error_for("[[stream]]", "[media]\nrealtime_priority = 120\n[[stream]]"),
+            "site.toml: media.realtime_priority = 120: expected 0 (time-sharing) or a SCHED_FIFO "
+            "priority from 1 to 99");
+  EXPECT_EQ(otpgate::gateway::parse_config(
+                std::string(good).replace(good.find("[[stream]]"), 10,
+                                          "[media]\nrealtime_priority = 20\n[[stream]]"),
+                "site.toml")
+                .realtime_priority,
+            20);
   EXPECT_EQ(error_for("listen_port = 6004", "listen_port = 5004"),
             "site.toml: stream[0].*_port = 5004: expected a local port no other stream or "
             "direction uses");
