@@ -94,6 +94,9 @@ head -c "$((size_mib << 20))" /dev/urandom >"$file"
 bytes=$((size_mib << 20))
 
 cat "$file" >/dev/null  # page cache: both runs read from memory
+# Write back the generated file now: its dirty pages would otherwise be flushed during
+# whichever measurement runs next (and only the transfer writes a file of its own).
+sync
 t0=$(now)
 cat "$file" | sha256sum >/dev/null
 t1=$(now)

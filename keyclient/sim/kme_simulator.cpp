@@ -46,83 +46,70 @@ std::string peer_common_name(const httplib::Request& req) {
                      static_cast<std::size_t>(ASN1_STRING_length(data)));
 }
 
-using SharedKey = std::shared_ptr<const SecretBytes>;
+// A key as the simulator keeps it: its base64 text, made once when the key is generated
+// and sent to the master, then to the slave, straight from this memory (locked, wiped when
+// the last holder lets go).
+struct StoredText {
+  SecretBytes base64;
+  std::uint64_t bits = 0;
+};
+using SharedKey = std::shared_ptr<const StoredText>;
 
-// An ETSI 014 Key container, streamed to the client key by key. The simulator serves
-// file transfers at hundreds of MB/s of key: building the whole document (then httplib
-// copying it again) cost most of its CPU in copies and page faults. Keys are shared with
-// the store, so no key byte is copied before its base64 text; UUIDs and base64 never
-// need JSON escaping.
+SharedKey make_key_text(std::span<const std::uint8_t> key) {
+  auto text = std::make_shared<StoredText>();
+  // EVP_EncodeBlock writes a terminating NUL after the text: room for it, then cut.
+  text->base64 = SecretBytes(4 * ((key.size() + 2) / 3) + 1);
+  const int n =
+      EVP_EncodeBlock(text->base64.span().data(), key.data(), static_cast<int>(key.size()));
+  text->base64.truncate(static_cast<std::size_t>(n));
+  text->bits = key.size() * 8;
+  return text;
+}
+
+// An ETSI 014 Key container, streamed to the client key by key: the JSON framing from a
+// small buffer, each key's text from the key's own memory. (Building the whole document,
+// then httplib copying it again, cost most of the simulator's CPU at file-transfer
+// rates.) UUIDs and base64 never need JSON escaping.
 struct KeyContainer {
   std::vector<std::pair<std::string, SharedKey>> keys;  // key_ID, key
 };
 
-std::size_t base64_size(std::size_t bytes) {
-  return 4 * ((bytes + 2) / 3);
-}
-
-constexpr std::string_view kContainerOpen = "{\"keys\":[";
-constexpr std::string_view kEntryOpen = "{\"key_ID\":\"";
-constexpr std::string_view kEntryMiddle = "\",\"key\":\"";
-constexpr std::string_view kEntryClose = "\"}";
-constexpr std::string_view kContainerClose = "]}";
-
-// Writes one key entry at a time into a buffer it wipes (it holds base64 key text).
 class KeyContainerWriter {
  public:
   explicit KeyContainerWriter(KeyContainer c) : container_(std::move(c)) {}
-  ~KeyContainerWriter() { OPENSSL_cleanse(text_.data(), text_.size()); }
-  KeyContainerWriter(const KeyContainerWriter&) = delete;
-  KeyContainerWriter& operator=(const KeyContainerWriter&) = delete;
 
   std::size_t content_length() const {
-    std::size_t n = kContainerOpen.size() + kContainerClose.size();
-    for (std::size_t i = 0; i < container_.keys.size(); ++i) n += entry_size(i) + (i ? 1 : 0);
+    std::size_t n = 0;
+    for (std::size_t i = 0; i <= container_.keys.size(); ++i) n += framing(i).size();
+    for (const auto& [id, key] : container_.keys) n += key->base64.size();
     return n;
   }
 
-  // The next piece of the document; empty when it is complete.
-  std::string_view next() {
+  // Framing before key i (or the container's end after the last), then key i's text.
+  bool write(httplib::DataSink& sink) {
     const auto& keys = container_.keys;
-    if (next_ > keys.size()) return {};
-    std::size_t need = kContainerOpen.size() + kContainerClose.size() + 1;
-    if (next_ < keys.size()) need += entry_size(next_);
-    if (text_.size() < need) {
-      OPENSSL_cleanse(text_.data(), text_.size());
-      text_ = std::string(need, '\0');
-    }
-    std::size_t at = 0;
-    auto put = [&](std::string_view part) {
-      part.copy(text_.data() + at, part.size());
-      at += part.size();
-    };
-    if (next_ == 0) put(kContainerOpen);
+    if (next_ > keys.size()) return true;
+    const std::string head = framing(next_);
+    if (!sink.write(head.data(), head.size())) return false;
     if (next_ < keys.size()) {
-      if (next_ > 0) put(",");
-      const auto& [id, key] = keys[next_];
-      put(kEntryOpen);
-      put(id);
-      put(kEntryMiddle);
-      at += static_cast<std::size_t>(
-          EVP_EncodeBlock(reinterpret_cast<unsigned char*>(text_.data() + at), key->span().data(),
-                          static_cast<int>(key->size())));
-      put(kEntryClose);
+      const SecretBytes& text = keys[next_].second->base64;
+      if (!sink.write(reinterpret_cast<const char*>(text.span().data()), text.size())) return false;
     }
-    if (next_ + 1 >= keys.size()) put(kContainerClose);
-    next_ = next_ + 1 >= keys.size() ? keys.size() + 1 : next_ + 1;
-    return {text_.data(), at};
+    ++next_;
+    return true;
   }
 
  private:
-  std::size_t entry_size(std::size_t i) const {
-    const auto& [id, key] = container_.keys[i];
-    return kEntryOpen.size() + id.size() + kEntryMiddle.size() + base64_size(key->size()) +
-           kEntryClose.size();
+  std::string framing(std::size_t i) const {
+    const auto& keys = container_.keys;
+    std::string out = i == 0 ? "{\"keys\":[" : "\"}";
+    if (i == keys.size()) return out + "]}";
+    if (i > 0) out += ',';
+    return out + "{\"key_ID\":\"" + keys[i].first + "\",\"key\":\"";
   }
 
   KeyContainer container_;
   std::size_t next_ = 0;
-  std::string text_;
 };
 
 void set_body(httplib::Response& res, const json& doc) {
@@ -131,11 +118,9 @@ void set_body(httplib::Response& res, const json& doc) {
 
 void set_body(httplib::Response& res, KeyContainer container) {
   auto writer = std::make_shared<KeyContainerWriter>(std::move(container));
-  res.set_content_provider(writer->content_length(), "application/json",
-                           [writer](std::size_t, std::size_t, httplib::DataSink& sink) {
-                             const std::string_view piece = writer->next();
-                             return piece.empty() || sink.write(piece.data(), piece.size());
-                           });
+  res.set_content_provider(
+      writer->content_length(), "application/json",
+      [writer](std::size_t, std::size_t, httplib::DataSink& sink) { return writer->write(sink); });
 }
 
 KeyId random_uuid() {
@@ -203,7 +188,7 @@ struct KmeSimulator::Impl {
       last_expiry = now;
       for (auto it = store.begin(); it != store.end();) {
         if (it->second.relayed_at + config.unclaimed_ttl < now) {
-          pending_bits -= std::min<std::uint64_t>(pending_bits, it->second.bytes->size() * 8);
+          pending_bits -= std::min<std::uint64_t>(pending_bits, it->second.bytes->bits);
           it = store.erase(it);
         } else {
           ++it;
@@ -291,14 +276,15 @@ struct KmeSimulator::Impl {
     pending_bits += bits;
     KeyContainer list;
     const auto relayed_at = Clock::now() + config.relay_delay;
+    SecretBytes key(size / 8);  // each key's raw bytes, briefly; only its text is kept
     for (std::uint64_t i = 0; i < number; ++i) {
-      auto bytes = std::make_shared<SecretBytes>(size / 8);
-      if (RAND_bytes(bytes->span().data(), static_cast<int>(bytes->size())) != 1) {
+      if (RAND_bytes(key.span().data(), static_cast<int>(key.size())) != 1) {
         throw Refusal{500, "the KME's random generator failed"};
       }
+      SharedKey text = make_key_text(key.span());
       const KeyId id = random_uuid();
-      list.keys.emplace_back(id.to_string(), bytes);
-      store.emplace(id, StoredKey{caller, slave, std::move(bytes), relayed_at});
+      list.keys.emplace_back(id.to_string(), text);
+      store.emplace(id, StoredKey{caller, slave, std::move(text), relayed_at});
     }
     keys_to_masters += number;
     return list;
@@ -333,7 +319,7 @@ struct KmeSimulator::Impl {
     KeyContainer list;
     for (auto it : found) {
       list.keys.emplace_back(it->first.to_string(), it->second.bytes);
-      pending_bits -= it->second.bytes->size() * 8;
+      pending_bits -= it->second.bytes->bits;
       store.erase(it);  // delivered once, then gone (wiped once its response is written)
     }
     keys_to_slaves += found.size();
