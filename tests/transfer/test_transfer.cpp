@@ -275,6 +275,45 @@ TEST_F(TransferTest, KeyShortageSlowsTheTransferToTheKeyRateAndSaysSo) {
   EXPECT_EQ(sha256_of(data("S10/reads.bam")), sha256_of(received(finished, "S10/reads.bam")));
 }
 
+TEST_F(TransferTest, AKilledSendersJobIsListedAsInterruptedAndResumes) {
+  write_random(data("S12/reads.bam"), 40u << 20, 13);
+  transfer::Service b(config("b"));
+  b.start();
+  sim_->set_key_rate(80e6);
+  Child sender(cli("a", {"send", "S12", data("S12").string()}), dir_.path / "send.log");
+  transfer::JobStore store(transfer::database_path(config("a")));
+  ASSERT_TRUE(eventually([&] {
+    const auto jobs = store.list();
+    return !jobs.empty() && jobs[0].transferred > 0;
+  }));
+  const std::string id = store.list()[0].job_id;
+  // While it runs: listed as running, and a second sender for it is refused.
+  transfer::mark_interrupted_send_jobs(store, config("a"));
+  EXPECT_EQ(store.get(id)->transfer_state, "running");
+  Child second(cli("a", {"start", id}), dir_.path / "second.log");
+  EXPECT_EQ(second.wait(), 1);
+  EXPECT_NE(slurp(dir_.path / "second.log")
+                .find("job " + id + " is already being sent by another otp-transfer process"),
+            std::string::npos)
+      << slurp(dir_.path / "second.log");
+  sender.kill(SIGKILL);
+  // The job table no longer shows the dead transfer as running, and says how to resume.
+  Child jobs(cli("a", {"jobs"}), dir_.path / "jobs.log");
+  EXPECT_EQ(jobs.wait(), 0);
+  EXPECT_NE(slurp(dir_.path / "jobs.log").find("interrupted"), std::string::npos)
+      << slurp(dir_.path / "jobs.log");
+  const auto interrupted = store.get(id);
+  EXPECT_EQ(interrupted->transfer_state, "interrupted");
+  EXPECT_NE(interrupted->error.find("otp-transfer start " + id), std::string::npos)
+      << interrupted->error;
+  sim_->set_key_rate(0);
+  Child resumed(cli("a", {"start", id}), dir_.path / "resume.log");
+  EXPECT_EQ(resumed.wait(), 0) << slurp(dir_.path / "resume.log");
+  const auto done = store.get(id);
+  ASSERT_EQ(done->transfer_state, "completed") << done->error;
+  EXPECT_EQ(sha256_of(data("S12/reads.bam")), sha256_of(received(*done, "S12/reads.bam")));
+}
+
 TEST_F(TransferTest, AKilledSendersJobCanBeDeletedButARunningOneCannot) {
   write_random(data("S11/reads.bam"), 40u << 20, 12);
   transfer::Service b(config("b"));

@@ -226,6 +226,7 @@ int main(int argc, char** argv) {
       return run_job(store, config, job.job_id);
     }
     if (jobs->parsed()) {
+      mark_interrupted_send_jobs(store, config);
       const auto list = store.list();
       if (as_json) {
         nlohmann::json out = nlohmann::json::array();

@@ -804,6 +804,7 @@ Job run_send_job(JobStore& store, const TransferConfig& config, const std::strin
                              " was received here; it can only be started on the sending site");
   }
   if (job->transfer_state == "completed") return *job;
+  const SendJobLock running(config, job_id);
   return SendSession(store, config, std::move(*job), options).run();
 }
 

@@ -70,21 +70,12 @@ void reply_error(httplib::Response& res, int status, const std::string& message)
 bool delete_job(JobStore& store, const TransferConfig& config, const std::string& job_id) {
   const auto job = store.get(job_id);
   if (!job) return false;
-  if (job->transfer_state == "running" || job->transfer_state == "waiting-for-key") {
-    // A send job's journal is locked while a sender runs it; a sender that was killed
-    // left the state behind but not the lock.
-    bool running = true;
-    if (job->direction == "send") {
-      try {
-        std::error_code ec;
-        fs::create_directories(journal_path(config, job_id).parent_path(), ec);
-        const keys::OffsetJournal probe(journal_path(config, job_id));
-        running = false;
-      } catch (const std::exception&) {
-        running = true;
-      }
-    }
-    if (running) throw std::runtime_error("job " + job_id + " is running: abort it first");
+  const bool active = job->transfer_state == "running" || job->transfer_state == "waiting-for-key";
+  // A receive job is active while its sender is connected; a send job while a sender
+  // process holds it (one that was killed left the state behind, not the lock).
+  if ((job->direction == "send" && SendJobLock::held(config, job_id)) ||
+      (job->direction == "receive" && active)) {
+    throw std::runtime_error("job " + job_id + " is running: abort it first");
   }
   if (job->direction == "receive") {
     std::error_code ec;
@@ -95,6 +86,19 @@ bool delete_job(JobStore& store, const TransferConfig& config, const std::string
     fs::remove(config.incoming_dir / job->specimen_id, ec);  // only if now empty
   }
   return store.remove(job_id);
+}
+
+void mark_interrupted_send_jobs(JobStore& store, const TransferConfig& config) {
+  for (const auto& j : store.list()) {
+    if (j.direction == "send" &&
+        (j.transfer_state == "running" || j.transfer_state == "waiting-for-key") &&
+        !SendJobLock::held(config, j.job_id)) {
+      store.set_state(j.job_id, "interrupted",
+                      "its sender stopped before finishing (killed or crashed); `otp-transfer "
+                      "start " +
+                          j.job_id + "` resumes it with fresh pad");
+    }
+  }
 }
 
 struct Service::Impl {
@@ -302,6 +306,7 @@ struct Service::Impl {
              {"key_available", key_available()}});
     });
     api().Get("/api/v1/jobs", [this](const httplib::Request&, httplib::Response& res) {
+      mark_interrupted_send_jobs(*store, config);
       json list = json::array();
       for (const auto& j : store->list()) list.push_back(job_to_json(j));
       reply(res, 200, {{"site", config.site_name}, {"jobs", list}});

@@ -11,6 +11,7 @@
 #include <openssl/crypto.h>
 #include <openssl/hmac.h>
 #include <poll.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -581,6 +582,33 @@ keys::KmeClientConfig kme_client_config(const TransferConfig& config) {
 
 std::filesystem::path journal_path(const TransferConfig& config, const std::string& job_id) {
   return config.state_dir / "transfer-journals" / (job_id + ".journal");
+}
+
+std::filesystem::path SendJobLock::path(const TransferConfig& config, const std::string& job_id) {
+  return config.state_dir / "transfer-journals" / (job_id + ".sender.lock");
+}
+
+SendJobLock::SendJobLock(const TransferConfig& config, const std::string& job_id) {
+  const auto file = path(config, job_id);
+  std::error_code ec;
+  std::filesystem::create_directories(file.parent_path(), ec);
+  fd_ = Fd(::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  if (!fd_) {
+    throw std::runtime_error("cannot create " + file.string() + ": " + std::strerror(errno) +
+                             " (check site.state_dir)");
+  }
+  if (::flock(fd_.fd, LOCK_EX | LOCK_NB) != 0) {
+    throw std::runtime_error("job " + job_id +
+                             " is already being sent by another otp-transfer process");
+  }
+}
+
+bool SendJobLock::held(const TransferConfig& config, const std::string& job_id) {
+  const Fd probe(::open(path(config, job_id).c_str(), O_RDONLY | O_CLOEXEC));
+  if (!probe) return false;  // never started here
+  // A shared lock is refused exactly while a sender holds its exclusive one; the probe
+  // lets go at once.
+  return ::flock(probe.fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
 }
 
 }  // namespace otpgate::transfer::detail

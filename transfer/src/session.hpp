@@ -203,4 +203,18 @@ std::int64_t now_ms();
 keys::KmeClientConfig kme_client_config(const TransferConfig& config);
 std::filesystem::path journal_path(const TransferConfig& config, const std::string& job_id);
 
+// Held (flock) by the process that runs a send job for as long as it runs it, retries
+// included: tells a live job from one whose sender died, and refuses a second sender.
+class SendJobLock {
+ public:
+  // Throws std::runtime_error when another process runs the job.
+  SendJobLock(const TransferConfig& config, const std::string& job_id);
+  // True while some process runs the job.
+  static bool held(const TransferConfig& config, const std::string& job_id);
+
+ private:
+  static std::filesystem::path path(const TransferConfig& config, const std::string& job_id);
+  Fd fd_;
+};
+
 }  // namespace otpgate::transfer::detail

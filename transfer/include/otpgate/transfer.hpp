@@ -110,6 +110,11 @@ class JobStore {
 // copies; never a sender's source data). Throws if it is running; false if unknown.
 bool delete_job(JobStore& store, const TransferConfig& config, const std::string& job_id);
 
+// Send jobs left "running" or "waiting-for-key" by a sender that no longer runs them
+// (killed, crashed, the machine rebooted) become "interrupted", with how to resume.
+// Listings call this, so a job table never shows a dead transfer as running.
+void mark_interrupted_send_jobs(JobStore& store, const TransferConfig& config);
+
 std::string new_job_id();  // "J" + date + random, unique per site
 std::filesystem::path database_path(const TransferConfig& config);
 
