@@ -260,11 +260,23 @@ struct KeySupply::Impl {
     while (!stopping_flag && double(r.bytes_available()) < config.high_water * capacity) {
       const double missing = config.high_water * capacity - double(r.bytes_available());
       std::size_t number = static_cast<std::size_t>(std::ceil(missing / r.slot_bytes()));
-      number = std::min({number, r.free_slots(), std::size_t(max_keys_per_request)});
+      number = std::min(
+          {number, r.free_slots(), std::size_t(max_keys_per_request), keys_per_request_cap});
       if (config.publish_announcements) number = std::min(number, announcements.write_available());
       if (number == 0) return;
       const auto started = Clock::now();
-      std::vector<Key> keys = backend->deliver(next_offset, number, key_bits);
+      std::vector<Key> keys;
+      try {
+        keys = backend->deliver(next_offset, number, key_bits);
+      } catch (const KmeError& e) {
+        // A KME short of key (a QKD link slower than the traffic, or a store smaller than
+        // the ring) refuses the whole request: ask for less at once rather than wait for
+        // all of it, which a small store would never hold.
+        if (e.kind() != KmeErrorKind::unavailable || number == 1) throw;
+        keys_per_request_cap = number / 2;
+        continue;
+      }
+      keys_per_request_cap = std::min(keys_per_request_cap * 2, std::size_t(max_keys_per_request));
       note_latency(ms_since(started));
       std::uint64_t total = 0;
       for (const Key& k : keys) {
@@ -399,9 +411,10 @@ struct KeySupply::Impl {
         if (e.kind() == KmeErrorKind::cancelled) break;
         record_error(e.what());
         wait = backoff;
-        // A slave waits for keys media is about to need: retry its KME sooner.
-        backoff = std::min(backoff * 2,
-                           std::chrono::milliseconds(config.role == SaeRole::slave ? 250 : 2000));
+        // A slave waits for keys media is about to need, and a KME short of key has more
+        // within a fraction of a second: retry those sooner than a KME that is down.
+        const bool soon = config.role == SaeRole::slave || e.kind() == KmeErrorKind::unavailable;
+        backoff = std::min(backoff * 2, std::chrono::milliseconds(soon ? 250 : 2000));
       } catch (const std::exception& e) {
         record_error(e.what());
         wait = std::chrono::milliseconds(1000);
@@ -411,6 +424,8 @@ struct KeySupply::Impl {
       cv.wait_for(lock, wait, [&] { return stopping; });
     }
   }
+
+  std::size_t keys_per_request_cap = SIZE_MAX;  // master: shrinks while the KME is short
 
   KeySupplyConfig config;
   std::unique_ptr<Backend> backend;

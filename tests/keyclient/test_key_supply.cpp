@@ -109,6 +109,24 @@ TEST_F(KeySupplyTest, ExhaustionIsReportedAndTheSupplyRecovers) {
   EXPECT_TRUE(master.stats().kme_healthy);
 }
 
+// A KME whose store is smaller than what the ring asks for at once (64 keys here, against
+// a ring that wants over 200) refuses every full-size request: the master asks for less
+// instead of waiting for a store level that can never come.
+TEST_F(KeySupplyTest, AMasterAsksForLessWhenTheKmeHoldsLessThanItWants) {
+  auto config = otpgate::testing::simulator_config();
+  config.store_bits = 64 * 8192;
+  start_sim(config);
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_config());
+  master.start();
+  std::vector<std::uint8_t> chunk(1000);
+  int taken = 0;
+  ASSERT_TRUE(eventually([&] {
+    while (master.take(chunk)) ++taken;
+    return taken >= 50;  // 50 kB of pad from a 64 kB store
+  })) << master.stats().last_error;
+  EXPECT_LE(master.stats().keys_fetched, 64u);  // all the store could give
+}
+
 TEST_F(KeySupplyTest, ARestartNeverHandsOutAnOffsetAgain) {
   std::uint64_t highest_end = 0;
   std::uint64_t reserved = 0;
