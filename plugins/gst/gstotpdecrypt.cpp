@@ -47,6 +47,7 @@ enum Counter {
   C_ANNOUNCEMENT_REPEATS,
   C_ANNOUNCEMENTS_PENDING,
   C_AES_PACKETS,
+  C_KEY_WAITS,
   C_COUNT
 };
 constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
@@ -62,7 +63,8 @@ constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
                                                 "announcements-verified",
                                                 "announcement-repeats",
                                                 "announcements-pending",
-                                                "aes-packets"};
+                                                "aes-packets",
+                                                "key-waits"};
 
 constexpr std::uint8_t kPreamble[] = {'O', 'T', 'P', 'S', 'T', 'R', 'M', 1};
 
@@ -178,6 +180,8 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstBuffer* in) {
   // Right after announcements (call start, or a KME relaying late) the keys may still be
   // on their way: wait briefly rather than drop, but only while some are outstanding.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms);
+  if (verdict == otp::Decoder::Verdict::no_key && s.decoder->stats().announcements_pending > 0)
+    bump(p, C_KEY_WAITS);  // this packet is delayed (its key is on its way)
   while (verdict == otp::Decoder::Verdict::no_key && s.decoder->stats().announcements_pending > 0 &&
          std::chrono::steady_clock::now() < deadline && !p.flushing) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));

@@ -210,6 +210,27 @@ TEST_F(GatewayTest, AudioAndVideoArriveByteIdenticalInBothDirections) {
   }
 }
 
+// A KME that relays keys to the slave site late (250 ms here): the first packets wait
+// for their keys instead of being dropped (up to the key-wait of 500 ms), and the wait is
+// counted.
+TEST_F(GatewayTest, PacketsWaitingForALateKeyAreDeliveredAndCounted) {
+  auto kme = otpgate::testing::simulator_config();
+  kme.relay_delay = std::chrono::milliseconds(250);
+  start({}, kme);
+  std::map<int, std::vector<Bytes>> sent;
+  auto received = exchange(true, 20, sent);
+  EXPECT_EQ(received[0], sent[0]);
+  EXPECT_EQ(received[1], sent[1]);
+  const auto b = get_json(b_->status_port(), "/api/v1/status");
+  std::uint64_t waits = 0, drops = 0;
+  for (const auto& stream : b["streams"]) {
+    waits += stream["receive"]["key-waits"].get<std::uint64_t>();
+    drops += stream["receive"]["drops-no-key"].get<std::uint64_t>();
+  }
+  EXPECT_GE(waits, 1u);
+  EXPECT_EQ(drops, 0u);
+}
+
 TEST_F(GatewayTest, StatusApiAndMetricsCountWhatWasSent) {
   start();
   std::map<int, std::vector<Bytes>> sent;
