@@ -488,13 +488,11 @@ struct Gateway::Impl {
     };
     const json st = status();
     if (const json& m = st["media_threads"]; !m.is_null()) {
-      const std::string site = "site=\"" + config.site_name + "\",scheduling=";
-      metric("otpgate_media_threads", "gauge", site + "\"realtime\"",
-             m["realtime_threads"].get<double>());
-      metric("otpgate_media_threads", "gauge", site + "\"raised\"",
-             m["raised_threads"].get<double>());
-      metric("otpgate_media_threads", "gauge", site + "\"unraised\"",
-             m["unraised_threads"].get<double>());
+      for (const char* scheduling : {"realtime", "raised", "unraised"}) {
+        metric("otpgate_media_threads", "gauge",
+               "site=\"" + config.site_name + "\",scheduling=\"" + scheduling + "\"",
+               m[std::string(scheduling) + "_threads"].get<double>());
+      }
     }
     for (const auto& s : st["streams"]) {
       for (const char* direction : {"send", "receive"}) {

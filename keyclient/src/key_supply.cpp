@@ -276,7 +276,9 @@ struct KeySupply::Impl {
         keys_per_request_cap = number / 2;
         continue;
       }
-      keys_per_request_cap = std::min(keys_per_request_cap * 2, std::size_t(max_keys_per_request));
+      if (keys_per_request_cap < max_keys_per_request)
+        keys_per_request_cap =
+            std::min<std::size_t>(2 * keys_per_request_cap, max_keys_per_request);
       note_latency(ms_since(started));
       std::uint64_t total = 0;
       for (const Key& k : keys) {

@@ -16,6 +16,7 @@
 
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -169,6 +170,22 @@ class TransferTest : public ::testing::Test {
     return f;
   }
   fs::path data(const std::string& relative) const { return dir_.path / "data" / relative; }
+  // `send SPECIMEN` of a 40 MiB file from site a with the key rate throttled to 80 Mbit/s;
+  // returns its job ID once the receiver has committed part of it.
+  std::string start_slow_send(const std::string& specimen, unsigned seed,
+                              std::optional<Child>& sender) {
+    write_random(data(specimen + "/reads.bam"), 40u << 20, seed);
+    sim_->set_key_rate(80e6);
+    sender.emplace(cli("a", {"send", specimen, data(specimen).string()}), dir_.path / "send.log");
+    transfer::JobStore store(transfer::database_path(config("a")));
+    EXPECT_TRUE(eventually([&] {
+      const auto jobs = store.list();
+      return !jobs.empty() && jobs[0].transferred > 0;
+    }));
+    const auto jobs = store.list();
+    return jobs.empty() ? std::string() : jobs[0].job_id;
+  }
+
   fs::path received(const Job& job, const std::string& relative) const {
     return dir_.path / "incoming-b" / job.specimen_id / job.job_id / relative;
   }
@@ -276,17 +293,12 @@ TEST_F(TransferTest, KeyShortageSlowsTheTransferToTheKeyRateAndSaysSo) {
 }
 
 TEST_F(TransferTest, AKilledSendersJobIsListedAsInterruptedAndResumes) {
-  write_random(data("S12/reads.bam"), 40u << 20, 13);
+  fs::create_directories(data(""));  // site b's data root
   transfer::Service b(config("b"));
   b.start();
-  sim_->set_key_rate(80e6);
-  Child sender(cli("a", {"send", "S12", data("S12").string()}), dir_.path / "send.log");
+  std::optional<Child> sender;
+  const std::string id = start_slow_send("S12", 13, sender);
   transfer::JobStore store(transfer::database_path(config("a")));
-  ASSERT_TRUE(eventually([&] {
-    const auto jobs = store.list();
-    return !jobs.empty() && jobs[0].transferred > 0;
-  }));
-  const std::string id = store.list()[0].job_id;
   // While it runs: listed as running, and a second sender for it is refused.
   transfer::mark_interrupted_send_jobs(store, config("a"));
   const std::string live_state = store.get(id)->transfer_state;
@@ -297,7 +309,7 @@ TEST_F(TransferTest, AKilledSendersJobIsListedAsInterruptedAndResumes) {
                 .find("job " + id + " is already being sent by another otp-transfer process"),
             std::string::npos)
       << slurp(dir_.path / "second.log");
-  sender.kill(SIGKILL);
+  sender->kill(SIGKILL);
   // The job table no longer shows the dead transfer as running, and says how to resume.
   Child jobs(cli("a", {"jobs"}), dir_.path / "jobs.log");
   EXPECT_EQ(jobs.wait(), 0);
@@ -316,19 +328,14 @@ TEST_F(TransferTest, AKilledSendersJobIsListedAsInterruptedAndResumes) {
 }
 
 TEST_F(TransferTest, AKilledSendersJobCanBeDeletedButARunningOneCannot) {
-  write_random(data("S11/reads.bam"), 40u << 20, 12);
+  fs::create_directories(data(""));  // site b's data root
   transfer::Service b(config("b"));
   b.start();
-  sim_->set_key_rate(80e6);
-  Child sender(cli("a", {"send", "S11", data("S11").string()}), dir_.path / "send.log");
+  std::optional<Child> sender;
+  const std::string id = start_slow_send("S11", 12, sender);
   transfer::JobStore store(transfer::database_path(config("a")));
-  ASSERT_TRUE(eventually([&] {
-    const auto jobs = store.list();
-    return !jobs.empty() && jobs[0].transferred > 0;
-  }));
-  const std::string id = store.list()[0].job_id;
   EXPECT_THROW(transfer::delete_job(store, config("a"), id), std::runtime_error);
-  sender.kill(SIGKILL);
+  sender->kill(SIGKILL);
   EXPECT_TRUE(transfer::delete_job(store, config("a"), id));
   EXPECT_FALSE(store.get(id));
   EXPECT_TRUE(fs::exists(data("S11/reads.bam")));

@@ -72,9 +72,14 @@ bool delete_job(JobStore& store, const TransferConfig& config, const std::string
   if (!job) return false;
   const bool active = job->transfer_state == "running" || job->transfer_state == "waiting-for-key";
   // A receive job is active while its sender is connected; a send job while a sender
-  // process holds it (one that was killed left the state behind, not the lock).
-  if ((job->direction == "send" && SendJobLock::held(config, job_id)) ||
-      (job->direction == "receive" && active)) {
+  // process holds it (one that was killed left the state behind, not the lock). A sender
+  // that has just recorded its abort lets go within moments.
+  bool sending = job->direction == "send" && SendJobLock::held(config, job_id);
+  for (int i = 0; sending && !active && i < 100; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    sending = SendJobLock::held(config, job_id);
+  }
+  if (sending || (job->direction == "receive" && active)) {
     throw std::runtime_error("job " + job_id + " is running: abort it first");
   }
   if (job->direction == "receive") {

@@ -597,9 +597,14 @@ SendJobLock::SendJobLock(const TransferConfig& config, const std::string& job_id
     throw std::runtime_error("cannot create " + file.string() + ": " + std::strerror(errno) +
                              " (check site.state_dir)");
   }
-  if (::flock(fd_.fd, LOCK_EX | LOCK_NB) != 0) {
-    throw std::runtime_error("job " + job_id +
-                             " is already being sent by another otp-transfer process");
+  // held() probes with a shared lock it lets go of at once: a few tries tell such a
+  // probe from another sender.
+  for (int attempt = 0; ::flock(fd_.fd, LOCK_EX | LOCK_NB) != 0; ++attempt) {
+    if (errno != EWOULDBLOCK || attempt == 20) {
+      throw std::runtime_error("job " + job_id +
+                               " is already being sent by another otp-transfer process");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
 }
 
