@@ -7,6 +7,7 @@
 #include <openssl/x509.h>
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -177,6 +178,19 @@ struct KmeSimulator::Impl {
     }
     ready_bits = config.start_full ? config.store_bits : 0;
     last_refill = Clock::now();
+    if (config.start_full && config.premade_bits != 0) {
+      const std::uint64_t count = std::min(config.premade_bits, ready_bits) / config.max_key_size;
+      SecretBytes key(config.max_key_size / 8);
+      for (std::uint64_t i = 0; i < count; ++i) premade.push_back(make_random_key(key.span()));
+    }
+  }
+
+  // A fresh key from the OS CSPRNG, as its text; `scratch` holds the raw bytes briefly.
+  static SharedKey make_random_key(std::span<std::uint8_t> scratch) {
+    if (RAND_bytes(scratch.data(), static_cast<int>(scratch.size())) != 1) {
+      throw Refusal{500, "the KME's random generator failed"};
+    }
+    return make_key_text(scratch);
   }
 
   // Caller holds `mutex`. Accrues key at the configured rate up to the store size.
@@ -278,10 +292,13 @@ struct KmeSimulator::Impl {
     const auto relayed_at = Clock::now() + config.relay_delay;
     SecretBytes key(size / 8);  // each key's raw bytes, briefly; only its text is kept
     for (std::uint64_t i = 0; i < number; ++i) {
-      if (RAND_bytes(key.span().data(), static_cast<int>(key.size())) != 1) {
-        throw Refusal{500, "the KME's random generator failed"};
+      SharedKey text;
+      if (size == config.max_key_size && !premade.empty()) {
+        text = std::move(premade.front());
+        premade.pop_front();
+      } else {
+        text = make_random_key(key.span());
       }
-      SharedKey text = make_key_text(key.span());
       const KeyId id = random_uuid();
       list.keys.emplace_back(id.to_string(), text);
       store.emplace(id, StoredKey{caller, slave, std::move(text), relayed_at});
@@ -414,6 +431,7 @@ struct KmeSimulator::Impl {
 
   mutable std::mutex mutex;
   std::map<KeyId, StoredKey> store;
+  std::deque<SharedKey> premade;  // generated ahead; counted in ready_bits
   std::uint64_t ready_bits = 0;
   std::uint64_t pending_bits = 0;
   double carry = 0;
@@ -483,8 +501,11 @@ std::string KmeSimulator::url() const {
 SimulatorStats KmeSimulator::stats() const {
   std::lock_guard lock(impl_->mutex);
   impl_->refill();
-  return SimulatorStats{impl_->ready_bits,     impl_->pending_bits, impl_->keys_to_masters,
-                        impl_->keys_to_slaves, impl_->requests,     impl_->refused};
+  SimulatorStats s{impl_->ready_bits,      impl_->pending_bits,   0,
+                   impl_->keys_to_masters, impl_->keys_to_slaves, impl_->requests,
+                   impl_->refused};
+  s.premade_bits = impl_->premade.size() * std::uint64_t{impl_->config.max_key_size};
+  return s;
 }
 
 void KmeSimulator::set_key_rate(double bits_per_second) {
@@ -498,6 +519,7 @@ void KmeSimulator::drain() {
   impl_->refill();
   impl_->ready_bits = 0;
   impl_->carry = 0;
+  impl_->premade.clear();  // each wiped as its last holder lets go
 }
 
 }  // namespace otpgate::kmesim

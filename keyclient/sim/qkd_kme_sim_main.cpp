@@ -41,6 +41,12 @@ int main(int argc, char** argv) {
   app.add_option("--store-bytes", store_bytes, "Key store capacity in bytes")
       ->capture_default_str();
   app.add_flag("!--start-empty", config.start_full, "Start with an empty key store");
+  std::uint64_t premade_bytes = 0;
+  app.add_option("--premade-bytes", premade_bytes,
+                 "Generate this much of the full store at start, in keys of --max-key-size, so "
+                 "that serving them generates nothing (benchmarks: measure the SAEs, not the "
+                 "simulator's random generator)")
+      ->capture_default_str();
   app.add_option("--key-size", config.key_size, "Default key size (bits)")->capture_default_str();
   app.add_option("--min-key-size", config.min_key_size, "Minimum key size (bits)")
       ->capture_default_str();
@@ -63,6 +69,14 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   config.store_bits = store_bytes * 8;
+  config.premade_bits = premade_bytes * 8;
+  if (premade_bytes != 0 && (!config.start_full || premade_bytes > store_bytes)) {
+    std::fprintf(stderr,
+                 "qkd-kme-sim: --premade-bytes %llu needs a store that starts full and holds "
+                 "it: drop --start-empty or raise --store-bytes\n",
+                 static_cast<unsigned long long>(premade_bytes));
+    return 2;
+  }
   config.relay_delay = std::chrono::milliseconds(relay_delay_ms);
   config.unclaimed_ttl = std::chrono::seconds(unclaimed_ttl_s);
   config.log = otpgate::keys::stderr_log_sink(verbose ? otpgate::keys::LogLevel::debug
@@ -99,9 +113,10 @@ int main(int argc, char** argv) {
           if (stop.stop_requested()) break;
           const auto s = sim.stats();
           std::printf(
-              "qkd-kme-sim: store %llu bytes ready, %llu in relay, keys to masters %llu, "
-              "to slaves %llu\n",
+              "qkd-kme-sim: store %llu bytes ready (%llu made ahead), %llu in relay, keys to "
+              "masters %llu, to slaves %llu\n",
               static_cast<unsigned long long>(s.stored_bits / 8),
+              static_cast<unsigned long long>(s.premade_bits / 8),
               static_cast<unsigned long long>(s.pending_bits / 8),
               static_cast<unsigned long long>(s.keys_to_masters),
               static_cast<unsigned long long>(s.keys_to_slaves));

@@ -189,6 +189,53 @@ TEST_F(KmeClientTest, ASlaveWaitsForTheRelay) {
   EXPECT_GE(sim_->stats().refused, 1u);
 }
 
+TEST_F(KmeClientTest, PremadeKeysAreServedOnceEachAndOnlyAtTheirSize) {
+  sim_.reset();
+  auto config = otpgate::testing::simulator_config();
+  config.premade_bits = 4 * std::uint64_t{config.max_key_size};
+  start(config);
+  {  // the clients close their kept-alive connections before the simulator restarts
+    EXPECT_EQ(sim_->stats().premade_bits, 4u * config.max_key_size);
+    auto a = client("sae-a");
+    auto b = client("sae-b");
+
+    const auto other_size = a.enc_keys("sae-b", 2, 256);  // generated on demand
+    EXPECT_EQ(sim_->stats().premade_bits, 4u * config.max_key_size);
+    const auto premade = a.enc_keys("sae-b", 3, config.max_key_size);
+    ASSERT_EQ(premade.size(), 3u);
+    EXPECT_EQ(sim_->stats().premade_bits, 1u * config.max_key_size);
+    EXPECT_EQ(premade[0].bytes.size(), config.max_key_size / 8);
+    EXPECT_FALSE(same_bytes(premade[0].bytes, premade[1].bytes));
+    EXPECT_FALSE(same_bytes(premade[1].bytes, premade[2].bytes));
+
+    // The slave gets the very bytes its master got, once.
+    std::vector<keys::KeyId> ids;
+    for (const auto& k : premade) ids.push_back(k.id);
+    const auto fetched = b.dec_keys("sae-a", ids);
+    for (std::size_t i = 0; i < premade.size(); ++i)
+      EXPECT_TRUE(same_bytes(fetched[i].bytes, premade[i].bytes));
+    EXPECT_EQ(otpgate::testing::kme_error_of([&] { b.dec_key("sae-a", ids[0]); }).kind(),
+              KmeErrorKind::key_not_found);
+
+    // The last premade key, then one generated: the store serves past them.
+    EXPECT_EQ(a.enc_keys("sae-b", 2, config.max_key_size).size(), 2u);
+    EXPECT_EQ(sim_->stats().premade_bits, 0u);
+    EXPECT_EQ(other_size.size(), 2u);
+  }
+
+  // A drain empties the store, premade keys included.
+  sim_.reset();
+  config.key_rate_bps = 8;  // one byte a second: empty for the test's purposes
+  start(config);
+  EXPECT_EQ(sim_->stats().premade_bits, 4u * config.max_key_size);
+  sim_->drain();
+  EXPECT_EQ(sim_->stats().premade_bits, 0u);
+  auto a2 = client("sae-a");
+  EXPECT_EQ(
+      otpgate::testing::kme_error_of([&] { a2.enc_keys("sae-b", 1, config.max_key_size); }).kind(),
+      KmeErrorKind::unavailable);
+}
+
 TEST_F(KmeClientTest, ConfigurationErrorsNameTheSetting) {
   auto config = client_config(sim_->url(), "sae-a");
   config.base_url = "http://localhost:1";
