@@ -9,8 +9,10 @@
 // conference systems' sender and receiver, and the baseline relays) run SCHED_FIFO above
 // that, so that neither path is measured waiting behind the other's threads.
 //   bench_gateway --pki DIR [--seconds N] [--mbps M] [--kme-url URL] [--realtime-priority P]
-// Without --kme-url the benchmark starts qkd-kme-sim in its own process. The two paths are
-// measured in alternating one-second slices.
+//                 [--slice-ms S]
+// Without --kme-url the benchmark starts qkd-kme-sim in its own process. The traffic never
+// stops; it goes to one path, then the other, switching every S ms (default 1000), for N
+// seconds per path.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <gst/gst.h>
@@ -26,6 +28,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -135,26 +138,33 @@ struct Result {
   std::vector<double> latency_us;
   std::uint64_t sent = 0;
   double cpu = 0;
-  double mbps = 0;
   double seconds = 0;
 
-  void add(const Result& slice) {
-    latency_us.insert(latency_us.end(), slice.latency_us.begin(), slice.latency_us.end());
-    sent += slice.sent;
-    cpu += slice.cpu;
-    mbps = (mbps * seconds + slice.mbps * slice.seconds) / (seconds + slice.seconds);
-    seconds += slice.seconds;
-  }
+  double mbps() const { return seconds > 0 ? double(sent) * kPacket * 8 / seconds / 1e6 : 0; }
   void finish() { std::sort(latency_us.begin(), latency_us.end()); }
 };
 
-// Sends paced traffic to send_base+s and receives it on receive_base+s.
-Result run(std::uint16_t send_base, std::uint16_t receive_base, double seconds, double mbps,
-           HarnessScheduling scheduling) {
-  Result r;
+// One way through, from the conference sender's ports to the receiver's.
+struct Path {
+  std::uint16_t send_base, receive_base;
+  Result result;
+};
+
+// Sends paced traffic without a pause for 2 x `seconds`, to one path at a time, switching
+// every `slice` seconds, and receives both paths all along. Short slices spread a shared
+// VM's stolen time (which comes and goes over milliseconds to seconds) evenly over both
+// paths; the traffic itself never stops, so neither path starts a slice from cold.
+void measure(Path& first, Path& second, double seconds, double slice, double mbps,
+             HarnessScheduling scheduling) {
+  std::array<Path*, 2> paths{&first, &second};
   std::vector<int> rx;
-  for (int s = 0; s < kStreams; ++s)
-    rx.push_back(udp_socket(static_cast<std::uint16_t>(receive_base + s)));
+  std::vector<Result*> owner;  // per receive socket
+  for (Path* path : paths) {
+    for (int s = 0; s < kStreams; ++s) {
+      rx.push_back(udp_socket(static_cast<std::uint16_t>(path->receive_base + s)));
+      owner.push_back(&path->result);
+    }
+  }
   std::atomic<bool> done{false};
   std::thread receiver([&] {
     scheduling.apply();
@@ -171,50 +181,61 @@ Result run(std::uint16_t send_base, std::uint16_t receive_base, double seconds, 
           if (n < static_cast<ssize_t>(12 + sizeof(std::int64_t))) break;
           std::int64_t sent_at = 0;
           std::memcpy(&sent_at, buf + 12, sizeof sent_at);
-          r.latency_us.push_back(double(now - sent_at) / 1000.0);
+          owner[i]->latency_us.push_back(double(now - sent_at) / 1000.0);
         }
       }
     }
   });
   const int tx = udp_socket(0);
-  std::vector<sockaddr_in> targets;
-  for (int s = 0; s < kStreams; ++s)
-    targets.push_back(loopback(static_cast<std::uint16_t>(send_base + s)));
   const double packets_per_second = mbps * 1e6 / 8 / kPacket;
   std::vector<char> packet(kPacket, 0x55);
   packet[0] = char(0x80);
   packet[1] = 96;
   scheduling.apply();  // the sender is this thread
-  const double cpu0 = cpu_seconds();
   const auto start = Clock::now();
   std::uint64_t n = 0;
+  std::size_t current = 0;
+  double cpu_at_switch = cpu_seconds();
+  double time_at_switch = 0;
+  auto close_slice = [&](double t) {
+    const double cpu = cpu_seconds();
+    paths[current]->result.cpu += cpu - cpu_at_switch;
+    paths[current]->result.seconds += t - time_at_switch;
+    cpu_at_switch = cpu;
+    time_at_switch = t;
+  };
   while (true) {
     const double t = std::chrono::duration<double>(Clock::now() - start).count();
-    if (t >= seconds) break;
+    if (t >= 2 * seconds) {
+      close_slice(t);
+      break;
+    }
+    const std::size_t due = static_cast<std::size_t>(t / slice) % 2;
+    if (due != current) {
+      close_slice(t);
+      current = due;
+    }
+    Path& path = *paths[current];
     for (; n < static_cast<std::uint64_t>(t * packets_per_second); ++n) {
       const int s = static_cast<int>(n % kStreams);
       packet[2] = char(n >> 8);
       packet[3] = char(n);
       packet[11] = char(s);
+      const sockaddr_in target = loopback(static_cast<std::uint16_t>(path.send_base + s));
       const std::int64_t now = Clock::now().time_since_epoch().count();
       std::memcpy(packet.data() + 12, &now, sizeof now);
-      ::sendto(tx, packet.data(), packet.size(), 0,
-               reinterpret_cast<sockaddr*>(&targets[static_cast<std::size_t>(s)]),
-               sizeof targets[0]);
+      ::sendto(tx, packet.data(), packet.size(), 0, reinterpret_cast<const sockaddr*>(&target),
+               sizeof target);
+      ++path.result.sent;
     }
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the last packets in flight
   HarnessScheduling::reset();  // threads made from here on must not inherit SCHED_FIFO
   done = true;
   receiver.join();
-  r.cpu = cpu_seconds() - cpu0;
-  r.sent = n;
-  r.mbps = double(n) * kPacket * 8 / seconds / 1e6;
-  r.seconds = seconds;
   ::close(tx);
   for (int fd : rx) ::close(fd);
-  return r;
 }
 
 // qkd-kme-sim as a child process (unthrottled, 1 Mbit keys as bench_transfer.sh uses:
@@ -308,7 +329,7 @@ std::string site(const std::string& me, const std::string& peer, const std::stri
 
 int main(int argc, char** argv) {
   std::string pki, kme_url;
-  double seconds = 5, mbps = 50;
+  double seconds = 5, mbps = 50, slice_ms = 1000;
   int realtime_priority = 20;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -317,9 +338,14 @@ int main(int argc, char** argv) {
     if (a == "--mbps" && i + 1 < argc) mbps = std::stod(argv[++i]);
     if (a == "--kme-url" && i + 1 < argc) kme_url = argv[++i];  // a KME in another process
     if (a == "--realtime-priority" && i + 1 < argc) realtime_priority = std::stoi(argv[++i]);
+    if (a == "--slice-ms" && i + 1 < argc) slice_ms = std::stod(argv[++i]);
   }
   if (pki.empty()) {
     std::fprintf(stderr, "usage: bench_gateway --pki DIR [--seconds N] [--mbps M]\n");
+    return 2;
+  }
+  if (!(slice_ms >= 10)) {
+    std::fprintf(stderr, "bench_gateway: --slice-ms takes 10 or more\n");
     return 2;
   }
   if (realtime_priority < 0 || realtime_priority > 89) {
@@ -351,38 +377,29 @@ int main(int argc, char** argv) {
   Relay first(base, static_cast<std::uint16_t>(base + 20), harness);
   Relay second(static_cast<std::uint16_t>(base + 20), static_cast<std::uint16_t>(base + 40),
                harness);
-  Result plain, otp;
+  Path plain{base, static_cast<std::uint16_t>(base + 40), {}};
+  Path otp{static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100), {}};
   std::string media_threads;
   {
     otpgate::gateway::Gateway a(otpgate::gateway::parse_config(
-        site("sae-a", "sae-b", kme_url, pki, state / "a", static_cast<std::uint16_t>(base + 60),
+        site("sae-a", "sae-b", kme_url, pki, state / "a", otp.send_base,
              static_cast<std::uint16_t>(base + 80), 0, 0, true, realtime_priority),
         "bench-a"));
     otpgate::gateway::Gateway b(otpgate::gateway::parse_config(
         site("sae-b", "sae-a", kme_url, pki, state / "b", 0, 0,
-             static_cast<std::uint16_t>(base + 80), static_cast<std::uint16_t>(base + 100), false,
-             realtime_priority),
+             static_cast<std::uint16_t>(base + 80), otp.receive_base, false, realtime_priority),
         "bench-b"));
     a.start();
     b.start();
-    auto relayed = [&](double s) {
-      return run(base, static_cast<std::uint16_t>(base + 40), s, mbps, harness);
-    };
-    auto protected_ = [&](double s) {
-      return run(static_cast<std::uint16_t>(base + 60), static_cast<std::uint16_t>(base + 100), s,
-                 mbps, harness);
-    };
-    // Warm-up: the first announcements and key fetches of a call are not the steady state.
-    relayed(1);
-    protected_(1);
-    // One-second slices, alternating, so that both paths see the same host (a shared VM's
-    // stolen time comes and goes over seconds).
-    for (int slice = 0; slice < static_cast<int>(std::ceil(seconds)); ++slice) {
-      plain.add(relayed(1));
-      otp.add(protected_(1));
+    // Warm-up, not counted: the first announcements and key fetches of a call are not the
+    // steady state.
+    {
+      Path warm_plain = plain, warm_otp = otp;
+      measure(warm_plain, warm_otp, 1, slice_ms / 1000, mbps, harness);
     }
-    plain.finish();
-    otp.finish();
+    measure(plain, otp, std::ceil(seconds), slice_ms / 1000, mbps, harness);
+    plain.result.finish();
+    otp.result.finish();
     int fifo = 0, shared = 0;
     for (const auto* g : {&a, &b}) {
       const auto media = nlohmann::json::parse(g->status_json())["media_threads"];
@@ -400,25 +417,28 @@ int main(int argc, char** argv) {
   seconds = std::ceil(seconds);
 
   std::printf(
-      "== gateway hop vs plain UDP relay, %d streams, %.1f Mbit/s of 1200-byte RTP, %.0f s ==\n",
-      kStreams, plain.mbps, seconds);
+      "== gateway hop vs plain UDP relay, %d streams, %.1f Mbit/s of 1200-byte RTP, %.0f s each, "
+      "alternating every %.0f ms ==\n",
+      kStreams, plain.result.mbps(), seconds, slice_ms);
   std::printf("%-34s %10s %10s %10s %10s %12s\n", "path", "p50 us", "p99 us", "p99.9 us", "lost",
               "CPU s/Mbit");
   auto row = [&](const char* name, const Result& r) {
     std::printf("%-34s %10.1f %10.1f %10.1f %10lld %12.4f\n", name, percentile(r.latency_us, 0.5),
                 percentile(r.latency_us, 0.99), percentile(r.latency_us, 0.999),
                 static_cast<long long>(r.sent) - static_cast<long long>(r.latency_us.size()),
-                r.cpu / (r.mbps * r.seconds));
+                r.cpu / (r.mbps() * r.seconds));
   };
   std::printf("%s\n", media_threads.c_str());
-  row("two plain UDP relays (baseline)", plain);
-  row("gateway A (encrypt) -> B (decrypt)", otp);
+  const Result& p = plain.result;
+  const Result& o = otp.result;
+  row("two plain UDP relays (baseline)", p);
+  row("gateway A (encrypt) -> B (decrypt)", o);
   std::printf(
       "added by the gateways: p50 %.1f us, p99 %.1f us (target: p99 < 200 us), packets lost by the "
       "gateways: %lld\n",
-      percentile(otp.latency_us, 0.5) - percentile(plain.latency_us, 0.5),
-      percentile(otp.latency_us, 0.99) - percentile(plain.latency_us, 0.99),
-      static_cast<long long>(otp.sent - otp.latency_us.size()) -
-          static_cast<long long>(plain.sent - plain.latency_us.size()));
+      percentile(o.latency_us, 0.5) - percentile(p.latency_us, 0.5),
+      percentile(o.latency_us, 0.99) - percentile(p.latency_us, 0.99),
+      static_cast<long long>(o.sent - o.latency_us.size()) -
+          static_cast<long long>(p.sent - p.latency_us.size()));
   return 0;
 }
