@@ -54,6 +54,11 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
     c.realtime_priority = static_cast<int>(
         r.integer(*media_node->as_table(), "media.", "realtime_priority", 0, 99,
                   "0 (time-sharing) or a SCHED_FIFO priority from 1 to 99", c.realtime_priority));
+    if (media_node->as_table()->contains("cpu_wakeup_latency_us")) {
+      c.cpu_wakeup_latency_us = static_cast<int>(
+          r.integer(*media_node->as_table(), "media.", "cpu_wakeup_latency_us", 0, 1000000,
+                    "microseconds from 0 (CPUs never sleep) to 1000000", std::nullopt));
+    }
   }
 
   if (const toml::node* status_node = root.get("status")) {

@@ -1,6 +1,7 @@
 #include <gst/gst.h>
 #include <httplib.h>
 
+#include <fcntl.h>
 #include <openssl/crypto.h>
 #include <pthread.h>
 #include <sched.h>
@@ -8,8 +9,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -155,6 +159,49 @@ class MediaScheduling {
   std::atomic<bool> warned_{false};
 };
 
+// A PM QoS request that keeps idle CPUs from sleeping deeper than the media can wait for:
+// waking a CPU from a deep C-state (or a VM's halted vCPU) takes tens to hundreds of
+// microseconds, which lands straight in a packet's latency. The kernel honours the
+// request for as long as /dev/cpu_dma_latency stays open, as tuned's latency-performance
+// profile and cyclictest do it.
+class CpuWakeupLatency {
+ public:
+  CpuWakeupLatency(std::optional<int> microseconds, std::filesystem::path device)
+      : wanted_(microseconds) {
+    if (!wanted_) return;
+    fd_ = ::open(device.c_str(), O_WRONLY | O_CLOEXEC);
+    const std::int32_t value = *wanted_;
+    if (fd_ >= 0 && ::write(fd_, &value, sizeof value) == static_cast<ssize_t>(sizeof value))
+      return;
+    error_ = device.string() + ": " + std::strerror(errno);
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+    std::fprintf(stderr,
+                 "otp-gateway[warning]: cannot hold a CPU wake-up latency of %d us (%s); idle "
+                 "CPUs may sleep deeply between packets (run as root, or give the otpgate group "
+                 "write access to it, see docs/gateway.md)\n",
+                 *wanted_, error_.c_str());
+  }
+  ~CpuWakeupLatency() {
+    if (fd_ >= 0) ::close(fd_);  // closing withdraws the request
+  }
+  CpuWakeupLatency(const CpuWakeupLatency&) = delete;
+  CpuWakeupLatency& operator=(const CpuWakeupLatency&) = delete;
+
+  bool configured() const { return wanted_.has_value(); }
+  bool held() const { return fd_ >= 0; }
+  void describe(json& status) const {
+    status["cpu_wakeup_latency_us"] = wanted_ ? json(*wanted_) : json(nullptr);
+    status["cpu_wakeup_latency_held"] = held();
+    if (!error_.empty()) status["cpu_wakeup_latency_error"] = error_;
+  }
+
+ private:
+  std::optional<int> wanted_;
+  int fd_ = -1;
+  std::string error_;
+};
+
 }  // namespace
 
 struct Gateway::Impl {
@@ -167,7 +214,8 @@ struct Gateway::Impl {
   };
 
   GatewayConfig config;
-  std::unique_ptr<MediaScheduling> media;  // outlives the pipelines whose threads it counts
+  std::unique_ptr<MediaScheduling> media;        // outlives the pipelines whose threads it counts
+  std::unique_ptr<CpuWakeupLatency> cpu_wakeup;  // held while the gateway runs
   std::unique_ptr<IceSession> ice_session;
   httplib::Server signalling_server;
   std::thread signalling_thread;
@@ -443,6 +491,19 @@ struct Gateway::Impl {
     }
   }
 
+  json media_status() const {
+    if (!media) return nullptr;
+    json m = media->status();
+    if (cpu_wakeup) {
+      cpu_wakeup->describe(m);
+    } else {  // not running: nothing held
+      m["cpu_wakeup_latency_us"] =
+          config.cpu_wakeup_latency_us ? json(*config.cpu_wakeup_latency_us) : json(nullptr);
+      m["cpu_wakeup_latency_held"] = false;
+    }
+    return m;
+  }
+
   json status() const {
     json out{{"site", config.site_name},
              {"sae_id", config.sae_id},
@@ -452,7 +513,7 @@ struct Gateway::Impl {
                {"on_key_exhausted", config.on_key_exhausted},
                {"rekey_interval", config.rekey_interval}}},
              {"kme", {{"url", config.kme_url}}},
-             {"media_threads", media ? media->status() : json(nullptr)},
+             {"media_threads", media_status()},
              {"running", running.load()}};
     bool healthy = true;
     json list = json::array();
@@ -492,6 +553,10 @@ struct Gateway::Impl {
         metric("otpgate_media_threads", "gauge",
                "site=\"" + config.site_name + "\",scheduling=\"" + scheduling + "\"",
                m[std::string(scheduling) + "_threads"].get<double>());
+      }
+      if (!m["cpu_wakeup_latency_us"].is_null()) {
+        metric("otpgate_cpu_wakeup_latency_held", "gauge", "site=\"" + config.site_name + "\"",
+               m["cpu_wakeup_latency_held"].get<bool>() ? 1 : 0);
       }
     }
     for (const auto& s : st["streams"]) {
@@ -535,6 +600,8 @@ void Gateway::start() {
   Impl& g = *impl_;
   if (g.running) return;
   std::filesystem::create_directories(g.config.state_dir);
+  g.cpu_wakeup = std::make_unique<CpuWakeupLatency>(g.config.cpu_wakeup_latency_us,
+                                                    g.config.cpu_latency_device);
   if (g.config.transport == "ice") g.connect_ice();
   for (const auto& c : g.config.streams) {
     g.streams.push_back(Impl::Stream{c, nullptr, nullptr, nullptr, nullptr, nullptr});
@@ -600,6 +667,7 @@ void Gateway::stop() {
     s.pipeline.reset();
   }
   g.streams.clear();
+  g.cpu_wakeup.reset();
   if (g.signalling_thread.joinable()) {
     g.signalling_server.stop();
     g.signalling_thread.join();

@@ -11,6 +11,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -109,17 +110,21 @@ class GatewayTest : public ::testing::Test {
     base_ = base_port();
   }
   // Starts the simulator and both gateways; `tweak` may edit the two config texts.
+  using ConfigAdjustment =
+      std::function<void(otpgate::gateway::GatewayConfig& a, otpgate::gateway::GatewayConfig& b)>;
   void start(const std::function<void(std::string& a, std::string& b)>& tweak = {},
-             otpgate::kmesim::SimulatorConfig kme = otpgate::testing::simulator_config()) {
+             otpgate::kmesim::SimulatorConfig kme = otpgate::testing::simulator_config(),
+             const ConfigAdjustment& adjust = {}) {
     sim_ = std::make_unique<otpgate::kmesim::KmeSimulator>(kme);
     sim_->start();
     std::string a = site_config("sae-a", "sae-b", sim_->url(), dir_.path / "a", base_, true);
     std::string b = site_config("sae-b", "sae-a", sim_->url(), dir_.path / "b", base_, false);
     if (tweak) tweak(a, b);
-    a_ = std::make_unique<otpgate::gateway::Gateway>(
-        otpgate::gateway::parse_config(a, "site-a.toml"));
-    b_ = std::make_unique<otpgate::gateway::Gateway>(
-        otpgate::gateway::parse_config(b, "site-b.toml"));
+    auto a_config = otpgate::gateway::parse_config(a, "site-a.toml");
+    auto b_config = otpgate::gateway::parse_config(b, "site-b.toml");
+    if (adjust) adjust(a_config, b_config);
+    a_ = std::make_unique<otpgate::gateway::Gateway>(std::move(a_config));
+    b_ = std::make_unique<otpgate::gateway::Gateway>(std::move(b_config));
     // Side by side: with ICE each start waits for the other gateway's description.
     std::exception_ptr b_failed;
     std::thread other([&] {
@@ -298,6 +303,57 @@ TEST_F(GatewayTest, MediaThreadsRunRealtimeWhereConfiguredAndReportIt) {
       << metrics->body;
 }
 
+// [media] cpu_wakeup_latency_us is a PM QoS request held for as long as the gateway runs
+// (the kernel's current value reads back from /dev/cpu_dma_latency); a gateway that may
+// not make it still carries media and reports why.
+TEST_F(GatewayTest, CpuWakeupLatencyIsHeldWhileRunningAndReported) {
+  a_.reset();
+  b_.reset();
+  const fs::path device = "/dev/cpu_dma_latency";
+  auto current = [&]() -> std::optional<std::int32_t> {
+    std::ifstream in(device, std::ios::binary);
+    std::int32_t value = 0;
+    if (!in.read(reinterpret_cast<char*>(&value), sizeof value)) return std::nullopt;
+    return value;
+  };
+  const auto before = current();
+  const bool may_request = ::access(device.c_str(), W_OK) == 0;
+  start(
+      [](std::string& a, std::string& b) {
+        a += "[media]\ncpu_wakeup_latency_us = 7\n";
+        b += "[media]\ncpu_wakeup_latency_us = 9\n";
+      },
+      otpgate::testing::simulator_config(),
+      [&](otpgate::gateway::GatewayConfig&, otpgate::gateway::GatewayConfig& b) {
+        b.cpu_latency_device = dir_.path / "no-such-device";
+      });
+  std::map<int, std::vector<Bytes>> sent;
+  auto received = exchange(true, 10, sent);
+  EXPECT_EQ(received[0], sent[0]);  // media flows on both sites
+
+  const auto a = get_json(a_->status_port(), "/api/v1/status")["media_threads"];
+  const auto b = get_json(b_->status_port(), "/api/v1/status")["media_threads"];
+  EXPECT_EQ(a["cpu_wakeup_latency_us"], 7);
+  EXPECT_EQ(a["cpu_wakeup_latency_held"], may_request);
+  EXPECT_EQ(b["cpu_wakeup_latency_us"], 9);
+  EXPECT_EQ(b["cpu_wakeup_latency_held"], false);
+  EXPECT_NE(b["cpu_wakeup_latency_error"].get<std::string>().find(
+                "no-such-device: No such file or directory"),
+            std::string::npos);
+  httplib::Client client("127.0.0.1", b_->status_port());
+  auto metrics = client.Get("/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_NE(metrics->body.find("otpgate_cpu_wakeup_latency_held{site=\"sae-b-site\"} 0"),
+            std::string::npos)
+      << metrics->body;
+  if (!may_request) GTEST_SKIP() << device << " is not writable here: the request is untested";
+  EXPECT_EQ(current(), std::optional<std::int32_t>(7));
+  a_->stop();
+  EXPECT_EQ(current(), before) << "stopping withdraws the request";
+  EXPECT_EQ(get_json(b_->status_port(), "/api/v1/status")["media_threads"]["cpu_wakeup_latency_us"],
+            9);
+}
+
 TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
   const std::string pki = otpgate::testing::pki_dir().string();
   const std::string good =
@@ -343,6 +399,10 @@ TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
                 "site.toml")
                 .realtime_priority,
             20);
+  EXPECT_EQ(error_for("[[stream]]", "[media]\ncpu_wakeup_latency_us = -1\n[[stream]]"),
+            "site.toml: media.cpu_wakeup_latency_us = -1: expected microseconds from 0 (CPUs "
+            "never sleep) to 1000000");
+  EXPECT_FALSE(otpgate::gateway::parse_config(good, "site.toml").cpu_wakeup_latency_us);
   EXPECT_EQ(error_for("listen_port = 6004", "listen_port = 5004"),
             "site.toml: stream[0].*_port = 5004: expected a local port no other stream or "
             "direction uses");

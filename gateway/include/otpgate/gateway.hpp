@@ -45,6 +45,12 @@ struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [k
   // priority (needs CAP_SYS_NICE or RLIMIT_RTPRIO, e.g. LimitRTPRIO= in systemd); 0 keeps
   // them time-shared at nice -10. Either falls back quietly to what the process may do.
   int realtime_priority = 0;
+  // [media] cpu_wakeup_latency_us: while running, ask the kernel (PM QoS, by holding
+  // /dev/cpu_dma_latency open) to keep idle CPUs where they wake within this many
+  // microseconds; 0 keeps them out of sleep states altogether. Unset: no request. Needs
+  // write access to the device; without it the gateway runs with one warning.
+  std::optional<int> cpu_wakeup_latency_us;
+  std::filesystem::path cpu_latency_device = "/dev/cpu_dma_latency";  // tests point elsewhere
   Endpoint status_listen{"127.0.0.1", 8080};
   std::vector<StreamConfig> streams;
 };
