@@ -9,10 +9,11 @@
 // conference systems' sender and receiver, and the baseline relays) run SCHED_FIFO above
 // that, so that neither path is measured waiting behind the other's threads.
 //   bench_gateway --pki DIR [--seconds N] [--mbps M] [--kme-url URL] [--realtime-priority P]
-//                 [--slice-ms S]
+//                 [--slice-ms S] [--cpu-idle poll|halt]
 // Without --kme-url the benchmark starts qkd-kme-sim in its own process. The traffic never
 // stops; it goes to one path, then the other, switching every S ms (default 1000), for N
-// seconds per path.
+// seconds per path. --cpu-idle poll (the default) keeps idle CPUs from halting, as a
+// latency-tuned host does (see IdleSpinners); halt measures the host as it is.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <gst/gst.h>
@@ -298,6 +299,50 @@ class SimulatorProcess {
   std::string port_;
 };
 
+// Keeps every CPU from idling, as a host booted with idle=poll does: one process per CPU
+// spinning at SCHED_IDLE, which any other thread preempts at once. Waking a halted vCPU
+// (or a CPU in a deep C-state) costs tens of microseconds to milliseconds, which lands in
+// whichever packet arrives at an idle CPU. The gateways' own PM QoS request
+// ([media] cpu_wakeup_latency_us) does this where the kernel has a cpuidle driver; a VM
+// without one (current_driver "none") only halts, so the benchmark polls for it. The
+// spinners are children, so their CPU time is not counted as either path's.
+class IdleSpinners {
+ public:
+  IdleSpinners() {
+    const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+    for (long cpu = 0; cpu < cpus; ++cpu) {
+      const pid_t pid = ::fork();
+      if (pid == 0) {
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(static_cast<int>(cpu), &one);
+        ::sched_setaffinity(0, sizeof one, &one);
+        const sched_param idle{};
+        ::sched_setscheduler(0, SCHED_IDLE, &idle);
+        for (;;) __builtin_ia32_pause();
+      }
+      if (pid > 0) pids_.push_back(pid);
+    }
+  }
+  ~IdleSpinners() {
+    for (pid_t pid : pids_) ::kill(pid, SIGKILL);
+    for (pid_t pid : pids_) ::waitpid(pid, nullptr, 0);
+  }
+  IdleSpinners(const IdleSpinners&) = delete;
+  IdleSpinners& operator=(const IdleSpinners&) = delete;
+  std::size_t count() const { return pids_.size(); }
+
+ private:
+  std::vector<pid_t> pids_;
+};
+
+std::string cpuidle_driver() {
+  std::ifstream in("/sys/devices/system/cpu/cpuidle/current_driver");
+  std::string driver;
+  std::getline(in, driver);
+  return driver.empty() ? "none" : driver;
+}
+
 double percentile(const std::vector<double>& v, double p) {
   return v.empty() ? 0 : v[std::min(v.size() - 1, static_cast<std::size_t>(p * double(v.size())))];
 }
@@ -306,12 +351,12 @@ std::string site(const std::string& me, const std::string& peer, const std::stri
                  const std::string& pki, const fs::path& state, std::uint16_t local,
                  std::uint16_t peer_listen, std::uint16_t listen, std::uint16_t deliver, bool sends,
                  int realtime_priority) {
-  std::string t = "[site]\nname=\"" + me + "\"\nsae_id=\"" + me + "\"\nstate_dir=\"" +
-                  state.string() + "\"\n[kme]\nurl=\"" + url + "\"\ntls_cert=\"" + pki + "/" + me +
-                  ".crt\"\ntls_key=\"" + pki + "/" + me + ".key\"\ntls_ca=\"" + pki +
-                  "/ca.crt\"\n[peer]\nsae_id=\"" + peer +
-                  "\"\naddress=\"127.0.0.1\"\n[status]\nlisten=\"127.0.0.1:0\"\n[media]\n" +
-                  "realtime_priority=" + std::to_string(realtime_priority) + "\n";
+  std::string t =
+      "[site]\nname=\"" + me + "\"\nsae_id=\"" + me + "\"\nstate_dir=\"" + state.string() +
+      "\"\n[kme]\nurl=\"" + url + "\"\ntls_cert=\"" + pki + "/" + me + ".crt\"\ntls_key=\"" + pki +
+      "/" + me + ".key\"\ntls_ca=\"" + pki + "/ca.crt\"\n[peer]\nsae_id=\"" + peer +
+      "\"\naddress=\"127.0.0.1\"\n[status]\nlisten=\"127.0.0.1:0\"\n[media]\n" +
+      "realtime_priority=" + std::to_string(realtime_priority) + "\ncpu_wakeup_latency_us=0\n";
   for (int s = 0; s < kStreams; ++s) {
     t += "[[stream]]\nname=\"p" + std::to_string(s) + "\"\n";
     if (sends) {
@@ -330,6 +375,7 @@ std::string site(const std::string& me, const std::string& peer, const std::stri
 int main(int argc, char** argv) {
   std::string pki, kme_url;
   double seconds = 5, mbps = 50, slice_ms = 1000;
+  std::string cpu_idle = "poll";
   int realtime_priority = 20;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -339,9 +385,14 @@ int main(int argc, char** argv) {
     if (a == "--kme-url" && i + 1 < argc) kme_url = argv[++i];  // a KME in another process
     if (a == "--realtime-priority" && i + 1 < argc) realtime_priority = std::stoi(argv[++i]);
     if (a == "--slice-ms" && i + 1 < argc) slice_ms = std::stod(argv[++i]);
+    if (a == "--cpu-idle" && i + 1 < argc) cpu_idle = argv[++i];
   }
   if (pki.empty()) {
     std::fprintf(stderr, "usage: bench_gateway --pki DIR [--seconds N] [--mbps M]\n");
+    return 2;
+  }
+  if (cpu_idle != "poll" && cpu_idle != "halt") {
+    std::fprintf(stderr, "bench_gateway: --cpu-idle takes poll or halt\n");
     return 2;
   }
   if (!(slice_ms >= 10)) {
@@ -352,6 +403,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_gateway: --realtime-priority takes 0 to 89\n");
     return 2;
   }
+  // Before any thread exists: the spinners are forked children.
+  std::optional<IdleSpinners> spinners;
+  if (cpu_idle == "poll") spinners.emplace();
   gst_init(nullptr, nullptr);
   HarnessScheduling harness{realtime_priority ? realtime_priority + 10 : 0};
   if (harness.priority && !harness.apply()) {
@@ -414,6 +468,11 @@ int main(int argc, char** argv) {
   }
   sim.reset();
   fs::remove_all(state);
+  const std::string idle_mode =
+      spinners ? "idle CPUs poll (" + std::to_string(spinners->count()) +
+                     " SCHED_IDLE spinners, as idle=poll; cpuidle driver: " + cpuidle_driver() + ")"
+               : "idle CPUs halt (cpuidle driver: " + cpuidle_driver() + ")";
+  spinners.reset();
   seconds = std::ceil(seconds);
 
   std::printf(
@@ -428,7 +487,7 @@ int main(int argc, char** argv) {
                 static_cast<long long>(r.sent) - static_cast<long long>(r.latency_us.size()),
                 r.cpu / (r.mbps() * r.seconds));
   };
-  std::printf("%s\n", media_threads.c_str());
+  std::printf("%s; %s\n", media_threads.c_str(), idle_mode.c_str());
   const Result& p = plain.result;
   const Result& o = otp.result;
   row("two plain UDP relays (baseline)", p);
