@@ -188,7 +188,6 @@ class CpuWakeupLatency {
   CpuWakeupLatency(const CpuWakeupLatency&) = delete;
   CpuWakeupLatency& operator=(const CpuWakeupLatency&) = delete;
 
-  bool configured() const { return wanted_.has_value(); }
   bool held() const { return fd_ >= 0; }
   void describe(json& status) const {
     status["cpu_wakeup_latency_us"] = wanted_ ? json(*wanted_) : json(nullptr);

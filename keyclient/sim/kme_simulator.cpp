@@ -181,7 +181,11 @@ struct KmeSimulator::Impl {
     if (config.start_full && config.premade_bits != 0) {
       const std::uint64_t count = std::min(config.premade_bits, ready_bits) / config.max_key_size;
       SecretBytes key(config.max_key_size / 8);
-      for (std::uint64_t i = 0; i < count; ++i) premade.push_back(make_random_key(key.span()));
+      try {
+        for (std::uint64_t i = 0; i < count; ++i) premade.push_back(make_random_key(key.span()));
+      } catch (const Refusal& r) {
+        throw std::runtime_error("KME simulator: " + r.message);
+      }
     }
   }
 
