@@ -329,7 +329,7 @@ TEST_F(GatewayTest, CpuWakeupLatencyIsHeldWhileRunningAndReported) {
       });
   std::map<int, std::vector<Bytes>> sent;
   auto received = exchange(true, 10, sent);
-  EXPECT_EQ(received[0], sent[0]);  // media flows on both sites
+  EXPECT_EQ(received[0], sent[0]);  // media flows, B without its request too
 
   const auto a = get_json(a_->status_port(), "/api/v1/status")["media_threads"];
   const auto b = get_json(b_->status_port(), "/api/v1/status")["media_threads"];
