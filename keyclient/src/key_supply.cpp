@@ -12,7 +12,6 @@
 #include <thread>
 
 #include <fcntl.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -391,9 +390,11 @@ struct KeySupply::Impl {
   }
 
   void run() {
-    // Refills are bulk work (HTTPS, JSON, base64 of up to megabytes); the media threads
-    // must win the CPU whenever they are runnable, so run below them.
-    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 10);
+    // Refills are bulk work (HTTPS, JSON, base64 of up to megabytes) at the process's
+    // normal priority. Media threads win the CPU because they are raised above it
+    // (SCHED_FIFO or nice -10, see the gateway's [media]). A refill below normal would let
+    // any busy process on the host starve the key supply, and the media waiting for it:
+    // a receiver dropped its first packets when its key fetch sat behind two CPU hogs.
     auto backoff = std::chrono::milliseconds(100);
     auto last_time = Clock::now();
     std::uint64_t last_consumed = 0;

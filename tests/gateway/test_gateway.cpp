@@ -8,9 +8,11 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -292,6 +294,16 @@ TEST_F(GatewayTest, MediaThreadsRunRealtimeWhereConfiguredAndReportIt) {
       if (::sched_getscheduler(tid) == SCHED_FIFO) ++realtime_elsewhere;
     }
     EXPECT_EQ(realtime_elsewhere, a_threads);
+  }
+  // Key refill threads run at normal priority, not below: on a busy host a niced refill
+  // starved behind other processes while the receiver dropped packets waiting for key.
+  for (const auto& task : fs::directory_iterator("/proc/self/task")) {
+    const auto tid = static_cast<id_t>(std::stoi(task.path().filename().string()));
+    errno = 0;
+    const int nice = ::getpriority(PRIO_PROCESS, tid);
+    if (errno == 0) {
+      EXPECT_LE(nice, 0) << "thread " << tid << " runs below normal priority";
+    }
   }
   httplib::Client client("127.0.0.1", a_->status_port());
   auto metrics = client.Get("/metrics");
