@@ -167,36 +167,41 @@ class MediaScheduling {
 class CpuWakeupLatency {
  public:
   CpuWakeupLatency(std::optional<int> microseconds, std::filesystem::path device)
-      : wanted_(microseconds) {
-    if (!wanted_) return;
-    fd_ = ::open(device.c_str(), O_WRONLY | O_CLOEXEC);
+      : wanted_(microseconds), device_(std::move(device)) {}
+  ~CpuWakeupLatency() { release(); }
+  CpuWakeupLatency(const CpuWakeupLatency&) = delete;
+  CpuWakeupLatency& operator=(const CpuWakeupLatency&) = delete;
+
+  void hold() {
+    if (!wanted_ || fd_ >= 0) return;
+    fd_ = ::open(device_.c_str(), O_WRONLY | O_CLOEXEC);
     const std::int32_t value = *wanted_;
-    if (fd_ >= 0 && ::write(fd_, &value, sizeof value) == static_cast<ssize_t>(sizeof value))
+    if (fd_ >= 0 && ::write(fd_, &value, sizeof value) == static_cast<ssize_t>(sizeof value)) {
+      error_.clear();
       return;
-    error_ = device.string() + ": " + std::strerror(errno);
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
+    }
+    error_ = device_.string() + ": " + std::strerror(errno);
+    release();
     std::fprintf(stderr,
                  "otp-gateway[warning]: cannot hold a CPU wake-up latency of %d us (%s); idle "
                  "CPUs may sleep deeply between packets (run as root, or give the otpgate group "
                  "write access to it, see docs/gateway.md)\n",
                  *wanted_, error_.c_str());
   }
-  ~CpuWakeupLatency() {
+  void release() {
     if (fd_ >= 0) ::close(fd_);  // closing withdraws the request
+    fd_ = -1;
   }
-  CpuWakeupLatency(const CpuWakeupLatency&) = delete;
-  CpuWakeupLatency& operator=(const CpuWakeupLatency&) = delete;
 
-  bool held() const { return fd_ >= 0; }
   void describe(json& status) const {
     status["cpu_wakeup_latency_us"] = wanted_ ? json(*wanted_) : json(nullptr);
-    status["cpu_wakeup_latency_held"] = held();
+    status["cpu_wakeup_latency_held"] = fd_ >= 0;
     if (!error_.empty()) status["cpu_wakeup_latency_error"] = error_;
   }
 
  private:
-  std::optional<int> wanted_;
+  const std::optional<int> wanted_;
+  const std::filesystem::path device_;
   int fd_ = -1;
   std::string error_;
 };
@@ -292,8 +297,8 @@ struct Gateway::Impl {
       gst_bin_add(GST_BIN(bin), pipeline);
     }
     s.pipeline.reset(bin);
-    // Media threads ahead of everything else on the host (key refills run below normal
-    // priority): a streaming thread sets its own scheduling as it starts.
+    // Media threads ahead of everything else on the host (key refills included, which run
+    // at normal priority): a streaming thread sets its own scheduling as it starts.
     GstBus* bus = gst_element_get_bus(bin);
     gst_bus_set_sync_handler(
         bus,
@@ -491,15 +496,8 @@ struct Gateway::Impl {
   }
 
   json media_status() const {
-    if (!media) return nullptr;
     json m = media->status();
-    if (cpu_wakeup) {
-      cpu_wakeup->describe(m);
-    } else {  // not running: nothing held
-      m["cpu_wakeup_latency_us"] =
-          config.cpu_wakeup_latency_us ? json(*config.cpu_wakeup_latency_us) : json(nullptr);
-      m["cpu_wakeup_latency_held"] = false;
-    }
+    cpu_wakeup->describe(m);
     return m;
   }
 
@@ -547,16 +545,15 @@ struct Gateway::Impl {
       out += name + "{" + labels + "} " + number + "\n";
     };
     const json st = status();
-    if (const json& m = st["media_threads"]; !m.is_null()) {
-      for (const char* scheduling : {"realtime", "raised", "unraised"}) {
-        metric("otpgate_media_threads", "gauge",
-               "site=\"" + config.site_name + "\",scheduling=\"" + scheduling + "\"",
-               m[std::string(scheduling) + "_threads"].get<double>());
-      }
-      if (!m["cpu_wakeup_latency_us"].is_null()) {
-        metric("otpgate_cpu_wakeup_latency_held", "gauge", "site=\"" + config.site_name + "\"",
-               m["cpu_wakeup_latency_held"].get<bool>() ? 1 : 0);
-      }
+    const json& m = st["media_threads"];
+    for (const char* scheduling : {"realtime", "raised", "unraised"}) {
+      metric("otpgate_media_threads", "gauge",
+             "site=\"" + config.site_name + "\",scheduling=\"" + scheduling + "\"",
+             m[std::string(scheduling) + "_threads"].get<double>());
+    }
+    if (!m["cpu_wakeup_latency_us"].is_null()) {
+      metric("otpgate_cpu_wakeup_latency_held", "gauge", "site=\"" + config.site_name + "\"",
+             m["cpu_wakeup_latency_held"].get<bool>() ? 1 : 0);
     }
     for (const auto& s : st["streams"]) {
       for (const char* direction : {"send", "receive"}) {
@@ -588,6 +585,8 @@ struct Gateway::Impl {
 Gateway::Gateway(GatewayConfig config) : impl_(std::make_unique<Impl>()) {
   impl_->config = std::move(config);
   impl_->media = std::make_unique<MediaScheduling>(impl_->config.realtime_priority);
+  impl_->cpu_wakeup = std::make_unique<CpuWakeupLatency>(impl_->config.cpu_wakeup_latency_us,
+                                                         impl_->config.cpu_latency_device);
   if (!gst_is_initialized()) gst_init(nullptr, nullptr);
 }
 
@@ -599,8 +598,7 @@ void Gateway::start() {
   Impl& g = *impl_;
   if (g.running) return;
   std::filesystem::create_directories(g.config.state_dir);
-  g.cpu_wakeup = std::make_unique<CpuWakeupLatency>(g.config.cpu_wakeup_latency_us,
-                                                    g.config.cpu_latency_device);
+  g.cpu_wakeup->hold();
   if (g.config.transport == "ice") g.connect_ice();
   for (const auto& c : g.config.streams) {
     g.streams.push_back(Impl::Stream{c, nullptr, nullptr, nullptr, nullptr, nullptr});
@@ -666,7 +664,7 @@ void Gateway::stop() {
     s.pipeline.reset();
   }
   g.streams.clear();
-  g.cpu_wakeup.reset();
+  g.cpu_wakeup->release();
   if (g.signalling_thread.joinable()) {
     g.signalling_server.stop();
     g.signalling_thread.join();

@@ -362,6 +362,8 @@ TEST_F(GatewayTest, CpuWakeupLatencyIsHeldWhileRunningAndReported) {
   EXPECT_EQ(current(), std::optional<std::int32_t>(7));
   a_->stop();
   EXPECT_EQ(current(), before) << "stopping withdraws the request";
+  EXPECT_EQ(nlohmann::json::parse(a_->status_json())["media_threads"]["cpu_wakeup_latency_held"],
+            false);
   EXPECT_EQ(get_json(b_->status_port(), "/api/v1/status")["media_threads"]["cpu_wakeup_latency_us"],
             9);
 }

@@ -585,7 +585,7 @@ std::filesystem::path journal_path(const TransferConfig& config, const std::stri
 }
 
 std::filesystem::path SendJobLock::path(const TransferConfig& config, const std::string& job_id) {
-  return config.state_dir / "transfer-journals" / (job_id + ".sender.lock");
+  return journal_path(config, job_id).replace_extension(".sender.lock");
 }
 
 SendJobLock::SendJobLock(const TransferConfig& config, const std::string& job_id) {
