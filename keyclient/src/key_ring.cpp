@@ -137,6 +137,28 @@ std::optional<std::uint64_t> KeyRing::peek_offset() const {
   return r.info[r.filled.front()].offset;
 }
 
+std::uint64_t KeyRing::discard_below(std::uint64_t offset) {
+  Impl& r = *impl_;
+  std::uint64_t wiped = 0;
+  while (true) {
+    if (!r.has_current) {
+      if (r.filled.read_available() == 0 || r.info[r.filled.front()].offset >= offset) break;
+      r.filled.pop(r.current);
+      r.has_current = true;
+      r.position = 0;
+    }
+    const auto& slot = r.info[r.current];
+    if (slot.offset + r.position >= offset) break;
+    const std::uint32_t n = slot.length - r.position;  // whole slots: keys never straddle
+    OPENSSL_cleanse(r.slot_data(r.current) + r.position, n);
+    wiped += n;
+    r.has_current = false;
+    r.free.push(r.current);
+  }
+  r.discarded.fetch_add(wiped, std::memory_order_relaxed);
+  return wiped;
+}
+
 std::optional<PadSegment> KeyRing::pop_segment() {
   std::uint32_t slot = 0;
   if (!impl_->filled.pop(slot)) return std::nullopt;

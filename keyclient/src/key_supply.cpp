@@ -25,6 +25,9 @@ namespace otpgate::keys {
 namespace {
 constexpr std::size_t kQueueCapacity = 65536;
 constexpr std::size_t kRecentIds = 65536;
+constexpr std::size_t kMaxWanted = 16384;
+constexpr std::size_t kAnnouncementBatch =
+    64;  // keys one announcement carries at most  // keys asked for and not yet fetched or lost
 constexpr std::uint32_t kDefaultMaxKeysPerRequest = 128;
 using Clock = std::chrono::steady_clock;
 
@@ -44,8 +47,18 @@ class Backend {
   // Master: `number` keys of `key_bits`, to be placed from `next_offset` on.
   virtual std::vector<Key> deliver(std::uint64_t next_offset, std::size_t number,
                                    std::uint32_t key_bits) = 0;
-  // Slave: the announced keys; an empty optional is a key that will never come.
-  virtual std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted) = 0;
+  // Slave: the announced keys; an empty optional is a key the source does not hold (not
+  // yet relayed, or lost). `locate`: when the source refuses the batch as a whole, find
+  // out (by halving it) which keys it does hold.
+  virtual std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted,
+                                                bool locate) = 0;
+  // Slave: true when fetching a key removes it at the source (a KME hands a key out
+  // once), false when it can be read again (a pad file).
+  virtual bool fetch_is_destructive() const = 0;
+  // Why the last key the source did not hold was missing, in its own words.
+  virtual std::string missing_reason() const { return {}; }
+  // Master: the KME's stored_key_count for this pair, if the source has one.
+  virtual std::optional<std::uint64_t> stored_count() { return std::nullopt; }
   virtual void cancel() = 0;
 };
 
@@ -73,32 +86,44 @@ class KmeBackend final : public Backend {
     return client_.enc_keys(peer_, static_cast<std::uint32_t>(number), key_bits);
   }
 
-  std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted) override {
+  std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted,
+                                        bool locate) override {
     std::vector<KeyId> ids;
     for (const auto& a : wanted) ids.push_back(a.key_id);
     std::vector<std::optional<Key>> fetched(wanted.size());
-    try {
-      auto keys = client_.dec_keys(peer_, ids);
-      for (std::size_t i = 0; i < keys.size(); ++i) fetched[i] = std::move(keys[i]);
-    } catch (const KmeError& e) {
-      if (e.kind() != KmeErrorKind::key_not_found) throw;
-      // One missing key fails the whole batch: find out which, one by one.
-      for (std::size_t i = 0; i < ids.size(); ++i) {
-        try {
-          fetched[i] = client_.dec_key(peer_, ids[i]);
-        } catch (const KmeError& single) {
-          if (single.kind() != KmeErrorKind::key_not_found) throw;
-        }
-      }
-    }
+    fetch_range(ids, 0, ids.size(), locate, fetched);
     return fetched;
+  }
+
+  bool fetch_is_destructive() const override { return true; }
+  std::string missing_reason() const override { return missing_reason_; }
+  std::optional<std::uint64_t> stored_count() override {
+    return client_.status(peer_).stored_key_count;
   }
 
   void cancel() override { client_.cancel(); }
 
  private:
+  // dec_keys for ids[lo, hi). The KME answers 400/404 for the whole request when one key
+  // is missing, so `locate` halves a refused range until every key is found or missing.
+  void fetch_range(const std::vector<KeyId>& ids, std::size_t lo, std::size_t hi, bool locate,
+                   std::vector<std::optional<Key>>& out) {
+    try {
+      auto keys = client_.dec_keys(peer_, std::span(ids).subspan(lo, hi - lo));
+      for (std::size_t i = 0; i < keys.size(); ++i) out[lo + i] = std::move(keys[i]);
+    } catch (const KmeError& e) {
+      if (e.kind() != KmeErrorKind::key_not_found) throw;
+      missing_reason_ = e.what();
+      if (!locate || hi - lo == 1) return;
+      const std::size_t mid = lo + (hi - lo) / 2;
+      fetch_range(ids, lo, mid, true, out);
+      fetch_range(ids, mid, hi, true, out);
+    }
+  }
+
   KmeClient client_;
   std::string peer_;
+  std::string missing_reason_;
 };
 
 class PadFileBackend final : public Backend {
@@ -136,7 +161,7 @@ class PadFileBackend final : public Backend {
     return keys;
   }
 
-  std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted) override {
+  std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted, bool) override {
     std::vector<std::optional<Key>> fetched(wanted.size());
     for (std::size_t i = 0; i < wanted.size(); ++i) {
       const auto& a = wanted[i];
@@ -148,6 +173,11 @@ class PadFileBackend final : public Backend {
     return fetched;
   }
 
+  bool fetch_is_destructive() const override { return false; }
+  std::string missing_reason() const override {
+    return "the pad file " + config_.path.string() + " holds " + std::to_string(size_) +
+           " bytes; the key_ID or range is not one of its chunks";
+  }
   void cancel() override {}
 
  private:
@@ -247,22 +277,58 @@ struct KeySupply::Impl {
                                  "(LimitMEMLOCK= in systemd)");
     }
     published_key_bits = key_bits;
+    kme_answered();
     ring.store(ring_owner.get(), std::memory_order_release);
     log(LogLevel::debug, "key ring ready: " + std::to_string(slots) + " keys of " +
                              std::to_string(key_bits) + " bits for peer " + config.peer_sae_id);
   }
 
+  // Key the master keeps ready: seconds of the measured consumption, within bounds.
+  double ring_target(const KeyRing& r) const {
+    const double capacity = double(r.slot_count() * r.slot_bytes());
+    if (config.ring_seconds <= 0) return capacity;
+    const double held = std::max(double(config.ring_min_bytes),
+                                 consumption.load(std::memory_order_relaxed) * config.ring_seconds);
+    return std::min(capacity, held);
+  }
+
+  // Watches the first calls for a KME that drops a pair's unfetched keys when the master
+  // asks again (its stored_key_count then counts the pair's pending keys and does not grow
+  // across calls). Such a KME gets one batch in flight: the next call waits until the
+  // slave has fetched everything (stored_key_count 0).
+  void note_stored_counts(std::uint64_t before, std::uint64_t after, std::size_t delivered) {
+    if (before > 0 && after == delivered) {
+      if (++replace_evidence >= 2 && !replaces_batches) {
+        replaces_batches = true;
+        replaces_batches_flag = true;
+        log(LogLevel::warning, "key supply (peer " + config.peer_sae_id +
+                                   "): the KME drops unfetched keys when asked again (stored "
+                                   "count " +
+                                   std::to_string(before) + " before, " + std::to_string(after) +
+                                   " after " + std::to_string(delivered) +
+                                   " keys); keeping one batch in flight");
+      }
+    } else {
+      replace_evidence = 0;
+    }
+  }
+
   void refill_master() {
     KeyRing& r = *ring_owner;
-    const double capacity = double(r.slot_count() * r.slot_bytes());
-    if (double(r.bytes_available()) >= config.low_water * capacity) return;
-    while (!stopping_flag && double(r.bytes_available()) < config.high_water * capacity) {
-      const double missing = config.high_water * capacity - double(r.bytes_available());
+    const double target = ring_target(r);
+    if (double(r.bytes_available()) >= config.low_water * target) return;
+    while (!stopping_flag && double(r.bytes_available()) < config.high_water * target) {
+      const double missing = config.high_water * target - double(r.bytes_available());
       std::size_t number = static_cast<std::size_t>(std::ceil(missing / r.slot_bytes()));
+      if (replaces_batches) number = max_keys_per_request;  // few, large batches
       number = std::min(
           {number, r.free_slots(), std::size_t(max_keys_per_request), keys_per_request_cap});
       if (config.publish_announcements) number = std::min(number, announcements.write_available());
       if (number == 0) return;
+      std::optional<std::uint64_t> before;
+      const bool probe = replaces_batches || probes < 8;
+      if (probe) before = backend->stored_count();
+      if (replaces_batches && before && *before != 0) return;  // the slave has not caught up
       const auto started = Clock::now();
       std::vector<Key> keys;
       try {
@@ -275,10 +341,18 @@ struct KeySupply::Impl {
         keys_per_request_cap = number / 2;
         continue;
       }
+      kme_answered();
+      if (probe && !replaces_batches && before) {
+        ++probes;
+        if (const auto after = backend->stored_count()) {
+          note_stored_counts(*before, *after, keys.size());
+        }
+      }
       if (keys_per_request_cap < max_keys_per_request)
         keys_per_request_cap =
             std::min<std::size_t>(2 * keys_per_request_cap, max_keys_per_request);
       note_latency(ms_since(started));
+      if (outage) resume_after_outage();
       std::uint64_t total = 0;
       for (const Key& k : keys) {
         if (k.bytes.size() > r.slot_bytes()) {
@@ -307,11 +381,92 @@ struct KeySupply::Impl {
     }
   }
 
+  // The KME answers again after an outage. Keys it issued before may be gone at the
+  // slave's KME (a restart loses what was not fetched), and the receiver could then never
+  // verify announcements drawn from them: wipe them, and resume at an epoch boundary so the
+  // next announcement is verifiable from its own keys.
+  void resume_after_outage() {
+    outage = false;
+    const std::uint64_t align = std::max<std::uint64_t>(1, config.restart_alignment);
+    next_offset = (next_offset + align - 1) / align * align;
+    published_next_offset = next_offset;
+    flush_floor.store(next_offset, std::memory_order_release);
+    ++kme_outages;
+    log(LogLevel::warning, "key supply (peer " + config.peer_sae_id +
+                               "): the KME answers again after an outage; key issued before "
+                               "it is wiped unused and the stream resumes at pad offset " +
+                               std::to_string(next_offset));
+  }
+
+  // Media thread: the ring, after wiping what a flush after a KME outage left below
+  // the floor.
+  KeyRing* consumer_ring() {
+    KeyRing* r = ring.load(std::memory_order_acquire);
+    const std::uint64_t floor = flush_floor.load(std::memory_order_acquire);
+    if (r && floor > flush_seen) {
+      flush_seen = floor;
+      bytes_flushed.fetch_add(r->discard_below(floor), std::memory_order_relaxed);
+    }
+    return r;
+  }
+
+  void kme_answered() {
+    ever_answered = true;
+    refusals = 0;
+    if (failed_flag.load(std::memory_order_relaxed)) {
+      failed_flag.store(false, std::memory_order_release);
+    }
+  }
+
+  // Called with every KME error: decides whether to give up (see give_up_after).
+  void judge(const KmeError& e) {
+    const bool refused = e.kind() == KmeErrorKind::unauthorized || e.kind() == KmeErrorKind::tls;
+    if (e.kind() == KmeErrorKind::transport || e.kind() == KmeErrorKind::server) {
+      if (keys_fetched > 0 && config.role == SaeRole::master) outage = true;
+    }
+    const bool give_up = refused
+                             ? ++refusals >= 2
+                             : !ever_answered && Clock::now() - started_at >= config.give_up_after;
+    if (!give_up || failed_flag.load(std::memory_order_relaxed)) return;
+    {
+      std::lock_guard lock(error_mutex);
+      failure_text =
+          std::string(refused ? "the KME refuses this SAE: " : "the KME never answered: ") +
+          e.what();
+    }
+    failed_flag.store(true, std::memory_order_release);
+    log(LogLevel::error, "key supply (peer " + config.peer_sae_id + "): giving up: " + e.what());
+  }
+
+  // A key asked for by an announcement, until it is fetched or declared lost.
+  struct Wanted {
+    KeyAnnouncement announcement;
+    Clock::time_point first_asked;  // the relay grace runs from here, never restarts
+    Clock::time_point next_try;
+    int tries = 0;
+  };
+
+  // Remembers a request so that repeats of it are not fetched again. A KME hands a key
+  // out once, so its key_ID alone identifies it; a pad file can be read again, so there a
+  // forged length must not shadow the genuine request for the same chunk.
+  bool first_sight(const KeyAnnouncement& a) {
+    const auto seen =
+        std::make_pair(a.key_id, backend->fetch_is_destructive() ? std::uint32_t{0} : a.length);
+    if (recent.contains(seen)) return false;
+    recent.insert(seen);
+    recent_order.push_back(seen);
+    if (recent_order.size() > kRecentIds) {
+      recent.erase(recent_order.front());
+      recent_order.pop_front();
+    }
+    return true;
+  }
+
   void refill_slave() {
     KeyRing& r = *ring_owner;
+    const auto now = Clock::now();
     KeyAnnouncement a;
     while (requests.pop(a)) {
-      if (recent.contains(a.key_id)) continue;
       // A journalled (pad-file) receiver reads and reserves the offsets it is asked for
       // before the announcement is verified: only so far beyond what verified traffic
       // has used, so forged announcements cannot push its journal ahead without bound.
@@ -320,55 +475,93 @@ struct KeySupply::Impl {
         ++keys_refused;  // not remembered: a genuine repeat is taken once in range
         continue;
       }
-      recent.insert(a.key_id);
-      recent_order.push_back(a.key_id);
-      if (recent_order.size() > kRecentIds) {
-        recent.erase(recent_order.front());
-        recent_order.pop_front();
-      }
+      if (!first_sight(a)) continue;
       if (journal && a.offset < restart_floor) {
         ++keys_refused;  // pad below the journal was (or may have been) used by an earlier run
         continue;
       }
-      pending.push_back(a);
+      if (wanted.size() >= kMaxWanted) {
+        ++keys_refused;  // far more than any genuine sender has in flight
+        continue;
+      }
+      wanted.push_back(Wanted{a, now, now});
     }
-    while (!stopping_flag && !pending.empty() && r.free_slots() > 0) {
-      const std::size_t number =
-          std::min({pending.size(), r.free_slots(), std::size_t(max_keys_per_request)});
-      const std::vector<KeyAnnouncement> wanted(pending.begin(), pending.begin() + number);
+    // Batches of keys that are due, oldest first. Keys still inside their relay grace are
+    // asked for as a batch (one request); keys past it are located one by one (halving)
+    // and the missing ones declared lost. Keys waiting for a retry never hold up later ones.
+    while (!stopping_flag && r.free_slots() > 0) {
+      const auto round = Clock::now();
+      std::vector<std::size_t> batch;
+      bool old = false;
+      const std::size_t limit = std::min(r.free_slots(), std::size_t(max_keys_per_request));
+      for (std::size_t i = 0; i < wanted.size() && batch.size() < limit; ++i) {
+        const Wanted& w = wanted[i];
+        if (w.next_try > round) continue;
+        const bool past_grace = round - w.first_asked >= config.relay_grace;
+        if (batch.empty()) old = past_grace;
+        if (past_grace == old) batch.push_back(i);
+      }
+      if (batch.empty()) break;
+      std::vector<KeyAnnouncement> asked;
+      for (std::size_t i : batch) asked.push_back(wanted[i].announcement);
       if (journal) {
         std::uint64_t end = 0;
-        for (const auto& w : wanted) end = std::max(end, w.offset + w.length);
+        for (const auto& w : asked) end = std::max(end, w.offset + w.length);
         reserve_up_to(end);
       }
       const auto started = Clock::now();
-      auto fetched = backend->fetch(wanted);
+      auto fetched = backend->fetch(asked, old);
       note_latency(ms_since(started));
-      for (std::size_t i = 0; i < number; ++i) {
-        const KeyAnnouncement& w = wanted[i];
-        if (!fetched[i]) {
-          ++keys_lost;
-          record_error("key_ID " + w.key_id.to_string() + " announced for pad offset " +
-                       std::to_string(w.offset) +
-                       " was never delivered; packets using it will be dropped");
-        } else if (fetched[i]->bytes.size() != w.length) {
-          ++keys_lost;
-          record_error("key_ID " + w.key_id.to_string() + " has " +
-                       std::to_string(fetched[i]->bytes.size()) + " bytes but was announced with " +
-                       std::to_string(w.length) + "; wiped unused");
-        } else if (!r.push(w.offset, w.key_id, fetched[i]->bytes.span())) {
-          ++keys_lost;
-          record_error("key_ID " + w.key_id.to_string() + " does not fit the key ring (" +
-                       std::to_string(w.length) + " bytes > slot of " +
-                       std::to_string(r.slot_bytes()) + "); wiped unused");
-        } else {
+      std::uint64_t lost = 0;
+      std::optional<KeyAnnouncement> first_lost;
+      std::uint64_t lost_last_offset = 0;
+      std::vector<bool> done(batch.size(), false);
+      for (std::size_t k = 0; k < batch.size(); ++k) {
+        Wanted& w = wanted[batch[k]];
+        if (fetched[k]) {
+          done[k] = true;
+          if (!r.push(w.announcement.offset, w.announcement.key_id, fetched[k]->bytes.span())) {
+            ++keys_lost;
+            record_error("key_ID " + w.announcement.key_id.to_string() + " has " +
+                         std::to_string(fetched[k]->bytes.size()) +
+                         " bytes, more than a key ring slot (" + std::to_string(r.slot_bytes()) +
+                         "); wiped unused");
+            continue;
+          }
           ++keys_fetched;
-          bytes_fetched += w.length;
+          bytes_fetched += fetched[k]->bytes.size();
           healthy = true;
+        } else if (old) {
+          done[k] = true;
+          ++lost;
+          if (!first_lost) first_lost = w.announcement;
+          lost_last_offset = w.announcement.offset + w.announcement.length;
+        } else {
+          // Not at the KME yet: the KMEs may still be relaying it. Ask again soon.
+          ++w.tries;
+          w.next_try =
+              Clock::now() + std::min(std::chrono::milliseconds(50 << std::min(w.tries, 3)),
+                                      std::chrono::milliseconds(400));
+          healthy = true;  // the KME answered
         }
-        pending.pop_front();
       }
+      if (lost != 0) {
+        keys_lost += lost;
+        record_error(std::to_string(lost) + " announced key" + (lost == 1 ? "" : "s") +
+                     " (first key_ID " + first_lost->key_id.to_string() + ", pad offsets " +
+                     std::to_string(first_lost->offset) + " to " +
+                     std::to_string(lost_last_offset) +
+                     ") not delivered within the relay grace of " +
+                     std::to_string(config.relay_grace.count()) +
+                     " ms; declared lost, packets using them are dropped. Last answer: " +
+                     backend->missing_reason());
+      }
+      for (std::size_t k = batch.size(); k-- > 0;) {
+        if (done[k]) wanted.erase(wanted.begin() + static_cast<std::ptrdiff_t>(batch[k]));
+      }
+      kme_answered();
     }
+    waiting_count = wanted.size();
   }
 
   void note_latency(double ms) {
@@ -396,6 +589,7 @@ struct KeySupply::Impl {
     // any busy process on the host starve the key supply, and the media waiting for it:
     // a receiver dropped its first packets when its key fetch sat behind two CPU hogs.
     auto backoff = std::chrono::milliseconds(100);
+    started_at = Clock::now();
     auto last_time = Clock::now();
     std::uint64_t last_consumed = 0;
     std::unique_lock lock(mutex);
@@ -413,6 +607,7 @@ struct KeySupply::Impl {
       } catch (const KmeError& e) {
         if (e.kind() == KmeErrorKind::cancelled) break;
         record_error(e.what());
+        judge(e);
         wait = backoff;
         // A slave waits for keys media is about to need, and a KME short of key has more
         // within a fraction of a second: retry those sooner than a KME that is down.
@@ -429,6 +624,13 @@ struct KeySupply::Impl {
   }
 
   std::size_t keys_per_request_cap = SIZE_MAX;  // master: shrinks while the KME is short
+  int probes = 0;            // master: stored-count probes made (see note_stored_counts)
+  int replace_evidence = 0;  // master: consecutive probes that looked like a replacement
+  bool replaces_batches = false;
+  bool outage = false;  // master: the KME was unreachable since keys were last issued
+  bool ever_answered = false;
+  int refusals = 0;
+  Clock::time_point started_at = Clock::now();
 
   KeySupplyConfig config;
   std::unique_ptr<Backend> backend;
@@ -440,9 +642,9 @@ struct KeySupply::Impl {
   std::uint32_t max_keys_per_request = kDefaultMaxKeysPerRequest;
   std::uint64_t next_offset = 0;
   std::uint64_t restart_floor = 0;  // slave: nothing below the journal at start is fetched
-  std::deque<KeyAnnouncement> pending;
-  std::set<KeyId> recent;
-  std::deque<KeyId> recent_order;
+  std::deque<Wanted> wanted;
+  std::set<std::pair<KeyId, std::uint32_t>> recent;
+  std::deque<std::pair<KeyId, std::uint32_t>> recent_order;
   std::uint64_t latency_samples = 0;
 
   // Shared with the media thread (lock-free) and with stats() readers.
@@ -457,8 +659,17 @@ struct KeySupply::Impl {
   std::atomic<bool> healthy{false};
   std::atomic<std::uint64_t> released_end{0};  // slave: end of the furthest key released
   std::atomic<bool> stopping_flag{false};
+  std::atomic<bool> replaces_batches_flag{false};
+  std::atomic<bool> failed_flag{false};
+  std::atomic<std::uint64_t> flush_floor{0};  // master: pad below this is wiped unused
+  std::atomic<std::uint64_t> bytes_flushed{0}, kme_outages{0}, wiped_at_stop{0};
+  std::atomic<std::uint64_t> waiting_count{0};
+  // Media thread only.
+  std::uint64_t flush_seen = 0;
+  std::size_t release_budget = 0;  // announcements still to release in the current batch
   mutable std::mutex error_mutex;
   std::string last_error;
+  std::string failure_text;
 
   std::thread thread;
   std::mutex mutex;
@@ -506,6 +717,7 @@ void KeySupply::stop() {
   impl_->cv.notify_all();
   impl_->backend->cancel();
   if (impl_->thread.joinable()) impl_->thread.join();
+  if (KeyRing* r = impl_->ring.load()) impl_->wiped_at_stop = r->bytes_available();
 }
 
 SaeRole KeySupply::role() const {
@@ -513,12 +725,12 @@ SaeRole KeySupply::role() const {
 }
 
 std::optional<std::uint64_t> KeySupply::take(std::span<std::uint8_t> out) {
-  KeyRing* r = impl_->ring.load(std::memory_order_acquire);
+  KeyRing* r = impl_->consumer_ring();
   return r ? r->take(out) : std::nullopt;
 }
 
 std::optional<std::uint64_t> KeySupply::peek_offset() {
-  KeyRing* r = impl_->ring.load(std::memory_order_acquire);
+  KeyRing* r = impl_->consumer_ring();
   return r ? r->peek_offset() : std::nullopt;
 }
 
@@ -528,13 +740,44 @@ std::uint64_t KeySupply::available() const {
 }
 
 std::optional<KeyAnnouncement> KeySupply::next_announcement() {
-  KeyAnnouncement a;
-  if (!impl_->announcements.pop(a)) return std::nullopt;
-  return a;
+  Impl& i = *impl_;
+  i.consumer_ring();
+  while (true) {
+    if (!i.announcements.read_available()) return std::nullopt;
+    const KeyAnnouncement& front = i.announcements.front();
+    const std::uint64_t floor = i.flush_floor.load(std::memory_order_acquire);
+    if (front.offset < floor) {  // its key was flushed: never announce it
+      i.announcements.pop();
+      continue;
+    }
+    if (i.release_budget == 0 && i.config.announce_lead_seconds > 0) {
+      // Announce a bounded lead ahead of use, a whole announcement's worth at a time.
+      KeyRing* r = i.ring.load(std::memory_order_acquire);
+      const std::uint64_t position = r && r->peek_offset() ? *r->peek_offset() : front.offset;
+      const double lead =
+          std::max(double(i.config.announce_min_bytes),
+                   i.consumption.load(std::memory_order_relaxed) * i.config.announce_lead_seconds);
+      if (double(front.offset) >= double(position) + lead) return std::nullopt;
+      i.release_budget = kAnnouncementBatch;
+    }
+    KeyAnnouncement a = front;
+    i.announcements.pop();
+    if (i.release_budget > 0) --i.release_budget;
+    return a;
+  }
 }
 
 bool KeySupply::request(const KeyAnnouncement& announcement) {
   return impl_->requests.push(announcement);
+}
+
+bool KeySupply::failed() const {
+  return impl_->failed_flag.load(std::memory_order_acquire);
+}
+
+std::string KeySupply::failure() const {
+  std::lock_guard lock(impl_->error_mutex);
+  return impl_->failure_text;
 }
 
 std::optional<PadSegment> KeySupply::pop_segment() {
@@ -564,6 +807,12 @@ KeySupplyStats KeySupply::stats() const {
   s.keys_fetched = i.keys_fetched;
   s.keys_lost = i.keys_lost;
   s.keys_refused = i.keys_refused;
+  s.keys_waiting = i.waiting_count;
+  s.bytes_flushed = i.bytes_flushed;
+  s.kme_outages = i.kme_outages;
+  s.bytes_wiped_at_stop = i.wiped_at_stop;
+  s.kme_replaces_batches = i.replaces_batches_flag;
+  s.failed = i.failed_flag;
   s.kme_errors = i.kme_errors;
   s.next_offset = i.published_next_offset;
   s.reserved_offset = i.published_reserved;
@@ -577,6 +826,7 @@ KeySupplyStats KeySupply::stats() const {
   s.kme_healthy = i.healthy;
   std::lock_guard lock(i.error_mutex);
   s.last_error = i.last_error;
+  s.failure = i.failure_text;
   return s;
 }
 

@@ -337,17 +337,19 @@ struct KmeClient::Impl {
   }
 
   // Calls until a 2xx, retrying what is worth retrying; returns the parsed JSON body.
-  // `relay_wait`: also retry "not found" answers until the relay grace runs out.
-  json call(const std::string& what, const std::string& url, const std::string* post_body,
-            bool relay_wait) {
-    return parse_body(what, call_raw(what, url, post_body, relay_wait));
+  json call(const std::string& what, const std::string& url, const std::string* post_body) {
+    return parse_body(what, call_raw(what, url, post_body, false));
   }
 
-  // Calls until a 2xx and leaves its body in `body`; returns the status.
+  // Calls until a 2xx and leaves its body in `body`; returns the status. Decisions are
+  // made on the status code alone: KMEs word their errors in their own ways.
+  // `asks_for_keys` (dec_keys): 400 and 404 mean "not (or no longer) on this KME" in
+  // ETSI GS QKD 014; they come back at once as key_not_found, and the caller decides
+  // whether to wait for the KMEs' relay or to declare the keys lost.
   long call_raw(const std::string& what, const std::string& url, const std::string* post_body,
-                bool relay_wait) {
+                bool asks_for_keys) {
     auto backoff = config.retry.initial_backoff;
-    const auto relay_deadline = std::chrono::steady_clock::now() + config.retry.relay_grace;
+    const auto give_up = std::chrono::steady_clock::now() + config.retry.max_total;
     for (int attempt = 1;; ++attempt) {
       std::optional<KmeError> failure;
       try {
@@ -355,24 +357,17 @@ struct KmeClient::Impl {
         if (status >= 200 && status < 300) return status;
         const std::string text = error_text(body.view());
         body.clear();
-        failure.emplace(kind_for_status(status), static_cast<int>(status),
+        const KmeErrorKind kind = asks_for_keys && (status == 400 || status == 404)
+                                      ? KmeErrorKind::key_not_found
+                                      : kind_for_status(status);
+        failure.emplace(kind, static_cast<int>(status),
                         what + ": KME answered HTTP " + std::to_string(status) + ": " + text);
       } catch (const KmeError& e) {
         if (e.kind() == KmeErrorKind::cancelled) throw;
         failure.emplace(e);
       }
-      const bool not_yet_relayed =
-          relay_wait && (failure->kind() == KmeErrorKind::not_found ||
-                         (failure->kind() == KmeErrorKind::bad_request &&
-                          lower(failure->what()).find("not found") != std::string::npos));
-      if (not_yet_relayed) {
-        if (std::chrono::steady_clock::now() >= relay_deadline) {
-          throw KmeError(KmeErrorKind::key_not_found, failure->http_status(),
-                         std::string(failure->what()) + " (still missing after waiting " +
-                             std::to_string(config.retry.relay_grace.count()) +
-                             " ms for the KMEs to relay it)");
-        }
-      } else if (!failure->retryable() || attempt >= config.retry.max_attempts) {
+      if (!failure->retryable() || attempt >= config.retry.max_attempts ||
+          std::chrono::steady_clock::now() + backoff >= give_up) {
         throw *failure;
       }
       log(LogLevel::warning, std::string(failure->what()) + "; retrying in " +
@@ -534,7 +529,7 @@ const std::string& KmeClient::base_url() const {
 
 KmeStatus KmeClient::status(std::string_view slave_sae_id) {
   const std::string what = "status for SAE \"" + std::string(slave_sae_id) + "\"";
-  const json doc = impl_->call(what, impl_->url_for(slave_sae_id, "status"), nullptr, false);
+  const json doc = impl_->call(what, impl_->url_for(slave_sae_id, "status"), nullptr);
   KmeStatus s;
   s.source_kme_id = optional_string(doc, "source_KME_ID");
   s.target_kme_id = optional_string(doc, "target_KME_ID");

@@ -173,16 +173,21 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstBuffer* in) {
   Private& p = *self->priv;
   Session& s = *p.session;
   GstMapInfo map;
-  if (!gst_buffer_map(in, &map, GST_MAP_READ)) return GST_FLOW_ERROR;
+  if (!gst_buffer_map(in, &map, GST_MAP_READ)) {
+    GST_ELEMENT_ERROR(self, RESOURCE, READ, ("could not map an input buffer for reading"),
+                      (nullptr));
+    return GST_FLOW_ERROR;
+  }
   std::size_t written = 0;
   const std::span<const std::uint8_t> datagram(map.data, map.size);
   auto verdict = s.decoder->open_datagram(datagram, s.out, written);
-  // Right after announcements (call start, or a KME relaying late) the keys may still be
-  // on their way: wait briefly rather than drop, but only while some are outstanding.
+  // Right after an announcement (call start, or a KME relaying late) a packet's key may
+  // be on its way: it waits briefly rather than being dropped, but only when a verified
+  // announcement (or a stream's first, whose keys are being fetched) covers its pad. A
+  // packet naming pad nobody announced is dropped at once: forgeries cost no waiting.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms);
-  if (verdict == otp::Decoder::Verdict::no_key && s.decoder->stats().announcements_pending > 0)
-    bump(p, C_KEY_WAITS);  // this packet is delayed (its key is on its way)
-  while (verdict == otp::Decoder::Verdict::no_key && s.decoder->stats().announcements_pending > 0 &&
+  if (verdict == otp::Decoder::Verdict::key_pending) bump(p, C_KEY_WAITS);
+  while (verdict == otp::Decoder::Verdict::key_pending &&
          std::chrono::steady_clock::now() < deadline && !p.flushing) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
     verdict = s.decoder->open_datagram(datagram, s.out, written);
@@ -204,40 +209,62 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstBuffer* in) {
       bump(p, C_REPLAYS);
       break;
     case V::no_key:
+    case V::key_pending:
       bump(p, C_DROPS_NO_KEY);
       break;
     case V::malformed:
     case V::out_of_sequence:
       bump(p, C_DROPS_MALFORMED);
       break;
-    default:
-      break;  // announcements
+    case V::announcement:
+    case V::announcement_pending:
+    case V::repeat:
+      break;
   }
   gst_buffer_unmap(in, &map);
   publish(self);
   return ret;
 }
 
+// Why a record stopped the stream, for the element error (no key bytes, no guessing:
+// a key that did not arrive is a key problem, never reported as an attack).
+const char* why_refused(otp::Decoder::Verdict verdict) {
+  using V = otp::Decoder::Verdict;
+  switch (verdict) {
+    case V::auth_failure:
+      return "failed authentication: the data was corrupted or tampered with on the way";
+    case V::replay:
+      return "replays pad that was already used (an old or duplicated stream)";
+    case V::no_key:
+    case V::key_pending:
+      return "has no key: its key was not delivered in time (see the key source's state in "
+             "the stats property and the log)";
+    case V::malformed:
+      return "is not a valid otpencrypt record";
+    case V::out_of_sequence:
+      return "is out of sequence: records were reordered, removed or spliced from another "
+             "stream";
+    case V::plaintext:
+    case V::announcement:
+    case V::announcement_pending:
+    case V::repeat:
+      break;
+  }
+  return "was refused";
+}
+
 GstFlowReturn fail(GstOtpDecrypt* self, const char* what, otp::Decoder::Verdict verdict) {
   using V = otp::Decoder::Verdict;
   Private& p = *self->priv;
-  bump(p, verdict == V::auth_failure ? C_AUTH_FAILURES
-          : verdict == V::replay     ? C_REPLAYS
-          : verdict == V::no_key     ? C_DROPS_NO_KEY
-                                     : C_DROPS_MALFORMED);
-  static constexpr const char* kWhy[] = {
-      "plaintext",
-      "announcement",
-      "announcement pending",
-      "repeat",
-      "failed authentication: the data was corrupted or tampered with on the way",
-      "replays pad that was already used",
-      "its key never arrived",
-      "is not a valid otpencrypt record",
-      "is out of sequence: records were reordered, removed or "
-      "spliced from another stream"};
-  GST_ELEMENT_ERROR(self, STREAM, DECRYPT, ("%s %s", what, kWhy[static_cast<int>(verdict)]),
-                    (nullptr));
+  bump(p, verdict == V::auth_failure                          ? C_AUTH_FAILURES
+          : verdict == V::replay                              ? C_REPLAYS
+          : verdict == V::no_key || verdict == V::key_pending ? C_DROPS_NO_KEY
+                                                              : C_DROPS_MALFORMED);
+  if ((verdict == V::no_key || verdict == V::key_pending) &&
+      key_source_failed(GST_ELEMENT(self), p.session->source)) {
+    return GST_FLOW_ERROR;
+  }
+  GST_ELEMENT_ERROR(self, STREAM, DECRYPT, ("%s %s", what, why_refused(verdict)), (nullptr));
   return GST_FLOW_ERROR;
 }
 
@@ -273,12 +300,14 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
     otp::Decoder::Verdict verdict;
     const auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_timeout_ms);
-    while ((verdict = s.decoder->open_record({record, *size}, s.out, written, kind)) ==
-               otp::Decoder::Verdict::no_key &&
-           std::chrono::steady_clock::now() < deadline && !p.flushing) {
+    auto waiting = [](otp::Decoder::Verdict v) {
+      return v == otp::Decoder::Verdict::no_key || v == otp::Decoder::Verdict::key_pending;
+    };
+    while (waiting(verdict = s.decoder->open_record({record, *size}, s.out, written, kind)) &&
+           std::chrono::steady_clock::now() < deadline && !p.flushing && !s.source.pad->failed()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));  // keys are being fetched
     }
-    if (verdict == otp::Decoder::Verdict::no_key && *size >= otp::kRecordHeaderBytes) {
+    if (waiting(verdict) && *size >= otp::kRecordHeaderBytes) {
       std::uint64_t offset = 0;
       for (int i = 24; i < 32; ++i) offset = (offset << 8) | record[i];
       GST_WARNING_OBJECT(self,
@@ -296,7 +325,7 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
         const GstFlowReturn ret = push_out(self, self->srcpad, s.out.data(), written, nullptr);
         if (ret != GST_FLOW_OK) return ret;
       }
-    } else if (verdict == V::no_key && p.flushing) {
+    } else if (waiting(verdict) && p.flushing) {
       return GST_FLOW_FLUSHING;
     } else if (verdict != V::announcement && verdict != V::announcement_pending &&
                verdict != V::repeat) {
@@ -312,6 +341,7 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
   GstPtr<GstBuffer> in(buffer);
   if (!p.session) return GST_FLOW_FLUSHING;
   Session& s = *p.session;
+  if (key_source_failed(GST_ELEMENT(self), s.source)) return GST_FLOW_ERROR;
   bump(p, C_PACKETS_IN);
   bump(p, C_BYTES_IN, gst_buffer_get_size(buffer));
   if (!s.mode_known) {

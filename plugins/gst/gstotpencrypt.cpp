@@ -74,7 +74,8 @@ enum {
   PROP_ANNOUNCE_REPEATS,
   PROP_RECORD_SIZE,
   PROP_CIPHER,
-  PROP_REKEY_INTERVAL
+  PROP_REKEY_INTERVAL,
+  PROP_KEY_TIMEOUT
 };
 enum { SIGNAL_KEY_LOW, SIGNAL_KEY_EXHAUSTED, N_SIGNALS };
 guint signals[N_SIGNALS];
@@ -125,6 +126,7 @@ struct Private {
   guint rekey_interval = 1024;
   guint announce_repeats = 2;
   guint record_size = 32768;
+  guint key_timeout_ms = 30000;
   GstPtr<GstCaps> sink_caps;
   std::unique_ptr<Session> session;
   std::atomic<bool> flushing{false};
@@ -186,8 +188,8 @@ GstFlowReturn push_bytes(GstOtpEncrypt* self, const std::uint8_t* data, std::siz
 void push_caps_once(GstOtpEncrypt* self) {
   if (self->priv->caps_pushed) return;
   self->priv->caps_pushed = true;
-  gst_pad_push_event(self->srcpad,
-                     gst_event_new_caps(gst_static_pad_template_get_caps(&src_template)));
+  GstPtr<GstCaps> caps(gst_static_pad_template_get_caps(&src_template));
+  gst_pad_push_event(self->srcpad, gst_event_new_caps(caps.get()));
 }
 
 // Announcements due now: new keys first, then (datagram mode) repeats.
@@ -236,9 +238,12 @@ void note_exhausted(GstOtpEncrypt* self, bool exhausted) {
   s.exhausted = exhausted;
 }
 
-// Waits for pad in blocking modes; false when the element is shutting down.
+// Waits for pad in blocking modes; false when the element is shutting down or the key
+// source has given up (the caller then reports it).
 bool wait_for_key(GstOtpEncrypt* self) {
   if (self->priv->flushing) return false;
+  if (const auto& source = self->priv->session->source; source.pad && source.pad->failed())
+    return false;
   std::this_thread::sleep_for(std::chrono::milliseconds(2));
   return !self->priv->flushing;
 }
@@ -247,7 +252,11 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
   Private& p = *self->priv;
   Session& s = *p.session;
   GstMapInfo map;
-  if (!gst_buffer_map(in, &map, GST_MAP_READ)) return GST_FLOW_ERROR;
+  if (!gst_buffer_map(in, &map, GST_MAP_READ)) {
+    GST_ELEMENT_ERROR(self, RESOURCE, READ, ("could not map an input buffer for reading"),
+                      (nullptr));
+    return GST_FLOW_ERROR;
+  }
   const std::span<const std::uint8_t> packet(map.data, map.size);
   GstBuffer* out = gst_buffer_new_allocate(nullptr, map.size + otp::kMaxDatagramOverhead, nullptr);
   GstMapInfo out_map;
@@ -322,6 +331,8 @@ GstFlowReturn emit_record(GstOtpEncrypt* self, otp::RecordKind kind,
   Session& s = *p.session;
   std::vector<std::uint8_t> out(payload.size() + otp::kRecordOverhead);
   std::size_t written = 0;
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_timeout_ms);
   while (true) {
     GstFlowReturn ret = push_announcements(self, nullptr);
     if (ret != GST_FLOW_OK) return ret;
@@ -331,7 +342,18 @@ GstFlowReturn emit_record(GstOtpEncrypt* self, otp::RecordKind kind,
             : s.encoder->protect_record(kind, payload, out, consumed, written);
     if (status == otp::Encoder::Status::ok) break;
     note_exhausted(self, true);  // a stream cannot drop: it slows to the key rate
-    if (!wait_for_key(self)) return GST_FLOW_FLUSHING;
+    if (key_source_failed(GST_ELEMENT(self), s.source)) return GST_FLOW_ERROR;
+    if (p.key_timeout_ms != 0 && std::chrono::steady_clock::now() >= deadline) {
+      const std::string why = s.source.supply() ? s.source.supply()->stats().last_error : "";
+      GST_ELEMENT_ERROR(
+          self, RESOURCE, OPEN_READ,
+          ("no key for %u ms%s%s", p.key_timeout_ms, why.empty() ? "" : ": ", why.c_str()),
+          ("check the KME and the key rate; key-timeout sets how long to wait"));
+      return GST_FLOW_ERROR;
+    }
+    if (!wait_for_key(self)) {
+      return key_source_failed(GST_ELEMENT(self), s.source) ? GST_FLOW_ERROR : GST_FLOW_FLUSHING;
+    }
   }
   note_exhausted(self, false);
   check_key_level(self);
@@ -369,6 +391,7 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
   GstPtr<GstBuffer> in(buffer);
   if (!p.session) return GST_FLOW_FLUSHING;
   Session& s = *p.session;
+  if (key_source_failed(GST_ELEMENT(self), s.source)) return GST_FLOW_ERROR;
   bump(p, C_PACKETS_IN);
   bump(p, C_BYTES_IN, gst_buffer_get_size(buffer));
   if (!s.mode_known) {
@@ -469,6 +492,9 @@ static void gst_otp_encrypt_set_property(GObject* object, guint id, const GValue
       case PROP_REKEY_INTERVAL:
         p.rekey_interval = g_value_get_uint(value);
         break;
+      case PROP_KEY_TIMEOUT:
+        p.key_timeout_ms = g_value_get_uint(value);
+        break;
       default:
         G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
     }
@@ -516,6 +542,9 @@ static void gst_otp_encrypt_get_property(GObject* object, guint id, GValue* valu
         break;
       case PROP_REKEY_INTERVAL:
         g_value_set_uint(value, p.rekey_interval);
+        break;
+      case PROP_KEY_TIMEOUT:
+        g_value_set_uint(value, p.key_timeout_ms);
         break;
       default:
         G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
@@ -607,6 +636,12 @@ static void gst_otp_encrypt_class_init(GstOtpEncryptClass* klass) {
                         "AES mode and AES fallback: packets (datagram) or records (stream) per "
                         "key; a new key is drawn from the pad after this many, while pad lasts",
                         1, G_MAXINT32, 1024, rw));
+  g_object_class_install_property(
+      gobject, PROP_KEY_TIMEOUT,
+      g_param_spec_uint("key-timeout", "Key timeout",
+                        "Stream mode: milliseconds to wait for key before failing with an error "
+                        "that quotes the key source (a stream cannot drop data); 0 waits forever",
+                        0, G_MAXUINT, 30000, rw));
   signals[SIGNAL_KEY_LOW] = g_signal_new("key-low", G_TYPE_FROM_CLASS(klass), G_SIGNAL_RUN_LAST, 0,
                                          nullptr, nullptr, nullptr, G_TYPE_NONE, 1, G_TYPE_UINT64);
   signals[SIGNAL_KEY_EXHAUSTED] =

@@ -192,6 +192,12 @@ KeySource open_key_source(const KeySourceSettings& s, keys::SaeRole role, const 
   config.journal = s.journal;
   // Key for the receiving side to hold: what the sender keeps ready plus reordering room.
   config.ring_bytes = master ? (4u << 20) : (12u << 20);
+  // From a KME, the sender holds a couple of seconds of its stream's key (at least
+  // ring_min_bytes) and announces about a second and a half ahead: QKD key is scarce, and
+  // what is held is wiped when the element stops. (A pad file is read as needed.)
+  config.ring_seconds = 2.0;
+  config.ring_min_bytes = 256u << 10;
+  config.announce_lead_seconds = 1.5;
   config.log = [category, object](keys::LogLevel level, std::string_view message) {
     const GstDebugLevel gst_level = level == keys::LogLevel::error     ? GST_LEVEL_ERROR
                                     : level == keys::LogLevel::warning ? GST_LEVEL_WARNING
@@ -206,6 +212,8 @@ KeySource open_key_source(const KeySourceSettings& s, keys::SaeRole role, const 
       if (config.journal.empty()) config.journal = s.pad_file + (master ? ".sent" : ".received");
       config.reserve_chunk = 1u << 20;  // a pre-shared pad is precious: skip little at restart
       config.ring_bytes = 4u << 20;     // local reads: a few MiB keeps the media thread fed
+      config.ring_seconds = 0;
+      config.announce_lead_seconds = 0;
       source.owned = std::make_unique<keys::KeySupply>(keys::PadFileConfig{s.pad_file}, config);
     } else {
       for (const auto& [name, value] :
@@ -250,7 +258,21 @@ void add_supply_stats(GstStructure* s, const KeySource& source) {
                       st.key_size_bits, "key-consumption-bps", G_TYPE_DOUBLE,
                       st.consumption_bytes_per_s * 8, "kme-last-error", G_TYPE_STRING,
                       st.last_error.c_str(), nullptr);
+    gst_structure_set(s, "keys-waiting", G_TYPE_UINT64, st.keys_waiting, "key-flushed",
+                      G_TYPE_UINT64, st.bytes_flushed, "kme-outages", G_TYPE_UINT64, st.kme_outages,
+                      "key-wiped-at-stop", G_TYPE_UINT64, st.bytes_wiped_at_stop,
+                      "kme-replaces-batches", G_TYPE_BOOLEAN, st.kme_replaces_batches,
+                      "key-source-failed", G_TYPE_BOOLEAN, st.failed, nullptr);
   }
+}
+
+bool key_source_failed(GstElement* element, const KeySource& source) {
+  if (!source.pad || !source.pad->failed()) return false;
+  const std::string why = source.pad->failure();
+  GST_ELEMENT_ERROR(element, RESOURCE, OPEN_READ, ("key source failed: %s", why.c_str()),
+                    ("the KME refuses this SAE or does not answer; check kme-url, tls-cert, "
+                     "tls-key, tls-ca and sae-id"));
+  return true;
 }
 
 }  // namespace otpgate::gst

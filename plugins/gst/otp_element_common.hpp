@@ -90,4 +90,8 @@ GstStructure* counters_structure(const char* name, const PublishedCounters<N>& c
 // Adds the key supply's figures (level, rate, KME health) to a stats structure.
 void add_supply_stats(GstStructure* s, const KeySource& source);
 
+// Posts an element error quoting the key source's reason once it has given up (the KME
+// refuses us or never answered); true then, and the caller returns GST_FLOW_ERROR.
+bool key_source_failed(GstElement* element, const KeySource& source);
+
 }  // namespace otpgate::gst

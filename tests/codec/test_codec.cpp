@@ -213,11 +213,117 @@ TEST(Codec, PacketsWaitingForKeyAreCountedNotDecrypted) {
   for (std::size_t i = 0; i + 1 < wire.size(); ++i) {
     EXPECT_EQ(link.receive(wire[i]), Decoder::Verdict::announcement_pending);
   }
-  EXPECT_EQ(link.receive(wire.back()), Decoder::Verdict::no_key);
+  // Its key is on its way (a verified announcement, or the stream's first, named it).
+  EXPECT_EQ(link.receive(wire.back()), Decoder::Verdict::key_pending);
+  EXPECT_EQ(link.decoder.stats().key_pending, 1u);
   link.rx.release_held();
   link.decoder.poll();
   EXPECT_EQ(link.decoder.stats().announcements_verified, wire.size() - 1);
   EXPECT_EQ(link.receive(wire.back()), Decoder::Verdict::plaintext);
+}
+
+namespace {
+
+// An altered copy of an announcement: one big-endian field rewritten (tag unchanged).
+Bytes altered(const Bytes& announcement, std::size_t at, std::uint64_t value, int bytes) {
+  Bytes copy = announcement;
+  for (int i = bytes - 1; i >= 0; --i, value >>= 8) copy[at + i] = static_cast<std::uint8_t>(value);
+  return copy;
+}
+constexpr std::size_t kMaskAt = 8, kBaseAt = 16, kKeyLengthAt = 24;
+
+std::uint64_t be64(const Bytes& b, std::size_t at) {
+  std::uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = v << 8 | b[at + i];
+  return v;
+}
+
+}  // namespace
+
+TEST(CodecForgery, AlteredCopiesRacingTheGenuineAnnouncementNeverStopTheStream) {
+  // Each altered copy arrives just before the genuine announcement it copies: other
+  // key_length, other base, other mask offset. The genuine one must still verify, no key
+  // may be wiped unused, and every packet must decrypt.
+  for (const std::size_t field : {kKeyLengthAt, kBaseAt, kMaskAt}) {
+    Link link;
+    std::size_t delivered = 0, sent = 0;
+    for (std::uint16_t seq = 0; seq < 120; ++seq) {
+      for (const auto& d : link.send(rtp_packet(seq, 5, 1000))) {
+        if (otp::classify(d) == otp::DatagramType::announcement) {
+          const int width = field == kKeyLengthAt ? 4 : 8;
+          const std::uint64_t old = field == kKeyLengthAt ? 1024 : be64(d, field);
+          const auto forged = altered(d, field, field == kKeyLengthAt ? 512 : old + 4096, width);
+          EXPECT_NE(link.receive(forged), Decoder::Verdict::announcement);
+          link.receive(d);
+          continue;
+        }
+        ++sent;
+        delivered += link.receive(d) == Decoder::Verdict::plaintext;
+      }
+    }
+    EXPECT_EQ(delivered, sent) << "field at byte " << field;
+    EXPECT_EQ(link.decoder.stats().replays, 0u);
+  }
+}
+
+TEST(CodecForgery, AForgedAnnouncementOnHeldPadIsRefusedWithoutFetchingAnything) {
+  Link link;
+  // The first send announces the whole key ring; hold its last announcement back.
+  auto wire = link.send(rtp_packet(0, 5, 1000));
+  ASSERT_GE(wire.size(), 3u);
+  const Bytes genuine = wire[wire.size() - 2];
+  wire.erase(wire.end() - 2);
+  for (const auto& d : wire) link.receive(d);
+  // Another key_ID and a mask inside pad the receiver holds: verifiable at once, and false.
+  const std::uint64_t requests = link.rx.requests;
+  Bytes forged = altered(genuine, 30, 0x0bad0bad0bad0badull, 8);  // first key_ID's bytes
+  EXPECT_EQ(link.receive(forged), Decoder::Verdict::auth_failure);
+  EXPECT_EQ(link.rx.requests, requests) << "a forgery made the receiver ask its KME for keys";
+  EXPECT_EQ(link.receive(genuine), Decoder::Verdict::announcement);
+}
+
+TEST(CodecForgery, PacketsNamingUnannouncedPadAreDroppedAtOnce) {
+  Link link;
+  for (std::uint16_t seq = 0; seq < 5; ++seq) {
+    for (const auto& d : link.send(rtp_packet(seq, 5, 1000))) link.receive(d);
+  }
+  Bytes forged = link.send(rtp_packet(6, 5, 1000)).back();
+  const std::size_t p_at = forged.size() - otp::kTrailerBytes;
+  forged = altered(forged, p_at, (12u << 20) + 4096, 8);  // beyond anything announced
+  EXPECT_EQ(link.receive(forged), Decoder::Verdict::no_key) << "it must not be made to wait";
+  EXPECT_EQ(link.decoder.stats().key_pending, 0u);
+}
+
+TEST(CodecForgery, AFloodOfBlindForgeriesLeavesGenuineTrafficAlone) {
+  Link link;
+  std::mt19937_64 rng(7);
+  std::size_t delivered = 0, sent = 0;
+  Bytes any_announcement;
+  for (std::uint16_t seq = 0; seq < 400; ++seq) {
+    for (const auto& d : link.send(rtp_packet(seq, 5, 1000))) {
+      if (otp::classify(d) == otp::DatagramType::announcement) {
+        if (any_announcement.empty()) any_announcement = d;
+      } else {
+        ++sent;
+      }
+      const bool ok = link.receive(d) == Decoder::Verdict::plaintext;
+      delivered += ok && otp::classify(d) != otp::DatagramType::announcement;
+    }
+    // Four blind forgeries per genuine packet: announcements with random key_IDs and pad
+    // positions (bootstrap-shaped ones included), and packets at random offsets.
+    for (int f = 0; f < 4; ++f) {
+      Bytes forged = altered(any_announcement, kMaskAt, rng() % (8u << 20), 8);
+      const std::uint64_t base = be64(forged, kMaskAt) / 1024 * 1024;
+      forged = altered(forged, kBaseAt, base, 8);
+      for (std::size_t k = 30; k + 16 < forged.size(); k += 8)
+        forged = altered(forged, k, rng(), 8);
+      link.receive(forged);
+      Bytes packet = link.send(rtp_packet(1, 5, 100)).back();
+      link.receive(altered(packet, packet.size() - otp::kTrailerBytes, rng() % (8u << 20), 8));
+    }
+  }
+  EXPECT_EQ(delivered, sent);
+  EXPECT_LE(link.decoder.stats().announcements_pending, 16u + 16u);
 }
 
 TEST(Codec, ASmallKeySizeNeedsMoreAnnouncementsButWorks) {

@@ -153,9 +153,9 @@ TEST_F(KeySupplyTest, ARestartNeverHandsOutAnOffsetAgain) {
 }
 
 TEST_F(KeySupplyTest, AKeyTheKmeNeverDeliversIsCountedAsLost) {
-  auto kme = client_config(sim_->url(), "sae-b");
-  kme.retry.relay_grace = std::chrono::milliseconds(100);
-  keys::KeySupply slave(kme, slave_config());
+  auto config = slave_config();
+  config.relay_grace = std::chrono::milliseconds(100);
+  keys::KeySupply slave(client_config(sim_->url(), "sae-b"), config);
   slave.start();
   const auto ghost = *keys::KeyId::parse("0f0f0f0f-0000-4000-8000-000000000001");
   ASSERT_TRUE(slave.request({4096, ghost, 1024}));

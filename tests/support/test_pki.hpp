@@ -40,7 +40,6 @@ inline keys::KmeClientConfig client_config(const std::string& url, const std::st
   c.retry.initial_backoff = std::chrono::milliseconds(5);
   c.retry.max_backoff = std::chrono::milliseconds(50);
   c.retry.max_attempts = 3;
-  c.retry.relay_grace = std::chrono::milliseconds(300);
   c.request_timeout = std::chrono::milliseconds(5000);
   c.log = keys::stderr_log_sink(keys::LogLevel::error);
   return c;

@@ -83,7 +83,7 @@ enum class KmeErrorKind {
   server,         // other 5xx
   http,           // any other unexpected status (409, 422, ...)
   protocol,       // a 2xx answer whose body is malformed or misses fields
-  key_not_found,  // dec_keys: the key did not appear on the slave KME within the relay grace
+  key_not_found,  // dec_keys: 400/404, a key is not (or no longer) on the slave's KME
   cancelled,      // the client was cancelled while waiting
 };
 std::string_view to_string(KmeErrorKind kind);
@@ -111,16 +111,16 @@ struct RetryPolicy {
   int max_attempts = 5;  // for 503, 5xx and transport errors
   std::chrono::milliseconds initial_backoff{50};
   std::chrono::milliseconds max_backoff{2000};
-  // A slave's dec_keys may answer 400/404 "not found" for a key the master just
-  // received, because the KMEs have not relayed it yet: keep asking this long.
-  std::chrono::milliseconds relay_grace{3000};
+  // No retry starts once this much time has passed since the first attempt, so that a
+  // KME that hangs is reported within seconds rather than after every attempt's timeout.
+  std::chrono::milliseconds max_total{3000};
 };
 
 struct KmeClientConfig {
   std::string base_url;  // e.g. https://kme-a.hospital.example:8443 (no /api/v1)
   TlsFiles tls;
   std::chrono::milliseconds connect_timeout{3000};
-  std::chrono::milliseconds request_timeout{10000};
+  std::chrono::milliseconds request_timeout{4000};
   RetryPolicy retry;
   LogSink log;  // empty: stderr at info level
 };
@@ -200,6 +200,8 @@ class KeyRing {
   std::optional<std::uint64_t> take(std::span<std::uint8_t> out);
   // Consumer: offset of the byte take() would hand out next, if any is available.
   std::optional<std::uint64_t> peek_offset() const;
+  // Consumer: wipes every byte below `offset` (counted as discarded); returns how many.
+  std::uint64_t discard_below(std::uint64_t offset);
 
   // Consumer, segment mode (random access for the decrypting side): a whole key, owned
   // by the caller until release(), which wipes it and returns the slot to the producer.
@@ -271,6 +273,9 @@ class PadSource {
   virtual bool request(const KeyAnnouncement& announcement) = 0;
   virtual std::optional<PadSegment> pop_segment() = 0;
   virtual void release(const PadSegment& segment) = 0;
+  // Either side: true once the source has given up (lock-free); failure() says why.
+  virtual bool failed() const { return false; }
+  virtual std::string failure() const { return {}; }
 };
 
 // The synthetic key_ID of a pad-file chunk: "otp-pad-file" marker plus its offset.
@@ -295,6 +300,25 @@ struct KeySupplyConfig {
   std::uint64_t reserve_chunk = 16u << 20;
   std::chrono::milliseconds poll_interval{10};
   bool publish_announcements = true;  // master: queue a KeyAnnouncement per key
+  // Slave: a key the KME does not have yet may still be on its way between the KMEs;
+  // it is asked for again until this long after its first request, then declared lost.
+  std::chrono::milliseconds relay_grace{3000};
+  // Master: key held ready, in seconds of the measured consumption (bounded by
+  // ring_bytes, at least ring_min_bytes); 0 keeps the whole ring full (bulk transfers).
+  double ring_seconds = 0;
+  std::size_t ring_min_bytes = 64u << 10;
+  // Master: announcements are released this far ahead of use, in seconds of the measured
+  // consumption (at least announce_min_bytes); 0 announces every key as it arrives.
+  double announce_lead_seconds = 0;
+  std::size_t announce_min_bytes = 16u << 10;
+  // Master: after the KME was unreachable, the keys it issued before may be gone at the
+  // slave's KME (a restart loses unfetched keys): the ring is flushed and the stream
+  // resumes at a multiple of this (the codec's epoch), so the receiver can verify anew.
+  std::uint64_t restart_alignment = 1u << 18;
+  // Either role: a KME that refuses us (401/403, TLS) is given up on at once; one that
+  // never answered is given up on after this long. A supply that once worked never gives
+  // up (it reports the outage and recovers when the KME does).
+  std::chrono::milliseconds give_up_after{7000};
   LogSink log;
 };
 
@@ -303,8 +327,12 @@ struct KeySupplyStats {
   std::uint64_t bytes_consumed = 0;
   std::uint64_t bytes_fetched = 0;
   std::uint64_t keys_fetched = 0;
-  std::uint64_t keys_lost = 0;     // slave: announced keys the KME never delivered
-  std::uint64_t keys_refused = 0;  // slave: announced below the journal (replayed)
+  std::uint64_t keys_lost = 0;            // slave: announced keys the KME never delivered
+  std::uint64_t keys_refused = 0;         // slave: announced below the journal (replayed)
+  std::uint64_t keys_waiting = 0;         // slave: asked for, not yet fetched or declared lost
+  std::uint64_t bytes_flushed = 0;        // master: wiped unused after a KME outage
+  std::uint64_t kme_outages = 0;          // master: outages after which the ring was flushed
+  std::uint64_t bytes_wiped_at_stop = 0;  // fetched key wiped unused when stopped
   std::uint64_t kme_errors = 0;
   std::uint64_t next_offset = 0;      // master: offset the next fetched key gets
   std::uint64_t reserved_offset = 0;  // master: journal value
@@ -316,7 +344,10 @@ struct KeySupplyStats {
   double seconds_to_exhaustion = 0;  // +inf when nothing is being consumed
   bool kme_healthy = false;
   bool memory_locked = false;
-  std::string last_error;  // never contains key bytes
+  bool kme_replaces_batches = false;  // master: KME drops unfetched batches; one in flight
+  bool failed = false;                // gave up: the KME refuses us or never answered (see failure)
+  std::string failure;                // why, with the KME's own words
+  std::string last_error;             // never contains key bytes
 };
 
 class KeySupply final : public PadSource {
@@ -345,6 +376,8 @@ class KeySupply final : public PadSource {
   // Slave, media thread: fetched keys in arrival order; release() wipes one.
   std::optional<PadSegment> pop_segment() override;
   void release(const PadSegment& segment) override;
+  bool failed() const override;
+  std::string failure() const override;
 
   KeySupplyStats stats() const;
 

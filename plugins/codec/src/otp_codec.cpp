@@ -8,8 +8,10 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <vector>
@@ -716,7 +718,10 @@ struct Decoder::Impl {
   struct Pending {
     std::vector<std::uint8_t> bytes;
     std::size_t size = 0;
+    bool bootstrap = false;  // its keys were asked for before it could be verified
+    std::chrono::steady_clock::time_point expires;
   };
+  static constexpr std::size_t kMaxAwaited = 65536;
   enum class Check { verified, missing, bad };
 
   Impl(keys::PadSource& source, DecoderConfig c)
@@ -763,44 +768,76 @@ struct Decoder::Impl {
     ++stats.keys_placed;
   }
 
-  // One byte of pad for verifying an announcement: from the window, or from the
-  // announcement's own keys (fetched, not yet placed) at the offsets it claims.
+  // Where a pad byte for verifying an announcement would come from.
+  enum class Source { window, own_key, awaited, nowhere };
+  Source source_of(std::uint64_t o, const Announcement& a) const {
+    if (window.in_range(o, 1) && window.all_present(o, 1)) {
+      return window.any_used(o, 1) ? Source::nowhere : Source::window;
+    }
+    if (o >= a.base && (o - a.base) / a.key_length < a.count) return Source::own_key;
+    if (awaited_covers(o, 1) || in_bootstrap_keys(o)) return Source::awaited;
+    return Source::nowhere;
+  }
+
+  // True when `o` lies in the keys of a bootstrap candidate (being fetched).
+  bool in_bootstrap_keys(std::uint64_t o) const {
+    for (std::size_t i = 0; i < pending_count; ++i) {
+      if (!pending[i].bootstrap) continue;
+      const auto a = parse_announcement({pending[i].bytes.data(), pending[i].size});
+      if (a && o >= a->base && o - a->base < std::uint64_t(a->count) * a->key_length) return true;
+    }
+    return false;
+  }
+
+  // Pool index of the fetched key `id` of `length` bytes, or -1.
+  int pooled(const keys::KeyId& id, std::uint32_t length) const {
+    for (std::size_t i = 0; i < pool.size(); ++i) {
+      if (pool[i].key_id == id && pool[i].bytes.size() == length) return static_cast<int>(i);
+    }
+    return -1;
+  }
+
+  // Pad for verifying an announcement: from the window, or from the announcement's own
+  // keys (fetched, not yet placed) at the offsets it claims (this bootstraps a stream).
   bool gather(std::uint64_t off, std::size_t n, const Announcement& a,
               const std::array<int, kMaxAnnouncedKeys>& found, std::uint8_t* out) {
     for (std::size_t i = 0; i < n; ++i) {
       const std::uint64_t o = off + i;
-      if (window.in_range(o, 1) && window.all_present(o, 1)) {
-        if (window.any_used(o, 1)) return false;
-        window.copy_out(o, 1, out + i);
-      } else if (o >= a.base && (o - a.base) / a.key_length < a.count) {
-        const auto& seg = pool[static_cast<std::size_t>(found[(o - a.base) / a.key_length])];
-        out[i] = seg.bytes[(o - a.base) % a.key_length];
-      } else {
-        return false;
+      switch (source_of(o, a)) {
+        case Source::window:
+          window.copy_out(o, 1, out + i);
+          break;
+        case Source::own_key: {
+          const int at = found[(o - a.base) / a.key_length];
+          if (at < 0) return false;
+          out[i] = pool[static_cast<std::size_t>(at)].bytes[(o - a.base) % a.key_length];
+          break;
+        }
+        case Source::awaited:
+        case Source::nowhere:
+          return false;
       }
     }
     return true;
   }
 
+  // Verifies an announcement with pad at hand. Keys of a verified announcement that are
+  // fetched are placed; the others are asked for and placed when they arrive. Nothing is
+  // asked for, placed or consumed before the tag verifies.
   Check verify(std::span<const std::uint8_t> record) {
     const auto a = parse_announcement(record);
     if (!a || !fits_epoch(a->mask_offset, 0)) return Check::bad;
     std::array<int, kMaxAnnouncedKeys> found{};
     for (std::size_t i = 0; i < a->count; ++i) {
-      const keys::KeyId id = a->id(i);
-      auto it = std::find_if(pool.begin(), pool.end(),
-                             [&](const PadSegment& s) { return s.key_id == id; });
-      if (it == pool.end() || it->bytes.size() != a->key_length) return Check::missing;
-      found[i] = static_cast<int>(it - pool.begin());
-      if (std::find(found.begin(), found.begin() + i, found[i]) != found.begin() + i) {
-        return Check::bad;  // the same key twice: never from a real encoder
+      found[i] = pooled(a->id(i), a->key_length);
+      for (std::size_t j = 0; j < i; ++j) {
+        if (a->id(j) == a->id(i)) return Check::bad;  // the same key twice: never genuine
       }
     }
     std::uint8_t r[kAuthKeyBytes], s[kMaskBytes], tag[kTagBytes];
     const std::uint64_t epoch = a->mask_offset / E;
     const EpochKey& cached = epoch_keys[epoch % epoch_keys.size()];
-    const bool r_cached = cached.epoch == epoch;
-    if (r_cached) {
+    if (cached.epoch == epoch) {
       std::memcpy(r, cached.r.data(), sizeof r);
     } else if (!gather(epoch * E, kAuthKeyBytes, *a, found, r)) {
       return Check::missing;
@@ -815,27 +852,100 @@ struct Decoder::Impl {
     OPENSSL_cleanse(s, sizeof s);
     if (!ok) return Check::bad;
 
-    // Authentic: place its keys where it says, then consume r (once) and its mask.
+    // Authentic: place its keys where it says (or await them), then consume r and s.
+    std::vector<int> placed;
     for (std::size_t i = 0; i < a->count; ++i) {
-      const auto& seg = pool[static_cast<std::size_t>(found[i])];
-      place(a->base + i * a->key_length, seg.bytes);
+      const std::uint64_t offset = a->base + i * a->key_length;
+      if (found[i] >= 0) {
+        place(offset, pool[static_cast<std::size_t>(found[i])].bytes);
+        placed.push_back(found[i]);
+      } else if (offset + a->key_length > window.base() && awaited.size() < kMaxAwaited) {
+        awaited.emplace(std::make_pair(a->id(i), a->key_length), offset);
+        awaited_ranges[offset] = offset + a->key_length;
+        pad.request(KeyAnnouncement{offset, a->id(i), a->key_length});
+      }
     }
-    std::sort(found.begin(), found.begin() + a->count, std::greater<>());
-    for (std::size_t i = 0; i < a->count; ++i) {
-      pad.release(pool[static_cast<std::size_t>(found[i])]);
-      pool[static_cast<std::size_t>(found[i])] = pool.back();
-      pool.pop_back();
-    }
+    std::sort(placed.begin(), placed.end(), std::greater<>());
+    for (int at : placed) unpool(static_cast<std::size_t>(at));
     epoch_key(epoch);  // caches r and consumes its bytes if not done yet
     if (window.in_range(a->mask_offset, kMaskBytes)) window.consume(a->mask_offset, kMaskBytes);
     stats.pad_bytes_used += kMaskBytes;
+    stats.keys_awaited = awaited.size();
     ++stats.announcements_verified;
     return Check::verified;
+  }
+
+  void unpool(std::size_t at) {
+    pad.release(pool[at]);
+    pool[at] = pool.back();
+    pool.pop_back();
+  }
+
+  // True when every byte of [off, off+n) belongs to a key a verified announcement named.
+  bool awaited_covers(std::uint64_t off, std::size_t n) const {
+    std::uint64_t o = off;
+    const std::uint64_t end = off + n;
+    while (o < end) {
+      auto it = awaited_ranges.upper_bound(o);
+      if (it == awaited_ranges.begin()) return false;
+      --it;
+      if (it->second <= o) return false;
+      o = it->second;
+    }
+    return true;
+  }
+
+  // Pad of a unit that is missing from the window but on its way: every missing byte is
+  // in a key a verified announcement named (or, for the first announcement of a stream,
+  // one a bootstrap candidate named, whose keys are being fetched).
+  bool on_its_way(std::uint64_t off, std::size_t n) const {
+    for (std::uint64_t o = off; o < off + n;) {
+      if (window.in_range(o, 1) && window.all_present(o, 1)) {
+        ++o;
+        continue;
+      }
+      if (awaited_covers(o, 1)) {
+        auto it = std::prev(awaited_ranges.upper_bound(o));
+        o = it->second;
+        continue;
+      }
+      bool found = false;
+      for (std::size_t i = 0; i < pending_count && !found; ++i) {
+        if (!pending[i].bootstrap) continue;
+        const auto a = parse_announcement({pending[i].bytes.data(), pending[i].size});
+        if (a && o >= a->base && o - a->base < std::uint64_t(a->count) * a->key_length) {
+          o = a->base + std::uint64_t(a->count) * a->key_length;
+          found = true;
+        }
+      }
+      if (!found) return false;
+    }
+    return true;
   }
 
   bool is_repeat(const Announcement& a) const {
     return a.mask_offset < window.base() || (window.in_range(a.mask_offset, kMaskBytes) &&
                                              window.any_used(a.mask_offset, kMaskBytes));
+  }
+
+  // How an announcement that cannot be verified yet could be: `nowhere` if it names pad
+  // this receiver will never hold (forged, or sent on key this receiver lost), `own_key`
+  // if only its own keys can verify it (fetch them first), else `awaited`.
+  Source verifiable_from(const Announcement& a) const {
+    Source worst = Source::window;
+    const std::uint64_t r_at = a.mask_offset / E * E;
+    const bool r_cached =
+        epoch_keys[(a.mask_offset / E) % epoch_keys.size()].epoch == a.mask_offset / E;
+    for (const auto& [from, n] : {std::pair{r_at, r_cached ? std::size_t{0} : kAuthKeyBytes},
+                                  std::pair{a.mask_offset, kMaskBytes}}) {
+      for (std::size_t i = 0; i < n; ++i) {
+        const Source s = source_of(from + i, a);
+        if (s == Source::nowhere) return Source::nowhere;
+        if (s == Source::own_key) worst = Source::own_key;
+        if (s == Source::awaited && worst == Source::window) worst = Source::awaited;
+      }
+    }
+    return worst;
   }
 
   Verdict on_announcement(std::span<const std::uint8_t> record) {
@@ -848,12 +958,16 @@ struct Decoder::Impl {
       ++stats.announcement_repeats;
       return Verdict::repeat;
     }
-    for (std::size_t i = 0; i < a->count; ++i) {
-      pad.request(KeyAnnouncement{a->base + i * a->key_length, a->id(i), a->key_length});
+    for (std::size_t i = 0; i < pending_count; ++i) {
+      if (pending[i].size == record.size() &&
+          std::memcmp(pending[i].bytes.data(), record.data(), record.size()) == 0) {
+        return Verdict::announcement_pending;  // a repeat of a candidate: nothing new
+      }
     }
     pull_segments();
     switch (verify(record)) {
       case Check::verified:
+        pull_segments();  // keys it asked for that are already here
         retry_pending();
         return Verdict::announcement;
       case Check::bad:
@@ -862,54 +976,80 @@ struct Decoder::Impl {
       case Check::missing:
         break;
     }
-    for (std::size_t i = 0; i < pending_count; ++i) {
-      if (pending[i].size == record.size() &&
-          std::memcmp(pending[i].bytes.data(), record.data(), record.size()) == 0) {
-        return Verdict::announcement_pending;
-      }
+    const Source how = verifiable_from(*a);
+    if (how == Source::nowhere) {
+      ++stats.announcements_unverifiable;
+      return Verdict::no_key;
     }
-    if (pending_count == pending.size() && pending.size() < pending_limit) {
-      pending.emplace_back().bytes.resize(kMaxAnnouncementBytes);  // grown as needed
+    const bool bootstrap = how == Source::own_key;
+    std::size_t bootstraps = 0;
+    for (std::size_t i = 0; i < pending_count; ++i) bootstraps += pending[i].bootstrap ? 1 : 0;
+    if (pending_count >= pending_limit ||
+        (bootstrap && bootstraps >= config.max_bootstrap_candidates)) {
+      ++stats.announcements_refused;  // never evict: the genuine one may be among them
+      return Verdict::no_key;
     }
-    if (pending_count == pending.size()) {  // full: the oldest gives way (it will be repeated)
-      std::rotate(pending.begin(), pending.begin() + 1, pending.end());
-      --pending_count;
-    }
-    std::memcpy(pending[pending_count].bytes.data(), record.data(), record.size());
-    pending[pending_count].size = record.size();
-    ++pending_count;
+    if (pending_count == pending.size()) pending.emplace_back().bytes.resize(kMaxAnnouncementBytes);
+    Pending& p = pending[pending_count++];
+    std::memcpy(p.bytes.data(), record.data(), record.size());
+    p.size = record.size();
+    p.bootstrap = bootstrap;
+    p.expires = std::chrono::steady_clock::now() + config.candidate_ttl;
     stats.announcements_pending = pending_count;
+    if (bootstrap) {
+      // Only its own keys can verify it: fetch them (kept unplaced until it verifies).
+      for (std::size_t i = 0; i < a->count; ++i) {
+        pad.request(KeyAnnouncement{a->base + i * a->key_length, a->id(i), a->key_length});
+      }
+      const std::uint64_t verified = stats.announcements_verified;
+      if (pull_segments()) retry_pending();
+      if (stats.announcements_verified != verified) return Verdict::announcement;
+    }
     return Verdict::announcement_pending;
   }
 
   bool pull_segments() {
     bool got = false;
     while (auto segment = pad.pop_segment()) {
-      if (pool.size() == config.max_unplaced_keys) {  // never announced validly: wipe
-        pad.release(pool.front());
-        pool.front() = pool.back();
-        pool.pop_back();
-      }
-      pool.push_back(*segment);
       got = true;
+      // A key a verified announcement named: straight to its place.
+      if (auto it = awaited.find(
+              std::make_pair(segment->key_id, static_cast<std::uint32_t>(segment->bytes.size())));
+          it != awaited.end()) {
+        place(it->second, segment->bytes);
+        awaited_ranges.erase(it->second);
+        awaited.erase(it);
+        pad.release(*segment);
+        stats.keys_awaited = awaited.size();
+        continue;
+      }
+      if (pool.size() == config.max_unplaced_keys) unpool(0);  // never announced validly: wipe
+      pool.push_back(*segment);
     }
     return got;
   }
 
   void retry_pending() {
+    const auto now = std::chrono::steady_clock::now();
     bool progress = true;
     while (progress && pending_count > 0) {
       progress = false;
       for (std::size_t i = 0; i < pending_count;) {
         const std::span<const std::uint8_t> rec(pending[i].bytes.data(), pending[i].size);
         const auto a = parse_announcement(rec);
-        const Check c = a && is_repeat(*a) ? Check::bad : verify(rec);
-        if (c == Check::missing) {
-          ++i;
-          continue;
+        Check c = Check::bad;
+        if (a && !is_repeat(*a)) {
+          c = verify(rec);
+          if (c == Check::bad) ++stats.auth_failures;
         }
-        if (c == Check::bad && a && !is_repeat(*a)) ++stats.auth_failures;
-        std::rotate(pending.begin() + i, pending.begin() + i + 1, pending.begin() + pending_count);
+        if (c == Check::missing) {
+          if (pending[i].expires > now && verifiable_from(*a) != Source::nowhere) {
+            ++i;
+            continue;
+          }
+          ++stats.announcements_expired;
+        }
+        std::swap(pending[i], pending[pending_count - 1]);
         --pending_count;
         progress = progress || c == Check::verified;
       }
@@ -930,6 +1070,10 @@ struct Decoder::Impl {
       return Verdict::replay;
     }
     if (!window.in_range(p, need) || !window.all_present(p, need)) {
+      if (on_its_way(p, need)) {
+        ++stats.key_pending;
+        return Verdict::key_pending;
+      }
       ++stats.no_key;
       return Verdict::no_key;
     }
@@ -952,6 +1096,11 @@ struct Decoder::Impl {
   std::vector<EpochKey> epoch_keys;
   SecretBytes scratch;
   std::vector<PadSegment> pool;  // fetched keys not yet placed by a verified announcement
+  // Keys named by verified announcements, asked for, not yet here: (key_ID, length) ->
+  // offset, and the pad ranges they cover (offset -> end).
+  std::map<std::pair<keys::KeyId, std::uint32_t>, std::uint64_t> awaited;
+  std::map<std::uint64_t, std::uint64_t> awaited_ranges;
+  std::chrono::steady_clock::time_point next_expiry_check;
   std::vector<Pending> pending;
   std::size_t pending_count = 0;
   std::size_t pending_limit = 0;
@@ -978,6 +1127,10 @@ struct Decoder::Impl {
     }
     if (!window.in_range(key_offset, kAesKeyBytes) ||
         !window.all_present(key_offset, kAesKeyBytes)) {
+      if (on_its_way(key_offset, kAesKeyBytes)) {
+        ++stats.key_pending;
+        return Verdict::key_pending;
+      }
       ++stats.no_key;
       return Verdict::no_key;
     }
@@ -1086,7 +1239,12 @@ Decoder::Decoder(keys::PadSource& pad, DecoderConfig config)
 Decoder::~Decoder() = default;
 
 void Decoder::poll() {
-  if (impl_->pull_segments()) impl_->retry_pending();
+  Impl& d = *impl_;
+  const bool got = d.pull_segments();
+  if (got || (d.pending_count > 0 && std::chrono::steady_clock::now() >= d.next_expiry_check)) {
+    d.next_expiry_check = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+    d.retry_pending();
+  }
 }
 
 Decoder::Verdict Decoder::open_datagram(std::span<const std::uint8_t> in,

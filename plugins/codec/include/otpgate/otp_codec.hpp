@@ -10,6 +10,7 @@
 // No pad byte is used for two purposes: the receiver tracks every byte it used.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -90,7 +91,12 @@ struct DecoderStats {
   std::uint64_t malformed = 0;
   std::uint64_t announcements_verified = 0;
   std::uint64_t announcement_repeats = 0;
-  std::uint64_t announcements_pending = 0;  // now waiting for keys
+  std::uint64_t announcements_pending = 0;       // now waiting for keys or for pad to verify them
+  std::uint64_t announcements_unverifiable = 0;  // name pad this receiver never holds: dropped
+  std::uint64_t announcements_refused = 0;       // the candidate table was full: dropped
+  std::uint64_t announcements_expired = 0;       // never verified in time: dropped
+  std::uint64_t keys_awaited = 0;  // keys of verified announcements still being fetched
+  std::uint64_t key_pending = 0;   // units whose key a verified announcement has on its way
   std::uint64_t keys_placed = 0;
   std::uint64_t aes_units = 0;  // of `units`, those in AES mode
 };
@@ -148,11 +154,18 @@ class Encoder {
 };
 
 struct DecoderConfig {
-  std::size_t window_bytes = 16u << 20;         // pad held for reordering and look-ahead
-  std::size_t max_pending_announcements = 256;  // datagram: the oldest gives way (repeats)
+  std::size_t window_bytes = 16u << 20;  // pad held for reordering and look-ahead
+  // Announcements that cannot be verified yet are kept as candidates, never evicted by
+  // newer ones (a forgery must not push out a genuine announcement): a full table refuses
+  // new candidates, which a genuine sender's repeats bring again.
+  std::size_t max_pending_announcements = 256;
   // Stream mode sends each announcement once and may announce a whole key ring ahead of
   // the receiver's KME round trips, so none may be dropped: a far larger bound there.
   std::size_t max_pending_stream = 16384;
+  // Of those, candidates whose keys are fetched before they can be verified (the first
+  // announcement of a stream, or the first after the sender resumed on fresh key).
+  std::size_t max_bootstrap_candidates = 16;
+  std::chrono::milliseconds candidate_ttl{8000};  // a candidate not verified by then is dropped
   std::size_t max_unplaced_keys = 65536;
 };
 
@@ -165,7 +178,8 @@ class Decoder {
     repeat,                // an announcement already verified
     auth_failure,          // tag mismatch: dropped, nothing consumed
     replay,                // pad already used, or below the window (key destroyed)
-    no_key,                // pad not (yet) here
+    no_key,                // pad not here and not announced: dropped at once
+    key_pending,           // pad on its way (a verified announcement named its keys)
     malformed,             // unparsable
     out_of_sequence,       // stream mode: wrong stream, index or record after final
   };
