@@ -5,8 +5,10 @@
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <sys/socket.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -24,12 +26,108 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// An error the handlers answer with, in the standard's JSON shape.
+// An error the handlers answer with: the standard's message (and details), and what a
+// vendor KME says instead (empty: its words for the status code).
 struct Refusal {
   int status;
   std::string message;
   json details = nullptr;
+  std::string vendor = {};
 };
+
+// What KMEs of one vendor answer for keys that are unknown, gone or dropped unfetched.
+constexpr const char* kKeysDoNotExist = "Some of the requested keys do not exist in this KME.";
+
+std::string reason_phrase(int status) {
+  switch (status) {
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
+    case 404:
+      return "Not Found";
+    case 405:
+      return "Method Not Allowed";
+    case 413:
+      return "Payload Too Large";
+    case 414:
+      return "URI Too Long";
+    case 500:
+      return "Internal Server Error";
+    case 503:
+      return "Service Unavailable";
+    default:
+      return status >= 500 ? "Server Error" : "Client Error";
+  }
+}
+
+std::string vendor_wording(int status) {
+  switch (status) {
+    case 401:
+    case 403:
+      return "Client certificate not accepted";
+    case 404:
+      return "Resource not found";
+    case 503:
+      return "Insufficient key material";
+    default:
+      return status >= 500 ? "Internal server error" : "Invalid request";
+  }
+}
+
+std::string html_escape(std::string_view text) {
+  std::string out;
+  for (char c : text) {
+    switch (c) {
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      case '\'':
+        out += "&#39;";
+        break;
+      default:
+        out += c;
+    }
+  }
+  return out;
+}
+
+// Writes an error answer in `style`; the status code is the same in every style.
+void set_error(httplib::Response& res, ErrorStyle style, const Refusal& r) {
+  res.status = r.status;
+  switch (style) {
+    case ErrorStyle::etsi: {
+      json error{{"message", r.message}};
+      if (!r.details.is_null()) error["details"] = r.details;
+      res.set_content(error.dump(), "application/json");
+      break;
+    }
+    case ErrorStyle::vendor:
+      res.set_content(
+          json{{"detail", r.vendor.empty() ? vendor_wording(r.status) : r.vendor}}.dump(),
+          "application/json");
+      break;
+    case ErrorStyle::html: {
+      const std::string reason = reason_phrase(r.status);
+      res.set_content("<html><head><title>" + std::to_string(r.status) + " " + reason +
+                          "</title></head><body><h1>" + reason + "</h1><p>" +
+                          html_escape(r.message) + "</p></body></html>",
+                      "text/html");
+      break;
+    }
+  }
+}
 
 struct X509Deleter {
   void operator()(X509* cert) const { X509_free(cert); }
@@ -135,7 +233,8 @@ KeyId random_uuid() {
 
 std::uint64_t positive_integer(const json& value, const char* name) {
   if (!value.is_number_integer() || value.get<std::int64_t>() <= 0) {
-    throw Refusal{400, std::string(name) + " shall be a positive integer"};
+    throw Refusal{400, std::string(name) + " shall be a positive integer", nullptr,
+                  std::string("Invalid value for ") + name};
   }
   return value.get<std::uint64_t>();
 }
@@ -147,7 +246,8 @@ std::uint64_t positive_integer(const std::string& text, const char* name) {
     if (used == text.size() && v > 0) return static_cast<std::uint64_t>(v);
   } catch (const std::exception&) {
   }
-  throw Refusal{400, std::string(name) + " shall be a positive integer"};
+  throw Refusal{400, std::string(name) + " shall be a positive integer", nullptr,
+                std::string("Invalid value for ") + name};
 }
 
 }  // namespace
@@ -159,7 +259,8 @@ struct KmeSimulator::Impl {
     Clock::time_point relayed_at;
   };
 
-  explicit Impl(SimulatorConfig c) : config(std::move(c)) {
+  explicit Impl(SimulatorConfig c)
+      : config(std::move(c)), faults(std::make_shared<const SimulatorFaults>(config.faults)) {
     if (!config.log) config.log = keys::stderr_log_sink(LogLevel::warning);
     if (config.key_size % 8 || config.min_key_size % 8 || config.max_key_size % 8 ||
         config.min_key_size == 0 || config.min_key_size > config.key_size ||
@@ -212,6 +313,8 @@ struct KmeSimulator::Impl {
           ++it;
         }
       }
+      std::erase_if(replaced,
+                    [&](const auto& entry) { return entry.second + config.unclaimed_ttl < now; });
     }
     const std::uint64_t room = config.store_bits - std::min(config.store_bits, pending_bits);
     if (config.key_rate_bps <= 0) {
@@ -226,9 +329,12 @@ struct KmeSimulator::Impl {
     last_refill = now;
   }
 
-  std::string authenticate(const httplib::Request& req) const {
+  std::string authenticate(const httplib::Request& req, const SimulatorFaults& f) const {
     const std::string caller = peer_common_name(req);
     if (caller.empty()) throw Refusal{401, "client certificate carries no SAE ID (common name)"};
+    if (std::find(f.refuse_sae.begin(), f.refuse_sae.end(), caller) != f.refuse_sae.end()) {
+      throw Refusal{401, "the client certificate of SAE \"" + caller + "\" is not accepted"};
+    }
     if (!known(caller)) throw Refusal{401, "SAE \"" + caller + "\" is not registered on this KME"};
     return caller;
   }
@@ -239,20 +345,54 @@ struct KmeSimulator::Impl {
   }
 
   void require_peer(const std::string& caller, const std::string& other) const {
-    if (!known(other)) throw Refusal{400, "SAE ID \"" + other + "\" is unknown to this KME"};
-    if (other == caller) throw Refusal{400, "master and slave SAE IDs must differ"};
+    if (!known(other)) {
+      throw Refusal{400, "SAE ID \"" + other + "\" is unknown to this KME", nullptr,
+                    "Unknown SAE ID"};
+    }
+    if (other == caller) {
+      throw Refusal{400, "master and slave SAE IDs must differ", nullptr, "Invalid SAE ID"};
+    }
   }
 
-  json status(const std::string& caller, const std::string& slave) {
+  // Caller holds `mutex`. Keys given to `master` for `slave` that `slave` has not fetched.
+  std::uint64_t unfetched_keys(const std::string& master, const std::string& slave) const {
+    return static_cast<std::uint64_t>(std::count_if(store.begin(), store.end(), [&](const auto& e) {
+      return e.second.master == master && e.second.slave == slave;
+    }));
+  }
+
+  // Caller holds `mutex`. replace_unfetched_batch: the pair's unfetched keys are lost.
+  void drop_unfetched(const std::string& master, const std::string& slave) {
+    const auto now = Clock::now();
+    std::uint64_t dropped = 0;
+    for (auto it = store.begin(); it != store.end();) {
+      if (it->second.master == master && it->second.slave == slave) {
+        pending_bits -= std::min<std::uint64_t>(pending_bits, it->second.bytes->bits);
+        replaced.insert_or_assign(it->first, now);
+        it = store.erase(it);
+        ++dropped;
+      } else {
+        ++it;
+      }
+    }
+    if (dropped == 0) return;
+    keys_replaced += dropped;
+    config.log(LogLevel::debug, "enc_keys from \"" + master + "\" for \"" + slave + "\" dropped " +
+                                    std::to_string(dropped) + " keys not fetched yet");
+  }
+
+  json status(const std::string& caller, const std::string& slave, const SimulatorFaults& f) {
     require_peer(caller, slave);
     std::lock_guard lock(mutex);
     refill();
+    const std::uint64_t stored =
+        f.stored_count_of_pair ? unfetched_keys(caller, slave) : ready_bits / config.key_size;
     return json{{"source_KME_ID", config.kme_id + "-A"},
                 {"target_KME_ID", config.kme_id + "-B"},
                 {"master_SAE_ID", caller},
                 {"slave_SAE_ID", slave},
                 {"key_size", config.key_size},
-                {"stored_key_count", ready_bits / config.key_size},
+                {"stored_key_count", stored},
                 {"max_key_count", config.store_bits / config.key_size},
                 {"max_key_per_request", config.max_keys_per_request},
                 {"max_key_size", config.max_key_size},
@@ -261,19 +401,28 @@ struct KmeSimulator::Impl {
   }
 
   KeyContainer enc_keys(const std::string& caller, const std::string& slave, std::uint64_t number,
-                        std::uint64_t size, const json& request) {
+                        std::uint64_t size, const json& request, const SimulatorFaults& f) {
     require_peer(caller, slave);
     if (auto it = request.find("extension_mandatory"); it != request.end() && !it->empty()) {
       throw Refusal{400, "not all extension_mandatory parameters are supported",
-                    json::array({{{"extension_mandatory_unsupported", *it}}})};
+                    json::array({{{"extension_mandatory_unsupported", *it}}}),
+                    "Unsupported mandatory extension"};
     }
     if (auto it = request.find("additional_slave_SAE_IDs"); it != request.end() && !it->empty()) {
       throw Refusal{400, "requested parameters do not adhere to KME rules",
                     json::array({{{"message",
                                    "additional_slave_SAE_IDs are not supported "
-                                   "(max_SAE_ID_count is 0)"}}})};
+                                   "(max_SAE_ID_count is 0)"}}}),
+                    "Multicast keys are not supported"};
     }
-    if (size % 8 != 0) throw Refusal{400, "size shall be a multiple of 8"};
+    if (size % 8 != 0) {
+      throw Refusal{400, "size shall be a multiple of 8", nullptr,
+                    "Key size must be a multiple of 8 bits"};
+    }
+    if (f.cap_instead_of_refuse) {  // some vendors deliver what they allow, and say nothing
+      number = std::min<std::uint64_t>(number, config.max_keys_per_request);
+      size = std::min<std::uint64_t>(size, config.max_key_size);
+    }
     if (size < config.min_key_size || size > config.max_key_size ||
         number > config.max_keys_per_request) {
       throw Refusal{
@@ -281,7 +430,8 @@ struct KmeSimulator::Impl {
           json::array(
               {{{"message", "size must be within [" + std::to_string(config.min_key_size) + ", " +
                                 std::to_string(config.max_key_size) + "] bits and number at most " +
-                                std::to_string(config.max_keys_per_request)}}})};
+                                std::to_string(config.max_keys_per_request)}}}),
+          "Requested key size or number of keys is not supported"};
     }
     std::lock_guard lock(mutex);
     refill();
@@ -290,6 +440,7 @@ struct KmeSimulator::Impl {
       throw Refusal{503, "keys are exhausted: the key store holds " + std::to_string(ready_bits) +
                              " bits, " + std::to_string(bits) + " requested; try again later"};
     }
+    if (f.replace_unfetched_batch) drop_unfetched(caller, slave);
     ready_bits -= bits;
     pending_bits += bits;
     KeyContainer list;
@@ -313,12 +464,15 @@ struct KmeSimulator::Impl {
 
   KeyContainer dec_keys(const std::string& caller, const std::string& master,
                         const std::vector<std::string>& ids) {
-    if (ids.empty()) throw Refusal{400, "key_IDs shall name at least one key"};
+    if (ids.empty()) {
+      throw Refusal{400, "key_IDs shall name at least one key", nullptr, "No key IDs given"};
+    }
     if (ids.size() > config.max_keys_per_request) {
       throw Refusal{
           400, "requested parameters do not adhere to KME rules",
           json::array({{{"message", "at most " + std::to_string(config.max_keys_per_request) +
-                                        " key_IDs per request"}}})};
+                                        " key_IDs per request"}}}),
+          "Too many key IDs requested"};
     }
     std::lock_guard lock(mutex);
     const auto now = Clock::now();
@@ -326,14 +480,21 @@ struct KmeSimulator::Impl {
     for (const std::string& text : ids) {
       auto id = KeyId::parse(text);
       auto it = id ? store.find(*id) : store.end();
+      if (it == store.end() && id && replaced.contains(*id)) {
+        // Dropped by replace_unfetched_batch: that vendor's words in every style.
+        throw Refusal{400, kKeysDoNotExist, nullptr, kKeysDoNotExist};
+      }
       if (it == store.end() || it->second.relayed_at > now) {
-        throw Refusal{400, "one or more keys specified are not found on KME"};
+        throw Refusal{400, "one or more keys specified are not found on KME", nullptr,
+                      kKeysDoNotExist};
       }
       if (it->second.slave != caller || it->second.master != master) {
-        throw Refusal{401, "SAE \"" + caller + "\" is not authorized to get key_ID " + text};
+        throw Refusal{401, "SAE \"" + caller + "\" is not authorized to get key_ID " + text,
+                      nullptr, "Not authorized to access the requested keys"};
       }
       if (std::find(found.begin(), found.end(), it) != found.end()) {
-        throw Refusal{400, "key_ID " + text + " is requested twice"};
+        throw Refusal{400, "key_ID " + text + " is requested twice", nullptr,
+                      "Duplicate key IDs in request"};
       }
       found.push_back(it);
     }
@@ -347,26 +508,46 @@ struct KmeSimulator::Impl {
     return list;
   }
 
-  // Wraps a handler: authentication, JSON errors, counters, a debug log line.
+  std::shared_ptr<const SimulatorFaults> current_faults() const {
+    std::lock_guard lock(faults_mutex);
+    return faults;
+  }
+
+  // hang: holds a request until the fault is cleared (true: serve it now) or the
+  // simulator stops (false).
+  bool hold(const httplib::Request& req) {
+    std::unique_lock lock(faults_mutex);
+    if (!faults->hang) return true;
+    ++requests_hung;
+    config.log(LogLevel::debug, req.method + " " + req.path + " held (hang)");
+    faults_changed.wait(lock, [this] { return !faults->hang || stopping; });
+    return !stopping;
+  }
+
+  // Wraps a handler: faults, authentication, errors in the configured style, counters,
+  // a debug log line.
   template <typename Body>
   httplib::Server::Handler handler(Body body) {
     return [this, body](const httplib::Request& req, httplib::Response& res) {
       ++requests;
+      std::shared_ptr<const SimulatorFaults> f = current_faults();
       try {
-        const std::string caller = authenticate(req);
-        set_body(res, body(caller, req));
+        if (f->hang) {
+          if (!hold(req)) {
+            throw Refusal{503, "the KME is shutting down", nullptr,
+                          "Service temporarily unavailable"};
+          }
+          f = current_faults();
+        }
+        const std::string caller = authenticate(req, *f);
+        set_body(res, body(caller, req, *f));
         res.status = 200;
       } catch (const Refusal& r) {
         ++refused;
-        json error{{"message", r.message}};
-        if (!r.details.is_null()) error["details"] = r.details;
-        res.set_content(error.dump(), "application/json");
-        res.status = r.status;
+        set_error(res, f->error_style, r);
       } catch (const std::exception& e) {
         ++refused;
-        res.set_content(json{{"message", std::string("internal error: ") + e.what()}}.dump(),
-                        "application/json");
-        res.status = 500;
+        set_error(res, f->error_style, Refusal{500, std::string("internal error: ") + e.what()});
       }
       config.log(LogLevel::debug,
                  req.method + " " + req.path + " -> " + std::to_string(res.status));
@@ -377,54 +558,74 @@ struct KmeSimulator::Impl {
     if (req.body.empty()) return json::object();
     json doc = json::parse(req.body, nullptr, false);
     if (doc.is_discarded() || !doc.is_object())
-      throw Refusal{400, "request body is not a JSON object"};
+      throw Refusal{400, "request body is not a JSON object", nullptr, "Malformed request body"};
     return doc;
   }
 
   void routes() {
     const std::string base = R"(/api/v1/keys/([^/]+)/)";
-    server->Get(base + "status",
-                handler([this](const std::string& caller, const httplib::Request& req) {
-                  return status(caller, req.matches[1]);
-                }));
     server->Get(
-        base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+        base + "status",
+        handler([this](const std::string& caller, const httplib::Request& req,
+                       const SimulatorFaults& f) { return status(caller, req.matches[1], f); }));
+    server->Get(
+        base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req,
+                                          const SimulatorFaults& f) {
           const std::uint64_t number =
               req.has_param("number") ? positive_integer(req.get_param_value("number"), "number")
                                       : 1;
           const std::uint64_t size = req.has_param("size")
                                          ? positive_integer(req.get_param_value("size"), "size")
                                          : config.key_size;
-          return enc_keys(caller, req.matches[1], number, size, json::object());
+          return enc_keys(caller, req.matches[1], number, size, json::object(), f);
         }));
     server->Post(
-        base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+        base + "enc_keys", handler([this](const std::string& caller, const httplib::Request& req,
+                                          const SimulatorFaults& f) {
           const json doc = parse_body(req);
           const std::uint64_t number =
               doc.contains("number") ? positive_integer(doc["number"], "number") : 1;
           const std::uint64_t size =
               doc.contains("size") ? positive_integer(doc["size"], "size") : config.key_size;
-          return enc_keys(caller, req.matches[1], number, size, doc);
+          return enc_keys(caller, req.matches[1], number, size, doc, f);
         }));
-    server->Get(base + "dec_keys",
-                handler([this](const std::string& caller, const httplib::Request& req) {
-                  if (!req.has_param("key_ID"))
-                    throw Refusal{400, "key_ID query parameter is missing"};
-                  return dec_keys(caller, req.matches[1], {req.get_param_value("key_ID")});
-                }));
+    server->Get(
+        base + "dec_keys", handler([this](const std::string& caller, const httplib::Request& req,
+                                          const SimulatorFaults&) {
+          if (!req.has_param("key_ID")) {
+            throw Refusal{400, "key_ID query parameter is missing", nullptr, "No key IDs given"};
+          }
+          return dec_keys(caller, req.matches[1], {req.get_param_value("key_ID")});
+        }));
     server->Post(
-        base + "dec_keys", handler([this](const std::string& caller, const httplib::Request& req) {
+        base + "dec_keys", handler([this](const std::string& caller, const httplib::Request& req,
+                                          const SimulatorFaults&) {
           const json doc = parse_body(req);
           auto it = doc.find("key_IDs");
-          if (it == doc.end() || !it->is_array()) throw Refusal{400, "key_IDs shall be an array"};
+          if (it == doc.end() || !it->is_array()) {
+            throw Refusal{400, "key_IDs shall be an array", nullptr, "Malformed request body"};
+          }
           std::vector<std::string> ids;
           for (const json& entry : *it) {
             if (!entry.is_object() || !entry.contains("key_ID") || !entry["key_ID"].is_string()) {
-              throw Refusal{400, "each key_IDs entry shall be an object with a string key_ID"};
+              throw Refusal{400, "each key_IDs entry shall be an object with a string key_ID",
+                            nullptr, "Malformed request body"};
             }
             ids.push_back(entry["key_ID"].get<std::string>());
           }
           return dec_keys(caller, req.matches[1], ids);
+        }));
+    // Answers cpp-httplib makes itself (unknown path, malformed request) in the error style
+    // too; ETSI style keeps its plain answers.
+    server->set_error_handler(httplib::Server::HandlerWithResponse(
+        [this](const httplib::Request& req, httplib::Response& res) {
+          const ErrorStyle style = current_faults()->error_style;
+          if (style == ErrorStyle::etsi || !res.body.empty()) {
+            return httplib::Server::HandlerResponse::Unhandled;
+          }
+          set_error(res, style,
+                    Refusal{res.status, "no such resource: " + req.method + " " + req.path});
+          return httplib::Server::HandlerResponse::Handled;
         }));
   }
 
@@ -441,7 +642,14 @@ struct KmeSimulator::Impl {
   double carry = 0;
   Clock::time_point last_refill;
   Clock::time_point last_expiry{};
-  std::atomic<std::uint64_t> keys_to_masters{0}, keys_to_slaves{0}, requests{0}, refused{0};
+  std::map<KeyId, Clock::time_point> replaced;  // dropped by replace_unfetched_batch, and when
+  std::atomic<std::uint64_t> keys_to_masters{0}, keys_to_slaves{0}, requests{0}, refused{0},
+      keys_replaced{0}, requests_hung{0};
+
+  mutable std::mutex faults_mutex;  // guards faults and stopping
+  std::shared_ptr<const SimulatorFaults> faults;
+  std::condition_variable faults_changed;  // wakes held (hang) requests
+  bool stopping = false;
 };
 
 KmeSimulator::KmeSimulator(SimulatorConfig config)
@@ -454,6 +662,10 @@ KmeSimulator::~KmeSimulator() {
 void KmeSimulator::start() {
   Impl& i = *impl_;
   if (i.thread.joinable()) return;
+  {
+    std::lock_guard lock(i.faults_mutex);
+    i.stopping = false;
+  }
   i.server = std::make_unique<httplib::SSLServer>(
       i.config.certificate.c_str(), i.config.private_key.c_str(), i.config.client_ca.c_str());
   if (!i.server->is_valid()) {
@@ -473,6 +685,13 @@ void KmeSimulator::start() {
   // asks every few milliseconds at transfer rates, and a new mTLS handshake each time is
   // pure overhead. Real KMEs keep SAE connections open too.
   i.server->set_keep_alive_max_count(100000);
+  // cpp-httplib sets only SO_REUSEPORT on Linux, which lets a second simulator listen on a
+  // port already in use. SO_REUSEADDR instead: a restart (after stop() or a crash) binds
+  // its port again at once despite connections in TIME_WAIT, but never beside a listener.
+  i.server->set_socket_options([](socket_t sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+  });
   i.routes();
   if (i.config.port == 0) {
     i.bound_port = i.server->bind_to_any_port(i.config.host);
@@ -491,6 +710,11 @@ void KmeSimulator::start() {
 
 void KmeSimulator::stop() {
   if (!impl_->thread.joinable()) return;
+  {  // held (hang) requests answer 503 at once: the server waits for its workers
+    std::lock_guard lock(impl_->faults_mutex);
+    impl_->stopping = true;
+  }
+  impl_->faults_changed.notify_all();
   impl_->server->stop();
   impl_->thread.join();
 }
@@ -505,10 +729,16 @@ std::string KmeSimulator::url() const {
 SimulatorStats KmeSimulator::stats() const {
   std::lock_guard lock(impl_->mutex);
   impl_->refill();
-  SimulatorStats s{impl_->ready_bits,      impl_->pending_bits,   0,
-                   impl_->keys_to_masters, impl_->keys_to_slaves, impl_->requests,
-                   impl_->refused};
+  SimulatorStats s;
+  s.stored_bits = impl_->ready_bits;
+  s.pending_bits = impl_->pending_bits;
   s.premade_bits = impl_->premade.size() * std::uint64_t{impl_->config.max_key_size};
+  s.keys_to_masters = impl_->keys_to_masters;
+  s.keys_to_slaves = impl_->keys_to_slaves;
+  s.requests = impl_->requests;
+  s.refused = impl_->refused;
+  s.keys_replaced = impl_->keys_replaced;
+  s.requests_hung = impl_->requests_hung;
   return s;
 }
 
@@ -524,6 +754,18 @@ void KmeSimulator::drain() {
   impl_->ready_bits = 0;
   impl_->carry = 0;
   impl_->premade.clear();  // each wiped as its last holder lets go
+}
+
+void KmeSimulator::set_faults(const SimulatorFaults& faults) {
+  {
+    std::lock_guard lock(impl_->faults_mutex);
+    impl_->faults = std::make_shared<const SimulatorFaults>(faults);
+  }
+  impl_->faults_changed.notify_all();
+}
+
+SimulatorFaults KmeSimulator::faults() const {
+  return *impl_->current_faults();
 }
 
 }  // namespace otpgate::kmesim

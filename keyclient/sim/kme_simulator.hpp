@@ -3,7 +3,8 @@
 // Real HTTPS with mutual TLS (cpp-httplib + OpenSSL). The calling SAE is the common
 // name of its client certificate. Keys come from the OS CSPRNG into one key store
 // shared by all SAE pairs (one QKD link), which fills at a configurable QKD-like rate
-// up to a configurable size, so shortage and recovery are reproducible.
+// up to a configurable size, so shortage and recovery are reproducible. Fault modes
+// (SimulatorFaults) reproduce the quirks of real third-party KMEs.
 #pragma once
 
 #include <chrono>
@@ -16,6 +17,33 @@
 #include "otpgate/keyclient.hpp"
 
 namespace otpgate::kmesim {
+
+// How error answers (every 4xx/5xx) are written. Status codes are the same in every style.
+enum class ErrorStyle {
+  etsi,    // JSON {"message": ..., "details": ...} as ETSI GS QKD 014 defines it
+  html,    // a text/html error page, as from a servlet container or reverse proxy
+  vendor,  // JSON {"detail": ...} in a vendor's own wording
+};
+
+// Departures from the standard that real KMEs show, so CI can reproduce them. All take
+// effect for the next request when changed with KmeSimulator::set_faults().
+struct SimulatorFaults {
+  // A new enc_keys for a (master, slave) pair drops that pair's earlier keys the slave has
+  // not fetched yet: they are lost, and dec_keys for them answers 400.
+  bool replace_unfetched_batch = false;
+  // enc_keys beyond max_keys_per_request / max_key_size delivers fewer / smaller keys
+  // (capped silently) instead of answering 400.
+  bool cap_instead_of_refuse = false;
+  ErrorStyle error_style = ErrorStyle::etsi;
+  // status' stored_key_count counts the pair's keys not yet fetched by the slave,
+  // instead of the keys ready for enc_keys.
+  bool stored_count_of_pair = false;
+  // Connections and requests are accepted but never answered, until hang is cleared
+  // (then they are served) or the simulator stops.
+  bool hang = false;
+  // Requests from these SAEs get 401, as from a certificate the KME does not accept.
+  std::vector<std::string> refuse_sae;
+};
 
 struct SimulatorConfig {
   std::string host = "127.0.0.1";
@@ -36,6 +64,7 @@ struct SimulatorConfig {
   std::uint32_t max_keys_per_request = 1024;
   std::chrono::milliseconds relay_delay{0};  // keys reach the slave's KME this late
   std::chrono::seconds unclaimed_ttl{300};   // keys the slave never fetched expire after this
+  SimulatorFaults faults;                    // none by default; see KmeSimulator::set_faults()
   keys::LogSink log;
 };
 
@@ -46,7 +75,9 @@ struct SimulatorStats {
   std::uint64_t keys_to_masters = 0;
   std::uint64_t keys_to_slaves = 0;
   std::uint64_t requests = 0;
-  std::uint64_t refused = 0;  // 4xx/5xx answers
+  std::uint64_t refused = 0;        // 4xx/5xx answers
+  std::uint64_t keys_replaced = 0;  // dropped unfetched by replace_unfetched_batch
+  std::uint64_t requests_hung = 0;  // held unanswered by hang
 };
 
 class KmeSimulator {
@@ -64,6 +95,9 @@ class KmeSimulator {
   SimulatorStats stats() const;
   void set_key_rate(double bits_per_second);
   void drain();  // empties the ready store (for shortage tests and demos)
+  // Replaces the fault modes at run time; clearing `hang` releases the held requests.
+  void set_faults(const SimulatorFaults& faults);
+  SimulatorFaults faults() const;
 
  private:
   struct Impl;

@@ -11,6 +11,7 @@
 #include "kme_simulator.hpp"
 
 int main(int argc, char** argv) {
+  using otpgate::kmesim::ErrorStyle;
   using otpgate::kmesim::SimulatorConfig;
   SimulatorConfig config;
   std::string port_file;
@@ -64,11 +65,32 @@ int main(int argc, char** argv) {
   app.add_option("--relay-delay-ms", relay_delay_ms,
                  "Delay before a key given to a master can be fetched by its slave")
       ->capture_default_str();
+  // Fault modes: the quirks of real third-party KMEs (see docs/keys.md).
+  app.add_flag("--replace-unfetched", config.faults.replace_unfetched_batch,
+               "Fault: a new enc_keys drops the pair's keys its slave has not fetched yet");
+  app.add_flag("--cap-requests", config.faults.cap_instead_of_refuse,
+               "Fault: deliver fewer/smaller keys instead of refusing too many/too large ones");
+  std::string error_style = "etsi";
+  app.add_option("--error-style", error_style,
+                 "Fault: errors as ETSI JSON (etsi), HTML pages (html) or vendor JSON (vendor)")
+      ->check(CLI::IsMember({"etsi", "html", "vendor"}))
+      ->capture_default_str();
+  app.add_flag("--stored-count-of-pair", config.faults.stored_count_of_pair,
+               "Fault: status' stored_key_count counts the pair's unfetched keys, not the store");
+  app.add_flag("--hang", config.faults.hang,
+               "Fault: accept requests but never answer them (SIGUSR1 toggles this at run time)");
+  app.add_option("--refuse-sae", config.faults.refuse_sae,
+                 "Fault: answer 401 to this SAE, as to a certificate not accepted (repeat)")
+      ->type_name("ID")
+      ->allow_extra_args(false);
   app.add_option("--stats-interval", stats_interval, "Print key store levels every N seconds");
   app.add_flag("-v,--verbose", verbose, "Log every request (never key material)");
   CLI11_PARSE(app, argc, argv);
 
   config.store_bits = store_bytes * 8;
+  config.faults.error_style = error_style == "html"     ? ErrorStyle::html
+                              : error_style == "vendor" ? ErrorStyle::vendor
+                                                        : ErrorStyle::etsi;
   config.premade_bits = premade_bytes * 8;
   if (premade_bytes != 0 && (!config.start_full || premade_bytes > store_bytes)) {
     std::fprintf(stderr,
@@ -87,6 +109,7 @@ int main(int argc, char** argv) {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGUSR1);  // toggles --hang
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   try {
@@ -125,7 +148,14 @@ int main(int argc, char** argv) {
       });
     }
     int signal = 0;
-    sigwait(&stop_signals, &signal);
+    while (sigwait(&stop_signals, &signal) == 0 && signal == SIGUSR1) {
+      auto faults = sim.faults();
+      faults.hang = !faults.hang;
+      sim.set_faults(faults);
+      std::printf("qkd-kme-sim: %s\n",
+                  faults.hang ? "hanging (SIGUSR1)" : "answering again (SIGUSR1)");
+      std::fflush(stdout);
+    }
     std::printf("qkd-kme-sim: stopping on signal %d\n", signal);
     if (reporter.joinable()) {
       reporter.request_stop();
