@@ -791,10 +791,11 @@ struct Decoder::Impl {
 
   // Pool index of the fetched key `id` of `length` bytes, or -1.
   int pooled(const keys::KeyId& id, std::uint32_t length) const {
-    for (std::size_t i = 0; i < pool.size(); ++i) {
-      if (pool[i].key_id == id && pool[i].bytes.size() == length) return static_cast<int>(i);
-    }
-    return -1;
+    const auto it = pool_index.find({id, length});
+    return it == pool_index.end() ? -1 : static_cast<int>(it->second);
+  }
+  static std::pair<keys::KeyId, std::uint32_t> pool_key(const PadSegment& s) {
+    return {s.key_id, static_cast<std::uint32_t>(s.bytes.size())};
   }
 
   // Pad for verifying an announcement: from the window, or from the announcement's own
@@ -828,11 +829,14 @@ struct Decoder::Impl {
     const auto a = parse_announcement(record);
     if (!a || !fits_epoch(a->mask_offset, 0)) return Check::bad;
     std::array<int, kMaxAnnouncedKeys> found{};
+    std::array<keys::KeyId, kMaxAnnouncedKeys> ids;
     for (std::size_t i = 0; i < a->count; ++i) {
-      found[i] = pooled(a->id(i), a->key_length);
-      for (std::size_t j = 0; j < i; ++j) {
-        if (a->id(j) == a->id(i)) return Check::bad;  // the same key twice: never genuine
-      }
+      ids[i] = a->id(i);
+      found[i] = pooled(ids[i], a->key_length);
+    }
+    std::sort(ids.begin(), ids.begin() + a->count);
+    if (std::adjacent_find(ids.begin(), ids.begin() + a->count) != ids.begin() + a->count) {
+      return Check::bad;  // the same key twice: never from a genuine encoder
     }
     std::uint8_t r[kAuthKeyBytes], s[kMaskBytes], tag[kTagBytes];
     const std::uint64_t epoch = a->mask_offset / E;
@@ -876,8 +880,12 @@ struct Decoder::Impl {
   }
 
   void unpool(std::size_t at) {
+    pool_index.erase(pool_key(pool[at]));
     pad.release(pool[at]);
-    pool[at] = pool.back();
+    if (at + 1 != pool.size()) {
+      pool[at] = pool.back();
+      pool_index[pool_key(pool[at])] = at;
+    }
     pool.pop_back();
   }
 
@@ -1023,7 +1031,12 @@ struct Decoder::Impl {
         stats.keys_awaited = awaited.size();
         continue;
       }
+      if (pool_index.contains(pool_key(*segment))) {  // a second delivery of a key: wipe
+        pad.release(*segment);
+        continue;
+      }
       if (pool.size() == config.max_unplaced_keys) unpool(0);  // never announced validly: wipe
+      pool_index[pool_key(*segment)] = pool.size();
       pool.push_back(*segment);
     }
     return got;
@@ -1096,6 +1109,7 @@ struct Decoder::Impl {
   std::vector<EpochKey> epoch_keys;
   SecretBytes scratch;
   std::vector<PadSegment> pool;  // fetched keys not yet placed by a verified announcement
+  std::map<std::pair<keys::KeyId, std::uint32_t>, std::size_t> pool_index;  // into `pool`
   // Keys named by verified announcements, asked for, not yet here: (key_ID, length) ->
   // offset, and the pad ranges they cover (offset -> end).
   std::map<std::pair<keys::KeyId, std::uint32_t>, std::uint64_t> awaited;
