@@ -16,7 +16,10 @@
  */
 #include <gst/base/gstadapter.h>
 
+#include <chrono>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <thread>
 
 #include "otp_element_common.hpp"
@@ -48,6 +51,7 @@ enum Counter {
   C_ANNOUNCEMENTS_PENDING,
   C_AES_PACKETS,
   C_KEY_WAITS,
+  C_PACKETS_HELD,
   C_COUNT
 };
 constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
@@ -64,7 +68,8 @@ constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
                                                 "announcement-repeats",
                                                 "announcements-pending",
                                                 "aes-packets",
-                                                "key-waits"};
+                                                "key-waits",
+                                                "packets-held"};
 
 constexpr std::uint8_t kPreamble[] = {'O', 'T', 'P', 'S', 'T', 'R', 'M', 1};
 
@@ -76,7 +81,17 @@ struct Session {
   bool stream = false;
   bool preamble_seen = false;
   std::vector<std::uint8_t> out = std::vector<std::uint8_t>(otp::kMaxUnitPayload);
+  // Datagram mode: packets whose key a verified announcement has on its way, in arrival
+  // order, each until its key-wait deadline. The streaming thread never waits for them.
+  struct Held {
+    GstPtr<GstBuffer> buffer;
+    std::chrono::steady_clock::time_point deadline;
+  };
+  std::deque<Held> held;
 };
+
+constexpr std::size_t kMaxHeldPackets = 4096;
+constexpr GstClockTime kReleaseInterval = 2 * GST_MSECOND;
 
 struct Private {
   KeySourceSettings settings;
@@ -89,6 +104,9 @@ struct Private {
   bool src_caps_sent = false;
   bool rtcp_caps_sent = false;
   PublishedCounters<C_COUNT> counters;
+  // Releases held packets when no new packet arrives to do it (see schedule_release).
+  std::mutex timer_mutex;
+  GstClockID timer = nullptr;
 };
 
 }  // namespace
@@ -130,6 +148,7 @@ void publish(GstOtpDecrypt* self) {
   c.set(C_AES_PACKETS, s.aes_units);
   c.set(C_ANNOUNCEMENT_REPEATS, s.announcement_repeats);
   c.set(C_ANNOUNCEMENTS_PENDING, s.announcements_pending);
+  c.set(C_PACKETS_HELD, p.session->held.size());
 }
 
 // Output caps: what downstream asks for (e.g. a capsfilter with clock-rate), else plain.
@@ -169,7 +188,9 @@ GstFlowReturn push_out(GstOtpDecrypt* self, GstPad* pad, const std::uint8_t* dat
   return rtcp && ret == GST_FLOW_NOT_LINKED ? GST_FLOW_OK : ret;  // RTCP is optional
 }
 
-GstFlowReturn open_datagram(GstOtpDecrypt* self, GstBuffer* in) {
+// Decodes one datagram and pushes what it yields; `verdict` says what happened. A packet
+// whose key is on its way (key_pending) is left to the caller, untouched.
+GstFlowReturn decode_datagram(GstOtpDecrypt* self, GstBuffer* in, otp::Decoder::Verdict& verdict) {
   Private& p = *self->priv;
   Session& s = *p.session;
   GstMapInfo map;
@@ -180,18 +201,7 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstBuffer* in) {
   }
   std::size_t written = 0;
   const std::span<const std::uint8_t> datagram(map.data, map.size);
-  auto verdict = s.decoder->open_datagram(datagram, s.out, written);
-  // Right after an announcement (call start, or a KME relaying late) a packet's key may
-  // be on its way: it waits briefly rather than being dropped, but only when a verified
-  // announcement (or a stream's first, whose keys are being fetched) covers its pad. A
-  // packet naming pad nobody announced is dropped at once: forgeries cost no waiting.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms);
-  if (verdict == otp::Decoder::Verdict::key_pending) bump(p, C_KEY_WAITS);
-  while (verdict == otp::Decoder::Verdict::key_pending &&
-         std::chrono::steady_clock::now() < deadline && !p.flushing) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    verdict = s.decoder->open_datagram(datagram, s.out, written);
-  }
+  verdict = s.decoder->open_datagram(datagram, s.out, written);
   GstFlowReturn ret = GST_FLOW_OK;
   using V = otp::Decoder::Verdict;
   switch (verdict) {
@@ -209,13 +219,13 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstBuffer* in) {
       bump(p, C_REPLAYS);
       break;
     case V::no_key:
-    case V::key_pending:
       bump(p, C_DROPS_NO_KEY);
       break;
     case V::malformed:
     case V::out_of_sequence:
       bump(p, C_DROPS_MALFORMED);
       break;
+    case V::key_pending:  // the caller holds it or gives up on it
     case V::announcement:
     case V::announcement_pending:
     case V::repeat:
@@ -224,6 +234,115 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstBuffer* in) {
   gst_buffer_unmap(in, &map);
   publish(self);
   return ret;
+}
+
+void schedule_release(GstOtpDecrypt* self);
+
+// Releases held packets in arrival order: decrypted as soon as their keys are placed,
+// dropped (counted) once their key-wait has passed or when flushing.
+GstFlowReturn release_held(GstOtpDecrypt* self) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  const auto now = std::chrono::steady_clock::now();
+  while (!s.held.empty()) {
+    Session::Held& head = s.held.front();
+    otp::Decoder::Verdict verdict = otp::Decoder::Verdict::key_pending;
+    GstFlowReturn ret = GST_FLOW_OK;
+    if (!p.flushing) ret = decode_datagram(self, head.buffer.get(), verdict);
+    if (verdict == otp::Decoder::Verdict::key_pending) {
+      if (!p.flushing && now < head.deadline) break;  // still on its way: keep the order
+      bump(p, C_DROPS_NO_KEY);
+    }
+    s.held.pop_front();
+    if (ret != GST_FLOW_OK) return ret;
+  }
+  if (!s.held.empty()) schedule_release(self);
+  publish(self);
+  return GST_FLOW_OK;
+}
+
+gboolean on_release_timer(GstClock*, GstClockTime, GstClockID id, gpointer user) {
+  auto* self = GST_OTP_DECRYPT(user);
+  Private& p = *self->priv;
+  {
+    std::lock_guard lock(p.timer_mutex);
+    if (p.timer == id) {
+      gst_clock_id_unref(p.timer);
+      p.timer = nullptr;
+    }
+  }
+  // Never wait for the streaming thread: if it is in chain(), it releases them itself.
+  if (!GST_PAD_STREAM_TRYLOCK(self->sinkpad)) {
+    schedule_release(self);
+    return TRUE;
+  }
+  if (p.session && !p.session->held.empty()) {
+    const GstFlowReturn ret = release_held(self);
+    if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING && ret != GST_FLOW_NOT_LINKED) {
+      GST_DEBUG_OBJECT(self, "releasing held packets: %s", gst_flow_get_name(ret));
+    }
+  }
+  GST_PAD_STREAM_UNLOCK(self->sinkpad);
+  return TRUE;
+}
+
+// Arms a one-shot timer on the system clock that releases held packets in a few ms.
+void schedule_release(GstOtpDecrypt* self) {
+  Private& p = *self->priv;
+  std::lock_guard lock(p.timer_mutex);
+  if (p.timer || p.flushing) return;
+  GstClock* clock = gst_system_clock_obtain();
+  p.timer = gst_clock_new_single_shot_id(clock, gst_clock_get_time(clock) + kReleaseInterval);
+  gst_object_unref(clock);
+  gst_clock_id_wait_async(p.timer, on_release_timer, gst_object_ref(self), gst_object_unref);
+}
+
+void cancel_release(GstOtpDecrypt* self) {
+  Private& p = *self->priv;
+  std::lock_guard lock(p.timer_mutex);
+  if (!p.timer) return;
+  gst_clock_id_unschedule(p.timer);
+  gst_clock_id_unref(p.timer);
+  p.timer = nullptr;
+}
+
+GstFlowReturn open_datagram(GstOtpDecrypt* self, GstPtr<GstBuffer> in) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  // Right after an announcement (call start, or a KME relaying late) a packet's key may
+  // be on its way: it is held, not dropped, but only when a verified announcement (or a
+  // stream's first, whose keys are being fetched) covers its pad, and only for key-wait.
+  // A packet naming pad nobody announced is dropped at once: forgeries cost no waiting.
+  // Held packets leave in order; the streaming thread never blocks for them.
+  std::uint8_t kind[4] = {};
+  gst_buffer_extract(in.get(), 0, kind, sizeof kind);
+  const bool announcement = otp::classify(kind) == otp::DatagramType::announcement;
+  if (!s.held.empty() && !announcement) {
+    if (s.held.size() >= kMaxHeldPackets) {  // bounded: the oldest gives way
+      s.held.pop_front();
+      bump(p, C_DROPS_NO_KEY);
+    }
+    bump(p, C_KEY_WAITS);
+    s.held.push_back({std::move(in),
+                      std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms)});
+    return release_held(self);
+  }
+  otp::Decoder::Verdict verdict{};
+  const GstFlowReturn ret = decode_datagram(self, in.get(), verdict);
+  if (ret != GST_FLOW_OK) return ret;
+  if (verdict == otp::Decoder::Verdict::key_pending) {
+    if (p.key_wait_ms == 0) {
+      bump(p, C_DROPS_NO_KEY);
+      return GST_FLOW_OK;
+    }
+    bump(p, C_KEY_WAITS);
+    s.held.push_back({std::move(in),
+                      std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms)});
+    publish(self);
+    schedule_release(self);
+    return GST_FLOW_OK;
+  }
+  return s.held.empty() ? GST_FLOW_OK : release_held(self);
 }
 
 // Why a record stopped the stream, for the element error (no key bytes, no guessing:
@@ -356,7 +475,7 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
     GST_INFO_OBJECT(self, "%s mode", s.stream ? "stream" : "datagram");
     if (s.stream) s.decoder->use_stream_limits();
   }
-  if (!s.stream) return open_datagram(self, buffer);
+  if (!s.stream) return open_datagram(self, std::move(in));
   gst_adapter_push(s.adapter.get(), in.release());
   return drain_stream(self);
 }
@@ -382,11 +501,18 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       break;
     case GST_EVENT_FLUSH_START:
       p.flushing = true;
+      cancel_release(self);
       break;
     case GST_EVENT_FLUSH_STOP:
+      if (p.session) p.session->held.clear();  // flushed, never decrypted
       p.flushing = false;
       break;
     case GST_EVENT_EOS:
+      // Held packets get their key-wait before the end goes downstream.
+      while (p.session && !p.session->held.empty() && !p.flushing) {
+        if (release_held(self) != GST_FLOW_OK) break;
+        if (!p.session->held.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
       if (p.session && p.session->stream && !p.session->decoder->stream_finished()) {
         GST_ELEMENT_ERROR(self, STREAM, DECRYPT,
                           ("the stream ended before its final record: the received data is "
@@ -502,10 +628,13 @@ static GstStateChangeReturn gst_otp_decrypt_change_state(GstElement* element,
   const GstStateChangeReturn ret =
       GST_ELEMENT_CLASS(gst_otp_decrypt_parent_class)->change_state(element, transition);
   if (transition == GST_STATE_CHANGE_PAUSED_TO_READY) {
+    cancel_release(self);
     std::unique_ptr<Session> old;
+    GST_PAD_STREAM_LOCK(self->sinkpad);  // a release timer in progress holds it
     GST_OBJECT_LOCK(self);
     old = std::move(p.session);
     GST_OBJECT_UNLOCK(self);
+    GST_PAD_STREAM_UNLOCK(self->sinkpad);
     gst_event_replace(&p.pending_segment, nullptr);
   }
   return ret;
@@ -536,8 +665,10 @@ static void gst_otp_decrypt_class_init(GstOtpDecryptClass* klass) {
   g_object_class_install_property(
       gobject, PROP_KEY_WAIT,
       g_param_spec_uint("key-wait", "Key wait",
-                        "Datagram mode: milliseconds a packet may wait for keys that were "
-                        "announced but are still being fetched, instead of being dropped",
+                        "Datagram mode: milliseconds a packet may be held (in arrival order, "
+                        "without blocking the stream) while keys that a verified announcement "
+                        "named are being fetched; packets on pad nobody announced are dropped "
+                        "at once",
                         0, 5000, 500, rw));
   g_object_class_install_property(
       gobject, PROP_WINDOW_SIZE,

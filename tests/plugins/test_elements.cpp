@@ -121,6 +121,11 @@ class ElementTest : public ::testing::Test {
       gst_harness_push(dec, buffer_of(w));
       for (auto& p : pull_all(dec)) plain.push_back(std::move(p));
     }
+    // Packets whose keys were still being fetched are held (never blocking the stream)
+    // and leave in order once the keys are placed.
+    EXPECT_TRUE(
+        otpgate::testing::eventually([&] { return stat(dec->element, "packets-held") == 0; }));
+    for (auto& p : pull_all(dec)) plain.push_back(std::move(p));
     return plain;
   }
 
