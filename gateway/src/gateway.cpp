@@ -93,7 +93,13 @@ json supply_json(const keys::KeySupply& supply) {
               {"seconds_to_exhaustion",
                std::isinf(s.seconds_to_exhaustion) ? json(nullptr) : json(s.seconds_to_exhaustion)},
               {"refill_latency_ms", s.refill_latency_ms_avg},
-              {"memory_locked", s.memory_locked}};
+              {"memory_locked", s.memory_locked},
+              {"keys_waiting", s.keys_waiting},
+              {"bytes_flushed", s.bytes_flushed},
+              {"kme_outages", s.kme_outages},
+              {"kme_replaces_batches", s.kme_replaces_batches},
+              {"failed", s.failed},
+              {"failure", s.failure}};
 }
 
 // How the media streaming threads run. A packet's wait for a CPU is most of a gateway
@@ -232,6 +238,7 @@ struct Gateway::Impl {
   int status_port = 0;
   std::thread bus_thread;
   std::atomic<bool> running{false};
+  std::atomic<std::uint64_t> key_wiped_at_stop{0};  // by every stop() of this gateway
 
   keys::KmeClientConfig kme_config() const {
     keys::KmeClientConfig k;
@@ -249,6 +256,11 @@ struct Gateway::Impl {
       send.role = keys::SaeRole::master;
       send.peer_sae_id = config.peer_sae_id;
       send.ring_bytes = config.key_ring_bytes;
+      send.ring_seconds = config.key_ring_ms / 1000.0;
+      send.ring_min_bytes = std::min<std::size_t>(256u << 10, config.key_ring_bytes);
+      send.announce_lead_seconds = config.announce_lead_ms / 1000.0;
+      send.announce_min_bytes = send.ring_min_bytes;
+      send.resync_interval = std::chrono::milliseconds(config.resync_ms);
       send.journal = config.state_dir /
                      (config.sae_id + "-to-" + config.peer_sae_id + "-" + c.name + ".journal");
       s.send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
@@ -511,6 +523,7 @@ struct Gateway::Impl {
                {"rekey_interval", config.rekey_interval}}},
              {"kme", {{"url", config.kme_url}}},
              {"media_threads", media_status()},
+             {"key_wiped_at_stop_bytes", key_wiped_at_stop.load()},
              {"running", running.load()}};
     bool healthy = true;
     json list = json::array();
@@ -565,7 +578,10 @@ struct Gateway::Impl {
           if (!value.is_number_unsigned() || field.rfind("key-", 0) == 0) continue;
           std::string name = "otpgate_" + field;
           std::replace(name.begin(), name.end(), '-', '_');
-          metric(name + "_total", "counter", labels, value.get<double>());
+          const bool gauge = field == "packets-held" || field == "announcements-pending" ||
+                             field == "keys-awaited";
+          metric(gauge ? name : name + "_total", gauge ? "gauge" : "counter", labels,
+                 value.get<double>());
         }
         const json& k = s["key_supply"][direction];
         metric("otpgate_key_available_bytes", "gauge", labels, k["bytes_available"].get<double>());
@@ -576,8 +592,14 @@ struct Gateway::Impl {
         metric("otpgate_kme_errors_total", "counter", labels, k["kme_errors"].get<double>());
         metric("otpgate_kme_healthy", "gauge", labels, k["kme_healthy"].get<bool>() ? 1 : 0);
         metric("otpgate_keys_lost_total", "counter", labels, k["keys_lost"].get<double>());
+        metric("otpgate_key_flushed_bytes_total", "counter", labels,
+               k["bytes_flushed"].get<double>());
+        metric("otpgate_kme_outages_total", "counter", labels, k["kme_outages"].get<double>());
+        metric("otpgate_key_source_failed", "gauge", labels, k["failed"].get<bool>() ? 1 : 0);
       }
     }
+    metric("otpgate_key_wiped_at_stop_bytes_total", "counter", "site=\"" + config.site_name + "\"",
+           st["key_wiped_at_stop_bytes"].get<double>());
     return out;
   }
 };
@@ -662,6 +684,11 @@ void Gateway::stop() {
     s.encrypt.reset();
     s.decrypt.reset();
     s.pipeline.reset();
+    for (auto* supply : {s.send_keys.get(), s.receive_keys.get()}) {
+      if (!supply) continue;
+      supply->stop();  // the key it held is wiped with it: QKD key spent for nothing
+      g.key_wiped_at_stop += supply->stats().bytes_wiped_at_stop;
+    }
   }
   g.streams.clear();
   g.cpu_wakeup->release();

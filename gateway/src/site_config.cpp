@@ -140,6 +140,21 @@ void read_site(const Reader& r, SiteConfig& c) {
         r.integer(*keys, "keys.", "ring_bytes", 65536, std::int64_t(1) << 32,
                   "bytes of key held ready per key supply, 65536 to 4294967296",
                   static_cast<std::int64_t>(c.key_ring_bytes)));
+    c.key_ring_ms = static_cast<std::uint32_t>(
+        r.integer(*keys, "keys.", "ring_ms", 0, 600000,
+                  "milliseconds of measured key consumption a sender holds ready, 0 to 600000 "
+                  "(0: the whole ring_bytes)",
+                  c.key_ring_ms));
+    c.announce_lead_ms = static_cast<std::uint32_t>(
+        r.integer(*keys, "keys.", "announce_lead_ms", 0, 600000,
+                  "milliseconds of key a sender announces ahead of use, 0 to 600000 (0: as "
+                  "keys arrive)",
+                  c.announce_lead_ms));
+    c.resync_ms = static_cast<std::uint32_t>(
+        r.integer(*keys, "keys.", "resync_ms", 0, 600000,
+                  "milliseconds between a sender's self-verifying announcements, 0 to 600000 "
+                  "(0: never)",
+                  c.resync_ms));
   }
 }
 

@@ -1,6 +1,8 @@
 #include "kme_simulator.hpp"
 
 #include <httplib.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
@@ -688,9 +690,12 @@ void KmeSimulator::start() {
   // cpp-httplib sets only SO_REUSEPORT on Linux, which lets a second simulator listen on a
   // port already in use. SO_REUSEADDR instead: a restart (after stop() or a crash) binds
   // its port again at once despite connections in TIME_WAIT, but never beside a listener.
+  // TCP_NODELAY as well (accepted sockets inherit it): without it Nagle holds each
+  // answer back until the client's delayed ACK, about 40 ms per request.
   i.server->set_socket_options([](socket_t sock) {
     int yes = 1;
     ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    ::setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &yes, sizeof yes);
   });
   i.routes();
   if (i.config.port == 0) {

@@ -25,9 +25,11 @@ namespace otpgate::keys {
 namespace {
 constexpr std::size_t kQueueCapacity = 65536;
 constexpr std::size_t kRecentIds = 65536;
-constexpr std::size_t kMaxWanted = 16384;
-constexpr std::size_t kAnnouncementBatch =
-    64;  // keys one announcement carries at most  // keys asked for and not yet fetched or lost
+constexpr std::size_t kMaxWanted = 16384;       // keys asked for, not yet fetched or lost
+constexpr std::size_t kAnnouncementBatch = 64;  // keys one announcement carries at most
+constexpr auto kHealthInterval = std::chrono::milliseconds(500);  // master: status poll
+constexpr auto kTlsRefusalPersists = std::chrono::seconds(3);     // see judge()
+constexpr std::size_t kLocateRequests = 24;  // slave: per round, for keys past their grace
 constexpr std::uint32_t kDefaultMaxKeysPerRequest = 128;
 using Clock = std::chrono::steady_clock;
 
@@ -47,11 +49,16 @@ class Backend {
   // Master: `number` keys of `key_bits`, to be placed from `next_offset` on.
   virtual std::vector<Key> deliver(std::uint64_t next_offset, std::size_t number,
                                    std::uint32_t key_bits) = 0;
-  // Slave: the announced keys; an empty optional is a key the source does not hold (not
-  // yet relayed, or lost). `locate`: when the source refuses the batch as a whole, find
-  // out (by halving it) which keys it does hold.
-  virtual std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted,
-                                                bool locate) = 0;
+  // Slave: the announced keys. Each comes back with its key, or `missing` when the
+  // source said it does not hold that key (not yet relayed, or lost), or neither when the
+  // source was not asked about it this time (ask again). A source refuses a whole batch
+  // when one key is missing, so the batch is halved to find the keys it holds: `locate`
+  // (keys past their relay grace) may spend more requests on that than a fresh batch.
+  struct Fetched {
+    std::optional<Key> key;
+    bool missing = false;
+  };
+  virtual std::vector<Fetched> fetch(std::span<const KeyAnnouncement> wanted, bool locate) = 0;
   // Slave: true when fetching a key removes it at the source (a KME hands a key out
   // once), false when it can be read again (a pad file).
   virtual bool fetch_is_destructive() const = 0;
@@ -86,12 +93,17 @@ class KmeBackend final : public Backend {
     return client_.enc_keys(peer_, static_cast<std::uint32_t>(number), key_bits);
   }
 
-  std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted,
-                                        bool locate) override {
+  std::vector<Fetched> fetch(std::span<const KeyAnnouncement> wanted, bool locate) override {
     std::vector<KeyId> ids;
     for (const auto& a : wanted) ids.push_back(a.key_id);
-    std::vector<std::optional<Key>> fetched(wanted.size());
-    fetch_range(ids, 0, ids.size(), locate, fetched);
+    std::vector<Fetched> fetched(wanted.size());
+    // Fresh keys: the batch, then both halves on the way down to one missing key, so one
+    // missing key does not hold up the others. Keys past their grace: a few more, per
+    // round, so that locating lost keys never keeps fresh ones waiting for long.
+    std::size_t budget = 1;
+    for (std::size_t n = 1; n < ids.size(); n *= 2) budget += 2;
+    if (locate) budget = std::max<std::size_t>(budget, kLocateRequests);
+    fetch_range(ids, 0, ids.size(), budget, fetched);
     return fetched;
   }
 
@@ -105,19 +117,26 @@ class KmeBackend final : public Backend {
 
  private:
   // dec_keys for ids[lo, hi). The KME answers 400/404 for the whole request when one key
-  // is missing, so `locate` halves a refused range until every key is found or missing.
-  void fetch_range(const std::vector<KeyId>& ids, std::size_t lo, std::size_t hi, bool locate,
-                   std::vector<std::optional<Key>>& out) {
+  // is missing, so a refused range is halved until every key is found or missing, or the
+  // `budget` of requests is spent (keys not reached are neither: they are asked again).
+  // A key is `missing` only when the KME refused it alone: nothing is inferred.
+  void fetch_range(const std::vector<KeyId>& ids, std::size_t lo, std::size_t hi,
+                   std::size_t& budget, std::vector<Fetched>& out) {
+    if (budget == 0) return;
+    --budget;
     try {
       auto keys = client_.dec_keys(peer_, std::span(ids).subspan(lo, hi - lo));
-      for (std::size_t i = 0; i < keys.size(); ++i) out[lo + i] = std::move(keys[i]);
+      for (std::size_t i = 0; i < keys.size(); ++i) out[lo + i].key = std::move(keys[i]);
     } catch (const KmeError& e) {
       if (e.kind() != KmeErrorKind::key_not_found) throw;
       missing_reason_ = e.what();
-      if (!locate || hi - lo == 1) return;
+      if (hi - lo == 1) {
+        out[lo].missing = true;
+        return;
+      }
       const std::size_t mid = lo + (hi - lo) / 2;
-      fetch_range(ids, lo, mid, true, out);
-      fetch_range(ids, mid, hi, true, out);
+      fetch_range(ids, lo, mid, budget, out);
+      fetch_range(ids, mid, hi, budget, out);
     }
   }
 
@@ -161,13 +180,15 @@ class PadFileBackend final : public Backend {
     return keys;
   }
 
-  std::vector<std::optional<Key>> fetch(std::span<const KeyAnnouncement> wanted, bool) override {
-    std::vector<std::optional<Key>> fetched(wanted.size());
+  std::vector<Fetched> fetch(std::span<const KeyAnnouncement> wanted, bool) override {
+    std::vector<Fetched> fetched(wanted.size());
     for (std::size_t i = 0; i < wanted.size(); ++i) {
       const auto& a = wanted[i];
       if (a.key_id == pad_file_key_id(a.offset) && a.length != 0 && a.offset <= size_ &&
           a.length <= size_ - a.offset) {
-        fetched[i] = read(a.offset, a.length);
+        fetched[i].key = read(a.offset, a.length);
+      } else {
+        fetched[i].missing = true;
       }
     }
     return fetched;
@@ -315,10 +336,26 @@ struct KeySupply::Impl {
 
   void refill_master() {
     KeyRing& r = *ring_owner;
+    // A master with a full ring makes no KME calls, and would miss a KME restart that
+    // lost the keys it issued before: ask for the status now and then.
+    if (Clock::now() - last_kme_call >= kHealthInterval) {
+      backend->stored_count();
+      last_kme_call = Clock::now();
+      kme_answered();
+      if (outage) resume_after_outage();
+    }
+    if (flushed_pending && r.bytes_discarded() + r.bytes_consumed() >= pushed_at_flush) {
+      flushed_pending = false;  // the media thread has wiped (or used) all of it
+    }
     const double target = ring_target(r);
-    if (double(r.bytes_available()) >= config.low_water * target) return;
-    while (!stopping_flag && double(r.bytes_available()) < config.high_water * target) {
-      const double missing = config.high_water * target - double(r.bytes_available());
+    // Right after a flush the ring still counts the flushed key until the media thread
+    // wipes it: what is there is what came after the flush.
+    auto held = [&] {
+      return double(flushed_pending ? r.bytes_pushed() - pushed_at_flush : r.bytes_available());
+    };
+    if (held() >= config.low_water * target) return;
+    while (!stopping_flag && held() < config.high_water * target) {
+      const double missing = config.high_water * target - held();
       std::size_t number = static_cast<std::size_t>(std::ceil(missing / r.slot_bytes()));
       if (replaces_batches) number = max_keys_per_request;  // few, large batches
       number = std::min(
@@ -342,6 +379,7 @@ struct KeySupply::Impl {
         continue;
       }
       kme_answered();
+      last_kme_call = Clock::now();
       if (probe && !replaces_batches && before) {
         ++probes;
         if (const auto after = backend->stored_count()) {
@@ -363,13 +401,24 @@ struct KeySupply::Impl {
         }
         total += k.bytes.size();
       }
+      // Now and then the stream moves to a fresh epoch (see resync_interval).
+      bool resync = pending_resync;
+      if (config.resync_interval.count() > 0 && keys_fetched > 0 &&
+          Clock::now() - last_resync >= config.resync_interval) {
+        const std::uint64_t align = std::max<std::uint64_t>(1, config.restart_alignment);
+        next_offset = (next_offset + align - 1) / align * align;
+        resync = true;
+      }
+      if (resync) last_resync = Clock::now();
+      pending_resync = false;
       // Reserve before any byte above the old reservation can be handed out.
       reserve_up_to(next_offset + total);
       for (const Key& k : keys) {
         // Announce first: the consumer must never take a byte it could not announce.
         if (config.publish_announcements) {
-          announcements.push(
-              KeyAnnouncement{next_offset, k.id, static_cast<std::uint32_t>(k.bytes.size())});
+          announcements.push(KeyAnnouncement{next_offset, k.id,
+                                             static_cast<std::uint32_t>(k.bytes.size()), resync});
+          resync = false;
         }
         r.push(next_offset, k.id, k.bytes.span());  // cannot fail: free slots were counted
         next_offset += k.bytes.size();
@@ -387,6 +436,9 @@ struct KeySupply::Impl {
   // next announcement is verifiable from its own keys.
   void resume_after_outage() {
     outage = false;
+    pending_resync = true;
+    flushed_pending = true;
+    pushed_at_flush = ring_owner->bytes_pushed();
     const std::uint64_t align = std::max<std::uint64_t>(1, config.restart_alignment);
     next_offset = (next_offset + align - 1) / align * align;
     published_next_offset = next_offset;
@@ -420,14 +472,24 @@ struct KeySupply::Impl {
 
   // Called with every KME error: decides whether to give up (see give_up_after).
   void judge(const KmeError& e) {
-    const bool refused = e.kind() == KmeErrorKind::unauthorized || e.kind() == KmeErrorKind::tls;
-    if (e.kind() == KmeErrorKind::transport || e.kind() == KmeErrorKind::server) {
+    const auto now = Clock::now();
+    // An HTTP 401/403 is the KME's answer: refused. A TLS failure may be a refusal (our
+    // certificate not accepted) or a KME restarting mid-handshake: refused only when it
+    // persists with no answer in between.
+    const bool http_refusal = e.kind() == KmeErrorKind::unauthorized;
+    const bool tls = e.kind() == KmeErrorKind::tls;
+    if (e.kind() == KmeErrorKind::transport || e.kind() == KmeErrorKind::server || tls) {
       if (keys_fetched > 0 && config.role == SaeRole::master) outage = true;
     }
-    const bool give_up = refused
-                             ? ++refusals >= 2
-                             : !ever_answered && Clock::now() - started_at >= config.give_up_after;
-    if (!give_up || failed_flag.load(std::memory_order_relaxed)) return;
+    if (http_refusal || tls) {
+      if (refusals++ == 0) first_refusal = now;
+    } else {
+      refusals = 0;
+    }
+    const bool refused = (http_refusal && refusals >= 2) ||
+                         (tls && refusals >= 3 && now - first_refusal >= kTlsRefusalPersists);
+    const bool silent = !ever_answered && now - started_at >= config.give_up_after;
+    if (!(refused || silent) || failed_flag.load(std::memory_order_relaxed)) return;
     {
       std::lock_guard lock(error_mutex);
       failure_text =
@@ -487,19 +549,27 @@ struct KeySupply::Impl {
       wanted.push_back(Wanted{a, now, now});
     }
     // Batches of keys that are due, oldest first. Keys still inside their relay grace are
-    // asked for as a batch (one request); keys past it are located one by one (halving)
-    // and the missing ones declared lost. Keys waiting for a retry never hold up later ones.
+    // asked for as a batch (if the KME refuses it as a whole, a few requests find the keys
+    // it holds, so that one missing key does not hold up the rest); keys past it are located
+    // one by one (halving) and the missing ones declared lost. Keys waiting for a retry
+    // never hold up later ones.
     while (!stopping_flag && r.free_slots() > 0) {
       const auto round = Clock::now();
       std::vector<std::size_t> batch;
       bool old = false;
       const std::size_t limit = std::min(r.free_slots(), std::size_t(max_keys_per_request));
-      for (std::size_t i = 0; i < wanted.size() && batch.size() < limit; ++i) {
-        const Wanted& w = wanted[i];
-        if (w.next_try > round) continue;
-        const bool past_grace = round - w.first_asked >= config.relay_grace;
-        if (batch.empty()) old = past_grace;
-        if (past_grace == old) batch.push_back(i);
+      // Keys inside their grace first: they are the ones media needs now, while keys
+      // past it are most likely lost and their packets gone.
+      for (const bool past : {false, true}) {
+        for (std::size_t i = 0; i < wanted.size() && batch.size() < limit; ++i) {
+          const Wanted& w = wanted[i];
+          if (w.next_try <= round && (round - w.first_asked >= config.relay_grace) == past)
+            batch.push_back(i);
+        }
+        if (!batch.empty()) {
+          old = past;
+          break;
+        }
       }
       if (batch.empty()) break;
       std::vector<KeyAnnouncement> asked;
@@ -518,24 +588,27 @@ struct KeySupply::Impl {
       std::vector<bool> done(batch.size(), false);
       for (std::size_t k = 0; k < batch.size(); ++k) {
         Wanted& w = wanted[batch[k]];
-        if (fetched[k]) {
+        if (fetched[k].key) {
           done[k] = true;
-          if (!r.push(w.announcement.offset, w.announcement.key_id, fetched[k]->bytes.span())) {
+          if (!r.push(w.announcement.offset, w.announcement.key_id, fetched[k].key->bytes.span())) {
             ++keys_lost;
             record_error("key_ID " + w.announcement.key_id.to_string() + " has " +
-                         std::to_string(fetched[k]->bytes.size()) +
+                         std::to_string(fetched[k].key->bytes.size()) +
                          " bytes, more than a key ring slot (" + std::to_string(r.slot_bytes()) +
                          "); wiped unused");
             continue;
           }
           ++keys_fetched;
-          bytes_fetched += fetched[k]->bytes.size();
+          bytes_fetched += fetched[k].key->bytes.size();
           healthy = true;
-        } else if (old) {
+        } else if (old && fetched[k].missing) {
           done[k] = true;
           ++lost;
+          lost_keys.push(w.announcement);  // full: the decoder's own expiry catches it
           if (!first_lost) first_lost = w.announcement;
           lost_last_offset = w.announcement.offset + w.announcement.length;
+        } else if (old) {
+          // Not reached within this round's requests: the next round goes on locating.
         } else {
           // Not at the KME yet: the KMEs may still be relaying it. Ask again soon.
           ++w.tries;
@@ -560,6 +633,7 @@ struct KeySupply::Impl {
         if (done[k]) wanted.erase(wanted.begin() + static_cast<std::ptrdiff_t>(batch[k]));
       }
       kme_answered();
+      if (old) break;  // one locating round at a time: fresh requests are served first
     }
     waiting_count = wanted.size();
   }
@@ -627,9 +701,15 @@ struct KeySupply::Impl {
   int probes = 0;            // master: stored-count probes made (see note_stored_counts)
   int replace_evidence = 0;  // master: consecutive probes that looked like a replacement
   bool replaces_batches = false;
-  bool outage = false;  // master: the KME was unreachable since keys were last issued
+  bool outage = false;                // master: the KME was unreachable since keys were last issued
+  Clock::time_point last_kme_call{};  // master: last successful KME exchange
+  bool pending_resync = false;        // master: the next key starts a resync run
+  Clock::time_point last_resync = Clock::now();
+  bool flushed_pending = false;  // master: a flush the media thread may not have done
+  std::uint64_t pushed_at_flush = 0;
   bool ever_answered = false;
   int refusals = 0;
+  Clock::time_point first_refusal{};
   Clock::time_point started_at = Clock::now();
 
   KeySupplyConfig config;
@@ -651,6 +731,7 @@ struct KeySupply::Impl {
   std::atomic<KeyRing*> ring{nullptr};
   boost::lockfree::spsc_queue<KeyAnnouncement> announcements{kQueueCapacity};
   boost::lockfree::spsc_queue<KeyAnnouncement> requests{kQueueCapacity};
+  boost::lockfree::spsc_queue<KeyAnnouncement> lost_keys{kQueueCapacity};
   std::atomic<std::uint64_t> bytes_fetched{0}, keys_fetched{0}, keys_lost{0}, keys_refused{0},
       kme_errors{0};
   std::atomic<std::uint64_t> published_next_offset{0}, published_reserved{0};
@@ -750,10 +831,14 @@ std::optional<KeyAnnouncement> KeySupply::next_announcement() {
       i.announcements.pop();
       continue;
     }
+    KeyRing* r = i.ring.load(std::memory_order_acquire);
+    const std::uint64_t position = r && r->peek_offset() ? *r->peek_offset() : front.offset;
+    if (front.resync && position < front.offset) {
+      i.release_budget = 0;  // a resync run is announced once the stream reaches it
+      return std::nullopt;
+    }
     if (i.release_budget == 0 && i.config.announce_lead_seconds > 0) {
       // Announce a bounded lead ahead of use, a whole announcement's worth at a time.
-      KeyRing* r = i.ring.load(std::memory_order_acquire);
-      const std::uint64_t position = r && r->peek_offset() ? *r->peek_offset() : front.offset;
       const double lead =
           std::max(double(i.config.announce_min_bytes),
                    i.consumption.load(std::memory_order_relaxed) * i.config.announce_lead_seconds);
@@ -769,6 +854,12 @@ std::optional<KeyAnnouncement> KeySupply::next_announcement() {
 
 bool KeySupply::request(const KeyAnnouncement& announcement) {
   return impl_->requests.push(announcement);
+}
+
+std::optional<KeyAnnouncement> KeySupply::next_lost() {
+  KeyAnnouncement a;
+  if (!impl_->lost_keys.pop(a)) return std::nullopt;
+  return a;
 }
 
 bool KeySupply::failed() const {

@@ -113,16 +113,34 @@ class WipedBuffer {
   std::size_t used_ = 0;
 };
 
+// The character an HTML entity at the start of `text` stands for, and the entity's length.
+std::optional<std::pair<char, std::size_t>> html_entity(std::string_view text) {
+  static constexpr std::pair<std::string_view, char> kEntities[] = {
+      {"&amp;", '&'},  {"&lt;", '<'},    {"&gt;", '>'},  {"&quot;", '"'},
+      {"&#39;", '\''}, {"&apos;", '\''}, {"&nbsp;", ' '}};
+  for (const auto& [name, c] : kEntities) {
+    if (text.starts_with(name)) return std::pair{c, name.size()};
+  }
+  return std::nullopt;
+}
+
 // One line, printable, at most `limit` characters: safe to put in an error message.
 std::string brief(std::string_view text, std::size_t limit = 160) {
   std::string out;
   bool in_tag = false;
+  bool html = false;
   bool last_space = true;
-  for (char c : text) {
-    if (c == '<') in_tag = true;  // HTML error pages: keep the words, drop the tags
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    char c = text[i];
+    if (c == '<') in_tag = html = true;  // HTML error pages: keep the words, drop the tags
     if (in_tag) {
       if (c == '>') in_tag = false;
       c = ' ';
+    } else if (html && c == '&') {  // ... as the page shows them
+      if (const auto entity = html_entity(text.substr(i))) {
+        c = entity->first;
+        i += entity->second - 1;
+      }
     }
     const bool space =
         std::isspace(static_cast<unsigned char>(c)) || !std::isprint(static_cast<unsigned char>(c));

@@ -52,6 +52,11 @@ enum Counter {
   C_AES_PACKETS,
   C_KEY_WAITS,
   C_PACKETS_HELD,
+  C_ANNOUNCEMENTS_UNVERIFIABLE,
+  C_ANNOUNCEMENTS_REFUSED,
+  C_ANNOUNCEMENTS_EXPIRED,
+  C_KEYS_AWAITED,
+  C_KEYS_LOST,
   C_COUNT
 };
 constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
@@ -69,7 +74,12 @@ constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
                                                 "announcements-pending",
                                                 "aes-packets",
                                                 "key-waits",
-                                                "packets-held"};
+                                                "packets-held",
+                                                "announcements-unverifiable",
+                                                "announcements-refused",
+                                                "announcements-expired",
+                                                "keys-awaited",
+                                                "keys-lost"};
 
 constexpr std::uint8_t kPreamble[] = {'O', 'T', 'P', 'S', 'T', 'R', 'M', 1};
 
@@ -149,6 +159,11 @@ void publish(GstOtpDecrypt* self) {
   c.set(C_ANNOUNCEMENT_REPEATS, s.announcement_repeats);
   c.set(C_ANNOUNCEMENTS_PENDING, s.announcements_pending);
   c.set(C_PACKETS_HELD, p.session->held.size());
+  c.set(C_ANNOUNCEMENTS_UNVERIFIABLE, s.announcements_unverifiable);
+  c.set(C_ANNOUNCEMENTS_REFUSED, s.announcements_refused);
+  c.set(C_ANNOUNCEMENTS_EXPIRED, s.announcements_expired);
+  c.set(C_KEYS_AWAITED, s.keys_awaited);
+  c.set(C_KEYS_LOST, s.keys_lost);
 }
 
 // Output caps: what downstream asks for (e.g. a capsfilter with clock-rate), else plain.
@@ -313,16 +328,17 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstPtr<GstBuffer> in) {
   // be on its way: it is held, not dropped, but only when a verified announcement (or a
   // stream's first, whose keys are being fetched) covers its pad, and only for key-wait.
   // A packet naming pad nobody announced is dropped at once: forgeries cost no waiting.
-  // Held packets leave in order; the streaming thread never blocks for them.
-  std::uint8_t kind[4] = {};
-  gst_buffer_extract(in.get(), 0, kind, sizeof kind);
-  const bool announcement = otp::classify(kind) == otp::DatagramType::announcement;
-  if (!s.held.empty() && !announcement) {
+  // Held packets leave in arrival order (RTP receivers expect the sender's order); only
+  // pad a verified announcement named can hold the queue, for at most key-wait. The
+  // streaming thread never blocks for them.
+  std::uint8_t head[4] = {};
+  gst_buffer_extract(in.get(), 0, head, sizeof head);
+  if (!s.held.empty() && otp::classify(head) != otp::DatagramType::announcement) {
+    // Behind packets still waiting: in order (announcements go first, they bring keys).
     if (s.held.size() >= kMaxHeldPackets) {  // bounded: the oldest gives way
       s.held.pop_front();
       bump(p, C_DROPS_NO_KEY);
     }
-    bump(p, C_KEY_WAITS);
     s.held.push_back({std::move(in),
                       std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms)});
     return release_held(self);
@@ -334,6 +350,10 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstPtr<GstBuffer> in) {
     if (p.key_wait_ms == 0) {
       bump(p, C_DROPS_NO_KEY);
       return GST_FLOW_OK;
+    }
+    if (s.held.size() >= kMaxHeldPackets) {  // bounded: the oldest gives way
+      s.held.pop_front();
+      bump(p, C_DROPS_NO_KEY);
     }
     bump(p, C_KEY_WAITS);
     s.held.push_back({std::move(in),

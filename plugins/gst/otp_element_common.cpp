@@ -198,6 +198,10 @@ KeySource open_key_source(const KeySourceSettings& s, keys::SaeRole role, const 
   config.ring_seconds = 2.0;
   config.ring_min_bytes = 256u << 10;
   config.announce_lead_seconds = 1.5;
+  config.announce_min_bytes = config.ring_min_bytes;
+  // Now and then a self-verifying announcement, so that a receiver that lost one (and
+  // every repeat of it) catches up within two seconds.
+  config.resync_interval = std::chrono::milliseconds(2000);
   config.log = [category, object](keys::LogLevel level, std::string_view message) {
     const GstDebugLevel gst_level = level == keys::LogLevel::error     ? GST_LEVEL_ERROR
                                     : level == keys::LogLevel::warning ? GST_LEVEL_WARNING
@@ -214,6 +218,7 @@ KeySource open_key_source(const KeySourceSettings& s, keys::SaeRole role, const 
       config.ring_bytes = 4u << 20;     // local reads: a few MiB keeps the media thread fed
       config.ring_seconds = 0;
       config.announce_lead_seconds = 0;
+      config.resync_interval = std::chrono::milliseconds(0);  // offsets are file positions
       source.owned = std::make_unique<keys::KeySupply>(keys::PadFileConfig{s.pad_file}, config);
     } else {
       for (const auto& [name, value] :

@@ -604,3 +604,133 @@ TEST_F(GatewayTest, IceConnectsTheGatewaysAndMediaFlowsBothWays) {
   }
   EXPECT_GE(sim_->stats().keys_to_slaves, 2u) << "the ICE descriptions were sealed with QKD keys";
 }
+
+namespace {
+
+// Forwards datagrams from `listen` to `to`; every announcement is preceded by an altered
+// copy (another key_length, base or mask offset, in turn), as an attacker on the path
+// would race it. Counts what it forged.
+class ForgingProxy {
+ public:
+  ForgingProxy(std::uint16_t listen, std::uint16_t to)
+      : in_(listen), to_(to), thread_([this] { run(); }) {}
+  ~ForgingProxy() {
+    stop_ = true;
+    thread_.join();
+  }
+  int forged() const { return forged_; }
+
+ private:
+  void run() {
+    while (!stop_) {
+      auto d = in_.receive(50);
+      if (!d) continue;
+      if (d->size() > 30 && std::equal(d->begin(), d->begin() + 4, "OTPA")) {
+        Bytes copy = *d;
+        switch (forged_++ % 3) {
+          case 0:
+            copy[27] ^= 0x04;  // key_length
+            break;
+          case 1:
+            copy[20] ^= 0x10;  // base
+            break;
+          default:
+            copy[13] ^= 0x40;  // mask offset
+        }
+        out_.send_to(to_, copy);
+      }
+      out_.send_to(to_, *d);
+    }
+  }
+  UdpSocket in_, out_;
+  std::uint16_t to_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> forged_{0};
+  std::thread thread_;
+};
+
+}  // namespace
+
+TEST_F(GatewayTest, ForgedAnnouncementsRacingGenuineOnesAndABlindFloodChangeNothing) {
+  // A's media goes to B through a proxy that races an altered copy ahead of every
+  // announcement; meanwhile ~1000 blind forgeries a second (announcements with random
+  // key_IDs and fields, packets at random pad offsets) arrive at B's ports.
+  const std::uint16_t proxy = static_cast<std::uint16_t>(base_port() + 1000 % 20);
+  start([&](std::string& a, std::string&) {
+    for (int s = 0; s < 2; ++s) {
+      const std::string from = "peer_port = " + std::to_string(base_ + 15 + s);
+      a.replace(a.find(from), from.size(), "peer_port = " + std::to_string(proxy + s));
+    }
+  });
+  std::vector<std::unique_ptr<ForgingProxy>> proxies;
+  for (int s = 0; s < 2; ++s) {
+    proxies.push_back(std::make_unique<ForgingProxy>(static_cast<std::uint16_t>(proxy + s),
+                                                     static_cast<std::uint16_t>(base_ + 15 + s)));
+  }
+  std::atomic<bool> flooding{true};
+  std::thread flood([&] {
+    UdpSocket attacker;
+    std::mt19937_64 rng(42);
+    while (flooding) {
+      for (int s = 0; s < 2; ++s) {
+        Bytes announcement{'O', 'T', 'P', 'A', 0, 0, 0, 0x76};  // one key_ID
+        for (int i = 0; i < 22 + 16 + 16; ++i)
+          announcement.push_back(static_cast<std::uint8_t>(rng()));
+        announcement[28] = 0;
+        announcement[29] = 1;  // count
+        attacker.send_to(static_cast<std::uint16_t>(base_ + 15 + s), announcement);
+        Bytes packet = rtp(1, 0xa0 + s, 96, 200);
+        for (int i = 0; i < 24; ++i) packet.push_back(static_cast<std::uint8_t>(rng()));
+        attacker.send_to(static_cast<std::uint16_t>(base_ + 15 + s), packet);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(4));
+    }
+  });
+  std::map<int, std::vector<Bytes>> sent;
+  auto received = exchange(true, 300, sent);
+  flooding = false;
+  flood.join();
+  for (int s = 0; s < 2; ++s) {
+    EXPECT_EQ(received[s].size(), sent[s].size()) << "stream " << s;
+    EXPECT_TRUE(received[s] == sent[s]) << "stream " << s << ": not every genuine packet, once";
+  }
+  EXPECT_GT(proxies[0]->forged() + proxies[1]->forged(), 0);
+  const auto b = get_json(b_->status_port(), "/api/v1/status");
+  for (int s = 0; s < 2; ++s) {
+    const auto& k = b["streams"][s]["key_supply"]["receive"];
+    EXPECT_EQ(k["keys_lost"].get<int>(), 0) << "a forgery made B fetch and lose a genuine key";
+    EXPECT_GT(b["streams"][s]["receive"]["drops-no-key"].get<int>() +
+                  b["streams"][s]["receive"]["auth-failures"].get<int>(),
+              0)
+        << "the forgeries were counted";
+  }
+}
+
+TEST_F(GatewayTest, AKmeRestartedEmptyMidCallLosesOnlyWhatItsOutageCost) {
+  start();
+  std::map<int, std::vector<Bytes>> sent;
+  auto received = exchange(true, 100, sent);
+  ASSERT_EQ(received[1].size(), 100u);
+  // The KME dies (every key it held for the slave is gone) and comes back empty-ish on
+  // the same port two seconds later; the call goes on meanwhile.
+  const int port = sim_->port();
+  sim_.reset();
+  sent.clear();
+  exchange(true, 100, sent);  // during the outage: whatever arrives, arrives
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  auto kme = otpgate::testing::simulator_config();
+  kme.port = port;
+  sim_ = std::make_unique<otpgate::kmesim::KmeSimulator>(kme);
+  sim_->start();
+  // Delivery resumes: within a few rounds every packet of a round arrives again.
+  bool resumed = false;
+  for (int round = 0; round < 6 && !resumed; ++round) {
+    sent.clear();
+    received = exchange(true, 50, sent);
+    resumed = received[0] == sent[0] && received[1] == sent[1];
+  }
+  EXPECT_TRUE(resumed) << "media never came back after the KME restart";
+  const auto a = get_json(a_->status_port(), "/api/v1/status");
+  EXPECT_GE(a["streams"][1]["key_supply"]["send"]["kme_outages"].get<int>(), 1)
+      << "the sender did not notice the outage and flush the key it issued before";
+}

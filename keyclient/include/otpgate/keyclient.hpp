@@ -257,6 +257,9 @@ struct KeyAnnouncement {
   std::uint64_t offset = 0;  // first pad byte this key covers
   KeyId key_id;
   std::uint32_t length = 0;  // bytes
+  // Master: this key starts a run on a fresh epoch whose announcement is verifiable from
+  // its own keys alone; it is released only once the stream has reached it.
+  bool resync = false;
 };
 
 // What the one-time-pad codec needs from a key source; KeySupply implements it, and
@@ -273,6 +276,9 @@ class PadSource {
   virtual bool request(const KeyAnnouncement& announcement) = 0;
   virtual std::optional<PadSegment> pop_segment() = 0;
   virtual void release(const PadSegment& segment) = 0;
+  // Receiving side (one media thread): keys asked for that will never come (declared
+  // lost by the source), so that nothing waits for them.
+  virtual std::optional<KeyAnnouncement> next_lost() { return std::nullopt; }
   // Either side: true once the source has given up (lock-free); failure() says why.
   virtual bool failed() const { return false; }
   virtual std::string failure() const { return {}; }
@@ -315,6 +321,11 @@ struct KeySupplyConfig {
   // slave's KME (a restart loses unfetched keys): the ring is flushed and the stream
   // resumes at a multiple of this (the codec's epoch), so the receiver can verify anew.
   std::uint64_t restart_alignment = 1u << 18;
+  // Master: every so often the stream moves on to a fresh epoch whose announcement the
+  // receiver can verify from its own keys, so that a receiver that lost an announcement
+  // (and every repeat of it) catches up within this time; 0 never (a pad file, whose
+  // offsets are file positions, must not skip any).
+  std::chrono::milliseconds resync_interval{0};
   // Either role: a KME that refuses us (401/403, TLS) is given up on at once; one that
   // never answered is given up on after this long. A supply that once worked never gives
   // up (it reports the outage and recovers when the KME does).
@@ -376,6 +387,7 @@ class KeySupply final : public PadSource {
   // Slave, media thread: fetched keys in arrival order; release() wipes one.
   std::optional<PadSegment> pop_segment() override;
   void release(const PadSegment& segment) override;
+  std::optional<KeyAnnouncement> next_lost() override;
   bool failed() const override;
   std::string failure() const override;
 

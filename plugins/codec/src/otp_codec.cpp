@@ -11,8 +11,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <vector>
 
@@ -319,11 +321,18 @@ struct Encoder::Impl {
 
   std::size_t build_announcement(std::span<std::uint8_t> out) {
     if (out.size() < kMaxAnnouncementBytes) return 0;
+    // Keys the source wiped before they were announced (a sender's key source flushes
+    // its ring after a KME outage): nothing to announce, and nothing must wait for them.
+    if (const auto position = pad.peek_offset()) {
+      auto gone = [&](const KeyAnnouncement& a) { return a.offset + a.length <= *position; };
+      if (!batch.empty() && gone(batch.back())) batch.clear();
+      if (held && gone(*held)) held.reset();
+    }
     while (batch.size() < kMaxAnnouncedKeys) {
       std::optional<KeyAnnouncement> a = held ? held : pad.next_announcement();
       held.reset();
       if (!a) break;
-      if (!batch.empty() && (a->length != batch.front().length ||
+      if (!batch.empty() && (a->resync || a->length != batch.front().length ||
                              a->offset != batch.front().offset + batch.size() * a->length)) {
         held = a;  // starts the next batch
         break;
@@ -779,6 +788,14 @@ struct Decoder::Impl {
     return Source::nowhere;
   }
 
+  // True when the source declared one of a bootstrap candidate's keys lost.
+  bool names_lost_key(const Announcement& a) const {
+    for (std::size_t i = 0; i < a.count; ++i) {
+      if (lost_ids.contains(a.id(i))) return true;
+    }
+    return false;
+  }
+
   // True when `o` lies in the keys of a bootstrap candidate (being fetched).
   bool in_bootstrap_keys(std::uint64_t o) const {
     for (std::size_t i = 0; i < pending_count; ++i) {
@@ -1056,7 +1073,8 @@ struct Decoder::Impl {
           if (c == Check::bad) ++stats.auth_failures;
         }
         if (c == Check::missing) {
-          if (pending[i].expires > now && verifiable_from(*a) != Source::nowhere) {
+          if (pending[i].expires > now && verifiable_from(*a) != Source::nowhere &&
+              !(pending[i].bootstrap && names_lost_key(*a))) {
             ++i;
             continue;
           }
@@ -1114,6 +1132,8 @@ struct Decoder::Impl {
   // offset, and the pad ranges they cover (offset -> end).
   std::map<std::pair<keys::KeyId, std::uint32_t>, std::uint64_t> awaited;
   std::map<std::uint64_t, std::uint64_t> awaited_ranges;
+  std::set<keys::KeyId> lost_ids;  // recently declared lost by the source
+  std::deque<keys::KeyId> lost_order;
   std::chrono::steady_clock::time_point next_expiry_check;
   std::vector<Pending> pending;
   std::size_t pending_count = 0;
@@ -1254,7 +1274,23 @@ Decoder::~Decoder() = default;
 
 void Decoder::poll() {
   Impl& d = *impl_;
-  const bool got = d.pull_segments();
+  bool got = d.pull_segments();
+  // Keys the source declared lost: nothing waits for them any more.
+  while (auto lost = d.pad.next_lost()) {
+    if (auto it = d.awaited.find({lost->key_id, lost->length}); it != d.awaited.end()) {
+      d.awaited_ranges.erase(it->second);
+      d.awaited.erase(it);
+      d.stats.keys_awaited = d.awaited.size();
+    }
+    ++d.stats.keys_lost;
+    d.lost_ids.insert(lost->key_id);
+    d.lost_order.push_back(lost->key_id);
+    if (d.lost_order.size() > 4096) {  // recent ones suffice: candidates expire anyway
+      d.lost_ids.erase(d.lost_order.front());
+      d.lost_order.pop_front();
+    }
+    got = true;  // candidates that needed them are dropped below
+  }
   if (got || (d.pending_count > 0 && std::chrono::steady_clock::now() >= d.next_expiry_check)) {
     d.next_expiry_check = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
     d.retry_pending();

@@ -96,6 +96,7 @@ struct DecoderStats {
   std::uint64_t announcements_refused = 0;       // the candidate table was full: dropped
   std::uint64_t announcements_expired = 0;       // never verified in time: dropped
   std::uint64_t keys_awaited = 0;  // keys of verified announcements still being fetched
+  std::uint64_t keys_lost = 0;     // keys the source declared lost (nothing waits for them)
   std::uint64_t key_pending = 0;   // units whose key a verified announcement has on its way
   std::uint64_t keys_placed = 0;
   std::uint64_t aes_units = 0;  // of `units`, those in AES mode
