@@ -176,6 +176,7 @@ class TransferTest : public ::testing::Test {
                               std::optional<Child>& sender) {
     write_random(data(specimen + "/reads.bam"), 40u << 20, seed);
     sim_->set_key_rate(80e6);
+    sim_->drain();  // a full store would not be throttled at all
     sender.emplace(cli("a", {"send", specimen, data(specimen).string()}), dir_.path / "send.log");
     transfer::JobStore store(transfer::database_path(config("a")));
     EXPECT_TRUE(eventually([&] {
@@ -389,6 +390,7 @@ TEST_F(TransferTest, SenderKilledMidFileResumesWithFreshPad) {
   write_random(data("S3/big.bam"), 120u << 20, 5);
   // Throttled key: the first run is still sending when it is killed.
   sim_->set_key_rate(200e6);
+  sim_->drain();  // a full store would not be throttled at all
   transfer::Service b(config("b"));
   b.start();
   const fs::path log = dir_.path / "send.log";
@@ -424,6 +426,7 @@ TEST_F(TransferTest, SenderKilledMidFileResumesWithFreshPad) {
 TEST_F(TransferTest, ReceiverKilledMidFileResumesFromItsLastCommit) {
   write_random(data("S4/big.bam"), 120u << 20, 6);
   sim_->set_key_rate(200e6);
+  sim_->drain();  // a full store would not be throttled at all
   const fs::path b_config = config_file("b");
   auto serve = std::make_unique<Child>(
       std::vector<std::string>{OTPGATE_TRANSFER_BIN, "-c", b_config.string(), "serve"},
@@ -518,6 +521,7 @@ TEST_F(TransferTest, AbortAndDeleteThroughTheJobApi) {
   transfer::Service b(config("b"));
   b.start();
   sim_->set_key_rate(80e6);  // 10 MB/s: the job is still running when aborted
+  sim_->drain();  // a full store would not be throttled at all
   transfer::Service a(config("a"));
   a.start();
   httplib::Client api("127.0.0.1", a.api_port());
