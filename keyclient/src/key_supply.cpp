@@ -30,6 +30,7 @@ constexpr std::size_t kAnnouncementBatch = 64;  // keys one announcement carries
 constexpr auto kHealthInterval = std::chrono::milliseconds(500);  // master: status poll
 constexpr auto kTlsRefusalPersists = std::chrono::seconds(3);     // see judge()
 constexpr std::size_t kLocateRequests = 24;  // slave: per round, for keys past their grace
+constexpr auto kBatchPatience = std::chrono::seconds(6);  // master: see replaces_batches
 constexpr std::uint32_t kDefaultMaxKeysPerRequest = 128;
 using Clock = std::chrono::steady_clock;
 
@@ -318,20 +319,22 @@ struct KeySupply::Impl {
   // across calls). Such a KME gets one batch in flight: the next call waits until the
   // slave has fetched everything (stored_key_count 0).
   void note_stored_counts(std::uint64_t before, std::uint64_t after, std::size_t delivered) {
-    if (before > 0 && after == delivered) {
-      if (++replace_evidence >= 2 && !replaces_batches) {
-        replaces_batches = true;
-        replaces_batches_flag = true;
-        log(LogLevel::warning, "key supply (peer " + config.peer_sae_id +
-                                   "): the KME drops unfetched keys when asked again (stored "
-                                   "count " +
-                                   std::to_string(before) + " before, " + std::to_string(after) +
-                                   " after " + std::to_string(delivered) +
-                                   " keys); keeping one batch in flight");
-      }
-    } else {
-      replace_evidence = 0;
-    }
+    // ETSI 014's stored_key_count is what the KME can still deliver: it falls by what it
+    // just issued (and rises as its link makes key). One that grows by exactly it counts the keys pending for this pair instead; a
+    // KME that does so may drop them when asked again (some vendors' do), which would
+    // cost the slave a batch to find out: one batch in flight from the first sign. One
+    // that falls back to exactly the keys just issued has replaced the earlier batch.
+    // Exactly: a pool that refills between the two calls can grow too.
+    const bool counts_pending = after == before + delivered;
+    const bool replaced = before > 0 && after == delivered;
+    if (!(counts_pending || replaced) || replaces_batches) return;
+    replaces_batches = true;
+    replaces_batches_flag = true;
+    log(LogLevel::warning,
+        "key supply (peer " + config.peer_sae_id + "): the KME's stored_key_count went from " +
+            std::to_string(before) + " to " + std::to_string(after) + " as it issued " +
+            std::to_string(delivered) + " keys: it counts keys pending for this pair (and may " +
+            "drop them when asked again); keeping one batch in flight");
   }
 
   void refill_master() {
@@ -365,7 +368,13 @@ struct KeySupply::Impl {
       std::optional<std::uint64_t> before;
       const bool probe = replaces_batches || probes < 8;
       if (probe) before = backend->stored_count();
-      if (replaces_batches && before && *before != 0) return;  // the slave has not caught up
+      // One batch in flight: the next call waits until the slave has fetched ours (the
+      // count is back to what it was without them; keys left pending by an earlier run
+      // nobody will fetch are not waited for), or for kBatchPatience at most.
+      if (replaces_batches && before && *before > pending_floor &&
+          Clock::now() - batch_issued < kBatchPatience) {
+        return;
+      }
       const auto started = Clock::now();
       std::vector<Key> keys;
       try {
@@ -380,10 +389,12 @@ struct KeySupply::Impl {
       }
       kme_answered();
       last_kme_call = Clock::now();
-      if (probe && !replaces_batches && before) {
-        ++probes;
+      if (probe && before) {
+        if (!replaces_batches) ++probes;
         if (const auto after = backend->stored_count()) {
-          note_stored_counts(*before, *after, keys.size());
+          if (!replaces_batches) note_stored_counts(*before, *after, keys.size());
+          pending_floor = *after >= keys.size() ? *after - keys.size() : 0;
+          batch_issued = Clock::now();
         }
       }
       if (keys_per_request_cap < max_keys_per_request)
@@ -698,9 +709,10 @@ struct KeySupply::Impl {
   }
 
   std::size_t keys_per_request_cap = SIZE_MAX;  // master: shrinks while the KME is short
-  int probes = 0;            // master: stored-count probes made (see note_stored_counts)
-  int replace_evidence = 0;  // master: consecutive probes that looked like a replacement
+  int probes = 0;  // master: stored-count probes made (see note_stored_counts)
   bool replaces_batches = false;
+  std::uint64_t pending_floor = 0;  // master: pending count once our last batch is fetched
+  Clock::time_point batch_issued{};
   bool outage = false;                // master: the KME was unreachable since keys were last issued
   Clock::time_point last_kme_call{};  // master: last successful KME exchange
   bool pending_resync = false;        // master: the next key starts a resync run

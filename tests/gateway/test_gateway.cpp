@@ -154,8 +154,9 @@ class GatewayTest : public ::testing::Test {
 
   // Sends `count` packets per stream from one site's conference system; returns what
   // the other site's conference system received, per stream.
-  std::map<int, std::vector<Bytes>> exchange(bool from_a, int count,
-                                             std::map<int, std::vector<Bytes>>& sent) {
+  std::map<int, std::vector<Bytes>> exchange(
+      bool from_a, int count, std::map<int, std::vector<Bytes>>& sent,
+      std::chrono::microseconds gap = std::chrono::microseconds(500)) {
     const int local = from_a ? 0 : 5, deliver = from_a ? 105 : 100;
     UdpSocket conference;
     std::vector<std::unique_ptr<UdpSocket>> sinks;
@@ -168,7 +169,7 @@ class GatewayTest : public ::testing::Test {
         sent[s].push_back(p);
         conference.send_to(static_cast<std::uint16_t>(base_ + local + 2 * s), p);
       }
-      std::this_thread::sleep_for(std::chrono::microseconds(500));
+      std::this_thread::sleep_for(gap);
     }
     std::map<int, std::vector<Bytes>> received;
     for (int s = 0; s < 2; ++s) {

@@ -521,3 +521,54 @@ TEST_F(ElementTest, AKeySupplySharedInsideTheProcessFeedsTheElement) {
   gst_harness_teardown(enc);  // before the supply it uses goes away
   harnesses_.erase(std::find(harnesses_.begin(), harnesses_.end(), enc));
 }
+
+TEST_F(ElementTest, AnRtpStreamGoesThroughAKmeWithEveryQuirkOfAnotherVendor) {
+  // A third-party KME pair's ways: a second enc_keys before the slave fetched the first
+  // batch replaces it, keys capped at 1024 bits and 128 per request (less is delivered,
+  // not refused), HTML error pages, stored_key_count counting the pair's pending keys.
+  auto config = otpgate::testing::simulator_config();
+  config.max_key_size = 1024;
+  config.max_keys_per_request = 128;
+  config.faults.replace_unfetched_batch = true;
+  config.faults.cap_instead_of_refuse = true;
+  config.faults.error_style = otpgate::kmesim::ErrorStyle::html;
+  config.faults.stored_count_of_pair = true;
+  otpgate::kmesim::KmeSimulator sim(config);
+  sim.start();
+  const std::string pki = otpgate::testing::pki_dir().string();
+  auto kme = [&](const std::string& me, const std::string& peer) {
+    return "kme-url=" + sim.url() + " sae-id=" + me + " peer-sae-id=" + peer + " tls-cert=" + pki +
+           "/" + me + ".crt tls-key=" + pki + "/" + me + ".key tls-ca=" + pki + "/ca.crt";
+  };
+  GstElement* e = gst_parse_launch(("otpencrypt " + kme("sae-a", "sae-b") + " journal=" +
+                                    (dir_ / "q.journal").string() + " on-key-exhausted=block")
+                                       .c_str(),
+                                   nullptr);
+  GstHarness* enc = gst_harness_new_with_element(e, "sink", "src");
+  gst_object_unref(e);
+  harnesses_.push_back(enc);
+  gst_harness_set_src_caps_str(enc, "application/x-rtp");
+  GstElement* d = gst_parse_launch(("otpdecrypt " + kme("sae-b", "sae-a")).c_str(), nullptr);
+  GstHarness* dec = gst_harness_new_with_element(d, "sink", "src");
+  gst_object_unref(d);
+  harnesses_.push_back(dec);
+  gst_harness_set_src_caps_str(dec, "application/x-otp");
+  // As a call runs: each packet reaches the receiver before the next is sent.
+  const auto sent = packets(150);
+  std::vector<Bytes> got;
+  for (const auto& p : sent) {
+    ASSERT_EQ(gst_harness_push(enc, buffer_of(p)), GST_FLOW_OK);
+    for (const auto& w : pull_all(enc)) {
+      gst_harness_push(dec, buffer_of(w));
+      for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+    }
+  }
+  ASSERT_TRUE(otpgate::testing::eventually([&] {
+    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+    return stat(dec->element, "packets-held") == 0;
+  }));
+  for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+  EXPECT_EQ(got, sent);
+  EXPECT_EQ(sim.stats().keys_replaced, 0u) << "the sender let the KME replace unfetched keys";
+  EXPECT_EQ(stat(dec->element, "drops-no-key"), 0u);
+}

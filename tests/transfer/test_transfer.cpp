@@ -521,7 +521,7 @@ TEST_F(TransferTest, AbortAndDeleteThroughTheJobApi) {
   transfer::Service b(config("b"));
   b.start();
   sim_->set_key_rate(80e6);  // 10 MB/s: the job is still running when aborted
-  sim_->drain();  // a full store would not be throttled at all
+  sim_->drain();             // a full store would not be throttled at all
   transfer::Service a(config("a"));
   a.start();
   httplib::Client api("127.0.0.1", a.api_port());
