@@ -320,11 +320,11 @@ struct KeySupply::Impl {
   // slave has fetched everything (stored_key_count 0).
   void note_stored_counts(std::uint64_t before, std::uint64_t after, std::size_t delivered) {
     // ETSI 014's stored_key_count is what the KME can still deliver: it falls by what it
-    // just issued (and rises as its link makes key). One that grows by exactly it counts the keys pending for this pair instead; a
-    // KME that does so may drop them when asked again (some vendors' do), which would
-    // cost the slave a batch to find out: one batch in flight from the first sign. One
-    // that falls back to exactly the keys just issued has replaced the earlier batch.
-    // Exactly: a pool that refills between the two calls can grow too.
+    // just issued (and rises as its link makes key). One that grows by exactly it counts the keys
+    // pending for this pair instead; a KME that does so may drop them when asked again (some
+    // vendors' do), which would cost the slave a batch to find out: one batch in flight from the
+    // first sign. One that falls back to exactly the keys just issued has replaced the earlier
+    // batch. Exactly: a pool that refills between the two calls can grow too.
     const bool counts_pending = after == before + delivered;
     const bool replaced = before > 0 && after == delivered;
     if (!(counts_pending || replaced) || replaces_batches) return;
@@ -416,8 +416,7 @@ struct KeySupply::Impl {
       bool resync = pending_resync;
       if (config.resync_interval.count() > 0 && keys_fetched > 0 &&
           Clock::now() - last_resync >= config.resync_interval) {
-        const std::uint64_t align = std::max<std::uint64_t>(1, config.restart_alignment);
-        next_offset = (next_offset + align - 1) / align * align;
+        align_next_offset();
         resync = true;
       }
       if (resync) last_resync = Clock::now();
@@ -441,6 +440,13 @@ struct KeySupply::Impl {
     }
   }
 
+  // Moves the stream on to the next epoch boundary (offsets only, no key is skipped), where
+  // an announcement can be verified from its own keys.
+  void align_next_offset() {
+    const std::uint64_t align = std::max<std::uint64_t>(1, config.restart_alignment);
+    next_offset = (next_offset + align - 1) / align * align;
+  }
+
   // The KME answers again after an outage. Keys it issued before may be gone at the
   // slave's KME (a restart loses what was not fetched), and the receiver could then never
   // verify announcements drawn from them: wipe them, and resume at an epoch boundary so the
@@ -450,8 +456,7 @@ struct KeySupply::Impl {
     pending_resync = true;
     flushed_pending = true;
     pushed_at_flush = ring_owner->bytes_pushed();
-    const std::uint64_t align = std::max<std::uint64_t>(1, config.restart_alignment);
-    next_offset = (next_offset + align - 1) / align * align;
+    align_next_offset();
     published_next_offset = next_offset;
     flush_floor.store(next_offset, std::memory_order_release);
     ++kme_outages;

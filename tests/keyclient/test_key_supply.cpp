@@ -23,23 +23,9 @@ class KeySupplyTest : public ::testing::Test {
   }
 
   keys::KeySupplyConfig master_config(std::size_t ring_bytes = 256u << 10) {
-    keys::KeySupplyConfig c;
-    c.role = keys::SaeRole::master;
-    c.peer_sae_id = "sae-b";
-    c.journal = dir_ / "a-to-b.journal";
-    c.ring_bytes = ring_bytes;
-    c.reserve_chunk = 64u << 10;
-    c.log = keys::stderr_log_sink(keys::LogLevel::error);
-    return c;
+    return otpgate::testing::master_supply_config(dir_, ring_bytes);
   }
-  keys::KeySupplyConfig slave_config() {
-    keys::KeySupplyConfig c;
-    c.role = keys::SaeRole::slave;
-    c.peer_sae_id = "sae-a";
-    c.ring_bytes = 1u << 20;
-    c.log = keys::stderr_log_sink(keys::LogLevel::error);
-    return c;
-  }
+  keys::KeySupplyConfig slave_config() { return otpgate::testing::slave_supply_config(); }
 
   otpgate::testing::TestDir test_dir_;
   const fs::path dir_ = test_dir_.path;

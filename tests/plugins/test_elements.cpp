@@ -106,6 +106,28 @@ class ElementTest : public ::testing::Test {
     gst_harness_set_src_caps_str(h, "application/x-otp");
     return h;
   }
+  // An otpencrypt (site A, blocking for key) and an otpdecrypt (site B) on `sim`.
+  std::pair<GstHarness*, GstHarness*> kme_pair(const otpgate::kmesim::KmeSimulator& sim,
+                                               const std::string& journal) {
+    const std::string pki = otpgate::testing::pki_dir().string();
+    auto kme = [&](const std::string& me, const std::string& peer) {
+      return "kme-url=" + sim.url() + " sae-id=" + me + " peer-sae-id=" + peer +
+             " tls-cert=" + pki + "/" + me + ".crt tls-key=" + pki + "/" + me +
+             ".key tls-ca=" + pki + "/ca.crt";
+    };
+    auto harness = [&](const std::string& launch, const char* caps) {
+      GstElement* e = gst_parse_launch(launch.c_str(), nullptr);
+      GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
+      gst_object_unref(e);
+      harnesses_.push_back(h);
+      gst_harness_set_src_caps_str(h, caps);
+      return h;
+    };
+    return {harness("otpencrypt " + kme("sae-a", "sae-b") +
+                        " journal=" + (dir_ / journal).string() + " on-key-exhausted=block",
+                    "application/x-rtp"),
+            harness("otpdecrypt " + kme("sae-b", "sae-a"), "application/x-otp")};
+  }
   // Protects `packets`; returns the wire (announcements and packets, in order).
   std::vector<Bytes> protect(GstHarness* enc, const std::vector<Bytes>& packets) {
     std::vector<Bytes> wire;
@@ -427,24 +449,7 @@ TEST_F(ElementTest, ATruncatedStreamIsAnErrorNotASuccess) {
 TEST_F(ElementTest, KeysFromTheKmeSimulatorOverMutualTls) {
   otpgate::kmesim::KmeSimulator sim(otpgate::testing::simulator_config());
   sim.start();
-  const std::string pki = otpgate::testing::pki_dir().string();
-  auto kme = [&](const std::string& me, const std::string& peer) {
-    return "kme-url=" + sim.url() + " sae-id=" + me + " peer-sae-id=" + peer + " tls-cert=" + pki +
-           "/" + me + ".crt tls-key=" + pki + "/" + me + ".key tls-ca=" + pki + "/ca.crt";
-  };
-  GstElement* e = gst_parse_launch(("otpencrypt " + kme("sae-a", "sae-b") + " journal=" +
-                                    (dir_ / "a.journal").string() + " on-key-exhausted=block")
-                                       .c_str(),
-                                   nullptr);
-  GstHarness* enc = gst_harness_new_with_element(e, "sink", "src");
-  gst_object_unref(e);
-  harnesses_.push_back(enc);
-  gst_harness_set_src_caps_str(enc, "application/x-rtp");
-  GstElement* d = gst_parse_launch(("otpdecrypt " + kme("sae-b", "sae-a")).c_str(), nullptr);
-  GstHarness* dec = gst_harness_new_with_element(d, "sink", "src");
-  gst_object_unref(d);
-  harnesses_.push_back(dec);
-  gst_harness_set_src_caps_str(dec, "application/x-otp");
+  auto [enc, dec] = kme_pair(sim, "a.journal");
   const auto sent = packets(200);
   const auto wire = protect(enc, sent);
   std::vector<Bytes> got;
@@ -535,24 +540,7 @@ TEST_F(ElementTest, AnRtpStreamGoesThroughAKmeWithEveryQuirkOfAnotherVendor) {
   config.faults.stored_count_of_pair = true;
   otpgate::kmesim::KmeSimulator sim(config);
   sim.start();
-  const std::string pki = otpgate::testing::pki_dir().string();
-  auto kme = [&](const std::string& me, const std::string& peer) {
-    return "kme-url=" + sim.url() + " sae-id=" + me + " peer-sae-id=" + peer + " tls-cert=" + pki +
-           "/" + me + ".crt tls-key=" + pki + "/" + me + ".key tls-ca=" + pki + "/ca.crt";
-  };
-  GstElement* e = gst_parse_launch(("otpencrypt " + kme("sae-a", "sae-b") + " journal=" +
-                                    (dir_ / "q.journal").string() + " on-key-exhausted=block")
-                                       .c_str(),
-                                   nullptr);
-  GstHarness* enc = gst_harness_new_with_element(e, "sink", "src");
-  gst_object_unref(e);
-  harnesses_.push_back(enc);
-  gst_harness_set_src_caps_str(enc, "application/x-rtp");
-  GstElement* d = gst_parse_launch(("otpdecrypt " + kme("sae-b", "sae-a")).c_str(), nullptr);
-  GstHarness* dec = gst_harness_new_with_element(d, "sink", "src");
-  gst_object_unref(d);
-  harnesses_.push_back(dec);
-  gst_harness_set_src_caps_str(dec, "application/x-otp");
+  auto [enc, dec] = kme_pair(sim, "q.journal");
   // As a call runs: each packet reaches the receiver before the next is sent.
   const auto sent = packets(150);
   std::vector<Bytes> got;

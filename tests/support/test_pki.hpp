@@ -45,6 +45,27 @@ inline keys::KmeClientConfig client_config(const std::string& url, const std::st
   return c;
 }
 
+// Key supplies for one direction sae-a -> sae-b, as the key-supply tests use them.
+inline keys::KeySupplyConfig master_supply_config(const std::filesystem::path& dir,
+                                                  std::size_t ring_bytes = 256u << 10) {
+  keys::KeySupplyConfig c;
+  c.role = keys::SaeRole::master;
+  c.peer_sae_id = "sae-b";
+  c.journal = dir / "a-to-b.journal";
+  c.ring_bytes = ring_bytes;
+  c.reserve_chunk = 64u << 10;
+  c.log = keys::stderr_log_sink(keys::LogLevel::error);
+  return c;
+}
+inline keys::KeySupplyConfig slave_supply_config() {
+  keys::KeySupplyConfig c;
+  c.role = keys::SaeRole::slave;
+  c.peer_sae_id = "sae-a";
+  c.ring_bytes = 1u << 20;
+  c.log = keys::stderr_log_sink(keys::LogLevel::error);
+  return c;
+}
+
 // The KmeError a call throws (a test failure if it throws nothing).
 template <typename F>
 keys::KmeError kme_error_of(F call) {

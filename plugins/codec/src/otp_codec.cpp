@@ -784,7 +784,7 @@ struct Decoder::Impl {
       return window.any_used(o, 1) ? Source::nowhere : Source::window;
     }
     if (o >= a.base && (o - a.base) / a.key_length < a.count) return Source::own_key;
-    if (awaited_covers(o, 1) || in_bootstrap_keys(o)) return Source::awaited;
+    if (awaited_covers(o, 1) || bootstrap_keys_end(o)) return Source::awaited;
     return Source::nowhere;
   }
 
@@ -796,14 +796,15 @@ struct Decoder::Impl {
     return false;
   }
 
-  // True when `o` lies in the keys of a bootstrap candidate (being fetched).
-  bool in_bootstrap_keys(std::uint64_t o) const {
+  // Where the keys of a bootstrap candidate (being fetched) that hold `o` end, if any do.
+  std::optional<std::uint64_t> bootstrap_keys_end(std::uint64_t o) const {
     for (std::size_t i = 0; i < pending_count; ++i) {
       if (!pending[i].bootstrap) continue;
       const auto a = parse_announcement({pending[i].bytes.data(), pending[i].size});
-      if (a && o >= a->base && o - a->base < std::uint64_t(a->count) * a->key_length) return true;
+      const std::uint64_t span = std::uint64_t(a ? a->count : 0) * (a ? a->key_length : 0);
+      if (a && o >= a->base && o - a->base < span) return a->base + span;
     }
-    return false;
+    return std::nullopt;
   }
 
   // Pool index of the fetched key `id` of `length` bytes, or -1.
@@ -934,16 +935,9 @@ struct Decoder::Impl {
         o = it->second;
         continue;
       }
-      bool found = false;
-      for (std::size_t i = 0; i < pending_count && !found; ++i) {
-        if (!pending[i].bootstrap) continue;
-        const auto a = parse_announcement({pending[i].bytes.data(), pending[i].size});
-        if (a && o >= a->base && o - a->base < std::uint64_t(a->count) * a->key_length) {
-          o = a->base + std::uint64_t(a->count) * a->key_length;
-          found = true;
-        }
-      }
-      if (!found) return false;
+      const auto end = bootstrap_keys_end(o);
+      if (!end) return false;
+      o = *end;
     }
     return true;
   }
