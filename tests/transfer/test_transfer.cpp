@@ -711,3 +711,29 @@ int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
   return RUN_ALL_TESTS();
 }
+
+TEST_F(TransferTest, AFileArrivesThroughAKmeWithEveryQuirkOfAnotherVendor) {
+  // The third-party KME pair's ways (see the element test of the same name): unfetched
+  // batches replaced by the next enc_keys, keys capped at 1024 bits and 128 per request,
+  // HTML error pages, stored_key_count counting the pair's pending keys.
+  sim_->stop();
+  auto c = simulator_config();
+  c.max_key_size = 1024;
+  c.max_keys_per_request = 128;
+  c.faults.replace_unfetched_batch = true;
+  c.faults.cap_instead_of_refuse = true;
+  c.faults.error_style = kmesim::ErrorStyle::html;
+  c.faults.stored_count_of_pair = true;
+  sim_ = std::make_unique<kmesim::KmeSimulator>(c);
+  sim_->start();
+  write_random(data("S20/reads.bam"), 8u << 20, 20);
+  transfer::Service b(config("b"));
+  b.start();
+  const auto a_config = config("a");
+  transfer::JobStore store(transfer::database_path(a_config));
+  const Job job = transfer::create_send_job(store, a_config, "S20", {data("S20")}, "otp", false);
+  const Job done = transfer::run_send_job(store, a_config, job.job_id);
+  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  EXPECT_EQ(sha256_of(data("S20/reads.bam")), sha256_of(received(done, "S20/reads.bam")));
+  EXPECT_EQ(sim_->stats().keys_replaced, 0u) << "the sender let the KME replace unfetched keys";
+}
