@@ -16,8 +16,8 @@
  */
 #include <gst/base/gstadapter.h>
 
+#include <array>
 #include <chrono>
-#include <cstring>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -80,8 +80,6 @@ constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
                                                 "announcements-expired",
                                                 "keys-awaited",
                                                 "keys-lost"};
-
-constexpr std::uint8_t kPreamble[] = {'O', 'T', 'P', 'S', 'T', 'R', 'M', 1};
 
 struct Session {
   KeySource source;
@@ -412,9 +410,10 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
   Session& s = *p.session;
   GstAdapter* adapter = s.adapter.get();
   if (!s.preamble_seen) {
-    if (gst_adapter_available(adapter) < sizeof kPreamble) return GST_FLOW_OK;
-    const auto* head = static_cast<const std::uint8_t*>(gst_adapter_map(adapter, sizeof kPreamble));
-    const bool ok = std::memcmp(head, kPreamble, sizeof kPreamble) == 0;
+    constexpr std::size_t kPreambleBytes = otp::kStreamPreamble.size();
+    if (gst_adapter_available(adapter) < kPreambleBytes) return GST_FLOW_OK;
+    const auto* head = static_cast<const std::uint8_t*>(gst_adapter_map(adapter, kPreambleBytes));
+    const bool ok = otp::starts_with_preamble({head, kPreambleBytes});
     gst_adapter_unmap(adapter);
     if (!ok) {
       GST_ELEMENT_ERROR(self, STREAM, WRONG_TYPE,
@@ -423,13 +422,13 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
                         (nullptr));
       return GST_FLOW_ERROR;
     }
-    gst_adapter_flush(adapter, sizeof kPreamble);
+    gst_adapter_flush(adapter, kPreambleBytes);
     s.preamble_seen = true;
   }
   while (gst_adapter_available(adapter) >= otp::kRecordPrefixBytes) {
     const auto* prefix =
         static_cast<const std::uint8_t*>(gst_adapter_map(adapter, otp::kRecordPrefixBytes));
-    const auto size = otp::Decoder::record_size({prefix, otp::kRecordPrefixBytes});
+    const auto size = otp::record_size({prefix, otp::kRecordPrefixBytes});
     gst_adapter_unmap(adapter);
     if (!size) return fail(self, "a record", otp::Decoder::Verdict::malformed);
     if (gst_adapter_available(adapter) < *size) return GST_FLOW_OK;
@@ -446,14 +445,13 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
            std::chrono::steady_clock::now() < deadline && !p.flushing && !s.source.pad->failed()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));  // keys are being fetched
     }
-    if (waiting(verdict) && *size >= otp::kRecordHeaderBytes) {
-      std::uint64_t offset = 0;
-      for (int i = 24; i < 32; ++i) offset = (offset << 8) | record[i];
-      GST_WARNING_OBJECT(self,
-                         "record %c of %zu bytes at pad offset %" G_GUINT64_FORMAT
-                         " has no key after %u ms: %s",
-                         record[3], *size, offset, p.key_timeout_ms,
-                         s.decoder->explain_no_key(offset, *size - otp::kRecordOverhead).c_str());
+    const auto header = waiting(verdict) ? otp::parse_record_header({record, *size}) : std::nullopt;
+    if (header) {
+      GST_WARNING_OBJECT(
+          self,
+          "record %c of %zu bytes at pad offset %" G_GUINT64_FORMAT " has no key after %u ms: %s",
+          static_cast<char>(header->kind), *size, header->pad_offset, p.key_timeout_ms,
+          s.decoder->explain_no_key(header->pad_offset, *size - otp::kRecordOverhead).c_str());
     }
     gst_adapter_unmap(adapter);
     gst_adapter_flush(adapter, *size);
@@ -488,9 +486,9 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
     if (p.settings.mode != OTP_MODE_AUTO) {
       s.stream = p.settings.mode == OTP_MODE_STREAM;
     } else {
-      std::uint8_t head[sizeof kPreamble] = {};
-      const gsize n = gst_buffer_extract(buffer, 0, head, sizeof head);
-      s.stream = n == sizeof head && std::memcmp(head, kPreamble, sizeof head) == 0;
+      std::array<std::uint8_t, otp::kStreamPreamble.size()> head{};
+      const gsize n = gst_buffer_extract(buffer, 0, head.data(), head.size());
+      s.stream = otp::starts_with_preamble(std::span(head).first(n));
     }
     GST_INFO_OBJECT(self, "%s mode", s.stream ? "stream" : "datagram");
     if (s.stream) s.decoder->use_stream_limits();

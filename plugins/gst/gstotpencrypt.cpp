@@ -196,16 +196,13 @@ void push_caps_once(GstOtpEncrypt* self) {
 GstFlowReturn push_announcements(GstOtpEncrypt* self, GstBuffer* timing) {
   Session& s = *self->priv->session;
   while (std::size_t n = s.encoder->next_announcement(s.announcement, !s.stream)) {
-    const std::uint8_t* a = s.announcement.data();
-    auto be = [a](int at, int bytes) {
-      std::uint64_t v = 0;
-      for (int i = 0; i < bytes; ++i) v = (v << 8) | a[at + i];
-      return v;
-    };
-    GST_DEBUG_OBJECT(self,
-                     "announcement at pad offset %" G_GUINT64_FORMAT ": %" G_GUINT64_FORMAT
-                     " keys of %" G_GUINT64_FORMAT " bytes from %" G_GUINT64_FORMAT,
-                     be(8, 8), be(28, 2), be(24, 4), be(16, 8));
+    if (const auto a = otp::parse_announcement(std::span(s.announcement).first(n))) {
+      GST_DEBUG_OBJECT(self,
+                       "announcement at pad offset %" G_GUINT64_FORMAT
+                       ": %u keys of %u bytes "
+                       "from %" G_GUINT64_FORMAT,
+                       a->mask_offset, unsigned{a->count}, unsigned{a->key_length}, a->base);
+    }
     const GstFlowReturn ret = push_bytes(self, s.announcement.data(), n, timing);
     if (ret != GST_FLOW_OK && ret != GST_FLOW_NOT_LINKED) return ret;
   }
@@ -365,8 +362,8 @@ GstFlowReturn drain_stream(GstOtpEncrypt* self, bool all) {
   Private& p = *self->priv;
   Session& s = *p.session;
   if (!s.stream_started) {
-    static constexpr std::uint8_t kPreamble[] = {'O', 'T', 'P', 'S', 'T', 'R', 'M', 1};
-    GstFlowReturn ret = push_bytes(self, kPreamble, sizeof kPreamble, nullptr);
+    GstFlowReturn ret =
+        push_bytes(self, otp::kStreamPreamble.data(), otp::kStreamPreamble.size(), nullptr);
     std::size_t consumed = 0;
     if (ret == GST_FLOW_OK) ret = emit_record(self, otp::RecordKind::stream_start, {}, consumed);
     if (ret != GST_FLOW_OK) return ret;

@@ -9,6 +9,7 @@
 #include <set>
 
 #include "memory_pad.hpp"
+#include "otpgate/checked_cast.hpp"
 #include "otpgate/otp_codec.hpp"
 
 using namespace otpgate;
@@ -230,12 +231,11 @@ Bytes altered(const Bytes& announcement, std::size_t at, std::uint64_t value, in
   for (int i = bytes - 1; i >= 0; --i, value >>= 8) copy[at + i] = static_cast<std::uint8_t>(value);
   return copy;
 }
-constexpr std::size_t kMaskAt = 8, kBaseAt = 16, kKeyLengthAt = 24;
+constexpr std::size_t kMaskAt = otp::kAnnouncementMaskAt, kBaseAt = otp::kAnnouncementBaseAt,
+                      kKeyLengthAt = otp::kAnnouncementKeyLengthAt;
 
 std::uint64_t be64(const Bytes& b, std::size_t at) {
-  std::uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v = v << 8 | b[at + i];
-  return v;
+  return otp::load_be<std::uint64_t>(std::span(b).subspan(at).first<8>());
 }
 
 }  // namespace
@@ -276,7 +276,8 @@ TEST(CodecForgery, AForgedAnnouncementOnHeldPadIsRefusedWithoutFetchingAnything)
   for (const auto& d : wire) link.receive(d);
   // Another key_ID and a mask inside pad the receiver holds: verifiable at once, and false.
   const std::uint64_t requests = link.rx.requests;
-  Bytes forged = altered(genuine, 30, 0x0bad0bad0bad0badull, 8);  // first key_ID's bytes
+  // The first key_ID altered.
+  Bytes forged = altered(genuine, otp::kAnnouncementKeyIdsAt, 0x0bad0bad0bad0badull, 8);
   EXPECT_EQ(link.receive(forged), Decoder::Verdict::auth_failure);
   EXPECT_EQ(link.rx.requests, requests) << "a forgery made the receiver ask its KME for keys";
   EXPECT_EQ(link.receive(genuine), Decoder::Verdict::announcement);
@@ -731,4 +732,11 @@ TEST(SealedMessage, RoundTripsAndRefusesAnyChange) {
   other_key[3] ^= 1;
   EXPECT_FALSE(otp::open_message(other_key, sealed));
   EXPECT_FALSE(otp::open_message(std::span(key).first(40), sealed)) << "key too short";
+}
+
+TEST(CheckedCast, RefusesToLoseAValue) {
+  EXPECT_EQ(otpgate::checked_cast<std::uint16_t>(std::size_t{65535}), 65535u);
+  EXPECT_THROW(otpgate::checked_cast<std::uint16_t>(std::size_t{65536}), std::range_error);
+  EXPECT_THROW(otpgate::checked_cast<std::size_t>(-1), std::range_error);
+  EXPECT_THROW(otpgate::checked_cast<int>(std::uint64_t{1} << 31), std::range_error);
 }

@@ -3,6 +3,7 @@
 // docs/wire-format.md (its own Poly1305 per RFC 8439), and are quoted in that document.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <string>
 
 #include "memory_pad.hpp"
@@ -108,4 +109,55 @@ TEST(WireFormatVectors, StreamMode) {
   ASSERT_EQ(encoder.protect_record(otp::RecordKind::final, {}, out, consumed, written),
             otp::Encoder::Status::ok);
   EXPECT_EQ(hex(std::span(out).first(written)), kStreamFinal);
+}
+
+// The exported wire functions (otp_wire.hpp) read the documented fields of these vectors.
+TEST(WireFormatVectors, ExportedParsersReadTheDocumentedFields) {
+  const Bytes announcement = from_hex(kAnnouncement);
+  EXPECT_EQ(otp::classify(announcement), otp::DatagramType::announcement);
+  const auto a = otp::parse_announcement(announcement);
+  ASSERT_TRUE(a);
+  EXPECT_EQ(a->mask_offset, 16u);
+  EXPECT_EQ(a->base, 0u);
+  EXPECT_EQ(a->key_length, 1024u);
+  EXPECT_EQ(a->count, 4u);
+  EXPECT_EQ(hex(a->id(3).bytes()), "7e570000000000000000000000000003");
+  EXPECT_EQ(hex(a->tag), "2e14b6a0d24173f0dddbb8dbdba4ea70");
+  EXPECT_EQ(otp::record_size(announcement), announcement.size());
+  // Written back from its keys: the same bytes before the tag.
+  std::vector<keys::KeyAnnouncement> keys;
+  for (std::uint16_t i = 0; i < a->count; ++i)
+    keys.push_back({a->base + 1024u * i, a->id(i), 1024});
+  Bytes rewritten(announcement.size());
+  EXPECT_EQ(otp::write_announcement(rewritten, a->mask_offset, keys), announcement.size());
+  EXPECT_TRUE(std::equal(a->authenticated.begin(), a->authenticated.end(), rewritten.begin()));
+  Bytes truncated = announcement;
+  truncated.pop_back();
+  EXPECT_FALSE(otp::parse_announcement(truncated));
+
+  EXPECT_EQ(otp::datagram_pad_offset(from_hex(kRtpWire)), 32u);
+  EXPECT_EQ(otp::datagram_pad_offset(from_hex(kRtcpWire)), 64u);
+  EXPECT_EQ(otp::clear_header_length(kRtp, otp::DatagramType::rtp), 12u);
+  EXPECT_EQ(otp::clear_header_length(kRtcp, otp::DatagramType::rtcp), 8u);
+  EXPECT_FALSE(otp::datagram_pad_offset(Bytes(otp::kTrailerBytes - 1)));
+
+  const Bytes data = from_hex(kStreamData);
+  EXPECT_EQ(otp::record_size(std::span(data).first(otp::kRecordPrefixBytes)), data.size());
+  const auto h = otp::parse_record_header(data);
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->kind, otp::RecordKind::data);
+  EXPECT_EQ(h->stream_id, 0x0102030405060708u);
+  EXPECT_EQ(h->index, 1u);
+  EXPECT_EQ(h->pad_offset, 48u);
+  Bytes header(otp::kRecordHeaderBytes);
+  otp::write_record_header(header, *h, data.size());
+  EXPECT_TRUE(std::equal(header.begin(), header.end(), data.begin()));
+  Bytes unknown_kind = data;
+  unknown_kind[3] = 'X';
+  EXPECT_FALSE(otp::record_size(unknown_kind));
+  EXPECT_FALSE(otp::parse_record_header(unknown_kind));
+
+  const Bytes preamble = {'O', 'T', 'P', 'S', 'T', 'R', 'M', 1, 0x4f};
+  EXPECT_TRUE(otp::starts_with_preamble(preamble));
+  EXPECT_FALSE(otp::starts_with_preamble(std::span(preamble).first(7)));
 }

@@ -9,7 +9,7 @@ if ! command -v clang++ >/dev/null; then echo "clang++ not installed: fuzz targe
 mkdir -p "$out/corpus"
 clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I"$src/keyclient/include" -I"$src/plugins/codec/include" -I"$src/tests/support" \
-  "$src/tests/fuzz/fuzz_decoder.cpp" "$src/plugins/codec/src/otp_codec.cpp" \
+  "$src/tests/fuzz/fuzz_decoder.cpp" "$src"/plugins/codec/src/*.cpp \
   "$src/keyclient/src/basics.cpp" "$src/keyclient/src/key_ring.cpp" \
   -lsrtp2 -lcrypto -o "$out/fuzz_decoder"
 # Seed with valid shapes: an RTP header, an announcement prefix, a record prefix.

@@ -298,8 +298,7 @@ TEST_F(ElementTest, TwoRunsOnOnePadFileNeverReuseAByte) {
     std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
     for (const auto& w : wire) {
       if (otpgate::otp::classify(w) != otpgate::otp::DatagramType::rtp) continue;
-      std::uint64_t p = 0;
-      for (int i = 0; i < 8; ++i) p = p << 8 | w[w.size() - 24 + i];
+      const std::uint64_t p = *otpgate::otp::datagram_pad_offset(w);
       ranges.emplace_back(p, p + 16 + (w.size() - 24 - 12));
     }
     return ranges;

@@ -1,5 +1,7 @@
 #include "otpgate/otp_codec.hpp"
 
+#include "otpgate/checked_cast.hpp"
+
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -28,19 +30,6 @@ namespace {
 
 constexpr std::uint64_t E = kEpochBytes;
 constexpr std::size_t kMinRecordFill = 512;  // below this, skip to the next epoch instead
-
-void put_be(std::uint8_t* p, std::uint64_t v, int bytes) {
-  for (int i = bytes - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<std::uint8_t>(v);
-}
-std::uint64_t get_be(const std::uint8_t* p, int bytes) {
-  std::uint64_t v = 0;
-  for (int i = 0; i < bytes; ++i) v = v << 8 | p[i];
-  return v;
-}
-
-bool is_record_kind(std::uint8_t k) {
-  return k == 'A' || k == 'S' || k == 'D' || k == 'F';
-}
 
 // Poly1305 (OpenSSL EVP_MAC) used as a Wegman-Carter MAC: key = r || s, where r is the
 // epoch's hash key and s a fresh one-time mask, so tag = h_r(m) + s mod 2^128.
@@ -75,41 +64,6 @@ class WegmanCarter {
 
 void xor_into(std::uint8_t* out, const std::uint8_t* in, const std::uint8_t* pad, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) out[i] = in[i] ^ pad[i];
-}
-
-// Parsed announcement record (points into the record's bytes).
-struct Announcement {
-  std::uint64_t mask_offset;  // P of its own s
-  std::uint64_t base;
-  std::uint32_t key_length;
-  std::uint16_t count;
-  const std::uint8_t* ids;
-  std::span<const std::uint8_t> authenticated;
-  const std::uint8_t* tag;
-
-  keys::KeyId id(std::size_t i) const {
-    std::array<std::uint8_t, 16> b{};
-    std::memcpy(b.data(), ids + 16 * i, 16);
-    return keys::KeyId(b);
-  }
-};
-
-std::optional<Announcement> parse_announcement(std::span<const std::uint8_t> rec) {
-  if (rec.size() < kAnnouncementFixedBytes || std::memcmp(rec.data(), "OTPA", 4) != 0) return {};
-  if (get_be(rec.data() + 4, 4) != rec.size() - kRecordPrefixBytes) return {};
-  Announcement a{};
-  const std::uint8_t* p = rec.data() + kRecordPrefixBytes;
-  a.mask_offset = get_be(p, 8);
-  a.base = get_be(p + 8, 8);
-  a.key_length = static_cast<std::uint32_t>(get_be(p + 16, 4));
-  a.count = static_cast<std::uint16_t>(get_be(p + 20, 2));
-  if (a.count == 0 || a.count > kMaxAnnouncedKeys || a.key_length == 0) return {};
-  if (rec.size() != kAnnouncementFixedBytes + 16u * a.count) return {};
-  if (a.base > UINT64_MAX - std::uint64_t(a.count) * a.key_length) return {};
-  a.ids = p + 22;
-  a.authenticated = rec.first(rec.size() - kTagBytes);
-  a.tag = rec.data() + rec.size() - kTagBytes;
-  return a;
 }
 
 bool fits_epoch(std::uint64_t offset, std::size_t n) {
@@ -228,28 +182,6 @@ std::optional<std::vector<std::uint8_t>> open_message(std::span<const std::uint8
   return plain;
 }
 
-DatagramType classify(std::span<const std::uint8_t> d) {
-  if (d.size() >= 4 && std::memcmp(d.data(), "OTPA", 4) == 0) return DatagramType::announcement;
-  if (d.size() >= 8 && (d[0] >> 6) == 2) {
-    if (d[1] >= 192 && d[1] <= 223) return DatagramType::rtcp;  // RFC 5761
-    if (d.size() >= 12) return DatagramType::rtp;
-  }
-  return DatagramType::unknown;
-}
-
-std::optional<std::size_t> clear_header_length(std::span<const std::uint8_t> p, DatagramType type) {
-  if (type == DatagramType::rtcp)
-    return p.size() >= 8 ? std::optional<std::size_t>(8) : std::nullopt;
-  if (type != DatagramType::rtp || p.size() < 12) return std::nullopt;
-  std::size_t h = 12 + 4 * (p[0] & 0x0f);
-  if (p[0] & 0x10) {  // header extension
-    if (p.size() < h + 4) return std::nullopt;
-    h += 4 + 4 * get_be(p.data() + h + 2, 2);
-  }
-  if (h > p.size()) return std::nullopt;
-  return h;
-}
-
 // ---------------------------------------------------------------------------
 // Encoder
 
@@ -347,19 +279,9 @@ struct Encoder::Impl {
     if (!p) return 0;  // kept in `batch`; sent as soon as there is pad for its mask
     announced_end =
         std::max(announced_end, batch.front().offset + batch.size() * batch.front().length);
-    const std::size_t size = kAnnouncementFixedBytes + 16 * batch.size();
-    std::uint8_t* o = out.data();
-    std::memcpy(o, "OTPA", 4);
-    put_be(o + 4, size - kRecordPrefixBytes, 4);
-    put_be(o + 8, *p, 8);
-    put_be(o + 16, batch.front().offset, 8);
-    put_be(o + 24, batch.front().length, 4);
-    put_be(o + 28, batch.size(), 2);
-    for (std::size_t i = 0; i < batch.size(); ++i) {
-      std::memcpy(o + 30 + 16 * i, batch[i].key_id.bytes().data(), 16);
-    }
+    const std::size_t size = write_announcement(out, *p, batch);
     mac.tag(r.span().data(), scratch.span().data(), {out.first(size - kTagBytes)},
-            o + size - kTagBytes);
+            out.data() + size - kTagBytes);
     OPENSSL_cleanse(scratch.span().data(), kMaskBytes);
     stats.announcements += 1;
     stats.keys_announced += batch.size();
@@ -406,13 +328,9 @@ struct Encoder::Impl {
     return true;
   }
 
-  void write_record_header(std::uint8_t* o, RecordKind kind, std::size_t size, std::uint64_t p) {
-    std::memcpy(o, "OTP", 3);
-    o[3] = static_cast<std::uint8_t>(kind);
-    put_be(o + 4, size - kRecordPrefixBytes, 4);
-    put_be(o + 8, stream_id, 8);
-    put_be(o + 16, record_index, 8);
-    put_be(o + 24, p, 8);
+  void write_header(std::span<std::uint8_t> out, RecordKind kind, std::size_t size,
+                    std::uint64_t p) {
+    write_record_header(out, {kind, stream_id, record_index, p}, size);
   }
 
   bool rekey_aes() {
@@ -484,11 +402,10 @@ Encoder::Status Encoder::protect_datagram(std::span<const std::uint8_t> in,
   const std::uint8_t* s = e.scratch.span().data();
   std::memcpy(out.data(), in.data(), *header);
   xor_into(out.data() + *header, in.data() + *header, s + kMaskBytes, n);
-  std::uint8_t* trailer = out.data() + in.size();
-  put_be(trailer, *p, 8);
+  store_be(out.subspan(in.size()).first<kOffsetBytes>(), *p);
   const std::uint8_t kind = type == DatagramType::rtp ? 'R' : 'C';
   e.mac.tag(e.r.span().data(), s, {{&kind, 1}, out.first(in.size() + kOffsetBytes)},
-            trailer + kOffsetBytes);
+            out.data() + in.size() + kOffsetBytes);
   OPENSSL_cleanse(e.scratch.span().data(), kMaskBytes + n);
   written = in.size() + kTrailerBytes;
   ++e.stats.units;
@@ -514,7 +431,7 @@ Encoder::Status Encoder::protect_record(RecordKind kind, std::span<const std::ui
   }
   const std::size_t size = kRecordOverhead + n;
   std::uint8_t* o = out.data();
-  e.write_record_header(o, kind, size, *p);
+  e.write_header(out, kind, size, *p);
   const std::uint8_t* s = e.scratch.span().data();
   xor_into(o + kRecordHeaderBytes, payload.data(), s + kMaskBytes, n);
   e.mac.tag(e.r.span().data(), s, {out.first(kRecordHeaderBytes + n)}, o + kRecordHeaderBytes + n);
@@ -540,7 +457,7 @@ Encoder::Status Encoder::protect_record_aes(RecordKind kind, std::span<const std
   }
   const std::size_t size = kRecordOverhead + n;
   std::uint8_t* o = out.data();
-  e.write_record_header(o, kind, size, e.gcm_key_offset | kAesFlag);
+  e.write_header(out, kind, size, e.gcm_key_offset | kAesFlag);
   if (!e.gcm->seal(e.record_index, out.first(kRecordHeaderBytes), payload.data(), n,
                    o + kRecordHeaderBytes, o + kRecordHeaderBytes + n)) {
     return Status::malformed;
@@ -569,16 +486,17 @@ Encoder::Status Encoder::protect_datagram_aes(std::span<const std::uint8_t> in,
     return Status::no_key;
   }
   std::memcpy(out.data(), in.data(), in.size());
-  int length = static_cast<int>(in.size());
+  int length = checked_cast<int>(in.size());
   const srtp_err_status_t err = type == DatagramType::rtcp
                                     ? srtp_protect_rtcp(e.aes->get(), out.data(), &length)
                                     : srtp_protect(e.aes->get(), out.data(), &length);
   if (err != srtp_err_status_ok || length < static_cast<int>(kTagBytes)) return Status::malformed;
   // Move the GCM tag back 8 bytes and put the key's offset in front of it.
-  std::uint8_t* tag = out.data() + length - kTagBytes;
+  const std::size_t srtp_length = checked_cast<std::size_t>(length);
+  std::uint8_t* tag = out.data() + srtp_length - kTagBytes;
   std::memmove(tag + kOffsetBytes, tag, kTagBytes);
-  put_be(tag, e.aes_key_offset | kAesFlag, 8);
-  written = static_cast<std::size_t>(length) + kOffsetBytes;
+  store_be(out.subspan(srtp_length - kTagBytes).first<kOffsetBytes>(), e.aes_key_offset | kAesFlag);
+  written = srtp_length + kOffsetBytes;
   ++e.aes_packets;
   ++e.units_sent;
   ++e.stats.units;
@@ -800,7 +718,7 @@ struct Decoder::Impl {
   std::optional<std::uint64_t> bootstrap_keys_end(std::uint64_t o) const {
     for (std::size_t i = 0; i < pending_count; ++i) {
       if (!pending[i].bootstrap) continue;
-      const auto a = parse_announcement({pending[i].bytes.data(), pending[i].size});
+      const auto a = parse_announcement(std::span(pending[i].bytes).first(pending[i].size));
       const std::uint64_t span = std::uint64_t(a ? a->count : 0) * (a ? a->key_length : 0);
       if (a && o >= a->base && o - a->base < span) return a->base + span;
     }
@@ -869,7 +787,7 @@ struct Decoder::Impl {
       return Check::missing;
     }
     mac.tag(r, s, {a->authenticated}, tag);
-    const bool ok = CRYPTO_memcmp(tag, a->tag, kTagBytes) == 0;
+    const bool ok = CRYPTO_memcmp(tag, a->tag.data(), kTagBytes) == 0;
     OPENSSL_cleanse(r, sizeof r);
     OPENSSL_cleanse(s, sizeof s);
     if (!ok) return Check::bad;
@@ -1225,9 +1143,8 @@ struct Decoder::Impl {
 
   // Opens a stream-mode AES record into `out`; the key is consumed only once a record
   // authenticates under it, so a forged record naming unseen pad costs no pad.
-  Verdict open_record_aes(std::span<const std::uint8_t> record, std::uint64_t key_offset,
-                          std::size_t n, std::span<std::uint8_t> out) {
-    const std::uint64_t index = get_be(record.data() + 16, 8);
+  Verdict open_record_aes(std::span<const std::uint8_t> record, std::uint64_t index,
+                          std::uint64_t key_offset, std::size_t n, std::span<std::uint8_t> out) {
     const std::uint8_t* in = record.data() + kRecordHeaderBytes;
     std::uint8_t tag[kTagBytes];
     std::memcpy(tag, in + n, kTagBytes);
@@ -1306,7 +1223,7 @@ Decoder::Verdict Decoder::open_datagram(std::span<const std::uint8_t> in,
     return Verdict::malformed;
   }
   const std::uint8_t* trailer = in.data() + in.size() - kTrailerBytes;
-  const std::uint64_t p = get_be(trailer, 8);
+  const std::uint64_t p = *datagram_pad_offset(in);  // in.size() >= kTrailerBytes
   if (p & kAesFlag) return d.open_aes(in, p & ~kAesFlag, type, out, written);
   const std::size_t n = in.size() - kTrailerBytes - *header;
   const std::uint8_t* r = nullptr;
@@ -1332,18 +1249,7 @@ Decoder::Verdict Decoder::open_datagram(std::span<const std::uint8_t> in,
 }
 
 std::optional<std::size_t> Decoder::record_size(std::span<const std::uint8_t> prefix) {
-  if (prefix.size() < kRecordPrefixBytes || std::memcmp(prefix.data(), "OTP", 3) != 0 ||
-      !is_record_kind(prefix[3])) {
-    return std::nullopt;
-  }
-  const std::uint64_t rest = get_be(prefix.data() + 4, 4);
-  const std::uint64_t max = prefix[3] == 'A'
-                                ? kMaxAnnouncementBytes - kRecordPrefixBytes
-                                : kRecordOverhead - kRecordPrefixBytes + kMaxUnitPayload;
-  const std::uint64_t min = prefix[3] == 'A' ? kAnnouncementFixedBytes - kRecordPrefixBytes
-                                             : kRecordOverhead - kRecordPrefixBytes;
-  if (rest < min || rest > max) return std::nullopt;
-  return static_cast<std::size_t>(kRecordPrefixBytes + rest);
+  return otp::record_size(prefix);
 }
 
 Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
@@ -1352,21 +1258,22 @@ Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
   Impl& d = *impl_;
   written = 0;
   poll();
-  const auto size = record_size(record);
-  if (!size || *size != record.size()) {
+  const auto size = otp::record_size(record);
+  const auto header = parse_record_header(record);
+  if (!size || *size != record.size() || !header) {
     ++d.stats.malformed;
     return Verdict::malformed;
   }
-  kind = static_cast<RecordKind>(record[3]);
+  kind = header->kind;
   if (kind == RecordKind::announcement) return d.on_announcement(record);
   const std::size_t n = record.size() - kRecordOverhead;
   if (out.size() < n) {
     ++d.stats.malformed;
     return Verdict::malformed;
   }
-  const std::uint64_t id = get_be(record.data() + 8, 8);
-  const std::uint64_t index = get_be(record.data() + 16, 8);
-  const std::uint64_t p = get_be(record.data() + 24, 8);
+  const std::uint64_t id = header->stream_id;
+  const std::uint64_t index = header->index;
+  const std::uint64_t p = header->pad_offset;
   auto in_sequence = [&] {
     return !d.stream_done && (d.stream_started ? (kind != RecordKind::stream_start &&
                                                   id == d.stream_id && index == d.next_index)
@@ -1375,7 +1282,7 @@ Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
   if (p & kAesFlag) {
     // Sequence first: a record out of order must not move the stream's key forward.
     if (!in_sequence()) return Verdict::out_of_sequence;
-    if (const Verdict v = d.open_record_aes(record, p & ~kAesFlag, n, out);
+    if (const Verdict v = d.open_record_aes(record, index, p & ~kAesFlag, n, out);
         v != Verdict::plaintext) {
       return v;
     }

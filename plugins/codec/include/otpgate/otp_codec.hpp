@@ -20,30 +20,9 @@
 #include <vector>
 
 #include "otpgate/keyclient.hpp"
+#include "otpgate/otp_wire.hpp"  // sizes, unit kinds, parsing and writing unit headers
 
 namespace otpgate::otp {
-
-inline constexpr std::uint64_t kEpochBytes = 1u << 18;  // 256 KiB
-inline constexpr std::size_t kAuthKeyBytes = 16;        // r
-inline constexpr std::size_t kMaskBytes = 16;           // s
-inline constexpr std::size_t kTagBytes = 16;
-inline constexpr std::size_t kOffsetBytes = 8;
-inline constexpr std::size_t kTrailerBytes = kOffsetBytes + kTagBytes;  // datagram overhead
-// AES mode: an SRTP AES-256-GCM packet (libsrtp2) whose GCM tag is preceded by the
-// 8-byte pad offset of its master key with the top bit set (OTP offsets never have it).
-inline constexpr std::uint64_t kAesFlag = 1ull << 63;
-inline constexpr std::size_t kAesKeyBytes = 44;  // AES-256 key (32) + SRTP salt (12)
-// Room a caller leaves after a datagram for either mode (libsrtp writes up to its
-// maximum trailer in place before trimming).
-inline constexpr std::size_t kMaxDatagramOverhead = 160;
-inline constexpr std::size_t kRecordPrefixBytes = 8;                        // "OTP" kind len32
-inline constexpr std::size_t kRecordHeaderBytes = kRecordPrefixBytes + 24;  // + id, index, P
-inline constexpr std::size_t kRecordOverhead = kRecordHeaderBytes + kTagBytes;
-inline constexpr std::size_t kMaxUnitPayload = 65536;  // largest n in one unit
-inline constexpr std::size_t kMaxAnnouncedKeys = 64;   // key_IDs per announcement
-inline constexpr std::size_t kAnnouncementFixedBytes = kRecordPrefixBytes + 22 + kTagBytes;
-inline constexpr std::size_t kMaxAnnouncementBytes =
-    kAnnouncementFixedBytes + 16 * kMaxAnnouncedKeys;
 
 // A one-time sealed message (e.g. the gateways' ICE descriptions): `key` is fresh pad of
 // at least kMaskBytes + kAuthKeyBytes + plaintext size bytes, never used again. The
@@ -52,20 +31,6 @@ std::vector<std::uint8_t> seal_message(std::span<const std::uint8_t> key,
                                        std::span<const std::uint8_t> plaintext);
 std::optional<std::vector<std::uint8_t>> open_message(std::span<const std::uint8_t> key,
                                                       std::span<const std::uint8_t> sealed);
-
-enum class RecordKind : char {
-  announcement = 'A',  // key_IDs for pad offsets (both modes)
-  stream_start = 'S',  // stream mode: index 0, no payload
-  data = 'D',          // stream mode: payload
-  final = 'F',         // stream mode: the last record; anything after it is refused
-};
-
-enum class DatagramType { rtp, rtcp, announcement, unknown };
-// RTP/RTCP by version 2 and RFC 5761 payload types; announcements by their prefix.
-DatagramType classify(std::span<const std::uint8_t> datagram);
-// Bytes left in the clear: the RTP header with CSRCs and extension, or RTCP's first 8.
-std::optional<std::size_t> clear_header_length(std::span<const std::uint8_t> packet,
-                                               DatagramType type);
 
 struct EncoderStats {
   std::uint64_t units = 0;              // packets and records protected
@@ -195,7 +160,7 @@ class Decoder {
                         std::size_t& written);
 
   // Stream mode: total size of the record whose first kRecordPrefixBytes are given, or
-  // nullopt if they are not an otpencrypt record.
+  // nullopt if they are not an otpencrypt record (otp::record_size in otp_wire.hpp).
   static std::optional<std::size_t> record_size(std::span<const std::uint8_t> prefix);
   // One whole record. `kind` says what it was; payload (data records) goes to `out`.
   Verdict open_record(std::span<const std::uint8_t> record, std::span<std::uint8_t> out,
