@@ -445,6 +445,17 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
            std::chrono::steady_clock::now() < deadline && !p.flushing && !s.source.pad->failed()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));  // keys are being fetched
     }
+    // An announcement that can be verified only once keys named before it arrive: wait
+    // for it here. Records are in order, so nothing later can be opened without it, and a
+    // sender short of key sends nothing more until our KME hands its keys out (a KME that
+    // replaces unfetched batches waits for us to fetch them): no later record would come
+    // to retry it.
+    while (verdict == otp::Decoder::Verdict::announcement_pending &&
+           s.decoder->stats().announcements_pending > 0 &&
+           std::chrono::steady_clock::now() < deadline && !p.flushing && !s.source.pad->failed()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      s.decoder->poll();
+    }
     const auto header = waiting(verdict) ? otp::parse_record_header({record, *size}) : std::nullopt;
     if (header) {
       GST_WARNING_OBJECT(
