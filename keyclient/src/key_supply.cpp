@@ -232,24 +232,161 @@ KeyId pad_file_key_id(std::uint64_t offset) {
 }
 
 struct KeySupply::Impl {
+  // One stream's pad stream inside the supply (KeySupplyConfig::lanes): its own offsets,
+  // ring, announcements and requests; the KME client and refill thread are the supply's.
+  struct Lane final : PadSource {
+    Lane(Impl& owner, std::size_t lane_index) : impl(owner), index(lane_index) {}
+
+    std::optional<std::uint64_t> take(std::span<std::uint8_t> out) override {
+      KeyRing* r = consumer_ring();
+      return r ? r->take(out) : std::nullopt;
+    }
+    std::optional<std::uint64_t> peek_offset() override {
+      KeyRing* r = consumer_ring();
+      return r ? r->peek_offset() : std::nullopt;
+    }
+    std::uint64_t available() const override {
+      const KeyRing* r = ring.load(std::memory_order_acquire);
+      return r ? r->bytes_available() : 0;
+    }
+    std::optional<KeyAnnouncement> next_announcement() override;
+    bool request(const KeyAnnouncement& announcement) override {
+      return requests.push(announcement);
+    }
+    std::optional<PadSegment> pop_segment() override {
+      KeyRing* r = ring.load(std::memory_order_acquire);
+      return r ? r->pop_segment() : std::nullopt;
+    }
+    void release(const PadSegment& segment) override {
+      const std::uint64_t end = segment.offset + segment.bytes.size();
+      ring.load(std::memory_order_acquire)->release(segment);
+      // Single consumer: a plain load/store pair is enough to keep the maximum.
+      if (end > released_end.load(std::memory_order_relaxed)) {
+        released_end.store(end, std::memory_order_relaxed);
+      }
+    }
+    std::optional<KeyAnnouncement> next_lost() override {
+      KeyAnnouncement a;
+      if (!lost_keys.pop(a)) return std::nullopt;
+      return a;
+    }
+    bool failed() const override { return impl.failed_flag.load(std::memory_order_acquire); }
+    std::string failure() const override {
+      std::lock_guard lock(impl.error_mutex);
+      return impl.failure_text;
+    }
+
+    // Media thread: the ring, after wiping what a flush after a KME outage left below
+    // the floor.
+    KeyRing* consumer_ring() {
+      KeyRing* r = ring.load(std::memory_order_acquire);
+      const std::uint64_t floor = flush_floor.load(std::memory_order_acquire);
+      if (r && floor > flush_seen) {
+        flush_seen = floor;
+        bytes_flushed.fetch_add(r->discard_below(floor), std::memory_order_relaxed);
+      }
+      return r;
+    }
+
+    // Refill thread: key held ready for this lane (what came after a flush, see
+    // resume_after_outage, while the media thread has not wiped the flushed key yet).
+    double held() const {
+      const KeyRing& r = *ring_owner;
+      return double(flushed_pending ? r.bytes_pushed() - pushed_at_flush : r.bytes_available());
+    }
+
+    // Moves the lane on to the next epoch boundary (offsets only, no key is skipped),
+    // where an announcement can be verified from its own keys.
+    void align_next_offset() {
+      const std::uint64_t align = std::max<std::uint64_t>(1, impl.config.restart_alignment);
+      next_offset = (next_offset + align - 1) / align * align;
+    }
+
+    // Makes sure the journal covers offsets below `end` before they can be used.
+    void reserve_up_to(std::uint64_t end) {
+      if (end <= journal->reserved()) return;
+      // Whole chunks: after a restart the stream resumes on a chunk boundary, which the
+      // codec's authentication epochs are aligned to, so no pad is skipped.
+      const std::uint64_t chunk = std::max<std::uint64_t>(1, impl.config.reserve_chunk);
+      journal->reserve((end + chunk - 1) / chunk * chunk);
+      published_reserved = journal->reserved();
+    }
+
+    void sample_rate() {
+      const auto now = Clock::now();
+      const double seconds = std::chrono::duration<double>(now - last_sample).count();
+      if (seconds < 0.25) return;
+      KeyRing* r = ring.load(std::memory_order_acquire);
+      const std::uint64_t consumed = r ? r->bytes_consumed() : 0;
+      const double instant = double(consumed - last_consumed) / seconds;
+      consumption = consumption == 0 ? instant : 0.6 * consumption + 0.4 * instant;
+      last_sample = now;
+      last_consumed = consumed;
+    }
+
+    Impl& impl;
+    const std::size_t index;
+    std::optional<OffsetJournal> journal;
+    // Refill thread.
+    std::unique_ptr<KeyRing> ring_owner;
+    std::uint64_t next_offset = 0;
+    std::uint64_t restart_floor = 0;  // slave: nothing below the journal at start is fetched
+    bool pending_resync = false;      // master: the next key starts a resync run
+    Clock::time_point last_resync = Clock::now();
+    bool flushed_pending = false;  // master: a flush the media thread may not have done
+    std::uint64_t pushed_at_flush = 0;
+    Clock::time_point last_sample = Clock::now();
+    std::uint64_t last_consumed = 0;
+    // Shared with the media thread (lock-free) and with stats() readers.
+    std::atomic<KeyRing*> ring{nullptr};
+    boost::lockfree::spsc_queue<KeyAnnouncement> announcements{kQueueCapacity};
+    boost::lockfree::spsc_queue<KeyAnnouncement> requests{kQueueCapacity};
+    boost::lockfree::spsc_queue<KeyAnnouncement> lost_keys{kQueueCapacity};
+    std::atomic<std::uint64_t> bytes_fetched{0}, keys_fetched{0}, keys_lost{0}, keys_refused{0},
+        waiting_count{0};
+    std::atomic<std::uint64_t> published_next_offset{0}, published_reserved{0};
+    std::atomic<std::uint64_t> released_end{0};  // slave: end of the furthest key released
+    std::atomic<std::uint64_t> flush_floor{0};   // master: pad below this is wiped unused
+    std::atomic<std::uint64_t> bytes_flushed{0}, wiped_at_stop{0};
+    std::atomic<double> consumption{0};
+    // Media thread only.
+    std::uint64_t flush_seen = 0;
+    std::size_t release_budget = 0;  // announcements still to release in the current batch
+  };
+
   Impl(std::unique_ptr<Backend> source, KeySupplyConfig cfg, bool journal_required)
       : config(std::move(cfg)), backend(std::move(source)) {
     if (!(config.low_water > 0 && config.low_water < config.high_water &&
           config.high_water <= 1.0)) {
       throw std::invalid_argument("key ring water marks must satisfy 0 < low < high <= 1");
     }
-    if (journal_required && config.journal.empty()) {
+    if (config.lanes == 0) throw std::invalid_argument("a key supply needs at least one lane");
+    if (config.lanes > 1 && !backend->fetch_is_destructive()) {
       throw std::invalid_argument(
-          "this key supply needs an offset journal path (it guarantees no pad offset is "
-          "reused after a restart)");
+          "a pad file is one pad stream and serves one stream: give each stream its own pad "
+          "file (lanes = 1)");
     }
-    if (!config.journal.empty()) {
-      journal.emplace(config.journal);
-      next_offset = journal->reserved();
-      restart_floor = journal->reserved();
-      released_end = restart_floor;
-      published_next_offset = next_offset;
-      published_reserved = journal->reserved();
+    if (config.lanes > 1 && journal_required && config.lane_journals.size() != config.lanes) {
+      throw std::invalid_argument("a key supply with " + std::to_string(config.lanes) +
+                                  " lanes needs one offset journal per lane (lane_journals)");
+    }
+    for (std::size_t i = 0; i < config.lanes; ++i) {
+      auto& lane = *lanes.emplace_back(std::make_unique<Lane>(*this, i));
+      const std::filesystem::path path = config.lanes > 1 && i < config.lane_journals.size()
+                                             ? config.lane_journals[i]
+                                             : config.journal;
+      if (journal_required && path.empty()) {
+        throw std::invalid_argument(
+            "this key supply needs an offset journal path (it guarantees no pad offset is "
+            "reused after a restart)");
+      }
+      if (path.empty()) continue;
+      lane.journal.emplace(path);
+      lane.next_offset = lane.journal->reserved();
+      lane.restart_floor = lane.journal->reserved();
+      lane.released_end = lane.restart_floor;
+      lane.published_next_offset = lane.next_offset;
+      lane.published_reserved = lane.journal->reserved();
     }
   }
 
@@ -273,44 +410,42 @@ struct KeySupply::Impl {
     log(LogLevel::warning, "key supply (peer " + config.peer_sae_id + "): " + message);
   }
 
-  // Makes sure the journal covers offsets below `end` before they can be used.
-  void reserve_up_to(std::uint64_t end) {
-    if (end <= journal->reserved()) return;
-    // Whole chunks: after a restart the stream resumes on a chunk boundary, which the
-    // codec's authentication epochs are aligned to, so no pad is skipped.
-    const std::uint64_t chunk = std::max<std::uint64_t>(1, config.reserve_chunk);
-    journal->reserve((end + chunk - 1) / chunk * chunk);
-    published_reserved = journal->reserved();
-  }
-
-  // Creates the ring once the key size is known. Refill thread only.
+  // Creates the lanes' rings once the key size is known. Refill thread only.
   void ensure_ring() {
-    if (ring_owner) return;
+    if (ring_ready) return;
     const Backend::Geometry g = backend->geometry(config.role, config, config.log);
     key_bits = g.key_bits;
     max_keys_per_request = std::max<std::uint32_t>(1, g.per_request);
     const std::size_t key_bytes = key_bits / 8;
     if (key_bytes == 0) throw KmeError(KmeErrorKind::protocol, 200, "KME advertises 0-bit keys");
     const std::size_t slots = std::max<std::size_t>(2, config.ring_bytes / key_bytes);
-    ring_owner = std::make_unique<KeyRing>(slots, key_bytes);
-    if (!ring_owner->memory_locked()) {
-      log(LogLevel::warning, "could not mlock the key ring (" + std::to_string(slots * key_bytes) +
-                                 " bytes): key memory may be swapped out; raise RLIMIT_MEMLOCK "
-                                 "(LimitMEMLOCK= in systemd)");
+    for (auto& lane : lanes) {
+      lane->ring_owner = std::make_unique<KeyRing>(slots, key_bytes);
+      if (!lane->ring_owner->memory_locked() && lane->index == 0) {
+        log(LogLevel::warning, "could not mlock the key ring (" +
+                                   std::to_string(slots * key_bytes) +
+                                   " bytes): key memory may be swapped out; raise RLIMIT_MEMLOCK "
+                                   "(LimitMEMLOCK= in systemd)");
+      }
     }
     published_key_bits = key_bits;
     kme_answered();
-    ring.store(ring_owner.get(), std::memory_order_release);
-    log(LogLevel::debug, "key ring ready: " + std::to_string(slots) + " keys of " +
-                             std::to_string(key_bits) + " bits for peer " + config.peer_sae_id);
+    for (auto& lane : lanes) lane->ring.store(lane->ring_owner.get(), std::memory_order_release);
+    ring_ready = true;
+    log(LogLevel::debug, "key rings ready: " + std::to_string(lanes.size()) + " x " +
+                             std::to_string(slots) + " keys of " + std::to_string(key_bits) +
+                             " bits for peer " + config.peer_sae_id);
   }
 
-  // Key the master keeps ready: seconds of the measured consumption, within bounds.
-  double ring_target(const KeyRing& r) const {
+  // Key the master keeps ready for a lane: seconds of its measured consumption, within
+  // bounds.
+  double ring_target(const Lane& lane) const {
+    const KeyRing& r = *lane.ring_owner;
     const double capacity = double(r.slot_count() * r.slot_bytes());
     if (config.ring_seconds <= 0) return capacity;
-    const double held = std::max(double(config.ring_min_bytes),
-                                 consumption.load(std::memory_order_relaxed) * config.ring_seconds);
+    const double held =
+        std::max(double(config.ring_min_bytes),
+                 lane.consumption.load(std::memory_order_relaxed) * config.ring_seconds);
     return std::min(capacity, held);
   }
 
@@ -337,9 +472,14 @@ struct KeySupply::Impl {
             "drop them when asked again); keeping one batch in flight");
   }
 
+  // How many keys each lane should get from the next batch: `want` to bring it to its
+  // high-water mark, `room` at most (free ring slots, announcement queue space).
+  struct Share {
+    std::size_t want = 0, room = 0;
+  };
+
   void refill_master() {
-    KeyRing& r = *ring_owner;
-    // A master with a full ring makes no KME calls, and would miss a KME restart that
+    // A master with full rings makes no KME calls, and would miss a KME restart that
     // lost the keys it issued before: ask for the status now and then.
     if (Clock::now() - last_kme_call >= kHealthInterval) {
       backend->stored_count();
@@ -347,23 +487,35 @@ struct KeySupply::Impl {
       kme_answered();
       if (outage) resume_after_outage();
     }
-    if (flushed_pending && r.bytes_discarded() + r.bytes_consumed() >= pushed_at_flush) {
-      flushed_pending = false;  // the media thread has wiped (or used) all of it
+    bool low = false;
+    for (auto& lane : lanes) {
+      const KeyRing& r = *lane->ring_owner;
+      if (lane->flushed_pending &&
+          r.bytes_discarded() + r.bytes_consumed() >= lane->pushed_at_flush) {
+        lane->flushed_pending = false;  // the media thread has wiped (or used) all of it
+      }
+      if (lane->held() < config.low_water * ring_target(*lane)) low = true;
     }
-    const double target = ring_target(r);
-    // Right after a flush the ring still counts the flushed key until the media thread
-    // wipes it: what is there is what came after the flush.
-    auto held = [&] {
-      return double(flushed_pending ? r.bytes_pushed() - pushed_at_flush : r.bytes_available());
-    };
-    if (held() >= config.low_water * target) return;
-    while (!stopping_flag && held() < config.high_water * target) {
-      const double missing = config.high_water * target - held();
-      std::size_t number = static_cast<std::size_t>(std::ceil(missing / r.slot_bytes()));
-      if (replaces_batches) number = max_keys_per_request;  // few, large batches
-      number = std::min(
-          {number, r.free_slots(), std::size_t(max_keys_per_request), keys_per_request_cap});
-      if (config.publish_announcements) number = std::min(number, announcements.write_available());
+    if (!low) return;
+    while (!stopping_flag) {
+      std::vector<Share> shares(lanes.size());
+      std::size_t short_by = 0, room = 0;
+      for (auto& lane : lanes) {
+        const KeyRing& r = *lane->ring_owner;
+        Share& share = shares[lane->index];
+        share.room = r.free_slots();
+        if (config.publish_announcements)
+          share.room = std::min(share.room, lane->announcements.write_available());
+        const double missing = config.high_water * ring_target(*lane) - lane->held();
+        if (missing > 0)
+          share.want = std::min(share.room, std::size_t(std::ceil(missing / r.slot_bytes())));
+        short_by += share.want;
+        room += share.room;
+      }
+      if (short_by == 0) return;
+      // A KME that replaces unfetched batches gets few, large ones.
+      std::size_t number = replaces_batches ? room : short_by;
+      number = std::min({number, std::size_t(max_keys_per_request), keys_per_request_cap});
       if (number == 0) return;
       std::optional<std::uint64_t> before;
       const bool probe = replaces_batches || probes < 8;
@@ -378,7 +530,7 @@ struct KeySupply::Impl {
       const auto started = Clock::now();
       std::vector<Key> keys;
       try {
-        keys = backend->deliver(next_offset, number, key_bits);
+        keys = backend->deliver(lanes[0]->next_offset, number, key_bits);
       } catch (const KmeError& e) {
         // A KME short of key (a QKD link slower than the traffic, or a store smaller than
         // the ring) refuses the whole request: ask for less at once rather than wait for
@@ -402,80 +554,86 @@ struct KeySupply::Impl {
             std::min<std::size_t>(2 * keys_per_request_cap, max_keys_per_request);
       note_latency(ms_since(started));
       if (outage) resume_after_outage();
-      std::uint64_t total = 0;
+      const std::size_t slot_bytes = lanes[0]->ring_owner->slot_bytes();
       for (const Key& k : keys) {
-        if (k.bytes.size() > r.slot_bytes()) {
+        if (k.bytes.size() > slot_bytes) {
           throw KmeError(KmeErrorKind::protocol, 200,
                          "KME delivered a " + std::to_string(k.bytes.size() * 8) +
                              "-bit key where " + std::to_string(key_bits) + " bits were asked; " +
                              std::to_string(keys.size()) + " keys wiped unused");
         }
-        total += k.bytes.size();
       }
-      // Now and then the stream moves to a fresh epoch (see resync_interval).
-      bool resync = pending_resync;
-      if (config.resync_interval.count() > 0 && keys_fetched > 0 &&
-          Clock::now() - last_resync >= config.resync_interval) {
-        align_next_offset();
-        resync = true;
-      }
-      if (resync) last_resync = Clock::now();
-      pending_resync = false;
-      // Reserve before any byte above the old reservation can be handed out.
-      reserve_up_to(next_offset + total);
-      for (const Key& k : keys) {
-        // Announce first: the consumer must never take a byte it could not announce.
-        if (config.publish_announcements) {
-          announcements.push(KeyAnnouncement{next_offset, k.id,
-                                             static_cast<std::uint32_t>(k.bytes.size()), resync});
-          resync = false;
+      // Each lane gets what it wants, in lane order; the rest of a large batch goes where
+      // there is room. Keys keep their order within a lane.
+      std::vector<std::vector<const Key*>> given(lanes.size());
+      std::size_t next_key = 0;
+      for (const bool fill_room : {false, true}) {
+        for (std::size_t i = 0; i < lanes.size() && next_key < keys.size(); ++i) {
+          const std::size_t limit = fill_room ? shares[i].room : shares[i].want;
+          while (given[i].size() < limit && next_key < keys.size())
+            given[i].push_back(&keys[next_key++]);
         }
-        r.push(next_offset, k.id, k.bytes.span());  // cannot fail: free slots were counted
-        next_offset += k.bytes.size();
       }
-      published_next_offset = next_offset;
-      keys_fetched += keys.size();
-      bytes_fetched += total;
+      for (auto& lane : lanes) place_keys(*lane, given[lane->index]);
       healthy = true;
     }
   }
 
-  // Moves the stream on to the next epoch boundary (offsets only, no key is skipped), where
-  // an announcement can be verified from its own keys.
-  void align_next_offset() {
-    const std::uint64_t align = std::max<std::uint64_t>(1, config.restart_alignment);
-    next_offset = (next_offset + align - 1) / align * align;
+  // Master: assigns offsets to a lane's new keys, reserves them in its journal, announces
+  // them and puts them in its ring.
+  void place_keys(Lane& lane, const std::vector<const Key*>& keys) {
+    if (keys.empty()) return;
+    std::uint64_t total = 0;
+    for (const Key* k : keys) total += k->bytes.size();
+    // Now and then the stream moves to a fresh epoch (see resync_interval).
+    bool resync = lane.pending_resync;
+    if (config.resync_interval.count() > 0 && lane.keys_fetched > 0 &&
+        Clock::now() - lane.last_resync >= config.resync_interval) {
+      lane.align_next_offset();
+      resync = true;
+    }
+    if (resync) lane.last_resync = Clock::now();
+    lane.pending_resync = false;
+    // Reserve before any byte above the old reservation can be handed out.
+    lane.reserve_up_to(lane.next_offset + total);
+    for (const Key* k : keys) {
+      // Announce first: the consumer must never take a byte it could not announce.
+      if (config.publish_announcements) {
+        lane.announcements.push(KeyAnnouncement{
+            lane.next_offset, k->id, static_cast<std::uint32_t>(k->bytes.size()), resync});
+        resync = false;
+      }
+      // Cannot fail: free slots were counted.
+      lane.ring_owner->push(lane.next_offset, k->id, k->bytes.span());
+      lane.next_offset += k->bytes.size();
+    }
+    lane.published_next_offset = lane.next_offset;
+    lane.keys_fetched += keys.size();
+    lane.bytes_fetched += total;
+    delivered_once = true;
   }
 
   // The KME answers again after an outage. Keys it issued before may be gone at the
   // slave's KME (a restart loses what was not fetched), and the receiver could then never
-  // verify announcements drawn from them: wipe them, and resume at an epoch boundary so the
-  // next announcement is verifiable from its own keys.
+  // verify announcements drawn from them: wipe them, and resume each lane at an epoch
+  // boundary so its next announcement is verifiable from its own keys.
   void resume_after_outage() {
     outage = false;
-    pending_resync = true;
-    flushed_pending = true;
-    pushed_at_flush = ring_owner->bytes_pushed();
-    align_next_offset();
-    published_next_offset = next_offset;
-    flush_floor.store(next_offset, std::memory_order_release);
+    std::string offsets;
+    for (auto& lane : lanes) {
+      lane->pending_resync = true;
+      lane->flushed_pending = true;
+      lane->pushed_at_flush = lane->ring_owner->bytes_pushed();
+      lane->align_next_offset();
+      lane->published_next_offset = lane->next_offset;
+      lane->flush_floor.store(lane->next_offset, std::memory_order_release);
+      offsets += (offsets.empty() ? "" : ", ") + std::to_string(lane->next_offset);
+    }
     ++kme_outages;
     log(LogLevel::warning, "key supply (peer " + config.peer_sae_id +
                                "): the KME answers again after an outage; key issued before "
                                "it is wiped unused and the stream resumes at pad offset " +
-                               std::to_string(next_offset));
-  }
-
-  // Media thread: the ring, after wiping what a flush after a KME outage left below
-  // the floor.
-  KeyRing* consumer_ring() {
-    KeyRing* r = ring.load(std::memory_order_acquire);
-    const std::uint64_t floor = flush_floor.load(std::memory_order_acquire);
-    if (r && floor > flush_seen) {
-      flush_seen = floor;
-      bytes_flushed.fetch_add(r->discard_below(floor), std::memory_order_relaxed);
-    }
-    return r;
+                               offsets);
   }
 
   void kme_answered() {
@@ -495,7 +653,7 @@ struct KeySupply::Impl {
     const bool http_refusal = e.kind() == KmeErrorKind::unauthorized;
     const bool tls = e.kind() == KmeErrorKind::tls;
     if (e.kind() == KmeErrorKind::transport || e.kind() == KmeErrorKind::server || tls) {
-      if (keys_fetched > 0 && config.role == SaeRole::master) outage = true;
+      if (delivered_once && config.role == SaeRole::master) outage = true;
     }
     if (http_refusal || tls) {
       if (refusals++ == 0) first_refusal = now;
@@ -519,14 +677,16 @@ struct KeySupply::Impl {
   // A key asked for by an announcement, until it is fetched or declared lost.
   struct Wanted {
     KeyAnnouncement announcement;
+    std::size_t lane;
     Clock::time_point first_asked;  // the relay grace runs from here, never restarts
     Clock::time_point next_try;
     int tries = 0;
   };
 
   // Remembers a request so that repeats of it are not fetched again. A KME hands a key
-  // out once, so its key_ID alone identifies it; a pad file can be read again, so there a
-  // forged length must not shadow the genuine request for the same chunk.
+  // out once, so its key_ID alone identifies it (across lanes: the first stream to ask
+  // for a key gets it); a pad file can be read again, so there a forged length must not
+  // shadow the genuine request for the same chunk.
   bool first_sight(const KeyAnnouncement& a) {
     const auto seen =
         std::make_pair(a.key_id, backend->fetch_is_destructive() ? std::uint32_t{0} : a.length);
@@ -540,47 +700,54 @@ struct KeySupply::Impl {
     return true;
   }
 
-  void refill_slave() {
-    KeyRing& r = *ring_owner;
-    const auto now = Clock::now();
+  void take_requests(Lane& lane, Clock::time_point now) {
     KeyAnnouncement a;
-    while (requests.pop(a)) {
+    while (lane.requests.pop(a)) {
       // A journalled (pad-file) receiver reads and reserves the offsets it is asked for
       // before the announcement is verified: only so far beyond what verified traffic
       // has used, so forged announcements cannot push its journal ahead without bound.
-      if (journal &&
-          a.offset > released_end.load(std::memory_order_relaxed) + 8 * config.ring_bytes) {
-        ++keys_refused;  // not remembered: a genuine repeat is taken once in range
+      if (lane.journal &&
+          a.offset > lane.released_end.load(std::memory_order_relaxed) + 8 * config.ring_bytes) {
+        ++lane.keys_refused;  // not remembered: a genuine repeat is taken once in range
         continue;
       }
       if (!first_sight(a)) continue;
-      if (journal && a.offset < restart_floor) {
-        ++keys_refused;  // pad below the journal was (or may have been) used by an earlier run
+      if (lane.journal && a.offset < lane.restart_floor) {
+        ++lane.keys_refused;  // pad below the journal was (or may have been) used by an earlier run
         continue;
       }
       if (wanted.size() >= kMaxWanted) {
-        ++keys_refused;  // far more than any genuine sender has in flight
+        ++lane.keys_refused;  // far more than any genuine sender has in flight
         continue;
       }
-      wanted.push_back(Wanted{a, now, now});
+      wanted.push_back(Wanted{a, lane.index, now, now});
     }
-    // Batches of keys that are due, oldest first. Keys still inside their relay grace are
-    // asked for as a batch (if the KME refuses it as a whole, a few requests find the keys
-    // it holds, so that one missing key does not hold up the rest); keys past it are located
-    // one by one (halving) and the missing ones declared lost. Keys waiting for a retry
-    // never hold up later ones.
-    while (!stopping_flag && r.free_slots() > 0) {
+  }
+
+  void refill_slave() {
+    const auto now = Clock::now();
+    for (auto& lane : lanes) take_requests(*lane, now);
+    // Batches of keys that are due, oldest first, for lanes with room. Keys still inside
+    // their relay grace are asked for as a batch (if the KME refuses it as a whole, a few
+    // requests find the keys it holds, so that one missing key does not hold up the rest);
+    // keys past it are located one by one (halving) and the missing ones declared lost.
+    // Keys waiting for a retry never hold up later ones.
+    while (!stopping_flag) {
       const auto round = Clock::now();
+      std::vector<std::size_t> room(lanes.size());
+      for (auto& lane : lanes) room[lane->index] = lane->ring_owner->free_slots();
       std::vector<std::size_t> batch;
       bool old = false;
-      const std::size_t limit = std::min(r.free_slots(), std::size_t(max_keys_per_request));
       // Keys inside their grace first: they are the ones media needs now, while keys
       // past it are most likely lost and their packets gone.
       for (const bool past : {false, true}) {
-        for (std::size_t i = 0; i < wanted.size() && batch.size() < limit; ++i) {
+        for (std::size_t i = 0; i < wanted.size() && batch.size() < max_keys_per_request; ++i) {
           const Wanted& w = wanted[i];
-          if (w.next_try <= round && (round - w.first_asked >= config.relay_grace) == past)
+          if (room[w.lane] > 0 && w.next_try <= round &&
+              (round - w.first_asked >= config.relay_grace) == past) {
             batch.push_back(i);
+            --room[w.lane];
+          }
         }
         if (!batch.empty()) {
           old = past;
@@ -590,10 +757,13 @@ struct KeySupply::Impl {
       if (batch.empty()) break;
       std::vector<KeyAnnouncement> asked;
       for (std::size_t i : batch) asked.push_back(wanted[i].announcement);
-      if (journal) {
+      for (auto& lane : lanes) {
+        if (!lane->journal) continue;
         std::uint64_t end = 0;
-        for (const auto& w : asked) end = std::max(end, w.offset + w.length);
-        reserve_up_to(end);
+        for (std::size_t i : batch)
+          if (wanted[i].lane == lane->index)
+            end = std::max(end, wanted[i].announcement.offset + wanted[i].announcement.length);
+        lane->reserve_up_to(end);
       }
       const auto started = Clock::now();
       auto fetched = backend->fetch(asked, old);
@@ -604,23 +774,26 @@ struct KeySupply::Impl {
       std::vector<bool> done(batch.size(), false);
       for (std::size_t k = 0; k < batch.size(); ++k) {
         Wanted& w = wanted[batch[k]];
+        Lane& lane = *lanes[w.lane];
         if (fetched[k].key) {
           done[k] = true;
+          KeyRing& r = *lane.ring_owner;
           if (!r.push(w.announcement.offset, w.announcement.key_id, fetched[k].key->bytes.span())) {
-            ++keys_lost;
+            ++lane.keys_lost;
             record_error("key_ID " + w.announcement.key_id.to_string() + " has " +
                          std::to_string(fetched[k].key->bytes.size()) +
                          " bytes, more than a key ring slot (" + std::to_string(r.slot_bytes()) +
                          "); wiped unused");
             continue;
           }
-          ++keys_fetched;
-          bytes_fetched += fetched[k].key->bytes.size();
+          ++lane.keys_fetched;
+          lane.bytes_fetched += fetched[k].key->bytes.size();
           healthy = true;
         } else if (old && fetched[k].missing) {
           done[k] = true;
           ++lost;
-          lost_keys.push(w.announcement);  // full: the decoder's own expiry catches it
+          ++lane.keys_lost;
+          lane.lost_keys.push(w.announcement);  // full: the decoder's own expiry catches it
           if (!first_lost) first_lost = w.announcement;
           lost_last_offset = w.announcement.offset + w.announcement.length;
         } else if (old) {
@@ -635,7 +808,6 @@ struct KeySupply::Impl {
         }
       }
       if (lost != 0) {
-        keys_lost += lost;
         record_error(std::to_string(lost) + " announced key" + (lost == 1 ? "" : "s") +
                      " (first key_ID " + first_lost->key_id.to_string() + ", pad offsets " +
                      std::to_string(first_lost->offset) + " to " +
@@ -651,25 +823,15 @@ struct KeySupply::Impl {
       kme_answered();
       if (old) break;  // one locating round at a time: fresh requests are served first
     }
-    waiting_count = wanted.size();
+    std::vector<std::uint64_t> waiting(lanes.size(), 0);
+    for (const Wanted& w : wanted) ++waiting[w.lane];
+    for (auto& lane : lanes) lane->waiting_count = waiting[lane->index];
   }
 
   void note_latency(double ms) {
     latency_last = ms;
     ++latency_samples;
     latency_avg = latency_avg + (ms - latency_avg) / double(latency_samples);
-  }
-
-  void sample_rate(Clock::time_point& last_time, std::uint64_t& last_consumed) {
-    const auto now = Clock::now();
-    const double seconds = std::chrono::duration<double>(now - last_time).count();
-    if (seconds < 0.25) return;
-    KeyRing* r = ring.load(std::memory_order_acquire);
-    const std::uint64_t consumed = r ? r->bytes_consumed() : 0;
-    const double instant = double(consumed - last_consumed) / seconds;
-    consumption = consumption == 0 ? instant : 0.6 * consumption + 0.4 * instant;
-    last_time = now;
-    last_consumed = consumed;
   }
 
   void run() {
@@ -680,8 +842,6 @@ struct KeySupply::Impl {
     // a receiver dropped its first packets when its key fetch sat behind two CPU hogs.
     auto backoff = std::chrono::milliseconds(100);
     started_at = Clock::now();
-    auto last_time = Clock::now();
-    std::uint64_t last_consumed = 0;
     std::unique_lock lock(mutex);
     while (!stopping) {
       lock.unlock();
@@ -707,10 +867,52 @@ struct KeySupply::Impl {
         record_error(e.what());
         wait = std::chrono::milliseconds(1000);
       }
-      sample_rate(last_time, last_consumed);
+      for (auto& lane : lanes) lane->sample_rate();
       lock.lock();
       cv.wait_for(lock, wait, [&] { return stopping; });
     }
+  }
+
+  // Stats of some lanes (one, or all of them), with the supply-wide state.
+  KeySupplyStats stats_of(std::span<const std::unique_ptr<Lane>> of) const {
+    KeySupplyStats s;
+    s.memory_locked = true;
+    for (const auto& lane : of) {
+      if (const KeyRing* r = lane->ring.load(std::memory_order_acquire)) {
+        s.bytes_available += r->bytes_available();
+        s.bytes_consumed += r->bytes_consumed();
+        s.ring_capacity_bytes += r->slot_count() * r->slot_bytes();
+        s.memory_locked = s.memory_locked && r->memory_locked();
+      } else {
+        s.memory_locked = false;
+      }
+      s.bytes_fetched += lane->bytes_fetched;
+      s.keys_fetched += lane->keys_fetched;
+      s.keys_lost += lane->keys_lost;
+      s.keys_refused += lane->keys_refused;
+      s.keys_waiting += lane->waiting_count;
+      s.bytes_flushed += lane->bytes_flushed;
+      s.bytes_wiped_at_stop += lane->wiped_at_stop;
+      s.consumption_bytes_per_s += lane->consumption;
+    }
+    // Offsets are a lane's own: the first one's when several are summed.
+    s.next_offset = of.front()->published_next_offset;
+    s.reserved_offset = of.front()->published_reserved;
+    s.kme_outages = kme_outages;
+    s.kme_replaces_batches = replaces_batches_flag;
+    s.failed = failed_flag;
+    s.kme_errors = kme_errors;
+    s.key_size_bits = published_key_bits;
+    s.refill_latency_ms_last = latency_last;
+    s.refill_latency_ms_avg = latency_avg;
+    s.seconds_to_exhaustion = s.consumption_bytes_per_s >= 1
+                                  ? double(s.bytes_available) / s.consumption_bytes_per_s
+                                  : std::numeric_limits<double>::infinity();
+    s.kme_healthy = healthy;
+    std::lock_guard lock(error_mutex);
+    s.last_error = last_error;
+    s.failure = failure_text;
+    return s;
   }
 
   std::size_t keys_per_request_cap = SIZE_MAX;  // master: shrinks while the KME is short
@@ -720,10 +922,7 @@ struct KeySupply::Impl {
   Clock::time_point batch_issued{};
   bool outage = false;                // master: the KME was unreachable since keys were last issued
   Clock::time_point last_kme_call{};  // master: last successful KME exchange
-  bool pending_resync = false;        // master: the next key starts a resync run
-  Clock::time_point last_resync = Clock::now();
-  bool flushed_pending = false;  // master: a flush the media thread may not have done
-  std::uint64_t pushed_at_flush = 0;
+  bool delivered_once = false;        // master: keys were issued since start
   bool ever_answered = false;
   int refusals = 0;
   Clock::time_point first_refusal{};
@@ -731,40 +930,25 @@ struct KeySupply::Impl {
 
   KeySupplyConfig config;
   std::unique_ptr<Backend> backend;
-  std::optional<OffsetJournal> journal;
+  std::vector<std::unique_ptr<Lane>> lanes;
 
   // Refill-thread state.
-  std::unique_ptr<KeyRing> ring_owner;
+  bool ring_ready = false;
   std::uint32_t key_bits = 0;
   std::uint32_t max_keys_per_request = kDefaultMaxKeysPerRequest;
-  std::uint64_t next_offset = 0;
-  std::uint64_t restart_floor = 0;  // slave: nothing below the journal at start is fetched
   std::deque<Wanted> wanted;
   std::set<std::pair<KeyId, std::uint32_t>> recent;
   std::deque<std::pair<KeyId, std::uint32_t>> recent_order;
   std::uint64_t latency_samples = 0;
 
-  // Shared with the media thread (lock-free) and with stats() readers.
-  std::atomic<KeyRing*> ring{nullptr};
-  boost::lockfree::spsc_queue<KeyAnnouncement> announcements{kQueueCapacity};
-  boost::lockfree::spsc_queue<KeyAnnouncement> requests{kQueueCapacity};
-  boost::lockfree::spsc_queue<KeyAnnouncement> lost_keys{kQueueCapacity};
-  std::atomic<std::uint64_t> bytes_fetched{0}, keys_fetched{0}, keys_lost{0}, keys_refused{0},
-      kme_errors{0};
-  std::atomic<std::uint64_t> published_next_offset{0}, published_reserved{0};
+  // Shared with the media threads (lock-free) and with stats() readers.
+  std::atomic<std::uint64_t> kme_errors{0}, kme_outages{0};
   std::atomic<std::uint32_t> published_key_bits{0};
-  std::atomic<double> latency_last{0}, latency_avg{0}, consumption{0};
+  std::atomic<double> latency_last{0}, latency_avg{0};
   std::atomic<bool> healthy{false};
-  std::atomic<std::uint64_t> released_end{0};  // slave: end of the furthest key released
   std::atomic<bool> stopping_flag{false};
   std::atomic<bool> replaces_batches_flag{false};
   std::atomic<bool> failed_flag{false};
-  std::atomic<std::uint64_t> flush_floor{0};  // master: pad below this is wiped unused
-  std::atomic<std::uint64_t> bytes_flushed{0}, kme_outages{0}, wiped_at_stop{0};
-  std::atomic<std::uint64_t> waiting_count{0};
-  // Media thread only.
-  std::uint64_t flush_seen = 0;
-  std::size_t release_budget = 0;  // announcements still to release in the current batch
   mutable std::mutex error_mutex;
   std::string last_error;
   std::string failure_text;
@@ -774,6 +958,37 @@ struct KeySupply::Impl {
   std::condition_variable cv;
   bool stopping = false;
 };
+
+std::optional<KeyAnnouncement> KeySupply::Impl::Lane::next_announcement() {
+  consumer_ring();
+  while (true) {
+    if (!announcements.read_available()) return std::nullopt;
+    const KeyAnnouncement& front = announcements.front();
+    const std::uint64_t floor = flush_floor.load(std::memory_order_acquire);
+    if (front.offset < floor) {  // its key was flushed: never announce it
+      announcements.pop();
+      continue;
+    }
+    KeyRing* r = ring.load(std::memory_order_acquire);
+    const std::uint64_t position = r && r->peek_offset() ? *r->peek_offset() : front.offset;
+    if (front.resync && position < front.offset) {
+      release_budget = 0;  // a resync run is announced once the stream reaches it
+      return std::nullopt;
+    }
+    if (release_budget == 0 && impl.config.announce_lead_seconds > 0) {
+      // Announce a bounded lead ahead of use, a whole announcement's worth at a time.
+      const double lead =
+          std::max(double(impl.config.announce_min_bytes),
+                   consumption.load(std::memory_order_relaxed) * impl.config.announce_lead_seconds);
+      if (double(front.offset) >= double(position) + lead) return std::nullopt;
+      release_budget = kAnnouncementBatch;
+    }
+    KeyAnnouncement a = front;
+    announcements.pop();
+    if (release_budget > 0) --release_budget;
+    return a;
+  }
+}
 
 KeySupply::KeySupply(KmeClientConfig kme, KeySupplyConfig config) {
   config = Impl::checked(std::move(config));
@@ -792,12 +1007,13 @@ KeySupply::KeySupply(PadFileConfig pad_file, KeySupplyConfig config) {
 
 KeySupply::~KeySupply() {
   stop();
-  if (KeyRing* r = impl_->ring.load()) {
-    const std::uint64_t left = r->bytes_available();
-    if (left != 0) {
-      impl_->log(LogLevel::info, "key supply (peer " + impl_->config.peer_sae_id + "): " +
-                                     std::to_string(left) + " bytes of fetched key wiped unused");
-    }
+  std::uint64_t left = 0;
+  for (const auto& lane : impl_->lanes) {
+    if (const KeyRing* r = lane->ring.load()) left += r->bytes_available();
+  }
+  if (left != 0) {
+    impl_->log(LogLevel::info, "key supply (peer " + impl_->config.peer_sae_id + "): " +
+                                   std::to_string(left) + " bytes of fetched key wiped unused");
   }
 }
 
@@ -815,68 +1031,49 @@ void KeySupply::stop() {
   impl_->cv.notify_all();
   impl_->backend->cancel();
   if (impl_->thread.joinable()) impl_->thread.join();
-  if (KeyRing* r = impl_->ring.load()) impl_->wiped_at_stop = r->bytes_available();
+  for (const auto& lane : impl_->lanes) {
+    if (const KeyRing* r = lane->ring.load()) lane->wiped_at_stop = r->bytes_available();
+  }
 }
 
 SaeRole KeySupply::role() const {
   return impl_->config.role;
 }
 
+std::size_t KeySupply::lane_count() const {
+  return impl_->lanes.size();
+}
+
+PadSource& KeySupply::lane(std::size_t index) {
+  if (index >= impl_->lanes.size()) {
+    throw std::out_of_range("key supply lane " + std::to_string(index) + " of " +
+                            std::to_string(impl_->lanes.size()));
+  }
+  return *impl_->lanes[index];
+}
+
 std::optional<std::uint64_t> KeySupply::take(std::span<std::uint8_t> out) {
-  KeyRing* r = impl_->consumer_ring();
-  return r ? r->take(out) : std::nullopt;
+  return impl_->lanes[0]->take(out);
 }
 
 std::optional<std::uint64_t> KeySupply::peek_offset() {
-  KeyRing* r = impl_->consumer_ring();
-  return r ? r->peek_offset() : std::nullopt;
+  return impl_->lanes[0]->peek_offset();
 }
 
 std::uint64_t KeySupply::available() const {
-  const KeyRing* r = impl_->ring.load(std::memory_order_acquire);
-  return r ? r->bytes_available() : 0;
+  return impl_->lanes[0]->available();
 }
 
 std::optional<KeyAnnouncement> KeySupply::next_announcement() {
-  Impl& i = *impl_;
-  i.consumer_ring();
-  while (true) {
-    if (!i.announcements.read_available()) return std::nullopt;
-    const KeyAnnouncement& front = i.announcements.front();
-    const std::uint64_t floor = i.flush_floor.load(std::memory_order_acquire);
-    if (front.offset < floor) {  // its key was flushed: never announce it
-      i.announcements.pop();
-      continue;
-    }
-    KeyRing* r = i.ring.load(std::memory_order_acquire);
-    const std::uint64_t position = r && r->peek_offset() ? *r->peek_offset() : front.offset;
-    if (front.resync && position < front.offset) {
-      i.release_budget = 0;  // a resync run is announced once the stream reaches it
-      return std::nullopt;
-    }
-    if (i.release_budget == 0 && i.config.announce_lead_seconds > 0) {
-      // Announce a bounded lead ahead of use, a whole announcement's worth at a time.
-      const double lead =
-          std::max(double(i.config.announce_min_bytes),
-                   i.consumption.load(std::memory_order_relaxed) * i.config.announce_lead_seconds);
-      if (double(front.offset) >= double(position) + lead) return std::nullopt;
-      i.release_budget = kAnnouncementBatch;
-    }
-    KeyAnnouncement a = front;
-    i.announcements.pop();
-    if (i.release_budget > 0) --i.release_budget;
-    return a;
-  }
+  return impl_->lanes[0]->next_announcement();
 }
 
 bool KeySupply::request(const KeyAnnouncement& announcement) {
-  return impl_->requests.push(announcement);
+  return impl_->lanes[0]->request(announcement);
 }
 
 std::optional<KeyAnnouncement> KeySupply::next_lost() {
-  KeyAnnouncement a;
-  if (!impl_->lost_keys.pop(a)) return std::nullopt;
-  return a;
+  return impl_->lanes[0]->next_lost();
 }
 
 bool KeySupply::failed() const {
@@ -889,53 +1086,23 @@ std::string KeySupply::failure() const {
 }
 
 std::optional<PadSegment> KeySupply::pop_segment() {
-  KeyRing* r = impl_->ring.load(std::memory_order_acquire);
-  return r ? r->pop_segment() : std::nullopt;
+  return impl_->lanes[0]->pop_segment();
 }
 
 void KeySupply::release(const PadSegment& segment) {
-  const std::uint64_t end = segment.offset + segment.bytes.size();
-  impl_->ring.load(std::memory_order_acquire)->release(segment);
-  // Single consumer: a plain load/store pair is enough to keep the maximum.
-  if (end > impl_->released_end.load(std::memory_order_relaxed)) {
-    impl_->released_end.store(end, std::memory_order_relaxed);
-  }
+  impl_->lanes[0]->release(segment);
 }
 
 KeySupplyStats KeySupply::stats() const {
-  const Impl& i = *impl_;
-  KeySupplyStats s;
-  if (const KeyRing* r = i.ring.load(std::memory_order_acquire)) {
-    s.bytes_available = r->bytes_available();
-    s.bytes_consumed = r->bytes_consumed();
-    s.ring_capacity_bytes = r->slot_count() * r->slot_bytes();
-    s.memory_locked = r->memory_locked();
+  return impl_->stats_of(impl_->lanes);
+}
+
+KeySupplyStats KeySupply::lane_stats(std::size_t index) const {
+  if (index >= impl_->lanes.size()) {
+    throw std::out_of_range("key supply lane " + std::to_string(index) + " of " +
+                            std::to_string(impl_->lanes.size()));
   }
-  s.bytes_fetched = i.bytes_fetched;
-  s.keys_fetched = i.keys_fetched;
-  s.keys_lost = i.keys_lost;
-  s.keys_refused = i.keys_refused;
-  s.keys_waiting = i.waiting_count;
-  s.bytes_flushed = i.bytes_flushed;
-  s.kme_outages = i.kme_outages;
-  s.bytes_wiped_at_stop = i.wiped_at_stop;
-  s.kme_replaces_batches = i.replaces_batches_flag;
-  s.failed = i.failed_flag;
-  s.kme_errors = i.kme_errors;
-  s.next_offset = i.published_next_offset;
-  s.reserved_offset = i.published_reserved;
-  s.key_size_bits = i.published_key_bits;
-  s.consumption_bytes_per_s = i.consumption;
-  s.refill_latency_ms_last = i.latency_last;
-  s.refill_latency_ms_avg = i.latency_avg;
-  s.seconds_to_exhaustion = s.consumption_bytes_per_s >= 1
-                                ? double(s.bytes_available) / s.consumption_bytes_per_s
-                                : std::numeric_limits<double>::infinity();
-  s.kme_healthy = i.healthy;
-  std::lock_guard lock(i.error_mutex);
-  s.last_error = i.last_error;
-  s.failure = i.failure_text;
-  return s;
+  return impl_->stats_of(std::span(impl_->lanes).subspan(index, 1));
 }
 
 }  // namespace otpgate::keys

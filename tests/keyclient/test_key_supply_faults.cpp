@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
+#include <fstream>
 #include <cstdio>
 #include <map>
 #include <optional>
@@ -521,4 +523,128 @@ TEST_F(KeySupplyFaults, AnnouncementsGoOnlyABoundedLeadAhead) {
   const std::uint64_t second = drain();
   EXPECT_GT(second, 0u) << "nothing more announced after " << used << " bytes were used";
   EXPECT_LT(announced, master.stats().next_offset) << "still not the whole ring";
+}
+
+// Three streams on one SAE pair share one supply per direction (one lane each): on a KME
+// that replaces unfetched batches, their batches no longer replace one another, each lane
+// is a pad stream of its own (offsets from its own journal), and no key serves two lanes.
+TEST_F(KeySupplyFaults, StreamsShareOneSupplyPerDirectionWithALaneEach) {
+  kmesim::SimulatorFaults faults;
+  faults.replace_unfetched_batch = true;
+  faults.stored_count_of_pair = true;
+  sim_->set_faults(faults);
+  constexpr std::size_t kLanes = 3;
+  auto master_cfg = master_config();
+  master_cfg.lanes = kLanes;
+  for (std::size_t i = 0; i < kLanes; ++i)
+    master_cfg.lane_journals.push_back(dir_ / ("lane-" + std::to_string(i) + ".journal"));
+  {
+    keys::OffsetJournal earlier(master_cfg.lane_journals[1]);  // lane 1 ran before
+    earlier.reserve(1u << 20);
+  }
+  auto slave_cfg = slave_config();
+  slave_cfg.lanes = kLanes;
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_cfg);
+  keys::KeySupply slave(client_config(sim_->url(), "sae-b"), slave_cfg);
+  ASSERT_EQ(master.lane_count(), kLanes);
+  master.start();
+  slave.start();
+
+  std::array<Pad, kLanes> sent, received;
+  std::array<std::uint64_t, kLanes> moved{};
+  std::map<keys::KeyId, std::size_t> lane_of_key;
+  bool same_key_twice = false;
+  std::vector<std::uint8_t> chunk(1000);
+  auto step = [&] {
+    for (std::size_t i = 0; i < kLanes; ++i) {
+      keys::PadSource& out = master.lane(i);
+      keys::PadSource& in = slave.lane(i);
+      while (auto a = out.next_announcement()) {
+        const auto [it, fresh] = lane_of_key.emplace(a->key_id, i);
+        same_key_twice = same_key_twice || !fresh;
+        EXPECT_TRUE(in.request(*a));
+      }
+      // Lanes at different rates, as a video and an audio stream.
+      for (std::size_t n = 0; n < kLanes - i; ++n) {
+        if (auto offset = out.take(chunk)) {
+          sent[i].emplace(*offset, chunk);
+          moved[i] += chunk.size();
+        }
+      }
+      while (auto s = in.pop_segment()) {
+        received[i].emplace(s->offset, std::vector<std::uint8_t>(s->bytes.begin(), s->bytes.end()));
+        in.release(*s);
+      }
+    }
+    std::this_thread::sleep_for(1ms);
+  };
+  ASSERT_TRUE(eventually(
+      [&] {
+        step();
+        return moved[kLanes - 1] >= (128u << 10);
+      },
+      60s))
+      << "lanes moved " << moved[0] << "/" << moved[1] << "/" << moved[2] << " bytes; "
+      << master.stats().last_error;
+  // Let the slave catch up with what was announced.
+  ASSERT_TRUE(eventually([&] {
+    step();
+    return slave.stats().keys_waiting == 0;
+  }));
+  step();
+  EXPECT_FALSE(same_key_twice) << "a key was announced on two lanes";
+  EXPECT_EQ(sim_->stats().keys_replaced, 0u) << "one lane's batch replaced another's";
+  EXPECT_TRUE(master.stats().kme_replaces_batches);
+  EXPECT_EQ(slave.stats().keys_lost, 0u);
+  EXPECT_GE(sent[1].begin()->first, 1u << 20) << "lane 1 resumes from its own journal";
+  EXPECT_LT(sent[0].begin()->first, 1u << 20);
+  // Every chunk a lane's sender used is the same pad at that lane's receiver.
+  for (std::size_t i = 0; i < kLanes; ++i) {
+    std::size_t compared = 0;
+    for (const auto& [offset, bytes] : sent[i]) {
+      auto seg = received[i].upper_bound(offset);
+      ASSERT_NE(seg, received[i].begin()) << "lane " << i << " offset " << offset;
+      --seg;
+      std::vector<std::uint8_t> got;
+      for (std::uint64_t o = offset; o < offset + bytes.size();) {
+        ASSERT_TRUE(seg != received[i].end() && o >= seg->first &&
+                    o < seg->first + seg->second.size())
+            << "lane " << i << ": pad at " << o << " never reached the receiver";
+        const std::size_t at = o - seg->first;
+        const std::size_t n =
+            std::min<std::uint64_t>(seg->second.size() - at, offset + bytes.size() - o);
+        got.insert(got.end(), seg->second.begin() + at, seg->second.begin() + at + n);
+        o += n;
+        ++seg;
+      }
+      EXPECT_EQ(got, bytes) << "lane " << i << " offset " << offset;
+      ++compared;
+    }
+    EXPECT_GT(compared, 0u) << "lane " << i;
+    const auto ls = master.lane_stats(i);
+    EXPECT_EQ(ls.bytes_consumed, moved[i]) << "lane " << i;
+  }
+  EXPECT_EQ(master.stats().bytes_consumed, moved[0] + moved[1] + moved[2]);
+}
+
+TEST_F(KeySupplyFaults, LanesNeedAJournalEachAndAKme) {
+  auto master_cfg = master_config();
+  master_cfg.lanes = 2;
+  try {
+    keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_cfg);
+    ADD_FAILURE() << "two lanes with one journal were accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("one offset journal per lane"), std::string::npos)
+        << e.what();
+  }
+  const auto pad = dir_ / "pad.bin";
+  std::ofstream(pad) << std::string(4096, 'x');
+  master_cfg.lane_journals = {dir_ / "l0.journal", dir_ / "l1.journal"};
+  try {
+    keys::KeySupply from_file(keys::PadFileConfig{pad, 1024}, master_cfg);
+    ADD_FAILURE() << "a pad file was shared by two lanes";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("give each stream its own pad file"), std::string::npos)
+        << e.what();
+  }
 }

@@ -330,6 +330,13 @@ struct KeySupplyConfig {
   // never answered is given up on after this long. A supply that once worked never gives
   // up (it reports the outage and recovers when the KME does).
   std::chrono::milliseconds give_up_after{7000};
+  // One supply can serve several streams of the same peer and direction, one lane each:
+  // one KME client, one refill thread and (for a KME that replaces unfetched batches) one
+  // batch in flight for all of them, while each lane is a pad stream of its own (offsets,
+  // ring, announcements; as master its own journal, lane_journals[i]). With one lane the
+  // journal is `journal`. KME keys only: a pad file is a single pad stream.
+  std::size_t lanes = 1;
+  std::vector<std::filesystem::path> lane_journals;
   LogSink log;
 };
 
@@ -373,6 +380,11 @@ class KeySupply final : public PadSource {
   void stop();
   SaeRole role() const;
 
+  // Lane `index` (< lane_count(), see KeySupplyConfig::lanes) as a key source for one
+  // stream; the supply's own PadSource functions are lane 0's.
+  PadSource& lane(std::size_t index);
+  std::size_t lane_count() const;
+
   // Master, media thread: next out.size() pad bytes and their offset, or nullopt.
   std::optional<std::uint64_t> take(std::span<std::uint8_t> out) override;
   std::optional<std::uint64_t> peek_offset() override;
@@ -391,7 +403,10 @@ class KeySupply final : public PadSource {
   bool failed() const override;
   std::string failure() const override;
 
+  // Every lane together (next_offset and reserved_offset: lane 0's).
   KeySupplyStats stats() const;
+  // One lane's key and offsets, with the supply-wide KME state.
+  KeySupplyStats lane_stats(std::size_t index) const;
 
  private:
   struct Impl;
