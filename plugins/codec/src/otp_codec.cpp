@@ -1,6 +1,7 @@
 #include "otpgate/otp_codec.hpp"
 
 #include "otpgate/checked_cast.hpp"
+#include "wegman_carter.hpp"
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
@@ -30,41 +31,6 @@ namespace {
 
 constexpr std::uint64_t E = kEpochBytes;
 constexpr std::size_t kMinRecordFill = 512;  // below this, skip to the next epoch instead
-
-// Poly1305 (OpenSSL EVP_MAC) used as a Wegman-Carter MAC: key = r || s, where r is the
-// epoch's hash key and s a fresh one-time mask, so tag = h_r(m) + s mod 2^128.
-class WegmanCarter {
- public:
-  WegmanCarter() {
-    mac_.reset(EVP_MAC_fetch(nullptr, "POLY1305", nullptr));
-    if (mac_) ctx_.reset(EVP_MAC_CTX_new(mac_.get()));
-    if (!ctx_) throw std::runtime_error("OpenSSL has no Poly1305 MAC");
-  }
-  void tag(const std::uint8_t* r, const std::uint8_t* s,
-           std::initializer_list<std::span<const std::uint8_t>> parts, std::uint8_t* out) {
-    std::uint8_t key[32];
-    std::memcpy(key, r, 16);
-    std::memcpy(key + 16, s, 16);
-    const int ok = EVP_MAC_init(ctx_.get(), key, sizeof key, nullptr);
-    OPENSSL_cleanse(key, sizeof key);
-    if (ok != 1) throw std::runtime_error("Poly1305 initialisation failed");
-    for (auto part : parts) EVP_MAC_update(ctx_.get(), part.data(), part.size());
-    std::size_t length = 0;
-    EVP_MAC_final(ctx_.get(), out, &length, kTagBytes);
-  }
-
- private:
-  struct Free {
-    void operator()(EVP_MAC* m) const { EVP_MAC_free(m); }
-    void operator()(EVP_MAC_CTX* c) const { EVP_MAC_CTX_free(c); }
-  };
-  std::unique_ptr<EVP_MAC, Free> mac_;
-  std::unique_ptr<EVP_MAC_CTX, Free> ctx_;
-};
-
-void xor_into(std::uint8_t* out, const std::uint8_t* in, const std::uint8_t* pad, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) out[i] = in[i] ^ pad[i];
-}
 
 bool fits_epoch(std::uint64_t offset, std::size_t n) {
   const std::uint64_t in = offset % E;
@@ -155,32 +121,6 @@ class GcmKey {
 constexpr std::size_t kAesKeyPayload = kAesKeyBytes - kMaskBytes;  // drawn like a unit
 
 }  // namespace
-
-std::vector<std::uint8_t> seal_message(std::span<const std::uint8_t> key,
-                                       std::span<const std::uint8_t> plaintext) {
-  constexpr std::size_t kMacKey = kAuthKeyBytes + kMaskBytes;
-  if (key.size() < kMacKey + plaintext.size())
-    throw std::invalid_argument("seal_message: key too short");
-  std::vector<std::uint8_t> sealed(plaintext.size() + kTagBytes);
-  xor_into(sealed.data(), plaintext.data(), key.data() + kMacKey, plaintext.size());
-  WegmanCarter().tag(key.data(), key.data() + kAuthKeyBytes,
-                     {std::span(sealed).first(plaintext.size())}, sealed.data() + plaintext.size());
-  return sealed;
-}
-
-std::optional<std::vector<std::uint8_t>> open_message(std::span<const std::uint8_t> key,
-                                                      std::span<const std::uint8_t> sealed) {
-  constexpr std::size_t kMacKey = kAuthKeyBytes + kMaskBytes;
-  if (sealed.size() < kTagBytes || key.size() < kMacKey + sealed.size() - kTagBytes)
-    return std::nullopt;
-  const std::size_t n = sealed.size() - kTagBytes;
-  std::uint8_t tag[kTagBytes];
-  WegmanCarter().tag(key.data(), key.data() + kAuthKeyBytes, {sealed.first(n)}, tag);
-  if (CRYPTO_memcmp(tag, sealed.data() + n, kTagBytes) != 0) return std::nullopt;
-  std::vector<std::uint8_t> plain(n);
-  xor_into(plain.data(), sealed.data(), key.data() + kMacKey, n);
-  return plain;
-}
 
 // ---------------------------------------------------------------------------
 // Encoder
