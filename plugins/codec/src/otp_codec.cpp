@@ -1,6 +1,7 @@
 #include "otpgate/otp_codec.hpp"
 
 #include "otpgate/checked_cast.hpp"
+#include "pad_window.hpp"
 #include "wegman_carter.hpp"
 
 #include <openssl/core_names.h>
@@ -31,11 +32,6 @@ namespace {
 
 constexpr std::uint64_t E = kEpochBytes;
 constexpr std::size_t kMinRecordFill = 512;  // below this, skip to the next epoch instead
-
-bool fits_epoch(std::uint64_t offset, std::size_t n) {
-  const std::uint64_t in = offset % E;
-  return in >= kAuthKeyBytes && in + kMaskBytes + n <= E && offset <= UINT64_MAX - E;
-}
 
 // One libsrtp2 AES-256-GCM session for one master key drawn from the pad.
 class SrtpSession {
@@ -464,118 +460,6 @@ std::uint64_t Encoder::stream_id() const {
 
 // ---------------------------------------------------------------------------
 // Decoder
-
-namespace {
-
-// Pad held by the receiver, addressed by pad offset: a circular arena of `size` bytes
-// covering [base, base + size), with bitmaps of bytes present and bytes used.
-class PadWindow {
- public:
-  explicit PadWindow(std::size_t size)
-      : size_(size), bytes_(size), present_(size / 64), used_(size / 64) {
-    if (size == 0 || size % E != 0)
-      throw std::invalid_argument("window must be a multiple of 256 KiB");
-  }
-
-  std::uint64_t base() const { return base_; }
-  bool in_range(std::uint64_t off, std::size_t n) const {
-    return off >= base_ && off - base_ <= size_ && n <= size_ - (off - base_);
-  }
-  bool all_present(std::uint64_t off, std::size_t n) const { return test(present_, off, n, true); }
-  bool none_used(std::uint64_t off, std::size_t n) const { return test(used_, off, n, false); }
-  bool any_used(std::uint64_t off, std::size_t n) const { return !test(used_, off, n, false); }
-
-  void copy_out(std::uint64_t off, std::size_t n, std::uint8_t* out) const {
-    pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t done) {
-      std::memcpy(out + done, bytes_.span().data() + at, len);
-    });
-  }
-  // Marks used and wipes: the pad can never be used again.
-  void consume(std::uint64_t off, std::size_t n) {
-    pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t) {
-      OPENSSL_cleanse(bytes_.span().data() + at, len);
-      set(used_, at, len, true);
-    });
-  }
-  // Places key bytes; moves the window forward if they reach past its end.
-  void place(std::uint64_t off, std::span<const std::uint8_t> key) {
-    const std::uint64_t end = off + key.size();
-    if (end <= base_) return;
-    if (end > base_ + size_) advance(end - size_);
-    std::size_t skip = off < base_ ? static_cast<std::size_t>(base_ - off) : 0;
-    pieces(off + skip, key.size() - skip, [&](std::size_t at, std::size_t len, std::size_t done) {
-      std::memcpy(bytes_.span().data() + at, key.data() + skip + done, len);
-      set(present_, at, len, true);
-      set(used_, at, len, false);
-    });
-  }
-
- private:
-  void advance(std::uint64_t new_base) {
-    const std::uint64_t drop = new_base - base_;
-    if (drop >= size_) {
-      OPENSSL_cleanse(bytes_.span().data(), size_);
-      std::fill(present_.begin(), present_.end(), 0);
-      std::fill(used_.begin(), used_.end(), 0);
-    } else {
-      pieces(base_, static_cast<std::size_t>(drop),
-             [&](std::size_t at, std::size_t len, std::size_t) {
-               OPENSSL_cleanse(bytes_.span().data() + at, len);
-               set(present_, at, len, false);
-               set(used_, at, len, false);
-             });
-    }
-    base_ = new_base;
-  }
-
-  template <typename F>
-  void pieces(std::uint64_t off, std::size_t n, F f) const {
-    std::size_t done = 0;
-    while (done < n) {
-      const std::size_t at = static_cast<std::size_t>((off + done) % size_);
-      const std::size_t len = std::min(n - done, size_ - at);
-      f(at, len, done);
-      done += len;
-    }
-  }
-
-  static void set(std::vector<std::uint64_t>& bits, std::size_t at, std::size_t n, bool value) {
-    for (std::size_t i = at, end = at + n; i < end;) {
-      const std::size_t b = i % 64;
-      const std::size_t take = std::min<std::size_t>(64 - b, end - i);
-      const std::uint64_t mask = (take == 64 ? ~0ull : ((1ull << take) - 1)) << b;
-      if (value) {
-        bits[i / 64] |= mask;
-      } else {
-        bits[i / 64] &= ~mask;
-      }
-      i += take;
-    }
-  }
-
-  bool test(const std::vector<std::uint64_t>& bits, std::uint64_t off, std::size_t n,
-            bool value) const {
-    bool all = true;
-    pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t) {
-      for (std::size_t i = at, end = at + len; i < end && all;) {
-        const std::size_t b = i % 64;
-        const std::size_t take = std::min<std::size_t>(64 - b, end - i);
-        const std::uint64_t mask = (take == 64 ? ~0ull : ((1ull << take) - 1)) << b;
-        const std::uint64_t got = bits[i / 64] & mask;
-        all = value ? got == mask : got == 0;
-        i += take;
-      }
-    });
-    return all;
-  }
-
-  std::size_t size_;
-  SecretBytes bytes_;
-  std::vector<std::uint64_t> present_, used_;
-  std::uint64_t base_ = 0;
-};
-
-}  // namespace
 
 struct Decoder::Impl {
   struct EpochKey {

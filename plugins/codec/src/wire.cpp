@@ -31,6 +31,11 @@ void put_field(std::span<std::uint8_t> unit, T value) {
 
 }  // namespace
 
+bool fits_epoch(std::uint64_t p, std::size_t n) {
+  const std::uint64_t in = p % kEpochBytes;
+  return in >= kAuthKeyBytes && in + kMaskBytes + n <= kEpochBytes && p <= UINT64_MAX - kEpochBytes;
+}
+
 bool starts_with_preamble(std::span<const std::uint8_t> bytes) {
   return starts_with(bytes, kStreamPreamble);
 }

@@ -36,6 +36,10 @@ inline constexpr std::size_t kAnnouncementFixedBytes = kRecordPrefixBytes + 22 +
 inline constexpr std::size_t kMaxAnnouncementBytes =
     kAnnouncementFixedBytes + 16 * kMaxAnnouncedKeys;
 
+// A unit with n payload bytes at pad offset P lies inside one epoch, after its r:
+// P mod E >= kAuthKeyBytes and P mod E + kMaskBytes + n <= E.
+bool fits_epoch(std::uint64_t p, std::size_t n);
+
 // Where the fields of announcements and records start, in bytes from the unit's start.
 // Both begin with a prefix: "OTP" + kind (4), then the length of the rest (4).
 inline constexpr std::size_t kLengthAt = 4;
