@@ -1,5 +1,6 @@
 #include "otpgate/otp_codec.hpp"
 
+#include "aes_modes.hpp"
 #include "otpgate/checked_cast.hpp"
 #include "pad_window.hpp"
 #include "wegman_carter.hpp"
@@ -7,8 +8,6 @@
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-
-#include <srtp2/srtp.h>
 
 #include <algorithm>
 #include <array>
@@ -32,89 +31,6 @@ namespace {
 
 constexpr std::uint64_t E = kEpochBytes;
 constexpr std::size_t kMinRecordFill = 512;  // below this, skip to the next epoch instead
-
-// One libsrtp2 AES-256-GCM session for one master key drawn from the pad.
-class SrtpSession {
- public:
-  SrtpSession(const std::uint8_t* key, bool outbound) {
-    static std::once_flag once;
-    std::call_once(once, [] { srtp_init(); });
-    srtp_policy_t policy{};
-    srtp_crypto_policy_set_aes_gcm_256_16_auth(&policy.rtp);
-    srtp_crypto_policy_set_aes_gcm_256_16_auth(&policy.rtcp);
-    policy.ssrc.type = outbound ? ssrc_any_outbound : ssrc_any_inbound;
-    policy.key = const_cast<std::uint8_t*>(key);
-    policy.window_size = 1024;
-    if (srtp_create(&session_, &policy) != srtp_err_status_ok) {
-      session_ = nullptr;
-      throw std::runtime_error("libsrtp2 could not create an AES-256-GCM session");
-    }
-  }
-  ~SrtpSession() {
-    if (session_) srtp_dealloc(session_);
-  }
-  SrtpSession(const SrtpSession&) = delete;
-  SrtpSession& operator=(const SrtpSession&) = delete;
-  srtp_t get() const { return session_; }
-
- private:
-  srtp_t session_ = nullptr;
-};
-
-// Stream-mode AES: AES-256-GCM (OpenSSL) over a record's payload with its 32-byte
-// header as associated data. Key and 12-byte salt come from one pad draw; the nonce is
-// salt XOR the record index, unique because a key serves one stream's increasing indices.
-class GcmKey {
- public:
-  GcmKey(const std::uint8_t* key_and_salt, bool encrypt)
-      : ctx_(EVP_CIPHER_CTX_new()), encrypt_(encrypt) {
-    if (!ctx_) throw std::bad_alloc();
-    std::memcpy(salt_.data(), key_and_salt + 32, salt_.size());
-    const int ok =
-        encrypt ? EVP_EncryptInit_ex(ctx_.get(), EVP_aes_256_gcm(), nullptr, key_and_salt, nullptr)
-                : EVP_DecryptInit_ex(ctx_.get(), EVP_aes_256_gcm(), nullptr, key_and_salt, nullptr);
-    if (ok != 1) throw std::runtime_error("AES-256-GCM initialisation failed");
-  }
-  ~GcmKey() { OPENSSL_cleanse(salt_.data(), salt_.size()); }
-  GcmKey(const GcmKey&) = delete;
-  GcmKey& operator=(const GcmKey&) = delete;
-
-  // Encrypts (or decrypts and verifies) `n` bytes; the tag is written to / read from `tag`.
-  bool seal(std::uint64_t index, std::span<const std::uint8_t> aad, const std::uint8_t* in,
-            std::size_t n, std::uint8_t* out, std::uint8_t* tag) {
-    std::array<std::uint8_t, 12> nonce = salt_;
-    for (int i = 0; i < 8; ++i) nonce[4 + i] ^= static_cast<std::uint8_t>(index >> (56 - 8 * i));
-    EVP_CIPHER_CTX* c = ctx_.get();
-    int len = 0;
-    const int init = encrypt_ ? EVP_EncryptInit_ex(c, nullptr, nullptr, nullptr, nonce.data())
-                              : EVP_DecryptInit_ex(c, nullptr, nullptr, nullptr, nonce.data());
-    if (init != 1) return false;
-    if (encrypt_) {
-      if (EVP_EncryptUpdate(c, nullptr, &len, aad.data(), static_cast<int>(aad.size())) != 1 ||
-          (n && EVP_EncryptUpdate(c, out, &len, in, static_cast<int>(n)) != 1) ||
-          EVP_EncryptFinal_ex(c, out + n, &len) != 1) {
-        return false;
-      }
-      return EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, kTagBytes, tag) == 1;
-    }
-    return EVP_DecryptUpdate(c, nullptr, &len, aad.data(), static_cast<int>(aad.size())) == 1 &&
-           (!n || EVP_DecryptUpdate(c, out, &len, in, static_cast<int>(n)) == 1) &&
-           EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, kTagBytes, tag) == 1 &&
-           EVP_DecryptFinal_ex(c, out + n, &len) == 1;
-  }
-
- private:
-  struct Free {
-    void operator()(EVP_CIPHER_CTX* c) const { EVP_CIPHER_CTX_free(c); }
-  };
-  std::unique_ptr<EVP_CIPHER_CTX, Free> ctx_;
-  std::array<std::uint8_t, 12> salt_{};
-  bool encrypt_;
-};
-
-// AES datagrams carry the key's pad offset (with kAesFlag) where OTP datagrams carry
-// theirs: 24 bytes from the end, just before the 16-byte GCM tag.
-constexpr std::size_t kAesKeyPayload = kAesKeyBytes - kMaskBytes;  // drawn like a unit
 
 }  // namespace
 
@@ -421,18 +337,9 @@ Encoder::Status Encoder::protect_datagram_aes(std::span<const std::uint8_t> in,
     ++e.stats.no_key;
     return Status::no_key;
   }
-  std::memcpy(out.data(), in.data(), in.size());
-  int length = checked_cast<int>(in.size());
-  const srtp_err_status_t err = type == DatagramType::rtcp
-                                    ? srtp_protect_rtcp(e.aes->get(), out.data(), &length)
-                                    : srtp_protect(e.aes->get(), out.data(), &length);
-  if (err != srtp_err_status_ok || length < static_cast<int>(kTagBytes)) return Status::malformed;
-  // Move the GCM tag back 8 bytes and put the key's offset in front of it.
-  const std::size_t srtp_length = checked_cast<std::size_t>(length);
-  std::uint8_t* tag = out.data() + srtp_length - kTagBytes;
-  std::memmove(tag + kOffsetBytes, tag, kTagBytes);
-  store_be(out.subspan(srtp_length - kTagBytes).first<kOffsetBytes>(), e.aes_key_offset | kAesFlag);
-  written = srtp_length + kOffsetBytes;
+  const auto size = e.aes->protect_datagram(type, in, out, e.aes_key_offset);
+  if (!size) return Status::malformed;
+  written = *size;
   ++e.aes_packets;
   ++e.units_sent;
   ++e.stats.units;
@@ -914,30 +821,27 @@ struct Decoder::Impl {
 
   Verdict open_aes(std::span<const std::uint8_t> in, std::uint64_t key_offset, DatagramType type,
                    std::span<std::uint8_t> out, std::size_t& written) {
-    // Rebuild the SRTP packet: everything but our 8-byte offset field.
-    const std::size_t body = in.size() - kTrailerBytes;
-    std::memcpy(out.data(), in.data(), body);
-    std::memcpy(out.data() + body, in.data() + in.size() - kTagBytes, kTagBytes);
-    auto unprotect = [&](srtp_t session, int& length) {
-      length = static_cast<int>(body + kTagBytes);
-      return type == DatagramType::rtcp ? srtp_unprotect_rtcp(session, out.data(), &length)
-                                        : srtp_unprotect(session, out.data(), &length);
-    };
-    auto verdict_of = [&](srtp_err_status_t err) {
-      if (err == srtp_err_status_replay_fail || err == srtp_err_status_replay_old) {
-        ++stats.replays;
-        return Verdict::replay;
+    const std::size_t srtp_length = srtp_packet_of(in, out);
+    std::size_t length = 0;
+    auto unprotect = [&](SrtpSession& session) {
+      length = srtp_length;
+      switch (session.unprotect(type, out.data(), length)) {
+        case SrtpSession::Unprotected::ok:
+          return Verdict::plaintext;
+        case SrtpSession::Unprotected::replay:
+          ++stats.replays;
+          return Verdict::replay;
+        case SrtpSession::Unprotected::failed:
+          break;
       }
       ++stats.auth_failures;
       return Verdict::auth_failure;
     };
-    int length = 0;
     for (auto& k : aes_keys) {
       if (k.offset != key_offset || !k.session) continue;
       k.last_use = ++aes_clock;
-      const srtp_err_status_t err = unprotect(k.session->get(), length);
-      if (err != srtp_err_status_ok) return verdict_of(err);
-      written = static_cast<std::size_t>(length);
+      if (const Verdict v = unprotect(*k.session); v != Verdict::plaintext) return v;
+      written = length;
       ++stats.units;
       ++stats.aes_units;
       return Verdict::plaintext;
@@ -947,15 +851,14 @@ struct Decoder::Impl {
     if (const Verdict v = read_new_aes_key(key_offset, key); v != Verdict::plaintext) return v;
     auto session = std::make_unique<SrtpSession>(key, false);
     OPENSSL_cleanse(key, sizeof key);
-    const srtp_err_status_t err = unprotect(session->get(), length);
-    if (err != srtp_err_status_ok) return verdict_of(err);
+    if (const Verdict v = unprotect(*session); v != Verdict::plaintext) return v;
     window.consume(key_offset, kAesKeyBytes);
     stats.pad_bytes_used += kAesKeyBytes;
     auto oldest =
         std::min_element(aes_keys.begin(), aes_keys.end(),
                          [](const AesKey& a, const AesKey& b) { return a.last_use < b.last_use; });
     *oldest = AesKey{key_offset, std::move(session), ++aes_clock};
-    written = static_cast<std::size_t>(length);
+    written = length;
     ++stats.units;
     ++stats.aes_units;
     return Verdict::plaintext;
