@@ -91,6 +91,10 @@ DatagramType classify(std::span<const std::uint8_t> datagram);
 // Bytes left in the clear: the RTP header with CSRCs and extension, or RTCP's first 8.
 std::optional<std::size_t> clear_header_length(std::span<const std::uint8_t> packet,
                                                DatagramType type);
+// The byte a datagram's tag covers before its bytes: 'R' (RTP) or 'C' (RTCP).
+constexpr std::uint8_t authenticated_kind(DatagramType type) {
+  return type == DatagramType::rtp ? 'R' : 'C';
+}
 // The 8-byte field before a protected datagram's tag: P (OTP), or the AES master key's
 // pad offset with kAesFlag. nullopt when the datagram is shorter than its trailer.
 std::optional<std::uint64_t> datagram_pad_offset(std::span<const std::uint8_t> datagram);
