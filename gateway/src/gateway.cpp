@@ -77,8 +77,7 @@ json element_stats(GstElement* element) {
   return out;
 }
 
-json supply_json(const keys::KeySupply& supply) {
-  const auto s = supply.stats();
+json supply_json(const keys::KeySupplyStats& s) {
   return json{{"bytes_available", s.bytes_available},
               {"bytes_consumed", s.bytes_consumed},
               {"bytes_fetched", s.bytes_fetched},
@@ -217,8 +216,8 @@ class CpuWakeupLatency {
 struct Gateway::Impl {
   struct Stream {
     StreamConfig config;
-    std::unique_ptr<keys::KeySupply> send_keys;     // this site is master SAE
-    std::unique_ptr<keys::KeySupply> receive_keys;  // this site is slave SAE
+    std::optional<std::size_t> send_lane;     // in send_keys
+    std::optional<std::size_t> receive_lane;  // in receive_keys
     PipelinePtr pipeline;
     ElementPtr encrypt, decrypt;
   };
@@ -233,6 +232,11 @@ struct Gateway::Impl {
   std::condition_variable ice_changed;
   bool ice_remote_set = false;
   std::vector<Stream> streams;
+  // One key supply per direction of the link, shared by the streams (a lane each): one
+  // KME client and one batch in flight per SAE pair, and one ring's worth of key at stake
+  // per direction rather than one per stream.
+  std::unique_ptr<keys::KeySupply> send_keys;     // this site is master SAE
+  std::unique_ptr<keys::KeySupply> receive_keys;  // this site is slave SAE
   httplib::Server status_server;
   std::thread status_thread;
   int status_port = 0;
@@ -247,23 +251,42 @@ struct Gateway::Impl {
     return k;
   }
 
+  // The two supplies, a lane for each stream that sends (receives).
+  void make_key_supplies() {
+    keys::KeySupplyConfig send;
+    send.role = keys::SaeRole::master;
+    send.peer_sae_id = config.peer_sae_id;
+    send.ring_bytes = config.key_ring_bytes;
+    send.ring_seconds = config.key_ring_ms / 1000.0;
+    send.ring_min_bytes = std::min<std::size_t>(256u << 10, config.key_ring_bytes);
+    send.announce_lead_seconds = config.announce_lead_ms / 1000.0;
+    send.announce_min_bytes = send.ring_min_bytes;
+    send.resync_interval = std::chrono::milliseconds(config.resync_ms);
+    keys::KeySupplyConfig receive;
+    receive.role = keys::SaeRole::slave;
+    receive.peer_sae_id = config.peer_sae_id;
+    receive.ring_bytes = 3 * config.key_ring_bytes;  // what the sender holds, plus reordering
+    send.lanes = receive.lanes = 0;
+    for (auto& s : streams) {
+      if (s.config.sends()) {
+        s.send_lane = send.lanes++;
+        // Each stream keeps its own pad stream and journal (as when each had a supply).
+        send.lane_journals.push_back(
+            config.state_dir /
+            (config.sae_id + "-to-" + config.peer_sae_id + "-" + s.config.name + ".journal"));
+      }
+      if (s.config.receives()) s.receive_lane = receive.lanes++;
+    }
+    if (send.lanes == 1) send.journal = send.lane_journals.front();
+    if (send.lanes > 0) send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
+    if (receive.lanes > 0) receive_keys = std::make_unique<keys::KeySupply>(kme_config(), receive);
+  }
+
   void build(Stream& s) {
     const StreamConfig& c = s.config;
     const bool ice = ice_session != nullptr;
     std::string d;
     if (c.sends()) {
-      keys::KeySupplyConfig send;
-      send.role = keys::SaeRole::master;
-      send.peer_sae_id = config.peer_sae_id;
-      send.ring_bytes = config.key_ring_bytes;
-      send.ring_seconds = config.key_ring_ms / 1000.0;
-      send.ring_min_bytes = std::min<std::size_t>(256u << 10, config.key_ring_bytes);
-      send.announce_lead_seconds = config.announce_lead_ms / 1000.0;
-      send.announce_min_bytes = send.ring_min_bytes;
-      send.resync_interval = std::chrono::milliseconds(config.resync_ms);
-      send.journal = config.state_dir /
-                     (config.sae_id + "-to-" + config.peer_sae_id + "-" + c.name + ".journal");
-      s.send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
       // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway.
       d += "udpsrc port=" + std::to_string(c.local_rtp_port) +
            " caps=application/x-rtp buffer-size=4194304 retrieve-sender-address=false ! funnel "
@@ -277,11 +300,6 @@ struct Gateway::Impl {
       }
     }
     if (c.receives()) {
-      keys::KeySupplyConfig receive;
-      receive.role = keys::SaeRole::slave;
-      receive.peer_sae_id = config.peer_sae_id;
-      receive.ring_bytes = 3 * config.key_ring_bytes;  // what the sender holds, plus reordering
-      s.receive_keys = std::make_unique<keys::KeySupply>(kme_config(), receive);
       // The peer gateway -> otpdecrypt -> the conference system.
       d += (ice ? std::string("nicesrc name=net_in ! application/x-otp")
                 : "udpsrc port=" + std::to_string(c.listen_port) +
@@ -328,8 +346,8 @@ struct Gateway::Impl {
     gst_object_unref(bus);
     if (c.sends()) {
       s.encrypt.reset(gst_bin_get_by_name(GST_BIN(bin), "enc"));
-      g_object_set(s.encrypt.get(), "key-supply", static_cast<keys::PadSource*>(s.send_keys.get()),
-                   "rekey-interval", config.rekey_interval, nullptr);
+      g_object_set(s.encrypt.get(), "key-supply", &send_keys->lane(*s.send_lane), "rekey-interval",
+                   config.rekey_interval, nullptr);
       gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "cipher", config.cipher.c_str());
       gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "on-key-exhausted",
                               config.on_key_exhausted.c_str());
@@ -345,8 +363,7 @@ struct Gateway::Impl {
     }
     if (c.receives()) {
       s.decrypt.reset(gst_bin_get_by_name(GST_BIN(bin), "dec"));
-      g_object_set(s.decrypt.get(), "key-supply",
-                   static_cast<keys::PadSource*>(s.receive_keys.get()), nullptr);
+      g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane), nullptr);
     }
   }
 
@@ -528,20 +545,23 @@ struct Gateway::Impl {
     bool healthy = true;
     json list = json::array();
     for (const auto& s : streams) {
-      json stream{{"name", s.config.name},
-                  {"local_rtp_port", s.config.local_rtp_port},
-                  {"peer_port", s.config.peer_port},
-                  {"listen_port", s.config.listen_port},
-                  {"deliver_rtp", endpoint_text(s.config.deliver_rtp)},
-                  {"direction", s.config.direction},
-                  {"send", s.encrypt ? element_stats(s.encrypt.get()) : json(nullptr)},
-                  {"receive", s.decrypt ? element_stats(s.decrypt.get()) : json(nullptr)},
-                  {"key_supply",
-                   {{"send", s.send_keys ? supply_json(*s.send_keys) : json(nullptr)},
-                    {"receive", s.receive_keys ? supply_json(*s.receive_keys) : json(nullptr)}}}};
-      if (s.send_keys) healthy = healthy && s.send_keys->stats().kme_healthy;
+      json stream{
+          {"name", s.config.name},
+          {"local_rtp_port", s.config.local_rtp_port},
+          {"peer_port", s.config.peer_port},
+          {"listen_port", s.config.listen_port},
+          {"deliver_rtp", endpoint_text(s.config.deliver_rtp)},
+          {"direction", s.config.direction},
+          {"send", s.encrypt ? element_stats(s.encrypt.get()) : json(nullptr)},
+          {"receive", s.decrypt ? element_stats(s.decrypt.get()) : json(nullptr)},
+          {"key_supply",
+           {{"send",
+             s.send_lane ? supply_json(send_keys->lane_stats(*s.send_lane)) : json(nullptr)},
+            {"receive", s.receive_lane ? supply_json(receive_keys->lane_stats(*s.receive_lane))
+                                       : json(nullptr)}}}};
       list.push_back(std::move(stream));
     }
+    if (send_keys) healthy = send_keys->stats().kme_healthy;
     out["kme"]["healthy"] = healthy;
     out["streams"] = std::move(list);
     return out;
@@ -622,13 +642,14 @@ void Gateway::start() {
   std::filesystem::create_directories(g.config.state_dir);
   g.cpu_wakeup->hold();
   if (g.config.transport == "ice") g.connect_ice();
-  for (const auto& c : g.config.streams) {
-    g.streams.push_back(Impl::Stream{c, nullptr, nullptr, nullptr, nullptr, nullptr});
-    g.build(g.streams.back());
+  for (const auto& c : g.config.streams)
+    g.streams.push_back(Impl::Stream{c, std::nullopt, std::nullopt, nullptr, nullptr, nullptr});
+  g.make_key_supplies();
+  for (auto& s : g.streams) g.build(s);
+  for (auto* supply : {g.send_keys.get(), g.receive_keys.get()}) {
+    if (supply) supply->start();
   }
   for (auto& s : g.streams) {
-    if (s.send_keys) s.send_keys->start();
-    if (s.receive_keys) s.receive_keys->start();
     if (gst_element_set_state(s.pipeline.get(), GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) {
       throw std::runtime_error("stream " + s.config.name +
                                ": its pipeline did not start (UDP port " +
@@ -642,14 +663,15 @@ void Gateway::start() {
   // reported and survived (media flows as soon as keys come).
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   for (auto& s : g.streams) {
-    if (!s.send_keys) continue;
-    while (s.send_keys->available() == 0 && std::chrono::steady_clock::now() < deadline) {
+    if (!s.send_lane) continue;
+    const keys::PadSource& lane = g.send_keys->lane(*s.send_lane);
+    while (lane.available() == 0 && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    if (s.send_keys->available() == 0) {
+    if (lane.available() == 0) {
       std::fprintf(stderr,
                    "otp-gateway[warning]: stream %s has no key yet (%s); media waits for it\n",
-                   s.config.name.c_str(), s.send_keys->stats().last_error.c_str());
+                   s.config.name.c_str(), g.send_keys->stats().last_error.c_str());
     }
   }
 
@@ -684,13 +706,15 @@ void Gateway::stop() {
     s.encrypt.reset();
     s.decrypt.reset();
     s.pipeline.reset();
-    for (auto* supply : {s.send_keys.get(), s.receive_keys.get()}) {
-      if (!supply) continue;
-      supply->stop();  // the key it held is wiped with it: QKD key spent for nothing
-      g.key_wiped_at_stop += supply->stats().bytes_wiped_at_stop;
-    }
+  }
+  for (auto* supply : {g.send_keys.get(), g.receive_keys.get()}) {
+    if (!supply) continue;
+    supply->stop();  // the key it held is wiped with it: QKD key spent for nothing
+    g.key_wiped_at_stop += supply->stats().bytes_wiped_at_stop;
   }
   g.streams.clear();
+  g.send_keys.reset();
+  g.receive_keys.reset();
   g.cpu_wakeup->release();
   if (g.signalling_thread.joinable()) {
     g.signalling_server.stop();

@@ -345,8 +345,9 @@ struct KeySupply::Impl {
     std::atomic<std::uint64_t> bytes_fetched{0}, keys_fetched{0}, keys_lost{0}, keys_refused{0},
         waiting_count{0};
     std::atomic<std::uint64_t> published_next_offset{0}, published_reserved{0};
-    std::atomic<std::uint64_t> released_end{0};  // slave: end of the furthest key released
-    std::atomic<std::uint64_t> flush_floor{0};   // master: pad below this is wiped unused
+    std::atomic<std::uint64_t> released_end{0};   // slave: end of the furthest key released
+    std::atomic<std::uint64_t> flush_floor{0};    // master: pad below this is wiped unused
+    std::atomic<std::uint64_t> announced_end{0};  // master: end of the keys announced so far
     std::atomic<std::uint64_t> bytes_flushed{0}, wiped_at_stop{0};
     std::atomic<double> consumption{0};
     // Media thread only.
@@ -523,9 +524,9 @@ struct KeySupply::Impl {
       // One batch in flight: the next call waits until the slave has fetched ours (the
       // count is back to what it was without them; keys left pending by an earlier run
       // nobody will fetch are not waited for), or for kBatchPatience at most.
-      if (replaces_batches && before && *before > pending_floor &&
-          Clock::now() - batch_issued < kBatchPatience) {
-        return;
+      if (replaces_batches && before && *before > pending_floor) {
+        if (Clock::now() - batch_issued < kBatchPatience) return;
+        flush_unannounced();  // the next call replaces what is still pending
       }
       const auto started = Clock::now();
       std::vector<Key> keys;
@@ -563,15 +564,20 @@ struct KeySupply::Impl {
                              std::to_string(keys.size()) + " keys wiped unused");
         }
       }
-      // Each lane gets what it wants, in lane order; the rest of a large batch goes where
-      // there is room. Keys keep their order within a lane.
+      // Lanes take turns, a key at a time, while they want key, then while they have room:
+      // a batch smaller than what they want is shared fairly. Keys keep their order within
+      // a lane.
       std::vector<std::vector<const Key*>> given(lanes.size());
       std::size_t next_key = 0;
       for (const bool fill_room : {false, true}) {
-        for (std::size_t i = 0; i < lanes.size() && next_key < keys.size(); ++i) {
-          const std::size_t limit = fill_room ? shares[i].room : shares[i].want;
-          while (given[i].size() < limit && next_key < keys.size())
-            given[i].push_back(&keys[next_key++]);
+        for (bool turn = true; turn && next_key < keys.size();) {
+          turn = false;
+          for (std::size_t i = 0; i < lanes.size() && next_key < keys.size(); ++i) {
+            if (given[i].size() < (fill_room ? shares[i].room : shares[i].want)) {
+              given[i].push_back(&keys[next_key++]);
+              turn = true;
+            }
+          }
         }
       }
       for (auto& lane : lanes) place_keys(*lane, given[lane->index]);
@@ -621,12 +627,7 @@ struct KeySupply::Impl {
     outage = false;
     std::string offsets;
     for (auto& lane : lanes) {
-      lane->pending_resync = true;
-      lane->flushed_pending = true;
-      lane->pushed_at_flush = lane->ring_owner->bytes_pushed();
-      lane->align_next_offset();
-      lane->published_next_offset = lane->next_offset;
-      lane->flush_floor.store(lane->next_offset, std::memory_order_release);
+      flush(*lane);
       offsets += (offsets.empty() ? "" : ", ") + std::to_string(lane->next_offset);
     }
     ++kme_outages;
@@ -634,6 +635,38 @@ struct KeySupply::Impl {
                                "): the KME answers again after an outage; key issued before "
                                "it is wiped unused and the stream resumes at pad offset " +
                                offsets);
+  }
+
+  // Wipes the key a lane holds (the media thread does, see consumer_ring) and moves it on
+  // to a fresh epoch whose first announcement is self-verifying.
+  void flush(Lane& lane) {
+    lane.pending_resync = true;
+    lane.flushed_pending = true;
+    lane.pushed_at_flush = lane.ring_owner->bytes_pushed();
+    lane.align_next_offset();
+    lane.published_next_offset = lane.next_offset;
+    lane.flush_floor.store(lane.next_offset, std::memory_order_release);
+  }
+
+  // A KME that replaces unfetched batches is about to be asked again while keys of ours
+  // are still pending there. Keys no stream has announced yet (an idle stream's) will be
+  // gone before any receiver asks for them: wipe them now and move their lanes on, rather
+  // than send announcements of keys nobody can fetch.
+  void flush_unannounced() {
+    if (!config.publish_announcements) return;
+    std::uint64_t wiped = 0;
+    for (auto& lane : lanes) {
+      const std::uint64_t announced = lane->announced_end.load(std::memory_order_acquire);
+      if (lane->next_offset <= std::max(announced, lane->flush_floor.load())) continue;
+      wiped += lane->next_offset - std::max(announced, lane->flush_floor.load());
+      flush(*lane);
+    }
+    if (wiped != 0) {
+      log(LogLevel::info, "key supply (peer " + config.peer_sae_id + "): " + std::to_string(wiped) +
+                              " bytes of key no stream announced within " +
+                              std::to_string(kBatchPatience.count()) +
+                              " s wiped (the KME replaces unfetched batches)");
+    }
   }
 
   void kme_answered() {
@@ -985,6 +1018,7 @@ std::optional<KeyAnnouncement> KeySupply::Impl::Lane::next_announcement() {
     }
     KeyAnnouncement a = front;
     announcements.pop();
+    announced_end.store(a.offset + a.length, std::memory_order_release);
     if (release_budget > 0) --release_budget;
     return a;
   }

@@ -735,3 +735,37 @@ TEST_F(GatewayTest, AKmeRestartedEmptyMidCallLosesOnlyWhatItsOutageCost) {
   EXPECT_GE(a["streams"][1]["key_supply"]["send"]["kme_outages"].get<int>(), 1)
       << "the sender did not notice the outage and flush the key it issued before";
 }
+
+TEST_F(GatewayTest, TwoStreamsShareOneKeySupplyPerDirectionOnAKmeWithEveryQuirk) {
+  // A third-party KME pair's ways: a second enc_keys for a pair before the slave fetched the
+  // first batch replaces it, keys capped at 1024 bits and 128 per request, HTML errors,
+  // stored_key_count counting the pair's pending keys. Audio and video of one SAE pair
+  // share a supply (a lane each), so neither stream's batch replaces the other's.
+  auto kme = otpgate::testing::simulator_config();
+  kme.max_key_size = 1024;
+  kme.max_keys_per_request = 128;
+  kme.faults.replace_unfetched_batch = true;
+  kme.faults.cap_instead_of_refuse = true;
+  kme.faults.error_style = otpgate::kmesim::ErrorStyle::html;
+  kme.faults.stored_count_of_pair = true;
+  start({}, kme);
+  for (const bool from_a : {true, false}) {
+    std::map<int, std::vector<Bytes>> sent;
+    const auto received = exchange(from_a, 150, sent, std::chrono::milliseconds(4));
+    for (int s = 0; s < 2; ++s) {
+      EXPECT_EQ(received.count(s) ? received.at(s) : std::vector<Bytes>{}, sent[s])
+          << (from_a ? "a to b" : "b to a") << ", stream " << s;
+    }
+  }
+  EXPECT_EQ(sim_->stats().keys_replaced, 0u) << "one stream's batch replaced another's";
+  const auto a = get_json(a_->status_port(), "/api/v1/status");
+  for (int s = 0; s < 2; ++s) {
+    const auto& k = a["streams"][s]["key_supply"];
+    EXPECT_TRUE(k["send"]["kme_replaces_batches"].get<bool>()) << "stream " << s;
+    EXPECT_GT(k["send"]["bytes_consumed"].get<std::uint64_t>(), 0u) << "stream " << s;
+    EXPECT_EQ(k["receive"]["keys_lost"].get<std::uint64_t>(), 0u) << "stream " << s;
+  }
+  // Two lanes, two journals: each stream keeps its own pad stream across restarts.
+  EXPECT_TRUE(fs::exists(dir_.path / "a" / "sae-a-to-sae-b-audio-1.journal"));
+  EXPECT_TRUE(fs::exists(dir_.path / "a" / "sae-a-to-sae-b-video-1.journal"));
+}
