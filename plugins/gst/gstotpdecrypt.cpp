@@ -20,6 +20,7 @@
 #include <chrono>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "otp_element_common.hpp"
@@ -59,27 +60,79 @@ enum Counter {
   C_KEYS_LOST,
   C_COUNT
 };
-constexpr const char* kCounterNames[C_COUNT] = {"packets-in",
-                                                "bytes-in",
-                                                "packets-out",
-                                                "bytes-out",
-                                                "rtcp-packets-out",
-                                                "pad-bytes-used",
-                                                "auth-failures",
-                                                "replays",
-                                                "drops-no-key",
-                                                "drops-malformed",
-                                                "announcements-verified",
-                                                "announcement-repeats",
-                                                "announcements-pending",
-                                                "aes-packets",
-                                                "key-waits",
-                                                "packets-held",
-                                                "announcements-unverifiable",
-                                                "announcements-refused",
-                                                "announcements-expired",
-                                                "keys-awaited",
-                                                "keys-lost"};
+// The name of a counter in the stats structure.
+const char* counter_name(Counter c) {
+  switch (c) {
+    case C_PACKETS_IN:
+      return "packets-in";
+    case C_BYTES_IN:
+      return "bytes-in";
+    case C_PACKETS_OUT:
+      return "packets-out";
+    case C_BYTES_OUT:
+      return "bytes-out";
+    case C_RTCP_OUT:
+      return "rtcp-packets-out";
+    case C_PAD_USED:
+      return "pad-bytes-used";
+    case C_AUTH_FAILURES:
+      return "auth-failures";
+    case C_REPLAYS:
+      return "replays";
+    case C_DROPS_NO_KEY:
+      return "drops-no-key";
+    case C_DROPS_MALFORMED:
+      return "drops-malformed";
+    case C_ANNOUNCEMENTS:
+      return "announcements-verified";
+    case C_ANNOUNCEMENT_REPEATS:
+      return "announcement-repeats";
+    case C_ANNOUNCEMENTS_PENDING:
+      return "announcements-pending";
+    case C_AES_PACKETS:
+      return "aes-packets";
+    case C_KEY_WAITS:
+      return "key-waits";
+    case C_PACKETS_HELD:
+      return "packets-held";
+    case C_ANNOUNCEMENTS_UNVERIFIABLE:
+      return "announcements-unverifiable";
+    case C_ANNOUNCEMENTS_REFUSED:
+      return "announcements-refused";
+    case C_ANNOUNCEMENTS_EXPIRED:
+      return "announcements-expired";
+    case C_KEYS_AWAITED:
+      return "keys-awaited";
+    case C_KEYS_LOST:
+      return "keys-lost";
+    case C_COUNT:
+      break;
+  }
+  return "unknown-counter";
+}
+
+// The counter a unit that was refused adds to; nullopt for what is not a refusal.
+std::optional<Counter> refusal_counter(otp::Decoder::Verdict verdict) {
+  using V = otp::Decoder::Verdict;
+  switch (verdict) {
+    case V::auth_failure:
+      return C_AUTH_FAILURES;
+    case V::replay:
+      return C_REPLAYS;
+    case V::no_key:
+    case V::key_pending:
+      return C_DROPS_NO_KEY;
+    case V::malformed:
+    case V::out_of_sequence:
+      return C_DROPS_MALFORMED;
+    case V::plaintext:
+    case V::announcement:
+    case V::announcement_pending:
+    case V::repeat:
+      break;
+  }
+  return std::nullopt;
+}
 
 struct Session {
   KeySource source;
@@ -168,14 +221,10 @@ void publish(GstOtpDecrypt* self) {
 void send_caps(GstOtpDecrypt* self, GstPad* pad, const char* media_type) {
   GstPtr<GstCaps> filter(gst_caps_new_empty_simple(media_type));
   GstPtr<GstCaps> wanted(gst_pad_peer_query_caps(pad, filter.get()));
-  GstCaps* caps = nullptr;
-  if (wanted && !gst_caps_is_empty(wanted.get()) && !gst_caps_is_any(wanted.get())) {
-    caps = gst_caps_fixate(gst_caps_copy(wanted.get()));
-  } else {
-    caps = gst_caps_new_empty_simple(media_type);
-  }
-  gst_pad_push_event(pad, gst_event_new_caps(caps));
-  gst_caps_unref(caps);
+  const bool fixed = wanted && !gst_caps_is_empty(wanted.get()) && !gst_caps_is_any(wanted.get());
+  const GstPtr<GstCaps> caps(fixed ? gst_caps_fixate(gst_caps_copy(wanted.get()))
+                                   : gst_caps_new_empty_simple(media_type));
+  gst_pad_push_event(pad, gst_event_new_caps(caps.get()));
   if (self->priv->pending_segment)
     gst_pad_push_event(pad, gst_event_ref(self->priv->pending_segment));
 }
@@ -206,45 +255,26 @@ GstFlowReturn push_out(GstOtpDecrypt* self, GstPad* pad, const std::uint8_t* dat
 GstFlowReturn decode_datagram(GstOtpDecrypt* self, GstBuffer* in, otp::Decoder::Verdict& verdict) {
   Private& p = *self->priv;
   Session& s = *p.session;
-  GstMapInfo map;
-  if (!gst_buffer_map(in, &map, GST_MAP_READ)) {
+  const MappedBuffer map(in, GST_MAP_READ);
+  if (!map) {
     GST_ELEMENT_ERROR(self, RESOURCE, READ, ("could not map an input buffer for reading"),
                       (nullptr));
     return GST_FLOW_ERROR;
   }
   std::size_t written = 0;
-  const std::span<const std::uint8_t> datagram(map.data, map.size);
+  const std::span<const std::uint8_t> datagram = map.bytes();
   verdict = s.decoder->open_datagram(datagram, s.out, written);
   GstFlowReturn ret = GST_FLOW_OK;
-  using V = otp::Decoder::Verdict;
-  switch (verdict) {
-    case V::plaintext: {
-      GstPad* pad =
-          otp::classify(datagram) == otp::DatagramType::rtcp ? self->rtcp_srcpad : self->srcpad;
-      ret = push_out(self, pad, s.out.data(), written, in);
-      break;
-    }
-    case V::auth_failure:
-      bump(p, C_AUTH_FAILURES);
+  if (verdict == otp::Decoder::Verdict::plaintext) {
+    GstPad* pad =
+        otp::classify(datagram) == otp::DatagramType::rtcp ? self->rtcp_srcpad : self->srcpad;
+    ret = push_out(self, pad, s.out.data(), written, in);
+  } else if (verdict != otp::Decoder::Verdict::key_pending) {  // key_pending: see the caller
+    if (const auto counter = refusal_counter(verdict)) bump(p, *counter);
+    if (verdict == otp::Decoder::Verdict::auth_failure) {
       GST_DEBUG_OBJECT(self, "dropped a packet that failed authentication");
-      break;
-    case V::replay:
-      bump(p, C_REPLAYS);
-      break;
-    case V::no_key:
-      bump(p, C_DROPS_NO_KEY);
-      break;
-    case V::malformed:
-    case V::out_of_sequence:
-      bump(p, C_DROPS_MALFORMED);
-      break;
-    case V::key_pending:  // the caller holds it or gives up on it
-    case V::announcement:
-    case V::announcement_pending:
-    case V::repeat:
-      break;
+    }
   }
-  gst_buffer_unmap(in, &map);
   publish(self);
   return ret;
 }
@@ -290,7 +320,7 @@ gboolean on_release_timer(GstClock*, GstClockTime, GstClockID id, gpointer user)
     return TRUE;
   }
   if (p.session && !p.session->held.empty()) {
-    const GstFlowReturn ret = release_held(self);
+    const GstFlowReturn ret = guarded(GST_ELEMENT(self), [self] { return release_held(self); });
     if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING && ret != GST_FLOW_NOT_LINKED) {
       GST_DEBUG_OBJECT(self, "releasing held packets: %s", gst_flow_get_name(ret));
     }
@@ -393,10 +423,7 @@ const char* why_refused(otp::Decoder::Verdict verdict) {
 GstFlowReturn fail(GstOtpDecrypt* self, const char* what, otp::Decoder::Verdict verdict) {
   using V = otp::Decoder::Verdict;
   Private& p = *self->priv;
-  bump(p, verdict == V::auth_failure                          ? C_AUTH_FAILURES
-          : verdict == V::replay                              ? C_REPLAYS
-          : verdict == V::no_key || verdict == V::key_pending ? C_DROPS_NO_KEY
-                                                              : C_DROPS_MALFORMED);
+  bump(p, refusal_counter(verdict).value_or(C_DROPS_MALFORMED));
   if ((verdict == V::no_key || verdict == V::key_pending) &&
       key_source_failed(GST_ELEMENT(self), p.session->source)) {
     return GST_FLOW_ERROR;
@@ -483,10 +510,9 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
   return GST_FLOW_OK;
 }
 
-GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
-  GstOtpDecrypt* self = GST_OTP_DECRYPT(parent);
+GstFlowReturn process(GstOtpDecrypt* self, GstPtr<GstBuffer> in) {
   Private& p = *self->priv;
-  GstPtr<GstBuffer> in(buffer);
+  GstBuffer* buffer = in.get();
   if (!p.session) return GST_FLOW_FLUSHING;
   Session& s = *p.session;
   if (key_source_failed(GST_ELEMENT(self), s.source)) return GST_FLOW_ERROR;
@@ -507,6 +533,12 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
   if (!s.stream) return open_datagram(self, std::move(in));
   gst_adapter_push(s.adapter.get(), in.release());
   return drain_stream(self);
+}
+
+GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
+  GstOtpDecrypt* self = GST_OTP_DECRYPT(parent);
+  GstPtr<GstBuffer> in(buffer);
+  return guarded(GST_ELEMENT(self), [&] { return process(self, std::move(in)); });
 }
 
 gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
@@ -539,7 +571,7 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
     case GST_EVENT_EOS:
       // Held packets get their key-wait before the end goes downstream.
       while (p.session && !p.session->held.empty() && !p.flushing) {
-        if (release_held(self) != GST_FLOW_OK) break;
+        if (guarded(GST_ELEMENT(self), [self] { return release_held(self); }) != GST_FLOW_OK) break;
         if (!p.session->held.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
       if (p.session && p.session->stream && !p.session->decoder->stream_finished()) {
@@ -587,19 +619,19 @@ static void gst_otp_decrypt_get_property(GObject* object, guint id, GValue* valu
                                          GParamSpec* pspec) {
   Private& p = *GST_OTP_DECRYPT(object)->priv;
   if (id == PROP_STATS) {
-    GstStructure* s =
-        counters_structure("application/x-otp-decrypt-stats", p.counters, kCounterNames);
+    GstPtr<GstStructure> s =
+        counters_structure("application/x-otp-decrypt-stats", p.counters, counter_name);
     GST_OBJECT_LOCK(object);
     if (p.session) {
-      gst_structure_set(s, "mode", G_TYPE_STRING,
+      gst_structure_set(s.get(), "mode", G_TYPE_STRING,
                         !p.session->mode_known ? "unknown"
                         : p.session->stream    ? "stream"
                                                : "datagram",
                         nullptr);
-      add_supply_stats(s, p.session->source);
+      add_supply_stats(s.get(), p.session->source);
     }
     GST_OBJECT_UNLOCK(object);
-    g_value_take_boxed(value, s);
+    g_value_take_boxed(value, s.release());
     return;
   }
   GST_OBJECT_LOCK(object);
@@ -645,7 +677,12 @@ static GstStateChangeReturn gst_otp_decrypt_change_state(GstElement* element,
     session->source = std::move(source);
     otp::DecoderConfig config;
     config.window_bytes = p.window_size;
-    session->decoder = std::make_unique<otp::Decoder>(*session->source.pad, config);
+    try {
+      session->decoder = std::make_unique<otp::Decoder>(*session->source.pad, config);
+    } catch (const std::exception& e) {
+      internal_error(element, e);
+      return GST_STATE_CHANGE_FAILURE;
+    }
     p.flushing = false;
     p.src_caps_sent = p.rtcp_caps_sent = false;
     GST_OBJECT_LOCK(self);

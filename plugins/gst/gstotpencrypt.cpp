@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "otp_element_common.hpp"
+#include "otpgate/checked_cast.hpp"
 #include "otpgate/otp_codec.hpp"
 
 using namespace otpgate;
@@ -97,11 +98,42 @@ enum Counter {
   C_AES_REKEYS,
   C_COUNT
 };
-constexpr const char* kCounterNames[C_COUNT] = {
-    "packets-in",         "bytes-in",          "packets-out",   "bytes-out",
-    "pad-bytes-used",     "pad-bytes-skipped", "announcements", "announcement-repeats",
-    "announcement-bytes", "keys-announced",    "drops-no-key",  "drops-malformed",
-    "aes-packets",        "aes-rekeys"};
+// The name of a counter in the stats structure.
+const char* counter_name(Counter c) {
+  switch (c) {
+    case C_PACKETS_IN:
+      return "packets-in";
+    case C_BYTES_IN:
+      return "bytes-in";
+    case C_PACKETS_OUT:
+      return "packets-out";
+    case C_BYTES_OUT:
+      return "bytes-out";
+    case C_PAD_USED:
+      return "pad-bytes-used";
+    case C_PAD_SKIPPED:
+      return "pad-bytes-skipped";
+    case C_ANNOUNCEMENTS:
+      return "announcements";
+    case C_ANNOUNCEMENT_REPEATS:
+      return "announcement-repeats";
+    case C_ANNOUNCEMENT_BYTES:
+      return "announcement-bytes";
+    case C_KEYS_ANNOUNCED:
+      return "keys-announced";
+    case C_DROPS_NO_KEY:
+      return "drops-no-key";
+    case C_DROPS_MALFORMED:
+      return "drops-malformed";
+    case C_AES_PACKETS:
+      return "aes-packets";
+    case C_AES_REKEYS:
+      return "aes-rekeys";
+    case C_COUNT:
+      break;
+  }
+  return "unknown-counter";
+}
 
 // Everything that exists between READY->PAUSED and PAUSED->READY.
 struct Session {
@@ -245,30 +277,27 @@ bool wait_for_key(GstOtpEncrypt* self) {
   return !self->priv->flushing;
 }
 
-GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
+// Protects the packet in `in` into `out`, drawing pad (or waiting for it) as the key
+// policy says; `status` and `written` say what came of it. Both buffers are mapped only
+// here.
+GstFlowReturn protect_into(GstOtpEncrypt* self, GstBuffer* in, GstBuffer* out,
+                           otp::Encoder::Status& status, std::size_t& written) {
   Private& p = *self->priv;
   Session& s = *p.session;
-  GstMapInfo map;
-  if (!gst_buffer_map(in, &map, GST_MAP_READ)) {
-    GST_ELEMENT_ERROR(self, RESOURCE, READ, ("could not map an input buffer for reading"),
-                      (nullptr));
+  const MappedBuffer in_map(in, GST_MAP_READ);
+  const MappedBuffer out_map(out, GST_MAP_WRITE);
+  if (!in_map || !out_map) {
+    GST_ELEMENT_ERROR(self, RESOURCE, READ, ("could not map a buffer"),
+                      ("%s", in_map ? "the output buffer, for writing" : "an input buffer"));
     return GST_FLOW_ERROR;
   }
-  const std::span<const std::uint8_t> packet(map.data, map.size);
-  GstBuffer* out = gst_buffer_new_allocate(nullptr, map.size + otp::kMaxDatagramOverhead, nullptr);
-  GstMapInfo out_map;
-  gst_buffer_map(out, &out_map, GST_MAP_WRITE);
-  std::size_t written = 0;
-  otp::Encoder::Status status;
+  const std::span<const std::uint8_t> packet = in_map.bytes();
+  const std::span<std::uint8_t> out_span = out_map.bytes();
   while (true) {
     // Keys that arrived while we waited must be announced before their first use.
     if (const GstFlowReturn pushed = push_announcements(self, in); pushed != GST_FLOW_OK) {
-      gst_buffer_unmap(out, &out_map);
-      gst_buffer_unmap(in, &map);
-      gst_buffer_unref(out);
       return pushed;
     }
-    const std::span<std::uint8_t> out_span(out_map.data, out_map.size);
     if (p.cipher == CIPHER_AES_256_GCM) {
       status = s.encoder->protect_datagram_aes(packet, out_span, written, p.rekey_interval);
     } else {
@@ -290,19 +319,31 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
         s.in_fallback = false;
       }
     }
-    if (status != otp::Encoder::Status::no_key) break;
+    if (status != otp::Encoder::Status::no_key) return GST_FLOW_OK;
     // Until the first key has arrived we are starting, not exhausted: wait (bounded)
     // so that a call does not lose its first frames to the first KME round trip.
     const bool starting = !s.had_key && std::chrono::steady_clock::now() < s.started + kStartupWait;
     if (!starting) note_exhausted(self, true);
-    if ((p.on_key_exhausted == KEY_EXHAUSTED_DROP && !starting) || !wait_for_key(self)) break;
+    if ((p.on_key_exhausted == KEY_EXHAUSTED_DROP && !starting) || !wait_for_key(self)) {
+      return GST_FLOW_OK;
+    }
+  }
+}
+
+GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  GstPtr<GstBuffer> out(gst_buffer_new_allocate(
+      nullptr, gst_buffer_get_size(in) + otp::kMaxDatagramOverhead, nullptr));
+  otp::Encoder::Status status = otp::Encoder::Status::no_key;
+  std::size_t written = 0;
+  if (const GstFlowReturn ret = protect_into(self, in, out.get(), status, written);
+      ret != GST_FLOW_OK) {
+    return ret;
   }
   if (status == otp::Encoder::Status::ok) s.had_key = true;
-  gst_buffer_unmap(out, &out_map);
-  gst_buffer_unmap(in, &map);
   publish(self);
   if (status != otp::Encoder::Status::ok) {
-    gst_buffer_unref(out);
     if (status == otp::Encoder::Status::malformed) {
       bump(p, C_DROPS_MALFORMED);
       GST_DEBUG_OBJECT(self, "dropping a buffer that is not an RTP/RTCP packet");
@@ -314,11 +355,11 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
   }
   note_exhausted(self, false);
   check_key_level(self);
-  gst_buffer_set_size(out, static_cast<gssize>(written));
-  gst_buffer_copy_into(out, in, GST_BUFFER_COPY_METADATA, 0, -1);
+  gst_buffer_set_size(out.get(), checked_cast<gssize>(written));
+  gst_buffer_copy_into(out.get(), in, GST_BUFFER_COPY_METADATA, 0, -1);
   bump(p, C_PACKETS_OUT);
   bump(p, C_BYTES_OUT, written);
-  return gst_pad_push(self->srcpad, out);
+  return gst_pad_push(self->srcpad, out.release());
 }
 
 // Stream mode: one record of `kind` with up to `payload` bytes; returns bytes consumed.
@@ -382,10 +423,9 @@ GstFlowReturn drain_stream(GstOtpEncrypt* self, bool all) {
   }
 }
 
-GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
-  GstOtpEncrypt* self = GST_OTP_ENCRYPT(parent);
+GstFlowReturn process(GstOtpEncrypt* self, GstPtr<GstBuffer> in) {
   Private& p = *self->priv;
-  GstPtr<GstBuffer> in(buffer);
+  GstBuffer* buffer = in.get();
   if (!p.session) return GST_FLOW_FLUSHING;
   Session& s = *p.session;
   if (key_source_failed(GST_ELEMENT(self), s.source)) return GST_FLOW_ERROR;
@@ -418,6 +458,12 @@ GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
   return protect_datagram(self, buffer);
 }
 
+GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
+  GstOtpEncrypt* self = GST_OTP_ENCRYPT(parent);
+  GstPtr<GstBuffer> in(buffer);
+  return guarded(GST_ELEMENT(self), [&] { return process(self, std::move(in)); });
+}
+
 gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
   GstOtpEncrypt* self = GST_OTP_ENCRYPT(parent);
   Private& p = *self->priv;
@@ -444,16 +490,20 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       // file transfer sends it after control messages and at the end of a growing file).
       if (gst_event_has_name(event, "otp-flush") && p.session && p.session->stream) {
         gst_event_unref(event);
-        const GstFlowReturn ret = drain_stream(self, true);
+        const GstFlowReturn ret =
+            guarded(GST_ELEMENT(self), [self] { return drain_stream(self, true); });
         return ret == GST_FLOW_OK || ret == GST_FLOW_FLUSHING;
       }
       break;
     case GST_EVENT_EOS:
       if (p.session && p.session->stream) {
         // The final record proves to the receiver that nothing was cut off.
-        std::size_t consumed = 0;
-        GstFlowReturn ret = drain_stream(self, true);
-        if (ret == GST_FLOW_OK) ret = emit_record(self, otp::RecordKind::final, {}, consumed);
+        const GstFlowReturn ret = guarded(GST_ELEMENT(self), [self] {
+          std::size_t consumed = 0;
+          const GstFlowReturn drained = drain_stream(self, true);
+          return drained == GST_FLOW_OK ? emit_record(self, otp::RecordKind::final, {}, consumed)
+                                        : drained;
+        });
         if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING) {
           GST_ELEMENT_ERROR(self, STREAM, FAILED, ("could not finish the protected stream"),
                             ("flow: %s", gst_flow_get_name(ret)));
@@ -504,22 +554,22 @@ static void gst_otp_encrypt_get_property(GObject* object, guint id, GValue* valu
   GstOtpEncrypt* self = GST_OTP_ENCRYPT(object);
   Private& p = *self->priv;
   if (id == PROP_STATS) {
-    GstStructure* s =
-        counters_structure("application/x-otp-encrypt-stats", p.counters, kCounterNames);
-    gst_structure_set(s, "cipher", G_TYPE_STRING,
+    GstPtr<GstStructure> s =
+        counters_structure("application/x-otp-encrypt-stats", p.counters, counter_name);
+    gst_structure_set(s.get(), "cipher", G_TYPE_STRING,
                       p.cipher == CIPHER_AES_256_GCM ? "aes-256-gcm" : "otp", nullptr);
     GST_OBJECT_LOCK(object);
     if (p.session) {
-      gst_structure_set(s, "mode", G_TYPE_STRING,
+      gst_structure_set(s.get(), "mode", G_TYPE_STRING,
                         !p.session->mode_known ? "unknown"
                         : p.session->stream    ? "stream"
                                                : "datagram",
                         "key-exhausted", G_TYPE_BOOLEAN, p.session->exhausted, "aes-fallback",
                         G_TYPE_BOOLEAN, p.session->in_fallback, nullptr);
-      add_supply_stats(s, p.session->source);
+      add_supply_stats(s.get(), p.session->source);
     }
     GST_OBJECT_UNLOCK(object);
-    g_value_take_boxed(value, s);
+    g_value_take_boxed(value, s.release());
     return;
   }
   GST_OBJECT_LOCK(object);
@@ -566,8 +616,13 @@ static GstStateChangeReturn gst_otp_encrypt_change_state(GstElement* element,
     session->source = std::move(source);
     std::uint64_t stream_id = 0;
     RAND_bytes(reinterpret_cast<unsigned char*>(&stream_id), sizeof stream_id);
-    session->encoder =
-        std::make_unique<otp::Encoder>(*session->source.pad, stream_id, p.announce_repeats);
+    try {
+      session->encoder =
+          std::make_unique<otp::Encoder>(*session->source.pad, stream_id, p.announce_repeats);
+    } catch (const std::exception& e) {
+      internal_error(element, e);
+      return GST_STATE_CHANGE_FAILURE;
+    }
     p.flushing = false;
     p.caps_pushed = false;
     GST_OBJECT_LOCK(self);

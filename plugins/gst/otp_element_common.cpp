@@ -280,4 +280,10 @@ bool key_source_failed(GstElement* element, const KeySource& source) {
   return true;
 }
 
+GstFlowReturn internal_error(GstElement* element, const std::exception& e) {
+  GST_ELEMENT_ERROR(element, STREAM, FAILED, ("internal error: %s", e.what()),
+                    ("an exception reached the streaming thread"));
+  return GST_FLOW_ERROR;
+}
+
 }  // namespace otpgate::gst

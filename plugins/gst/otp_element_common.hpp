@@ -1,5 +1,6 @@
 // What otpencrypt and otpdecrypt share: the key-source properties and how they become
-// a key supply, the mode enum, RAII for GLib/GStreamer handles, and stats publishing.
+// a key supply, the mode enum, RAII for GLib/GStreamer handles, stats publishing, and
+// element errors for failures (so that gst-launch says why it stopped).
 #pragma once
 
 #include <gst/base/gstadapter.h>
@@ -7,8 +8,12 @@
 
 #include <array>
 #include <atomic>
+#include <cstdint>
+#include <exception>
 #include <memory>
+#include <span>
 #include <string>
+#include <utility>
 
 #include "otpgate/keyclient.hpp"
 
@@ -23,6 +28,25 @@ struct GstUnref {
 };
 template <typename T>
 using GstPtr = std::unique_ptr<T, GstUnref>;
+
+// A buffer mapped for a scope: unmapped on every way out, exceptions included.
+class MappedBuffer {
+ public:
+  MappedBuffer(GstBuffer* buffer, GstMapFlags flags)
+      : buffer_(buffer), mapped_(gst_buffer_map(buffer, &map_, flags)) {}
+  ~MappedBuffer() {
+    if (mapped_) gst_buffer_unmap(buffer_, &map_);
+  }
+  MappedBuffer(const MappedBuffer&) = delete;
+  MappedBuffer& operator=(const MappedBuffer&) = delete;
+  explicit operator bool() const { return mapped_; }
+  std::span<std::uint8_t> bytes() const { return {map_.data, map_.size}; }
+
+ private:
+  GstBuffer* buffer_;
+  GstMapInfo map_{};
+  bool mapped_;
+};
 
 enum OtpMode { OTP_MODE_AUTO = 0, OTP_MODE_DATAGRAM = 1, OTP_MODE_STREAM = 2 };
 GType otp_mode_get_type();
@@ -76,13 +100,15 @@ struct PublishedCounters {
   guint64 get(std::size_t i) const { return values[i].load(std::memory_order_relaxed); }
 };
 
-// A stats structure holding every counter under its name.
-template <std::size_t N>
-GstStructure* counters_structure(const char* name, const PublishedCounters<N>& counters,
-                                 const char* const (&names)[N]) {
-  GstStructure* s = gst_structure_new_empty(name);
+// A stats structure holding every counter under its name; `name_of` is a switch over the
+// element's Counter enum (no default, so -Wswitch catches a counter without a name).
+template <typename Counter, std::size_t N>
+GstPtr<GstStructure> counters_structure(const char* name, const PublishedCounters<N>& counters,
+                                        const char* (*name_of)(Counter)) {
+  GstPtr<GstStructure> s(gst_structure_new_empty(name));
   for (std::size_t i = 0; i < N; ++i) {
-    gst_structure_set(s, names[i], G_TYPE_UINT64, counters.get(i), nullptr);
+    gst_structure_set(s.get(), name_of(static_cast<Counter>(i)), G_TYPE_UINT64, counters.get(i),
+                      nullptr);
   }
   return s;
 }
@@ -93,5 +119,20 @@ void add_supply_stats(GstStructure* s, const KeySource& source);
 // Posts an element error quoting the key source's reason once it has given up (the KME
 // refuses us or never answered); true then, and the caller returns GST_FLOW_ERROR.
 bool key_source_failed(GstElement* element, const KeySource& source);
+
+// Posts an element error for an exception that reached the element (an OpenSSL or
+// libsrtp2 failure, a broken invariant); returns GST_FLOW_ERROR.
+GstFlowReturn internal_error(GstElement* element, const std::exception& e);
+
+// Runs a streaming-thread step that may throw: an exception becomes an element error and
+// GST_FLOW_ERROR instead of unwinding through GStreamer's C frames.
+template <typename F>
+GstFlowReturn guarded(GstElement* element, F&& step) noexcept {
+  try {
+    return std::forward<F>(step)();
+  } catch (const std::exception& e) {
+    return internal_error(element, e);
+  }
+}
 
 }  // namespace otpgate::gst
