@@ -393,9 +393,9 @@ struct Decoder::Impl {
     stats.announcements_pending = pending_count;
   }
 
-  // Checks the pad of a unit at P with n payload bytes; on success returns r and leaves
-  // s || pad in `scratch`.
-  Verdict load_pad(std::uint64_t p, std::size_t n, const std::uint8_t*& r) {
+  // Whether the pad of a unit at P with n payload bytes (kMaskBytes + n from P) can be
+  // used now: `plaintext` if it is all here and unused, else why not (counted).
+  Verdict check_pad(std::uint64_t p, std::size_t n) {
     if (!fits_epoch(p, n)) {
       ++stats.malformed;
       return Verdict::malformed;
@@ -417,12 +417,19 @@ struct Decoder::Impl {
       ++stats.replays;
       return Verdict::replay;
     }
+    return Verdict::plaintext;
+  }
+
+  // Checks the pad of a unit at P with n payload bytes; on success returns r and leaves
+  // s || pad in `scratch`.
+  Verdict load_pad(std::uint64_t p, std::size_t n, const std::uint8_t*& r) {
+    if (const Verdict v = check_pad(p, n); v != Verdict::plaintext) return v;
     r = epoch_key(p / E);
     if (!r) {
       ++stats.no_key;
       return Verdict::no_key;
     }
-    window.copy_out(p, need, scratch.span().data());
+    window.copy_out(p, kMaskBytes + n, scratch.span().data());
     return Verdict::plaintext;
   }
 
@@ -456,27 +463,8 @@ struct Decoder::Impl {
   // Reads the AES key drawn at `key_offset` (both modes) without consuming it: the caller
   // consumes it once a unit authenticates under it, so forgeries cost no pad.
   Verdict read_new_aes_key(std::uint64_t key_offset, std::uint8_t (&key)[kAesKeyBytes]) {
-    if (!fits_epoch(key_offset, kAesKeyPayload)) {
-      ++stats.malformed;
-      return Verdict::malformed;
-    }
-    if (key_offset < window.base()) {
-      ++stats.replays;
-      return Verdict::replay;
-    }
-    if (!window.in_range(key_offset, kAesKeyBytes) ||
-        !window.all_present(key_offset, kAesKeyBytes)) {
-      if (on_its_way(key_offset, kAesKeyBytes)) {
-        ++stats.key_pending;
-        return Verdict::key_pending;
-      }
-      ++stats.no_key;
-      return Verdict::no_key;
-    }
-    if (window.any_used(key_offset, kAesKeyBytes)) {
-      ++stats.replays;
-      return Verdict::replay;
-    }
+    static_assert(kMaskBytes + kAesKeyPayload == kAesKeyBytes);
+    if (const Verdict v = check_pad(key_offset, kAesKeyPayload); v != Verdict::plaintext) return v;
     window.copy_out(key_offset, kAesKeyBytes, key);
     return Verdict::plaintext;
   }

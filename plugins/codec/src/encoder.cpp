@@ -154,32 +154,25 @@ struct Encoder::Impl {
   std::uint32_t gcm_records = 0;
   EncoderStats stats;
 
-  // Stream-mode AES: a new key from the pad (drawn like a unit, so never reused).
-  bool rekey_gcm() {
+  // A new AES key from the pad (drawn like a unit, so never reused): `key` is made from
+  // it, `key_offset` says where it lies, `uses` starts again.
+  template <typename Key>
+  bool rekey(std::unique_ptr<Key>& key, std::uint64_t& key_offset, std::uint32_t& uses) {
     const auto p = draw(kAesKeyPayload);
     if (!p) return false;
-    gcm = std::make_unique<GcmKey>(scratch.span().data(), true);
+    key = std::make_unique<Key>(scratch.span().data(), true);
     OPENSSL_cleanse(scratch.span().data(), kAesKeyBytes);
-    gcm_key_offset = *p;
-    gcm_records = 0;
+    key_offset = *p;
+    uses = 0;
     ++stats.aes_rekeys;
     return true;
   }
+  bool rekey_gcm() { return rekey(gcm, gcm_key_offset, gcm_records); }  // stream mode
+  bool rekey_aes() { return rekey(aes, aes_key_offset, aes_packets); }  // datagram mode
 
   void write_header(std::span<std::uint8_t> out, RecordKind kind, std::size_t size,
                     std::uint64_t p) {
     write_record_header(out, {kind, stream_id, record_index, p}, size);
-  }
-
-  bool rekey_aes() {
-    const auto p = draw(kAesKeyPayload);
-    if (!p) return false;
-    aes = std::make_unique<SrtpSession>(scratch.span().data(), true);
-    OPENSSL_cleanse(scratch.span().data(), kAesKeyBytes);
-    aes_key_offset = *p;
-    aes_packets = 0;
-    ++stats.aes_rekeys;
-    return true;
   }
 };
 
