@@ -665,10 +665,14 @@ void Gateway::start() {
   for (auto& s : g.streams) {
     if (!s.send_lane) continue;
     const keys::PadSource& lane = g.send_keys->lane(*s.send_lane);
-    while (lane.available() == 0 && std::chrono::steady_clock::now() < deadline) {
+    // A KME that replaces unfetched batches gives a stream key once it is used.
+    auto waiting = [&] {
+      return lane.available() == 0 && !g.send_keys->stats().kme_replaces_batches;
+    };
+    while (waiting() && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    if (lane.available() == 0) {
+    if (waiting()) {
       std::fprintf(stderr,
                    "otp-gateway[warning]: stream %s has no key yet (%s); media waits for it\n",
                    s.config.name.c_str(), g.send_keys->stats().last_error.c_str());

@@ -239,11 +239,17 @@ struct KeySupply::Impl {
 
     std::optional<std::uint64_t> take(std::span<std::uint8_t> out) override {
       KeyRing* r = consumer_ring();
-      return r ? r->take(out) : std::nullopt;
+      return asked(r ? r->take(out) : std::nullopt);
     }
     std::optional<std::uint64_t> peek_offset() override {
       KeyRing* r = consumer_ring();
-      return r ? r->peek_offset() : std::nullopt;
+      return asked(r ? r->peek_offset() : std::nullopt);
+    }
+    // Media thread: notes that the stream wanted key and found none (see hungry()).
+    std::optional<std::uint64_t> asked(std::optional<std::uint64_t> offset) {
+      if (!offset && !demand.load(std::memory_order_relaxed))
+        demand.store(true, std::memory_order_relaxed);
+      return offset;
     }
     std::uint64_t available() const override {
       const KeyRing* r = ring.load(std::memory_order_acquire);
@@ -319,6 +325,7 @@ struct KeySupply::Impl {
       KeyRing* r = ring.load(std::memory_order_acquire);
       const std::uint64_t consumed = r ? r->bytes_consumed() : 0;
       const double instant = double(consumed - last_consumed) / seconds;
+      if (consumed != last_consumed) last_used = now;
       consumption = consumption == 0 ? instant : 0.6 * consumption + 0.4 * instant;
       last_sample = now;
       last_consumed = consumed;
@@ -337,6 +344,7 @@ struct KeySupply::Impl {
     std::uint64_t pushed_at_flush = 0;
     Clock::time_point last_sample = Clock::now();
     std::uint64_t last_consumed = 0;
+    Clock::time_point last_used{};  // last time the media thread was seen taking key
     // Shared with the media thread (lock-free) and with stats() readers.
     std::atomic<KeyRing*> ring{nullptr};
     boost::lockfree::spsc_queue<KeyAnnouncement> announcements{kQueueCapacity};
@@ -348,6 +356,8 @@ struct KeySupply::Impl {
     std::atomic<std::uint64_t> released_end{0};   // slave: end of the furthest key released
     std::atomic<std::uint64_t> flush_floor{0};    // master: pad below this is wiped unused
     std::atomic<std::uint64_t> announced_end{0};  // master: end of the keys announced so far
+    std::atomic<bool> demand{
+        false};  // master: the stream found no key since it was last given some
     std::atomic<std::uint64_t> bytes_flushed{0}, wiped_at_stop{0};
     std::atomic<double> consumption{0};
     // Media thread only.
@@ -473,6 +483,16 @@ struct KeySupply::Impl {
             "drop them when asked again); keeping one batch in flight");
   }
 
+  // Whether a lane is given key. With a KME that replaces unfetched batches, only a lane
+  // in use (or whose stream found none): an idle stream announces nothing, so keys given
+  // to it would stay unfetched and hold up every other lane's next batch.
+  bool hungry(const Lane& lane) const { return !replaces_batches || in_use(lane); }
+  static bool in_use(const Lane& lane) {
+    return lane.demand.load(std::memory_order_relaxed) ||
+           lane.ring_owner->bytes_consumed() != lane.last_consumed ||
+           Clock::now() - lane.last_used < std::chrono::seconds(1);
+  }
+
   // How many keys each lane should get from the next batch: `want` to bring it to its
   // high-water mark, `room` at most (free ring slots, announcement queue space).
   struct Share {
@@ -495,21 +515,30 @@ struct KeySupply::Impl {
           r.bytes_discarded() + r.bytes_consumed() >= lane->pushed_at_flush) {
         lane->flushed_pending = false;  // the media thread has wiped (or used) all of it
       }
-      if (lane->held() < config.low_water * ring_target(*lane)) low = true;
+      if (hungry(*lane) && lane->held() < config.low_water * ring_target(*lane)) low = true;
     }
     if (!low) return;
     while (!stopping_flag) {
       std::vector<Share> shares(lanes.size());
-      std::size_t short_by = 0, room = 0;
+      bool any_in_use = false;
       for (auto& lane : lanes) {
         const KeyRing& r = *lane->ring_owner;
         Share& share = shares[lane->index];
         share.room = r.free_slots();
         if (config.publish_announcements)
           share.room = std::min(share.room, lane->announcements.write_available());
+        if (!hungry(*lane)) share.room = 0;
         const double missing = config.high_water * ring_target(*lane) - lane->held();
         if (missing > 0)
           share.want = std::min(share.room, std::size_t(std::ceil(missing / r.slot_bytes())));
+        any_in_use = any_in_use || (share.want > 0 && in_use(*lane));
+      }
+      // Streams in use first; idle ones get their key by the next call (this one may show
+      // that the KME replaces batches, and then they get none until they are used).
+      std::size_t short_by = 0, room = 0;
+      for (auto& lane : lanes) {
+        Share& share = shares[lane->index];
+        if (any_in_use && !in_use(*lane)) share = {};
         short_by += share.want;
         room += share.room;
       }
@@ -565,17 +594,20 @@ struct KeySupply::Impl {
         }
       }
       // Lanes take turns, a key at a time, while they want key, then while they have room:
-      // a batch smaller than what they want is shared fairly. Keys keep their order within
-      // a lane.
+      // a batch smaller than what they want is shared fairly. Lanes in use come first (the
+      // KME may have just shown that it replaces batches). Keys keep their order in a lane.
       std::vector<std::vector<const Key*>> given(lanes.size());
       std::size_t next_key = 0;
-      for (const bool fill_room : {false, true}) {
-        for (bool turn = true; turn && next_key < keys.size();) {
-          turn = false;
-          for (std::size_t i = 0; i < lanes.size() && next_key < keys.size(); ++i) {
-            if (given[i].size() < (fill_room ? shares[i].room : shares[i].want)) {
-              given[i].push_back(&keys[next_key++]);
-              turn = true;
+      for (const bool any_lane : {false, true}) {
+        for (const bool fill_room : {false, true}) {
+          for (bool turn = true; turn && next_key < keys.size();) {
+            turn = false;
+            for (std::size_t i = 0; i < lanes.size() && next_key < keys.size(); ++i) {
+              if ((any_lane || hungry(*lanes[i])) &&
+                  given[i].size() < (fill_room ? shares[i].room : shares[i].want)) {
+                given[i].push_back(&keys[next_key++]);
+                turn = true;
+              }
             }
           }
         }
@@ -614,6 +646,7 @@ struct KeySupply::Impl {
       lane.next_offset += k->bytes.size();
     }
     lane.published_next_offset = lane.next_offset;
+    lane.demand.store(false, std::memory_order_relaxed);
     lane.keys_fetched += keys.size();
     lane.bytes_fetched += total;
     delivered_once = true;

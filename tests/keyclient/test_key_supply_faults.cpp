@@ -648,3 +648,56 @@ TEST_F(KeySupplyFaults, LanesNeedAJournalEachAndAKme) {
         << e.what();
   }
 }
+
+// On a KME that replaces unfetched batches, an idle stream (video muted) must not hold
+// up the one in use: it is given no key until its stream asks, so nothing it holds stays
+// unfetched at the KME, and once it asks it gets key like any other lane.
+TEST_F(KeySupplyFaults, AnIdleLaneNeverHoldsUpTheLaneInUse) {
+  kmesim::SimulatorFaults faults;
+  faults.replace_unfetched_batch = true;
+  faults.stored_count_of_pair = true;
+  sim_->set_faults(faults);
+  auto master_cfg = master_config();
+  master_cfg.lanes = 2;
+  master_cfg.lane_journals = {dir_ / "audio.journal", dir_ / "video.journal"};
+  auto slave_cfg = slave_config();
+  slave_cfg.lanes = 2;
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_cfg);
+  keys::KeySupply slave(client_config(sim_->url(), "sae-b"), slave_cfg);
+  std::vector<std::uint8_t> chunk(1000);
+  std::array<std::uint64_t, 2> moved{};
+  // Lane 0 asks from the start; lane 1 only once `video` is set.
+  bool video = false;
+  auto step = [&] {
+    for (std::size_t i = 0; i < 2; ++i) {
+      if (i == 1 && !video) continue;
+      while (auto a = master.lane(i).next_announcement()) EXPECT_TRUE(slave.lane(i).request(*a));
+      if (master.lane(i).take(chunk)) moved[i] += chunk.size();
+      while (auto s = slave.lane(i).pop_segment()) slave.lane(i).release(*s);
+    }
+    std::this_thread::sleep_for(1ms);
+  };
+  step();  // the audio stream asks for key before there is any
+  master.start();
+  slave.start();
+  ASSERT_TRUE(eventually(
+      [&] {
+        step();
+        return moved[0] >= (512u << 10);
+      },
+      60s))
+      << moved[0] << " bytes moved; " << master.stats().last_error;
+  EXPECT_TRUE(master.stats().kme_replaces_batches);
+  EXPECT_EQ(master.lane_stats(1).bytes_fetched, 0u) << "the idle lane was given key";
+  EXPECT_EQ(master.lane_stats(1).bytes_flushed, 0u);
+  video = true;
+  ASSERT_TRUE(eventually(
+      [&] {
+        step();
+        return moved[1] >= (64u << 10);
+      },
+      60s))
+      << moved[1] << " bytes moved on the lane that started late";
+  EXPECT_EQ(sim_->stats().keys_replaced, 0u);
+  EXPECT_EQ(slave.stats().keys_lost, 0u);
+}

@@ -73,7 +73,18 @@ struct Encoder::Impl {
         stats.pad_bytes_skipped += step;
         continue;
       }
-      if (*offset + need > limit) return std::nullopt;
+      if (*offset + need > limit) {
+        // The announced run ends before this unit fits. Key beyond it that is not announced
+        // yet is a run that is announced only once the stream reaches it (a resync starts
+        // at the next epoch): wipe the tail so that the stream gets there. With nothing
+        // beyond, wait for key instead (it may continue the run).
+        if (*offset >= limit || pad.available() <= limit - *offset) return std::nullopt;
+        const std::uint64_t tail = std::min<std::uint64_t>(limit - *offset, discard.size());
+        if (!pad.take(discard.span().first(tail))) return std::nullopt;
+        OPENSSL_cleanse(discard.span().data(), tail);
+        stats.pad_bytes_skipped += tail;
+        continue;
+      }
       const auto p = pad.take(scratch.span().first(need));
       if (p) stats.pad_bytes_used += need;
       return p;
