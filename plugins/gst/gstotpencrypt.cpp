@@ -293,6 +293,7 @@ GstFlowReturn protect_into(GstOtpEncrypt* self, GstBuffer* in, GstBuffer* out,
   }
   const std::span<const std::uint8_t> packet = in_map.bytes();
   const std::span<std::uint8_t> out_span = out_map.bytes();
+  bool retried = false;
   while (true) {
     // Keys that arrived while we waited must be announced before their first use.
     if (const GstFlowReturn pushed = push_announcements(self, in); pushed != GST_FLOW_OK) {
@@ -302,6 +303,12 @@ GstFlowReturn protect_into(GstOtpEncrypt* self, GstBuffer* in, GstBuffer* out,
       status = s.encoder->protect_datagram_aes(packet, out_span, written, p.rekey_interval);
     } else {
       status = s.encoder->protect_datagram(packet, out_span, written);
+      // Key is there but not usable yet: the encoder has just moved past the end of a run,
+      // and the next run (a resync) is announced once the stream has reached it. Once more.
+      if (status == otp::Encoder::Status::no_key && !retried && s.source.pad->available() > 0) {
+        retried = true;
+        continue;
+      }
       if (status == otp::Encoder::Status::ok && p.on_key_exhausted == KEY_EXHAUSTED_FALLBACK_AES) {
         s.encoder->prepare_aes();  // a master key in reserve for when pad runs out
       }

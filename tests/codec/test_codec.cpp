@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <random>
 #include <set>
@@ -739,4 +740,82 @@ TEST(CheckedCast, RefusesToLoseAValue) {
   EXPECT_THROW(otpgate::checked_cast<std::uint16_t>(std::size_t{65536}), std::range_error);
   EXPECT_THROW(otpgate::checked_cast<std::size_t>(-1), std::range_error);
   EXPECT_THROW(otpgate::checked_cast<int>(std::uint64_t{1} << 31), std::range_error);
+}
+
+namespace {
+// A sender's key source whose second run is a resync run: it starts at the next epoch
+// and is announced only once the stream has reached it (as KeySupply does).
+class RunThenResyncPad final : public keys::PadSource {
+ public:
+  RunThenResyncPad(std::uint64_t first_run, std::uint64_t resync_at, std::uint64_t second_run) {
+    add_run(0, first_run, false);
+    add_run(resync_at, second_run, true);
+  }
+  std::optional<std::uint64_t> peek_offset() override { return ring_.peek_offset(); }
+  std::uint64_t available() const override { return ring_.bytes_available(); }
+  std::optional<std::uint64_t> take(std::span<std::uint8_t> out) override {
+    return ring_.take(out);
+  }
+  std::optional<keys::KeyAnnouncement> next_announcement() override {
+    if (announcements_.empty()) return std::nullopt;
+    const auto position = ring_.peek_offset();
+    if (announcements_.front().resync && position && *position < announcements_.front().offset)
+      return std::nullopt;
+    auto a = announcements_.front();
+    announcements_.pop_front();
+    return a;
+  }
+  bool request(const keys::KeyAnnouncement&) override { return false; }
+  std::optional<keys::PadSegment> pop_segment() override { return std::nullopt; }
+  void release(const keys::PadSegment&) override {}
+
+ private:
+  void add_run(std::uint64_t from, std::uint64_t bytes, bool resync) {
+    for (std::uint64_t off = from; off < from + bytes; off += 1024) {
+      const keys::KeyId id = otpgate::testing::test_key_id(off / 1024);
+      announcements_.push_back({off, id, 1024, resync && off == from});
+      ring_.push(off, id, otpgate::testing::MemoryPad::pad_bytes(off, 1024));
+    }
+  }
+  keys::KeyRing ring_{64, 1024};
+  std::deque<keys::KeyAnnouncement> announcements_;
+};
+}  // namespace
+
+TEST(Codec, ATailTooShortForAPacketIsSkippedToReachTheResyncRun) {
+  // Run one: 2 KiB. Its epoch key, the announcement's mask and two 900-byte packets leave
+  // 208 bytes, too few for a third; the resync run at the next epoch is announced only
+  // once the stream gets there, so the tail must be wiped for the stream to go on.
+  RunThenResyncPad tx(2048, otp::kEpochBytes, 8192);
+  otpgate::testing::MemoryPad rx(0, otp::kEpochBytes + 8192, 1024);
+  Encoder encoder(tx, 7);
+  Decoder decoder(rx);
+  Bytes buf(otp::kMaxAnnouncementBytes);
+  std::size_t delivered = 0;
+  for (std::uint16_t seq = 0; seq < 6; ++seq) {
+    const Bytes packet = rtp_packet(seq, 0x5150, 900 - 12);
+    Bytes out(packet.size() + otp::kTrailerBytes);
+    std::size_t written = 0;
+    Encoder::Status status = Encoder::Status::no_key;
+    // As otpencrypt does: announcements first, and once more if key is there but unusable.
+    for (int attempt = 0; attempt < 2 && status != Encoder::Status::ok; ++attempt) {
+      while (std::size_t n = encoder.next_announcement(buf, false)) {
+        Bytes a(buf.begin(), buf.begin() + n), scratch(n);
+        std::size_t none = 0;
+        decoder.open_datagram(a, scratch, none);
+      }
+      status = encoder.protect_datagram(packet, out, written);
+    }
+    ASSERT_EQ(status, Encoder::Status::ok) << "packet " << seq << " found no usable key";
+    Bytes plain(written);
+    std::size_t n = 0;
+    ASSERT_EQ(decoder.open_datagram(std::span(out).first(written), plain, n),
+              Decoder::Verdict::plaintext)
+        << "packet " << seq;
+    EXPECT_EQ(Bytes(plain.begin(), plain.begin() + n), packet);
+    ++delivered;
+  }
+  EXPECT_EQ(delivered, 6u);
+  // The epoch key, the announcement mask and two masks with 888-byte payloads.
+  EXPECT_EQ(encoder.stats().pad_bytes_skipped, 2048u - 16 - 16 - 2 * (16 + 888));
 }
