@@ -58,6 +58,7 @@ enum Counter {
   C_ANNOUNCEMENTS_EXPIRED,
   C_KEYS_AWAITED,
   C_KEYS_LOST,
+  C_WINDOW_OVERRUNS,
   C_COUNT
 };
 // The name of a counter in the stats structure.
@@ -105,6 +106,8 @@ const char* counter_name(Counter c) {
       return "keys-awaited";
     case C_KEYS_LOST:
       return "keys-lost";
+    case C_WINDOW_OVERRUNS:
+      return "window-overruns";
     case C_COUNT:
       break;
   }
@@ -119,6 +122,8 @@ std::optional<Counter> refusal_counter(otp::Decoder::Verdict verdict) {
       return C_AUTH_FAILURES;
     case V::replay:
       return C_REPLAYS;
+    case V::window_overrun:
+      return C_WINDOW_OVERRUNS;
     case V::no_key:
     case V::key_pending:
       return C_DROPS_NO_KEY;
@@ -141,6 +146,7 @@ struct Session {
   bool mode_known = false;
   bool stream = false;
   bool preamble_seen = false;
+  bool told_window_overrun = false;
   std::vector<std::uint8_t> out = std::vector<std::uint8_t>(otp::kMaxUnitPayload);
   // Datagram mode: packets whose key a verified announcement has on its way, in arrival
   // order, each until its key-wait deadline. The streaming thread never waits for them.
@@ -274,6 +280,16 @@ GstFlowReturn decode_datagram(GstOtpDecrypt* self, GstBuffer* in, otp::Decoder::
     if (verdict == otp::Decoder::Verdict::auth_failure) {
       GST_DEBUG_OBJECT(self, "dropped a packet that failed authentication");
     }
+    if (verdict == otp::Decoder::Verdict::window_overrun && !s.told_window_overrun) {
+      s.told_window_overrun = true;  // once per session: the fix is the same every time
+      GST_ELEMENT_WARNING(
+          self, RESOURCE, SETTINGS,
+          ("window-size %" G_GUINT64_FORMAT
+           " bytes is smaller than the pad the sender announces ahead: packets on pad the "
+           "window already wiped are dropped (window-overruns)",
+           p.window_size),
+          ("raise window-size to at least twice the sender's key ring"));
+    }
   }
   publish(self);
   return ret;
@@ -402,6 +418,9 @@ const char* why_refused(otp::Decoder::Verdict verdict) {
       return "failed authentication: the data was corrupted or tampered with on the way";
     case V::replay:
       return "replays pad that was already used (an old or duplicated stream)";
+    case V::window_overrun:
+      return "uses pad the window had already wiped: window-size is smaller than what the "
+             "sender announces ahead; raise window-size";
     case V::no_key:
     case V::key_pending:
       return "has no key: its key was not delivered in time (see the key source's state in "

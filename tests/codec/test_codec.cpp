@@ -819,3 +819,52 @@ TEST(Codec, ATailTooShortForAPacketIsSkippedToReachTheResyncRun) {
   // The epoch key, the announcement mask and two masks with 888-byte payloads.
   EXPECT_EQ(encoder.stats().pad_bytes_skipped, 2048u - 16 - 16 - 2 * (16 + 888));
 }
+
+TEST(Codec, AWindowSmallerThanTheSendersLeadIsToldApartFromReplays) {
+  // The sender announces 2 MiB ahead; the receiver's window holds 256 KiB. Verified keys
+  // far ahead move the window past pad the sender has not used yet: its packets are
+  // refused as window overruns (raise window-size), not as replays (an attack).
+  otpgate::testing::MemoryPad tx(0, 4u << 20, 8192), rx(0, 4u << 20, 8192);
+  tx.fill_for_sending(2u << 20);
+  Encoder encoder(tx, 9, 0);
+  otp::DecoderConfig config;
+  config.window_bytes = otp::kEpochBytes;
+  Decoder decoder(rx, config);
+  Bytes buf(otp::kMaxAnnouncementBytes);
+  std::map<Decoder::Verdict, int> verdicts;
+  for (std::uint16_t seq = 0; seq < 200; ++seq) {
+    while (std::size_t n = encoder.next_announcement(buf, false)) {
+      Bytes scratch(n);
+      std::size_t none = 0;
+      decoder.open_datagram(std::span(buf).first(n), scratch, none);
+    }
+    const Bytes packet = rtp_packet(seq, 0x77, 1000);
+    Bytes out(packet.size() + otp::kTrailerBytes), plain(out.size());
+    std::size_t written = 0, n = 0;
+    ASSERT_EQ(encoder.protect_datagram(packet, out, written), Encoder::Status::ok);
+    ++verdicts[decoder.open_datagram(std::span(out).first(written), plain, n)];
+  }
+  EXPECT_GT(verdicts[Decoder::Verdict::window_overrun], 0);
+  EXPECT_EQ(decoder.stats().window_overruns,
+            std::uint64_t(verdicts[Decoder::Verdict::window_overrun]));
+  EXPECT_EQ(decoder.stats().replays, 0u) << "a small window was reported as replays";
+  // The same receiver with a window larger than the lead delivers everything.
+  otpgate::testing::MemoryPad tx2(0, 4u << 20, 8192), rx2(0, 4u << 20, 8192);
+  tx2.fill_for_sending(2u << 20);
+  Encoder encoder2(tx2, 9, 0);
+  config.window_bytes = 4u << 20;
+  Decoder decoder2(rx2, config);
+  for (std::uint16_t seq = 0; seq < 200; ++seq) {
+    while (std::size_t n = encoder2.next_announcement(buf, false)) {
+      Bytes scratch(n);
+      std::size_t none = 0;
+      decoder2.open_datagram(std::span(buf).first(n), scratch, none);
+    }
+    const Bytes packet = rtp_packet(seq, 0x77, 1000);
+    Bytes out(packet.size() + otp::kTrailerBytes), plain(out.size());
+    std::size_t written = 0, n = 0;
+    ASSERT_EQ(encoder2.protect_datagram(packet, out, written), Encoder::Status::ok);
+    EXPECT_EQ(decoder2.open_datagram(std::span(out).first(written), plain, n),
+              Decoder::Verdict::plaintext);
+  }
+}

@@ -84,6 +84,7 @@ struct Decoder::Impl {
   }
 
   void place(std::uint64_t offset, std::span<const std::uint8_t> key) {
+    first_placed = std::min(first_placed, offset);
     window.place(offset, key);
     forget_old_epoch_keys();
     ++stats.keys_placed;
@@ -402,7 +403,14 @@ struct Decoder::Impl {
     }
     const std::size_t need = kMaskBytes + n;
     if (p < window.base()) {
-      ++stats.replays;  // its key was destroyed when the window moved past it
+      // Its key was destroyed when the window moved past it: an old unit replayed, or, on
+      // this session's pad beyond any unit used so far, a window smaller than the sender's
+      // lead.
+      if (p >= std::max(used_end, first_placed)) {
+        ++stats.window_overruns;
+        return Verdict::window_overrun;
+      }
+      ++stats.replays;
       return Verdict::replay;
     }
     if (!window.in_range(p, need) || !window.all_present(p, need)) {
@@ -436,6 +444,12 @@ struct Decoder::Impl {
   keys::PadSource& pad;
   DecoderConfig config;
   PadWindow window;
+  std::uint64_t used_end = 0;               // end of the furthest pad an authenticated unit used
+  std::uint64_t first_placed = UINT64_MAX;  // lowest pad a verified key of this session covers
+  void used(std::uint64_t p, std::size_t n) {
+    window.consume(p, n);
+    used_end = std::max(used_end, p + n);
+  }
   std::vector<EpochKey> epoch_keys;
   SecretBytes scratch;
   std::vector<PadSegment> pool;  // fetched keys not yet placed by a verified announcement
@@ -617,7 +631,7 @@ Decoder::Verdict Decoder::open_datagram(std::span<const std::uint8_t> in,
   std::memcpy(out.data(), in.data(), *header);
   xor_into(out.data() + *header, in.data() + *header, d.scratch.span().data() + kMaskBytes, n);
   OPENSSL_cleanse(d.scratch.span().data(), kMaskBytes + n);
-  d.window.consume(p, kMaskBytes + n);
+  d.used(p, kMaskBytes + n);
   written = *header + n;
   ++d.stats.units;
   d.stats.payload_bytes += n;
@@ -682,7 +696,7 @@ Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
     ++d.stats.auth_failures;
     return Verdict::auth_failure;
   }
-  d.window.consume(p, kMaskBytes + n);
+  d.used(p, kMaskBytes + n);
   d.stats.pad_bytes_used += kMaskBytes + n;
   // Authentic; now the stream's order: start, data 1..k, final; one stream only.
   if (!in_sequence()) {

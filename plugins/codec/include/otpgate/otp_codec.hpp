@@ -64,6 +64,10 @@ struct DecoderStats {
   std::uint64_t keys_lost = 0;     // keys the source declared lost (nothing waits for them)
   std::uint64_t key_pending = 0;   // units whose key a verified announcement has on its way
   std::uint64_t keys_placed = 0;
+  // Units on pad beyond any used so far that the window had already wiped, as verified
+  // keys announced further ahead than it holds arrived: window_bytes is smaller than the
+  // sender's lead (not an attack on its own: forgeries never move the window).
+  std::uint64_t window_overruns = 0;
   std::uint64_t aes_units = 0;  // of `units`, those in AES mode
 };
 
@@ -144,6 +148,7 @@ class Decoder {
     repeat,                // an announcement already verified
     auth_failure,          // tag mismatch: dropped, nothing consumed
     replay,                // pad already used, or below the window (key destroyed)
+    window_overrun,        // pad the window wiped unused as keys announced ahead arrived
     no_key,                // pad not here and not announced: dropped at once
     key_pending,           // pad on its way (a verified announcement named its keys)
     malformed,             // unparsable
