@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <deque>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -753,11 +754,28 @@ struct KeySupply::Impl {
   // out once, so its key_ID alone identifies it (across lanes: the first stream to ask
   // for a key gets it); a pad file can be read again, so there a forged length must not
   // shadow the genuine request for the same chunk.
-  bool first_sight(const KeyAnnouncement& a) {
+  bool first_sight(const KeyAnnouncement& a, Lane& lane) {
     const auto seen =
         std::make_pair(a.key_id, backend->fetch_is_destructive() ? std::uint32_t{0} : a.length);
-    if (recent.contains(seen)) return false;
-    recent.insert(seen);
+    if (const auto it = recent.find(seen); it != recent.end()) {
+      if (it->second != lane.index) {
+        // Another stream asked for this key first: a copy of its announcement (a forgery
+        // replayed from another stream's traffic) or a misconfigured peer. The key stays
+        // with the first stream; one stream's pad never serves two.
+        ++lane.keys_refused;
+        if (!told_contested) {
+          told_contested = true;
+          log(LogLevel::warning,
+              "key supply (peer " + config.peer_sae_id + "): key_ID " + a.key_id.to_string() +
+                  " was announced on two streams (lanes " + std::to_string(it->second) + " and " +
+                  std::to_string(lane.index) +
+                  "); it stays with the first: a copied announcement, or streams crossed "
+                  "between the sites' configurations");
+        }
+      }
+      return false;
+    }
+    recent.emplace(seen, lane.index);
     recent_order.push_back(seen);
     if (recent_order.size() > kRecentIds) {
       recent.erase(recent_order.front());
@@ -777,7 +795,7 @@ struct KeySupply::Impl {
         ++lane.keys_refused;  // not remembered: a genuine repeat is taken once in range
         continue;
       }
-      if (!first_sight(a)) continue;
+      if (!first_sight(a, lane)) continue;
       if (lane.journal && a.offset < lane.restart_floor) {
         ++lane.keys_refused;  // pad below the journal was (or may have been) used by an earlier run
         continue;
@@ -1003,7 +1021,8 @@ struct KeySupply::Impl {
   std::uint32_t key_bits = 0;
   std::uint32_t max_keys_per_request = kDefaultMaxKeysPerRequest;
   std::deque<Wanted> wanted;
-  std::set<std::pair<KeyId, std::uint32_t>> recent;
+  std::map<std::pair<KeyId, std::uint32_t>, std::size_t> recent;  // -> the lane that asked
+  bool told_contested = false;
   std::deque<std::pair<KeyId, std::uint32_t>> recent_order;
   std::uint64_t latency_samples = 0;
 

@@ -701,3 +701,23 @@ TEST_F(KeySupplyFaults, AnIdleLaneNeverHoldsUpTheLaneInUse) {
   EXPECT_EQ(sim_->stats().keys_replaced, 0u);
   EXPECT_EQ(slave.stats().keys_lost, 0u);
 }
+
+// A copy of one stream's announcement sent to another stream's port (sniffed key_IDs)
+// makes the second lane ask for keys the first asked for: the key goes to the first only,
+// and the second lane counts the refusal. One stream's pad never serves two.
+TEST_F(KeySupplyFaults, AKeyAskedForOnTwoLanesStaysWithTheFirst) {
+  const auto issued = issue(1);
+  auto config = slave_config();
+  config.lanes = 2;
+  keys::KeySupply slave(client_config(sim_->url(), "sae-b"), config);
+  ASSERT_TRUE(slave.lane(0).request({0, issued[0].id, 1024}));
+  ASSERT_TRUE(slave.lane(1).request({0, issued[0].id, 1024}));
+  slave.start();
+  std::optional<keys::PadSegment> got;
+  ASSERT_TRUE(eventually([&] { return (got = slave.lane(0).pop_segment()).has_value(); }));
+  EXPECT_TRUE(std::equal(got->bytes.begin(), got->bytes.end(), issued[0].bytes.span().begin()));
+  slave.lane(0).release(*got);
+  EXPECT_FALSE(slave.lane(1).pop_segment()) << "the second lane got the first lane's key";
+  EXPECT_EQ(slave.lane_stats(1).keys_refused, 1u);
+  EXPECT_EQ(slave.lane_stats(0).keys_refused, 0u);
+}
