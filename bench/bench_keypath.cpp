@@ -55,9 +55,9 @@ struct Setup {
     c.journal = dir + "/" + journal;
     c.ring_bytes = 4u << 20;
     c.ring_seconds = 2.0;
-    c.ring_min_bytes = 256u << 10;
+    c.ring_min_bytes = 128u << 10;
     c.announce_lead_seconds = 1.5;
-    c.announce_min_bytes = 256u << 10;
+    c.announce_min_bytes = 128u << 10;
     c.resync_interval = std::chrono::milliseconds(2000);
     c.log = keys::stderr_log_sink(keys::LogLevel::error);
     return c;

@@ -363,7 +363,13 @@ struct Gateway::Impl {
     }
     if (c.receives()) {
       s.decrypt.reset(gst_bin_get_by_name(GST_BIN(bin), "dec"));
-      g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane), nullptr);
+      // The window holds what the peer announces ahead (at most its key ring, which the
+      // sites configure alike) twice over, for reordering: never smaller than that.
+      const std::uint64_t epoch = otp::kEpochBytes;
+      const std::uint64_t window = std::max<std::uint64_t>(
+          16u << 20, (2 * config.key_ring_bytes + epoch - 1) / epoch * epoch);
+      g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane),
+                   "window-size", static_cast<guint64>(window), nullptr);
     }
   }
 

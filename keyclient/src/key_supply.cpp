@@ -320,14 +320,17 @@ struct KeySupply::Impl {
     }
 
     void sample_rate() {
+      // Every 50 ms, so that a stream starting at video rates is measured before its
+      // first ring (ring_min_bytes) runs out; smoothed over about half a second.
       const auto now = Clock::now();
       const double seconds = std::chrono::duration<double>(now - last_sample).count();
-      if (seconds < 0.25) return;
+      if (seconds < 0.05) return;
       KeyRing* r = ring.load(std::memory_order_acquire);
       const std::uint64_t consumed = r ? r->bytes_consumed() : 0;
       const double instant = double(consumed - last_consumed) / seconds;
       if (consumed != last_consumed) last_used = now;
-      consumption = consumption == 0 ? instant : 0.6 * consumption + 0.4 * instant;
+      const double weight = std::min(1.0, seconds / 0.6);
+      consumption = consumption == 0 ? instant : (1 - weight) * consumption + weight * instant;
       last_sample = now;
       last_consumed = consumed;
     }

@@ -196,7 +196,7 @@ KeySource open_key_source(const KeySourceSettings& s, keys::SaeRole role, const 
   // ring_min_bytes) and announces about a second and a half ahead: QKD key is scarce, and
   // what is held is wiped when the element stops. (A pad file is read as needed.)
   config.ring_seconds = 2.0;
-  config.ring_min_bytes = 256u << 10;
+  config.ring_min_bytes = 128u << 10;
   config.announce_lead_seconds = 1.5;
   config.announce_min_bytes = config.ring_min_bytes;
   // Now and then a self-verifying announcement, so that a receiver that lost one (and

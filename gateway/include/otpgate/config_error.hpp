@@ -29,10 +29,10 @@ struct SiteConfig {
   std::string kme_url;
   std::filesystem::path tls_cert, tls_key, tls_ca;
   std::string peer_sae_id;
-  std::uint64_t key_ring_bytes = 4u << 20;  // key held ready per key supply, at most
+  std::uint64_t key_ring_bytes = 4u << 20;  // key held ready per stream, at most
   // Media senders hold this much of their stream's measured key consumption (at least
-  // 256 KiB, at most key_ring_bytes) and announce keys this far ahead of use; 0 holds the
-  // whole ring and announces keys as they arrive (bulk transfers).
+  // 256 KiB, at most key_ring_bytes) and announce keys this far ahead of use; 0 holds
+  // the whole ring and announces keys as they arrive (bulk transfers).
   std::uint32_t key_ring_ms = 2000;
   std::uint32_t announce_lead_ms = 1500;
   // Media senders move to a fresh, self-verifying epoch this often, so a receiver that

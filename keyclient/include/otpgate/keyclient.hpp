@@ -310,7 +310,8 @@ struct KeySupplyConfig {
   // it is asked for again until this long after its first request, then declared lost.
   std::chrono::milliseconds relay_grace{3000};
   // Master: key held ready, in seconds of the measured consumption (bounded by
-  // ring_bytes, at least ring_min_bytes); 0 keeps the whole ring full (bulk transfers).
+  // ring_bytes, at least ring_min_bytes per lane); 0 keeps the whole ring
+  // full (bulk transfers).
   double ring_seconds = 0;
   std::size_t ring_min_bytes = 64u << 10;
   // Master: announcements are released this far ahead of use, in seconds of the measured
