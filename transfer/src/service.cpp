@@ -184,6 +184,12 @@ struct Service::Impl {
     return false;
   }
 
+  void wait_stopped(const std::string& job_id, std::chrono::milliseconds timeout) {
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    while (running(job_id) && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+
   void start_runner(const std::string& job_id) {
     std::lock_guard lock(mutex);
     Runner& r = runners.emplace_back();
@@ -373,6 +379,10 @@ struct Service::Impl {
                    const std::string id = req.matches[1];
                    const auto job = store->get(id);
                    if (!job) return reply_error(res, 404, "no job " + id);
+                   // An aborted job's runner may still be winding down (closing its
+                   // connection and key supply) after the job shows "aborted": give it a
+                   // moment rather than refuse what the job table says is stopped.
+                   if (job->transfer_state == "aborted") wait_stopped(id, std::chrono::seconds(5));
                    if (running(id))
                      return reply_error(res, 409, "job " + id + " is running: abort it first");
                    try {
