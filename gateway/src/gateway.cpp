@@ -242,7 +242,8 @@ struct Gateway::Impl {
   int status_port = 0;
   std::thread bus_thread;
   std::atomic<bool> running{false};
-  std::atomic<std::uint64_t> key_wiped_at_stop{0};  // by every stop() of this gateway
+  std::atomic<std::uint64_t> key_wiped_at_stop{0};       // by every stop() of this gateway
+  std::atomic<std::uint64_t> send_key_wiped_at_stop{0};  // of which, sending
 
   keys::KmeClientConfig kme_config() const {
     keys::KmeClientConfig k;
@@ -289,21 +290,23 @@ struct Gateway::Impl {
     if (c.sends()) {
       // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway.
       d += "udpsrc port=" + std::to_string(c.local_rtp_port) +
-           " caps=application/x-rtp buffer-size=4194304 retrieve-sender-address=false ! funnel "
+           " caps=application/x-rtp buffer-size=4194304 retrieve-sender-address=false reuse=false "
+           "! funnel "
            "name=mux ! otpencrypt name=enc ! " +
            (ice ? std::string("nicesink name=net_out")
                 : "udpsink host=" + config.peer_address + " port=" + std::to_string(c.peer_port)) +
            " sync=false async=false ";
       if (c.local_rtcp_port) {
         d += "udpsrc port=" + std::to_string(c.local_rtcp_port) +
-             " retrieve-sender-address=false caps=application/x-rtcp ! mux. ";
+             " retrieve-sender-address=false reuse=false caps=application/x-rtcp ! mux. ";
       }
     }
     if (c.receives()) {
       // The peer gateway -> otpdecrypt -> the conference system.
       d += (ice ? std::string("nicesrc name=net_in ! application/x-otp")
                 : "udpsrc port=" + std::to_string(c.listen_port) +
-                      " buffer-size=4194304 retrieve-sender-address=false caps=application/x-otp") +
+                      " buffer-size=4194304 retrieve-sender-address=false reuse=false "
+                      "caps=application/x-otp") +
            " ! otpdecrypt name=dec ! udpsink host=" + c.deliver_rtp.host +
            " port=" + std::to_string(c.deliver_rtp.port) + " sync=false async=false ";
       d += c.deliver_rtcp
@@ -711,8 +714,15 @@ void Gateway::stop() {
   }
   g.running = false;
   if (g.bus_thread.joinable()) g.bus_thread.join();
-  // Pipelines first (they use the key supplies), then the supplies.
+  // Pipelines first (they use the key supplies), then the supplies. A receiver's fetched
+  // key sits in its decryptor's pad window, which is wiped with it: what was fetched and
+  // not used.
+  std::uint64_t receive_pad_used = 0;
   for (auto& s : g.streams) {
+    if (s.decrypt) {
+      const json st = element_stats(s.decrypt.get());
+      receive_pad_used += st.value("pad-bytes-used", std::uint64_t{0});
+    }
     s.encrypt.reset();
     s.decrypt.reset();
     s.pipeline.reset();
@@ -720,7 +730,12 @@ void Gateway::stop() {
   for (auto* supply : {g.send_keys.get(), g.receive_keys.get()}) {
     if (!supply) continue;
     supply->stop();  // the key it held is wiped with it: QKD key spent for nothing
-    g.key_wiped_at_stop += supply->stats().bytes_wiped_at_stop;
+    const auto stats = supply->stats();
+    std::uint64_t wiped = stats.bytes_wiped_at_stop;
+    if (supply == g.receive_keys.get())
+      wiped = stats.bytes_fetched - std::min(stats.bytes_fetched, receive_pad_used);
+    g.key_wiped_at_stop += wiped;
+    if (supply == g.send_keys.get()) g.send_key_wiped_at_stop += wiped;
   }
   g.streams.clear();
   g.send_keys.reset();
@@ -738,6 +753,10 @@ std::string Gateway::status_json() const {
 }
 std::string Gateway::metrics_text() const {
   return impl_->metrics();
+}
+Gateway::KeyWiped Gateway::key_wiped_at_stop() const {
+  const std::uint64_t send = impl_->send_key_wiped_at_stop;
+  return {send, impl_->key_wiped_at_stop - send};
 }
 std::uint16_t Gateway::status_port() const {
   return static_cast<std::uint16_t>(impl_->status_port);

@@ -57,6 +57,12 @@ int main(int argc, char** argv) {
     sigwait(&stop_signals, &signal);
     std::printf("otp-gateway: stopping on signal %d\n", signal);
     gateway.stop();
+    const auto wiped = gateway.key_wiped_at_stop();
+    std::printf(
+        "otp-gateway: stopped; fetched key wiped unused: sending %llu bytes, receiving %llu "
+        "bytes\n",
+        static_cast<unsigned long long>(wiped.send_bytes),
+        static_cast<unsigned long long>(wiped.receive_bytes));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "otp-gateway: %s\n", e.what());
     return 1;

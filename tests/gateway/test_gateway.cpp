@@ -74,8 +74,8 @@ Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::size_t pa
 }
 
 std::uint16_t base_port() {
-  static std::uint16_t next =
-      static_cast<std::uint16_t>(20000 + (::getpid() % 1900) * 20);  // 20000-58000
+  // Below the kernel's ephemeral range (32768-60999): a sending socket never takes one.
+  static std::uint16_t next = static_cast<std::uint16_t>(20000 + (::getpid() % 600) * 20);
   next = static_cast<std::uint16_t>(next + 20);
   return next;
 }
@@ -769,4 +769,11 @@ TEST_F(GatewayTest, TwoStreamsShareOneKeySupplyPerDirectionOnAKmeWithEveryQuirk)
   // Two lanes, two journals: each stream keeps its own pad stream across restarts.
   EXPECT_TRUE(fs::exists(dir_.path / "a" / "sae-a-to-sae-b-audio-1.journal"));
   EXPECT_TRUE(fs::exists(dir_.path / "a" / "sae-a-to-sae-b-video-1.journal"));
+  // What stopping costs, per direction: the sender's ring, and what the receiver fetched
+  // ahead of use (wiped with its pad windows).
+  a_->stop();
+  const auto wiped = a_->key_wiped_at_stop();
+  EXPECT_GT(wiped.send_bytes, 0u);
+  EXPECT_GT(wiped.receive_bytes, 0u);
+  EXPECT_LT(wiped.receive_bytes, 8u << 20);
 }

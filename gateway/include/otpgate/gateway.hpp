@@ -72,6 +72,11 @@ class Gateway {
   std::string status_json() const;   // what /api/v1/status serves
   std::string metrics_text() const;  // what /metrics serves (Prometheus text format)
   std::uint16_t status_port() const;
+  // Fetched key wiped unused by stop() so far (QKD key spent for nothing), per direction.
+  struct KeyWiped {
+    std::uint64_t send_bytes = 0, receive_bytes = 0;
+  };
+  KeyWiped key_wiped_at_stop() const;
 
  private:
   struct Impl;
