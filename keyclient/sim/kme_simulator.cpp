@@ -687,6 +687,10 @@ void KmeSimulator::start() {
   // asks every few milliseconds at transfer rates, and a new mTLS handshake each time is
   // pure overhead. Real KMEs keep SAE connections open too.
   i.server->set_keep_alive_max_count(100000);
+  // An idle kept-alive connection holds a worker until this timeout, and stop() waits for
+  // every worker: 1 s rather than the default 5 s, so a simulator stops within a second
+  // (tests stop and restart it mid-call). A client then reconnects, as with real KMEs.
+  i.server->set_keep_alive_timeout(1);
   // cpp-httplib sets only SO_REUSEPORT on Linux, which lets a second simulator listen on a
   // port already in use. SO_REUSEADDR instead: a restart (after stop() or a crash) binds
   // its port again at once despite connections in TIME_WAIT, but never beside a listener.
