@@ -703,6 +703,16 @@ TEST_F(TransferTest, BadInputGetsOneClearLineAndANonZeroExit) {
       run({OTPGATE_TRANSFER_BIN, "-c", (dir_.path / "none.toml").string(), "jobs"}, "5");
   EXPECT_EQ(rc5, 2);
   EXPECT_NE(out5.find("cannot be read"), std::string::npos) << out5;
+  // --check-config as the docs write it (no command), and its failure with a bad config.
+  auto [rc6, out6] = run(cli("a", {"--check-config"}), "6");
+  EXPECT_EQ(rc6, 0) << out6;
+  EXPECT_NE(out6.find("valid: site hospital-a"), std::string::npos) << out6;
+  auto [rc7, out7] = run({OTPGATE_TRANSFER_BIN, "-c", bad.string(), "--check-config"}, "7");
+  EXPECT_EQ(rc7, 2);
+  EXPECT_NE(out7.find("rot13"), std::string::npos) << out7;
+  auto [rc8, out8] = run(cli("a", {}), "8");
+  EXPECT_EQ(rc8, 2);
+  EXPECT_NE(out8.find("name a command"), std::string::npos) << out8;
 }
 
 int main(int argc, char** argv) {

@@ -131,7 +131,7 @@ int main(int argc, char** argv) {
       "a one-time pad\nfrom QKD keys (ETSI GS QKD 014), hashed with SHA-256 at both ends, "
       "resumable, with a job database.\nThe receiving site runs `serve`; the sending site runs "
       "`send`, `watch` or the service's job API.\nSee docs/transfer.md."};
-  app.require_subcommand(1);
+  app.require_subcommand(0, 1);  // none with --check-config
   std::string config_path;
   app.add_option("-c,--config", config_path,
                  "Site config file (TOML), e.g. /etc/otpgate/transfer.toml")
@@ -177,6 +177,12 @@ int main(int argc, char** argv) {
   bool check_only = false;
   app.add_flag("--check-config", check_only, "Validate the config and exit (0: valid)");
   CLI11_PARSE(app, argc, argv);
+  if (!check_only && app.get_subcommands().empty()) {
+    std::fprintf(stderr,
+                 "otp-transfer: name a command (serve, send, watch, jobs, start, abort, delete) "
+                 "or --check-config; see --help\n");
+    return 2;
+  }
 
   TransferConfig config;
   try {
