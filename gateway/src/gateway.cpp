@@ -682,9 +682,12 @@ void Gateway::start() {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     if (waiting()) {
-      std::fprintf(stderr,
-                   "otp-gateway[warning]: stream %s has no key yet (%s); media waits for it\n",
-                   s.config.name.c_str(), g.send_keys->stats().last_error.c_str());
+      // Without any key yet there is no AES key either: only block holds packets back.
+      const char* meanwhile = g.config.on_key_exhausted == "block"
+                                  ? "its packets wait for it"
+                                  : "its packets are dropped until it comes";
+      std::fprintf(stderr, "otp-gateway[warning]: stream %s has no key yet (%s); %s\n",
+                   s.config.name.c_str(), g.send_keys->stats().last_error.c_str(), meanwhile);
     }
   }
 

@@ -33,6 +33,7 @@ constexpr auto kTlsRefusalPersists = std::chrono::seconds(3);     // see judge()
 constexpr std::size_t kLocateRequests = 24;  // slave: per round, for keys past their grace
 constexpr auto kBatchPatience = std::chrono::seconds(6);  // master: see replaces_batches
 constexpr std::uint32_t kDefaultMaxKeysPerRequest = 128;
+constexpr auto kErrorLogInterval = std::chrono::seconds(5);  // see record_error
 using Clock = std::chrono::steady_clock;
 
 double ms_since(Clock::time_point start) {
@@ -68,6 +69,9 @@ class Backend {
   virtual std::string missing_reason() const { return {}; }
   // Master: the KME's stored_key_count for this pair, if the source has one.
   virtual std::optional<std::uint64_t> stored_count() { return std::nullopt; }
+  // Slave, idle: whether the source answers at all (throws what a request would throw);
+  // an HTTP refusal of the status call is an answer.
+  virtual void probe() {}
   virtual void cancel() = 0;
 };
 
@@ -113,6 +117,13 @@ class KmeBackend final : public Backend {
   std::string missing_reason() const override { return missing_reason_; }
   std::optional<std::uint64_t> stored_count() override {
     return client_.status(peer_).stored_key_count;
+  }
+  void probe() override {
+    try {
+      client_.status(peer_);
+    } catch (const KmeError& e) {
+      if (e.http_status() < 400 || e.http_status() >= 500) throw;
+    }
   }
 
   void cancel() override { client_.cancel(); }
@@ -422,8 +433,28 @@ struct KeySupply::Impl {
       std::lock_guard lock(error_mutex);
       last_error = message;
     }
-    log(LogLevel::warning, "key supply (peer " + config.peer_sae_id + "): " + message);
+    // A KME that is down fails every retry: one line, then at most one per interval
+    // saying how many were held back, so the log stays readable through an outage.
+    const auto now = Clock::now();
+    if (now - last_error_logged < kErrorLogInterval) {
+      ++errors_not_logged;
+      return;
+    }
+    std::string line = "key supply (peer " + config.peer_sae_id + "): " + message;
+    if (errors_not_logged != 0) {
+      line +=
+          " (" + std::to_string(errors_not_logged) + " more error" +
+          (errors_not_logged == 1 ? "" : "s") + " in the last " +
+          std::to_string(
+              std::chrono::duration_cast<std::chrono::seconds>(now - last_error_logged).count()) +
+          " s)";
+    }
+    errors_not_logged = 0;
+    last_error_logged = now;
+    log(LogLevel::warning, line);
   }
+  Clock::time_point last_error_logged{};
+  std::uint64_t errors_not_logged = 0;
 
   // Creates the lanes' rings once the key size is known. Refill thread only.
   void ensure_ring() {
@@ -445,6 +476,7 @@ struct KeySupply::Impl {
     }
     published_key_bits = key_bits;
     kme_answered();
+    healthy = true;  // the KME answered (an idle slave is not an unhealthy one)
     for (auto& lane : lanes) lane->ring.store(lane->ring_owner.get(), std::memory_order_release);
     ring_ready = true;
     log(LogLevel::debug, "key rings ready: " + std::to_string(lanes.size()) + " x " +
@@ -814,6 +846,13 @@ struct KeySupply::Impl {
   void refill_slave() {
     const auto now = Clock::now();
     for (auto& lane : lanes) take_requests(*lane, now);
+    // An idle slave makes no requests, so it would not notice a KME going away (or coming
+    // back): ask now and then whether it answers.
+    if (wanted.empty() && now - last_kme_call >= 4 * kHealthInterval) {
+      backend->probe();
+      last_kme_call = now;
+      healthy = true;
+    }
     // Batches of keys that are due, oldest first, for lanes with room. Keys still inside
     // their relay grace are asked for as a batch (if the KME refuses it as a whole, a few
     // requests find the keys it holds, so that one missing key does not hold up the rest);
@@ -854,6 +893,7 @@ struct KeySupply::Impl {
       }
       const auto started = Clock::now();
       auto fetched = backend->fetch(asked, old);
+      last_kme_call = Clock::now();
       note_latency(ms_since(started));
       std::uint64_t lost = 0;
       std::optional<KeyAnnouncement> first_lost;

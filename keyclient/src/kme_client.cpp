@@ -388,8 +388,8 @@ struct KmeClient::Impl {
           std::chrono::steady_clock::now() + backoff >= give_up) {
         throw *failure;
       }
-      log(LogLevel::warning, std::string(failure->what()) + "; retrying in " +
-                                 std::to_string(backoff.count()) + " ms");
+      log(LogLevel::debug, std::string(failure->what()) + "; retrying in " +
+                               std::to_string(backoff.count()) + " ms");
       sleep_cancellable(backoff, what);
       backoff = std::min(backoff * 2, config.retry.max_backoff);
     }

@@ -7,9 +7,10 @@
 
 #include <algorithm>
 #include <array>
-#include <fstream>
 #include <cstdio>
+#include <fstream>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -720,4 +721,50 @@ TEST_F(KeySupplyFaults, AKeyAskedForOnTwoLanesStaysWithTheFirst) {
   EXPECT_FALSE(slave.lane(1).pop_segment()) << "the second lane got the first lane's key";
   EXPECT_EQ(slave.lane_stats(1).keys_refused, 1u);
   EXPECT_EQ(slave.lane_stats(0).keys_refused, 0u);
+}
+
+// A receiving supply with nothing to fetch is idle, not unhealthy; it still notices a KME
+// that goes away (and comes back) without any request to make.
+TEST_F(KeySupplyFaults, AnIdleSlaveIsHealthyAndStillNoticesTheKmeGoing) {
+  keys::KeySupply slave(client_config(sim_->url(), "sae-b"), slave_config());
+  slave.start();
+  ASSERT_TRUE(eventually([&] { return slave.stats().kme_healthy; }))
+      << "an idle slave whose KME answers reports unhealthy: " << slave.stats().last_error;
+  const int port = sim_->port();
+  sim_.reset();
+  ASSERT_TRUE(eventually([&] { return !slave.stats().kme_healthy; }))
+      << "an idle slave did not notice its KME going away";
+  EXPECT_NE(slave.stats().last_error, "");
+  auto config = otpgate::testing::simulator_config();
+  config.port = port;
+  start_sim(config);
+  EXPECT_TRUE(eventually([&] { return slave.stats().kme_healthy; }))
+      << "an idle slave did not notice its KME coming back";
+}
+
+// A KME that is down fails every retry; the log says so once, then once per interval with
+// a count, rather than a line per attempt (176 lines in 10 s before).
+TEST_F(KeySupplyFaults, AnOutageIsLoggedOnceAnIntervalWithACount) {
+  std::mutex mutex;
+  std::vector<std::string> lines;
+  auto config = master_config();
+  config.log = [&](keys::LogLevel level, std::string_view message) {
+    if (level < keys::LogLevel::warning) return;
+    std::lock_guard lock(mutex);
+    lines.emplace_back(message);
+  };
+  auto client = client_config(sim_->url(), "sae-a");
+  client.log = config.log;
+  sim_.reset();  // nothing answers on that port any more
+  keys::KeySupply master(client, config);
+  master.start();
+  std::this_thread::sleep_for(6500ms);
+  master.stop();
+  std::lock_guard lock(mutex);
+  EXPECT_GE(master.stats().kme_errors, 5u);
+  EXPECT_GE(lines.size(), 2u);
+  EXPECT_LE(lines.size(), 4u) << lines.size() << " warning lines in 6.5 s";
+  bool counted = false;
+  for (const auto& l : lines) counted = counted || l.find("more error") != std::string::npos;
+  EXPECT_TRUE(counted) << "no line says how many errors were held back";
 }
