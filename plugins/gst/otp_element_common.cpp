@@ -74,12 +74,16 @@ void install_common_properties(GObjectClass* k, keys::SaeRole role) {
                            "passes one per direction); overrides kme-url and pad-file",
                            static_cast<GParamFlags>(G_PARAM_WRITABLE | G_PARAM_STATIC_STRINGS |
                                                     GST_PARAM_MUTABLE_READY)));
-  g_object_class_install_property(
-      k, PROP_KEY_LOW_THRESHOLD,
-      g_param_spec_uint64("key-low-threshold", "Key low threshold",
-                          "Emit key-low when the key ready in memory falls below this many bytes",
-                          0, G_MAXUINT64, 1u << 20,
-                          static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS)));
+  // Only the sender holds key ready ahead of use (the receiver fetches what is announced),
+  // so only otpencrypt has a key-low signal and its threshold.
+  if (master) {
+    g_object_class_install_property(
+        k, PROP_KEY_LOW_THRESHOLD,
+        g_param_spec_uint64("key-low-threshold", "Key low threshold",
+                            "Emit key-low when the key ready in memory falls below this many bytes",
+                            0, G_MAXUINT64, 1u << 20,
+                            static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS)));
+  }
   g_object_class_install_property(
       k, PROP_STATS,
       g_param_spec_boxed("stats", "Statistics",

@@ -559,3 +559,18 @@ TEST_F(ElementTest, AnRtpStreamGoesThroughAKmeWithEveryQuirkOfAnotherVendor) {
   EXPECT_EQ(sim.stats().keys_replaced, 0u) << "the sender let the KME replace unfetched keys";
   EXPECT_EQ(stat(dec->element, "drops-no-key"), 0u);
 }
+
+TEST_F(ElementTest, OnlyTheSenderHasAKeyLowSignalAndItsThreshold) {
+  // A property that does nothing misleads: the receiver has no key-low signal.
+  for (const auto& [name, sends] :
+       {std::pair{"otpencrypt", true}, std::pair{"otpdecrypt", false}}) {
+    GstElement* e = gst_element_factory_make(name, nullptr);
+    ASSERT_NE(e, nullptr) << name;
+    const bool has_threshold =
+        g_object_class_find_property(G_OBJECT_GET_CLASS(e), "key-low-threshold") != nullptr;
+    const bool has_signal = g_signal_lookup("key-low", G_OBJECT_TYPE(e)) != 0;
+    EXPECT_EQ(has_threshold, sends) << name;
+    EXPECT_EQ(has_signal, sends) << name;
+    gst_object_unref(e);
+  }
+}
