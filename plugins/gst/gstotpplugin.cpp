@@ -9,7 +9,8 @@ static gboolean plugin_init(GstPlugin* plugin) {
          gst_element_register(plugin, "otpdecrypt", GST_RANK_NONE, otpgate_decrypt_get_type());
 }
 
+// Version and origin (where the installed documentation is) come from CMake.
 #define PACKAGE "otpgate"
 GST_PLUGIN_DEFINE(GST_VERSION_MAJOR, GST_VERSION_MINOR, otp,
                   "One-time pad encryption with keys from QKD (ETSI GS QKD 014)", plugin_init,
-                  "0.1.0", "Proprietary", "otpgate", "https://otpgate.invalid")
+                  OTPGATE_VERSION, "LGPL", "otpgate", OTPGATE_PLUGIN_ORIGIN)
