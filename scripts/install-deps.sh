@@ -23,6 +23,10 @@ PACKAGES=(
   samtools tabix htslib-test
   # tests and benchmarks (clang + its runtime: the libFuzzer target of the decoder)
   libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
+  # the Debian packages (scripts/build-deb.sh, debian/): debhelper, lintian, man pages from
+  # --help; their test installs them and checks the units (systemd-analyze, man for
+  # their Documentation=) and the otpgate user (adduser)
+  debhelper dpkg-dev lintian help2man systemd man-db adduser
 )
 
 missing=()
