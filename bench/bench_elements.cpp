@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Element cost per 1200-byte RTP packet, all in one harness and one run:
 // identity (baseline), srtpenc AES-256-GCM, srtpenc AES-128-ICM + HMAC-SHA1-80,
 // otpencrypt and otpdecrypt. Prints each one's cost above identity and the ratio

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // A gateway hop against a plain UDP relay of the same traffic, on loopback, in one run:
 // ten participants' streams (about 50 Mbit/s of 1200-byte RTP in all) go
 //   sender -> relay -> relay -> receiver                 (baseline: two plain UDP hops)

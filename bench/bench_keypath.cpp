@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Key path under faults: one direction of a call (KeySupply master -> Encoder ->
 // Decoder -> KeySupply slave) over qkd-kme-sim with mutual TLS, in one process, packets
 // paced like a call. Prints:

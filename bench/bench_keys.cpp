@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Key supply benchmarks, each beside its baseline in the same run:
 //  1. KeyRing::take throughput (GB/s) against memcpy of the same sizes, with a producer
 //     thread refilling the ring concurrently, as in the product.

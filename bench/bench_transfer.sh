@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # otp-transfer against its baselines, in one run on one machine (loopback, real KME
 # simulator over mTLS in its own process, both sites' otp-transfer as CLI processes):
 #   1. a FILE of --size-mib (default 2048) sent with an unthrottled simulator, beside

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # Makes small, realistic exome-style specimen folders for the demo and tests from the
 # test data Debian ships with htslib (package htslib-test: C. elegans reads and VCFs),
 # converted with samtools/bgzip/tabix. Nothing here is patient data.

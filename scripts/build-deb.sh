@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # Builds the Debian packages otpgate and otpgate-console (debian/: debhelper, the
 # project's own CMake install rules) from a copy of this tree, reusing ccache, and
 # checks them with lintian (errors fail the build).

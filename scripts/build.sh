@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # Configures and builds otpgate in ./build (ccache when present).
 #   scripts/build.sh [cmake -D options...] [-- ninja targets...]
 set -euo pipefail

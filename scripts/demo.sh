@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # The README's first command: installs what is missing, builds, and runs the two-site
 # expert-panel demo on one machine: qkd-kme-sim (QKD-like key rate, mutual TLS),
 # otp-gateway at site A and at site B, and a simulated conference system at each site

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # Installs every Debian package otpgate needs, once, in one place.
 # Called by the README's commands and by .ci/run; a no-op when all are present.
 set -euo pipefail

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # Makes a throwaway test PKI: a CA, a KME server certificate for localhost/127.0.0.1,
 # and one client certificate per SAE (common name = SAE ID).
 #   scripts/make-test-pki.sh DIR [SAE_ID ...]      (default SAEs: sae-a sae-b sae-c)

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # The README's second command: installs what is missing, builds everything with
 # warnings as errors, and runs every test through ctest. A skipped test fails the run
 # unless tests/skips-allowed.txt names it (each skip's reason is printed either way), so

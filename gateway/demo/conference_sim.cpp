@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-conference-sim: the conference system at one site of the demo. Local participants
 // send VP8 video and Opus audio as RTP to the site's gateway; remote participants'
 // media, decrypted by the gateway, is received and counted (packets, frames, bytes).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The gateway's one config loader (toml++). Every error names the key, the value and
 // what is expected, in one line.
 #include <set>

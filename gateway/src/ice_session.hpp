@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // ICE between the two gateways (libnice): one ICE stream of one component per media
 // stream, gathered here, described in SDP, and connected once the peer's description
 // has arrived (through the QKD-sealed exchange in gateway.cpp).

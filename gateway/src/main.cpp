@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-gateway: the site daemon. Runs until SIGTERM or SIGINT, then stops cleanly.
 #include <signal.h>
 

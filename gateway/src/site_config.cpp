@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The shared part of the one config loader: see otpgate/site_config.hpp.
 #include "otpgate/site_config.hpp"
 

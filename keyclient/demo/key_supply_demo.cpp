@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-keys-demo: one direction of a link (site A -> site B) fed by a KME.
 //
 // A "media" thread at site A takes pad bytes at a conference-like bit rate from the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // qkd-kme-sim: an ETSI GS QKD 014 key management entity for one machine.
 //
 // Real HTTPS with mutual TLS (cpp-httplib + OpenSSL). The calling SAE is the common

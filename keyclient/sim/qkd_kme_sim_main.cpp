@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // qkd-kme-sim: the embedded ETSI GS QKD 014 KME for one-machine use.
 #include <signal.h>
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // KeyId, SecretBytes and the default log sink.
 #include <sys/mman.h>
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Lock-free SPSC key ring: slots of key material in one locked arena, handed from the
 // refill thread to the media thread and back through two Boost.Lockfree queues of slot
 // indices. Only indices travel through the queues, so key bytes are never copied into

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // ETSI GS QKD 014 REST client over HTTPS with mutual TLS (libcurl).
 //
 // Response bodies of successful key calls hold base64 key material: they are read

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The offset journal: one small file, replaced atomically, that says which pad
 // offsets may already have been handed out. It is written before the keys above the
 // old value enter the ring, so a crash can lose pad, never repeat it.

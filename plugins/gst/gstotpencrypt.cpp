@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 /**
  * otpencrypt: protects RTP/RTCP packets or a byte stream with a one-time pad from QKD.
  *

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The "otp" GStreamer plugin: otpencrypt and otpdecrypt.
 #include <gst/gst.h>
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // What otpencrypt and otpdecrypt share: the key-source properties and how they become
 // a key supply, the mode enum, RAII for GLib/GStreamer handles, stats publishing, and
 // element errors for failures (so that gst-launch says why it stopped).

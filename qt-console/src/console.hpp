@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-console: the operator console's parts. Services (gateways, transfer services) are
 // polled over HTTP without ever blocking the UI thread; their JSON feeds table models;
 // rules over the models raise alerts. See qt-console/README in docs/console.md.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-console: the operator console. Services come from the command line, else from the
 // last run (QSettings).
 #include <QApplication>

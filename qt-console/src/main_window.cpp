@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // See main_window.hpp.
 #include "main_window.hpp"
 

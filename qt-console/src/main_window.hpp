@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The console's window: key supplies (table and consumption chart), streams, transfers
 // (the seed's job table with start/abort/delete), alerts.
 #pragma once

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Runs the independent reference (wire_vectors.py) and checks that every vector it
 computes is, byte for byte, the one docs/wire-format.md publishes and the one
 tests/codec/test_vectors.cpp holds the C++ codec to. A drift in any of the three fails.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The OTP codec end to end over in-memory pad: round trips, announcements, and the
 // adversarial cases (tampering, replay, loss, reordering, duplication, truncation).
 #include <gtest/gtest.h>

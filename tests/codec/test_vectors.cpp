@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Known-answer tests: fixed pad bytes in, exact wire bytes out. The expected values
 // come from tests/codec/wire_vectors.py, an independent implementation of
 // docs/wire-format.md (its own Poly1305 per RFC 8439), and are quoted in that document.

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Independent reference for docs/wire-format.md: computes the test vectors from the
 specification alone (Poly1305 per RFC 8439, written here from scratch), so the C++
 codec is checked against something that does not share its code.

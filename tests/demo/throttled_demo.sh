@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # The demo on a throttled QKD link: the summary must show the shortage the way each policy
 # handles it (drops with drop, an AES share with fallback-aes), no packet in the clear, no
 # authentication failure, and the key economy lines. Runs scripts/demo.sh on a built tree.

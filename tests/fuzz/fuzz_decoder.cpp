@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // libFuzzer target for otpdecrypt's parser: every input is offered to the decoder as a
 // datagram and as a stream record, after a genuine announcement so that real pad is
 // in the window. Nothing may crash, hang or read out of bounds (ASan), and nothing

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # Builds the decoder fuzz target with clang's libFuzzer + AddressSanitizer and runs it
 # briefly (FUZZ_SECONDS, default 20). Skips (exit 77) where clang/libFuzzer is missing.
 set -euo pipefail

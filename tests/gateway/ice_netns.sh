@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # ICE between two otp-gateways on two test hosts (network namespaces made here, routed
 # through this host), with qkd-kme-sim on this host: audio sent at site A arrives at
 # site B byte-identical. Skips (77) where namespaces cannot be made.

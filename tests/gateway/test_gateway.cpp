@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Two otp-gateways and qkd-kme-sim on loopback: media from each site's conference system
 // arrives at the other decrypted and byte-identical, both directions, audio and video at
 // once; the status API and /metrics count what was sent; config errors are readable.

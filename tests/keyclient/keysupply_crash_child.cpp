@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Test helper: a master key supply that takes pad as fast as it can and records every
 // offset range it was handed, one line each, until it is killed.
 //   keysupply_crash_child KME_URL PKI_DIR JOURNAL LOG

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // SIGKILL a process mid-stream, restart it on the same journal, and prove that no pad
 // offset it was handed before is ever handed out again.
 #include <gtest/gtest.h>

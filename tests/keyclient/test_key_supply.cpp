@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Key supplies (refill threads) against qkd-kme-sim: both roles, shortage, restarts.
 #include <gtest/gtest.h>
 

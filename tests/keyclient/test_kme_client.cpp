@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The ETSI 014 client against qkd-kme-sim over real HTTPS with mutual TLS.
 #include <gtest/gtest.h>
 #include <httplib.h>

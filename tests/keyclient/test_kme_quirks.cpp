@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The client against a misbehaving KME: the departures from ETSI GS QKD 014 that real
 // KMEs show, garbage, hangs and broken connections. A real HTTPS server with mTLS.
 #include <gtest/gtest.h>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // qkd-kme-sim's fault modes, which reproduce the quirks of real third-party KMEs, against
 // the ETSI 014 client over real HTTPS with mutual TLS. Assertions are on status codes,
 // error kinds, bodies and counts; no key material is ever printed.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # The Debian packages on this machine, end to end (ctest deb_roundtrip; needs root):
 #  1. scripts/build-deb.sh builds otpgate and otpgate-console (lintian: no errors);
 #     otpgate needs no Qt, /etc/otpgate/* are conffiles;

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # Two gst-launch-1.0 processes on loopback, keys from qkd-kme-sim over mutual TLS:
 # site A sends audio as RTP through otpencrypt over UDP, site B decrypts it, and the
 # audio B writes is byte-identical to what A sent.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-console against a real HTTP server started by the test, serving JSON recorded from
 // the demo's gateway (tests/data/gateway-status.json) and a transfer service's job list
 // (tests/data/transfer-jobs.json). Runs headless (QT_QPA_PLATFORM=offscreen).

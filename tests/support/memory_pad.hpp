@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // An in-memory PadSource over a fixed pad, for codec tests and test vectors.
 // Sender: every key of the pad is in the ring and announced from the start.
 // Receiver: request() "fetches" the announced key by its ID, once, as a KME would.

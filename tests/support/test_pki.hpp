@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Shared test helpers: the test PKI made by ctest's make_test_pki fixture, an
 // in-process qkd-kme-sim on a free loopback port, and client configs per SAE.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-transfer end to end on loopback: a real KME simulator over mTLS, the receiving
 // service (in process or as `otp-transfer serve`), senders in process or as the CLI, a
 // real SQLite database, real files. Adversarial: SIGKILL of either side, a corrupted

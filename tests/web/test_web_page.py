@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The transfer web page end to end in headless Chromium (DevTools protocol), against real
 services: qkd-kme-sim, site A's `otp-transfer serve` (page, API, data root) and site B's
 receiving service. Checks the job table against the database, starts a transfer from the

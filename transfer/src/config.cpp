@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-transfer's config: the shared [site]/[kme]/[peer]/[keys] sections of the one
 // config loader (otpgate/site_config.hpp) plus [transfer] and [api].
 #include "otpgate/site_config.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The job database: SQLite in WAL mode so the service and a CLI run can share it.
 #include <openssl/rand.h>
 #include <sqlite3.h>

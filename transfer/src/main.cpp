@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-transfer: the command line. serve | send | watch | jobs | start | abort | delete.
 #include <signal.h>
 #include <unistd.h>

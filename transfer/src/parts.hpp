@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // How the pieces of otp-transfer call each other (not part of the public header).
 #pragma once
 

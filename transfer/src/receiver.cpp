@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The receiving end of one connection: otpdecrypt's output parsed into messages, files
 // written under temporary names, committed (fdatasync + database) as they arrive, and
 // renamed into place only when their SHA-256 matches the sender's.

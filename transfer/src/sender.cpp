@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The sending end: a job's files (or a run folder that is still being written) read,
 // hashed and pushed through otpencrypt to the receiving site, resumed from whatever the
 // receiver has committed, with a new key stream (fresh pad) on every attempt.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // `otp-transfer serve`: accepts protected streams from the peer site (one thread per
 // connection), serves the job API, and runs send jobs started through the API.
 #include <httplib.h>

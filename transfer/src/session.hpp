@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Internals shared by the sending and receiving ends of otp-transfer: the messages
 // carried inside the protected stream, the authenticated acknowledgements that travel
 // back, the GStreamer pipelines around otpencrypt/otpdecrypt, hashing and paths.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Types shared by every otpgate config (kept apart from toml++ so they are cheap to include):
 // the error, endpoints, and the site part every daemon's config starts with.
 #pragma once

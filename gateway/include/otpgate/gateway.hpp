@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-gateway: the site daemon between a conference system's RTP and the remote site.
 // Config (TOML) -> per stream, two GStreamer pipelines (local RTP/RTCP in -> otpencrypt
 // -> peer; peer -> otpdecrypt -> conference system), one key supply per stream and

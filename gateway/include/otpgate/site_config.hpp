@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The one config loader's shared part (toml++): reading values with errors that name
 // the key, the value and what is expected, and the sections every otpgate daemon has
 // ([site], [kme], [peer] sae_id, [keys]). otp-gateway and otp-transfer build on it.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 #include "aes_modes.hpp"
 
 #include <openssl/crypto.h>

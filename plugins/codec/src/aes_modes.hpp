@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The AES modes, for when the key rate cannot cover the one-time pad: SRTP AES-256-GCM
 // datagrams (libsrtp2) and AES-256-GCM stream records (OpenSSL). Each key is one draw of
 // kAesKeyBytes from the pad, made like a unit's (so never reused).

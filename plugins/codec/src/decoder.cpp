@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The receiver: verifies announcements (at once, deferred until the keys they need
 // arrive, or from their own keys when they start a stream) and places their keys in the
 // pad window; authenticates each unit before anything is output or consumed; refuses

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The sender: draws pad for each unit within one epoch (taking each epoch's r, wiping
 // tails a unit does not fit in), announces keys before any of their pad is used (with
 // spread-out repeats in datagram mode), and protects RTP/RTCP packets and stream records

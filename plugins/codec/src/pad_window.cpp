@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 #include "pad_window.hpp"
 
 #include <openssl/crypto.h>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The receiver's pad window: pad held by offset for reordering and look-ahead, each byte
 // marked present when its key is placed and used (and wiped) when a unit consumes it, so
 // that no pad byte serves twice and pad below the window counts as destroyed.

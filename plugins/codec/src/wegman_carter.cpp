@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The Wegman-Carter MAC (Poly1305 with a one-time mask), and the one-time sealed messages
 // of otp_codec.hpp built from it.
 #include "wegman_carter.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The Wegman-Carter MAC of every unit: Poly1305 (OpenSSL EVP_MAC) keyed with r || s,
 // where r is the epoch's hash key and s a fresh one-time mask, so that
 // tag = (h_r(m) + s) mod 2^128. And the XOR that applies the pad.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Wire format (docs/wire-format.md): telling datagrams apart, RTP/RTCP clear headers,
 // the datagram trailer, announcements and stream records. No key material here.
 #include <algorithm>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-transfer: specimen files (FASTQ/BAM/VCF) sent between two sites with the one-time
 // pad, as they are sequenced. The sender runs `otpencrypt` in stream mode, the receiver
 // `otpdecrypt`, over one TCP connection per job attempt; files are hashed (SHA-256) at

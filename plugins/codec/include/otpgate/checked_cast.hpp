@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Narrowing that never loses a value: sizes and offsets read from the wire, size_t into
 // 32-bit fields, lengths handed to C APIs that take an int. A value that does not fit is
 // a bug (callers check wire values against their limits first), so it throws.

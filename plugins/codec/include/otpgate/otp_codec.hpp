@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The one-time-pad packet codec: the one implementation of the wire format in
 // docs/wire-format.md, used by otpencrypt/otpdecrypt and by the file transfer.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // The wire format of docs/wire-format.md: sizes, where each field lies, the stream
 // preamble, big-endian fields, and parsing and writing the headers of units. The codec
 // and the elements read and write unit bytes only through this header.
