@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Key supply: a refill thread that keeps one direction's key ring between its low-
 // and high-water marks. As master it calls enc_keys and assigns pad offsets (after
 // reserving them in the journal); as slave it calls dec_keys for announced key_IDs.
@@ -39,6 +40,11 @@ using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
+
+// A source that will never deliver again (a used-up pad file): the supply gives up.
+struct SourceUsedUp : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // Where keys come from: a KME (ETSI 014) or a pre-shared pad file.
 class Backend {
@@ -186,9 +192,8 @@ class PadFileBackend final : public Backend {
       next_offset += length;
     }
     if (keys.empty()) {
-      throw KmeError(KmeErrorKind::unavailable, 0,
-                     "pad file " + config_.path.string() + " is used up (" + std::to_string(size_) +
-                         " bytes); provide a new pre-shared pad");
+      throw SourceUsedUp("pad file " + config_.path.string() + " is used up (" +
+                         std::to_string(size_) + " bytes); provide a new pre-shared pad");
     }
     return keys;
   }
@@ -365,6 +370,7 @@ struct KeySupply::Impl {
     boost::lockfree::spsc_queue<KeyAnnouncement> announcements{kQueueCapacity};
     boost::lockfree::spsc_queue<KeyAnnouncement> requests{kQueueCapacity};
     boost::lockfree::spsc_queue<KeyAnnouncement> lost_keys{kQueueCapacity};
+    std::atomic<std::uint64_t> keys_replayed{0};
     std::atomic<std::uint64_t> bytes_fetched{0}, keys_fetched{0}, keys_lost{0}, keys_refused{0},
         waiting_count{0};
     std::atomic<std::uint64_t> published_next_offset{0}, published_reserved{0};
@@ -741,7 +747,7 @@ struct KeySupply::Impl {
   void kme_answered() {
     ever_answered = true;
     refusals = 0;
-    if (failed_flag.load(std::memory_order_relaxed)) {
+    if (failed_flag.load(std::memory_order_relaxed) && !used_up) {
       failed_flag.store(false, std::memory_order_release);
     }
   }
@@ -832,7 +838,11 @@ struct KeySupply::Impl {
       }
       if (!first_sight(a, lane)) continue;
       if (lane.journal && a.offset < lane.restart_floor) {
-        ++lane.keys_refused;  // pad below the journal was (or may have been) used by an earlier run
+        // Pad below the journal was (or may have been) used by an earlier run: refused, and
+        // nothing waits for it (the decoder is told at once, as for a lost key).
+        ++lane.keys_refused;
+        ++lane.keys_replayed;
+        lane.lost_keys.push(a);
         continue;
       }
       if (wanted.size() >= kMaxWanted) {
@@ -981,6 +991,22 @@ struct KeySupply::Impl {
           refill_slave();
         }
         backoff = std::chrono::milliseconds(100);
+      } catch (const SourceUsedUp& e) {
+        // Unlike a KME short of key, a used-up pad never refills. A run that starts on one
+        // can send nothing: give up and say so. A run that used it up goes on as its policy
+        // says (dropping, or AES keyed from what it had), with the error in its stats.
+        if (!used_up && !delivered_once) {
+          used_up = true;
+          record_error(e.what());
+          {
+            std::lock_guard guard(error_mutex);
+            failure_text = e.what();
+          }
+          failed_flag.store(true, std::memory_order_release);
+        } else if (!used_up) {
+          record_error(e.what());
+        }
+        wait = std::chrono::milliseconds(1000);
       } catch (const KmeError& e) {
         if (e.kind() == KmeErrorKind::cancelled) break;
         record_error(e.what());
@@ -1017,6 +1043,7 @@ struct KeySupply::Impl {
       s.keys_fetched += lane->keys_fetched;
       s.keys_lost += lane->keys_lost;
       s.keys_refused += lane->keys_refused;
+      s.keys_replayed += lane->keys_replayed;
       s.keys_waiting += lane->waiting_count;
       s.bytes_flushed += lane->bytes_flushed;
       s.bytes_wiped_at_stop += lane->wiped_at_stop;
@@ -1051,6 +1078,7 @@ struct KeySupply::Impl {
   Clock::time_point last_kme_call{};  // master: last successful KME exchange
   bool delivered_once = false;        // master: keys were issued since start
   bool ever_answered = false;
+  bool used_up = false;  // the source will never deliver again (SourceUsedUp)
   int refusals = 0;
   Clock::time_point first_refusal{};
   Clock::time_point started_at = Clock::now();

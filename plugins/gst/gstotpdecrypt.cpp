@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 /**
  * otpdecrypt: authenticates and decrypts what otpencrypt sent.
  *
@@ -447,6 +448,18 @@ GstFlowReturn fail(GstOtpDecrypt* self, const char* what, otp::Decoder::Verdict 
       key_source_failed(GST_ELEMENT(self), p.session->source)) {
     return GST_FLOW_ERROR;
   }
+  // Keys the source refused because an earlier run used their pad: a replayed stream.
+  const keys::KeySupply* supply = p.session->source.supply();
+  if ((verdict == V::no_key || verdict == V::key_pending) && supply &&
+      supply->stats().keys_replayed > 0) {
+    GST_ELEMENT_ERROR(self, STREAM, DECRYPT,
+                      ("%s uses pad that an earlier run already used (below this receiver's "
+                       "journal): a replayed or re-sent old stream",
+                       what),
+                      ("%" G_GUINT64_FORMAT " announced keys refused as below the journal",
+                       supply->stats().keys_replayed));
+    return GST_FLOW_ERROR;
+  }
   GST_ELEMENT_ERROR(self, STREAM, DECRYPT, ("%s %s", what, why_refused(verdict)), (nullptr));
   return GST_FLOW_ERROR;
 }
@@ -484,9 +497,10 @@ GstFlowReturn drain_stream(GstOtpDecrypt* self) {
     otp::Decoder::Verdict verdict;
     const auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_timeout_ms);
-    auto waiting = [](otp::Decoder::Verdict v) {
-      return v == otp::Decoder::Verdict::no_key || v == otp::Decoder::Verdict::key_pending;
-    };
+    // Only pad a verified (or self-verifying, being fetched) announcement covers is worth
+    // waiting for: records follow their announcements, so pad nothing covers never comes
+    // (keys refused or declared lost), and the stream fails at once saying why.
+    auto waiting = [](otp::Decoder::Verdict v) { return v == otp::Decoder::Verdict::key_pending; };
     while (waiting(verdict = s.decoder->open_record({record, *size}, s.out, written, kind)) &&
            std::chrono::steady_clock::now() < deadline && !p.flushing && !s.source.pad->failed()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));  // keys are being fetched

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 #include "otp_element_common.hpp"
 
 #include <filesystem>
@@ -218,8 +219,11 @@ KeySource open_key_source(const KeySourceSettings& s, keys::SaeRole role, const 
     if (pad_file) {
       if (config.peer_sae_id.empty()) config.peer_sae_id = "pad-file";
       if (config.journal.empty()) config.journal = s.pad_file + (master ? ".sent" : ".received");
-      config.reserve_chunk = 1u << 20;  // a pre-shared pad is precious: skip little at restart
-      config.ring_bytes = 4u << 20;     // local reads: a few MiB keeps the media thread fed
+      // A pre-shared pad is precious and its offsets are file positions: a run wastes what
+      // its ring holds at stop plus at most one reserve chunk, so keep both small (local
+      // reads refill a ring in microseconds): 1.25 MiB per run at most.
+      config.reserve_chunk = 256u << 10;
+      config.ring_bytes = master ? 1u << 20 : 4u << 20;  // the receiver reads what is announced
       config.ring_seconds = 0;
       config.announce_lead_seconds = 0;
       config.resync_interval = std::chrono::milliseconds(0);  // offsets are file positions

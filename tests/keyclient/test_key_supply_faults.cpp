@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // Key supplies (refill threads) against qkd-kme-sim in the situations real KMEs put them
 // in: keys that never come, keys late from the relay, forged lengths, KMEs that refuse us
 // or never answer, a KME restarted empty, KMEs that drop unfetched batches; and how much
@@ -767,4 +768,31 @@ TEST_F(KeySupplyFaults, AnOutageIsLoggedOnceAnIntervalWithACount) {
   bool counted = false;
   for (const auto& l : lines) counted = counted || l.find("more error") != std::string::npos;
   EXPECT_TRUE(counted) << "no line says how many errors were held back";
+}
+
+// A used-up pad file never refills (unlike a KME short of key). The run that uses it up
+// goes on as its policy says, with the error in its stats; the next run, which could send
+// nothing, fails at once naming the file (it used to send nothing in silence).
+TEST_F(KeySupplyFaults, ARunOnAUsedUpPadFileFailsNamingTheFile) {
+  const auto pad = dir_ / "small.pad";
+  std::ofstream(pad) << std::string(64u << 10, 'k');
+  auto config = master_config();
+  config.journal = dir_ / "small.pad.sent";
+  {
+    keys::KeySupply first(keys::PadFileConfig{pad, 16u << 10}, config);
+    first.start();
+    std::vector<std::uint8_t> chunk(4096);
+    std::uint64_t taken = 0;
+    ASSERT_TRUE(eventually([&] {
+      while (first.take(chunk)) taken += chunk.size();
+      return first.stats().last_error.find("used up") != std::string::npos;
+    }));
+    EXPECT_EQ(taken, 64u << 10);
+    EXPECT_FALSE(first.failed()) << "the run that used the pad up was stopped";
+  }
+  keys::KeySupply second(keys::PadFileConfig{pad, 16u << 10}, config);
+  second.start();
+  ASSERT_TRUE(eventually([&] { return second.failed(); }))
+      << "a run on a used-up pad file was not reported as a failure";
+  EXPECT_NE(second.failure().find("small.pad is used up"), std::string::npos) << second.failure();
 }

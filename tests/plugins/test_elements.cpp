@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otpencrypt/otpdecrypt through GstHarness and real pipelines: round trips, tampering,
 // replay, loss/reordering/duplication, key exhaustion, pad-file reuse, configuration
 // errors, stream mode over TCP, and keys from qkd-kme-sim over mTLS.
@@ -312,7 +313,14 @@ TEST_F(ElementTest, TwoRunsOnOnePadFileNeverReuseAByte) {
   const auto run2 = offsets_of(wire2);
   std::uint64_t end1 = 0;
   for (auto [b, e] : run1) end1 = std::max(end1, e);
-  for (auto [b, e] : run2) EXPECT_GE(b, end1);
+  std::uint64_t begin2 = UINT64_MAX;
+  for (auto [b, e] : run2) {
+    EXPECT_GE(b, end1);
+    begin2 = std::min(begin2, b);
+  }
+  // A short run wastes little of a pre-shared pad: what its ring held (1 MiB) and at most
+  // one journal chunk (256 KiB); it once moved the journal by 4 MiB.
+  EXPECT_LE(begin2 - end1, (1u << 20) + (256u << 10) + (64u << 10));
   // ... and the second run still decrypts (a fresh receiver, journal beside the pad).
   fs::remove(pad_path() + ".received");
   GstHarness* dec = decryptor();
@@ -573,4 +581,47 @@ TEST_F(ElementTest, OnlyTheSenderHasAKeyLowSignalAndItsThreshold) {
     EXPECT_EQ(has_signal, sends) << name;
     gst_object_unref(e);
   }
+}
+
+TEST_F(ElementTest, AnOldPadFileStreamSentAgainFailsAsAReplayAtOnce) {
+  GstHarness* enc = encryptor(nullptr, "mode=stream record-size=4096");
+  gst_harness_set_src_caps_str(enc, "application/octet-stream");
+  const Bytes data(30000, 0x3c);
+  gst_harness_push(enc, buffer_of(data));
+  gst_harness_push_event(enc, gst_event_new_eos());
+  const auto stream = pull_all(enc);
+  // The first run receives it; its journal now lies past that pad.
+  {
+    GstHarness* first = decryptor("mode=stream");
+    for (const auto& s : stream) gst_harness_push(first, buffer_of(s));
+    Bytes got;
+    for (auto& b : pull_all(first)) got.insert(got.end(), b.begin(), b.end());
+    EXPECT_EQ(got, data);
+    gst_harness_teardown(first);
+    harnesses_.erase(std::find(harnesses_.begin(), harnesses_.end(), first));
+  }
+  // The same bytes again (a recorded stream replayed): refused as a replay, named as one,
+  // without waiting out key-timeout for keys that will never be handed out again.
+  GstElement* dec = gst_parse_launch(
+      ("otpdecrypt mode=stream key-timeout=60000 pad-file=" + pad_path()).c_str(), nullptr);
+  GstBus* bus = gst_bus_new();
+  gst_element_set_bus(dec, bus);
+  GstHarness* h = gst_harness_new_with_element(dec, "sink", "src");
+  harnesses_.push_back(h);
+  gst_harness_set_src_caps_str(h, "application/x-otp");
+  std::thread feed([&] {
+    for (const auto& s : stream) gst_harness_push(h, buffer_of(s));
+  });
+  GstMessage* m = gst_bus_timed_pop_filtered(bus, 20 * GST_SECOND, GST_MESSAGE_ERROR);
+  ASSERT_NE(m, nullptr) << "no error within 20 s (key-timeout is 60 s)";
+  GError* err = nullptr;
+  gst_message_parse_error(m, &err, nullptr);
+  EXPECT_NE(std::string(err->message).find("an earlier run already used"), std::string::npos)
+      << err->message;
+  g_error_free(err);
+  gst_message_unref(m);
+  feed.join();
+  EXPECT_TRUE(pull_all(h).empty()) << "a replayed stream delivered data";
+  gst_object_unref(bus);
+  gst_object_unref(dec);
 }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
 // otpgate key supply: the ETSI GS QKD 014 client, the lock-free key ring and the
 // refill thread that keeps it full. See docs/keys.md for the key flow and roles.
 //
@@ -346,11 +347,12 @@ struct KeySupplyStats {
   std::uint64_t bytes_consumed = 0;
   std::uint64_t bytes_fetched = 0;
   std::uint64_t keys_fetched = 0;
-  std::uint64_t keys_lost = 0;            // slave: announced keys the KME never delivered
-  std::uint64_t keys_refused = 0;         // slave: announced below the journal (replayed)
-  std::uint64_t keys_waiting = 0;         // slave: asked for, not yet fetched or declared lost
-  std::uint64_t bytes_flushed = 0;        // master: wiped unused after a KME outage
-  std::uint64_t kme_outages = 0;          // master: outages after which the ring was flushed
+  std::uint64_t keys_lost = 0;      // slave: announced keys the KME never delivered
+  std::uint64_t keys_refused = 0;   // slave: not fetched (below the journal, table full, ...)
+  std::uint64_t keys_replayed = 0;  // slave: of those, below the journal (an earlier run's pad)
+  std::uint64_t keys_waiting = 0;   // slave: asked for, not yet fetched or declared lost
+  std::uint64_t bytes_flushed = 0;  // master: wiped unused after a KME outage
+  std::uint64_t kme_outages = 0;    // master: outages after which the ring was flushed
   std::uint64_t bytes_wiped_at_stop = 0;  // fetched key wiped unused when stopped
   std::uint64_t kme_errors = 0;
   std::uint64_t next_offset = 0;      // master: offset the next fetched key gets
