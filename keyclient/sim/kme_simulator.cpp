@@ -458,6 +458,10 @@ struct KmeSimulator::Impl {
         text = make_random_key(key.span());
       }
       const KeyId id = random_uuid();
+      if (config.record_served_keys) {
+        served.emplace_back(reinterpret_cast<const char*>(text->base64.span().data()),
+                            text->base64.size());
+      }
       list.keys.emplace_back(id.to_string(), text);
       store.emplace(id, StoredKey{caller, slave, std::move(text), relayed_at});
     }
@@ -646,6 +650,7 @@ struct KmeSimulator::Impl {
   Clock::time_point last_refill;
   Clock::time_point last_expiry{};
   std::map<KeyId, Clock::time_point> replaced;  // dropped by replace_unfetched_batch, and when
+  std::vector<std::string> served;              // record_served_keys (tests), under `mutex`
   std::atomic<std::uint64_t> keys_to_masters{0}, keys_to_slaves{0}, requests{0}, refused{0},
       keys_replaced{0}, requests_hung{0};
 
@@ -776,6 +781,11 @@ void KmeSimulator::set_faults(const SimulatorFaults& faults) {
 
 SimulatorFaults KmeSimulator::faults() const {
   return *impl_->current_faults();
+}
+
+std::vector<std::string> KmeSimulator::served_keys() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->served;
 }
 
 }  // namespace otpgate::kmesim

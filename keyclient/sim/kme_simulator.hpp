@@ -66,6 +66,9 @@ struct SimulatorConfig {
   std::chrono::milliseconds relay_delay{0};  // keys reach the slave's KME this late
   std::chrono::seconds unclaimed_ttl{300};   // keys the slave never fetched expire after this
   SimulatorFaults faults;                    // none by default; see KmeSimulator::set_faults()
+  // Tests only: keep a copy of every key handed to a master, so a test can search logs,
+  // status and files for key material (served_keys()). Never in a real deployment.
+  bool record_served_keys = false;
   keys::LogSink log;
 };
 
@@ -99,6 +102,8 @@ class KmeSimulator {
   // Replaces the fault modes at run time; clearing `hang` releases the held requests.
   void set_faults(const SimulatorFaults& faults);
   SimulatorFaults faults() const;
+  // With record_served_keys: the base64 text of every key handed to a master so far.
+  std::vector<std::string> served_keys() const;
 
  private:
   struct Impl;

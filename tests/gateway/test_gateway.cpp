@@ -3,16 +3,19 @@
 // arrives at the other decrypted and byte-identical, both directions, audio and video at
 // once; the status API and /metrics count what was sent; config errors are readable.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <gst/gst.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <netinet/in.h>
+#include <openssl/evp.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <fstream>
 #include <functional>
@@ -21,6 +24,7 @@
 #include <random>
 #include <set>
 #include <tuple>
+#include <unordered_set>
 
 #include "otpgate/gateway.hpp"
 #include "test_pki.hpp"
@@ -777,4 +781,100 @@ TEST_F(GatewayTest, TwoStreamsShareOneKeySupplyPerDirectionOnAKmeWithEveryQuirk)
   EXPECT_GT(wiped.send_bytes, 0u);
   EXPECT_GT(wiped.receive_bytes, 0u);
   EXPECT_LT(wiped.receive_bytes, 8u << 20);
+}
+
+namespace {
+// Every key the simulator served, as 16-byte windows every 8 bytes (raw, and hex), and as
+// 16-character windows of its base64 text every 4 characters: any leak of 24 or more
+// contiguous key bytes, raw, in hex or base64 (as ETSI 014 carries it), contains one.
+struct KeyWindows {
+  std::unordered_set<std::string> raw, hex, base64;
+  explicit KeyWindows(const std::vector<std::string>& served) {
+    static const char* digits = "0123456789abcdef";
+    for (const auto& text : served) {
+      std::string key(text.size(), '\0');
+      const int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(key.data()),
+                                    reinterpret_cast<const unsigned char*>(text.data()),
+                                    static_cast<int>(text.size()));
+      key.resize(static_cast<std::size_t>(n) - std::count(text.begin(), text.end(), '='));
+      for (std::size_t i = 0; i + 16 <= key.size(); i += 8) {
+        raw.insert(key.substr(i, 16));
+        std::string h;
+        for (std::size_t j = i; j < i + 16; ++j) {
+          h += digits[static_cast<unsigned char>(key[j]) >> 4];
+          h += digits[static_cast<unsigned char>(key[j]) & 15];
+        }
+        hex.insert(h);
+      }
+      for (std::size_t i = 0; i + 16 <= text.size(); i += 4) base64.insert(text.substr(i, 16));
+    }
+  }
+  // Where in `haystack` key material appears, if anywhere ("" when nowhere).
+  std::string find_in(const std::string& haystack) const {
+    std::string lower = haystack;
+    std::transform(lower.begin(), lower.end(), lower.begin(), ::tolower);
+    for (std::size_t i = 0; i + 16 <= haystack.size(); ++i) {
+      if (raw.contains(haystack.substr(i, 16))) return "raw key bytes at " + std::to_string(i);
+      if (base64.contains(haystack.substr(i, 16))) return "base64 key text at " + std::to_string(i);
+      if (i + 32 <= lower.size() && hex.contains(lower.substr(i, 32)))
+        return "hex key bytes at " + std::to_string(i);
+    }
+    return "";
+  }
+};
+
+std::string file_text(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+}  // namespace
+
+TEST_F(GatewayTest, KeyMaterialAppearsInNoLogStatusMetricsOrJournal) {
+  // Everything a gateway writes while it runs, with every GStreamer debug category at
+  // LOG level (GST_DEBUG=*:6), is searched for the keys the KME served.
+  auto kme = otpgate::testing::simulator_config();
+  kme.record_served_keys = true;
+  const fs::path log_file = dir_.path / "stderr.log";
+  fflush(stderr);
+  const int saved_stderr = ::dup(2);
+  const int log_fd = ::open(log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  ::dup2(log_fd, 2);
+  gst_debug_set_active(TRUE);
+  gst_debug_set_threshold_from_string("*:6", TRUE);
+  std::string status_text, metrics_text;
+  {
+    start({}, kme);
+    std::map<int, std::vector<Bytes>> sent;
+    const auto received = exchange(true, 40, sent, std::chrono::milliseconds(2));
+    EXPECT_EQ(received.count(0) ? received.at(0).size() : 0u, 40u);
+    status_text = a_->status_json() + b_->status_json();
+    metrics_text = a_->metrics_text() + b_->metrics_text();
+    const auto a = nlohmann::json::parse(a_->status_json());
+    for (const auto& s : a["streams"]) {
+      for (const char* direction : {"send", "receive"}) {
+        if (!s["key_supply"][direction].is_null()) {
+          EXPECT_TRUE(s["key_supply"][direction]["memory_locked"].get<bool>())
+              << "key memory not locked (" << direction << "): it may be swapped to disk";
+        }
+      }
+    }
+    a_.reset();
+    b_.reset();
+  }
+  gst_debug_set_threshold_from_string("*:1", TRUE);
+  fflush(stderr);
+  ::dup2(saved_stderr, 2);
+  ::close(saved_stderr);
+  ::close(log_fd);
+  const KeyWindows keys(sim_->served_keys());
+  ASSERT_GT(keys.raw.size(), 1000u) << "the simulator served too little key to search for";
+  const std::string log = file_text(log_file);
+  EXPECT_GT(log.size(), 100000u) << "the debug log is suspiciously short";
+  EXPECT_EQ(keys.find_in(log), "") << "key material in the log";
+  EXPECT_EQ(keys.find_in(status_text), "") << "key material in the status API";
+  EXPECT_EQ(keys.find_in(metrics_text), "") << "key material in /metrics";
+  for (const auto& e : fs::recursive_directory_iterator(dir_.path)) {
+    if (!e.is_regular_file() || e.path() == log_file) continue;
+    EXPECT_EQ(keys.find_in(file_text(e.path())), "") << "key material in " << e.path();
+  }
 }
