@@ -14,6 +14,7 @@
 #include <fstream>
 #include <map>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "otpgate/otp_codec.hpp"
@@ -157,6 +158,23 @@ class ElementTest : public ::testing::Test {
   std::vector<GstHarness*> harnesses_;
 };
 
+// Where any 16 bytes of a sent payload appear anywhere on the wire (whatever header or
+// trailer a leak would carry), or "" when nowhere. RTP headers stay in the clear and are
+// not searched for.
+std::string plaintext_on_wire(const std::vector<Bytes>& wire, const std::vector<Bytes>& sent) {
+  std::set<Bytes> chunks;
+  for (const auto& p : sent)
+    for (std::size_t i = 12; i + 16 <= p.size(); ++i)
+      chunks.emplace(p.begin() + i, p.begin() + i + 16);
+  for (std::size_t d = 0; d < wire.size(); ++d) {
+    const Bytes& w = wire[d];
+    for (std::size_t i = 0; i + 16 <= w.size(); ++i)
+      if (chunks.contains(Bytes(w.begin() + i, w.begin() + i + 16)))
+        return "datagram " + std::to_string(d) + ", byte " + std::to_string(i);
+  }
+  return "";
+}
+
 std::vector<Bytes> packets(std::size_t n, std::size_t payload = 1200) {
   std::vector<Bytes> v;
   for (std::size_t i = 0; i < n; ++i)
@@ -171,9 +189,7 @@ TEST_F(ElementTest, RtpRoundTripIsByteIdenticalWithSeveralSsrcs) {
   GstHarness* dec = decryptor();
   const auto sent = packets(300);
   const auto wire = protect(enc, sent);
-  for (const auto& w : wire) {
-    for (const auto& s : sent) ASSERT_NE(w, s) << "plaintext on the wire";
-  }
+  EXPECT_EQ(plaintext_on_wire(wire, sent), "") << "plaintext on the wire";
   EXPECT_EQ(open(dec, wire), sent);
   EXPECT_EQ(stat(dec->element, "packets-out"), 300u);
   EXPECT_EQ(stat(dec->element, "auth-failures"), 0u);
@@ -264,9 +280,7 @@ TEST_F(ElementTest, KeyExhaustionDropsAndSignalsButNeverSendsPlaintext) {
   g_signal_connect_swapped(enc->element, "key-low", G_CALLBACK(+[](int* n) { ++*n; }), &low);
   const auto sent = packets(100);
   const auto wire = protect(enc, sent);
-  for (const auto& w : wire) {
-    for (const auto& s : sent) ASSERT_NE(w, s);
-  }
+  EXPECT_EQ(plaintext_on_wire(wire, sent), "") << "plaintext on the wire";
   EXPECT_GT(stat(enc->element, "drops-no-key"), 40u);
   EXPECT_LT(stat(enc->element, "packets-out"), 70u);
   EXPECT_EQ(exhausted, 1) << "once per episode";
@@ -484,9 +498,7 @@ TEST_F(ElementTest, AesModeRoundTripsWithMasterKeysFromThePad) {
   GstHarness* dec = decryptor();
   const auto sent = packets(300, 800);
   const auto wire = protect(enc, sent);
-  for (const auto& w : wire) {
-    for (const auto& s : sent) ASSERT_NE(w, s);
-  }
+  EXPECT_EQ(plaintext_on_wire(wire, sent), "") << "plaintext on the wire";
   EXPECT_EQ(open(dec, wire), sent);
   EXPECT_EQ(stat(enc->element, "aes-packets"), 300u);
   EXPECT_EQ(stat(enc->element, "aes-rekeys"), 6u);
@@ -504,9 +516,7 @@ TEST_F(ElementTest, FallbackAesCarriesTheCallWhenPadRunsOutAndNeverSendsPlaintex
                            &exhausted);
   const auto sent = packets(200, 600);
   const auto wire = protect(enc, sent);
-  for (const auto& w : wire) {
-    for (const auto& s : sent) ASSERT_NE(w, s);
-  }
+  EXPECT_EQ(plaintext_on_wire(wire, sent), "") << "plaintext on the wire";
   EXPECT_EQ(stat(enc->element, "drops-no-key"), 0u) << "nothing dropped: AES took over";
   EXPECT_GT(stat(enc->element, "aes-packets"), 50u);
   EXPECT_LT(stat(enc->element, "aes-packets"), 200u) << "OTP first, while pad lasted";
