@@ -27,7 +27,9 @@ gst-launch-1.0 -e -q udpsrc port=$udp_port caps=application/x-otp \
   ! "$caps" ! rtpL16depay ! filesink location="$work/received.raw" >"$work/rx.log" 2>&1 &
 rx=$!
 pids+=($rx)
-sleep 0.5
+# Ready when its UDP socket is bound (not after a guessed sleep).
+for _ in $(seq 200); do ss -Hlun "sport = :$udp_port" | grep -q . && break; sleep 0.05; done
+ss -Hlun "sport = :$udp_port" | grep -q . || { echo "FAIL: the receiver never bound UDP $udp_port" >&2; cat "$work/rx.log" >&2; exit 1; }
 
 gst-launch-1.0 -q audiotestsrc is-live=true num-buffers=150 samplesperbuffer=160 wave=sine \
   ! audio/x-raw,format=S16BE,rate=8000,channels=1 ! tee name=t \
@@ -36,7 +38,11 @@ gst-launch-1.0 -q audiotestsrc is-live=true num-buffers=150 samplesperbuffer=160
      ! otpencrypt $kme sae-id=sae-a peer-sae-id=sae-b tls-cert=$pki/sae-a.crt tls-key=$pki/sae-a.key \
        journal="$work/a.journal" on-key-exhausted=block \
      ! udpsink host=127.0.0.1 port=$udp_port >"$work/tx.log" 2>&1
-sleep 0.5
+# The last packets are in flight: wait until all the audio has come out (or 10 s).
+for _ in $(seq 200); do
+  [ "$(stat -c %s "$work/received.raw" 2>/dev/null || echo 0)" -ge "$(stat -c %s "$work/sent.raw")" ] && break
+  sleep 0.05
+done
 kill -INT $rx
 wait $rx || true
 
