@@ -24,7 +24,7 @@ caps="application/x-rtp,media=audio,clock-rate=8000,encoding-name=L16,channels=1
 
 gst-launch-1.0 -e -q udpsrc port=$udp_port caps=application/x-otp \
   ! otpdecrypt $kme sae-id=sae-b peer-sae-id=sae-a tls-cert=$pki/sae-b.crt tls-key=$pki/sae-b.key \
-  ! "$caps" ! rtpL16depay ! filesink location="$work/received.raw" >"$work/rx.log" 2>&1 &
+  ! "$caps" ! rtpL16depay ! filesink buffer-mode=unbuffered location="$work/received.raw" >"$work/rx.log" 2>&1 &
 rx=$!
 pids+=($rx)
 # Ready when its UDP socket is bound (not after a guessed sleep).
