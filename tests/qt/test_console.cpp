@@ -4,16 +4,22 @@
 // (tests/data/transfer-jobs.json). Runs headless (QT_QPA_PLATFORM=offscreen).
 #include <httplib.h>
 
+#include <gst/gst.h>
+
 #include <QFile>
 #include <QJsonDocument>
 #include <QPushButton>
+#include <QTemporaryDir>
 #include <QtTest>
 #include <fstream>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
 #include "main_window.hpp"
+#include "otpgate/gateway.hpp"
+#include "test_pki.hpp"
 
 using otpgate::console::MainWindow;
 using otpgate::console::ServicePoller;
@@ -70,6 +76,23 @@ class RecordedService {
   std::vector<std::string> requests_;
 };
 
+// Every field of `recorded` (objects, recursively; arrays by their first element) is in
+// `live`: the recorded documents the other tests use have not drifted from what a gateway
+// serves. Returns the first missing path, or "".
+std::string missing_field(const nlohmann::json& recorded, const nlohmann::json& live,
+                          const std::string& path = "") {
+  if (recorded.is_object()) {
+    if (!live.is_object()) return path + " (not an object)";
+    for (const auto& [key, value] : recorded.items()) {
+      if (!live.contains(key)) return path + "/" + key;
+      if (auto m = missing_field(value, live[key], path + "/" + key); !m.empty()) return m;
+    }
+  } else if (recorded.is_array() && !recorded.empty() && live.is_array() && !live.empty()) {
+    return missing_field(recorded[0], live[0], path + "/0");
+  }
+  return "";
+}
+
 int row_of_job(MainWindow& w, const QString& id) {
   for (int r = 0; r < w.jobs().rowCount(); ++r)
     if (w.jobs().job_at(r).value("job_id").toString() == id) return r;
@@ -120,6 +143,50 @@ class ConsoleTest : public QObject {
     QTRY_VERIFY(
         w.alerts().stringList().join("\n").contains("J20261124-8c9d0e1f (specimen S-0044) failed"));
     QVERIFY(w.alerts().stringList().join("\n").contains("predicted to run out"));
+  }
+
+  void aLiveGatewaysStatusFillsTheModels() {
+    // A real gateway (one stream, both directions) on the KME simulator: what the console
+    // shows comes from what the gateway serves today, not from a recording.
+    g_setenv("GST_PLUGIN_PATH", OTPGATE_PLUGIN_DIR, TRUE);
+    if (!gst_is_initialized()) gst_init(nullptr, nullptr);
+    otpgate::kmesim::KmeSimulator kme(otpgate::testing::simulator_config());
+    kme.start();
+    QTemporaryDir dir;
+    const std::string pki = otpgate::testing::pki_dir().string();
+    const int base = 20000 + (::getpid() % 500) * 20;  // below the ephemeral range
+    auto port = [&](int offset) { return std::to_string(base + offset); };
+    const std::string toml =
+        "[site]\nname = \"hospital-a\"\nsae_id = \"sae-a\"\nstate_dir = \"" +
+        dir.path().toStdString() + "\"\n[kme]\nurl = \"" + kme.url() + "\"\ntls_cert = \"" + pki +
+        "/sae-a.crt\"\ntls_key = \"" + pki + "/sae-a.key\"\ntls_ca = \"" + pki +
+        "/ca.crt\"\n[peer]\nsae_id = \"sae-b\"\naddress = \"127.0.0.1\"\n[status]\nlisten = "
+        "\"127.0.0.1:0\"\n[[stream]]\nname = \"p1-video\"\nlocal_rtp_port = " +
+        port(0) + "\npeer_port = " + port(1) + "\nlisten_port = " + port(2) +
+        "\ndeliver_rtp = \"127.0.0.1:" + port(3) + "\"\n";
+    otpgate::gateway::Gateway gateway(otpgate::gateway::parse_config(toml, "live.toml"));
+    gateway.start();
+    MainWindow w;
+    w.add_service(ServicePoller::Kind::gateway,
+                  QUrl(QString("http://127.0.0.1:%1").arg(gateway.status_port())), 100);
+    QTRY_COMPARE(w.key_supplies().rowCount(), 2);
+    QTRY_VERIFY(w.key_supplies().rows()[0].ready_bytes + w.key_supplies().rows()[1].ready_bytes >
+                0);
+    for (const auto& r : w.key_supplies().rows()) {
+      QCOMPARE(r.site, QString("hospital-a"));
+      QCOMPARE(r.stream, QString("p1-video"));
+      QVERIFY2(r.kme_healthy, qPrintable(r.direction + ": " + r.kme_error));  // idle is healthy
+      if (r.direction == "send") {
+        QVERIFY(r.ready_bytes > 0);
+        QVERIFY(r.capacity_bytes > 0);
+      }
+    }
+    QCOMPARE(w.streams().rowCount(), 2);  // a row per direction
+    // The recordings the other tests use have every field a live gateway still serves.
+    const auto live = nlohmann::json::parse(gateway.status_json());
+    const auto recorded = nlohmann::json::parse(read("gateway-status.json"));
+    QCOMPARE(QString::fromStdString(missing_field(recorded, live)), QString());
+    gateway.stop();
   }
 
   void actionButtonsSendTheRightRequests() {
