@@ -12,6 +12,23 @@ using config::Reader;
 
 GatewayConfig parse_config(std::string_view text, const std::string& source) {
   const toml::table root = config::parse_toml(text, source);
+  config::reject_unknown(
+      root,
+      {{"site", config::kSiteKeys},
+       {"kme", config::kKmeKeys},
+       {"keys", config::kKeysKeys},
+       {"peer", {"sae_id", "address", "transport", "transfer"}},
+       {"policy", {"cipher", "on_key_exhausted", "rekey_interval"}},
+       {"media", {"realtime_priority", "cpu_wakeup_latency_us"}},
+       {"status", {"listen"}},
+       {"ice", {"signalling_listen", "peer_signalling", "stun"}},
+       {"stream",
+        {"name", "direction", "local_rtp_port", "local_rtcp_port", "peer_port", "listen_port",
+         "deliver_rtp", "deliver_rtcp"},
+        true},
+       {"transfer", {}, false, true},  // otp-transfer's, when one file serves both
+       {"api", {}, false, true}},
+      source);
   const Reader r(root, source);
   GatewayConfig c;
   config::read_site(r, c);

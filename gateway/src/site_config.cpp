@@ -2,10 +2,88 @@
 // The shared part of the one config loader: see otpgate/site_config.hpp.
 #include "otpgate/site_config.hpp"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 namespace otpgate::config {
+
+const std::initializer_list<std::string_view> kSiteKeys = {"name", "sae_id", "state_dir"};
+const std::initializer_list<std::string_view> kKmeKeys = {"url", "tls_cert", "tls_key", "tls_ca"};
+const std::initializer_list<std::string_view> kKeysKeys = {"ring_bytes", "ring_ms",
+                                                           "announce_lead_ms", "resync_ms"};
+
+namespace {
+
+// Levenshtein distance, for "did you mean".
+std::size_t distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] != b[j - 1])});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+template <typename Names>
+std::string suggestion(std::string_view unknown, const Names& known) {
+  std::string_view best;
+  std::size_t best_distance = SIZE_MAX;
+  for (std::string_view k : known) {
+    const std::size_t d = distance(unknown, k);
+    if (d < best_distance) {
+      best_distance = d;
+      best = k;
+    }
+  }
+  // Near enough to be a typo: a couple of letters, or a third of the word.
+  if (best.empty() || best_distance > std::max<std::size_t>(2, unknown.size() / 3)) return "";
+  return "; did you mean \"" + std::string(best) + "\"?";
+}
+
+}  // namespace
+
+void reject_unknown(const toml::table& root, std::initializer_list<SectionKeys> sections,
+                    const std::string& source) {
+  std::vector<std::string_view> section_names;
+  for (const auto& s : sections) section_names.push_back(s.name);
+  for (const auto& [name, node] : root) {
+    const SectionKeys* section = nullptr;
+    for (const auto& s : sections)
+      if (s.name == name.str()) section = &s;
+    if (!section) {
+      throw ConfigError(source + ": unknown section [" + std::string(name.str()) + "]" +
+                        suggestion(name.str(), section_names) + " (remove it, or fix its name)");
+    }
+    if (section->foreign) continue;
+    auto check = [&](const toml::table& table, const std::string& where) {
+      for (const auto& [key, value] : table) {
+        bool known = false;
+        for (std::string_view k : section->keys) known = known || k == key.str();
+        if (!known) {
+          throw ConfigError(source + ": unknown key " + where + "." + std::string(key.str()) +
+                            suggestion(key.str(), section->keys) + " (remove it, or fix its name)");
+        }
+      }
+    };
+    if (section->array) {
+      if (const toml::array* list = node.as_array()) {
+        for (std::size_t i = 0; i < list->size(); ++i)
+          if (const toml::table* t = (*list)[i].as_table())
+            check(*t, std::string(name.str()) + "[" + std::to_string(i) + "]");
+      }
+    } else if (const toml::table* t = node.as_table()) {
+      check(*t, std::string(name.str()));
+    }
+  }
+}
 
 void Reader::fail(const std::string& key, const std::string& value,
                   const std::string& expected) const {

@@ -406,8 +406,22 @@ TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
   EXPECT_EQ(error_for("deliver_rtp = \"127.0.0.1:7004\"", "deliver_rtp = \"nowhere\""),
             "site.toml: stream[0].deliver_rtp = \"nowhere\": expected \"host:port\"");
   EXPECT_NE(error_for("/sae-a.key", "/missing.key").find("kme.tls_key"), std::string::npos);
-  EXPECT_NE(error_for("[peer]", "[pear]").find("[peer] is missing: expected a table"),
-            std::string::npos);
+  // Unknown sections and keys are errors (a typo must not silently keep the default), with
+  // the closest known name when one is near.
+  EXPECT_EQ(error_for("[peer]", "[pear]"),
+            "site.toml: unknown section [pear]; did you mean \"peer\"? (remove it, or fix its "
+            "name)");
+  EXPECT_EQ(error_for("[[stream]]", "[polcy]\non_key_exhausted = \"block\"\n[[stream]]"),
+            "site.toml: unknown section [polcy]; did you mean \"policy\"? (remove it, or fix its "
+            "name)");
+  EXPECT_EQ(error_for("[[stream]]", "[policy]\non_key_exhuasted = \"block\"\n[[stream]]"),
+            "site.toml: unknown key policy.on_key_exhuasted; did you mean \"on_key_exhausted\"? "
+            "(remove it, or fix its name)");
+  EXPECT_EQ(error_for("local_rtp_port = 5004", "local_rtp_port = 5004\nbitrate = 9000"),
+            "site.toml: unknown key stream[0].bitrate (remove it, or fix its name)");
+  // A section of otp-transfer's is allowed: one file may serve both daemons.
+  EXPECT_EQ(error_for("[[stream]]", "[transfer]\nincoming_dir = \"/srv/in\"\n[[stream]]"),
+            "no error");
   EXPECT_NE(error_for("name = \"audio\"", "name = \"audio\"\n[bad").find("not valid TOML"),
             std::string::npos);
   EXPECT_EQ(error_for("[[stream]]", "[media]\nrealtime_priority = 120\n[[stream]]"),

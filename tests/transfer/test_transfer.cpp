@@ -711,6 +711,14 @@ TEST_F(TransferTest, BadInputGetsOneClearLineAndANonZeroExit) {
   auto [rc7, out7] = run({OTPGATE_TRANSFER_BIN, "-c", bad.string(), "--check-config"}, "7");
   EXPECT_EQ(rc7, 2);
   EXPECT_NE(out7.find("rot13"), std::string::npos) << out7;
+  // A typo in a key is an error with the closest known name, not a silent default.
+  const fs::path typo = dir_.path / "typo.toml";
+  std::ofstream(typo) << config_text("a", "max_attempt = 3");
+  auto [rc9, out9] = run({OTPGATE_TRANSFER_BIN, "-c", typo.string(), "--check-config"}, "9");
+  EXPECT_EQ(rc9, 2);
+  EXPECT_NE(out9.find("unknown key transfer.max_attempt; did you mean \"max_attempts\"?"),
+            std::string::npos)
+      << out9;
   auto [rc8, out8] = run(cli("a", {}), "8");
   EXPECT_EQ(rc8, 2);
   EXPECT_NE(out8.find("name a command"), std::string::npos) << out8;

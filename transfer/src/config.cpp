@@ -8,6 +8,22 @@ namespace otpgate::transfer {
 
 TransferConfig parse_config(std::string_view text, const std::string& source) {
   const toml::table root = config::parse_toml(text, source);
+  config::reject_unknown(root,
+                         {{"site", config::kSiteKeys},
+                          {"kme", config::kKmeKeys},
+                          {"keys", config::kKeysKeys},
+                          {"peer", {"sae_id", "transfer", "address", "transport"}},
+                          {"transfer",
+                           {"listen", "incoming_dir", "data_root", "method", "completion_markers",
+                            "record_size", "commit_bytes", "aes_rekey_records", "max_attempts"}},
+                          {"api", {"listen", "tls_cert", "tls_key", "user", "password_sha256"}},
+                          // otp-gateway's, when one file serves both
+                          {"policy", {}, false, true},
+                          {"media", {}, false, true},
+                          {"status", {}, false, true},
+                          {"ice", {}, false, true},
+                          {"stream", {}, true, true}},
+                         source);
   const config::Reader r(root, source);
   TransferConfig c;
   config::read_site(r, c);

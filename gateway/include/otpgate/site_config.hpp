@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -52,5 +53,20 @@ toml::table parse_toml(std::string_view text, const std::string& source);
 std::string read_config_file(const std::filesystem::path& path);
 // Reads [site], [kme], [peer].sae_id and [keys] into `c` (defaults kept when absent).
 void read_site(const Reader& r, SiteConfig& c);
+
+// The keys a daemon knows, per section. `foreign` sections belong to the other daemon
+// (one file may serve both): allowed, not read. `array`: [[section]] tables.
+struct SectionKeys {
+  std::string_view name;
+  std::initializer_list<std::string_view> keys;
+  bool array = false;
+  bool foreign = false;
+};
+// The sections every daemon reads (read_site): [site], [kme], [peer] sae_id, [keys].
+extern const std::initializer_list<std::string_view> kSiteKeys, kKmeKeys, kKeysKeys;
+// Throws a ConfigError naming the first unknown section or key, with the closest known
+// name when one is near ("did you mean ..."): a typo must not silently leave a default.
+void reject_unknown(const toml::table& root, std::initializer_list<SectionKeys> sections,
+                    const std::string& source);
 
 }  // namespace otpgate::config
