@@ -97,6 +97,16 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
     if (!t) r.fail(prefix.substr(0, prefix.size() - 1), Reader::shown(&(*streams)[i]), "a table");
     StreamConfig s;
     s.name = r.string(*t, prefix, "name", "a stream name such as \"video-1\"");
+    // The name becomes part of file names (its offset journal): letters, digits, '.',
+    // '_' and '-' only, so no name can reach outside state_dir.
+    const bool safe = s.name.size() <= 64 && s.name != "." && s.name != ".." &&
+                      s.name.find_first_not_of(
+                          "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                          "0123456789._-") == std::string::npos;
+    if (!safe) {
+      r.fail(prefix + "name", '"' + s.name + '"',
+             "1 to 64 letters, digits, '.', '_' or '-' (it names the stream's journal file)");
+    }
     if (!names.insert(s.name).second)
       r.fail(prefix + "name", '"' + s.name + '"', "a name no other stream has");
     s.direction =

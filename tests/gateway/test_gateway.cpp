@@ -419,6 +419,12 @@ TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
             "(remove it, or fix its name)");
   EXPECT_EQ(error_for("local_rtp_port = 5004", "local_rtp_port = 5004\nbitrate = 9000"),
             "site.toml: unknown key stream[0].bitrate (remove it, or fix its name)");
+  // A stream's name becomes its journal's file name: nothing that could leave state_dir.
+  EXPECT_EQ(error_for("name = \"audio\"", "name = \"../../../tmp/x\""),
+            "site.toml: stream[0].name = \"../../../tmp/x\": expected 1 to 64 letters, digits, "
+            "'.', '_' or '-' (it names the stream's journal file)");
+  EXPECT_NE(error_for("name = \"audio\"", "name = \"..\"").find("stream[0].name"),
+            std::string::npos);
   // A section of otp-transfer's is allowed: one file may serve both daemons.
   EXPECT_EQ(error_for("[[stream]]", "[transfer]\nincoming_dir = \"/srv/in\"\n[[stream]]"),
             "no error");
