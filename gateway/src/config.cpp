@@ -34,8 +34,7 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
   config::read_site(r, c);
 
   const toml::table& peer = r.table("peer");
-  c.peer_address =
-      r.string(peer, "peer.", "address", "the remote gateway's IP address or host name");
+  c.peer_address = r.host(peer, "peer.", "address", "the remote gateway's IP address or host name");
   c.transport = r.string(peer, "peer.", "transport", "\"udp\" or \"ice\"", c.transport);
   if (c.transport != "udp" && c.transport != "ice") {
     r.fail("peer.transport", '"' + c.transport + '"', "\"udp\" or \"ice\"");

@@ -42,6 +42,10 @@ struct ObjectUnref {
   void operator()(GstElement* e) const { gst_object_unref(e); }
 };
 using ElementPtr = std::unique_ptr<GstElement, ObjectUnref>;
+struct CapsUnref {
+  void operator()(GstCaps* c) const { gst_caps_unref(c); }
+};
+using CapsPtr = std::unique_ptr<GstCaps, CapsUnref>;
 
 std::string endpoint_text(const Endpoint& e) {
   return e.host + ":" + std::to_string(e.port);
@@ -287,50 +291,80 @@ struct Gateway::Impl {
   void build(Stream& s) {
     const StreamConfig& c = s.config;
     const bool ice = ice_session != nullptr;
-    std::string d;
+    // Elements from their factories with typed properties: no config value is ever parsed
+    // as pipeline text (a host name such as "10.0.0.2 ! fakesink" stays a host name).
+    GstElement* bin = gst_pipeline_new(c.name.c_str());
+    s.pipeline.reset(bin);
+    auto make = [&](const char* factory, const char* name = nullptr) {
+      GstElement* e = gst_element_factory_make(factory, name);
+      if (!e) {
+        throw std::runtime_error("stream " + c.name + ": cannot build its pipeline: no element \"" +
+                                 factory + "\" (is the otp plugin on GST_PLUGIN_PATH, and " +
+                                 "gstreamer1.0-plugins-good/-nice installed?)");
+      }
+      gst_bin_add(GST_BIN(bin), e);
+      return e;
+    };
+    auto link = [&](GstElement* from, GstElement* to, const char* from_pad = nullptr) {
+      if (!gst_element_link_pads(from, from_pad, to, nullptr)) {
+        throw std::runtime_error("stream " + c.name + ": cannot link " + GST_ELEMENT_NAME(from) +
+                                 " to " + GST_ELEMENT_NAME(to));
+      }
+    };
+    auto caps = [](const char* media_type) {
+      return CapsPtr(gst_caps_new_empty_simple(media_type));
+    };
+    auto udp_in = [&](std::uint16_t port, const char* media_type) {
+      GstElement* e = make("udpsrc");
+      g_object_set(e, "port", gint{port}, "caps", caps(media_type).get(), "buffer-size", 4194304,
+                   "retrieve-sender-address", FALSE, "reuse", FALSE, nullptr);
+      return e;
+    };
+    auto udp_out = [&](const std::string& host, std::uint16_t port) {
+      GstElement* e = make("udpsink");
+      g_object_set(e, "host", host.c_str(), "port", gint{port}, "sync", FALSE, "async", FALSE,
+                   nullptr);
+      return e;
+    };
     if (c.sends()) {
       // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway.
-      d += "udpsrc port=" + std::to_string(c.local_rtp_port) +
-           " caps=application/x-rtp buffer-size=4194304 retrieve-sender-address=false reuse=false "
-           "! funnel "
-           "name=mux ! otpencrypt name=enc ! " +
-           (ice ? std::string("nicesink name=net_out")
-                : "udpsink host=" + config.peer_address + " port=" + std::to_string(c.peer_port)) +
-           " sync=false async=false ";
-      if (c.local_rtcp_port) {
-        d += "udpsrc port=" + std::to_string(c.local_rtcp_port) +
-             " retrieve-sender-address=false reuse=false caps=application/x-rtcp ! mux. ";
+      GstElement* mux = make("funnel", "mux");
+      link(udp_in(c.local_rtp_port, "application/x-rtp"), mux);
+      if (c.local_rtcp_port) link(udp_in(c.local_rtcp_port, "application/x-rtcp"), mux);
+      GstElement* enc = make("otpencrypt", "enc");
+      link(mux, enc);
+      GstElement* out = nullptr;
+      if (ice) {
+        out = make("nicesink", "net_out");
+        g_object_set(out, "sync", FALSE, "async", FALSE, nullptr);
+      } else {
+        out = udp_out(config.peer_address, c.peer_port);
       }
+      link(enc, out);
     }
     if (c.receives()) {
       // The peer gateway -> otpdecrypt -> the conference system.
-      d += (ice ? std::string("nicesrc name=net_in ! application/x-otp")
-                : "udpsrc port=" + std::to_string(c.listen_port) +
-                      " buffer-size=4194304 retrieve-sender-address=false reuse=false "
-                      "caps=application/x-otp") +
-           " ! otpdecrypt name=dec ! udpsink host=" + c.deliver_rtp.host +
-           " port=" + std::to_string(c.deliver_rtp.port) + " sync=false async=false ";
-      d += c.deliver_rtcp
-               ? "dec.rtcp_src ! udpsink host=" + c.deliver_rtcp->host +
-                     " port=" + std::to_string(c.deliver_rtcp->port) + " sync=false async=false"
-               : "dec.rtcp_src ! fakesink sync=false async=false";
+      GstElement* in = nullptr;
+      if (ice) {
+        GstElement* source = make("nicesrc", "net_in");
+        in = make("capsfilter");
+        g_object_set(in, "caps", caps("application/x-otp").get(), nullptr);
+        link(source, in);
+      } else {
+        in = udp_in(c.listen_port, "application/x-otp");
+      }
+      GstElement* dec = make("otpdecrypt", "dec");
+      link(in, dec);
+      link(dec, udp_out(c.deliver_rtp.host, c.deliver_rtp.port));
+      GstElement* rtcp = nullptr;
+      if (c.deliver_rtcp) {
+        rtcp = udp_out(c.deliver_rtcp->host, c.deliver_rtcp->port);
+      } else {
+        rtcp = make("fakesink");
+        g_object_set(rtcp, "sync", FALSE, "async", FALSE, nullptr);
+      }
+      link(dec, rtcp, "rtcp_src");
     }
-    GError* error = nullptr;
-    GstElement* pipeline = gst_parse_launch(d.c_str(), &error);
-    if (error) {
-      const std::string message = error->message;
-      g_error_free(error);
-      if (pipeline) gst_object_unref(pipeline);
-      throw std::runtime_error("stream " + c.name + ": cannot build its pipeline: " + message +
-                               " (is the otp plugin on GST_PLUGIN_PATH?)");
-    }
-    // gst_parse_launch returns the element itself, not a bin, for a single chain.
-    GstElement* bin = pipeline;
-    if (!GST_IS_PIPELINE(pipeline)) {
-      bin = gst_pipeline_new(c.name.c_str());
-      gst_bin_add(GST_BIN(bin), pipeline);
-    }
-    s.pipeline.reset(bin);
     // Media threads ahead of everything else on the host (key refills included, which run
     // at normal priority): a streaming thread sets its own scheduling as it starts.
     GstBus* bus = gst_element_get_bus(bin);

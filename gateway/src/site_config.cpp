@@ -148,7 +148,23 @@ Endpoint Reader::endpoint(const toml::table& table, const std::string& prefix, c
       (port == 0 && text.substr(colon + 1) != "0")) {
     fail(prefix + key, '"' + text + '"', "\"host:port\" with a port from 1 to 65535");
   }
+  if (!is_host(text.substr(0, colon)))
+    fail(prefix + key, '"' + text + '"', "\"host:port\" with an IP address or host name");
   return Endpoint{text.substr(0, colon), static_cast<std::uint16_t>(port)};
+}
+
+bool Reader::is_host(const std::string& text) {
+  return !text.empty() && text.size() <= 253 &&
+         text.find_first_not_of(
+             "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+             ".-:[]") == std::string::npos;
+}
+
+std::string Reader::host(const toml::table& table, const std::string& prefix, const char* key,
+                         const char* expected) const {
+  const std::string text = string(table, prefix, key, expected);
+  if (!is_host(text)) fail(prefix + key, '"' + text + '"', expected);
+  return text;
 }
 
 const toml::table& Reader::table(const char* key) const {

@@ -419,6 +419,13 @@ TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
             "(remove it, or fix its name)");
   EXPECT_EQ(error_for("local_rtp_port = 5004", "local_rtp_port = 5004\nbitrate = 9000"),
             "site.toml: unknown key stream[0].bitrate (remove it, or fix its name)");
+  // Config values are values, never pipeline text.
+  EXPECT_EQ(error_for("address = \"10.0.0.2\"", "address = \"127.0.0.1 ! fakesink\""),
+            "site.toml: peer.address = \"127.0.0.1 ! fakesink\": expected the remote gateway's IP "
+            "address or host name");
+  EXPECT_EQ(error_for("deliver_rtp = \"127.0.0.1:7004\"", "deliver_rtp = \"a b:7004\""),
+            "site.toml: stream[0].deliver_rtp = \"a b:7004\": expected \"host:port\" with an IP "
+            "address or host name");
   // A stream's name becomes its journal's file name: nothing that could leave state_dir.
   EXPECT_EQ(error_for("name = \"audio\"", "name = \"../../../tmp/x\""),
             "site.toml: stream[0].name = \"../../../tmp/x\": expected 1 to 64 letters, digits, "

@@ -36,6 +36,10 @@ class Reader {
   // "host:port"; port 0 only when `any_port_allowed` (listen addresses).
   Endpoint endpoint(const toml::table& table, const std::string& prefix, const char* key,
                     bool any_port_allowed = false) const;
+  // A host name or IP address (letters, digits, '.', '-', ':', '[', ']' only).
+  std::string host(const toml::table& table, const std::string& prefix, const char* key,
+                   const char* expected) const;
+  static bool is_host(const std::string& text);
   const toml::table& table(const char* key) const;           // required
   const toml::table* optional_table(const char* key) const;  // absent: nullptr
   std::filesystem::path file(const toml::table& table, const std::string& prefix,
