@@ -634,6 +634,26 @@ TEST_F(TransferTest, WebPageFoldersLoginAndCrossSiteChecksAreEnforcedByTheServer
                         "application/json");
   ASSERT_TRUE(cross);
   EXPECT_EQ(cross->status, 403);
+  // DNS rebinding: a page on a name the attacker controls, resolving to this host, sends
+  // its own name as Host and Origin. Refused for reads and writes alike.
+  const std::string port = std::to_string(a.api_port());
+  httplib::Headers rebound{{"Host", "attacker.example:" + port},
+                           {"Origin", "http://attacker.example:" + port}};
+  auto rebound_post = api.Post("/api/v1/jobs", rebound, R"({"specimen_id":"S12","folder":"S12"})",
+                               "application/json");
+  ASSERT_TRUE(rebound_post);
+  EXPECT_EQ(rebound_post->status, 403) << rebound_post->body;
+  EXPECT_NE(rebound_post->body.find("not a name of this service"), std::string::npos);
+  auto rebound_get =
+      api.Get("/api/v1/jobs", httplib::Headers{{"Host", "attacker.example:" + port}});
+  ASSERT_TRUE(rebound_get);
+  EXPECT_EQ(rebound_get->status, 403);
+  // An https Origin is not this http service.
+  httplib::Headers other_scheme{{"Origin", "https://127.0.0.1:" + port}};
+  auto scheme_post = api.Post("/api/v1/jobs", other_scheme,
+                              R"({"specimen_id":"S12","folder":"S12"})", "application/json");
+  ASSERT_TRUE(scheme_post);
+  EXPECT_EQ(scheme_post->status, 403);
   EXPECT_TRUE(store_empty(transfer::database_path(a_config)));
 }
 
@@ -755,4 +775,26 @@ TEST_F(TransferTest, AFileArrivesThroughAKmeWithEveryQuirkOfAnotherVendor) {
   ASSERT_EQ(done.transfer_state, "completed") << done.error;
   EXPECT_EQ(sha256_of(data("S20/reads.bam")), sha256_of(received(done, "S20/reads.bam")));
   EXPECT_EQ(sim_->stats().keys_replaced, 0u) << "the sender let the KME replace unfetched keys";
+}
+
+TEST_F(TransferTest, AServiceAnswersToTheNamesItIsConfiguredWith) {
+  fs::create_directories(data(""));
+  auto text = config_text("a");
+  text.replace(text.find("[api]\nlisten = \"127.0.0.1:0\""), 28,
+               "[api]\nlisten = \"127.0.0.1:0\"\nserver_names = [\"Transfer.Lab.example\"]");
+  const auto a_config = transfer::parse_config(text, "named.toml");
+  ASSERT_EQ(a_config.api_server_names.size(), 1u);
+  transfer::Service a(a_config);
+  a.start();
+  httplib::Client api("127.0.0.1", a.api_port());
+  const std::string port = std::to_string(a.api_port());
+  auto named = api.Get("/api/v1/jobs", httplib::Headers{{"Host", "transfer.lab.example:" + port}});
+  ASSERT_TRUE(named);
+  EXPECT_EQ(named->status, 200) << named->body;
+  auto other = api.Get("/api/v1/jobs", httplib::Headers{{"Host", "lab.example:" + port}});
+  ASSERT_TRUE(other);
+  EXPECT_EQ(other->status, 403);
+  auto wrong_port = api.Get("/api/v1/jobs", httplib::Headers{{"Host", "localhost:1"}});
+  ASSERT_TRUE(wrong_port);
+  EXPECT_EQ(wrong_port->status, 403);
 }

@@ -8,22 +8,23 @@ namespace otpgate::transfer {
 
 TransferConfig parse_config(std::string_view text, const std::string& source) {
   const toml::table root = config::parse_toml(text, source);
-  config::reject_unknown(root,
-                         {{"site", config::kSiteKeys},
-                          {"kme", config::kKmeKeys},
-                          {"keys", config::kKeysKeys},
-                          {"peer", {"sae_id", "transfer", "address", "transport"}},
-                          {"transfer",
-                           {"listen", "incoming_dir", "data_root", "method", "completion_markers",
-                            "record_size", "commit_bytes", "aes_rekey_records", "max_attempts"}},
-                          {"api", {"listen", "tls_cert", "tls_key", "user", "password_sha256"}},
-                          // otp-gateway's, when one file serves both
-                          {"policy", {}, false, true},
-                          {"media", {}, false, true},
-                          {"status", {}, false, true},
-                          {"ice", {}, false, true},
-                          {"stream", {}, true, true}},
-                         source);
+  config::reject_unknown(
+      root,
+      {{"site", config::kSiteKeys},
+       {"kme", config::kKmeKeys},
+       {"keys", config::kKeysKeys},
+       {"peer", {"sae_id", "transfer", "address", "transport"}},
+       {"transfer",
+        {"listen", "incoming_dir", "data_root", "method", "completion_markers", "record_size",
+         "commit_bytes", "aes_rekey_records", "max_attempts"}},
+       {"api", {"listen", "tls_cert", "tls_key", "user", "password_sha256", "server_names"}},
+       // otp-gateway's, when one file serves both
+       {"policy", {}, false, true},
+       {"media", {}, false, true},
+       {"status", {}, false, true},
+       {"ice", {}, false, true},
+       {"stream", {}, true, true}},
+      source);
   const config::Reader r(root, source);
   TransferConfig c;
   config::read_site(r, c);
@@ -76,6 +77,17 @@ TransferConfig parse_config(std::string_view text, const std::string& source) {
 
   if (const toml::table* api = r.optional_table("api")) {
     if (api->get("listen")) c.api_listen = r.endpoint(*api, "api.", "listen", true);
+    if (const toml::node* names = api->get("server_names")) {
+      const toml::array* list = names->as_array();
+      if (!list) r.fail("api.server_names", config::Reader::shown(names), "a list of host names");
+      for (const auto& n : *list) {
+        const auto* name = n.as_string();
+        if (!name || !config::Reader::is_host(name->get()))
+          r.fail("api.server_names", config::Reader::shown(&n),
+                 "host names such as \"lab.example\"");
+        c.api_server_names.push_back(name->get());
+      }
+    }
     if (api->get("tls_cert") || api->get("tls_key")) {
       c.api_tls_cert = r.file(*api, "api.", "tls_cert");
       c.api_tls_key = r.file(*api, "api.", "tls_key");

@@ -223,16 +223,55 @@ struct Service::Impl {
       reply_error(res, 401, "log in with the user and password configured in [api]");
       return httplib::Server::HandlerResponse::Handled;
     }
+    // The Host must be this service under a name it is known by: a page on a name an
+    // attacker controls (DNS rebinding) names that name, whatever address it resolves to.
+    const std::string host = req.get_header_value("Host");
+    if (!names_this_service(host)) {
+      reply_error(res, 403,
+                  "request for host \"" + clipped(host) +
+                      "\" refused: not a name of this service (add it to api.server_names)");
+      return httplib::Server::HandlerResponse::Handled;
+    }
     if (req.method != "GET" && req.has_header("Origin")) {
       const std::string origin = req.get_header_value("Origin");
-      const std::string host = req.get_header_value("Host");
-      const auto scheme_end = origin.find("://");
-      if (scheme_end == std::string::npos || origin.substr(scheme_end + 3) != host) {
-        reply_error(res, 403, "cross-site request refused (Origin " + origin + ")");
+      const std::string scheme = config.api_tls_cert.empty() ? "http://" : "https://";
+      if (origin.rfind(scheme, 0) != 0 || !names_this_service(origin.substr(scheme.size()))) {
+        reply_error(res, 403, "cross-site request refused (Origin " + clipped(origin) + ")");
         return httplib::Server::HandlerResponse::Handled;
       }
     }
     return httplib::Server::HandlerResponse::Unhandled;
+  }
+
+  // "name[:port]" names this service: localhost, the listen address or a configured
+  // server name, and this service's port (or the scheme's default when none is given).
+  bool names_this_service(const std::string& host_port) const {
+    std::string name = host_port;
+    std::string port;
+    if (!name.empty() && name.front() == '[') {  // [v6]:port
+      const auto close = name.find(']');
+      if (close == std::string::npos) return false;
+      port = close + 1 < name.size() && name[close + 1] == ':' ? name.substr(close + 2) : "";
+      name = name.substr(0, close + 1);
+    } else if (const auto colon = name.rfind(':'); colon != std::string::npos) {
+      port = name.substr(colon + 1);
+      name = name.substr(0, colon);
+    }
+    const std::string default_port = config.api_tls_cert.empty() ? "80" : "443";
+    if ((port.empty() ? default_port : port) != std::to_string(bound_api_port)) return false;
+    std::transform(name.begin(), name.end(), name.begin(), ::tolower);
+    if (name == "localhost" || name == "127.0.0.1" || name == "[::1]") return true;
+    const std::string& listen = config.api_listen.host;
+    if (listen != "0.0.0.0" && listen != "::" && name == listen) return true;
+    for (const auto& n : config.api_server_names) {
+      std::string known = n;
+      std::transform(known.begin(), known.end(), known.begin(), ::tolower);
+      if (name == known) return true;
+    }
+    return false;
+  }
+  static std::string clipped(const std::string& text) {
+    return text.size() <= 100 ? text : text.substr(0, 100) + "...";
   }
 
   bool authorised(const std::string& header) const {

@@ -42,6 +42,10 @@ struct TransferConfig : config::SiteConfig {        // [site], [kme], [peer] sae
   // Basic authentication of one user whose password's SHA-256 is configured.
   std::filesystem::path api_tls_cert, api_tls_key;
   std::string api_user, api_password_sha256;
+  // Names this service is reached by besides localhost and the api.listen address (e.g.
+  // "transfer.lab.hospital.example"): a request naming any other host is refused, so a
+  // DNS-rebinding page cannot reach the API through a name it controls.
+  std::vector<std::string> api_server_names;
 };
 
 // Reads and validates a config file; throws ConfigError with one readable line.
