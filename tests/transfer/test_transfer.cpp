@@ -648,6 +648,19 @@ TEST_F(TransferTest, WebPageFoldersLoginAndCrossSiteChecksAreEnforcedByTheServer
       api.Get("/api/v1/jobs", httplib::Headers{{"Host", "attacker.example:" + port}});
   ASSERT_TRUE(rebound_get);
   EXPECT_EQ(rebound_get->status, 403);
+  // Invalid UTF-8 and huge values get a short JSON error, never a 500 or an echo of it all.
+  auto bad_utf8 =
+      api.Post("/api/v1/jobs", std::string("{\"specimen_id\":\"S\xff\xfe\",\"folder\":\"S12\"}"),
+               "application/json");
+  ASSERT_TRUE(bad_utf8);
+  EXPECT_EQ(bad_utf8->status, 400) << bad_utf8->body;
+  EXPECT_NO_THROW(nlohmann::json::parse(bad_utf8->body)) << bad_utf8->body;
+  const std::string huge(1u << 20, 'X');
+  auto huge_id = api.Post("/api/v1/jobs", "{\"specimen_id\":\"" + huge + "\",\"folder\":\"S12\"}",
+                          "application/json");
+  ASSERT_TRUE(huge_id);
+  EXPECT_GE(huge_id->status, 400);
+  EXPECT_LT(huge_id->body.size(), 1000u) << "the error echoed the whole value back";
   // An https Origin is not this http service.
   httplib::Headers other_scheme{{"Origin", "https://127.0.0.1:" + port}};
   auto scheme_post = api.Post("/api/v1/jobs", other_scheme,

@@ -59,11 +59,16 @@ json job_to_json(const Job& j) {
 
 void reply(httplib::Response& res, int status, const json& body) {
   res.status = status;
-  res.set_content(body.dump(), "application/json");
+  // Text from a request may be invalid UTF-8: replaced (U+FFFD), never a failed answer.
+  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
 }
 
+// Errors may quote what the client sent: at most 300 bytes of it, whatever it sent.
 void reply_error(httplib::Response& res, int status, const std::string& message) {
-  reply(res, status, {{"error", message}});
+  constexpr std::size_t kMaxMessage = 300;
+  reply(res, status,
+        {{"error",
+          message.size() <= kMaxMessage ? message : message.substr(0, kMaxMessage) + "..."}});
 }
 
 }  // namespace
