@@ -744,6 +744,14 @@ TEST_F(TransferTest, BadInputGetsOneClearLineAndANonZeroExit) {
   auto [rc7, out7] = run({OTPGATE_TRANSFER_BIN, "-c", bad.string(), "--check-config"}, "7");
   EXPECT_EQ(rc7, 2);
   EXPECT_NE(out7.find("rot13"), std::string::npos) << out7;
+  // A symbolic link inside a specimen folder is refused, naming it (it could reach any
+  // file the service can read; it became the job entry S15/../../outside/secret.txt).
+  write_random(data("S15/reads.bam"), 1000, 15);
+  write_random(dir_.path / "outside" / "secret.txt", 100, 16);
+  fs::create_symlink(dir_.path / "outside" / "secret.txt", data("S15/secret.txt"));
+  auto [rc10, out10] = run(cli("a", {"send", "S15", data("S15").string()}), "10");
+  EXPECT_EQ(rc10, 1);
+  EXPECT_NE(out10.find("S15/secret.txt is a symbolic link"), std::string::npos) << out10;
   // A typo in a key is an error with the closest known name, not a silent default.
   const fs::path typo = dir_.path / "typo.toml";
   std::ofstream(typo) << config_text("a", "max_attempt = 3");

@@ -45,11 +45,19 @@ std::vector<std::pair<fs::path, std::string>> enumerate(const std::vector<std::s
     }
     std::vector<fs::path> found;
     for (const auto& entry : fs::recursive_directory_iterator(root)) {
+      // A link could reach any file this service can read (and its name, resolved, leave
+      // the folder): specimens are sent from regular files inside their folder only.
+      if (entry.is_symlink()) {
+        throw std::runtime_error(
+            (root.filename() / entry.path().lexically_relative(root)).generic_string() +
+            " is a symbolic link: only regular files inside the specimen folder are sent (copy "
+            "the file in, or remove the link)");
+      }
       if (entry.is_regular_file()) found.push_back(entry.path());
     }
     std::sort(found.begin(), found.end());
     for (const auto& p : found) {
-      files.emplace_back(p, (root.filename() / fs::relative(p, root)).generic_string());
+      files.emplace_back(p, (root.filename() / p.lexically_relative(root)).generic_string());
     }
   }
   return files;
