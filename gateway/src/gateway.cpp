@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "ice_session.hpp"
+#include "media_threads.hpp"
 #include "otpgate/gateway.hpp"
 #include "otpgate/keyclient.hpp"
 #include "otpgate/otp_codec.hpp"
@@ -105,116 +106,6 @@ json supply_json(const keys::KeySupplyStats& s) {
               {"failed", s.failed},
               {"failure", s.failure}};
 }
-
-// How the media streaming threads run. A packet's wait for a CPU is most of a gateway
-// hop's tail latency on a busy host: SCHED_FIFO (where configured and allowed) lets a
-// packet preempt key refills, the status API and everything else time-shared; otherwise
-// nice -10. GStreamer posts ENTER/LEAVE from the streaming thread itself, so the thread
-// changes its own scheduling; pool threads are handed back as they came.
-class MediaScheduling {
- public:
-  explicit MediaScheduling(int realtime_priority) : realtime_priority_(realtime_priority) {}
-
-  void enter() {
-    if (realtime_priority_ > 0) {
-      sched_param p{};
-      p.sched_priority = realtime_priority_;
-      if (::pthread_setschedparam(::pthread_self(), SCHED_FIFO, &p) == 0) {
-        ++realtime_;
-        return;
-      }
-      if (!warned_.exchange(true)) {
-        std::fprintf(stderr,
-                     "otp-gateway[warning]: media threads cannot run SCHED_FIFO at priority %d "
-                     "(needs CAP_SYS_NICE or LimitRTPRIO=%d in the systemd unit); they stay "
-                     "time-shared\n",
-                     realtime_priority_, realtime_priority_);
-      }
-    }
-    // Fails quietly without CAP_SYS_NICE or RLIMIT_NICE.
-    if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), kRaisedNice) == 0) {
-      ++raised_;
-    } else {
-      ++unraised_;
-    }
-  }
-
-  void leave() {
-    int policy = SCHED_OTHER;
-    sched_param p{};
-    ::pthread_getschedparam(::pthread_self(), &policy, &p);
-    if (policy == SCHED_FIFO) {
-      --realtime_;
-      const sched_param other{};
-      ::pthread_setschedparam(::pthread_self(), SCHED_OTHER, &other);
-    } else if (::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())) == kRaisedNice) {
-      --raised_;
-    } else {
-      --unraised_;
-    }
-    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 0);
-  }
-
-  json status() const {
-    return json{{"realtime_priority", realtime_priority_},
-                {"realtime_threads", realtime_.load()},
-                {"raised_threads", raised_.load()},
-                {"unraised_threads", unraised_.load()}};
-  }
-
- private:
-  static constexpr int kRaisedNice = -10;
-  const int realtime_priority_;
-  std::atomic<int> realtime_{0}, raised_{0}, unraised_{0};
-  std::atomic<bool> warned_{false};
-};
-
-// A PM QoS request that keeps idle CPUs from sleeping deeper than the media can wait for:
-// waking a CPU from a deep C-state (or a VM's halted vCPU) takes tens to hundreds of
-// microseconds, which lands straight in a packet's latency. The kernel honours the
-// request for as long as /dev/cpu_dma_latency stays open, as tuned's latency-performance
-// profile and cyclictest do it.
-class CpuWakeupLatency {
- public:
-  CpuWakeupLatency(std::optional<int> microseconds, std::filesystem::path device)
-      : wanted_(microseconds), device_(std::move(device)) {}
-  ~CpuWakeupLatency() { release(); }
-  CpuWakeupLatency(const CpuWakeupLatency&) = delete;
-  CpuWakeupLatency& operator=(const CpuWakeupLatency&) = delete;
-
-  void hold() {
-    if (!wanted_ || fd_ >= 0) return;
-    fd_ = ::open(device_.c_str(), O_WRONLY | O_CLOEXEC);
-    const std::int32_t value = *wanted_;
-    if (fd_ >= 0 && ::write(fd_, &value, sizeof value) == static_cast<ssize_t>(sizeof value)) {
-      error_.clear();
-      return;
-    }
-    error_ = device_.string() + ": " + std::strerror(errno);
-    release();
-    std::fprintf(stderr,
-                 "otp-gateway[warning]: cannot hold a CPU wake-up latency of %d us (%s); idle "
-                 "CPUs may sleep deeply between packets (run as root, or give the otpgate group "
-                 "write access to it, see docs/gateway.md)\n",
-                 *wanted_, error_.c_str());
-  }
-  void release() {
-    if (fd_ >= 0) ::close(fd_);  // closing withdraws the request
-    fd_ = -1;
-  }
-
-  void describe(json& status) const {
-    status["cpu_wakeup_latency_us"] = wanted_ ? json(*wanted_) : json(nullptr);
-    status["cpu_wakeup_latency_held"] = fd_ >= 0;
-    if (!error_.empty()) status["cpu_wakeup_latency_error"] = error_;
-  }
-
- private:
-  const std::optional<int> wanted_;
-  const std::filesystem::path device_;
-  int fd_ = -1;
-  std::string error_;
-};
 
 }  // namespace
 

@@ -1,0 +1,199 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
+// The two-gateway fixture the gateway tests share: qkd-kme-sim and two otp-gateways on
+// loopback (site A and site B, audio and video streams), a conference system's UDP
+// sockets, RTP packets, and a status API reader.
+#pragma once
+
+#include <arpa/inet.h>
+#include <gst/gst.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "otpgate/gateway.hpp"
+#include "test_pki.hpp"
+
+namespace fs = std::filesystem;
+using Bytes = std::vector<std::uint8_t>;
+using otpgate::gateway::ConfigError;
+
+namespace {
+
+class UdpSocket {
+ public:
+  explicit UdpSocket(std::uint16_t port = 0) : fd_(::socket(AF_INET, SOCK_DGRAM, 0)) {
+    int size = 8 << 20;
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0)
+      throw std::runtime_error("bind failed");
+  }
+  ~UdpSocket() { ::close(fd_); }
+  void send_to(std::uint16_t port, const Bytes& data) const {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ::sendto(fd_, data.data(), data.size(), 0, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  }
+  std::optional<Bytes> receive(int timeout_ms) const {
+    pollfd p{fd_, POLLIN, 0};
+    if (::poll(&p, 1, timeout_ms) <= 0) return std::nullopt;
+    Bytes b(65536);
+    const ssize_t n = ::recv(fd_, b.data(), b.size(), 0);
+    if (n < 0) return std::nullopt;
+    b.resize(static_cast<std::size_t>(n));
+    return b;
+  }
+
+ private:
+  int fd_;
+};
+
+Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::size_t payload) {
+  Bytes p{0x80, pt, static_cast<std::uint8_t>(seq >> 8), static_cast<std::uint8_t>(seq), 0, 0,
+          0,    0};
+  for (int i = 0; i < 4; ++i) p.push_back(static_cast<std::uint8_t>(ssrc >> (24 - 8 * i)));
+  for (std::size_t i = 0; i < payload; ++i)
+    p.push_back(static_cast<std::uint8_t>(seq * 13 + i + pt));
+  return p;
+}
+
+std::uint16_t base_port() {
+  // Below the kernel's ephemeral range (32768-60999): a sending socket never takes one.
+  static std::uint16_t next = static_cast<std::uint16_t>(20000 + (::getpid() % 600) * 20);
+  next = static_cast<std::uint16_t>(next + 20);
+  return next;
+}
+
+std::string site_config(const std::string& me, const std::string& peer, const std::string& kme_url,
+                        const fs::path& state, std::uint16_t base, bool site_a) {
+  const std::string pki = otpgate::testing::pki_dir().string();
+  // Ports: base+0.. A local, base+5.. B local; A listens base+10.., B listens base+15..
+  auto port = [&](int offset) { return std::to_string(base + offset); };
+  const int local = site_a ? 0 : 5, listen = site_a ? 10 : 15, peer_listen = site_a ? 15 : 10;
+  const int deliver = site_a ? 100 : 105;
+  std::string t = "[site]\nname = \"" + me + "-site\"\nsae_id = \"" + me + "\"\nstate_dir = \"" +
+                  state.string() + "\"\n[kme]\nurl = \"" + kme_url + "\"\ntls_cert = \"" + pki +
+                  "/" + me + ".crt\"\ntls_key = \"" + pki + "/" + me + ".key\"\ntls_ca = \"" + pki +
+                  "/ca.crt\"\n[peer]\nsae_id = \"" + peer +
+                  "\"\naddress = \"127.0.0.1\"\n[status]\nlisten = \"127.0.0.1:0\"\n";
+  const char* names[] = {"audio-1", "video-1"};
+  for (int s = 0; s < 2; ++s) {
+    t += "[[stream]]\nname = \"" + std::string(names[s]) +
+         "\"\nlocal_rtp_port = " + port(local + 2 * s) +
+         "\nlocal_rtcp_port = " + port(local + 2 * s + 1) +
+         "\npeer_port = " + port(peer_listen + s) + "\nlisten_port = " + port(listen + s) +
+         "\ndeliver_rtp = \"127.0.0.1:" + port(deliver + 2 * s) +
+         "\"\ndeliver_rtcp = \"127.0.0.1:" + port(deliver + 2 * s + 1) + "\"\n";
+  }
+  return t;
+}
+
+class GatewayTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    g_setenv("GST_PLUGIN_PATH", OTPGATE_PLUGIN_DIR, TRUE);
+    if (!gst_is_initialized()) gst_init(nullptr, nullptr);
+    base_ = base_port();
+  }
+  // Starts the simulator and both gateways; `tweak` may edit the two config texts.
+  using ConfigAdjustment =
+      std::function<void(otpgate::gateway::GatewayConfig& a, otpgate::gateway::GatewayConfig& b)>;
+  void start(const std::function<void(std::string& a, std::string& b)>& tweak = {},
+             otpgate::kmesim::SimulatorConfig kme = otpgate::testing::simulator_config(),
+             const ConfigAdjustment& adjust = {}) {
+    sim_ = std::make_unique<otpgate::kmesim::KmeSimulator>(kme);
+    sim_->start();
+    std::string a = site_config("sae-a", "sae-b", sim_->url(), dir_.path / "a", base_, true);
+    std::string b = site_config("sae-b", "sae-a", sim_->url(), dir_.path / "b", base_, false);
+    if (tweak) tweak(a, b);
+    auto a_config = otpgate::gateway::parse_config(a, "site-a.toml");
+    auto b_config = otpgate::gateway::parse_config(b, "site-b.toml");
+    if (adjust) adjust(a_config, b_config);
+    a_ = std::make_unique<otpgate::gateway::Gateway>(std::move(a_config));
+    b_ = std::make_unique<otpgate::gateway::Gateway>(std::move(b_config));
+    // Side by side: with ICE each start waits for the other gateway's description.
+    std::exception_ptr b_failed;
+    std::thread other([&] {
+      try {
+        b_->start();
+      } catch (...) {
+        b_failed = std::current_exception();
+      }
+    });
+    std::exception_ptr a_failed;
+    try {
+      a_->start();
+    } catch (...) {
+      a_failed = std::current_exception();
+    }
+    other.join();
+    for (auto failed : {a_failed, b_failed}) {
+      if (failed) std::rethrow_exception(failed);
+    }
+  }
+  void TearDown() override {
+    a_.reset();
+    b_.reset();
+  }
+
+  // Sends `count` packets per stream from one site's conference system; returns what
+  // the other site's conference system received, per stream.
+  std::map<int, std::vector<Bytes>> exchange(
+      bool from_a, int count, std::map<int, std::vector<Bytes>>& sent,
+      std::chrono::microseconds gap = std::chrono::microseconds(500)) {
+    const int local = from_a ? 0 : 5, deliver = from_a ? 105 : 100;
+    UdpSocket conference;
+    std::vector<std::unique_ptr<UdpSocket>> sinks;
+    for (int s = 0; s < 2; ++s)
+      sinks.push_back(std::make_unique<UdpSocket>(base_ + deliver + 2 * s));
+    for (int i = 0; i < count; ++i) {
+      for (int s = 0; s < 2; ++s) {
+        const Bytes p = rtp(static_cast<std::uint16_t>(i), from_a ? 0xa0 + s : 0xb0 + s,
+                            s == 0 ? 111 : 96, s == 0 ? 160 : 1100);
+        sent[s].push_back(p);
+        conference.send_to(static_cast<std::uint16_t>(base_ + local + 2 * s), p);
+      }
+      std::this_thread::sleep_for(gap);
+    }
+    std::map<int, std::vector<Bytes>> received;
+    for (int s = 0; s < 2; ++s) {
+      while (auto p = sinks[s]->receive(3000)) {
+        received[s].push_back(*p);
+        if (received[s].size() == static_cast<std::size_t>(count)) break;
+      }
+    }
+    return received;
+  }
+
+  otpgate::testing::TestDir dir_;
+  std::unique_ptr<otpgate::kmesim::KmeSimulator> sim_;
+  std::uint16_t base_ = 0;
+  std::unique_ptr<otpgate::gateway::Gateway> a_, b_;
+};
+
+nlohmann::json get_json(std::uint16_t port, const char* path) {
+  httplib::Client client("127.0.0.1", port);
+  auto res = client.Get(path);
+  if (!res || res->status != 200) return nullptr;
+  return nlohmann::json::parse(res->body);
+}
+
+}  // namespace
