@@ -4,51 +4,35 @@
 
 #include <openssl/crypto.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <utility>
 
+#include "otpgate/hex.hpp"
 #include "otpgate/keyclient.hpp"
 
 namespace otpgate::keys {
 
-namespace {
-int hex_value(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-}  // namespace
-
+// 8-4-4-4-12: the dashes stand at these places, hex digits everywhere else.
 std::optional<KeyId> KeyId::parse(std::string_view text) {
   if (text.size() != 36) return std::nullopt;
-  std::array<std::uint8_t, 16> bytes{};
-  std::size_t out = 0;
-  for (std::size_t i = 0; i < text.size();) {
-    if (i == 8 || i == 13 || i == 18 || i == 23) {
-      if (text[i] != '-') return std::nullopt;
-      ++i;
-      continue;
-    }
-    const int hi = hex_value(text[i]);
-    const int lo = hex_value(text[i + 1]);
-    if (hi < 0 || lo < 0) return std::nullopt;
-    bytes[out++] = static_cast<std::uint8_t>(hi << 4 | lo);
-    i += 2;
+  std::string digits;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+    if (dash != (text[i] == '-')) return std::nullopt;
+    if (!dash) digits.push_back(text[i]);
   }
-  return KeyId(bytes);
+  const auto bytes = from_hex(digits);
+  if (!bytes) return std::nullopt;
+  std::array<std::uint8_t, 16> id{};
+  std::copy(bytes->begin(), bytes->end(), id.begin());
+  return KeyId(id);
 }
 
 std::string KeyId::to_string() const {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string s;
-  s.reserve(36);
-  for (std::size_t i = 0; i < bytes_.size(); ++i) {
-    if (i == 4 || i == 6 || i == 8 || i == 10) s.push_back('-');
-    s.push_back(kHex[bytes_[i] >> 4]);
-    s.push_back(kHex[bytes_[i] & 0xf]);
-  }
+  std::string s = to_hex(bytes_);
+  for (const std::size_t at : {20u, 16u, 12u, 8u}) s.insert(at, 1, '-');
   return s;
 }
 

@@ -5,7 +5,7 @@
 #include <atomic>
 
 #include "otpgate/transfer.hpp"
-#include "session.hpp"
+#include "tcp_socket.hpp"
 
 namespace otpgate::transfer::detail {
 

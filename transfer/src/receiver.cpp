@@ -11,9 +11,18 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <sstream>
 
+#include "ack_codec.hpp"
+#include "clock.hpp"
+#include "key_settings.hpp"
+#include "names.hpp"
+#include "otpgate/hex.hpp"
 #include "parts.hpp"
-#include "session.hpp"
+#include "sha256.hpp"
+#include "stream_messages.hpp"
+#include "tcp_socket.hpp"
+#include "transfer_pipeline.hpp"
 
 namespace otpgate::transfer::detail {
 

@@ -15,12 +15,24 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <condition_variable>
+#include <deque>
 #include <map>
+#include <mutex>
 #include <set>
 #include <thread>
 
+#include "ack_codec.hpp"
+#include "clock.hpp"
+#include "job_lock.hpp"
+#include "key_settings.hpp"
+#include "names.hpp"
+#include "otpgate/hex.hpp"
 #include "parts.hpp"
-#include "session.hpp"
+#include "sha256.hpp"
+#include "stream_messages.hpp"
+#include "tcp_socket.hpp"
+#include "transfer_pipeline.hpp"
 
 namespace otpgate::transfer {
 

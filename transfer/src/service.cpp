@@ -11,15 +11,22 @@
 #include <algorithm>
 #include <list>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <thread>
 
+#include "job_lock.hpp"
+#include "key_settings.hpp"
+#include "names.hpp"
 #include "parts.hpp"
-#include "session.hpp"
+#include "sha256.hpp"
+#include "tcp_socket.hpp"
+#include "transfer_pipeline.hpp"
 #include "web_page.hpp"
 
 namespace otpgate::transfer {
 
 namespace fs = std::filesystem;
+using json = nlohmann::json;
 using namespace detail;
 
 namespace {
