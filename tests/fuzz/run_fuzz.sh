@@ -11,7 +11,7 @@ mkdir -p "$out/corpus"
 clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I"$src/keyclient/include" -I"$src/plugins/codec/include" -I"$src/tests/support" \
   "$src/tests/fuzz/fuzz_decoder.cpp" "$src"/plugins/codec/src/*.cpp \
-  "$src/keyclient/src/basics.cpp" "$src/keyclient/src/key_ring.cpp" \
+  "$src/keyclient/src/basics.cpp" "$src/keyclient/src/hex.cpp" "$src/keyclient/src/key_ring.cpp" \
   -lsrtp2 -lcrypto -o "$out/fuzz_decoder"
 # Seed with valid shapes: an RTP header, an announcement prefix, a record prefix.
 printf '\x80\x60\x00\x01\x00\x00\x00\xa0\x11\x22\x33\x44payload-and-24-bytes-of-trailer..' > "$out/corpus/rtp"
