@@ -5,6 +5,7 @@
 #include <fstream>
 #include <map>
 
+#include "otpgate/forecast.hpp"
 #include "test_pki.hpp"
 
 using namespace otpgate;
@@ -199,4 +200,35 @@ TEST_F(KeySupplyTest, APadFileReceiverFetchesOnlySoFarAheadOfVerifiedTraffic) {
       otpgate::testing::eventually([&] { return (segment = slave.pop_segment()).has_value(); }));
   EXPECT_EQ(segment->offset, 0u);
   slave.release(*segment);
+}
+
+// The link's key forecast rests on what the supply reports: the KME's own status (its
+// store for the pair) and the key delivered over the last minutes, which counts the
+// KME's store growing while the ring is full, not only what was fetched.
+TEST_F(KeySupplyTest, AMasterReportsTheKmesStoreAndTheKeyRateItDelivers) {
+  auto config = otpgate::testing::simulator_config();
+  config.start_full = false;
+  config.key_rate_bps = 8e6;  // 1 MB/s
+  start_sim(config);
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_config());
+  master.start();
+  ASSERT_TRUE(eventually([&] {
+    const auto s = master.stats();
+    return s.kme_status && s.refill_bytes_per_s > 0 && s.kme_status->stored_key_count > 0 &&
+           s.bytes_available * 2 >
+               s.ring_capacity_bytes;  // the ring is full: the KME's store grows
+  })) << master.stats().last_error
+      << " available " << master.stats().bytes_available << " of "
+      << master.stats().ring_capacity_bytes << ", refill " << master.stats().refill_bytes_per_s
+      << ", KME status " << bool(master.stats().kme_status);
+  const auto s = master.stats();
+  EXPECT_GT(s.kme_status->key_size, 0u);
+  EXPECT_TRUE(keys::kme_held(*s.kme_status).trusted);
+  // With the ring full nothing is fetched: the rate measured is the KME's store growing.
+  const double fetched = double(s.bytes_fetched);
+  ASSERT_TRUE(eventually([&] {
+    const auto later = master.stats();
+    return double(later.bytes_fetched) == fetched && later.refill_bytes_per_s > 0 &&
+           later.kme_status->stored_key_count > s.kme_status->stored_key_count;
+  }));
 }

@@ -369,6 +369,12 @@ struct KeySupplyStats {
   bool failed = false;                // gave up: the KME refuses us or never answered (see failure)
   std::string failure;                // why, with the KME's own words
   std::string last_error;             // never contains key bytes
+  // Master: the KME's last ETSI 014 status for the pair (the link's key forecast,
+  // otpgate/forecast.hpp, checks it for sense); nullopt when none was read.
+  std::optional<KmeStatus> kme_status;
+  // Key delivered to the supply over the last two minutes (fetched, plus what the KME's
+  // store grew by), bytes/s; 0 until a second has been measured.
+  double refill_bytes_per_s = 0;
 };
 
 class KeySupply final : public PadSource {
