@@ -461,6 +461,8 @@ struct KmeSimulator::Impl {
       if (config.record_served_keys) {
         served.emplace_back(reinterpret_cast<const char*>(text->base64.span().data()),
                             text->base64.size());
+        served_index.emplace(id, served_ids.size());
+        served_ids.push_back({id.to_string(), caller, slave});
       }
       list.keys.emplace_back(id.to_string(), text);
       store.emplace(id, StoredKey{caller, slave, std::move(text), relayed_at});
@@ -509,6 +511,9 @@ struct KmeSimulator::Impl {
     for (auto it : found) {
       list.keys.emplace_back(it->first.to_string(), it->second.bytes);
       pending_bits -= it->second.bytes->bits;
+      if (auto served_at = served_index.find(it->first); served_at != served_index.end()) {
+        served_ids[served_at->second].fetched_by_slave = true;
+      }
       store.erase(it);  // delivered once, then gone (wiped once its response is written)
     }
     keys_to_slaves += found.size();
@@ -651,6 +656,8 @@ struct KmeSimulator::Impl {
   Clock::time_point last_expiry{};
   std::map<KeyId, Clock::time_point> replaced;  // dropped by replace_unfetched_batch, and when
   std::vector<std::string> served;              // record_served_keys (tests), under `mutex`
+  std::vector<ServedKeyId> served_ids;          // the same keys' IDs, under `mutex`
+  std::map<KeyId, std::size_t> served_index;    // key_ID -> its entry in served_ids
   std::atomic<std::uint64_t> keys_to_masters{0}, keys_to_slaves{0}, requests{0}, refused{0},
       keys_replaced{0}, requests_hung{0};
 
@@ -786,6 +793,11 @@ SimulatorFaults KmeSimulator::faults() const {
 std::vector<std::string> KmeSimulator::served_keys() const {
   std::lock_guard lock(impl_->mutex);
   return impl_->served;
+}
+
+std::vector<ServedKeyId> KmeSimulator::served_key_ids() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->served_ids;
 }
 
 }  // namespace otpgate::kmesim

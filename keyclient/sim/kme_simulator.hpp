@@ -72,6 +72,14 @@ struct SimulatorConfig {
   keys::LogSink log;
 };
 
+// With record_served_keys: a key_ID handed to a master, to whom, and whether its slave
+// has fetched it (tests: which streams and directions a key served).
+struct ServedKeyId {
+  std::string key_id;
+  std::string master_sae_id, slave_sae_id;
+  bool fetched_by_slave = false;
+};
+
 struct SimulatorStats {
   std::uint64_t stored_bits = 0;   // ready for enc_keys
   std::uint64_t pending_bits = 0;  // delivered to a master, not yet to its slave
@@ -104,6 +112,8 @@ class KmeSimulator {
   SimulatorFaults faults() const;
   // With record_served_keys: the base64 text of every key handed to a master so far.
   std::vector<std::string> served_keys() const;
+  // With record_served_keys: every key_ID handed to a master so far, in order.
+  std::vector<ServedKeyId> served_key_ids() const;
 
  private:
   struct Impl;
