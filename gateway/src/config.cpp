@@ -20,7 +20,7 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
        {"peer", {"sae_id", "address", "transport", "transfer"}},
        {"policy", {"cipher", "on_key_exhausted", "rekey_interval"}},
        {"media", {"realtime_priority", "cpu_wakeup_latency_us"}},
-       {"status", {"listen"}},
+       {"status", {"listen", "unhealthy_after_s"}},
        {"ice", {"signalling_listen", "peer_signalling", "stun"}},
        {"stream",
         {"name", "direction", "local_rtp_port", "local_rtcp_port", "peer_port", "listen_port",
@@ -80,7 +80,12 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
 
   if (const toml::node* status_node = root.get("status")) {
     if (!status_node->is_table()) r.fail("[status]", Reader::shown(status_node), "a table");
-    c.status_listen = r.endpoint(*status_node->as_table(), "status.", "listen", true);  // :0 = any
+    const toml::table& status = *status_node->as_table();
+    if (status.contains("listen"))
+      c.status_listen = r.endpoint(status, "status.", "listen", true);  // :0 = any
+    c.unhealthy_after_s =
+        static_cast<std::uint32_t>(r.integer(status, "status.", "unhealthy_after_s", 1, 3600,
+                                             "seconds from 1 to 3600", std::int64_t{15}));
   }
 
   const toml::node* streams_node = root.get("stream");

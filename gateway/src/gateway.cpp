@@ -24,6 +24,7 @@
 #include "otpgate/gateway.hpp"
 #include "otpgate/keyclient.hpp"
 #include "otpgate/otp_codec.hpp"
+#include "status_report.hpp"
 
 namespace otpgate::gateway {
 
@@ -52,61 +53,6 @@ std::string endpoint_text(const Endpoint& e) {
   return e.host + ":" + std::to_string(e.port);
 }
 
-// A GstStructure of counters as JSON (numbers, booleans, strings).
-json structure_json(const GstStructure* s) {
-  json out = json::object();
-  if (!s) return out;
-  for (int i = 0; i < gst_structure_n_fields(s); ++i) {
-    const char* name = gst_structure_nth_field_name(s, static_cast<guint>(i));
-    const GValue* v = gst_structure_get_value(s, name);
-    if (G_VALUE_HOLDS_UINT64(v)) {
-      out[name] = g_value_get_uint64(v);
-    } else if (G_VALUE_HOLDS_UINT(v)) {
-      out[name] = g_value_get_uint(v);
-    } else if (G_VALUE_HOLDS_BOOLEAN(v)) {
-      out[name] = static_cast<bool>(g_value_get_boolean(v));
-    } else if (G_VALUE_HOLDS_DOUBLE(v)) {
-      out[name] = g_value_get_double(v);
-    } else if (G_VALUE_HOLDS_STRING(v)) {
-      const char* text = g_value_get_string(v);
-      out[name] = text ? text : "";
-    }
-  }
-  return out;
-}
-
-json element_stats(GstElement* element) {
-  GstStructure* s = nullptr;
-  g_object_get(element, "stats", &s, nullptr);
-  json out = structure_json(s);
-  if (s) gst_structure_free(s);
-  return out;
-}
-
-json supply_json(const keys::KeySupplyStats& s) {
-  return json{{"bytes_available", s.bytes_available},
-              {"bytes_consumed", s.bytes_consumed},
-              {"bytes_fetched", s.bytes_fetched},
-              {"keys_fetched", s.keys_fetched},
-              {"keys_lost", s.keys_lost},
-              {"kme_errors", s.kme_errors},
-              {"kme_healthy", s.kme_healthy},
-              {"kme_last_error", s.last_error},
-              {"key_size_bits", s.key_size_bits},
-              {"ring_capacity_bytes", s.ring_capacity_bytes},
-              {"consumption_bits_per_s", s.consumption_bytes_per_s * 8},
-              {"seconds_to_exhaustion",
-               std::isinf(s.seconds_to_exhaustion) ? json(nullptr) : json(s.seconds_to_exhaustion)},
-              {"refill_latency_ms", s.refill_latency_ms_avg},
-              {"memory_locked", s.memory_locked},
-              {"keys_waiting", s.keys_waiting},
-              {"bytes_flushed", s.bytes_flushed},
-              {"kme_outages", s.kme_outages},
-              {"kme_replaces_batches", s.kme_replaces_batches},
-              {"failed", s.failed},
-              {"failure", s.failure}};
-}
-
 }  // namespace
 
 struct Gateway::Impl {
@@ -121,6 +67,7 @@ struct Gateway::Impl {
   GatewayConfig config;
   std::unique_ptr<MediaScheduling> media;        // outlives the pipelines whose threads it counts
   std::unique_ptr<CpuWakeupLatency> cpu_wakeup;  // held while the gateway runs
+  std::unique_ptr<HealthMonitor> health;
   std::unique_ptr<IceSession> ice_session;
   httplib::Server signalling_server;
   std::thread signalling_thread;
@@ -455,8 +402,31 @@ struct Gateway::Impl {
         }
         gst_object_unref(bus);
       }
+      observe_health();
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
+  }
+
+  void observe_health() {
+    HealthMonitor::Sample sample{HealthMonitor::Clock::now(), {}, {}};
+    for (const auto& s : streams) {
+      HealthMonitor::StreamSample t;
+      t.name = s.config.name;
+      t.sends = s.encrypt != nullptr;
+      t.receives = s.decrypt != nullptr;
+      if (s.encrypt) {
+        const json st = element_stats(s.encrypt.get());
+        t.packets_in = st.value("packets-in", std::uint64_t{0});
+        t.packets_to_peer = st.value("packets-out", std::uint64_t{0});
+        t.aes_fallback = st.value("aes-fallback", false);
+      }
+      if (s.decrypt)
+        t.packets_from_peer = element_stats(s.decrypt.get()).value("packets-in", std::uint64_t{0});
+      sample.streams.push_back(std::move(t));
+    }
+    if (send_keys) sample.supplies.push_back({"send", send_keys->stats()});
+    if (receive_keys) sample.supplies.push_back({"receive", receive_keys->stats()});
+    health->observe(sample);
   }
 
   json media_status() const {
@@ -476,7 +446,8 @@ struct Gateway::Impl {
              {"kme", {{"url", config.kme_url}}},
              {"media_threads", media_status()},
              {"key_wiped_at_stop_bytes", key_wiped_at_stop.load()},
-             {"running", running.load()}};
+             {"running", running.load()},
+             {"health", health->report()}};
     bool healthy = true;
     json list = json::array();
     for (const auto& s : streams) {
@@ -501,62 +472,6 @@ struct Gateway::Impl {
     out["streams"] = std::move(list);
     return out;
   }
-
-  std::string metrics() const {
-    std::string out;
-    std::set<std::string> typed;
-    auto metric = [&](const std::string& name, const char* type, const std::string& labels,
-                      double value) {
-      if (typed.insert(name).second) out += "# TYPE " + name + " " + type + "\n";
-      char number[64];
-      std::snprintf(number, sizeof number, "%.17g", value);
-      out += name + "{" + labels + "} " + number + "\n";
-    };
-    const json st = status();
-    const json& m = st["media_threads"];
-    for (const char* scheduling : {"realtime", "raised", "unraised"}) {
-      metric("otpgate_media_threads", "gauge",
-             "site=\"" + config.site_name + "\",scheduling=\"" + scheduling + "\"",
-             m[std::string(scheduling) + "_threads"].get<double>());
-    }
-    if (!m["cpu_wakeup_latency_us"].is_null()) {
-      metric("otpgate_cpu_wakeup_latency_held", "gauge", "site=\"" + config.site_name + "\"",
-             m["cpu_wakeup_latency_held"].get<bool>() ? 1 : 0);
-    }
-    for (const auto& s : st["streams"]) {
-      for (const char* direction : {"send", "receive"}) {
-        if (s[direction].is_null()) continue;
-        const std::string labels = "site=\"" + config.site_name + "\",stream=\"" +
-                                   s["name"].get<std::string>() + "\",direction=\"" + direction +
-                                   "\"";
-        for (const auto& [field, value] : s[direction].items()) {
-          if (!value.is_number_unsigned() || field.rfind("key-", 0) == 0) continue;
-          std::string name = "otpgate_" + field;
-          std::replace(name.begin(), name.end(), '-', '_');
-          const bool gauge = field == "packets-held" || field == "announcements-pending" ||
-                             field == "keys-awaited";
-          metric(gauge ? name : name + "_total", gauge ? "gauge" : "counter", labels,
-                 value.get<double>());
-        }
-        const json& k = s["key_supply"][direction];
-        metric("otpgate_key_available_bytes", "gauge", labels, k["bytes_available"].get<double>());
-        metric("otpgate_key_consumed_bytes_total", "counter", labels,
-               k["bytes_consumed"].get<double>());
-        metric("otpgate_key_fetched_bytes_total", "counter", labels,
-               k["bytes_fetched"].get<double>());
-        metric("otpgate_kme_errors_total", "counter", labels, k["kme_errors"].get<double>());
-        metric("otpgate_kme_healthy", "gauge", labels, k["kme_healthy"].get<bool>() ? 1 : 0);
-        metric("otpgate_keys_lost_total", "counter", labels, k["keys_lost"].get<double>());
-        metric("otpgate_key_flushed_bytes_total", "counter", labels,
-               k["bytes_flushed"].get<double>());
-        metric("otpgate_kme_outages_total", "counter", labels, k["kme_outages"].get<double>());
-        metric("otpgate_key_source_failed", "gauge", labels, k["failed"].get<bool>() ? 1 : 0);
-      }
-    }
-    metric("otpgate_key_wiped_at_stop_bytes_total", "counter", "site=\"" + config.site_name + "\"",
-           st["key_wiped_at_stop_bytes"].get<double>());
-    return out;
-  }
 };
 
 Gateway::Gateway(GatewayConfig config) : impl_(std::make_unique<Impl>()) {
@@ -564,6 +479,9 @@ Gateway::Gateway(GatewayConfig config) : impl_(std::make_unique<Impl>()) {
   impl_->media = std::make_unique<MediaScheduling>(impl_->config.realtime_priority);
   impl_->cpu_wakeup = std::make_unique<CpuWakeupLatency>(impl_->config.cpu_wakeup_latency_us,
                                                          impl_->config.cpu_latency_device);
+  impl_->health = std::make_unique<HealthMonitor>(
+      std::chrono::seconds(impl_->config.unhealthy_after_s), impl_->config.kme_url,
+      impl_->config.peer_address, impl_->config.on_key_exhausted);
   if (!gst_is_initialized()) gst_init(nullptr, nullptr);
 }
 
@@ -621,7 +539,13 @@ void Gateway::start() {
     res.set_content(g.status().dump(2), "application/json");
   });
   g.status_server.Get("/metrics", [&g](const httplib::Request&, httplib::Response& res) {
-    res.set_content(g.metrics(), "text/plain; version=0.0.4");
+    res.set_content(gateway::metrics_text(g.status()), "text/plain; version=0.0.4");
+  });
+  // For systemd, load balancers and monitoring: 503 while unhealthy, with the reasons.
+  g.status_server.Get("/healthz", [&g](const httplib::Request&, httplib::Response& res) {
+    const json health = g.health->report();
+    if (health["status"] == "unhealthy") res.status = 503;
+    res.set_content(health.dump() + "\n", "application/json");
   });
   const Endpoint& listen = g.config.status_listen;
   g.status_port = listen.port == 0
@@ -681,7 +605,7 @@ std::string Gateway::status_json() const {
   return impl_->status().dump(2);
 }
 std::string Gateway::metrics_text() const {
-  return impl_->metrics();
+  return gateway::metrics_text(impl_->status());
 }
 Gateway::KeyWiped Gateway::key_wiped_at_stop() const {
   const std::uint64_t send = impl_->send_key_wiped_at_stop;

@@ -30,7 +30,7 @@ namespace fs = std::filesystem;
 using Bytes = std::vector<std::uint8_t>;
 using otpgate::gateway::ConfigError;
 
-namespace {
+namespace otpgate::gateway_testing {
 
 class UdpSocket {
  public:
@@ -66,7 +66,7 @@ class UdpSocket {
   int fd_;
 };
 
-Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::size_t payload) {
+inline Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::size_t payload) {
   Bytes p{0x80, pt, static_cast<std::uint8_t>(seq >> 8), static_cast<std::uint8_t>(seq), 0, 0,
           0,    0};
   for (int i = 0; i < 4; ++i) p.push_back(static_cast<std::uint8_t>(ssrc >> (24 - 8 * i)));
@@ -75,15 +75,16 @@ Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::size_t pa
   return p;
 }
 
-std::uint16_t base_port() {
+inline std::uint16_t base_port() {
   // Below the kernel's ephemeral range (32768-60999): a sending socket never takes one.
   static std::uint16_t next = static_cast<std::uint16_t>(20000 + (::getpid() % 600) * 20);
   next = static_cast<std::uint16_t>(next + 20);
   return next;
 }
 
-std::string site_config(const std::string& me, const std::string& peer, const std::string& kme_url,
-                        const fs::path& state, std::uint16_t base, bool site_a) {
+inline std::string site_config(const std::string& me, const std::string& peer,
+                               const std::string& kme_url, const fs::path& state,
+                               std::uint16_t base, bool site_a) {
   const std::string pki = otpgate::testing::pki_dir().string();
   // Ports: base+0.. A local, base+5.. B local; A listens base+10.., B listens base+15..
   auto port = [&](int offset) { return std::to_string(base + offset); };
@@ -189,11 +190,14 @@ class GatewayTest : public ::testing::Test {
   std::unique_ptr<otpgate::gateway::Gateway> a_, b_;
 };
 
-nlohmann::json get_json(std::uint16_t port, const char* path) {
+inline nlohmann::json get_json(std::uint16_t port, const char* path) {
   httplib::Client client("127.0.0.1", port);
   auto res = client.Get(path);
   if (!res || res->status != 200) return nullptr;
   return nlohmann::json::parse(res->body);
 }
 
-}  // namespace
+}  // namespace otpgate::gateway_testing
+
+// The test files use these unqualified.
+using namespace otpgate::gateway_testing;  // NOLINT(google-build-using-namespace)
