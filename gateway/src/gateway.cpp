@@ -22,6 +22,7 @@
 #include "ice_session.hpp"
 #include "media_threads.hpp"
 #include "otpgate/gateway.hpp"
+#include "otpgate/hex.hpp"
 #include "otpgate/keyclient.hpp"
 #include "otpgate/otp_codec.hpp"
 #include "status_report.hpp"
@@ -268,7 +269,7 @@ struct Gateway::Impl {
     const auto sealed =
         otp::seal_message(pad, {reinterpret_cast<const std::uint8_t*>(text.data()), text.size()});
     OPENSSL_cleanse(pad.data(), pad.size());
-    return json{{"from", config.sae_id}, {"key_IDs", ids}, {"sealed", hex(sealed)}}.dump();
+    return json{{"from", config.sae_id}, {"key_IDs", ids}, {"sealed", to_hex(sealed)}}.dump();
   }
 
   std::string open(const std::string& message) {
@@ -277,6 +278,10 @@ struct Gateway::Impl {
         m.value("from", "") != config.peer_sae_id) {
       throw std::runtime_error("ICE: a signalling message that is not from " + config.peer_sae_id);
     }
+    // Checked before any key is fetched for it.
+    const auto sealed =
+        m["sealed"].is_string() ? from_hex(m["sealed"].get<std::string>()) : std::nullopt;
+    if (!sealed) throw std::runtime_error("ICE: a signalling message whose \"sealed\" is not hex");
     std::vector<keys::KeyId> ids;
     for (const auto& id : m["key_IDs"]) {
       auto parsed = keys::KeyId::parse(id.is_string() ? id.get<std::string>() : "");
@@ -288,27 +293,10 @@ struct Gateway::Impl {
     std::vector<std::uint8_t> pad;
     for (const auto& k : fetched)
       pad.insert(pad.end(), k.bytes.span().begin(), k.bytes.span().end());
-    const auto plain = otp::open_message(pad, unhex(m["sealed"].get<std::string>()));
+    const auto plain = otp::open_message(pad, *sealed);
     OPENSSL_cleanse(pad.data(), pad.size());
     if (!plain) throw std::runtime_error("ICE: a signalling message failed authentication");
     return std::string(plain->begin(), plain->end());
-  }
-
-  static std::string hex(std::span<const std::uint8_t> bytes) {
-    static constexpr char kHex[] = "0123456789abcdef";
-    std::string out;
-    for (auto b : bytes) {
-      out.push_back(kHex[b >> 4]);
-      out.push_back(kHex[b & 15]);
-    }
-    return out;
-  }
-  static std::vector<std::uint8_t> unhex(const std::string& text) {
-    std::vector<std::uint8_t> out;
-    for (std::size_t i = 0; i + 1 < text.size(); i += 2) {
-      out.push_back(static_cast<std::uint8_t>(std::stoi(text.substr(i, 2), nullptr, 16)));
-    }
-    return out;
   }
 
   // Gathers candidates, exchanges descriptions with the peer, waits for connectivity.
@@ -469,6 +457,9 @@ struct Gateway::Impl {
     }
     if (send_keys) healthy = send_keys->stats().kme_healthy;
     out["kme"]["healthy"] = healthy;
+    out["links"] = links_json(
+        list, config.peer_sae_id, send_keys ? std::optional(send_keys->stats()) : std::nullopt,
+        receive_keys ? std::optional(receive_keys->stats()) : std::nullopt);
     out["streams"] = std::move(list);
     return out;
   }
