@@ -457,9 +457,9 @@ struct Gateway::Impl {
     }
     if (send_keys) healthy = send_keys->stats().kme_healthy;
     out["kme"]["healthy"] = healthy;
-    out["links"] = links_json(
-        list, config.peer_sae_id, send_keys ? std::optional(send_keys->stats()) : std::nullopt,
-        receive_keys ? std::optional(receive_keys->stats()) : std::nullopt);
+    out["links"] = links_json(list, config.peer_sae_id,
+                              send_keys ? std::optional(send_keys->stats()) : std::nullopt,
+                              receive_keys ? std::optional(receive_keys->stats()) : std::nullopt);
     out["streams"] = std::move(list);
     return out;
   }

@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <set>
 
+#include "otpgate/forecast.hpp"
+
 namespace otpgate::gateway {
 
 using nlohmann::json;
@@ -67,6 +69,55 @@ json supply_json(const keys::KeySupplyStats& s) {
               {"kme_replaces_batches", s.kme_replaces_batches},
               {"failed", s.failed},
               {"failure", s.failure}};
+}
+
+json links_json(const json& streams, const std::string& peer_sae_id,
+                const std::optional<keys::KeySupplyStats>& send,
+                const std::optional<keys::KeySupplyStats>& receive) {
+  json links = json::array();
+  for (const auto& [direction, stats] :
+       {std::pair{"send", &send}, std::pair{"receive", &receive}}) {
+    if (!*stats) continue;
+    const keys::KeySupplyStats& s = **stats;
+    keys::LinkKeyState state;
+    state.ring_bytes = s.bytes_available;
+    state.kme = s.kme_status;
+    state.kme_counts_pending = s.kme_replaces_batches;
+    state.refill_bytes_per_s = s.refill_bytes_per_s;
+    state.consumption_bytes_per_s = s.consumption_bytes_per_s;
+    const keys::LinkForecast f = keys::forecast_link(state);
+    const keys::SessionForecast panel =
+        keys::forecast_session(f, kPanelSeconds, f.consumption_bytes_per_s);
+    int count = 0, aes = 0;
+    for (const auto& stream : streams) {
+      if (!stream["key_supply"][direction].is_object()) continue;
+      ++count;
+      const json& element = stream[direction];
+      if (element.is_object() && element.value("aes-fallback", false)) ++aes;
+    }
+    links.push_back({{"peer_sae_id", peer_sae_id},
+                     {"direction", direction},
+                     {"streams", count},
+                     {"aes_fallback_streams", aes},
+                     {"ring_bytes", f.ring_bytes},
+                     {"kme_bytes", f.kme_bytes},
+                     {"held_bytes", f.held_bytes},
+                     {"kme_reported", f.kme_reported},
+                     {"kme_trusted", f.kme_trusted},
+                     {"kme_note", f.kme_note},
+                     {"refill_bits_per_s", f.refill_bytes_per_s * 8},
+                     {"consumption_bits_per_s", f.consumption_bytes_per_s * 8},
+                     {"seconds_left", f.seconds_left ? json(*f.seconds_left) : json(nullptr)},
+                     {"kme_healthy", s.kme_healthy},
+                     {"kme_last_error", s.last_error},
+                     {"panel",
+                      {{"seconds", panel.seconds},
+                       {"needed_bytes", panel.needed_bytes},
+                       {"available_bytes", panel.available_bytes},
+                       {"covered", panel.covered},
+                       {"short_bytes", panel.short_bytes}}}});
+  }
+  return links;
 }
 
 namespace {
@@ -145,6 +196,20 @@ std::string metrics_text(const json& st) {
       metric("otpgate_kme_outages_total", "counter", labels, k["kme_outages"].get<double>());
       metric("otpgate_key_source_failed", "gauge", labels, k["failed"].get<bool>() ? 1 : 0);
     }
+  }
+  for (const auto& l : st["links"]) {
+    const std::string labels = site + ",peer=\"" +
+                               label_value(l["peer_sae_id"].get<std::string>()) +
+                               "\",direction=\"" + l["direction"].get<std::string>() + "\"";
+    metric("otpgate_link_key_held_bytes", "gauge", labels, l["held_bytes"].get<double>());
+    metric("otpgate_link_key_refill_bits_per_second", "gauge", labels,
+           l["refill_bits_per_s"].get<double>());
+    metric("otpgate_link_key_consumption_bits_per_second", "gauge", labels,
+           l["consumption_bits_per_s"].get<double>());
+    if (!l["seconds_left"].is_null())
+      metric("otpgate_link_key_seconds_left", "gauge", labels, l["seconds_left"].get<double>());
+    metric("otpgate_link_panel_short_bytes", "gauge", labels,
+           l["panel"]["short_bytes"].get<double>());
   }
   metric("otpgate_key_wiped_at_stop_bytes_total", "counter", site,
          st["key_wiped_at_stop_bytes"].get<double>());

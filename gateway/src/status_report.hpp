@@ -23,6 +23,13 @@ namespace otpgate::gateway {
 nlohmann::json element_stats(GstElement* element);
 // A key supply's (or lane's) counters as the status API shows them.
 nlohmann::json supply_json(const keys::KeySupplyStats& stats);
+// The status's "links": per direction, the key supply of all its streams with the key
+// forecast (otpgate/forecast.hpp; a panel of kPanelSeconds at the current rate), and how
+// many of `streams` (the status's stream list) run on AES fallback. Null supplies are left out.
+inline constexpr double kPanelSeconds = 65 * 60;
+nlohmann::json links_json(const nlohmann::json& streams, const std::string& peer_sae_id,
+                          const std::optional<keys::KeySupplyStats>& send,
+                          const std::optional<keys::KeySupplyStats>& receive);
 // /metrics (Prometheus text format 0.0.4) from the status JSON, so the two never disagree.
 std::string metrics_text(const nlohmann::json& status);
 

@@ -8,11 +8,52 @@
 #include <QLocale>
 #include <QNetworkReply>
 #include <QNetworkRequest>
+#include <cmath>
 
 namespace otpgate::console {
 
 QString human_bytes(double bytes) {
-  return QLocale().formattedDataSize(qint64(bytes), 1);  // "423.1 KiB"
+  return QLocale().formattedDataSize(qint64(bytes), 1, QLocale::DataSizeSIFormat);  // "3.3 MB"
+}
+
+RateUnit rate_unit(double bits_per_s) {
+  static const RateUnit units[] = {{1e9, "Gbit/s"}, {1e6, "Mbit/s"}, {1e3, "kbit/s"}, {1, "bit/s"}};
+  for (const auto& u : units)
+    if (std::abs(bits_per_s) >= u.divisor) return u;
+  return units[3];
+}
+
+QString human_rate(double bits_per_s, std::optional<RateUnit> unit) {
+  const RateUnit u = unit.value_or(rate_unit(bits_per_s));
+  const double v = bits_per_s / u.divisor;
+  // Three significant digits at most: "1.31 Mbit/s", "12.5 kbit/s", "250 kbit/s".
+  const int decimals = v == 0 || std::abs(v) >= 100 ? 0 : std::abs(v) >= 10 ? 1 : 2;
+  QString number = QLocale().toString(v, 'f', decimals);
+  if (decimals > 0) {  // no trailing zeros: "2.5", "2"
+    const QChar point = QLocale().decimalPoint().at(0);
+    while (number.endsWith('0')) number.chop(1);
+    if (number.endsWith(point)) number.chop(1);
+  }
+  return number + " " + u.name;
+}
+
+QString human_duration(double seconds) {
+  const QLocale l;
+  if (seconds < 90) return l.toString(qRound(seconds)) + " s";
+  const qint64 minutes = qRound64(seconds / 60);
+  if (minutes < 120) return l.toString(minutes) + " min";
+  if (minutes < 48 * 60)
+    return l.toString(minutes / 60) + " h " + l.toString(minutes % 60) + " min";
+  return l.toString(minutes / (24 * 60)) + " d " + l.toString(minutes / 60 % 24) + " h";
+}
+
+double tick_step(double top, int max_ticks) {
+  if (top <= 0 || max_ticks < 1) return 1;
+  const double raw = top / max_ticks;
+  const double magnitude = std::pow(10.0, std::floor(std::log10(raw)));
+  for (double m : {1.0, 2.0, 2.5, 5.0, 10.0})
+    if (m * magnitude >= raw) return m * magnitude;
+  return 10 * magnitude;
 }
 
 // ---------------------------------------------------------------------------
@@ -160,8 +201,9 @@ QVariant KeySupplyModel::data(const QModelIndex& index, int role) const {
     }
   }
   if (role == Qt::BackgroundRole) {
-    const bool running_dry = r.direction == "send" && r.seconds_left >= 0 && r.seconds_left < 10;
-    if (!r.kme_healthy || running_dry) return QBrush(QColor(255, 205, 205));
+    // A stream's own ring refills at half: a few seconds left is normal while the link
+    // has key (the link's forecast, not this, says whether key runs short).
+    if (!r.kme_healthy) return QBrush(QColor(255, 205, 205));
     if (r.mode != "OTP") return QBrush(QColor(255, 236, 179));
     return {};
   }
@@ -171,9 +213,9 @@ QVariant KeySupplyModel::data(const QModelIndex& index, int role) const {
     case ready:
       return human_bytes(r.ready_bytes);
     case seconds_left:
-      return r.seconds_left < 0 ? QString("idle") : QString("%1 s").arg(r.seconds_left, 0, 'f', 0);
+      return r.seconds_left < 0 ? QString("idle") : human_duration(r.seconds_left);
     case consumption:
-      return QString("%1 kbit/s").arg(r.consumption_bps / 1000, 0, 'f', 0);
+      return human_rate(r.consumption_bps);
     case kme:
       return r.kme_healthy ? "healthy" : "unreachable";
     case last_error:
@@ -186,9 +228,125 @@ QVariant KeySupplyModel::data(const QModelIndex& index, int role) const {
 }
 
 QVariant KeySupplyModel::headerData(int section, Qt::Orientation o, int role) const {
-  static const QStringList names{"Site",      "Stream",         "Direction",
-                                 "Key ready", "Time left",      "Consumption",
-                                 "KME",       "Last KME error", "Mode"};
+  static const QStringList names{"Site",       "Stream",         "Direction",
+                                 "Ring ready", "Ring time left", "Consumption",
+                                 "KME",        "Last KME error", "Mode"};
+  return header(names, section, o, role);
+}
+
+QString lasts_text(const LinkRow& r) {
+  if (r.seconds_left < 0) {
+    return r.consumption_bps > 0 ? QString("refill keeps up: the key does not run out")
+                                 : QString("no key in use now");
+  }
+  return "at the current rate the key lasts " + human_duration(r.seconds_left);
+}
+
+QString panel_text(const LinkRow& r) {
+  if (r.panel_seconds <= 0 || r.consumption_bps <= 0) return "no media on this link now";
+  const QString head =
+      QString("a %1-minute panel needs %2: ")
+          .arg(QLocale().toString(qRound(r.panel_seconds / 60)), human_bytes(r.panel_needed));
+  return head + (r.panel_covered ? QString("covered") : "short by " + human_bytes(r.panel_short));
+}
+
+std::vector<LinkRow> LinkModel::rows_of(const QString& site_name, const QJsonObject& status) const {
+  std::vector<LinkRow> rows;
+  for (const auto& value : status.value("links").toArray()) {
+    const QJsonObject l = value.toObject();
+    const QJsonObject panel_object = l.value("panel").toObject();
+    LinkRow r;
+    r.site = site_name;
+    r.stream = l.value("peer_sae_id").toString();
+    r.direction = l.value("direction").toString();
+    r.streams = l.value("streams").toInt();
+    r.aes_streams = l.value("aes_fallback_streams").toInt();
+    r.held_bytes = l.value("held_bytes").toDouble();
+    r.ring_bytes = l.value("ring_bytes").toDouble();
+    r.kme_bytes = l.value("kme_bytes").toDouble();
+    r.kme_trusted = l.value("kme_trusted").toBool();
+    r.kme_note = l.value("kme_note").toString();
+    r.refill_bps = l.value("refill_bits_per_s").toDouble();
+    r.consumption_bps = l.value("consumption_bits_per_s").toDouble();
+    r.seconds_left = l.value("seconds_left").isDouble() ? l.value("seconds_left").toDouble() : -1;
+    r.panel_seconds = panel_object.value("seconds").toDouble();
+    r.panel_needed = panel_object.value("needed_bytes").toDouble();
+    r.panel_short = panel_object.value("short_bytes").toDouble();
+    r.panel_covered = panel_object.value("covered").toBool(true);
+    r.kme_healthy = l.value("kme_healthy").toBool(true);
+    r.kme_error = l.value("kme_last_error").toString();
+    rows.push_back(std::move(r));
+  }
+  return rows;
+}
+
+QVariant LinkModel::data(const QModelIndex& index, int role) const {
+  if (!index.isValid()) return {};
+  const Row& r = rows_.at(std::size_t(index.row()));
+  const bool sending = r.direction == "send";
+  if (role == Qt::BackgroundRole) {
+    const bool short_of_key = sending && ((index.column() == lasts && r.seconds_left >= 0) ||
+                                          (index.column() == panel && !r.panel_covered));
+    if (short_of_key || (index.column() == kme && !r.kme_healthy))
+      return QBrush(QColor(255, 205, 205));
+    if (index.column() == mode && r.aes_streams > 0) return QBrush(QColor(255, 236, 179));
+    return {};
+  }
+  if (role == Qt::ToolTipRole) {
+    if (index.column() == held) {
+      return QString("rings %1, KME %2%3")
+          .arg(human_bytes(r.ring_bytes), human_bytes(r.kme_bytes),
+               r.kme_note.isEmpty() ? QString() : " (" + r.kme_note + ")");
+    }
+    if (index.column() == kme) return r.kme_error;
+    return {};
+  }
+  if (role == Qt::UserRole) {  // raw numbers for tests and charts
+    switch (index.column()) {
+      case held:
+        return r.held_bytes;
+      case refill:
+        return r.refill_bps;
+      case consumption:
+        return r.consumption_bps;
+      case lasts:
+        return r.seconds_left;
+      default:
+        return {};
+    }
+  }
+  if (role != Qt::DisplayRole) return {};
+  switch (index.column()) {
+    case site:
+      return r.site;
+    case peer:
+      return r.stream;
+    case direction:
+      return r.direction;
+    case held:
+      return human_bytes(r.held_bytes) + (r.kme_note.isEmpty() ? "" : " (rings only)");
+    case refill:
+      return human_rate(r.refill_bps);
+    case consumption:
+      return human_rate(r.consumption_bps);
+    case lasts:
+      return sending ? lasts_text(r) : QString("the sender's key decides");
+    case panel:
+      return sending ? panel_text(r) : QString("-");
+    case kme:
+      return r.kme_healthy ? QString("healthy") : "unhealthy: " + r.kme_error;
+    case mode:
+      return r.aes_streams > 0
+                 ? QString("AES fallback on %1 of %2 streams").arg(r.aes_streams).arg(r.streams)
+                 : QString("OTP, %1 streams").arg(r.streams);
+    default:
+      return {};
+  }
+}
+
+QVariant LinkModel::headerData(int section, Qt::Orientation o, int role) const {
+  static const QStringList names{"Site",        "Peer",     "Direction", "Key held", "Refill",
+                                 "Consumption", "Forecast", "Panel",     "KME",      "Mode"};
   return header(names, section, o, role);
 }
 
@@ -299,16 +457,35 @@ QVariant JobModel::data(const QModelIndex& index, int role) const {
       return j.value("method").toString();
     case progress:
       return size > 0 ? QString("%1%").arg(100.0 * done / size, 0, 'f', 0) : QString("-");
+    case finishes:
+      return finishes_text(j);
     default:
       return {};
   }
+}
+
+// When a job should finish, from the forecast its service publishes (otpgate/forecast.hpp).
+QString finishes_text(const QJsonObject& job) {
+  const QJsonObject f = job.value("forecast").toObject();
+  const QString state = job.value("transfer_state").toString();
+  if (f.isEmpty() || state == "completed") return "-";
+  const QString method = job.value("method").toString().toUpper();
+  if (f.value("finishes_at").isDouble()) {
+    const QDateTime at = QDateTime::fromMSecsSinceEpoch(qint64(f.value("finishes_at").toDouble()));
+    return QString("about %1 under %2 (%3)")
+        .arg(QLocale().toString(at.time(), QLocale::ShortFormat), method,
+             human_duration(f.value("seconds_left").toDouble()));
+  }
+  if (f.value("seconds_left").isDouble())
+    return "about " + human_duration(f.value("seconds_left").toDouble()) + " at the key rate";
+  return "needs " + human_bytes(f.value("key_needed_bytes").toDouble()) + " of key";
 }
 
 QVariant JobModel::headerData(int section, Qt::Orientation o, int role) const {
   static const QStringList names{"Service",       "Specimen ID", "Job ID",        "Folder",
                                  "Data type",     "Created",     "Analysis",      "Analysis size",
                                  "Analysis time", "Transfer",    "Transfer size", "Completed",
-                                 "Method",        "Progress"};
+                                 "Method",        "Progress",    "Finishes"};
   return header(names, section, o, role);
 }
 
@@ -333,37 +510,69 @@ QStringList AlertLog::active() const {
   return keys;
 }
 
+namespace {
+// An alert's line after its time: the site, what happened, and what to do about it.
+QString alert_line(const QString& site, const QString& what, const QString& hint) {
+  return site + ": " + what + " (" + hint + ")";
+}
+}  // namespace
+
 void AlertLog::check_gateway(const QString& service, const QJsonObject& status) {
   const QString site = status.value("site").toString();
-  for (const auto& s : status.value("streams").toArray()) {
-    const QJsonObject o = s.toObject();
+  // Per link and direction, from the forecast the gateway publishes.
+  for (const auto& value : status.value("links").toArray()) {
+    const QJsonObject l = value.toObject();
+    const QString link =
+        l.value("direction").toString() + " link to " + l.value("peer_sae_id").toString();
+    const QString where = site + " " + link;
+    const QJsonValue left = l.value("seconds_left");
+    set("horizon:" + where,
+        l.value("direction").toString() == "send" && left.isDouble() &&
+            left.toDouble() < thresholds_.horizon_minutes * 60,
+        alert_line(site,
+                   link + ": at the current rate its key lasts " + human_duration(left.toDouble()) +
+                       ", less than the " + QLocale().toString(thresholds_.horizon_minutes) +
+                       "-minute horizon",
+                   "the QKD link makes less key than is used: fewer or lighter streams, or "
+                   "plan the AES fallback"));
+    set("kme:" + where, !l.value("kme_healthy").toBool(true),
+        alert_line(site, link + ": KME unhealthy: " + l.value("kme_last_error").toString(),
+                   "check the KME, the network to it and this SAE's certificate"));
+    const int aes = l.value("aes_fallback_streams").toInt();
+    set("aes:" + where, aes > 0,
+        alert_line(site,
+                   link + QString(": AES fallback engaged on %1 of %2 streams")
+                              .arg(aes)
+                              .arg(l.value("streams").toInt()),
+                   "key ran out: media is AES-256-GCM keyed from QKD, not one-time pad"));
+  }
+  // Per stream: authentication failures and replays rising.
+  for (const auto& value : status.value("streams").toArray()) {
+    const QJsonObject o = value.toObject();
     const QString stream = o.value("name").toString();
     for (const char* dir : {"send", "receive"}) {
-      const QJsonObject k = o.value("key_supply").toObject().value(dir).toObject();
-      if (k.isEmpty()) continue;
-      const QString where = site + " " + stream + " " + dir;
-      const double ready = k.value("bytes_available").toDouble();
-      const double capacity = k.value("ring_capacity_bytes").toDouble();
-      const double low_water = capacity > 0 ? capacity * thresholds_.low_water_fraction : 65536;
-      const QJsonValue left = k.value("seconds_to_exhaustion");
-      set("low:" + where, std::string_view(dir) == "send" && ready < low_water,
-          where + ": key below the low-water mark (" + human_bytes(ready) + " ready)");
-      set("exhaust:" + where,
-          std::string_view(dir) == "send" && !left.isNull() &&
-              left.toDouble() < thresholds_.exhaustion_minutes * 60,
-          where +
-              QString(": key predicted to run out in %1 min").arg(left.toDouble() / 60, 0, 'f', 1));
-      set("kme:" + where, !k.value("kme_healthy").toBool(true),
-          where + ": KME unreachable: " + k.value("kme_last_error").toString());
       const QJsonObject e = o.value(dir).toObject();
-      const qulonglong failures = qulonglong(e.value("auth-failures").toDouble());
-      qulonglong& seen = auth_failures_[service + where];
-      set("auth:" + where + QString::number(failures), failures > seen,
-          where + QString(": %1 authentication failures (tampering or a broken link?)")
-                      .arg(failures - seen));
-      seen = failures;
+      if (e.isEmpty()) continue;
+      const QString where = site + " " + stream + " " + dir;
+      for (const auto& [field, what] : {std::pair{"auth-failures", "authentication failures"},
+                                        std::pair{"replays", "replays"}}) {
+        const qulonglong now = qulonglong(e.value(field).toDouble());
+        qulonglong& seen = counters_[service + where + field];
+        set(QString(field) + ":" + where + QString::number(now), now > seen,
+            alert_line(site, stream + " " + dir + QString(": %1 new %2").arg(now - seen).arg(what),
+                       "dropped, never delivered: tampering, a replaying middlebox or a "
+                       "misconfigured peer"));
+        seen = now;
+      }
     }
   }
+  const double wiped = status.value("key_wiped_at_stop_bytes").toDouble();
+  set("wiped:" + site + QString::number(wiped), wiped > 0,
+      alert_line(site,
+                 human_bytes(wiped) + " of fetched key was wiped unused when the gateway "
+                                      "last stopped",
+                 "expected at a stop; much more than the rings hold means they are sized "
+                 "above need"));
 }
 
 void AlertLog::check_jobs(const QString& service, const QJsonObject& jobs) {

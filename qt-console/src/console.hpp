@@ -76,11 +76,7 @@ class GatewayRowsModel : public QAbstractTableModel {
     std::vector<Row> next;
     for (const auto& r : rows_)
       if (r.site != site_name) next.push_back(r);
-    for (const auto& s : status.value("streams").toArray()) {
-      for (const char* dir : {"send", "receive"}) {
-        if (auto row = make_row(site_name, s.toObject(), dir)) next.push_back(std::move(*row));
-      }
-    }
+    for (auto& row : rows_of(site_name, status)) next.push_back(std::move(row));
     auto key = [](const Row& r) { return std::tie(r.site, r.stream, r.direction); };
     std::stable_sort(next.begin(), next.end(),
                      [&](const Row& x, const Row& y) { return key(x) < key(y); });
@@ -102,9 +98,20 @@ class GatewayRowsModel : public QAbstractTableModel {
   static QVariant key_cell(const Row& r, int column) {
     return column == 0 ? r.site : column == 1 ? r.stream : r.direction;
   }
+  // A site's rows: by default one per stream object and direction that has one.
+  virtual std::vector<Row> rows_of(const QString& site_name, const QJsonObject& status) const {
+    std::vector<Row> rows;
+    for (const auto& s : status.value("streams").toArray()) {
+      for (const char* dir : {"send", "receive"}) {
+        if (auto row = make_row(site_name, s.toObject(), dir)) rows.push_back(std::move(*row));
+      }
+    }
+    return rows;
+  }
   // The row for one stream object and direction of a status document, if it has one.
-  virtual std::optional<Row> make_row(const QString& site, const QJsonObject& stream,
-                                      const char* direction) const = 0;
+  virtual std::optional<Row> make_row(const QString&, const QJsonObject&, const char*) const {
+    return std::nullopt;
+  }
   std::vector<Row> rows_;
 };
 
@@ -137,6 +144,36 @@ class KeySupplyModel : public GatewayRowsModel<KeySupplyRow, 9> {
  private:
   std::optional<Row> make_row(const QString& site, const QJsonObject& stream,
                               const char* direction) const override;
+};
+
+// One peer link and direction of a gateway (all its streams' key together), with the key
+// forecast the gateway publishes (computed by otpgate/forecast.hpp; the console only
+// formats it). `stream` holds the peer's SAE ID, so the rows sort by site, peer, direction.
+struct LinkRow {
+  QString site, stream, direction, kme_error, kme_note;
+  int streams = 0, aes_streams = 0;
+  double held_bytes = 0, ring_bytes = 0, kme_bytes = 0;
+  double refill_bps = 0, consumption_bps = 0;
+  double seconds_left = -1;  // -1: the key does not run out at the current rates
+  double panel_seconds = 0, panel_needed = 0, panel_short = 0;
+  bool panel_covered = true, kme_healthy = true, kme_trusted = false;
+};
+
+// "at the current rate the key lasts 12 min" / "refill keeps up"
+QString lasts_text(const LinkRow& r);
+// "a 65-minute panel needs 634 MB: covered" / "...: short by 360 MB"
+QString panel_text(const LinkRow& r);
+
+// Per peer link and direction: key held, refill, consumption, forecast, KME.
+class LinkModel : public GatewayRowsModel<LinkRow, 10> {
+ public:
+  enum Column { site, peer, direction, held, refill, consumption, lasts, panel, kme, mode, count };
+  using GatewayRowsModel::GatewayRowsModel;
+  QVariant data(const QModelIndex& index, int role) const override;
+  QVariant headerData(int section, Qt::Orientation o, int role) const override;
+
+ private:
+  std::vector<Row> rows_of(const QString& site_name, const QJsonObject& status) const override;
 };
 
 struct StreamRow {
@@ -176,6 +213,7 @@ class JobModel : public QAbstractTableModel {
     completed,
     method,
     progress,
+    finishes,
     count
   };
   using QAbstractTableModel::QAbstractTableModel;
@@ -191,15 +229,17 @@ class JobModel : public QAbstractTableModel {
   std::vector<std::pair<QString, QJsonObject>> rows_;  // service URL, job
 };
 
+// "about 14:32 under OTP (12 min)": a job's forecast as its service publishes it.
+QString finishes_text(const QJsonObject& job);
+
 // Rules over what the services report; each alert is logged once until it clears.
 class AlertLog : public QStringListModel {
   Q_OBJECT
  public:
   struct Thresholds {
-    // A sending supply's ring predicted to run dry within N minutes at the current rate
-    // (the ring refills at half, so short times are normal while the KME keeps up).
-    double exhaustion_minutes = 1;
-    double low_water_fraction = 0.25;  // of the ring; 64 KiB when the size is not reported
+    // A sending link whose key (rings and the KME's store, with its refill) lasts less
+    // than this at the current rate: the forecast horizon, a panel's length.
+    double horizon_minutes = 65;
   };
   explicit AlertLog(QObject* parent = nullptr) : QStringListModel(parent) {}
   void set_thresholds(Thresholds t) { thresholds_ = t; }
@@ -215,9 +255,20 @@ class AlertLog : public QStringListModel {
   void set(const QString& key, bool on, const QString& text);
   Thresholds thresholds_;
   std::map<QString, bool> state_;
-  std::map<QString, qulonglong> auth_failures_;
+  std::map<QString, qulonglong> counters_;  // auth failures and replays seen, per stream
 };
 
+// The console's one formatter of units, locale-aware (QLocale): bytes in decimal units
+// ("3.3 MB"), rates in bit/s, kbit/s, Mbit/s, Gbit/s, durations in s, min, h.
 QString human_bytes(double bytes);
+struct RateUnit {
+  double divisor = 1;
+  QString name = "bit/s";
+};
+RateUnit rate_unit(double bits_per_s);  // the unit a value (or an axis top) reads best in
+QString human_rate(double bits_per_s, std::optional<RateUnit> unit = std::nullopt);
+QString human_duration(double seconds);
+// Axis ticks for 0..top: a round step (1, 2, 2.5 or 5 x 10^n), at most `max_ticks` of them.
+double tick_step(double top, int max_ticks = 5);
 
 }  // namespace otpgate::console

@@ -9,6 +9,7 @@
 #include <QHeaderView>
 #include <QLabel>
 #include <QListView>
+#include <QLocale>
 #include <QMessageBox>
 #include <QPainter>
 #include <QPushButton>
@@ -17,6 +18,7 @@
 #include <QStyledItemDelegate>
 #include <QTabWidget>
 #include <QVBoxLayout>
+#include <cmath>
 
 namespace otpgate::console {
 
@@ -65,39 +67,46 @@ MainWindow::MainWindow(QWidget* parent) : QMainWindow(parent) {
   started_ms_ = QDateTime::currentMSecsSinceEpoch();
   auto* tabs = new QTabWidget(this);
 
-  // Key supplies: the table over a chart of consumption and refill per site.
+  // Key per link: the links' table over a chart of their refill and consumption; each
+  // stream's own key supply one tab away.
   auto* keys_page = new QSplitter(Qt::Vertical, tabs);
-  auto* key_view = table(&key_supplies_, keys_page);
-  key_view_ = key_view;
-  key_view->setItemDelegateForColumn(KeySupplyModel::ready, new GaugeDelegate(key_view));
-  connect(&key_supplies_, &QAbstractItemModel::modelReset, key_view, [key_view] {
-    key_view->setColumnWidth(KeySupplyModel::ready,
-                             std::max(key_view->columnWidth(KeySupplyModel::ready), 120));
-  });
+  link_view_ = table(&links_, keys_page);
   chart_ = new QChart();
-  x_axis_ = new QValueAxis(chart_);
-  x_axis_->setTitleText("seconds");
-  y_axis_ = new QValueAxis(chart_);
-  y_axis_->setTitleText("bit/s");
-  y_axis_->setLabelFormat("%.0f");
+  chart_->setLocalizeNumbers(true);
+  x_axis_ = new QCategoryAxis(chart_);
+  x_axis_->setLabelsPosition(QCategoryAxis::AxisLabelsPositionOnValue);
+  x_axis_->setRange(-300, 0);
+  for (int minutes = 5; minutes >= 1; --minutes)
+    x_axis_->append(QString("%1 min ago").arg(QLocale().toString(minutes)), -60.0 * minutes);
+  x_axis_->append("now", 0);
+  y_axis_ = new QCategoryAxis(chart_);
+  y_axis_->setLabelsPosition(QCategoryAxis::AxisLabelsPositionOnValue);
   chart_->addAxis(x_axis_, Qt::AlignBottom);
   chart_->addAxis(y_axis_, Qt::AlignLeft);
-  // Selecting a supply charts it; selecting nothing charts the sites' totals.
-  connect(key_view->selectionModel(), &QItemSelectionModel::selectionChanged, this, [this] {
-    const QModelIndexList rows = key_view_->selectionModel()->selectedRows();
-    selected_supply_.clear();
+  // Selecting a link charts it; selecting nothing charts every link.
+  connect(link_view_->selectionModel(), &QItemSelectionModel::selectionChanged, this, [this] {
+    const QModelIndexList rows = link_view_->selectionModel()->selectedRows();
+    selected_link_.clear();
     if (!rows.isEmpty()) {
-      const auto& r = key_supplies_.rows().at(std::size_t(rows.first().row()));
-      selected_supply_ = r.site + "|" + r.stream + "|" + r.direction;
+      const auto& r = links_.rows().at(std::size_t(rows.first().row()));
+      selected_link_ = r.site + "|" + r.stream + "|" + r.direction;
     }
     redraw();
   });
   auto* chart_view = new QChartView(chart_, keys_page);
   chart_view->setRenderHint(QPainter::Antialiasing);
   chart_view->setMinimumHeight(220);
-  keys_page->addWidget(key_view);
+  keys_page->addWidget(link_view_);
   keys_page->addWidget(chart_view);
-  tabs->addTab(keys_page, "Key supplies");
+  tabs->addTab(keys_page, "Key per link");
+
+  auto* key_view = table(&key_supplies_, tabs);
+  key_view->setItemDelegateForColumn(KeySupplyModel::ready, new GaugeDelegate(key_view));
+  connect(&key_supplies_, &QAbstractItemModel::modelReset, key_view, [key_view] {
+    key_view->setColumnWidth(KeySupplyModel::ready,
+                             std::max(key_view->columnWidth(KeySupplyModel::ready), 120));
+  });
+  tabs->addTab(key_view, "Key per stream");
 
   tabs->addTab(table(&streams_, tabs), "Streams");
 
@@ -154,52 +163,40 @@ void MainWindow::add_service(ServicePoller::Kind kind, const QUrl& url, int poll
 }
 
 void MainWindow::on_gateway(ServicePoller*, const QJsonObject& status) {
+  links_.update_site(status);
   key_supplies_.update_site(status);
   streams_.update_site(status);
   alerts_.check_gateway(status.value("site").toString(), status);
-  // The chart's history: the site's totals and each of its supplies.
   const QString site = status.value("site").toString();
   const qint64 now = QDateTime::currentMSecsSinceEpoch();
-  double consumption = 0, fetched = 0;
-  for (const auto& row : key_supplies_.rows()) {
-    if (row.site != site) continue;
-    consumption += row.consumption_bps;
-    fetched += row.fetched_bytes;
-    record(row.site + "|" + row.stream + "|" + row.direction, row.consumption_bps,
-           row.fetched_bytes, now);
+  for (const auto& row : links_.rows()) {
+    if (row.site == site)
+      record(row.site + "|" + row.stream + "|" + row.direction, row.consumption_bps, row.refill_bps,
+             now);
   }
-  record(site, consumption, fetched, now);
   redraw();
 }
 
-void MainWindow::record(const QString& key, double consumption_bps, double fetched_bytes,
-                        qint64 now) {
+void MainWindow::record(const QString& key, double consumption_bps, double refill_bps, qint64 now) {
   History& h = history_[key];
   const double t = double(now - started_ms_) / 1000;
-  double refill = 0;
-  if (h.last_fetched >= 0 && now > h.last_ms)
-    refill = std::max(0.0, (fetched_bytes - h.last_fetched) * 8 * 1000 / double(now - h.last_ms));
-  h.last_fetched = fetched_bytes;
-  h.last_ms = now;
   h.consumption.append(QPointF(t, consumption_bps));
-  h.refill.append(QPointF(t, refill));
+  h.refill.append(QPointF(t, refill_bps));
   while (h.consumption.size() > 300) h.consumption.removeFirst();  // 5 minutes at 1 Hz
   while (h.refill.size() > 300) h.refill.removeFirst();
 }
 
 void MainWindow::redraw() {
   std::vector<QString> keys;
-  if (!selected_supply_.isEmpty() && history_.count(selected_supply_)) {
-    keys.push_back(selected_supply_);
+  if (!selected_link_.isEmpty() && history_.count(selected_link_)) {
+    keys.push_back(selected_link_);
   } else {
-    for (const auto& [key, h] : history_)
-      if (!key.contains('|')) keys.push_back(key);
+    for (const auto& [key, h] : history_) keys.push_back(key);
   }
-  chart_->setTitle(selected_supply_.isEmpty()
-                       ? "Key consumption and refill per site (bit/s, last 5 minutes)"
-                       : "Key consumption and refill of " +
-                             QString(selected_supply_).replace('|', ' ') +
-                             " (bit/s, last 5 minutes)");
+  chart_->setTitle(selected_link_.isEmpty()
+                       ? "Key refill and consumption per link (last 5 minutes)"
+                       : "Key refill and consumption of " +
+                             QString(selected_link_).replace('|', ' ') + " (last 5 minutes)");
   for (auto it = shown_.begin(); it != shown_.end();) {
     if (std::find(keys.begin(), keys.end(), it->first) == keys.end()) {
       chart_->removeSeries(it->second.first);
@@ -211,7 +208,8 @@ void MainWindow::redraw() {
       ++it;
     }
   }
-  double top = 1000, latest = 10;
+  const double latest = double(QDateTime::currentMSecsSinceEpoch() - started_ms_) / 1000;
+  double top = 0;
   for (const auto& key : keys) {
     auto& pair = shown_[key];
     if (!pair.first) {
@@ -227,15 +225,29 @@ void MainWindow::redraw() {
       }
     }
     const History& h = history_[key];
-    pair.first->replace(h.consumption);
-    pair.second->replace(h.refill);
-    for (const auto* points : {&h.consumption, &h.refill}) {
-      for (const auto& p : *points) top = std::max(top, p.y());
-      if (!points->isEmpty()) latest = std::max(latest, points->last().x());
+    // Seconds before now on the x axis.
+    for (const auto& [points, series] :
+         {std::pair{&h.consumption, pair.first}, std::pair{&h.refill, pair.second}}) {
+      QList<QPointF> shifted;
+      for (const auto& p : *points) {
+        shifted.append(QPointF(p.x() - latest, p.y()));
+        top = std::max(top, p.y());
+      }
+      series->replace(shifted);
     }
   }
-  x_axis_->setRange(std::max(0.0, latest - 300), latest);
-  y_axis_->setRange(0, top * 1.1);
+  set_rate_axis(top);
+}
+
+void MainWindow::set_rate_axis(double top_bps) {
+  // Round ticks in one unit the top value reads best in: "0 Mbit/s" ... "2.5 Mbit/s".
+  const double limit = std::max(top_bps * 1.1, 1000.0);
+  const double step = tick_step(limit);
+  const int ticks = int(std::ceil(limit / step - 1e-9));
+  const RateUnit unit = rate_unit(step * ticks);
+  for (const QString& label : y_axis_->categoriesLabels()) y_axis_->remove(label);
+  for (int i = 0; i <= ticks; ++i) y_axis_->append(human_rate(step * i, unit), step * i);
+  y_axis_->setRange(0, step * ticks);
 }
 
 void MainWindow::job_action(const QString& action) {

@@ -3,11 +3,11 @@
 // (the seed's job table with start/abort/delete), alerts.
 #pragma once
 
+#include <QCategoryAxis>
 #include <QChart>
 #include <QLineSeries>
 #include <QMainWindow>
 #include <QTableView>
-#include <QValueAxis>
 #include <map>
 
 #include "console.hpp"
@@ -24,7 +24,11 @@ class MainWindow : public QMainWindow {
   explicit MainWindow(QWidget* parent = nullptr);
   void add_service(ServicePoller::Kind kind, const QUrl& url, int poll_ms = 1000);
 
+  LinkModel& links() { return links_; }
   KeySupplyModel& key_supplies() { return key_supplies_; }
+  QTableView* link_view() { return link_view_; }
+  QCategoryAxis* rate_axis() { return y_axis_; }
+  QCategoryAxis* time_axis() { return x_axis_; }
   StreamModel& streams() { return streams_; }
   JobModel& jobs() { return jobs_; }
   AlertLog& alerts() { return alerts_; }
@@ -40,6 +44,7 @@ class MainWindow : public QMainWindow {
   void job_action(const QString& action);
   void update_service_label();
 
+  LinkModel links_;
   KeySupplyModel key_supplies_;
   StreamModel streams_;
   JobModel jobs_;
@@ -49,20 +54,19 @@ class MainWindow : public QMainWindow {
   QPushButton *start_ = nullptr, *abort_ = nullptr, *delete_ = nullptr;
   QLabel* services_label_ = nullptr;
   QChart* chart_ = nullptr;
-  QValueAxis *x_axis_ = nullptr, *y_axis_ = nullptr;
-  // Consumption and refill history per site (totals) and per key supply; the chart shows
-  // the selected supply, or every site's totals when none is selected.
+  QCategoryAxis *x_axis_ = nullptr, *y_axis_ = nullptr;
+  // Consumption and refill history per link (site, peer, direction) as the gateways
+  // publish them; the chart shows the selected link, or every link when none is selected.
   struct History {
-    QList<QPointF> consumption, refill;
-    double last_fetched = -1;
-    qint64 last_ms = 0;
+    QList<QPointF> consumption, refill;  // (seconds since start, bit/s)
   };
-  void record(const QString& key, double consumption_bps, double fetched_bytes, qint64 now);
+  void record(const QString& key, double consumption_bps, double refill_bps, qint64 now);
   void redraw();
+  void set_rate_axis(double top_bps);
   std::map<QString, History> history_;
   std::map<QString, std::pair<QLineSeries*, QLineSeries*>> shown_;
-  QString selected_supply_;  // "site|stream|direction", empty: site totals
-  QTableView* key_view_ = nullptr;
+  QString selected_link_;  // "site|peer|direction", empty: every link
+  QTableView* link_view_ = nullptr;
   qint64 started_ms_ = 0;
 };
 

@@ -36,10 +36,12 @@ std::string read(const char* name) {
 // A status server that serves the recorded documents and records every request.
 class RecordedService {
  public:
+  // Serves `status` instead of the recording when set (before start).
+  std::string status;
   void start(int port = 0) {
     server_ = std::make_unique<httplib::Server>();
-    server_->Get("/api/v1/status", [](const httplib::Request&, httplib::Response& res) {
-      res.set_content(read("gateway-status.json"), "application/json");
+    server_->Get("/api/v1/status", [this](const httplib::Request&, httplib::Response& res) {
+      res.set_content(status.empty() ? read("gateway-status.json") : status, "application/json");
     });
     server_->Get("/api/v1/jobs", [](const httplib::Request&, httplib::Response& res) {
       res.set_content(read("transfer-jobs.json"), "application/json");
@@ -139,10 +141,95 @@ class ConsoleTest : public QObject {
             .data(w.jobs().index(running, otpgate::console::JobModel::progress), Qt::DisplayRole)
             .toString(),
         QString("50%"));
-    // Alerts: the failed transfer, and key predicted to run out within 10 minutes.
+    // Alerts: the failed transfer, and the link's key below the forecast horizon (not a
+    // stream's own small ring: the recording's 20 rings hold 14-30 s each and raise nothing).
     QTRY_VERIFY(
         w.alerts().stringList().join("\n").contains("J20261124-8c9d0e1f (specimen S-0044) failed"));
-    QVERIFY(w.alerts().stringList().join("\n").contains("predicted to run out"));
+    QTRY_COMPARE(w.links().rowCount(), 1);
+    QVERIFY(w.alerts().stringList().join("\n").contains("less than the 65-minute horizon"));
+    for (const auto& line : w.alerts().stringList())
+      QVERIFY2(!line.contains("p1-video"), qPrintable(line));
+  }
+
+  void unitsAreHumanAndLocaleAware() {
+    using namespace otpgate::console;
+    QLocale::setDefault(QLocale(QLocale::English, QLocale::UnitedStates));
+    QCOMPARE(human_rate(7444429), QString("7.44 Mbit/s"));  // the raw axis value
+    QCOMPARE(human_rate(3722214), QString("3.72 Mbit/s"));
+    QCOMPARE(human_rate(250873.3), QString("251 kbit/s"));
+    QCOMPARE(human_rate(12500), QString("12.5 kbit/s"));
+    QCOMPARE(human_rate(2e6, RateUnit{1e6, "Mbit/s"}), QString("2 Mbit/s"));
+    QCOMPARE(human_rate(0), QString("0 bit/s"));
+    QCOMPARE(human_bytes(3.1e9), QString("3.1 GB"));
+    QCOMPARE(human_duration(3.1e9 * 8 / 10e6), QString("41 min"));  // 3.1 GB at 10 Mbit/s
+    QCOMPARE(human_duration(42), QString("42 s"));
+    QCOMPARE(human_duration(3 * 3600 + 5 * 60), QString("3 h 5 min"));
+    QCOMPARE(tick_step(1.43e6), 5e5);
+    QLocale::setDefault(QLocale(QLocale::German, QLocale::Germany));
+    QCOMPARE(human_rate(7444429), QString("7,44 Mbit/s"));
+    QCOMPARE(human_bytes(3.1e9), QString("3,1 GB"));
+    QLocale::setDefault(QLocale(QLocale::English, QLocale::UnitedStates));
+  }
+
+  void aLinksForecastIsShownAsTextWithItsAlertAndTheAxisInHumanUnits() {
+    // The recording's link: 30 MB held, 1.3 Mbit/s used, 0.5 Mbit/s refilled, as the
+    // gateway computed it (300 s left; a 65-minute panel short by 360 MB).
+    QLocale::setDefault(QLocale(QLocale::English, QLocale::UnitedStates));
+    RecordedService gateway;
+    gateway.start();
+    MainWindow w;
+    w.add_service(ServicePoller::Kind::gateway, gateway.url(), 100);
+    QTRY_COMPARE(w.links().rowCount(), 1);
+    using L = otpgate::console::LinkModel;
+    auto cell = [&](int column) {
+      return w.links().data(w.links().index(0, column), Qt::DisplayRole).toString();
+    };
+    QCOMPARE(cell(L::peer), QString("sae-b"));
+    QCOMPARE(cell(L::held), QString("30.0 MB"));
+    QCOMPARE(cell(L::refill), QString("500 kbit/s"));
+    QCOMPARE(cell(L::consumption), QString("1.3 Mbit/s"));
+    QCOMPARE(cell(L::lasts), QString("at the current rate the key lasts 5 min"));
+    QCOMPARE(cell(L::panel), QString("a 65-minute panel needs 633.8 MB: short by 360.0 MB"));
+    QVERIFY(w.links().data(w.links().index(0, L::lasts), Qt::BackgroundRole).isValid());
+    QTRY_VERIFY(w.alerts().stringList().join("\n").contains(
+        "hospital-a: send link to sae-b: at the current rate its key lasts 5 min, less than the "
+        "65-minute horizon (the QKD link makes less key than is used"));
+    // The chart's rate axis: round ticks in one human unit, never raw bit/s.
+    QTRY_COMPARE(w.rate_axis()->categoriesLabels(),
+                 QStringList({"0 Mbit/s", "0.5 Mbit/s", "1 Mbit/s", "1.5 Mbit/s"}));
+    QCOMPARE(w.time_axis()->categoriesLabels().last(), QString("now"));
+  }
+
+  void alertsSayWhatHappenedWhereWithAHint() {
+    auto status = nlohmann::json::parse(read("gateway-status.json"));
+    auto& link = status["links"][0];
+    link["kme_healthy"] = false;
+    link["kme_last_error"] = "KME enc_keys: HTTP 503: no key";
+    link["aes_fallback_streams"] = 3;
+    link["seconds_left"] = nullptr;
+    status["key_wiped_at_stop_bytes"] = 262144;
+    status["streams"][0]["send"]["replays"] = 4;
+    RecordedService gateway;
+    gateway.status = status.dump();
+    gateway.start();
+    MainWindow w;
+    w.add_service(ServicePoller::Kind::gateway, gateway.url(), 100);
+    QTRY_COMPARE(w.links().rowCount(), 1);
+    QTRY_COMPARE(w.alerts().rowCount(), 4);
+    const QString all = w.alerts().stringList().join("\n");
+    for (const char* expected :
+         {"hospital-a: send link to sae-b: KME unhealthy: KME enc_keys: HTTP 503: no key (check "
+          "the KME",
+          "hospital-a: send link to sae-b: AES fallback engaged on 3 of 20 streams (key ran out",
+          "hospital-a: p1-video send: 4 new replays (dropped, never delivered",
+          "hospital-a: 262.1 kB of fetched key was wiped unused when the gateway last stopped ("}) {
+      QVERIFY2(all.contains(expected), qPrintable(all));
+    }
+    QVERIFY(!all.contains("horizon"));  // the link's key does not run out: no horizon alert
+    // Each line starts with its time.
+    for (const auto& line : w.alerts().stringList())
+      QVERIFY2(QRegularExpression("^\\d\\d:\\d\\d:\\d\\d ").match(line).hasMatch(),
+               qPrintable(line));
   }
 
   void aLiveGatewaysStatusFillsTheModels() {
@@ -182,6 +269,22 @@ class ConsoleTest : public QObject {
       }
     }
     QCOMPARE(w.streams().rowCount(), 2);  // a row per direction
+    // The link forecast the gateway publishes: a row per direction; sending, the KME's
+    // store (the simulator's sane status) is counted in with the rings.
+    QTRY_COMPARE(w.links().rowCount(), 2);
+    QTRY_VERIFY(w.links().rows()[1].kme_trusted);
+    for (const auto& l : w.links().rows()) {
+      QCOMPARE(l.stream, QString("sae-b"));
+      QCOMPARE(l.streams, 1);
+      if (l.direction == "send") QVERIFY(l.held_bytes >= l.ring_bytes + l.kme_bytes - 1);
+    }
+    // Monitoring gets the same numbers.
+    httplib::Client status_client("127.0.0.1", gateway.status_port());
+    const auto metrics = status_client.Get("/metrics");
+    QVERIFY(metrics && metrics->status == 200);
+    QVERIFY2(metrics->body.find("otpgate_link_key_held_bytes{site=\"hospital-a\",peer=\"sae-b\","
+                                "direction=\"send\"}") != std::string::npos,
+             metrics->body.c_str());
     // The recordings the other tests use have every field a live gateway still serves.
     const auto live = nlohmann::json::parse(gateway.status_json());
     const auto recorded = nlohmann::json::parse(read("gateway-status.json"));
