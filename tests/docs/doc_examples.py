@@ -1,0 +1,135 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""What the docs-as-tests share: code blocks taken from the Markdown as written, readiness
+waits (a port bound, a line printed, an API answering) bounded only by a generous
+deadline that catches a hang, and the processes a test started."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+
+def section(text, start, end):
+    """The text from the heading or phrase `start` up to `end` (both as written)."""
+    if start not in text or end not in text:
+        raise SystemExit(f"the docs no longer have {start!r} ... {end!r}: update the test")
+    return text[text.index(start):text.index(end, text.index(start))]
+
+
+def blocks(text, language):
+    """The ```language blocks of `text`, in order."""
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def commands(block):
+    """The command lines of a shell block: comments and blank lines out, a trailing
+    `# comment` cut, continuation lines joined."""
+    out = []
+    for line in block.replace("\\\n", " ").splitlines():
+        line = re.sub(r"\s+#\s.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+def wait_until(check, what, seconds=60):
+    """Polls `check` until it returns something true; the deadline only bounds a hang."""
+    until = time.monotonic() + seconds
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:  # not up yet
+            pass
+        if time.monotonic() > until:
+            raise AssertionError(f"no sign within {seconds} s that {what}")
+        time.sleep(0.05)
+
+
+def _bound(table, port, state=None):
+    with open(table) as f:
+        for row in f.readlines()[1:]:
+            fields = row.split()
+            if int(fields[1].split(":")[1], 16) == port and (state is None or fields[3] == state):
+                return True
+    return False
+
+
+def udp_bound(port):
+    """True once something has bound UDP `port` (IPv4 or IPv6)."""
+    return any(_bound(t, port) for t in ("/proc/net/udp", "/proc/net/udp6"))
+
+
+def tcp_listening(port):
+    return any(_bound(t, port, "0A") for t in ("/proc/net/tcp", "/proc/net/tcp6"))
+
+
+def free_ports(count, low=12000, high=19000, taken=()):
+    """`count` ports below the ephemeral range, free for both TCP and UDP right now."""
+    found = []
+    port = low + (os.getpid() * 37) % (high - low)
+    while len(found) < count:
+        port = low + (port + 1 - low) % (high - low)
+        if port in found or port in taken:
+            continue
+        try:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        found.append(port)
+    return found
+
+
+class Processes:
+    """Background processes with their output in files; all stopped at the end."""
+
+    def __init__(self, work, env):
+        self.work, self.env, self.running = work, env, []
+
+    def start(self, args, log, shell=False):
+        print("started:", args if shell else " ".join(args), flush=True)
+        if shell:
+            args = "exec " + args  # signals reach the program, not a shell
+        p = subprocess.Popen(args, stdout=open(os.path.join(self.work, log), "w"),
+                             stderr=subprocess.STDOUT, env=self.env, shell=shell,
+                             start_new_session=True)
+        p.log = os.path.join(self.work, log)
+        self.running.append(p)
+        return p
+
+    def output(self, p):
+        return open(p.log, errors="replace").read()
+
+    def wait_for_line(self, p, pattern, what, seconds=60):
+        """The first match of `pattern` in the process's output; fails at once if it ends."""
+        def check():
+            m = re.search(pattern, self.output(p))
+            if m:
+                return m
+            if p.poll() is not None:
+                raise SystemExit(f"{what}: the process ended ({p.returncode}) first:\n"
+                                 + self.output(p)[-3000:])
+            return None
+        return wait_until(check, what, seconds)
+
+    def stop(self, p, sig=signal.SIGTERM, seconds=30):
+        """Signals the process group; returns the exit code (killed after `seconds`)."""
+        if p.poll() is None:
+            os.killpg(p.pid, sig)
+            try:
+                p.wait(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        return p.returncode
+
+    def stop_all(self):
+        for p in self.running:
+            try:
+                self.stop(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
