@@ -15,11 +15,16 @@ ca_name=${OTPGATE_PKI_CA_NAME:-otpgate test CA}
 mkdir -p "$dir"
 cd "$dir"
 umask 077
+# A PKI kept from an earlier run is made anew when its CA has less than 60 days left
+# (--check-config warns about certificates that expire within 30 days).
+if [ -f ca.crt ] && ! openssl x509 -checkend $((60 * 86400)) -noout -in ca.crt >/dev/null; then
+  rm -f ./*.crt ./*.key ./*.srl ./*.ext
+fi
 key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
 
 if [ ! -f ca.crt ]; then
   key ca.key
-  openssl req -x509 -new -key ca.key -sha256 -days 30 -subj "/CN=$ca_name" \
+  openssl req -x509 -new -key ca.key -sha256 -days 365 -subj "/CN=$ca_name" \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
     -out ca.crt 2>/dev/null
 fi
@@ -29,7 +34,7 @@ issue() {  # issue NAME CN EXTFILE
   local cn=${2//\\/\\\\}          # escape \ / + = for -subj
   cn=${cn//\//\\/}; cn=${cn//+/\\+}; cn=${cn//=/\\=}
   openssl req -new -key "$1.key" -subj "/CN=$cn" -out "$1.csr" 2>/dev/null
-  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -sha256 \
+  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -sha256 \
     -extfile "$3" -out "$1.crt" 2>/dev/null
   rm -f "$1.csr"
 }

@@ -144,4 +144,30 @@ GatewayConfig load_config(const std::filesystem::path& path) {
   return parse_config(config::read_config_file(path), path.string());
 }
 
+config::OfflineChecks check_offline(const GatewayConfig& c) {
+  config::OfflineChecks checks;
+  checks.site(c);
+  if (c.transport == "ice") {
+    checks.resolves("ice.peer_signalling", c.ice_peer_signalling.host);
+    if (c.ice_stun) checks.resolves("ice.stun", c.ice_stun->host);
+    checks.tcp_port_free("ice.signalling_listen", c.ice_signalling_listen.host,
+                         c.ice_signalling_listen.port);
+  } else {
+    checks.resolves("peer.address", c.peer_address);
+  }
+  checks.tcp_port_free("status.listen", c.status_listen.host, c.status_listen.port);
+  for (std::size_t i = 0; i < c.streams.size(); ++i) {
+    const StreamConfig& s = c.streams[i];
+    const std::string prefix = "stream[" + std::to_string(i) + "] (" + s.name + ").";
+    // udpsrc listens on every address, as the pipelines bind.
+    if (s.sends()) {
+      checks.udp_port_free(prefix + "local_rtp_port", "0.0.0.0", s.local_rtp_port);
+      checks.udp_port_free(prefix + "local_rtcp_port", "0.0.0.0", s.local_rtcp_port);
+    }
+    if (s.receives() && c.transport != "ice")
+      checks.udp_port_free(prefix + "listen_port", "0.0.0.0", s.listen_port);
+  }
+  return checks;
+}
+
 }  // namespace otpgate::gateway

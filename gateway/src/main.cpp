@@ -31,9 +31,18 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "otp-gateway: %s\n", e.what());
     return 2;
   }
+  // Offline checks at every start, not only with --check-config: a config that passes
+  // does not fail later for any of these.
+  const auto checks = otpgate::gateway::check_offline(config);
+  for (const auto& w : checks.warnings())
+    std::fprintf(stderr, "otp-gateway[warning]: %s\n", w.c_str());
+  for (const auto& p : checks.problems())
+    std::fprintf(stderr, "otp-gateway: %s: %s\n", config_path.c_str(), p.c_str());
+  if (!checks.problems().empty()) return 2;
   if (check_only) {
     std::printf(
-        "%s: valid: site %s (SAE %s), peer %s at %s, %zu streams, cipher %s, on key exhausted: "
+        "%s: valid (TLS files, KME URL, state_dir, peer address and ports checked): site %s (SAE "
+        "%s), peer %s at %s, %zu streams, cipher %s, on key exhausted: "
         "%s\n",
         config_path.c_str(), config.site_name.c_str(), config.sae_id.c_str(),
         config.peer_sae_id.c_str(), config.peer_address.c_str(), config.streams.size(),

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "otpgate/config_error.hpp"
+#include "otpgate/offline_checks.hpp"
 
 namespace otpgate::gateway {
 
@@ -62,6 +63,9 @@ struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [k
 // Reads and validates a config file; throws ConfigError with one readable line.
 GatewayConfig load_config(const std::filesystem::path& path);
 GatewayConfig parse_config(std::string_view toml_text, const std::string& source_name);
+// What can be verified before running (TLS files, KME URL, state_dir, that the peer's
+// names resolve, that every port to listen on is free); --check-config and start-up.
+config::OfflineChecks check_offline(const GatewayConfig& config);
 
 class Gateway {
  public:
