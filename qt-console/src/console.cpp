@@ -70,11 +70,26 @@ void ServicePoller::start(int interval_ms) {
   poll_now();
 }
 
+QNetworkRequest service_request(int kind, const QUrl& base, const QString& user,
+                                const QString& password, const QString& path) {
+  QUrl url = base;
+  url.setPath(!path.isEmpty()                             ? path
+              : kind == int(ServicePoller::Kind::gateway) ? "/api/v1/status"
+                                                          : "/api/v1/jobs");
+  QNetworkRequest request(url);
+  if (!user.isEmpty()) {
+    request.setRawHeader("Authorization", "Basic " + (user + ":" + password).toUtf8().toBase64());
+  }
+  return request;
+}
+
+QNetworkRequest ServicePoller::request(const QString& path) const {
+  return service_request(int(kind_), base_, user_, password_, path);
+}
+
 void ServicePoller::poll_now() {
   if (in_flight_) return;  // a slow service gets one request at a time
-  QUrl url = base_;
-  url.setPath(kind_ == Kind::gateway ? "/api/v1/status" : "/api/v1/jobs");
-  QNetworkRequest request(url);
+  QNetworkRequest request = this->request({});
   request.setTransferTimeout(2000);
   request.setAttribute(QNetworkRequest::User, QStringLiteral("poll"));
   in_flight_ = true;
@@ -120,9 +135,7 @@ void ServicePoller::action_finished(QNetworkReply* reply,
 
 void ServicePoller::post(const QString& path, const QJsonObject& body,
                          std::function<void(int, QString)> done) {
-  QUrl url = base_;
-  url.setPath(path);
-  QNetworkRequest request(url);
+  QNetworkRequest request = this->request(path);
   request.setHeader(QNetworkRequest::ContentTypeHeader, "application/json");
   request.setTransferTimeout(5000);
   QNetworkReply* reply = network_.post(request, QJsonDocument(body).toJson(QJsonDocument::Compact));
@@ -131,9 +144,7 @@ void ServicePoller::post(const QString& path, const QJsonObject& body,
 }
 
 void ServicePoller::remove(const QString& path, std::function<void(int, QString)> done) {
-  QUrl url = base_;
-  url.setPath(path);
-  QNetworkRequest request(url);
+  QNetworkRequest request = this->request(path);
   request.setTransferTimeout(5000);
   QNetworkReply* reply = network_.deleteResource(request);
   connect(reply, &QNetworkReply::finished, this,

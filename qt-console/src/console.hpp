@@ -9,6 +9,7 @@
 #include <QJsonArray>
 #include <QJsonObject>
 #include <QNetworkAccessManager>
+#include <QNetworkRequest>
 #include <QStringListModel>
 #include <QTimer>
 #include <QUrl>
@@ -20,6 +21,10 @@
 
 namespace otpgate::console {
 
+// A GET of a service's status (gateway) or job list (transfer), with its credentials.
+QNetworkRequest service_request(int kind, const QUrl& base, const QString& user,
+                                const QString& password, const QString& path = {});
+
 // One service polled every second: a gateway (GET /api/v1/status) or a transfer service
 // (GET /api/v1/jobs). A service that does not answer within two seconds is down; polling
 // goes on, so it comes back by itself.
@@ -29,6 +34,13 @@ class ServicePoller : public QObject {
   enum class Kind { gateway, transfer };
   ServicePoller(Kind kind, QUrl base, QObject* parent = nullptr);
   Kind kind() const { return kind_; }
+  // HTTP Basic credentials for a service that asks for a login (empty user: none).
+  void set_credentials(const QString& user, const QString& password) {
+    user_ = user;
+    password_ = password;
+  }
+  QString user() const { return user_; }
+  QString password() const { return password_; }
   QUrl base() const { return base_; }
   bool up() const { return up_; }
   QString last_error() const { return last_error_; }
@@ -49,8 +61,10 @@ class ServicePoller : public QObject {
   void set_up(bool up, const QString& error);
   void action_finished(QNetworkReply* reply, const std::function<void(int, QString)>& done);
 
+  QNetworkRequest request(const QString& path) const;
   Kind kind_;
   QUrl base_;
+  QString user_, password_;
   QNetworkAccessManager network_;
   QTimer timer_;
   bool in_flight_ = false;
@@ -70,6 +84,11 @@ class GatewayRowsModel : public QAbstractTableModel {
   int rowCount(const QModelIndex& = {}) const override { return int(rows_.size()); }
   int columnCount(const QModelIndex& = {}) const override { return Columns; }
   const std::vector<Row>& rows() const { return rows_; }
+  void clear() {
+    beginResetModel();
+    rows_.clear();
+    endResetModel();
+  }
 
   void update_site(const QJsonObject& status) {
     const QString site_name = status.value("site").toString();
@@ -224,6 +243,11 @@ class JobModel : public QAbstractTableModel {
   void update_site(const QString& service, const QJsonObject& jobs_document);
   QJsonObject job_at(int row) const { return rows_.at(std::size_t(row)).second; }
   QString service_of(int row) const { return rows_.at(std::size_t(row)).first; }
+  void clear() {
+    beginResetModel();
+    rows_.clear();
+    endResetModel();
+  }
 
  private:
   std::vector<std::pair<QString, QJsonObject>> rows_;  // service URL, job

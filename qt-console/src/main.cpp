@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 // otp-console: the operator console. Services come from the command line, else from the
-// last run (QSettings).
+// last run (QSettings), else from the services dialog a first start opens.
 #include <QApplication>
 #include <QCommandLineParser>
 #include <QSettings>
@@ -34,37 +34,28 @@ int main(int argc, char** argv) {
   parser.process(app);
 
   QSettings settings;
-  QStringList gateways = parser.values(gateway);
-  QStringList transfers = parser.values(transfer);
-  if (gateways.isEmpty() && transfers.isEmpty()) {
-    gateways = settings.value("gateways").toStringList();
-    transfers = settings.value("transfers").toStringList();
-  }
-  if (gateways.isEmpty() && transfers.isEmpty()) {
-    qCritical(
-        "otp-console: no services: give --gateway URL and/or --transfer URL (they are "
-        "remembered for the next start)");
-    return 2;
-  }
-  for (const auto& list : {gateways, transfers}) {
-    for (const auto& text : list) {
-      const QUrl url(text);
-      if (!url.isValid() || url.scheme() != "http" || url.host().isEmpty()) {
-        qCritical("otp-console: %s is not a service URL such as http://127.0.0.1:48080",
-                  qPrintable(text));
-        return 2;
-      }
+  otpgate::console::MainWindow window;
+  QStringList given = parser.values(gateway) + parser.values(transfer);
+  for (const auto& text : given) {
+    if (const QString problem = otpgate::console::url_problem(text); !problem.isEmpty()) {
+      qCritical("otp-console: %s", qPrintable(problem));
+      return 2;
     }
   }
-  settings.setValue("gateways", gateways);
-  settings.setValue("transfers", transfers);
-
-  otpgate::console::MainWindow window;
-  for (const auto& g : gateways)
-    window.add_service(otpgate::console::ServicePoller::Kind::gateway, QUrl(g));
-  for (const auto& t : transfers)
-    window.add_service(otpgate::console::ServicePoller::Kind::transfer, QUrl(t));
+  if (!given.isEmpty()) {  // the command line's services, remembered for the next start
+    QList<otpgate::console::ServiceEntry> services;
+    for (const auto& g : parser.values(gateway))
+      services << otpgate::console::ServiceEntry{
+          otpgate::console::ServicePoller::Kind::gateway, QUrl(g), {}, {}};
+    for (const auto& t : parser.values(transfer))
+      services << otpgate::console::ServiceEntry{
+          otpgate::console::ServicePoller::Kind::transfer, QUrl(t), {}, {}};
+    otpgate::console::save_services(settings, services);
+  }
+  // Without any service yet (a first start from the desktop menu) the window opens with
+  // the services dialog over it.
   window.show();
+  window.start_from(&settings);
   if (parser.isSet(screenshot)) {
     QTimer::singleShot(int(parser.value(after).toDouble() * 1000), &window, [&] {
       const bool saved = window.grab().save(parser.value(screenshot));

@@ -10,6 +10,7 @@
 #include <QLabel>
 #include <QListView>
 #include <QLocale>
+#include <QMenuBar>
 #include <QMessageBox>
 #include <QPainter>
 #include <QPushButton>
@@ -135,13 +136,67 @@ MainWindow::MainWindow(QWidget* parent) : QMainWindow(parent) {
           [this](const QString& text) { statusBar()->showMessage("Alert: " + text, 10000); });
 
   setCentralWidget(tabs);
+  auto* services_menu = menuBar()->addMenu("&Services");
+  services_menu->addAction("&Edit services...", this, &MainWindow::edit_services);
+  services_menu->addAction("&Quit", qApp, &QApplication::quit);
   services_label_ = new QLabel(this);
   statusBar()->addPermanentWidget(services_label_);
   resize(1200, 720);
 }
 
 void MainWindow::add_service(ServicePoller::Kind kind, const QUrl& url, int poll_ms) {
+  add_service(ServiceEntry{kind, url, {}, {}}, poll_ms);
+}
+
+void MainWindow::set_services(const QList<ServiceEntry>& services, int poll_ms) {
+  for (auto* s : services_) delete s;
+  services_.clear();
+  links_.clear();
+  key_supplies_.clear();
+  streams_.clear();
+  jobs_.clear();
+  history_.clear();
+  selected_link_.clear();
+  redraw();
+  for (const auto& e : services) add_service(e, poll_ms);
+  update_service_label();
+}
+
+void MainWindow::start_from(QSettings* settings, int poll_ms) {
+  settings_ = settings;
+  poll_ms_ = poll_ms;
+  const QList<ServiceEntry> services = load_services(*settings);
+  if (services.isEmpty()) {
+    statusBar()->showMessage("No services yet: add a gateway or a transfer service");
+    edit_services();
+    return;
+  }
+  set_services(services, poll_ms);
+}
+
+void MainWindow::edit_services() {
+  if (services_dialog_) {
+    services_dialog_->raise();
+    return;
+  }
+  QList<ServiceEntry> current;
+  for (auto* s : services_) current << ServiceEntry{s->kind(), s->base(), s->user(), s->password()};
+  services_dialog_ = new ServicesDialog(current, this);
+  services_dialog_->setAttribute(Qt::WA_DeleteOnClose);
+  connect(services_dialog_, &QDialog::accepted, this, [this] {
+    const QList<ServiceEntry> chosen = services_dialog_->services();
+    if (settings_) save_services(*settings_, chosen);
+    set_services(chosen, poll_ms_);
+  });
+  connect(services_dialog_, &QObject::destroyed, this, [this] { services_dialog_ = nullptr; });
+  services_dialog_->open();  // window-modal, never blocks the event loop
+}
+
+void MainWindow::add_service(const ServiceEntry& entry, int poll_ms) {
+  const ServicePoller::Kind kind = entry.kind;
+  const QUrl url = entry.url;
   auto* service = new ServicePoller(kind, url, this);
+  service->set_credentials(entry.user, entry.password);
   services_.push_back(service);
   const QString name = url.toString();
   if (kind == ServicePoller::Kind::gateway) {

@@ -11,6 +11,7 @@
 #include <map>
 
 #include "console.hpp"
+#include "services_dialog.hpp"
 
 class QLabel;
 class QListView;
@@ -23,6 +24,15 @@ class MainWindow : public QMainWindow {
  public:
   explicit MainWindow(QWidget* parent = nullptr);
   void add_service(ServicePoller::Kind kind, const QUrl& url, int poll_ms = 1000);
+  void add_service(const ServiceEntry& entry, int poll_ms = 1000);
+  // Replaces the services watched (their rows go with them).
+  void set_services(const QList<ServiceEntry>& services, int poll_ms = 1000);
+  // The services remembered in `settings` (which must outlive the window); with none, the
+  // services dialog opens (without blocking) so that a first start asks for them.
+  void start_from(QSettings* settings, int poll_ms = 1000);
+  // Services > Edit services: the dialog; on OK the services are replaced and remembered.
+  void edit_services();
+  ServicesDialog* services_dialog() const { return services_dialog_; }
 
   LinkModel& links() { return links_; }
   KeySupplyModel& key_supplies() { return key_supplies_; }
@@ -53,6 +63,9 @@ class MainWindow : public QMainWindow {
   QTableView* job_view_ = nullptr;
   QPushButton *start_ = nullptr, *abort_ = nullptr, *delete_ = nullptr;
   QLabel* services_label_ = nullptr;
+  QSettings* settings_ = nullptr;
+  ServicesDialog* services_dialog_ = nullptr;
+  int poll_ms_ = 1000;
   QChart* chart_ = nullptr;
   QCategoryAxis *x_axis_ = nullptr, *y_axis_ = nullptr;
   // Consumption and refill history per link (site, peer, direction) as the gateways

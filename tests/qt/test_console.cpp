@@ -8,7 +8,9 @@
 
 #include <QFile>
 #include <QJsonDocument>
+#include <QLabel>
 #include <QPushButton>
+#include <QSettings>
 #include <QTemporaryDir>
 #include <QtTest>
 #include <fstream>
@@ -40,7 +42,11 @@ class RecordedService {
   std::string status;
   void start(int port = 0) {
     server_ = std::make_unique<httplib::Server>();
-    server_->Get("/api/v1/status", [this](const httplib::Request&, httplib::Response& res) {
+    server_->Get("/api/v1/status", [this](const httplib::Request& req, httplib::Response& res) {
+      {
+        std::lock_guard lock(mutex_);
+        authorization_ = QString::fromStdString(req.get_header_value("Authorization"));
+      }
       res.set_content(status.empty() ? read("gateway-status.json") : status, "application/json");
     });
     server_->Get("/api/v1/jobs", [](const httplib::Request&, httplib::Response& res) {
@@ -65,6 +71,10 @@ class RecordedService {
   ~RecordedService() { stop(); }
   QUrl url() const { return QUrl(QString("http://127.0.0.1:%1").arg(port_)); }
   int port() const { return port_; }
+  QString authorization() {
+    std::lock_guard lock(mutex_);
+    return authorization_;
+  }
   std::vector<std::string> requests() {
     std::lock_guard lock(mutex_);
     return requests_;
@@ -76,6 +86,7 @@ class RecordedService {
   int port_ = 0;
   std::mutex mutex_;
   std::vector<std::string> requests_;
+  QString authorization_;
 };
 
 // Every field of `recorded` (objects, recursively; arrays by their first element) is in
@@ -334,6 +345,54 @@ class ConsoleTest : public QObject {
     again.start(port);
     QTRY_VERIFY_WITH_TIMEOUT(service->up(), 10000);
     QVERIFY(!w.alerts().active().contains("down:" + service->base().toString()));
+  }
+
+  void aFirstStartAsksForServicesAndRemembersThem() {
+    // An empty settings file, as on a first start from the desktop menu: no exit, no
+    // terminal message, but the window with the services dialog over it.
+    QTemporaryDir dir;
+    QSettings settings(dir.filePath("otp-console.conf"), QSettings::IniFormat);
+    RecordedService gateway;
+    gateway.start();
+    MainWindow w;
+    w.show();
+    w.start_from(&settings, 100);
+    QTRY_VERIFY(w.services_dialog() && w.services_dialog()->isVisible());
+    QVERIFY(w.services().empty());
+    auto* dialog = w.services_dialog();
+    dialog->add_row({ServicePoller::Kind::gateway, gateway.url(), "it", "secret"});
+    dialog->test_connection();
+    QTRY_VERIFY2(dialog->test_result()->text().contains("answers: gateway hospital-a"),
+                 qPrintable(dialog->test_result()->text()));
+    dialog->accept();
+    QTRY_VERIFY(!w.services_dialog());
+    QCOMPARE(w.services().size(), std::size_t(1));
+    QTRY_COMPARE(w.links().rowCount(), 1);  // polling, with the credentials it was given
+    QVERIFY(gateway.authorization().startsWith("Basic "));
+    // Remembered: the next start goes straight to the service, no dialog.
+    const auto remembered = otpgate::console::load_services(settings);
+    QCOMPARE(remembered.size(), 1);
+    QCOMPARE(remembered[0].url, gateway.url());
+    QCOMPARE(remembered[0].user, QString("it"));
+    QVERIFY(!(QFile::permissions(settings.fileName()) & QFile::ReadOther));
+    MainWindow again;
+    again.start_from(&settings, 100);
+    QVERIFY(!again.services_dialog());
+    QTRY_COMPARE(again.links().rowCount(), 1);
+    // A URL that is not one is refused in the dialog, not at the next start.
+    again.edit_services();
+    again.services_dialog()->add_row({ServicePoller::Kind::transfer, QUrl("ftp://x"), {}, {}});
+    again.services_dialog()->accept();
+    QVERIFY(again.services_dialog()->isVisible());
+    QVERIFY(again.services_dialog()->test_result()->text().contains("not a service URL"));
+  }
+
+  void anUnreachableServiceIsShownDownWithoutBlocking() {
+    MainWindow w;
+    // Nothing listens there (a port from the discard range, closed on test hosts).
+    w.add_service(ServicePoller::Kind::gateway, QUrl("http://127.0.0.1:9"), 100);
+    QTRY_VERIFY(w.alerts().stringList().join("\n").contains("is down"));
+    QVERIFY(!w.services().front()->up());
   }
 
   void screenshotOfTheMainWindowWithData() {
