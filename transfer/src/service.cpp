@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "job_forecast.hpp"
 #include "job_lock.hpp"
 #include "key_settings.hpp"
 #include "names.hpp"
@@ -121,6 +122,7 @@ void mark_interrupted_send_jobs(JobStore& store, const TransferConfig& config) {
 
 struct Service::Impl {
   TransferConfig config;
+  std::unique_ptr<JobForecasts> forecasts;
   std::unique_ptr<JobStore> store;
   Fd listener;
   std::uint16_t bound_transfer_port = 0;
@@ -323,14 +325,10 @@ struct Service::Impl {
         bytes += f.file_size(ec);
         ++files;
       }
-      // OTP: a byte of pad per byte plus 16 per record of 64 KiB and per 256 KiB epoch;
-      // AES: one 44-byte key per aes_rekey_records records, and a ring's first fill.
-      const std::uint64_t records = bytes / config.record_size + files + 2;
-      list.push_back({{"folder", d.filename().string()},
-                      {"bytes", bytes},
-                      {"files", files},
-                      {"key_needed_otp", bytes + 16 * records + bytes / 262144 * 16 + 4096},
-                      {"key_needed_aes", 44 * (records / config.aes_rekey_records + 1)}});
+      // The key it needs and how long the link takes to make it (otpgate/forecast.hpp).
+      json folder = {{"folder", d.filename().string()}, {"bytes", bytes}, {"files", files}};
+      forecasts->annotate_folder(folder);
+      list.push_back(std::move(folder));
     }
     return list;
   }
@@ -349,6 +347,16 @@ struct Service::Impl {
     }
   }
 
+  // A job's JSON with its forecast (job_forecast.hpp).
+  json with_forecast(json job) {
+    forecasts->annotate(job, seconds_now(), now_ms());
+    return job;
+  }
+  static double seconds_now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+
   void routes() {
     api().set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       return check_access(req, res);
@@ -361,24 +369,26 @@ struct Service::Impl {
       res.set_content(web_page(), "text/html; charset=utf-8");
     });
     api().Get("/api/v1/folders", [this](const httplib::Request&, httplib::Response& res) {
+      const json available = key_available();
+      forecasts->observe_kme(available["bytes"], seconds_now());
       reply(res, 200,
             {{"site", config.site_name},
              {"data_root", config.data_root.string()},
              {"default_method", config.method},
              {"folders", folders()},
-             {"key_available", key_available()}});
+             {"key_available", available}});
     });
     api().Get("/api/v1/jobs", [this](const httplib::Request&, httplib::Response& res) {
       mark_interrupted_send_jobs(*store, config);
       json list = json::array();
-      for (const auto& j : store->list()) list.push_back(job_to_json(j));
+      for (const auto& j : store->list()) list.push_back(with_forecast(job_to_json(j)));
       reply(res, 200, {{"site", config.site_name}, {"jobs", list}});
     });
     api().Get(R"(/api/v1/jobs/([A-Za-z0-9._-]+))",
               [this](const httplib::Request& req, httplib::Response& res) {
                 const auto job = store->get(req.matches[1]);
                 if (!job) return reply_error(res, 404, "no job " + std::string(req.matches[1]));
-                reply(res, 200, job_to_json(*job));
+                reply(res, 200, with_forecast(job_to_json(*job)));
               });
     api().Post("/api/v1/jobs", [this](const httplib::Request& req, httplib::Response& res) {
       if (!json_request(req, res)) return;
@@ -466,6 +476,8 @@ struct Service::Impl {
 Service::Service(TransferConfig config) : impl_(std::make_unique<Impl>()) {
   impl_->config = std::move(config);
   impl_->runner_options.cancel = &impl_->cancel_runners;
+  impl_->forecasts =
+      std::make_unique<JobForecasts>(impl_->config.record_size, impl_->config.aes_rekey_records);
 }
 
 Service::~Service() {
