@@ -20,7 +20,7 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
        {"peer", {"sae_id", "address", "transport", "transfer"}},
        {"policy", {"cipher", "on_key_exhausted", "rekey_interval"}},
        {"media", {"realtime_priority", "cpu_wakeup_latency_us"}},
-       {"status", {"listen", "unhealthy_after_s"}},
+       {"status", {"listen", "server_names", "unhealthy_after_s"}},
        {"ice", {"signalling_listen", "peer_signalling", "stun"}},
        {"stream",
         {"name", "direction", "local_rtp_port", "local_rtcp_port", "peer_port", "listen_port",
@@ -83,6 +83,7 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
     const toml::table& status = *status_node->as_table();
     if (status.contains("listen"))
       c.status_listen = r.endpoint(status, "status.", "listen", true);  // :0 = any
+    c.status_server_names = r.hosts(status, "status.", "server_names");
     c.unhealthy_after_s =
         static_cast<std::uint32_t>(r.integer(status, "status.", "unhealthy_after_s", 1, 3600,
                                              "seconds from 1 to 3600", std::int64_t{15}));

@@ -23,6 +23,7 @@
 #include "media_threads.hpp"
 #include "otpgate/gateway.hpp"
 #include "otpgate/hex.hpp"
+#include "otpgate/http_edge.hpp"
 #include "otpgate/keyclient.hpp"
 #include "otpgate/otp_codec.hpp"
 #include "status_report.hpp"
@@ -325,9 +326,10 @@ struct Gateway::Impl {
             res.set_content(json{{"message", e.what()}}.dump(), "application/json");
           }
         });
+    // Messages are sealed with QKD key, so any Host may carry them; limits still apply.
     const Endpoint& listen = config.ice_signalling_listen;
-    const bool bound = listen.port == 0 ? signalling_server.bind_to_any_port(listen.host) > 0
-                                        : signalling_server.bind_to_port(listen.host, listen.port);
+    const bool bound = http_edge::bind(signalling_server, listen.host, listen.port,
+                                       http_edge::Limits{.max_connections = 16}) > 0;
     if (!bound) {
       throw std::runtime_error("ice.signalling_listen " + endpoint_text(listen) +
                                ": cannot listen (in use?)");
@@ -526,6 +528,22 @@ void Gateway::start() {
     }
   }
 
+  // Read-only, but a rebound page must not read it either: only this service's names.
+  auto names = std::make_shared<http_edge::ServiceNames>(g.config.status_listen.host,
+                                                         g.config.status_server_names, false);
+  g.status_server.set_pre_routing_handler(
+      [names](const httplib::Request& req, httplib::Response& res) {
+        const std::string host = req.get_header_value("Host");
+        if (names->names_this_service(host)) return httplib::Server::HandlerResponse::Unhandled;
+        res.status = 403;
+        res.set_content(json{{"error", "request for host \"" + http_edge::clipped(host) +
+                                           "\" refused: not a name of this service (add it to "
+                                           "status.server_names)"}}
+                                .dump() +
+                            "\n",
+                        "application/json");
+        return httplib::Server::HandlerResponse::Handled;
+      });
   g.status_server.Get("/api/v1/status", [&g](const httplib::Request&, httplib::Response& res) {
     res.set_content(g.status().dump(2), "application/json");
   });
@@ -539,13 +557,13 @@ void Gateway::start() {
     res.set_content(health.dump() + "\n", "application/json");
   });
   const Endpoint& listen = g.config.status_listen;
-  g.status_port = listen.port == 0
-                      ? g.status_server.bind_to_any_port(listen.host)
-                      : (g.status_server.bind_to_port(listen.host, listen.port) ? listen.port : -1);
+  g.status_port = http_edge::bind(g.status_server, listen.host, listen.port,
+                                  http_edge::Limits{.max_body_bytes = 64u << 10});
   if (g.status_port <= 0) {
     throw std::runtime_error("status.listen " + endpoint_text(listen) +
                              ": cannot listen (in use?)");
   }
+  names->set_port(static_cast<std::uint16_t>(g.status_port));
   g.status_thread = std::thread([&g] { g.status_server.listen_after_bind(); });
   while (!g.status_server.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }

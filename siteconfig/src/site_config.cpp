@@ -160,6 +160,22 @@ bool Reader::is_host(const std::string& text) {
              ".-:[]") == std::string::npos;
 }
 
+std::vector<std::string> Reader::hosts(const toml::table& table, const std::string& prefix,
+                                       const char* key) const {
+  std::vector<std::string> out;
+  const toml::node* node = table.get(key);
+  if (!node) return out;
+  const toml::array* list = node->as_array();
+  if (!list) fail(prefix + key, shown(node), "a list of host names such as [\"gw.example\"]");
+  for (const auto& n : *list) {
+    const auto* name = n.as_string();
+    if (!name || !is_host(name->get()))
+      fail(prefix + key, shown(&n), "host names such as \"gw.example\"");
+    out.push_back(name->get());
+  }
+  return out;
+}
+
 std::string Reader::host(const toml::table& table, const std::string& prefix, const char* key,
                          const char* expected) const {
   const std::string text = string(table, prefix, key, expected);

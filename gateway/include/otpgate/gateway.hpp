@@ -54,6 +54,9 @@ struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [k
   std::optional<int> cpu_wakeup_latency_us;
   std::filesystem::path cpu_latency_device = "/dev/cpu_dma_latency";  // tests point elsewhere
   Endpoint status_listen{"127.0.0.1", 8080};
+  // [status] server_names: names monitoring and the console reach the status API by,
+  // besides loopback and the listen address (any other Host is refused: DNS rebinding).
+  std::vector<std::string> status_server_names;
   // [status] unhealthy_after_s: how long a fault (KME down or refusing us, no key for
   // media, nothing back from the peer) lasts before health says unhealthy (/healthz 503).
   std::uint32_t unhealthy_after_s = 15;

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "otpgate/config_error.hpp"
 
@@ -40,6 +41,9 @@ class Reader {
   std::string host(const toml::table& table, const std::string& prefix, const char* key,
                    const char* expected) const;
   static bool is_host(const std::string& text);
+  // An optional list of host names (absent: empty).
+  std::vector<std::string> hosts(const toml::table& table, const std::string& prefix,
+                                 const char* key) const;
   const toml::table& table(const char* key) const;           // required
   const toml::table* optional_table(const char* key) const;  // absent: nullptr
   std::filesystem::path file(const toml::table& table, const std::string& prefix,
