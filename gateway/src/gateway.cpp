@@ -26,6 +26,7 @@
 #include "otpgate/http_edge.hpp"
 #include "otpgate/keyclient.hpp"
 #include "otpgate/otp_codec.hpp"
+#include "otpgate/site_config.hpp"
 #include "status_report.hpp"
 
 namespace otpgate::gateway {
@@ -117,9 +118,11 @@ struct Gateway::Impl {
       if (s.config.sends()) {
         s.send_lane = send.lanes++;
         // Each stream keeps its own pad stream and journal (as when each had a supply).
-        send.lane_journals.push_back(
-            config.state_dir /
-            (config.sae_id + "-to-" + config.peer_sae_id + "-" + s.config.name + ".journal"));
+        // SAE IDs are the KME's names and may hold any character: file_in keeps the
+        // journal inside state_dir whatever they say.
+        send.lane_journals.push_back(config::file_in(
+            config.state_dir,
+            config.sae_id + "-to-" + config.peer_sae_id + "-" + s.config.name + ".journal"));
       }
       if (s.config.receives()) s.receive_lane = receive.lanes++;
     }

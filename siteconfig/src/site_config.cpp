@@ -2,6 +2,8 @@
 // The shared part of the one config loader: see otpgate/site_config.hpp.
 #include "otpgate/site_config.hpp"
 
+#include <cctype>
+
 #include <algorithm>
 #include <fstream>
 #include <sstream>
@@ -214,6 +216,22 @@ toml::table parse_toml(std::string_view text, const std::string& source) {
                       std::to_string(where.column) +
                       ": not valid TOML: " + std::string(e.description()));
   }
+}
+
+std::filesystem::path file_in(const std::filesystem::path& dir, std::string_view name) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string safe;
+  for (std::size_t i = 0; i < name.size(); ++i) {
+    const auto c = static_cast<unsigned char>(name[i]);
+    const bool plain = std::isalnum(c) || c == '-' || c == '_' || (c == '.' && i > 0);
+    if (plain) {
+      safe.push_back(static_cast<char>(c));
+    } else {
+      safe += {'%', kHex[c >> 4], kHex[c & 15]};
+    }
+  }
+  if (safe.empty()) safe = "%00";
+  return dir / safe;
 }
 
 std::string read_config_file(const std::filesystem::path& path) {

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "gateway_fixture.hpp"
+#include "otpgate/site_config.hpp"
 
 namespace {
 
@@ -179,4 +180,21 @@ TEST_F(CheckConfig, StartUpRunsTheSameChecksAndExitsAtOnce) {
   EXPECT_EQ(run.exit_code, 2) << run.output;  // not 124: it did not run on
   EXPECT_NE(run.output.find("does not match the certificate in kme.tls_cert"), std::string::npos)
       << run.output;
+}
+
+TEST(SiteConfig, FileNamesFromConfigStayInsideTheirDirectory) {
+  using otpgate::config::file_in;
+  const fs::path dir = "/var/lib/otpgate";
+  EXPECT_EQ(file_in(dir, "sae-a-to-sae-b-video-1.journal"),
+            dir / "sae-a-to-sae-b-video-1.journal");  // journals of plain names keep their name
+  for (const char* hostile : {"../../etc/passwd", "..", ".", "/etc/shadow", "a/../../b", "",
+                              ".hidden", "ward 7+icu%", "x\n/y"}) {
+    const fs::path p = file_in(dir, hostile);
+    EXPECT_EQ(p.parent_path(), dir) << hostile;
+    EXPECT_EQ(p.lexically_normal().parent_path(), dir) << hostile;
+    EXPECT_EQ(p.filename().string().find('/'), std::string::npos) << hostile;
+    EXPECT_NE(p.filename().string().front(), '.') << hostile;
+  }
+  EXPECT_EQ(file_in(dir, "../x"), dir / "%2E.%2Fx");
+  EXPECT_NE(file_in(dir, "a b"), file_in(dir, "a_b"));  // distinct names stay distinct
 }

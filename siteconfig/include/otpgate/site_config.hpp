@@ -55,6 +55,11 @@ class Reader {
   std::string source_;
 };
 
+// `dir / name` for a file whose name comes from config or peers (SAE IDs, stream names):
+// every byte outside [A-Za-z0-9._-] and a leading '.' are %XX-encoded, so the result is a
+// single file name inside `dir` whatever the text ("../x" becomes "%2E.%2Fx").
+std::filesystem::path file_in(const std::filesystem::path& dir, std::string_view name);
+
 // Parses TOML text; a syntax error becomes "source:line:column: not valid TOML: ...".
 toml::table parse_toml(std::string_view text, const std::string& source);
 // Reads a config file's text; a missing file is a ConfigError naming it.
