@@ -14,7 +14,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from doc_examples import tcp_listening, udp_bound, wait_until  # noqa: E402
 
 source, build = sys.argv[1], sys.argv[2]
 readme = open(os.path.join(source, "README.md")).read()
@@ -53,8 +56,22 @@ env_script = env_script.replace("scripts/make-test-pki.sh", f"{source}/scripts/m
 env_script = env_script.replace(" &\n", " >\"$W/kme.log\" 2>&1 &\necho $! > \"$W/kme.pid\"\n")
 
 
+# The pipelines' shells take the set-up's variables; the set-up itself runs once, first.
+env_only = "\n".join(l for l in env_script.splitlines() if re.match(r"(export )?\w+=", l))
+
+
+def set_up():
+    """The README's set-up block, once, as a user runs it; ready when its KME listens."""
+    rc = subprocess.run(["bash", "-c", f"set -e\nW={work}\n{env_script}"],
+                        stdout=open(f"{work}/setup.log", "w"), stderr=subprocess.STDOUT,
+                        timeout=120).returncode
+    if rc != 0:
+        raise AssertionError("the set-up block failed:\n" + open(f"{work}/setup.log").read())
+    wait_until(lambda: tcp_listening(int(kme_port)), "the set-up block's KME is listening")
+
+
 def shell(script, log, background=False):
-    full = f"set -e\nW={work}\n{env_script}\nfor i in $(seq 100); do curl -sk https://localhost:{kme_port}/ >/dev/null 2>&1 && break; sleep 0.05; done\n{script}"
+    full = f"set -e\nW={work}\n{env_only}\n{script}"
     if background:
         return subprocess.Popen(["bash", "-c", full], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -79,23 +96,32 @@ def kill_kme():
 
 failed = []
 try:
+    set_up()
     # The live call: site B's receivers (verbose, to see what they decode), then site A.
     b = shell(adapt(call_b).replace("gst-launch-1.0", "gst-launch-1.0 -v", 1), f"{work}/call-b.log",
               background=True)
-    time.sleep(1.5)
+    # Site B is ready once both its UDP sockets are bound (no guessed sleep).
+    wait_until(lambda: udp_bound(int(ports["5004"])) and udp_bound(int(ports["5006"])),
+               "site B's receivers are listening")
     rc = shell(adapt(call_a), f"{work}/call-a.log")
-    time.sleep(1.0)
+    decoded = {"the VP8 video": r"vp8dec.*src: caps = video/x-raw.*width=\(int\)640",
+               "the Opus audio": r"opusdec.*src: caps = audio/x-raw"}
+
+    def log_b():
+        return open(f"{work}/call-b.log").read()
+    try:  # site B has decoded both (or says why not); the deadline only bounds a hang
+        wait_until(lambda: all(re.search(p, log_b()) for p in decoded.values()) or
+                   "ERROR" in log_b(), "site B decodes what site A sent", 30)
+    except AssertionError:
+        pass
     stop(b)
-    kill_kme()
-    log_b = open(f"{work}/call-b.log").read()
     if rc != 0:
         failed.append("site A's call pipeline failed:\n" + open(f"{work}/call-a.log").read()[-2000:])
-    if "ERROR" in log_b:
-        failed.append("site B's call pipeline reported an error:\n" + log_b[-2000:])
-    if not re.search(r"vp8dec.*src: caps = video/x-raw.*width=\(int\)640", log_b):
-        failed.append("site B never decoded the VP8 video site A sent")
-    if not re.search(r"opusdec.*src: caps = audio/x-raw", log_b):
-        failed.append("site B never decoded the Opus audio site A sent")
+    if "ERROR" in log_b():
+        failed.append("site B's call pipeline reported an error:\n" + log_b()[-2000:])
+    for what, pattern in decoded.items():
+        if not re.search(pattern, log_b()):
+            failed.append(f"site B never decoded {what} site A sent")
 
     # The file over TCP: site B, then site A; the file must arrive identical.
     with open(f"{work}/specimen.bam", "wb") as f:
@@ -104,14 +130,13 @@ try:
     receiver = lines[0]
     sender = "\n".join(lines[1:])
     b = shell(receiver, f"{work}/file-b.log", background=True)
-    time.sleep(1.5)
+    wait_until(lambda: tcp_listening(int(ports["7000"])), "site B's file receiver is listening")
     rc = shell(sender, f"{work}/file-a.log")
     try:
         b.wait(timeout=30)  # the receiver ends with the stream (EOS on the final record)
     except subprocess.TimeoutExpired:
         stop(b)
         failed.append("site B's file receiver did not finish after the sender did")
-    kill_kme()
     if rc != 0:
         failed.append("site A's file sender failed:\n" + open(f"{work}/file-a.log").read()[-2000:])
     same = os.path.exists(f"{work}/received.bam") and \
@@ -119,6 +144,8 @@ try:
     if not same:
         failed.append("the file received at site B differs from specimen.bam:\n" +
                       open(f"{work}/file-b.log").read()[-2000:])
+except AssertionError as e:
+    failed.append(str(e))
 finally:
     kill_kme()
     if not os.environ.get("KEEP"):
