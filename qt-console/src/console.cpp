@@ -577,6 +577,13 @@ void AlertLog::check_gateway(const QString& service, const QJsonObject& status) 
       }
     }
   }
+  // The gateway's own verdict (what /healthz answers), with its reasons.
+  const QJsonObject health = status.value("health").toObject();
+  QStringList reasons;
+  for (const auto& r : health.value("reasons").toArray()) reasons << r.toString();
+  set("health:" + site, health.value("status").toString() == "unhealthy",
+      alert_line(site, "gateway unhealthy: " + reasons.join("; "),
+                 "its /healthz answers 503 until the reasons clear"));
   const double wiped = status.value("key_wiped_at_stop_bytes").toDouble();
   set("wiped:" + site + QString::number(wiped), wiped > 0,
       alert_line(site,

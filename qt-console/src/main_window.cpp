@@ -20,6 +20,7 @@
 #include <QTabWidget>
 #include <QVBoxLayout>
 #include <cmath>
+#include <utility>
 
 namespace otpgate::console {
 
@@ -217,7 +218,9 @@ void MainWindow::add_service(const ServiceEntry& entry, int poll_ms) {
   update_service_label();
 }
 
-void MainWindow::on_gateway(ServicePoller*, const QJsonObject& status) {
+void MainWindow::on_gateway(ServicePoller* service, const QJsonObject& status) {
+  const QString health = status.value("health").toObject().value("status").toString();
+  if (std::exchange(health_[service], health) != health) update_service_label();
   links_.update_site(status);
   key_supplies_.update_site(status);
   streams_.update_site(status);
@@ -340,10 +343,18 @@ void MainWindow::job_action(const QString& action) {
   }
 }
 
+QString MainWindow::services_text() const {
+  return services_label_->text();
+}
+
 void MainWindow::update_service_label() {
   QStringList parts;
   for (auto* s : services_)
-    parts << QString("%1 %2").arg(s->base().authority(), s->up() ? "up" : "DOWN");
+    // A gateway that answers but says it is unhealthy is not "up" to an operator.
+    parts << QString("%1 %2").arg(s->base().authority(), !s->up()                    ? "DOWN"
+                                                         : health_[s] == "unhealthy" ? "UNHEALTHY"
+                                                         : health_[s] == "degraded"  ? "degraded"
+                                                                                     : "up");
   services_label_->setText(parts.join("   "));
 }
 

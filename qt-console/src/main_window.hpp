@@ -42,6 +42,7 @@ class MainWindow : public QMainWindow {
   StreamModel& streams() { return streams_; }
   JobModel& jobs() { return jobs_; }
   AlertLog& alerts() { return alerts_; }
+  QString services_text() const;  // the status bar's service list ("host:port up")
   QTableView* job_view() { return job_view_; }
   QPushButton* start_button() { return start_; }
   QPushButton* abort_button() { return abort_; }
@@ -53,6 +54,7 @@ class MainWindow : public QMainWindow {
   void on_gateway(ServicePoller* service, const QJsonObject& status);
   void job_action(const QString& action);
   void update_service_label();
+  std::map<const ServicePoller*, QString> health_;  // a gateway's last health verdict
 
   LinkModel links_;
   KeySupplyModel key_supplies_;

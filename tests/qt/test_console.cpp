@@ -220,22 +220,29 @@ class ConsoleTest : public QObject {
     link["seconds_left"] = nullptr;
     status["key_wiped_at_stop_bytes"] = 262144;
     status["streams"][0]["send"]["replays"] = 4;
+    status["health"] = {{"status", "unhealthy"},
+                        {"reasons", {"stream p1-video: no key for 16 s; its media is dropped"}},
+                        {"warnings", nlohmann::json::array()}};
     RecordedService gateway;
     gateway.status = status.dump();
     gateway.start();
     MainWindow w;
     w.add_service(ServicePoller::Kind::gateway, gateway.url(), 100);
     QTRY_COMPARE(w.links().rowCount(), 1);
-    QTRY_COMPARE(w.alerts().rowCount(), 4);
+    QTRY_COMPARE(w.alerts().rowCount(), 5);
     const QString all = w.alerts().stringList().join("\n");
     for (const char* expected :
          {"hospital-a: send link to sae-b: KME unhealthy: KME enc_keys: HTTP 503: no key (check "
           "the KME",
           "hospital-a: send link to sae-b: AES fallback engaged on 3 of 20 streams (key ran out",
           "hospital-a: p1-video send: 4 new replays (dropped, never delivered",
-          "hospital-a: 262.1 kB of fetched key was wiped unused when the gateway last stopped ("}) {
+          "hospital-a: 262.1 kB of fetched key was wiped unused when the gateway last stopped (",
+          "hospital-a: gateway unhealthy: stream p1-video: no key for 16 s; its media is dropped "
+          "(its /healthz answers 503"}) {
       QVERIFY2(all.contains(expected), qPrintable(all));
     }
+    // The status bar says so too: the service answers, but is not "up".
+    QTRY_VERIFY2(w.services_text().contains("UNHEALTHY"), qPrintable(w.services_text()));
     QVERIFY(!all.contains("horizon"));  // the link's key does not run out: no horizon alert
     // Each line starts with its time.
     for (const auto& line : w.alerts().stringList())
