@@ -1,0 +1,314 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
+// SIP media control for otp-gateway (issue 15), the parts below the gateway: a strict
+// bencode codec, rtpengine's ng control protocol (cookie + bencoded dictionary over UDP,
+// as Kamailio's and OpenSIPS's rtpengine modules send it), SDP parsing and rewriting per
+// media section with the a=x-otp marker and the expected bit rate per media, and a UDP
+// listener that hands ng commands to a handler. Nothing here knows the gateway; the
+// gateway implements ng::Handler. See docs/sip.md.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <variant>
+#include <vector>
+
+namespace otpgate {
+
+namespace bencode {
+
+struct Value;
+using List = std::vector<Value>;
+using Dict = std::map<std::string, Value, std::less<>>;  // encoded with sorted keys
+
+struct Value {
+  std::variant<std::int64_t, std::string, List, Dict> v;
+
+  Value() : v(std::int64_t{0}) {}
+  Value(std::int64_t i) : v(i) {}  // NOLINT: implicit, so dictionaries read naturally
+  Value(int i) : v(std::int64_t{i}) {}
+  Value(std::string s) : v(std::move(s)) {}
+  Value(std::string_view s) : v(std::string(s)) {}
+  Value(const char* s) : v(std::string(s)) {}
+  Value(List l) : v(std::move(l)) {}
+  Value(Dict d) : v(std::move(d)) {}
+
+  const std::int64_t* integer() const { return std::get_if<std::int64_t>(&v); }
+  const std::string* string() const { return std::get_if<std::string>(&v); }
+  const List* list() const { return std::get_if<List>(&v); }
+  const Dict* dict() const { return std::get_if<Dict>(&v); }
+  bool operator==(const Value&) const = default;
+};
+
+struct Limits {
+  std::size_t max_depth = 32;            // nested lists/dictionaries
+  std::size_t max_input = 256 * 1024;    // bytes of input
+  std::size_t max_elements = 64 * 1024;  // values in all, at any depth
+};
+
+// What a malformed input is: a message naming what was expected and the byte offset.
+class DecodeError : public std::runtime_error {
+ public:
+  DecodeError(const std::string& what, std::size_t offset);
+  std::size_t offset() const { return offset_; }
+
+ private:
+  std::size_t offset_;
+};
+
+// Exactly one value filling `text`. Strict: canonical integers (no "-0", no leading zeros,
+// int64 range), canonical string lengths, no duplicate dictionary keys, nothing after the
+// value. Dictionary keys may come unsorted (Kamailio and rtpengine do not sort them).
+Value decode(std::string_view text, const Limits& limits = {});
+std::string encode(const Value& value);
+
+}  // namespace bencode
+
+namespace ng {
+
+enum class Command { ping, offer, answer, remove /* "delete" */, query, list };
+std::string_view command_name(Command command);
+
+// One ng request, typed. Keys are matched with spaces and hyphens as equals ("received
+// from" is "received-from"), as rtpengine does; so are flags, which are kept with hyphens.
+struct Request {
+  Command command = Command::ping;
+  std::string call_id, from_tag, to_tag, via_branch;
+  std::string sdp;                     // offer, answer
+  std::vector<std::string> flags;      // "trust-address", "SIP-source-address", ...
+  std::vector<std::string> replace;    // "origin", "session-connection", ...
+  std::vector<std::string> direction;  // logical interfaces, e.g. {"internal", "external"}
+  std::vector<std::string> rtcp_mux;   // "demux", "accept", "offer", "require", "reject"
+  std::vector<std::string> supports;   // "load-limit"
+  std::string ice;                     // "remove", "force", "default", ... (empty: absent)
+  std::string transport_protocol;      // "RTP/AVP", ... (empty: absent)
+  std::string address_family;          // "IP4", "IP6" (empty: absent)
+  std::string received_from_family, received_from_address;  // SIP source (empty: absent)
+  std::string sip_message_type;       // "sip-request", "sip-reply" (newer Kamailio)
+  std::optional<std::int64_t> limit;  // list
+  std::optional<std::int64_t> delete_delay;
+  bencode::Dict dict;  // the request as received, for keys not typed here
+
+  bool has_flag(std::string_view flag) const;  // spaces or hyphens
+};
+
+// Why a request is refused: the reply's error-reason.
+class Refused : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The request dictionary of a datagram (after the cookie). Throws Refused for a dictionary
+// that is not a valid request (unknown command, missing call-id, wrong types).
+Request parse_request(const bencode::Value& dict);
+
+// A datagram split at its first space: cookie and body. nullopt when there is no cookie
+// (no space, or an empty or over-long cookie, or a control character in it): no reply can
+// be matched to such a datagram, so none is sent.
+struct Datagram {
+  std::string_view cookie, body;
+};
+std::optional<Datagram> split_datagram(std::string_view datagram);
+
+bencode::Dict reply_pong();
+bencode::Dict reply_ok(std::string_view sdp = {}, std::string_view warning = {});
+bencode::Dict reply_error(std::string_view reason);
+std::string format_reply(std::string_view cookie, const bencode::Dict& reply);
+
+// query: what rtpengine's reply carries, as far as the gateway knows it.
+struct StreamStats {
+  std::uint16_t local_port = 0;
+  std::string endpoint_address;  // where media goes ("" when not known yet)
+  std::uint16_t endpoint_port = 0;
+  bool rtcp = false;
+  std::uint64_t packets = 0, bytes = 0, errors = 0;
+  std::int64_t last_packet = 0;  // UNIX seconds, 0: none yet
+};
+struct MediaStats {
+  std::string type;      // audio, video, application
+  std::string protocol;  // RTP/AVP, ...
+  std::vector<StreamStats> streams;
+};
+struct TagStats {
+  std::string tag, in_dialogue_with;
+  std::int64_t created = 0;
+  std::vector<MediaStats> medias;
+};
+struct QueryResult {
+  std::int64_t created = 0, last_signal = 0;  // UNIX seconds
+  std::vector<TagStats> tags;
+};
+bencode::Dict reply_query(const QueryResult& result);
+bencode::Dict reply_list(const std::vector<std::string>& call_ids);
+
+// What the gateway does per command. Throw Refused to answer result: error with that
+// reason; any other exception answers "internal error: ..." (and the listener goes on).
+class Handler {
+ public:
+  virtual ~Handler() = default;
+  virtual std::string offer(const Request& request) = 0;   // the rewritten SDP
+  virtual std::string answer(const Request& request) = 0;  // the rewritten SDP
+  // delete; a warning (e.g. "unknown call") answers ok with it, as rtpengine does.
+  virtual std::optional<std::string> remove(const Request& request) = 0;
+  virtual QueryResult query(const Request& request) = 0;
+  virtual std::vector<std::string> list(std::size_t limit) = 0;
+};
+
+// Replies by (sender, cookie), so a retransmitted request gets the identical reply and is
+// not executed twice. Bounded in entries and age (Kamailio retransmits within seconds).
+class ReplyCache {
+ public:
+  using Clock = std::chrono::steady_clock;
+  explicit ReplyCache(std::size_t max_entries = 4096,
+                      Clock::duration max_age = std::chrono::seconds(60))
+      : max_entries_(max_entries), max_age_(max_age) {}
+  // The reply sent for this key, if it is still held.
+  const std::string* find(const std::string& key, Clock::time_point now);
+  void insert(const std::string& key, std::string reply, Clock::time_point now);
+  std::size_t size() const { return replies_.size(); }
+
+ private:
+  void expire(Clock::time_point now);
+  std::size_t max_entries_;
+  Clock::duration max_age_;
+  std::unordered_map<std::string, std::string> replies_;
+  std::deque<std::pair<Clock::time_point, std::string>> order_;  // oldest first
+};
+
+struct Counters {
+  std::atomic<std::uint64_t> datagrams{0}, replies{0}, retransmissions{0}, errors{0},
+      dropped{0} /* no cookie: nothing to answer */;
+};
+
+// One datagram in, the reply datagram out (nullopt: none). `sender` names the source
+// address for the reply cache. Never throws for what a datagram holds.
+class Processor {
+ public:
+  explicit Processor(Handler& handler, bencode::Limits limits = {})
+      : handler_(handler), limits_(limits) {}
+  std::optional<std::string> process(std::string_view datagram, std::string_view sender,
+                                     ReplyCache::Clock::time_point now);
+  const Counters& counters() const { return counters_; }
+
+ private:
+  bencode::Dict execute(std::string_view body);
+  Handler& handler_;
+  bencode::Limits limits_;
+  ReplyCache cache_;
+  Counters counters_;
+};
+
+// The ng control socket: a UDP socket on a numeric address (IPv4 or IPv6, port 0 picks
+// one) and a thread that answers each datagram in turn through a Processor. Stops and
+// joins in its destructor.
+class Listener {
+ public:
+  Listener(Handler& handler, const std::string& address, std::uint16_t port);
+  ~Listener();
+  Listener(const Listener&) = delete;
+  Listener& operator=(const Listener&) = delete;
+  std::uint16_t port() const;
+  const Counters& counters() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ng
+
+namespace sdp {
+
+class ParseError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// One "x=value" line, kept as received (the value without "x=").
+struct Line {
+  char type;
+  std::string value;
+  bool operator==(const Line&) const = default;
+};
+
+struct Connection {
+  std::string addr_type;  // IP4, IP6
+  std::string address;
+  bool zero() const;  // 0.0.0.0 or :: (on hold, RFC 2543 style)
+};
+
+enum class Direction { sendrecv, sendonly, recvonly, inactive };
+
+struct Media {
+  std::string type;  // audio, video, application, ...
+  std::uint16_t port = 0;
+  std::string port_count;  // "/2" suffix kept as text ("" without)
+  std::string proto;       // RTP/AVP, RTP/SAVPF, UDP/TLS/RTP/SAVPF, TCP/BFCP, ...
+  std::vector<std::string> formats;
+  std::vector<Line> lines;  // the lines after m=, in order
+
+  bool rejected() const { return port == 0; }
+  bool rtp() const;  // an RTP profile (RTP/... or UDP/TLS/RTP/...)
+};
+
+struct Session {
+  std::vector<Line> lines;  // v= o= s= ... up to the first m=
+  std::vector<Media> media;
+};
+
+// Parses SDP (CRLF or LF line ends). Checks what rewriting relies on: v=0 first, o= and
+// s= present, m= and c= lines well formed, a port in 0-65535, no NUL; other lines are kept
+// as they are. Throws ParseError naming the line.
+Session parse(std::string_view text, std::size_t max_bytes = 64 * 1024);
+std::string format(const Session& session);  // CRLF line ends
+
+// The connection that applies to a media section (its own c=, else the session's).
+std::optional<Connection> connection(const Session& session, const Media& media);
+Direction direction(const Session& session, const Media& media);
+// The SAE named by a=x-otp (media level, else session level).
+std::optional<std::string> otp_sae(const Session& session, const Media& media);
+// Values of a=NAME[:value] at media level ("" for a flag attribute).
+std::vector<std::string> attributes(const Media& media, std::string_view name);
+
+// Where the gateway receives a media section's RTP (and RTCP, unless multiplexed).
+struct MediaPorts {
+  std::uint16_t rtp = 0;
+  std::optional<std::uint16_t> rtcp;  // nullopt: no a=rtcp (rtcp-mux)
+};
+struct Rewrite {
+  std::string address;            // the gateway's numeric address towards this leg
+  std::vector<MediaPorts> ports;  // one per m= line (ignored for rejected ones)
+  bool strip_ice = false;
+  bool replace_origin = false;         // o= address too
+  std::optional<std::string> otp_sae;  // add a=x-otp:<sae> to each accepted media
+  bool remove_otp = false;             // drop any a=x-otp (towards a local endpoint)
+};
+// Rewrites c=, m= ports and a=rtcp to the gateway; zero (hold) addresses, codecs, b=
+// lines and direction attributes are kept. Throws std::invalid_argument for options that
+// do not fit the session (ports count, an empty address, an unusable SAE ID).
+Session rewrite(Session session, const Rewrite& options);
+
+// The bit rate a media section is expected to carry, for key-budget admission.
+struct Bitrate {
+  enum class Source { tias, as, codec, none };
+  std::uint64_t bits_per_second = 0;
+  Source source = Source::none;
+  std::string codec;  // the codec the default came from
+};
+// b=TIAS, else b=AS (kbit/s), else the highest default among the offered codecs (table in
+// docs/sip.md). Rejected and non-RTP media: 0.
+Bitrate expected_bitrate(const Media& media);
+// A codec's default rate in bit/s (encoding name case-insensitive); nullopt if unknown.
+std::optional<std::uint64_t> codec_bitrate(std::string_view media_type, std::string_view encoding);
+
+}  // namespace sdp
+
+}  // namespace otpgate
