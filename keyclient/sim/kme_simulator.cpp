@@ -525,15 +525,17 @@ struct KmeSimulator::Impl {
     return faults;
   }
 
-  // hang: holds a request until the fault is cleared (true: serve it now) or the
-  // simulator stops (false).
-  bool hold(const httplib::Request& req) {
+  // hang (or hold_dec_keys, for dec_keys): holds a request until the fault is cleared
+  // (then it is served) or the simulator stops (503).
+  void hold(const httplib::Request& req, bool SimulatorFaults::*fault) {
     std::unique_lock lock(faults_mutex);
-    if (!faults->hang) return true;
+    if (!((*faults).*fault)) return;
     ++requests_hung;
-    config.log(LogLevel::debug, req.method + " " + req.path + " held (hang)");
-    faults_changed.wait(lock, [this] { return !faults->hang || stopping; });
-    return !stopping;
+    config.log(LogLevel::debug, req.method + " " + req.path + " held");
+    faults_changed.wait(lock, [&] { return !((*faults).*fault) || stopping; });
+    if (stopping) {
+      throw Refusal{503, "the KME is shutting down", nullptr, "Service temporarily unavailable"};
+    }
   }
 
   // Wraps a handler: faults, authentication, errors in the configured style, counters,
@@ -545,10 +547,11 @@ struct KmeSimulator::Impl {
       std::shared_ptr<const SimulatorFaults> f = current_faults();
       try {
         if (f->hang) {
-          if (!hold(req)) {
-            throw Refusal{503, "the KME is shutting down", nullptr,
-                          "Service temporarily unavailable"};
-          }
+          hold(req, &SimulatorFaults::hang);
+          f = current_faults();
+        }
+        if (f->hold_dec_keys && req.path.ends_with("/dec_keys")) {
+          hold(req, &SimulatorFaults::hold_dec_keys);
           f = current_faults();
         }
         const std::string caller = authenticate(req, *f);

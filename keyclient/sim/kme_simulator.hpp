@@ -42,6 +42,10 @@ struct SimulatorFaults {
   // Connections and requests are accepted but never answered, until hang is cleared
   // (then they are served) or the simulator stops.
   bool hang = false;
+  // dec_keys requests are held unanswered until this is cleared (then served) or the
+  // simulator stops: keys on their way between the KMEs, for as long as a test needs to
+  // see the receiver waiting for them. Other requests are served.
+  bool hold_dec_keys = false;
   // Requests from these SAEs get 401, as from a certificate the KME does not accept.
   std::vector<std::string> refuse_sae;
 };
@@ -89,7 +93,7 @@ struct SimulatorStats {
   std::uint64_t requests = 0;
   std::uint64_t refused = 0;        // 4xx/5xx answers
   std::uint64_t keys_replaced = 0;  // dropped unfetched by replace_unfetched_batch
-  std::uint64_t requests_hung = 0;  // held unanswered by hang
+  std::uint64_t requests_hung = 0;  // held unanswered by hang or hold_dec_keys
 };
 
 class KmeSimulator {
