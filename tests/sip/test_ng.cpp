@@ -1,0 +1,319 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
+// rtpengine ng messages as Kamailio's rtpengine module (5.6, Debian 12) sends them, byte
+// for byte: typed requests, replies with the cookie, errors, the reply cache.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "ng_test_handler.hpp"
+#include "otpgate/sip.hpp"
+
+namespace bencode = otpgate::bencode;
+namespace ng = otpgate::ng;
+using otpgate::test::RecordingHandler;
+
+namespace {
+
+using Clock = ng::ReplyCache::Clock;
+
+// A bencoded string, so the SDP's length prefix is right by construction.
+std::string bstr(std::string_view s) {
+  return std::to_string(s.size()) + ":" + std::string(s);
+}
+
+// What baresip offers through Kamailio (CRLF, as it is sent).
+const std::string kOfferSdp =
+    "v=0\r\n"
+    "o=- 1186837357 1976489876 IN IP4 192.0.2.10\r\n"
+    "s=-\r\n"
+    "c=IN IP4 192.0.2.10\r\n"
+    "t=0 0\r\n"
+    "m=audio 10000 RTP/AVP 96 0 101\r\n"
+    "a=rtpmap:96 opus/48000/2\r\n"
+    "a=fmtp:96 stereo=1;sprop-stereo=1\r\n"
+    "a=rtpmap:0 PCMU/8000\r\n"
+    "a=rtpmap:101 telephone-event/8000\r\n"
+    "a=fmtp:101 0-15\r\n"
+    "a=sendrecv\r\n";
+
+// rtpengine_offer("replace-origin replace-session-connection trust-address ICE=remove RTP/AVP")
+// in Kamailio 5.6: keys in the order the module adds them, cookie "<pid>_<seq>".
+std::string kamailio_offer(std::string_view cookie) {
+  return std::string(cookie) + " d8:supportsl10:load limite3:sdp" + bstr(kOfferSdp) +
+         "3:ICE6:remove5:flagsl13:trust-addresse7:replacel6:origin18:session-connectione"
+         "18:transport-protocol7:RTP/AVP13:received-froml3:IP49:127.0.0.1e"
+         "7:call-id36:0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b"
+         "10:via-branch13:z9hG4bK.Xd1a2"
+         "8:from-tag10:a4f1c9b2e0"
+         "7:command5:offere";
+}
+
+std::string kamailio_answer(std::string_view cookie, std::string_view sdp) {
+  return std::string(cookie) + " d8:supportsl10:load limite3:sdp" + bstr(sdp) +
+         "3:ICE6:remove7:replacel6:origin18:session-connectione"
+         "13:received-froml3:IP49:127.0.0.1e"
+         "7:call-id36:0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b"
+         "8:from-tag10:a4f1c9b2e06:to-tag8:7f3e91aa"
+         "7:command6:answere";
+}
+
+std::string error_reply(std::string_view cookie, std::string_view reason) {
+  return std::string(cookie) + " d12:error-reason" + bstr(reason) + "6:result5:errore";
+}
+
+ng::Request request_of(const std::string& datagram) {
+  const auto parts = ng::split_datagram(datagram);
+  EXPECT_TRUE(parts);
+  return ng::parse_request(bencode::decode(parts->body));
+}
+
+std::string refusal(const std::string& body) {
+  try {
+    ng::parse_request(bencode::decode(body));
+  } catch (const ng::Refused& e) {
+    return e.what();
+  }
+  return "accepted";
+}
+
+}  // namespace
+
+TEST(NgMessages, KamailioOfferIsTyped) {
+  const ng::Request q = request_of(kamailio_offer("9276_3"));
+  EXPECT_EQ(q.command, ng::Command::offer);
+  EXPECT_EQ(q.call_id, "0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b");
+  EXPECT_EQ(q.from_tag, "a4f1c9b2e0");
+  EXPECT_EQ(q.to_tag, "");
+  EXPECT_EQ(q.via_branch, "z9hG4bK.Xd1a2");
+  EXPECT_EQ(q.sdp, kOfferSdp);
+  EXPECT_EQ(q.ice, "remove");
+  EXPECT_EQ(q.transport_protocol, "RTP/AVP");
+  EXPECT_EQ(q.replace, (std::vector<std::string>{"origin", "session-connection"}));
+  EXPECT_EQ(q.received_from_family, "IP4");
+  EXPECT_EQ(q.received_from_address, "127.0.0.1");
+  EXPECT_EQ(q.supports, (std::vector<std::string>{"load-limit"}));
+  EXPECT_TRUE(q.has_flag("trust address"));
+  EXPECT_TRUE(q.has_flag("trust-address"));
+  EXPECT_FALSE(q.has_flag("asymmetric"));
+}
+
+TEST(NgMessages, KamailioAnswerNeedsToTag) {
+  const ng::Request q = request_of(kamailio_answer("9276_4", kOfferSdp));
+  EXPECT_EQ(q.command, ng::Command::answer);
+  EXPECT_EQ(q.to_tag, "7f3e91aa");
+  EXPECT_EQ(refusal("d7:command6:answer7:call-id1:c8:from-tag1:f3:sdp3:v=0e"),
+            "missing key \"to-tag\"");
+}
+
+TEST(NgMessages, SpacesAndHyphensInKeysAndFlagsAreTheSame) {
+  // rtpengine's documented example uses "transport protocol" and "address family".
+  const ng::Request q = ng::parse_request(bencode::decode(
+      "d7:command5:offer7:call-id1:c8:from-tag1:f3:sdp3:v=018:transport protocol8:RTP/SAVP"
+      "14:address family3:IP613:received froml3:IP410:10.65.31.4e5:flagsl18:SIP source addressee"));
+  EXPECT_EQ(q.transport_protocol, "RTP/SAVP");
+  EXPECT_EQ(q.address_family, "IP6");
+  EXPECT_EQ(q.received_from_address, "10.65.31.4");
+  EXPECT_TRUE(q.has_flag("SIP-source-address"));
+  EXPECT_EQ(
+      refusal("d7:command5:query7:call-id1:c13:received-froml3:IP41:ae13:received froml3:IP41:aee"),
+      "key \"received-from\" given twice (with a space and a hyphen)");
+}
+
+TEST(NgMessages, DeleteQueryListPing) {
+  ng::Request q = ng::parse_request(bencode::decode(
+      "d7:call-id1:c8:from-tag1:f6:to-tag1:t10:via-branch3:b.17:command6:delete5:flagsl5:fatalee"));
+  EXPECT_EQ(q.command, ng::Command::remove);
+  EXPECT_TRUE(q.has_flag("fatal"));
+  q = ng::parse_request(bencode::decode("d7:command5:query7:call-id1:ce"));
+  EXPECT_EQ(q.command, ng::Command::query);
+  q = ng::parse_request(bencode::decode("d7:command4:list5:limiti5ee"));
+  EXPECT_EQ(q.command, ng::Command::list);
+  EXPECT_EQ(q.limit, 5);
+  q = ng::parse_request(bencode::decode("d7:command4:list5:limit2:10e"));
+  EXPECT_EQ(q.limit, 10);
+  q = ng::parse_request(bencode::decode("d7:command4:pinge"));
+  EXPECT_EQ(q.command, ng::Command::ping);
+}
+
+TEST(NgMessages, RefusesWhatIsNotARequest) {
+  EXPECT_EQ(refusal("l7:commande"), "the message is not a dictionary");
+  EXPECT_EQ(refusal("d4:calldee"), "missing key \"command\"");
+  EXPECT_EQ(refusal("d7:commandi1ee"), "key \"command\" must be a string");
+  EXPECT_EQ(refusal("d7:command15:start recordinge"), "unknown command \"start recording\"");
+  EXPECT_EQ(refusal("d7:command5:offer8:from-tag1:f3:sdp3:v=0e"), "missing key \"call-id\"");
+  EXPECT_EQ(refusal("d7:command5:offer7:call-id1:c3:sdp3:v=0e"), "missing key \"from-tag\"");
+  EXPECT_EQ(refusal("d7:command5:offer7:call-id1:c8:from-tag1:fe"), "missing key \"sdp\"");
+  EXPECT_EQ(refusal("d7:command5:offer7:call-id1:c8:from-tag1:f3:sdp0:e"), "empty SDP");
+  EXPECT_EQ(refusal("d7:command6:delete7:call-id1:c8:from-tag1:f5:flagsi1ee"),
+            "key \"flags\" must be a list of strings");
+  EXPECT_EQ(refusal("d7:command6:delete7:call-id1:c8:from-tag1:f5:flagsli1eee"),
+            "key \"flags\" must be a list of strings");
+  EXPECT_EQ(refusal("d7:command5:query7:call-id1:c13:received-froml3:IP4ee"),
+            "key \"received-from\" must be [family, address]");
+  EXPECT_EQ(refusal("d7:command4:list5:limiti0ee"), "key \"limit\" must be above 0");
+  EXPECT_EQ(refusal("d7:command4:list5:limit2:1xe"), "key \"limit\" must be an integer");
+}
+
+TEST(NgMessages, SplitsTheCookie) {
+  auto d = ng::split_datagram("5323_1 d7:command4:pinge");
+  ASSERT_TRUE(d);
+  EXPECT_EQ(d->cookie, "5323_1");
+  EXPECT_EQ(d->body, "d7:command4:pinge");
+  EXPECT_FALSE(ng::split_datagram("d7:command4:pinge"));   // no cookie
+  EXPECT_FALSE(ng::split_datagram(" d7:command4:pinge"));  // empty cookie
+  EXPECT_FALSE(ng::split_datagram(std::string(65, 'c') + " de"));
+  EXPECT_FALSE(ng::split_datagram(std::string_view("a\0b de", 6)));
+  EXPECT_FALSE(ng::split_datagram(""));
+}
+
+TEST(NgMessages, RepliesByteExact) {
+  EXPECT_EQ(ng::format_reply("5323_1", ng::reply_pong()), "5323_1 d6:result4:ponge");
+  EXPECT_EQ(ng::format_reply("7_1", ng::reply_ok("v=0\r\n")), "7_1 d6:result2:ok3:sdp5:v=0\r\ne");
+  EXPECT_EQ(ng::format_reply("7_2", ng::reply_ok({}, "unknown call")),
+            "7_2 d6:result2:ok7:warning12:unknown calle");
+  EXPECT_EQ(ng::format_reply("7_3", ng::reply_error("no key")),
+            "7_3 d12:error-reason6:no key6:result5:errore");
+  EXPECT_EQ(ng::format_reply("7_4", ng::reply_list({"a", "b"})),
+            "7_4 d5:callsl1:a1:be6:result2:oke");
+}
+
+TEST(NgMessages, QueryReplyHasRtpenginesShape) {
+  ng::QueryResult r;
+  r.created = 1700000000;
+  r.last_signal = 1700000005;
+  ng::TagStats caller{"ftag", "ttag", 1700000000, {}};
+  caller.medias.push_back({"audio", "RTP/AVP", {}});
+  caller.medias[0].streams.push_back({30000, "192.0.2.10", 10000, false, 5, 800, 0, 1700000009});
+  caller.medias[0].streams.push_back({30001, "", 0, true, 1, 60, 0, 0});
+  r.tags.push_back(caller);
+  const bencode::Dict d = ng::reply_query(r);
+  const bencode::Value v(d);
+  // Decoded back, as Kamailio's stats parsing walks it.
+  const bencode::Value decoded = bencode::decode(bencode::encode(v));
+  const auto& tags = *decoded.dict()->at("tags").dict();
+  const auto& tag = *tags.at("ftag").dict();
+  EXPECT_EQ(tag.at("in dialogue with"), bencode::Value("ttag"));
+  const auto& media = *tag.at("medias").list()->at(0).dict();
+  EXPECT_EQ(media.at("index"), bencode::Value(1));
+  EXPECT_EQ(media.at("type"), bencode::Value("audio"));
+  const auto& rtp = *media.at("streams").list()->at(0).dict();
+  EXPECT_EQ(rtp.at("local port"), bencode::Value(30000));
+  EXPECT_EQ(*rtp.at("endpoint").dict(),
+            (bencode::Dict{{"family", "IPv4"}, {"address", "192.0.2.10"}, {"port", 10000}}));
+  EXPECT_EQ(*rtp.at("stats").dict(),
+            (bencode::Dict{{"packets", 5}, {"bytes", 800}, {"errors", 0}}));
+  EXPECT_EQ(rtp.at("last packet"), bencode::Value(1700000009));
+  const auto& rtcp = *media.at("streams").list()->at(1).dict();
+  EXPECT_FALSE(rtcp.contains("endpoint"));
+  EXPECT_EQ(*rtcp.at("flags").list(), (bencode::List{"RTCP"}));
+  EXPECT_EQ(d.at("result"), bencode::Value("ok"));
+  EXPECT_EQ(d.at("last signal"), bencode::Value(1700000005));
+  EXPECT_EQ(*d.at("totals").dict()->at("RTP").dict(),
+            (bencode::Dict{{"packets", 5}, {"bytes", 800}, {"errors", 0}}));
+  EXPECT_EQ(*d.at("totals").dict()->at("RTCP").dict(),
+            (bencode::Dict{{"packets", 1}, {"bytes", 60}, {"errors", 0}}));
+}
+
+TEST(NgProcessor, AnswersKamailiosOfferWithTheRewrittenSdp) {
+  RecordingHandler handler;
+  ng::Processor p(handler);
+  const auto reply = p.process(kamailio_offer("9276_3"), "127.0.0.1/5060", Clock::now());
+  ASSERT_TRUE(reply);
+  const std::string expected_sdp =
+      "v=0\r\n"
+      "o=- 1186837357 1976489876 IN IP4 203.0.113.5\r\n"
+      "s=-\r\n"
+      "c=IN IP4 203.0.113.5\r\n"
+      "t=0 0\r\n"
+      "m=audio 30000 RTP/AVP 96 0 101\r\n"
+      "a=rtpmap:96 opus/48000/2\r\n"
+      "a=fmtp:96 stereo=1;sprop-stereo=1\r\n"
+      "a=rtpmap:0 PCMU/8000\r\n"
+      "a=rtpmap:101 telephone-event/8000\r\n"
+      "a=fmtp:101 0-15\r\n"
+      "a=sendrecv\r\n"
+      "a=rtcp:30001\r\n";
+  EXPECT_EQ(*reply, "9276_3 d6:result2:ok3:sdp" + bstr(expected_sdp) + "e");
+  ASSERT_EQ(handler.offers.size(), 1u);
+  EXPECT_EQ(handler.offers[0].call_id, "0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b");
+  EXPECT_EQ(p.counters().replies, 1u);
+}
+
+TEST(NgProcessor, RetransmissionGetsTheSameReplyAndRunsOnce) {
+  RecordingHandler handler;
+  ng::Processor p(handler);
+  const auto now = Clock::now();
+  const auto first = p.process(kamailio_offer("9276_3"), "127.0.0.1/5060", now);
+  // Kamailio resends the same datagram after rtpengine_tout_ms without a reply.
+  const auto again =
+      p.process(kamailio_offer("9276_3"), "127.0.0.1/5060", now + std::chrono::seconds(1));
+  ASSERT_TRUE(first && again);
+  EXPECT_EQ(*first, *again);
+  EXPECT_EQ(handler.offers.size(), 1u);  // the offer ran once: one set of ports
+  EXPECT_EQ(p.counters().retransmissions, 1u);
+  // A new cookie is a new command; so is the same cookie from another proxy process.
+  EXPECT_NE(p.process(kamailio_offer("9276_4"), "127.0.0.1/5060", now), first);
+  p.process(kamailio_offer("9276_3"), "127.0.0.1/5062", now);
+  EXPECT_EQ(handler.offers.size(), 3u);
+  EXPECT_EQ(handler.next_port, 30006);
+}
+
+TEST(NgProcessor, ErrorsAreRepliesNeverCrashes) {
+  RecordingHandler handler;
+  ng::Processor p(handler);
+  const auto now = Clock::now();
+  EXPECT_EQ(
+      p.process("1_1 d7:command5:startoe", "s", now),
+      error_reply("1_1", "malformed message: bencode: dictionary key is not a string at byte 17"));
+  EXPECT_EQ(p.process("1_2 d7:command4:jumpe", "s", now),
+            error_reply("1_2", "unknown command \"jump\""));
+  EXPECT_EQ(p.process("1_3 ", "s", now),
+            error_reply("1_3", "malformed message: bencode: empty input at byte 0"));
+  EXPECT_FALSE(p.process("no-cookie-here", "s", now));
+  EXPECT_EQ(p.counters().dropped, 1u);
+  handler.refuse = "not enough key towards sae-b for 1.6 Mbit/s";
+  EXPECT_EQ(p.process(kamailio_offer("1_4"), "s", now),
+            error_reply("1_4", "not enough key towards sae-b for 1.6 Mbit/s"));
+  handler.refuse.clear();
+  handler.throw_internal = true;
+  EXPECT_EQ(p.process(kamailio_offer("1_5"), "s", now),
+            error_reply("1_5", "internal error: port pool"));
+  EXPECT_EQ(p.counters().errors, 5u);
+}
+
+TEST(NgProcessor, DeleteQueryListAndPing) {
+  RecordingHandler handler;
+  ng::Processor p(handler);
+  const auto now = Clock::now();
+  EXPECT_EQ(p.process("5323_1 d7:command4:pinge", "s", now), "5323_1 d6:result4:ponge");
+  EXPECT_EQ(p.process(kamailio_answer("2_1", kOfferSdp), "s", now)->substr(0, 20),
+            "2_1 d6:result2:ok3:s");
+  EXPECT_EQ(p.process("2_2 d7:call-id1:x8:from-tag1:f7:command6:deletee", "s", now),
+            "2_2 d6:result2:ok7:warning12:unknown calle");
+  EXPECT_EQ(p.process("2_3 d7:call-id36:0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b8:from-tag1:f"
+                      "7:command6:deletee",
+                      "s", now),
+            "2_3 d6:result2:oke");
+  EXPECT_EQ(p.process("2_4 d7:command4:list5:limiti1ee", "s", now),
+            "2_4 d5:callsl2:c1e6:result2:oke");
+  EXPECT_EQ(handler.list_limit, 1u);
+  EXPECT_EQ(p.process("2_5 d7:command4:liste", "s", now), "2_5 d5:callsl2:c12:c2e6:result2:oke");
+  EXPECT_EQ(handler.list_limit, 32u);  // rtpengine's default
+  const auto q = p.process("2_6 d7:command5:query7:call-id2:c1e", "s", now);
+  ASSERT_TRUE(q);
+  EXPECT_NE(q->find("6:result2:ok"), std::string::npos);
+}
+
+TEST(NgReplyCache, BoundedInEntriesAndAge) {
+  ng::ReplyCache cache(2, std::chrono::seconds(30));
+  const auto t0 = Clock::now();
+  cache.insert("a", "A", t0);
+  cache.insert("b", "B", t0);
+  cache.insert("c", "C", t0);  // evicts the oldest
+  EXPECT_EQ(cache.find("a", t0), nullptr);
+  ASSERT_NE(cache.find("b", t0), nullptr);
+  EXPECT_EQ(*cache.find("c", t0), "C");
+  EXPECT_EQ(cache.size(), 2u);
+  EXPECT_EQ(cache.find("c", t0 + std::chrono::seconds(31)), nullptr);
+  EXPECT_EQ(cache.size(), 0u);
+}
