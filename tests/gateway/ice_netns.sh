@@ -14,7 +14,7 @@ work=$(mktemp -d /tmp/otpgate-netns.XXXXXX)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done  # out of the namespaces
   ip netns del "$a" 2>/dev/null || true
   ip netns del "$b" 2>/dev/null || true
   ip link del "v${tag}a" 2>/dev/null || true
@@ -22,6 +22,19 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# wait_for WHAT COMMAND...: until COMMAND succeeds; 60 s only bounds a hang.
+wait_for() {
+  local what=$1 until=$((SECONDS + 60))
+  shift
+  while ! "$@" 2>/dev/null; do
+    if [ $SECONDS -ge $until ]; then
+      echo "FAIL: no sign within 60 s that $what" >&2
+      cat "$work"/*.log >&2 2>/dev/null || true
+      exit 1
+    fi
+    sleep 0.05
+  done
+}
 ip netns add "$a" 2>/dev/null || { echo "cannot create network namespaces here: skipped"; exit 77; }
 ip netns add "$b"
 # This host is 10.213.1.1 towards A (10.213.1.2) and 10.213.2.1 towards B (10.213.2.2).
@@ -41,7 +54,7 @@ OTPGATE_PKI_EXTRA_SANS="IP:10.213.1.1,IP:10.213.2.1" "$src/scripts/make-test-pki
 "$build/keyclient/qkd-kme-sim" --host 0.0.0.0 --cert "$work/pki/kme.crt" --key "$work/pki/kme.key" \
   --ca "$work/pki/ca.crt" --sae sae-a --sae sae-b --port 0 --port-file "$work/port" >"$work/kme.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do [ -s "$work/port" ] && break; sleep 0.05; done
+wait_for "the KME is listening" test -s "$work/port"
 kme_port=$(cat "$work/port")
 export GST_PLUGIN_PATH=$build/plugins
 
@@ -78,28 +91,33 @@ pids+=($!)
 ip netns exec "$b" "$build/gateway/otp-gateway" --config "$work/b.toml" >"$work/gb.log" 2>&1 &
 pids+=($!)
 for ns in "$a" "$b"; do
-  for _ in $(seq 600); do ip netns exec "$ns" bash -c "exec 3<>/dev/tcp/127.0.0.1/7480" 2>/dev/null && break; sleep 0.05; done
+  wait_for "the gateway in $ns serves its status" ip netns exec "$ns" bash -c "exec 3<>/dev/tcp/127.0.0.1/7480"
 done
 caps="application/x-rtp,media=audio,clock-rate=8000,encoding-name=L16,channels=1,payload=96"
-ip netns exec "$b" gst-launch-1.0 -e -q udpsrc port=6004 caps="$caps" ! rtpL16depay \
-  ! filesink location="$work/received.raw" >"$work/rx.log" 2>&1 &
-rx=$!
-pids+=($rx)
-sleep 0.5
-# Warm-up, then the audio that is compared.
-ip netns exec "$a" gst-launch-1.0 -q audiotestsrc is-live=true num-buffers=25 samplesperbuffer=160 \
-  ! audio/x-raw,format=S16BE,rate=8000,channels=1 ! rtpL16pay pt=96 ! udpsink host=127.0.0.1 port=5004
-sleep 0.5
+size() { stat -c %s "$1" 2>/dev/null || echo 0; }
+receive() {  # site B's conference system: what gateway B delivers, written as it comes
+  ip netns exec "$b" gst-launch-1.0 -e -q udpsrc port=6004 caps="$caps" ! rtpL16depay \
+    ! filesink buffer-mode=unbuffered location="$work/received.raw" >"$work/rx.log" 2>&1 &
+  rx=$!
+  pids+=($rx)
+  wait_for "site B's receiver is listening" ip netns exec "$b" bash -c "ss -Hlun 'sport = :6004' | grep -q ."
+}
+send() {  # site A's conference system: N buffers of audio to gateway A (also kept in sent.raw)
+  ip netns exec "$a" gst-launch-1.0 -q audiotestsrc is-live=true num-buffers="$1" samplesperbuffer=160 \
+    wave=sine ! audio/x-raw,format=S16BE,rate=8000,channels=1 ! tee name=t \
+    t. ! queue ! filesink location="$work/sent.raw" t. ! queue ! rtpL16pay pt=96 \
+    ! udpsink host=127.0.0.1 port=5004
+}
+# Warm-up until audio comes through (ICE connected, the first keys fetched).
+receive
+warm() { send 5; [ "$(size "$work/received.raw")" -gt 0 ]; }
+wait_for "audio crosses the gateways over ICE" warm
 kill -INT $rx; wait $rx || true
-ip netns exec "$b" gst-launch-1.0 -e -q udpsrc port=6004 caps="$caps" ! rtpL16depay \
-  ! filesink location="$work/received.raw" >"$work/rx.log" 2>&1 &
-rx=$!
-pids+=($rx)
-sleep 0.5
-ip netns exec "$a" gst-launch-1.0 -q audiotestsrc is-live=true num-buffers=100 samplesperbuffer=160 wave=sine \
-  ! audio/x-raw,format=S16BE,rate=8000,channels=1 ! tee name=t t. ! queue ! filesink location="$work/sent.raw" \
-  t. ! queue ! rtpL16pay pt=96 ! udpsink host=127.0.0.1 port=5004
-sleep 0.5
+# The audio that is compared: all of it has come out before the receiver stops.
+receive
+send 100
+all_arrived() { [ "$(size "$work/received.raw")" -ge "$(size "$work/sent.raw")" ]; }
+wait_for "all the audio arrived at site B" all_arrived
 kill -INT $rx; wait $rx || true
 if ! cmp -s "$work/sent.raw" "$work/received.raw"; then
   echo "FAIL: audio over ICE between the test hosts differs" >&2
