@@ -17,7 +17,8 @@ export GST_PLUGIN_PATH=$build/plugins
 "$build/keyclient/qkd-kme-sim" --cert "$pki/kme.crt" --key "$pki/kme.key" --ca "$pki/ca.crt" \
   --sae sae-a --sae sae-b --port 0 --port-file "$work/port" >"$work/kme.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do [ -s "$work/port" ] && break; sleep 0.05; done
+for _ in $(seq 600); do [ -s "$work/port" ] && break; sleep 0.05; done  # 30 s bounds a hang
+[ -s "$work/port" ] || { echo "FAIL: the KME never listened" >&2; cat "$work/kme.log" >&2; exit 1; }
 kme="kme-url=https://localhost:$(cat "$work/port") tls-ca=$pki/ca.crt"
 udp_port=$(( 11000 + RANDOM % 8000 ))  # below the gateway tests' range
 caps="application/x-rtp,media=audio,clock-rate=8000,encoding-name=L16,channels=1,payload=96"
@@ -28,7 +29,7 @@ gst-launch-1.0 -e -q udpsrc port=$udp_port caps=application/x-otp \
 rx=$!
 pids+=($rx)
 # Ready when its UDP socket is bound (not after a guessed sleep).
-for _ in $(seq 200); do ss -Hlun "sport = :$udp_port" | grep -q . && break; sleep 0.05; done
+for _ in $(seq 600); do ss -Hlun "sport = :$udp_port" | grep -q . && break; sleep 0.05; done
 ss -Hlun "sport = :$udp_port" | grep -q . || { echo "FAIL: the receiver never bound UDP $udp_port" >&2; cat "$work/rx.log" >&2; exit 1; }
 
 gst-launch-1.0 -q audiotestsrc is-live=true num-buffers=150 samplesperbuffer=160 wave=sine \
@@ -38,8 +39,8 @@ gst-launch-1.0 -q audiotestsrc is-live=true num-buffers=150 samplesperbuffer=160
      ! otpencrypt $kme sae-id=sae-a peer-sae-id=sae-b tls-cert=$pki/sae-a.crt tls-key=$pki/sae-a.key \
        journal="$work/a.journal" on-key-exhausted=block \
      ! udpsink host=127.0.0.1 port=$udp_port >"$work/tx.log" 2>&1
-# The last packets are in flight: wait until all the audio has come out (or 10 s).
-for _ in $(seq 200); do
+# The last packets are in flight: wait until all the audio has come out (30 s bounds a hang).
+for _ in $(seq 600); do
   [ "$(stat -c %s "$work/received.raw" 2>/dev/null || echo 0)" -ge "$(stat -c %s "$work/sent.raw")" ] && break
   sleep 0.05
 done
