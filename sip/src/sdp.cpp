@@ -147,7 +147,7 @@ Session parse(std::string_view text, std::size_t max_bytes) {
                      std::to_string(max_bytes));
   }
   Session s;
-  std::size_t line_no = 0;
+  std::size_t line_no = 0, blank = 0;
   std::size_t pos = 0;
   while (pos < text.size()) {
     std::size_t end = text.find('\n', pos);
@@ -156,7 +156,11 @@ Session parse(std::string_view text, std::size_t max_bytes) {
     pos = end + 1;
     ++line_no;
     if (!raw.empty() && raw.back() == '\r') raw.remove_suffix(1);
-    if (raw.empty()) continue;  // a trailing blank line (some stacks add one)
+    if (raw.empty()) {  // a trailing blank line (some stacks add one); none inside
+      blank = line_no;
+      continue;
+    }
+    if (blank != 0) fail(blank, "blank line inside SDP");
     if (raw.size() < 2 || raw[1] != '=' || raw[0] < 'a' || raw[0] > 'z') {
       fail(line_no, "not a \"x=value\" line");
     }
@@ -165,7 +169,7 @@ Session parse(std::string_view text, std::size_t max_bytes) {
     }
     const char type = raw[0];
     const std::string_view value = raw.substr(2);
-    if (line_no == 1 && (type != 'v' || value != "0")) fail(line_no, "SDP must start with v=0");
+    if (s.lines.empty() && (type != 'v' || value != "0")) fail(line_no, "SDP must start with v=0");
     if (type == 'm') {
       s.media.push_back(parse_m(value, line_no));
       continue;
@@ -175,7 +179,7 @@ Session parse(std::string_view text, std::size_t max_bytes) {
     }
     (s.media.empty() ? s.lines : s.media.back().lines).push_back(Line{type, std::string(value)});
   }
-  if (line_no == 0 || s.lines.empty()) throw ParseError("SDP is empty");
+  if (s.lines.empty()) throw ParseError("SDP is empty");
   auto has = [&](char t) {
     return std::any_of(s.lines.begin(), s.lines.end(), [&](const Line& l) { return l.type == t; });
   };

@@ -333,6 +333,9 @@ TEST(Sdp, RefusesMalformedSdpAndBadOptions) {
   EXPECT_EQ(error("o=- 1 1 IN IP4 a\r\n"), "SDP line 1: SDP must start with v=0");
   EXPECT_EQ(error("v=0\r\ns=-\r\n"), "SDP has no o= line");
   EXPECT_EQ(error("v=0\r\no=- 1 1 IN IP4 a\r\n"), "SDP has no s= line");
+  EXPECT_EQ(error("\r\no=- 1 1 IN IP4 a\r\ns=-\r\n"), "SDP line 1: blank line inside SDP");
+  EXPECT_EQ(error("v=0\r\n\r\no=- 1 1 IN IP4 a\r\ns=-\r\n"), "SDP line 2: blank line inside SDP");
+  EXPECT_EQ(error("\r\n\n"), "SDP is empty");
   EXPECT_EQ(error("v=0\r\nhello\r\n"), "SDP line 2: not a \"x=value\" line");
   EXPECT_EQ(error("v=0\r\no=- 1 1 IN IP4 a\r\ns=-\r\nm=audio 70000 RTP/AVP 0\r\n"),
             "SDP line 4: m= port \"70000\" is not 0-65535");
