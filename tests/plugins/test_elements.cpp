@@ -17,6 +17,7 @@
 #include <set>
 #include <thread>
 
+#include "memory_pad.hpp"
 #include "otpgate/otp_codec.hpp"
 #include "test_pki.hpp"
 
@@ -287,23 +288,83 @@ TEST_F(ElementTest, KeyExhaustionDropsAndSignalsButNeverSendsPlaintext) {
   EXPECT_GE(low, 1);
 }
 
-TEST_F(ElementTest, BlockPolicyWaitsAndShutsDownCleanly) {
-  make_pad(16 * 1024);
-  GstHarness* enc = encryptor("application/x-rtp", "on-key-exhausted=block");
-  protect(enc, packets(5));  // uses most of the pad
+namespace {
+// A sender's key source the test runs dry and refills: while closed it holds no key, as a
+// KME that has run out; open, it serves `inner` again. Only the element's streaming
+// thread calls it; the test only opens and closes it.
+class GatedPad final : public otpgate::keys::PadSource {
+ public:
+  explicit GatedPad(otpgate::keys::PadSource& inner) : inner_(inner) {}
+  std::atomic<bool> open{true};
+  std::optional<std::uint64_t> peek_offset() override {
+    return open ? inner_.peek_offset() : std::nullopt;
+  }
+  std::uint64_t available() const override { return open ? inner_.available() : 0; }
+  std::optional<std::uint64_t> take(std::span<std::uint8_t> out) override {
+    return open ? inner_.take(out) : std::nullopt;
+  }
+  std::optional<otpgate::keys::KeyAnnouncement> next_announcement() override {
+    return inner_.next_announcement();
+  }
+  bool request(const otpgate::keys::KeyAnnouncement& a) override { return inner_.request(a); }
+  std::optional<otpgate::keys::PadSegment> pop_segment() override { return inner_.pop_segment(); }
+  void release(const otpgate::keys::PadSegment& s) override { inner_.release(s); }
+
+ private:
+  otpgate::keys::PadSource& inner_;
+};
+}  // namespace
+
+// on-key-exhausted=block: a packet that finds no key waits for it (the key-exhausted
+// signal says it is waiting) and leaves once key is back, none dropped; shutting down
+// while it waits ends the push with FLUSHING, nothing dropped either.
+TEST_F(ElementTest, BlockPolicyWaitsForKeyAndShutsDownCleanly) {
+  otpgate::testing::MemoryPad memory(0, 4u << 20, 4096);
+  memory.fill_for_sending();
+  GatedPad pad(memory);
+  GstElement* e = gst_element_factory_make("otpencrypt", nullptr);
+  g_object_set(e, "key-supply", static_cast<otpgate::keys::PadSource*>(&pad), nullptr);
+  gst_util_set_object_arg(G_OBJECT(e), "on-key-exhausted", "block");
+  GstHarness* enc = gst_harness_new_with_element(e, "sink", "src");
+  gst_object_unref(e);
+  harnesses_.push_back(enc);
+  gst_harness_set_src_caps_str(enc, "application/x-rtp");
+  std::atomic<int> exhausted{0};
+  g_signal_connect_swapped(enc->element, "key-exhausted",
+                           G_CALLBACK(+[](std::atomic<int>* n) { ++*n; }), &exhausted);
+  EXPECT_FALSE(protect(enc, packets(5)).empty());
+  auto push_all = [&](const std::vector<Bytes>& ps, std::atomic<GstFlowReturn>& result) {
+    return std::thread([&, ps] {
+      for (const auto& p : ps) {
+        result = gst_harness_push(enc, buffer_of(p));
+        if (result != GST_FLOW_OK) break;
+      }
+    });
+  };
+  // The key runs out: the pusher's first packet waits; key comes back: all of them leave.
+  pad.open = false;
+  const auto sent = packets(40);
   std::atomic<GstFlowReturn> result{GST_FLOW_OK};
-  std::atomic<bool> done{false};
-  std::thread pusher([&] {
-    for (const auto& p : packets(40)) {
-      result = gst_harness_push(enc, buffer_of(p));
-      if (result != GST_FLOW_OK) break;
-    }
-    done = true;
-  });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  EXPECT_FALSE(done) << "waiting for key, not dropping";
-  gst_element_set_state(enc->element, GST_STATE_NULL);
+  std::thread pusher = push_all(sent, result);
+  EXPECT_TRUE(otpgate::testing::eventually([&] { return exhausted == 1; }));
+  pad.open = true;
   pusher.join();
+  EXPECT_EQ(result.load(), GST_FLOW_OK);
+  EXPECT_EQ(stat(enc->element, "drops-no-key"), 0u) << "waiting for key, not dropping";
+  const auto wire = pull_all(enc);
+  EXPECT_EQ(std::count_if(wire.begin(), wire.end(),
+                          [](const Bytes& w) {
+                            return otpgate::otp::classify(w) == otpgate::otp::DatagramType::rtp;
+                          }),
+            40)
+      << "every packet left once key was back";
+  EXPECT_EQ(plaintext_on_wire(wire, sent), "") << "plaintext on the wire";
+  // It runs out again, and the element is shut down while a packet waits.
+  pad.open = false;
+  std::thread waiting = push_all(packets(10), result);
+  EXPECT_TRUE(otpgate::testing::eventually([&] { return exhausted == 2; }));
+  gst_element_set_state(enc->element, GST_STATE_NULL);
+  waiting.join();
   EXPECT_EQ(result.load(), GST_FLOW_FLUSHING);
   EXPECT_EQ(stat(enc->element, "drops-no-key"), 0u);
 }
