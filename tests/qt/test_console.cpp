@@ -11,6 +11,7 @@
 #include <QLabel>
 #include <QPushButton>
 #include <QSettings>
+#include <QSignalSpy>
 #include <QTemporaryDir>
 #include <QtTest>
 #include <fstream>
@@ -317,8 +318,11 @@ class ConsoleTest : public QObject {
     w.confirm_deletes = false;
     w.add_service(ServicePoller::Kind::transfer, transfer.url(), 100);
     QTRY_COMPARE(w.jobs().rowCount(), 3);
+    // The operator's selection survives the polls that follow it (three replies applied
+    // to the table, counted, rather than a pause that a slow machine may fill with none).
+    QSignalSpy polls(w.services().front(), &ServicePoller::updated);
     w.job_view()->selectRow(row_of_job(w, "J20261124-4e5f6a7b"));
-    QTest::qWait(350);  // several polls: the operator's selection must survive them
+    QTRY_VERIFY_WITH_TIMEOUT(polls.count() >= 3, 20000);
     QVERIFY(w.job_view()->selectionModel()->isRowSelected(row_of_job(w, "J20261124-4e5f6a7b"), {}));
     w.abort_button()->click();
     QTRY_COMPARE(transfer.requests().size(), std::size_t(1));
@@ -410,9 +414,10 @@ class ConsoleTest : public QObject {
     w.add_service(ServicePoller::Kind::gateway, gateway.url(), 200);
     w.add_service(ServicePoller::Kind::transfer, transfer.url(), 200);
     w.show();
+    QSignalSpy polls(w.services().front(), &ServicePoller::updated);
     QTRY_COMPARE(w.key_supplies().rowCount(), 20);
     QTRY_COMPARE(w.jobs().rowCount(), 3);
-    QTest::qWait(1500);  // a few chart points
+    QTRY_VERIFY_WITH_TIMEOUT(polls.count() >= 6, 20000);  // a few chart points
     const QString path = QString(OTPGATE_ARTIFACTS) + "/otp-console.png";
     QDir().mkpath(OTPGATE_ARTIFACTS);
     QVERIFY(w.grab().save(path));
