@@ -36,8 +36,8 @@ import traceback
 import urllib.request
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from doc_examples import Processes, blocks, commands, free_ports, section, wait_until  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from script_support import Processes, blocks, commands, free_ports, section, wait_until  # noqa: E402
 
 source, build = sys.argv[1], sys.argv[2]
 

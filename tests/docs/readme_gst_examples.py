@@ -16,8 +16,8 @@ import sys
 import tempfile
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from doc_examples import tcp_listening, udp_bound, wait_until  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from script_support import tcp_listening, udp_bound, wait_until  # noqa: E402
 
 source, build = sys.argv[1], sys.argv[2]
 readme = open(os.path.join(source, "README.md")).read()

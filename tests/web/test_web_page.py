@@ -15,10 +15,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 import websocket  # Debian: python3-websocket
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from script_support import wait_until as wait_for  # noqa: E402
 
 build, source = sys.argv[1], sys.argv[2]
 if not shutil.which("chromium"):
@@ -32,19 +35,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(check, what, seconds=30):
-    until = time.time() + seconds
-    while time.time() < until:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception:  # not up yet
-            pass
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def api(port, path):
@@ -168,10 +158,10 @@ listen = "127.0.0.1:{api_port}"
     # The pre-start forecast comes from the job API (one computation): the key a folder
     # needs, whether the KME holds it now, and the link's key rate measured between two
     # listings (the simulator makes 5 MB/s; this site's sends drew on it meanwhile).
-    api(api_a, "/api/v1/folders")
-    time.sleep(1.5)
-    listing = api(api_a, "/api/v1/folders")
-    web2 = [f for f in listing["folders"] if f["folder"] == "S-WEB-2"][0]
+    def web2_listed():
+        return [f for f in api(api_a, "/api/v1/folders")["folders"] if f["folder"] == "S-WEB-2"][0]
+    web2 = wait_for(lambda: web2_listed()["forecast"]["key_rate_bits_per_s"] > 0 and web2_listed(),
+                    "a key rate measured between listings")
     assert web2["key_needed_otp"] > web2["bytes"], web2
     assert web2["forecast"]["key_rate_bits_per_s"] > 0, web2
     assert web2["forecast"]["covered"] in (True, False), web2

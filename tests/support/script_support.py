@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""What the docs-as-tests share: code blocks taken from the Markdown as written, readiness
-waits (a port bound, a line printed, an API answering) bounded only by a generous
-deadline that catches a hang, and the processes a test started."""
+"""What the Python script tests share (tests/docs, tests/web): code blocks taken from the
+Markdown as written, readiness waits (a port bound, a line printed, an API answering)
+bounded only by a generous deadline that catches a hang, and the processes a test
+started. Import with sys.path pointing here (tests/support)."""
 import os
 import re
 import signal
@@ -44,7 +45,7 @@ def wait_until(check, what, seconds=60):
         except Exception:  # not up yet
             pass
         if time.monotonic() > until:
-            raise AssertionError(f"no sign within {seconds} s that {what}")
+            raise AssertionError(f"timed out after {seconds} s waiting for: {what}")
         time.sleep(0.05)
 
 
