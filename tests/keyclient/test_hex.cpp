@@ -38,7 +38,7 @@ TEST(Hex, RefusesOddLengthsAndAnythingButHexDigits) {
   EXPECT_FALSE(from_hex("ab:cd"));
   EXPECT_FALSE(from_hex(" abc"));
   EXPECT_FALSE(from_hex("0x12"));
-  EXPECT_FALSE(from_hex(std::string("ab\0\0", 4)));  // not "ab" read up to the NUL
+  EXPECT_FALSE(from_hex(std::string("ab\0\0", 4)));    // not "ab" read up to the NUL
   EXPECT_FALSE(from_hex(std::string("abcd\0\0", 6)));  // nor "abcd"
   // A refusal leaves nothing on OpenSSL's error queue for the next TLS call to trip on.
   EXPECT_EQ(ERR_peek_error(), 0u);

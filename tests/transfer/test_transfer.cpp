@@ -10,6 +10,7 @@
 #include <netinet/in.h>
 #include <openssl/evp.h>
 #include <signal.h>
+#include <sqlite3.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -28,7 +29,19 @@
 using namespace otpgate;
 using namespace otpgate::testing;
 using transfer::Job;
+using transfer::Method;
+using State = transfer::TransferState;
 namespace fs = std::filesystem;
+
+// gtest prints states and methods as their words.
+namespace otpgate::transfer {
+void PrintTo(TransferState state, std::ostream* out) {
+  *out << to_string(state);
+}
+void PrintTo(Method method, std::ostream* out) {
+  *out << to_string(method);
+}
+}  // namespace otpgate::transfer
 
 namespace {
 
@@ -227,18 +240,19 @@ TEST_F(TransferTest, ALargeFileAndAFolderOfSamplesArriveIdenticalWithVerifiedHas
   b.start();
   const auto a_config = config("a");
   transfer::JobStore store(transfer::database_path(a_config));
-  const Job made = transfer::create_send_job(store, a_config, "S1", {data("S1")}, "otp", false);
+  const Job made =
+      transfer::create_send_job(store, a_config, "S1", {data("S1")}, Method::otp, false);
   EXPECT_EQ(made.files.size(), 4u);
   EXPECT_EQ(made.data_type, "mixed");
   const Job done = transfer::run_send_job(store, a_config, made.job_id);
-  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  ASSERT_EQ(done.transfer_state, State::completed) << done.error;
   expect_same_files(data("S1"), received(done, "S1"));
   for (const auto& f : done.files) EXPECT_EQ(f.state, "done") << f.path;
   // The receiver's database agrees, and holds the hash manifest (the "hash" record).
   transfer::JobStore b_store(transfer::database_path(config("b")));
   const auto at_b = b_store.get(done.job_id);
   ASSERT_TRUE(at_b);
-  EXPECT_EQ(at_b->transfer_state, "completed");
+  EXPECT_EQ(at_b->transfer_state, State::completed);
   EXPECT_EQ(at_b->direction, "receive");
   EXPECT_EQ(at_b->transferred, done.transfer_size);
   const std::string manifest = slurp(dir_.path / "incoming-b" / "S1" / (done.job_id + ".sha256"));
@@ -252,11 +266,12 @@ TEST_F(TransferTest, AesMethodSpendsPadOnlyOnKeys) {
   b.start();
   const auto a_config = config("a");
   transfer::JobStore store(transfer::database_path(a_config));
-  const Job job = transfer::create_send_job(store, a_config, "S2", {data("S2")}, "aes", false);
+  const Job job =
+      transfer::create_send_job(store, a_config, "S2", {data("S2")}, Method::aes, false);
   const auto before = sim_->stats().keys_to_masters;
   const Job done = transfer::run_send_job(store, a_config, job.job_id);
-  ASSERT_EQ(done.transfer_state, "completed") << done.error;
-  EXPECT_EQ(done.method, "AES");
+  ASSERT_EQ(done.transfer_state, State::completed) << done.error;
+  EXPECT_EQ(done.method, Method::aes);
   EXPECT_EQ(sha256_of(data("S2/reads.bam")), sha256_of(received(done, "S2/reads.bam")));
   // OTP would need 40 MiB of key (5120 keys of 8 KiB); AES needs a ring's worth at most.
   EXPECT_LT(sim_->stats().keys_to_masters - before, 5120u / 2);
@@ -270,7 +285,8 @@ TEST_F(TransferTest, KeyShortageSlowsTheTransferToTheKeyRateAndSaysSo) {
   sim_->drain();
   const auto a_config = config("a");
   transfer::JobStore store(transfer::database_path(a_config));
-  const Job job = transfer::create_send_job(store, a_config, "S10", {data("S10")}, "otp", false);
+  const Job job =
+      transfer::create_send_job(store, a_config, "S10", {data("S10")}, Method::otp, false);
   std::atomic<bool> said_waiting{false};
   std::atomic<bool> state_waiting{false};
   transfer::SendOptions options;
@@ -281,14 +297,14 @@ TEST_F(TransferTest, KeyShortageSlowsTheTransferToTheKeyRateAndSaysSo) {
   std::thread watch([&] {
     transfer::JobStore reader(transfer::database_path(a_config));
     while (!done) {
-      if (reader.get(job.job_id)->transfer_state == "waiting-for-key") state_waiting = true;
+      if (reader.get(job.job_id)->transfer_state == State::waiting_for_key) state_waiting = true;
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
   });
   const Job finished = transfer::run_send_job(store, a_config, job.job_id, options);
   done = true;
   watch.join();
-  ASSERT_EQ(finished.transfer_state, "completed") << finished.error;  // slowed, not failed
+  ASSERT_EQ(finished.transfer_state, State::completed) << finished.error;  // slowed, not failed
   EXPECT_TRUE(said_waiting);
   EXPECT_TRUE(state_waiting);
   EXPECT_EQ(sha256_of(data("S10/reads.bam")), sha256_of(received(finished, "S10/reads.bam")));
@@ -303,8 +319,8 @@ TEST_F(TransferTest, AKilledSendersJobIsListedAsInterruptedAndResumes) {
   transfer::JobStore store(transfer::database_path(config("a")));
   // While it runs: listed as running, and a second sender for it is refused.
   transfer::mark_interrupted_send_jobs(store, config("a"));
-  const std::string live_state = store.get(id)->transfer_state;
-  EXPECT_TRUE(live_state == "running" || live_state == "waiting-for-key") << live_state;
+  const State live_state = store.get(id)->transfer_state;
+  EXPECT_TRUE(transfer::active(live_state)) << transfer::to_string(live_state);
   Child second(cli("a", {"start", id}), dir_.path / "second.log");
   EXPECT_EQ(second.wait(), 1);
   EXPECT_NE(slurp(dir_.path / "second.log")
@@ -318,14 +334,14 @@ TEST_F(TransferTest, AKilledSendersJobIsListedAsInterruptedAndResumes) {
   EXPECT_NE(slurp(dir_.path / "jobs.log").find("interrupted"), std::string::npos)
       << slurp(dir_.path / "jobs.log");
   const auto interrupted = store.get(id);
-  EXPECT_EQ(interrupted->transfer_state, "interrupted");
+  EXPECT_EQ(interrupted->transfer_state, State::interrupted);
   EXPECT_NE(interrupted->error.find("otp-transfer start " + id), std::string::npos)
       << interrupted->error;
   sim_->set_key_rate(0);
   Child resumed(cli("a", {"start", id}), dir_.path / "resume.log");
   EXPECT_EQ(resumed.wait(), 0) << slurp(dir_.path / "resume.log");
   const auto done = store.get(id);
-  ASSERT_EQ(done->transfer_state, "completed") << done->error;
+  ASSERT_EQ(done->transfer_state, State::completed) << done->error;
   EXPECT_EQ(sha256_of(data("S12/reads.bam")), sha256_of(received(*done, "S12/reads.bam")));
 }
 
@@ -350,7 +366,7 @@ TEST_F(TransferTest, WatchStreamsAGrowingFileAndFinishesAtTheCompletionMarker) {
   b.start();
   const auto a_config = config("a");
   transfer::JobStore store(transfer::database_path(a_config));
-  const Job job = transfer::create_send_job(store, a_config, "S7", {run}, "otp", true);
+  const Job job = transfer::create_send_job(store, a_config, "S7", {run}, Method::otp, true);
   std::atomic<bool> writer_done{false};
   std::thread sequencer([&] {
     std::ofstream out(run / "Data" / "S7_R1.fastq", std::ios::binary);
@@ -379,7 +395,7 @@ TEST_F(TransferTest, WatchStreamsAGrowingFileAndFinishesAtTheCompletionMarker) {
   const Job done = transfer::run_send_job(store, a_config, job.job_id);
   sequencer.join();
   watcher.join();
-  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  ASSERT_EQ(done.transfer_state, State::completed) << done.error;
   EXPECT_TRUE(seen_partial);
   EXPECT_EQ(done.analysis_state, "complete");
   EXPECT_EQ(sha256_of(run / "Data" / "S7_R1.fastq"),
@@ -417,7 +433,7 @@ TEST_F(TransferTest, SenderKilledMidFileResumesWithFreshPad) {
   EXPECT_EQ(again.wait(), 0) << slurp(dir_.path / "start.log");
   const auto job = b_store.get(job_id);
   ASSERT_TRUE(job);
-  EXPECT_EQ(job->transfer_state, "completed");
+  EXPECT_EQ(job->transfer_state, State::completed);
   EXPECT_EQ(sha256_of(data("S3/big.bam")), sha256_of(received(*job, "S3/big.bam")));
   // The second run's pad started at the first run's journal: no offset used twice.
   keys::OffsetJournal after(journal);
@@ -434,7 +450,8 @@ TEST_F(TransferTest, ReceiverKilledMidFileResumesFromItsLastCommit) {
       dir_.path / "serve1.log");
   const auto a_config = config("a");
   transfer::JobStore store(transfer::database_path(a_config));
-  const Job job = transfer::create_send_job(store, a_config, "S4", {data("S4")}, "otp", false);
+  const Job job =
+      transfer::create_send_job(store, a_config, "S4", {data("S4")}, Method::otp, false);
   std::thread killer([&] {
     transfer::JobStore watch(transfer::database_path(config("b")));
     eventually(
@@ -451,7 +468,7 @@ TEST_F(TransferTest, ReceiverKilledMidFileResumesFromItsLastCommit) {
   });
   const Job done = transfer::run_send_job(store, a_config, job.job_id);  // retries the link
   killer.join();
-  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  ASSERT_EQ(done.transfer_state, State::completed) << done.error;
   EXPECT_EQ(sha256_of(data("S4/big.bam")), sha256_of(received(done, "S4/big.bam")));
 }
 
@@ -504,15 +521,16 @@ TEST_F(TransferTest, ACorruptedByteOnTheWireFailsTheRecordAndTheJobSaysSo) {
   a_config.peer_transfer = transfer::Endpoint{"127.0.0.1", relay_port};
   a_config.max_attempts = 1;
   transfer::JobStore store(transfer::database_path(a_config));
-  const Job job = transfer::create_send_job(store, a_config, "S5", {data("S5")}, "otp", false);
+  const Job job =
+      transfer::create_send_job(store, a_config, "S5", {data("S5")}, Method::otp, false);
   const Job done = transfer::run_send_job(store, a_config, job.job_id);
   relay.join();
-  EXPECT_EQ(done.transfer_state, "failed");
+  EXPECT_EQ(done.transfer_state, State::failed);
   EXPECT_NE(done.error.find("failed authentication"), std::string::npos) << done.error;
   transfer::JobStore b_store(transfer::database_path(config("b")));
   const auto at_b = b_store.get(job.job_id);
   ASSERT_TRUE(at_b);
-  EXPECT_EQ(at_b->transfer_state, "failed");
+  EXPECT_EQ(at_b->transfer_state, State::failed);
   EXPECT_NE(at_b->error.find("corrupted or tampered"), std::string::npos) << at_b->error;
   EXPECT_FALSE(fs::exists(received(done, "S5/reads.bam")));  // never renamed into place
 }
@@ -552,8 +570,8 @@ TEST_F(TransferTest, AbortAndDeleteThroughTheJobApi) {
   ASSERT_TRUE(aborted);
   EXPECT_EQ(aborted->status, 202);
   transfer::JobStore a_store(transfer::database_path(config("a")));
-  ASSERT_TRUE(eventually([&] { return a_store.get(id)->transfer_state == "aborted"; }));
-  ASSERT_TRUE(eventually([&] { return b_store.get(id)->transfer_state == "aborted"; }));
+  ASSERT_TRUE(eventually([&] { return a_store.get(id)->transfer_state == State::aborted; }));
+  ASSERT_TRUE(eventually([&] { return b_store.get(id)->transfer_state == State::aborted; }));
   // Delete on the receiving side removes the row and what it wrote.
   httplib::Client b_api("127.0.0.1", b.api_port());
   auto deleted = b_api.Delete("/api/v1/jobs/" + id);
@@ -580,10 +598,11 @@ TEST_F(TransferTest, AFullDiskGivesAClearErrorAndAResumableJob) {
                 8u << 20);
     const auto a_config = config("a");
     transfer::JobStore store(transfer::database_path(a_config));
-    const Job job = transfer::create_send_job(store, a_config, "S8", {data("S8")}, "otp", false);
+    const Job job =
+        transfer::create_send_job(store, a_config, "S8", {data("S8")}, Method::otp, false);
     ASSERT_TRUE(eventually([&] { return fs::exists(dir_.path / "incoming-b"); }));
     const Job failed = transfer::run_send_job(store, a_config, job.job_id);
-    EXPECT_EQ(failed.transfer_state, "failed");
+    EXPECT_EQ(failed.transfer_state, State::failed);
     EXPECT_NE(failed.error.find("file size limit"), std::string::npos) << failed.error;
     EXPECT_NE(failed.error.find("otp-transfer start " + job.job_id), std::string::npos);
     serve.kill(SIGTERM);
@@ -593,7 +612,7 @@ TEST_F(TransferTest, AFullDiskGivesAClearErrorAndAResumableJob) {
   transfer::JobStore store(transfer::database_path(config("a")));
   const std::string id = store.list()[0].job_id;
   const Job done = transfer::run_send_job(store, config("a"), id);
-  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  ASSERT_EQ(done.transfer_state, State::completed) << done.error;
   EXPECT_EQ(sha256_of(data("S8/reads.bam")), sha256_of(received(done, "S8/reads.bam")));
 }
 
@@ -791,9 +810,10 @@ TEST_F(TransferTest, AFileArrivesThroughAKmeWithEveryQuirkOfAnotherVendor) {
   b.start();
   const auto a_config = config("a");
   transfer::JobStore store(transfer::database_path(a_config));
-  const Job job = transfer::create_send_job(store, a_config, "S20", {data("S20")}, "otp", false);
+  const Job job =
+      transfer::create_send_job(store, a_config, "S20", {data("S20")}, Method::otp, false);
   const Job done = transfer::run_send_job(store, a_config, job.job_id);
-  ASSERT_EQ(done.transfer_state, "completed") << done.error;
+  ASSERT_EQ(done.transfer_state, State::completed) << done.error;
   EXPECT_EQ(sha256_of(data("S20/reads.bam")), sha256_of(received(done, "S20/reads.bam")));
   EXPECT_EQ(sim_->stats().keys_replaced, 0u) << "the sender let the KME replace unfetched keys";
 }
@@ -818,4 +838,209 @@ TEST_F(TransferTest, AServiceAnswersToTheNamesItIsConfiguredWith) {
   auto wrong_port = api.Get("/api/v1/jobs", httplib::Headers{{"Host", "localhost:1"}});
   ASSERT_TRUE(wrong_port);
   EXPECT_EQ(wrong_port->status, 403);
+}
+
+TEST(JobStates, EveryStateAndMethodHasOneWordReadBackTheSameWay) {
+  // The words the database, the job API and the CLI have always used, in enum order.
+  const std::vector<std::string> words{"queued", "running",     "waiting-for-key", "completed",
+                                       "failed", "interrupted", "aborted"};
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    const auto state = static_cast<State>(i);
+    EXPECT_EQ(transfer::to_string(state), words[i]);
+    EXPECT_EQ(transfer::from_string<State>(words[i]), state) << words[i];
+  }
+  EXPECT_EQ(transfer::from_string<State>("paused"), std::nullopt);
+  EXPECT_EQ(transfer::from_string<State>("Running"), std::nullopt);  // states are exact
+  EXPECT_EQ(transfer::from_string<State>("waiting_for_key"), std::nullopt);
+  EXPECT_EQ(transfer::to_string(Method::otp), "OTP");
+  EXPECT_EQ(transfer::to_string(Method::aes), "AES");
+  EXPECT_EQ(transfer::from_string<Method>("OTP"), Method::otp);  // as stored
+  EXPECT_EQ(transfer::from_string<Method>("aes"), Method::aes);  // as configs and requests say
+  EXPECT_EQ(transfer::from_string<Method>("rot13"), std::nullopt);
+  EXPECT_EQ(transfer::from_string<Method>(""), std::nullopt);
+}
+
+// The job database keeps the same text (databases made before the enums still open), the
+// job API's JSON and `otp-transfer jobs` show the same words, and a word this version does
+// not know is a clear error, not a silent default.
+TEST_F(TransferTest, JobStatesAndMethodsKeepTheirWordsInTheDatabaseTheApiAndTheCli) {
+  fs::create_directories(data(""));
+  transfer::Service a(config("a"));
+  a.start();  // before the rows: its start marks running receive jobs interrupted
+  const fs::path database = transfer::database_path(config("a"));
+  transfer::JobStore store(database);
+  const std::vector<std::string> words{"queued", "running",     "waiting-for-key", "completed",
+                                       "failed", "interrupted", "aborted"};
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    Job j;
+    j.job_id = "J-" + std::to_string(i);
+    j.direction = "receive";  // listings leave receive jobs' states as they are
+    j.specimen_id = "S" + std::to_string(i);
+    j.folder = "/nowhere";
+    j.data_type = "BAM";
+    j.created_at = 1000 + std::int64_t(i);
+    j.analysis_state = "complete";
+    j.transfer_state = static_cast<State>(i);
+    j.method = i % 2 ? Method::aes : Method::otp;
+    j.peer = "sae-b";
+    store.insert(j);
+  }
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(database.c_str(), &db), SQLITE_OK);
+  auto column = [&](const std::string& sql) {
+    sqlite3_stmt* s = nullptr;
+    std::string text = "(no row)";
+    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &s, nullptr) == SQLITE_OK &&
+        sqlite3_step(s) == SQLITE_ROW) {
+      text = reinterpret_cast<const char*>(sqlite3_column_text(s, 0));
+    }
+    sqlite3_finalize(s);
+    return text;
+  };
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    const std::string id = "J-" + std::to_string(i);
+    EXPECT_EQ(column("SELECT transfer_state FROM jobs WHERE job_id='" + id + "'"), words[i]);
+    EXPECT_EQ(column("SELECT method FROM jobs WHERE job_id='" + id + "'"), i % 2 ? "AES" : "OTP");
+  }
+  httplib::Client api("127.0.0.1", a.api_port());
+  auto listed = api.Get("/api/v1/jobs");
+  ASSERT_TRUE(listed);
+  ASSERT_EQ(listed->status, 200) << listed->body;
+  std::map<std::string, std::pair<std::string, std::string>> shown;
+  const auto listing = nlohmann::json::parse(listed->body);
+  for (const auto& j : listing.at("jobs"))
+    shown[j.at("job_id").get<std::string>()] = {j.at("transfer_state").get<std::string>(),
+                                                j.at("method").get<std::string>()};
+  auto one = api.Get("/api/v1/jobs/J-2");
+  ASSERT_TRUE(one);
+  EXPECT_EQ(nlohmann::json::parse(one->body)["transfer_state"], "waiting-for-key") << one->body;
+  Child table(cli("a", {"jobs"}), dir_.path / "jobs.log");
+  EXPECT_EQ(table.wait(), 0);
+  const std::string printed = slurp(dir_.path / "jobs.log");
+  Child as_json(cli("a", {"jobs", "--json"}), dir_.path / "jobs.json");
+  EXPECT_EQ(as_json.wait(), 0);
+  std::map<std::string, std::string> cli_states;
+  for (const auto& j : nlohmann::json::parse(slurp(dir_.path / "jobs.json")))
+    cli_states[j.at("job_id").get<std::string>()] = j.at("transfer_state").get<std::string>();
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    const std::string id = "J-" + std::to_string(i);
+    EXPECT_EQ(shown[id].first, words[i]) << id;
+    EXPECT_EQ(shown[id].second, i % 2 ? "AES" : "OTP") << id;
+    EXPECT_EQ(cli_states[id], words[i]) << id;
+    // The table's row for the job names its state and method.
+    const auto row = printed.find(id + " ");
+    ASSERT_NE(row, std::string::npos) << printed;
+    const std::string line = printed.substr(row, printed.find('\n', row) - row);
+    EXPECT_NE(line.find(" " + words[i] + " "), std::string::npos) << line;
+    EXPECT_NE(line.find(i % 2 ? " AES" : " OTP"), std::string::npos) << line;
+  }
+
+  // A state this version does not know (a newer version's, or a hand edit): a clear error
+  // naming the job and the text, from the store, the API and the CLI.
+  char* error = nullptr;
+  ASSERT_EQ(sqlite3_exec(db, "UPDATE jobs SET transfer_state='paused' WHERE job_id='J-3'", nullptr,
+                         nullptr, &error),
+            SQLITE_OK)
+      << error;
+  const std::string expected = "job J-3 has an unknown transfer_state \"paused\"";
+  auto read_error = [&](const std::string& id) -> std::string {
+    try {
+      store.get(id);
+      return "(read without an error)";
+    } catch (const std::runtime_error& e) {
+      return e.what();
+    }
+  };
+  EXPECT_NE(read_error("J-3").find(expected), std::string::npos) << read_error("J-3");
+  EXPECT_NE(read_error("J-3").find(database.string()), std::string::npos) << read_error("J-3");
+  EXPECT_THROW(store.list(), std::runtime_error);
+  auto broken = api.Get("/api/v1/jobs");
+  ASSERT_TRUE(broken);
+  EXPECT_EQ(broken->status, 500);
+  EXPECT_NE(nlohmann::json::parse(broken->body).value("error", "").find(expected),
+            std::string::npos)
+      << broken->body;
+  Child failing(cli("a", {"jobs"}), dir_.path / "failing.log");
+  EXPECT_EQ(failing.wait(), 1);
+  EXPECT_NE(slurp(dir_.path / "failing.log").find(expected), std::string::npos)
+      << slurp(dir_.path / "failing.log");
+  ASSERT_EQ(sqlite3_exec(db,
+                         "UPDATE jobs SET transfer_state='queued', method='ROT13' "
+                         "WHERE job_id='J-3'",
+                         nullptr, nullptr, &error),
+            SQLITE_OK)
+      << error;
+  EXPECT_NE(read_error("J-3").find("job J-3 has an unknown method \"ROT13\""), std::string::npos)
+      << read_error("J-3");
+  sqlite3_close(db);
+}
+
+// Config text the config fuzzer (tests/fuzz/fuzz_config.cpp) found tripping Debian 12's
+// toml++ 3.3.0: a debug assertion on a table header like "[%site]" (marzer/tomlplusplus
+// #301), and __builtin_unreachable on a non-whitespace character where whitespace may
+// stand ("[site] 、", "§", #190/#305). With the library the daemons link each must be a
+// ConfigError: were the stray character read as whitespace, these configs would load.
+TEST_F(TransferTest, StrayCharactersThatTrippedTheTomlParserAreConfigErrors) {
+  fs::create_directories(data(""));
+  const std::string valid = config_text("a");
+  EXPECT_NO_THROW(transfer::parse_config(valid, "valid.toml"));
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string text = valid;
+    const auto at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    return text.replace(at, from.size(), to);
+  };
+  const std::vector<std::string> broken{
+      with("[site]\n", "[site] \xe3\x80\x81\n"),   // "[site] 、" (U+3001)
+      with("[kme]\n", "[kme]\n\xc2\xa7\n"),        // a line of "§" (U+00A7)
+      with("[peer]\n", "[peer]\t\xe3\x81\x81\n"),  // "ぁ" (U+3041) after a tab
+      with("max_attempts = 20\n", "max_attempts = 20 \xef\xbb\xbc\n"),  // U+FEFC
+      with("[site]\n", "[%site]\n"),
+      "[[[1]]]\n",
+      "[[=\n",
+  };
+  for (const auto& text : broken) {
+    try {
+      transfer::parse_config(text, "stray.toml");
+      ADD_FAILURE() << "loaded: " << text.substr(0, 80);
+    } catch (const transfer::ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("stray.toml:"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// The job API's job-creation body (parse_job_request, fuzzed by fuzz_job_request_short):
+// any other shape is a 400 with one line, and a valid one creates the job it describes.
+TEST_F(TransferTest, JobRequestsOfAnyOtherShapeGetOneLineAndA400) {
+  write_random(data("S30/reads.bam"), 1000, 30);
+  transfer::Service a(config("a"));
+  a.start();
+  httplib::Client api("127.0.0.1", a.api_port());
+  const std::vector<std::pair<std::string, std::string>> refused{
+      {R"([{"specimen_id":"S30","folder":"S30"}])", "must be a JSON object"},
+      {R"({"specimen_id":30,"folder":"S30"})", "bad request body"},
+      {R"({"specimen_id":"S30"})", "bad request body"},
+      {R"({"specimen_id":"S/30","folder":"S30"})", "specimen ID \"S/30\" is not valid"},
+      {R"({"specimen_id":"S30","folder":"S30","method":"rot13"})",
+       "method \"rot13\" is not valid: use otp or aes"},
+      {R"({"specimen_id":"S30","folder":"S30","watch":"yes"})", "bad request body"},
+      {R"({"specimen_id":"S30","folder":"S30","start":1})", "bad request body"},
+      {R"({"specimen_id":"S30","folder":"S30/reads.bam/.."})", "inside the data root"},
+  };
+  for (const auto& [body, says] : refused) {
+    auto answer = api.Post("/api/v1/jobs", body, "application/json");
+    ASSERT_TRUE(answer) << body;
+    EXPECT_EQ(answer->status, 400) << body << " -> " << answer->body;
+    const auto error = nlohmann::json::parse(answer->body).value("error", "");
+    EXPECT_NE(error.find(says), std::string::npos) << body << " -> " << error;
+  }
+  EXPECT_TRUE(store_empty(transfer::database_path(config("a"))));
+  auto made = api.Post("/api/v1/jobs",
+                       R"({"specimen_id":"S30","folder":"S30","method":"AES","start":false})",
+                       "application/json");
+  ASSERT_TRUE(made);
+  ASSERT_EQ(made->status, 201) << made->body;
+  const auto job = nlohmann::json::parse(made->body);
+  EXPECT_EQ(job["method"], "AES");
+  EXPECT_EQ(job["transfer_state"], "queued");  // "start": false
 }

@@ -43,9 +43,12 @@ TransferConfig parse_config(std::string_view text, const std::string& source) {
              "an existing folder (the sequencer's output root)");
     }
   }
-  c.method = r.string(t, "transfer.", "method", "\"otp\" or \"aes\"", c.method);
-  if (c.method != "otp" && c.method != "aes")
-    r.fail("transfer.method", '"' + c.method + '"', "\"otp\" or \"aes\"");
+  if (t.get("method")) {
+    const std::string method = r.string(t, "transfer.", "method", "\"otp\" or \"aes\"");
+    const auto named = from_string<Method>(method);
+    if (!named) r.fail("transfer.method", '"' + method + '"', "\"otp\" or \"aes\"");
+    c.method = *named;
+  }
   if (const toml::node* markers = t.get("completion_markers")) {
     const toml::array* list = markers->as_array();
     if (!list || list->empty()) {

@@ -90,8 +90,9 @@ struct JobStore::Impl {
         owner.fail("preparing a query");
       stmt_.reset(s);
     }
-    Statement& text(const std::string& v) {
-      sqlite3_bind_text(stmt_.get(), ++at_, v.c_str(), static_cast<int>(v.size()),
+    Statement& text(std::string_view v) {
+      // A null pointer would bind NULL, not "" (the columns are NOT NULL).
+      sqlite3_bind_text(stmt_.get(), ++at_, v.empty() ? "" : v.data(), static_cast<int>(v.size()),
                         SQLITE_TRANSIENT);
       return *this;
     }
@@ -118,7 +119,16 @@ struct JobStore::Impl {
     int at_ = 0;
   };
 
-  static Job job_from(const Statement& s) {
+  // A column's word as the enum it names; any other text is an error naming the job.
+  template <typename Enum>
+  Enum word(const Job& j, const char* column, const std::string& text) const {
+    if (const auto value = from_string<Enum>(text)) return *value;
+    throw std::runtime_error("job database " + path + ": job " + j.job_id + " has an unknown " +
+                             column + " \"" + text.substr(0, 100) +
+                             "\" (written by a newer otp-transfer, or edited by hand?)");
+  }
+
+  Job job_from(const Statement& s) const {
     Job j;
     j.job_id = s.column_text(0);
     j.direction = s.column_text(1);
@@ -129,11 +139,11 @@ struct JobStore::Impl {
     j.analysis_state = s.column_text(6);
     j.analysis_size = static_cast<std::uint64_t>(s.column_int(7));
     j.analysis_time = s.column_int(8);
-    j.transfer_state = s.column_text(9);
+    j.transfer_state = word<TransferState>(j, "transfer_state", s.column_text(9));
     j.transfer_size = static_cast<std::uint64_t>(s.column_int(10));
     j.transferred = static_cast<std::uint64_t>(s.column_int(11));
     j.completed_at = s.column_int(12);
-    j.method = s.column_text(13);
+    j.method = word<Method>(j, "method", s.column_text(13));
     j.peer = s.column_text(14);
     j.error = s.column_text(15);
     j.watch = s.column_int(16) != 0;
@@ -179,11 +189,11 @@ void JobStore::insert(const Job& j) {
       .text(j.analysis_state)
       .integer(static_cast<std::int64_t>(j.analysis_size))
       .integer(j.analysis_time)
-      .text(j.transfer_state)
+      .text(to_string(j.transfer_state))
       .integer(static_cast<std::int64_t>(j.transfer_size))
       .integer(static_cast<std::int64_t>(j.transferred))
       .integer(j.completed_at)
-      .text(j.method)
+      .text(to_string(j.method))
       .text(j.peer)
       .text(j.error)
       .integer(j.watch ? 1 : 0)
@@ -195,7 +205,7 @@ std::optional<Job> JobStore::get(const std::string& job_id) const {
   Impl::Statement s(*impl_, std::string("SELECT ") + kJobColumns + " FROM jobs WHERE job_id = ?");
   s.text(job_id);
   if (!s.step()) return std::nullopt;
-  Job j = Impl::job_from(s);
+  Job j = impl_->job_from(s);
   Impl::Statement f(*impl_,
                     "SELECT idx, path, size, committed, sha256, state FROM files WHERE job_id = ? "
                     "ORDER BY idx");
@@ -213,7 +223,7 @@ std::vector<Job> JobStore::list() const {
   Impl::Statement s(*impl_, std::string("SELECT ") + kJobColumns +
                                 " FROM jobs ORDER BY created_at DESC, job_id DESC");
   std::vector<Job> jobs;
-  while (s.step()) jobs.push_back(Impl::job_from(s));
+  while (s.step()) jobs.push_back(impl_->job_from(s));
   return jobs;
 }
 
@@ -226,7 +236,7 @@ void JobStore::update(const Job& j) {
       .text(j.analysis_state)
       .integer(static_cast<std::int64_t>(j.analysis_size))
       .integer(j.analysis_time)
-      .text(j.transfer_state)
+      .text(to_string(j.transfer_state))
       .integer(static_cast<std::int64_t>(j.transfer_size))
       .integer(static_cast<std::int64_t>(j.transferred))
       .integer(j.completed_at)
@@ -236,10 +246,9 @@ void JobStore::update(const Job& j) {
   s.step();
 }
 
-void JobStore::set_state(const std::string& job_id, const std::string& state,
-                         const std::string& error) {
+void JobStore::set_state(const std::string& job_id, TransferState state, const std::string& error) {
   Impl::Statement s(*impl_, "UPDATE jobs SET transfer_state=?, error=? WHERE job_id=?");
-  s.text(state).text(error).text(job_id);
+  s.text(to_string(state)).text(error).text(job_id);
   s.step();
 }
 

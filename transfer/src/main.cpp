@@ -23,6 +23,12 @@ void on_interrupt(int) {
   interrupted = true;
 }
 
+// A state's or method's word, for printf.
+template <typename Enum>
+const char* word(Enum value) {
+  return to_string(value).data();  // the words are string literals
+}
+
 std::string local_time(std::int64_t ms) {
   if (ms == 0) return "-";
   const std::time_t t = static_cast<std::time_t>(ms / 1000);
@@ -97,15 +103,15 @@ int run_job(JobStore& store, const TransferConfig& config, const std::string& jo
   options.on_progress = [&printer](const Progress& p) { printer(p); };
   const Job job = run_send_job(store, config, job_id, options);
   printer.done();
-  if (job.transfer_state == "completed") {
+  if (job.transfer_state == TransferState::completed) {
     std::printf("job %s completed: %zu files, %s, SHA-256 verified at both ends (%s)\n",
                 job.job_id.c_str(), job.files.size(), human_bytes(double(job.transferred)).c_str(),
-                job.method.c_str());
+                word(job.method));
     return 0;
   }
   std::fprintf(stderr, "otp-transfer: job %s %s: %s\n", job.job_id.c_str(),
-               job.transfer_state.c_str(), job.error.c_str());
-  return job.transfer_state == "interrupted" ? 130 : 1;
+               word(job.transfer_state), job.error.c_str());
+  return job.transfer_state == TransferState::interrupted ? 130 : 1;
 }
 
 void print_jobs(const std::vector<Job>& jobs) {
@@ -117,9 +123,9 @@ void print_jobs(const std::vector<Job>& jobs) {
                 j.job_id.c_str(), j.direction.c_str(), j.specimen_id.c_str(), j.data_type.c_str(),
                 local_time(j.created_at).c_str(), j.analysis_state.c_str(),
                 human_bytes(double(j.analysis_size)).c_str(), local_time(j.analysis_time).c_str(),
-                j.transfer_state.c_str(), human_bytes(double(j.transfer_size)).c_str(),
-                local_time(j.completed_at).c_str(), j.method.c_str());
-    if (!j.error.empty() && j.transfer_state != "completed")
+                word(j.transfer_state), human_bytes(double(j.transfer_size)).c_str(),
+                local_time(j.completed_at).c_str(), word(j.method));
+    if (!j.error.empty() && j.transfer_state != TransferState::completed)
       std::printf("    %s\n", j.error.c_str());
   }
 }
@@ -222,13 +228,18 @@ int main(int argc, char** argv) {
       std::vector<std::filesystem::path> sources;
       if (watch->parsed()) sources.emplace_back(run_folder);
       for (const auto& p : paths) sources.emplace_back(p);
-      const Job job = create_send_job(store, config, specimen, sources,
-                                      method.empty() ? config.method : method, watch->parsed());
+      const auto chosen = method.empty() ? config.method : from_string<Method>(method);
+      if (!chosen) {
+        std::fprintf(stderr, "otp-transfer: method \"%s\" is not valid: use otp or aes\n",
+                     method.c_str());
+        return 1;
+      }
+      const Job job = create_send_job(store, config, specimen, sources, *chosen, watch->parsed());
       std::printf(
           "job %s: specimen %s, %zu files, %s, method %s\n", job.job_id.c_str(),
           job.specimen_id.c_str(), job.files.size(),
           watch->parsed() ? "following the run" : human_bytes(double(job.transfer_size)).c_str(),
-          job.method.c_str());
+          word(job.method));
       std::fflush(stdout);
       return run_job(store, config, job.job_id);
     }
@@ -241,8 +252,8 @@ int main(int argc, char** argv) {
           out.push_back({{"job_id", j.job_id},
                          {"direction", j.direction},
                          {"specimen_id", j.specimen_id},
-                         {"transfer_state", j.transfer_state},
-                         {"method", j.method},
+                         {"transfer_state", to_string(j.transfer_state)},
+                         {"method", to_string(j.method)},
                          {"transferred", j.transferred},
                          {"transfer_size", j.transfer_size},
                          {"error", j.error}});
@@ -261,7 +272,7 @@ int main(int argc, char** argv) {
     }
     if (start->parsed()) return run_job(store, config, job_id);
     if (abort->parsed()) {
-      if (job->transfer_state == "completed") {
+      if (job->transfer_state == TransferState::completed) {
         std::fprintf(stderr, "otp-transfer: job %s is already complete\n", job_id.c_str());
         return 1;
       }

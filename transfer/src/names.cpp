@@ -14,6 +14,10 @@ bool valid_identifier(const std::string& text) {
   });
 }
 
+std::string specimen_id_problem(const std::string& text) {
+  return "specimen ID \"" + text + "\" is not valid: use 1-64 letters, digits, '-', '_' or '.'";
+}
+
 bool valid_relative_path(const std::string& text) {
   if (text.empty() || text.size() > 4096 || text.front() == '/') return false;
   if (text.find('\0') != std::string::npos || text.find('\\') != std::string::npos) return false;

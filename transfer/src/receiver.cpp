@@ -156,7 +156,7 @@ class ReceiveSession {
         on_bye();
         break;
       case MessageType::abort:
-        job_->transfer_state = "aborted";
+        job_->transfer_state = TransferState::aborted;
         job_->error = "aborted by the sending site";
         store_.update(*job_);
         done_ = true;
@@ -191,14 +191,16 @@ class ReceiveSession {
       fresh.data_type = j.value("data_type", "other");
       fresh.created_at = now_ms();
       fresh.analysis_state = j.value("analysis_state", "complete");
-      fresh.method = j.value("method", "OTP");
+      const auto method = from_string<Method>(j.value("method", "OTP"));
+      if (!method) throw ReceiveError("the sender named an unknown method (not OTP or AES)", false);
+      fresh.method = *method;
       fresh.peer = config_.peer_sae_id;
-      fresh.transfer_state = "running";
+      fresh.transfer_state = TransferState::running;
       store_.insert(fresh);
       existing = store_.get(job_id);
     }
     job_ = std::move(*existing);
-    if (job_->transfer_state == "completed") {
+    if (job_->transfer_state == TransferState::completed) {
       send_ack({{"type", "job_ok"}, {"already", true}});
       done_ = true;
       return;
@@ -208,7 +210,7 @@ class ReceiveSession {
     job_->analysis_size = j.value("analysis_size", job_->analysis_size);
     job_->analysis_time = j.value("analysis_time", job_->analysis_time);
     job_->transfer_size = j.value("transfer_size", job_->transfer_size);
-    job_->transfer_state = "running";
+    job_->transfer_state = TransferState::running;
     job_->error.clear();
     store_.update(*job_);
     fs::create_directories(partial_dir_);
@@ -362,7 +364,7 @@ class ReceiveSession {
     for (const auto& f : job_->files) {
       if (f.state != "done") throw ReceiveError("the sender finished before " + f.path, false);
     }
-    job_->transfer_state = "completed";
+    job_->transfer_state = TransferState::completed;
     job_->completed_at = now_ms();
     job_->transferred = 0;
     for (const auto& f : job_->files) job_->transferred += f.size;
@@ -405,7 +407,7 @@ class ReceiveSession {
     if (!store_.abort_requested(job_->job_id)) return;
     commit_all();
     send_ack({{"type", "abort"}, {"message", "aborted at the receiving site"}});
-    job_->transfer_state = "aborted";
+    job_->transfer_state = TransferState::aborted;
     job_->error = "aborted at the receiving site";
     store_.update(*job_);
     store_.clear_abort(job_->job_id);
@@ -419,8 +421,8 @@ class ReceiveSession {
                                  job_->job_id + "` on the sending site"
                            : "");
     send_ack({{"type", "error"}, {"message", message}, {"resumable", resumable}});
-    if (!job_ || job_->transfer_state == "aborted") return;
-    job_->transfer_state = interrupted ? "interrupted" : "failed";
+    if (!job_ || job_->transfer_state == TransferState::aborted) return;
+    job_->transfer_state = interrupted ? TransferState::interrupted : TransferState::failed;
     job_->error = message;
     store_.update(*job_);
   }

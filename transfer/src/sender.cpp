@@ -13,9 +13,9 @@
 #include <poll.h>
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
-#include <condition_variable>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -112,11 +112,11 @@ class SendSession {
 
   Job run() {
     if (!config_.peer_transfer) {
-      return finish("failed",
+      return finish(TransferState::failed,
                     "peer.transfer is not set in the config (the receiving site's "
                     "otp-transfer serve address, \"host:port\")");
     }
-    job_.transfer_state = "running";
+    job_.transfer_state = TransferState::running;
     job_.error.clear();
     store_.update(job_);
     store_.clear_abort(job_.job_id);
@@ -133,16 +133,16 @@ class SendSession {
       switch (outcome) {
         case Outcome::completed:
           job_.completed_at = now_ms();
-          return finish("completed", "");
+          return finish(TransferState::completed, "");
         case Outcome::aborted:
-          return finish("aborted", error.empty() ? "aborted" : error);
+          return finish(TransferState::aborted, error.empty() ? "aborted" : error);
         case Outcome::cancelled:
-          return finish("interrupted",
+          return finish(TransferState::interrupted,
                         "stopped before completion; resume with `otp-transfer "
                         "start " +
                             job_.job_id + "`");
         case Outcome::receiver_error:
-          return finish("failed", error);
+          return finish(TransferState::failed, error);
         case Outcome::link_error:
           break;
       }
@@ -160,19 +160,21 @@ class SendSession {
       }
     }
     if (options_.cancel && *options_.cancel) {
-      return finish("interrupted", "stopped before completion; resume with `otp-transfer start " +
-                                       job_.job_id + "`");
+      return finish(
+          TransferState::interrupted,
+          "stopped before completion; resume with `otp-transfer start " + job_.job_id + "`");
     }
-    return finish("failed", last_error + "; gave up after " + std::to_string(config_.max_attempts) +
-                                " attempts, resume with `otp-transfer start " + job_.job_id + "`");
+    return finish(TransferState::failed,
+                  last_error + "; gave up after " + std::to_string(config_.max_attempts) +
+                      " attempts, resume with `otp-transfer start " + job_.job_id + "`");
   }
 
  private:
-  Job finish(const std::string& state, const std::string& error) {
+  Job finish(TransferState state, const std::string& error) {
     report(true);  // first: it may still note a change of the key-wait state
     job_.transfer_state = state;
     job_.error = error;
-    if (state == "aborted" || stop_requested()) store_.clear_abort(job_.job_id);
+    if (state == TransferState::aborted || stop_requested()) store_.clear_abort(job_.job_id);
     store_.update(job_);
     return *store_.get(job_.job_id);
   }
@@ -201,7 +203,7 @@ class SendSession {
     k.log = keys::stderr_log_sink(keys::LogLevel::warning);
     supply_ = std::make_unique<keys::KeySupply>(kme_client_config(config_), k);
     supply_->start();
-    pipeline_ = std::make_unique<EncryptPipeline>(*supply_, socket_.fd, job_.method == "AES",
+    pipeline_ = std::make_unique<EncryptPipeline>(*supply_, socket_.fd, job_.method == Method::aes,
                                                   config_.record_size, config_.aes_rekey_records);
 
     std::array<std::uint8_t, kAckKeyBytes> ack_key{};
@@ -481,7 +483,7 @@ class SendSession {
     return {{"job_id", job_.job_id},
             {"specimen_id", job_.specimen_id},
             {"data_type", job_.data_type},
-            {"method", job_.method},
+            {"method", to_string(job_.method)},
             {"analysis_state", job_.analysis_state},
             {"analysis_size", job_.analysis_size},
             {"analysis_time", job_.analysis_time},
@@ -713,7 +715,8 @@ class SendSession {
     p.sequencing = job_.watch && job_.analysis_state != "complete";
     if (p.waiting_for_key != waiting_for_key_) {
       waiting_for_key_ = p.waiting_for_key;
-      job_.transfer_state = waiting_for_key_ ? "waiting-for-key" : "running";
+      job_.transfer_state =
+          waiting_for_key_ ? TransferState::waiting_for_key : TransferState::running;
       store_.update(job_);
     }
     last_report_ = now;
@@ -749,13 +752,8 @@ class SendSession {
 }  // namespace
 
 Job create_send_job(JobStore& store, const TransferConfig& config, const std::string& specimen_id,
-                    const std::vector<fs::path>& paths, const std::string& method, bool watch) {
-  if (!valid_identifier(specimen_id)) {
-    throw std::runtime_error("specimen ID \"" + specimen_id +
-                             "\" is not valid: use 1-64 letters, digits, '-', '_' or '.'");
-  }
-  if (method != "otp" && method != "aes")
-    throw std::runtime_error("method \"" + method + "\" is not valid: use otp or aes");
+                    const std::vector<fs::path>& paths, Method method, bool watch) {
+  if (!valid_identifier(specimen_id)) throw std::runtime_error(specimen_id_problem(specimen_id));
   if (paths.empty()) throw std::runtime_error("nothing to send: give at least one file or folder");
   if (watch && paths.size() != 1) throw std::runtime_error("watch follows exactly one run folder");
   Job job;
@@ -783,10 +781,10 @@ Job create_send_job(JobStore& store, const TransferConfig& config, const std::st
   job.folder =
       job.sources.size() == 1 ? job.sources[0] : fs::path(job.sources[0]).parent_path().string();
   job.created_at = now_ms();
-  job.method = method == "aes" ? "AES" : "OTP";
+  job.method = method;
   job.peer = config.peer_sae_id;
   job.watch = watch;
-  job.transfer_state = "queued";
+  job.transfer_state = TransferState::queued;
   std::vector<std::string> relative;
   std::vector<FileRecord> files;
   if (!watch) {
@@ -824,7 +822,7 @@ Job run_send_job(JobStore& store, const TransferConfig& config, const std::strin
     throw std::runtime_error("job " + job_id +
                              " was received here; it can only be started on the sending site");
   }
-  if (job->transfer_state == "completed") return *job;
+  if (job->transfer_state == TransferState::completed) return *job;
   const SendJobLock running(config, job_id);
   return SendSession(store, config, std::move(*job), options).run();
 }

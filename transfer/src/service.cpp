@@ -16,6 +16,7 @@
 
 #include "job_forecast.hpp"
 #include "job_lock.hpp"
+#include "job_request.hpp"
 #include "key_settings.hpp"
 #include "names.hpp"
 #include "parts.hpp"
@@ -42,11 +43,11 @@ json job_to_json(const Job& j) {
               {"analysis_state", j.analysis_state},
               {"analysis_size", j.analysis_size},
               {"analysis_time", j.analysis_time},
-              {"transfer_state", j.transfer_state},
+              {"transfer_state", to_string(j.transfer_state)},
               {"transfer_size", j.transfer_size},
               {"transferred", j.transferred},
               {"completed_at", j.completed_at},
-              {"method", j.method},
+              {"method", to_string(j.method)},
               {"peer", j.peer},
               {"error", j.error},
               {"watch", j.watch}};
@@ -84,16 +85,15 @@ void reply_error(httplib::Response& res, int status, const std::string& message)
 bool delete_job(JobStore& store, const TransferConfig& config, const std::string& job_id) {
   const auto job = store.get(job_id);
   if (!job) return false;
-  const bool active = job->transfer_state == "running" || job->transfer_state == "waiting-for-key";
   // A receive job is active while its sender is connected; a send job while a sender
   // process holds it (one that was killed left the state behind, not the lock). A sender
   // that has just recorded its abort lets go within moments.
   bool sending = job->direction == "send" && SendJobLock::held(config, job_id);
-  for (int i = 0; sending && !active && i < 100; ++i) {
+  for (int i = 0; sending && !active(job->transfer_state) && i < 100; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
     sending = SendJobLock::held(config, job_id);
   }
-  if (sending || (job->direction == "receive" && active)) {
+  if (sending || (job->direction == "receive" && active(job->transfer_state))) {
     throw std::runtime_error("job " + job_id + " is running: abort it first");
   }
   if (job->direction == "receive") {
@@ -109,10 +109,8 @@ bool delete_job(JobStore& store, const TransferConfig& config, const std::string
 
 void mark_interrupted_send_jobs(JobStore& store, const TransferConfig& config) {
   for (const auto& j : store.list()) {
-    if (j.direction == "send" &&
-        (j.transfer_state == "running" || j.transfer_state == "waiting-for-key") &&
-        !SendJobLock::held(config, j.job_id)) {
-      store.set_state(j.job_id, "interrupted",
+    if (j.direction == "send" && active(j.transfer_state) && !SendJobLock::held(config, j.job_id)) {
+      store.set_state(j.job_id, TransferState::interrupted,
                       "its sender stopped before finishing (killed or crashed); `otp-transfer "
                       "start " +
                           j.job_id + "` resumes it with fresh pad");
@@ -213,7 +211,7 @@ struct Service::Impl {
       try {
         run_send_job(*store, config, job_id, runner_options);
       } catch (const std::exception& e) {
-        store->set_state(job_id, "failed", e.what());
+        store->set_state(job_id, TransferState::failed, e.what());
       }
       r.finished = true;
     });
@@ -358,6 +356,18 @@ struct Service::Impl {
   }
 
   void routes() {
+    // A handler that throws (e.g. a job row this version cannot read) answers one JSON
+    // line with the reason, not an empty 500.
+    api().set_exception_handler(
+        [](const httplib::Request&, httplib::Response& res, std::exception_ptr failure) {
+          try {
+            std::rethrow_exception(failure);
+          } catch (const std::exception& e) {
+            reply_error(res, 500, e.what());
+          } catch (...) {
+            reply_error(res, 500, "internal error");
+          }
+        });
     api().set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       return check_access(req, res);
     });
@@ -374,7 +384,8 @@ struct Service::Impl {
       reply(res, 200,
             {{"site", config.site_name},
              {"data_root", config.data_root.string()},
-             {"default_method", config.method},
+             // the form's option values: "otp", "aes"
+             {"default_method", config.method == Method::aes ? "aes" : "otp"},
              {"folders", folders()},
              {"key_available", available}});
     });
@@ -393,25 +404,13 @@ struct Service::Impl {
     api().Post("/api/v1/jobs", [this](const httplib::Request& req, httplib::Response& res) {
       if (!json_request(req, res)) return;
       try {
-        const json body = json::parse(req.body);
-        if (config.data_root.empty())
-          return reply_error(res, 409, "this site has no transfer.data_root to send from");
-        const std::string folder = body.at("folder").get<std::string>();
-        if (!valid_relative_path(folder))
-          return reply_error(res, 400, "folder must be a path inside the data root");
-        const fs::path root = fs::canonical(config.data_root);
-        std::error_code ec;
-        const fs::path target = fs::canonical(root / folder, ec);
-        const auto [end, _] = std::mismatch(root.begin(), root.end(), target.begin(), target.end());
-        if (ec || end != root.end() || target == root)
-          return reply_error(res, 400, "folder " + folder + " is not inside the data root");
-        const bool watch = body.value("watch", false);
-        Job job = create_send_job(*store, config, body.at("specimen_id").get<std::string>(),
-                                  {target}, body.value("method", config.method), watch);
-        if (body.value("start", true)) start_runner(job.job_id);
+        const JobRequest request = parse_job_request(req.body, config);
+        Job job = create_send_job(*store, config, request.specimen_id, {request.folder},
+                                  request.method, request.watch);
+        if (request.start) start_runner(job.job_id);
         reply(res, 201, job_to_json(job));
-      } catch (const json::exception& e) {
-        reply_error(res, 400, std::string("bad request body: ") + e.what());
+      } catch (const RequestError& e) {
+        reply_error(res, e.status(), e.what());
       } catch (const std::exception& e) {
         reply_error(res, 400, e.what());
       }
@@ -423,14 +422,14 @@ struct Service::Impl {
                  const auto job = store->get(id);
                  if (!job) return reply_error(res, 404, "no job " + id);
                  if (req.matches[2] == "abort") {
-                   if (job->transfer_state == "completed")
+                   if (job->transfer_state == TransferState::completed)
                      return reply_error(res, 409, "job " + id + " is already complete");
                    store->request_abort(id);
                    return reply(res, 202, {{"job_id", id}, {"abort", "requested"}});
                  }
                  if (job->direction != "send")
                    return reply_error(res, 409, "job " + id + " is started by the sending site");
-                 if (job->transfer_state == "completed")
+                 if (job->transfer_state == TransferState::completed)
                    return reply_error(res, 409, "job " + id + " is already complete");
                  if (running(id)) return reply_error(res, 409, "job " + id + " is running");
                  start_runner(id);
@@ -444,7 +443,8 @@ struct Service::Impl {
                    // An aborted job's runner may still be winding down (closing its
                    // connection and key supply) after the job shows "aborted": give it a
                    // moment rather than refuse what the job table says is stopped.
-                   if (job->transfer_state == "aborted") wait_stopped(id, std::chrono::seconds(5));
+                   if (job->transfer_state == TransferState::aborted)
+                     wait_stopped(id, std::chrono::seconds(5));
                    if (running(id))
                      return reply_error(res, 409, "job " + id + " is running: abort it first");
                    try {
@@ -497,9 +497,9 @@ void Service::start() {
   s.store = std::make_unique<JobStore>(database_path(s.config));
   // Jobs that were receiving when the service last stopped wait for their sender.
   for (const auto& j : s.store->list()) {
-    if (j.direction == "receive" &&
-        (j.transfer_state == "running" || j.transfer_state == "waiting-for-key")) {
-      s.store->set_state(j.job_id, "interrupted", "the service stopped; the sender will resume");
+    if (j.direction == "receive" && active(j.transfer_state)) {
+      s.store->set_state(j.job_id, TransferState::interrupted,
+                         "the service stopped; the sender will resume");
     }
   }
   s.listener = listen_tcp(s.config.listen);

@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "otpgate/config_error.hpp"
@@ -22,6 +23,34 @@ namespace otpgate::transfer {
 using config::ConfigError;
 using config::Endpoint;
 
+// A job's transfer state. The job database, the job API's JSON, the web page and
+// `otp-transfer jobs` all show the same words: to_string().
+enum class TransferState {
+  queued,           // "queued": made, not started
+  running,          // "running"
+  waiting_for_key,  // "waiting-for-key": running at the key rate
+  completed,        // "completed": every file verified at both ends
+  failed,           // "failed": with the reason in the job's error
+  interrupted,      // "interrupted": its sender or the service stopped; `start` resumes it
+  aborted,          // "aborted": stopped on request; `start` resumes it
+};
+// How a job's bytes are protected: "OTP" (one-time pad) or "AES" (AES-256-GCM keyed from
+// the pad). Configs, the CLI and requests spell them "otp" and "aes"; either case is read.
+enum class Method { otp, aes };
+
+std::string_view to_string(TransferState state);
+std::string_view to_string(Method method);
+// The value a word names (as to_string() writes it); nullopt for any other text.
+template <typename Enum>
+std::optional<Enum> from_string(std::string_view text);
+template <>
+std::optional<TransferState> from_string<TransferState>(std::string_view text);
+template <>
+std::optional<Method> from_string<Method>(std::string_view text);
+
+// Running or waiting for key: a sender is moving the job's bytes (or was, if it died).
+bool active(TransferState state);
+
 struct TransferConfig : config::SiteConfig {        // [site], [kme], [peer] sae_id, [keys]
   TransferConfig() { key_ring_bytes = 16u << 20; }  // files: a larger ring than media
   // [peer] address: the receiving site's `otp-transfer serve` (sending side only).
@@ -30,7 +59,7 @@ struct TransferConfig : config::SiteConfig {        // [site], [kme], [peer] sae
   Endpoint listen{"0.0.0.0", 7400};    // serve: where senders connect
   std::filesystem::path incoming_dir;  // serve: received specimens land here
   std::filesystem::path data_root;     // sending side: folders the job API may send
-  std::string method = "otp";          // otp | aes
+  Method method = Method::otp;         // transfer.method: "otp" | "aes"
   std::vector<std::string> completion_markers{"CopyComplete.txt", "RTAComplete.txt"};
   std::uint32_t record_size = 65536;       // otpencrypt record size
   std::uint64_t commit_bytes = 32u << 20;  // receiver commits (fsync) at least this often
@@ -75,11 +104,11 @@ struct Job {
   std::string analysis_state;   // sequencing | complete
   std::uint64_t analysis_size = 0;
   std::int64_t analysis_time = 0;
-  std::string transfer_state;  // queued | running | waiting-for-key | completed | failed | aborted
+  TransferState transfer_state = TransferState::queued;
   std::uint64_t transfer_size = 0;  // bytes to transfer (grows while sequencing)
   std::uint64_t transferred = 0;    // bytes committed by the receiver
   std::int64_t completed_at = 0;
-  std::string method;  // OTP | AES
+  Method method = Method::otp;
   std::string peer;
   std::string error;
   bool watch = false;                // follows a growing run folder
@@ -89,6 +118,8 @@ struct Job {
 
 class JobStore {
  public:
+  // Reading a row whose transfer_state or method is not one of the words above (a newer
+  // version's, or an edited database) throws std::runtime_error naming the job and text.
   explicit JobStore(const std::filesystem::path& database);
   ~JobStore();
   JobStore(const JobStore&) = delete;
@@ -98,7 +129,7 @@ class JobStore {
   std::optional<Job> get(const std::string& job_id) const;  // with files
   std::vector<Job> list() const;                            // newest first, without files
   void update(const Job& job);                              // job columns, not files
-  void set_state(const std::string& job_id, const std::string& state, const std::string& error);
+  void set_state(const std::string& job_id, TransferState state, const std::string& error);
   void upsert_file(const std::string& job_id, const FileRecord& file);
   bool remove(const std::string& job_id);
   // Abort requests cross processes through the database (the API, `otp-transfer abort`).
@@ -145,8 +176,7 @@ struct SendOptions {
 // Creates a send job (not started). `paths` are files or folders; relative names on the
 // receiver keep the folder's own name. Throws std::runtime_error naming a bad path.
 Job create_send_job(JobStore& store, const TransferConfig& config, const std::string& specimen_id,
-                    const std::vector<std::filesystem::path>& paths, const std::string& method,
-                    bool watch);
+                    const std::vector<std::filesystem::path>& paths, Method method, bool watch);
 
 // Runs (or resumes) a send job to completion. Returns the final job; its transfer_state
 // says completed, failed (with error) or aborted.
