@@ -978,9 +978,10 @@ TEST_F(TransferTest, JobStatesAndMethodsKeepTheirWordsInTheDatabaseTheApiAndTheC
 // Config text the config fuzzer (tests/fuzz/fuzz_config.cpp) found tripping Debian 12's
 // toml++ 3.3.0: a debug assertion on a table header like "[%site]" (marzer/tomlplusplus
 // #301), and __builtin_unreachable on a non-whitespace character where whitespace may
-// stand ("[site] 、", "§", #190/#305). With the library the daemons link each must be a
-// ConfigError: were the stray character read as whitespace, these configs would load.
-TEST_F(TransferTest, StrayCharactersThatTrippedTheTomlParserAreConfigErrors) {
+// stand ("[site] 、", "§", #190/#305), and overflows in its formatter when an error quotes
+// an array holding -2^63, nan, inf or 1e-10. With the library the daemons link each must
+// be a ConfigError: were a stray character read as whitespace, those configs would load.
+TEST_F(TransferTest, ConfigTextThatTrippedTheTomlLibraryGivesConfigErrors) {
   fs::create_directories(data(""));
   const std::string valid = config_text("a");
   EXPECT_NO_THROW(transfer::parse_config(valid, "valid.toml"));
@@ -998,6 +999,11 @@ TEST_F(TransferTest, StrayCharactersThatTrippedTheTomlParserAreConfigErrors) {
       with("[site]\n", "[%site]\n"),
       "[[[1]]]\n",
       "[[=\n",
+      // An error quoting an array that holds these: the formatter's width estimate
+      // overflowed (negating -2^63; log10 of nan, inf or 1e-10 cast to size_t).
+      config_text("a", "completion_markers = [-9223372036854775808]"),
+      config_text("a", "completion_markers = [nan, inf]"),
+      config_text("a", "completion_markers = [1e-10]"),
   };
   for (const auto& text : broken) {
     try {
