@@ -840,10 +840,12 @@ TEST_F(TransferTest, AServiceAnswersToTheNamesItIsConfiguredWith) {
   EXPECT_EQ(wrong_port->status, 403);
 }
 
+// The words the database, the job API and the CLI have always used, in enum order.
+const std::vector<std::string> kStateWords{"queued", "running",     "waiting-for-key", "completed",
+                                           "failed", "interrupted", "aborted"};
+
 TEST(JobStates, EveryStateAndMethodHasOneWordReadBackTheSameWay) {
-  // The words the database, the job API and the CLI have always used, in enum order.
-  const std::vector<std::string> words{"queued", "running",     "waiting-for-key", "completed",
-                                       "failed", "interrupted", "aborted"};
+  const auto& words = kStateWords;
   for (std::size_t i = 0; i < words.size(); ++i) {
     const auto state = static_cast<State>(i);
     EXPECT_EQ(transfer::to_string(state), words[i]);
@@ -869,8 +871,7 @@ TEST_F(TransferTest, JobStatesAndMethodsKeepTheirWordsInTheDatabaseTheApiAndTheC
   a.start();  // before the rows: its start marks running receive jobs interrupted
   const fs::path database = transfer::database_path(config("a"));
   transfer::JobStore store(database);
-  const std::vector<std::string> words{"queued", "running",     "waiting-for-key", "completed",
-                                       "failed", "interrupted", "aborted"};
+  const auto& words = kStateWords;
   for (std::size_t i = 0; i < words.size(); ++i) {
     Job j;
     j.job_id = "J-" + std::to_string(i);
