@@ -12,7 +12,7 @@ GST_PLUGIN_PATH as the README says). Not run: apt, install, editor, systemctl (t
 package test covers them).
 
 What must come of it:
-- otp-transfer: `serve` receives; `send` exits 0 and every file arrives with its SHA-256
+- otp-transfer: `--check-config` (docs/install.md) exits 0 at both sites; `serve` receives; `send` exits 0 and every file arrives with its SHA-256
   and the manifest; `watch` sends a run folder while it is written and exits 0 at the
   completion marker; `send --method aes` is recorded as AES; `jobs` lists them; a sender
   killed mid-job is shown interrupted and `start JOB_ID` completes it.
@@ -90,6 +90,12 @@ if any(site is None for site, _ in transfer_cmds):
 gateway_cmds = [c for c in commands(install_block[0]) if " otp-gateway --" in f" {c}"] + \
     commands(running_block[0])
 status_curl = [c for c in commands("\n".join(blocks(install_md, "sh"))) if c.startswith("curl ")]
+transfer_setup = section(read("docs/install.md"), "## Setting up the transfer service", "\n## ")
+transfer_checks = [c for c in commands("\n".join(blocks(transfer_setup, "sh")))
+                   if " otp-transfer " in f" {c} " and c.endswith("--check-config")]
+if len(transfer_checks) != 1:
+    sys.exit(f"readme_daemon_examples: expected docs/install.md's otp-transfer --check-config, "
+             f"found {transfer_checks}")
 if len(status_curl) != 1:
     sys.exit(f"readme_daemon_examples: expected docs/install.md's one status curl, found "
              f"{status_curl}")
@@ -232,7 +238,12 @@ def transfer_examples():
                     "65536")  # 5 MB/s of key: a large job runs long enough to be killed
     config_a = transfer_config("a", kme)
     transfer_config("b", kme)
-    b_root, a_root = f"{work}/site-b", f"{work}/site-a"
+    b_root = f"{work}/site-b"
+    for site in "ab":  # docs/install.md's check, as the service will run it
+        command = transfer_checks[0].replace("runuser -u otpgate -- ", "")
+        code, out = run(command, site, f"check-transfer-{site}.log")
+        check(code == 0 and re.search(r"\bvalid\b.*: site hospital-" + site, out),
+              f"`{command}` at site {site}: exit {code}:\n{out}")
     def at_site(site, test):
         return [c for s, c in transfer_cmds if s == site and test(c)]
     serve = at_site("b", lambda c: c.endswith(" serve"))
