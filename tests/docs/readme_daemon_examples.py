@@ -90,6 +90,11 @@ if any(site is None for site, _ in transfer_cmds):
 gateway_cmds = [c for c in commands(install_block[0]) if " otp-gateway --" in f" {c}"] + \
     commands(running_block[0])
 status_curl = [c for c in commands("\n".join(blocks(install_md, "sh"))) if c.startswith("curl ")]
+# The README's health check after the gateway starts.
+health_curl = [c for c in commands(install_block[0]) if c.startswith("curl ")]
+if len(health_curl) != 1 or "/healthz" not in health_curl[0]:
+    sys.exit(f"readme_daemon_examples: expected the README Install block's one /healthz curl, "
+             f"found {health_curl}")
 transfer_setup = section(read("docs/install.md"), "## Setting up the transfer service", "\n## ")
 transfer_checks = [c for c in commands("\n".join(blocks(transfer_setup, "sh")))
                    if " otp-transfer " in f" {c} " and c.endswith("--check-config")]
@@ -486,6 +491,12 @@ def gateway_examples():
         check(code == 0 and json.loads(out)["site"] == "hospital-a",
               f"`{command}`: exit {code}: {out[:500]}")
     media_flows(configs, status_ports)
+    # The README's /healthz check, at site A, after media crossed both ways.
+    for command in health_curl:
+        command = command.replace(":8080/", f":{status_ports['a']}/")
+        code, out = run(command, "a", "healthz.log", 30, subprocess.DEVNULL)
+        check(code == 0 and json.loads(out)["status"] == "healthy",
+              f"`{command}`: exit {code}: {out[:500]}")
     for site in "ab":
         code = procs.stop(gateways[site])
         out = procs.output(gateways[site])
