@@ -10,23 +10,11 @@
 #include <vector>
 
 #include "gateway_fixture.hpp"
+#include "silent_connection.hpp"
 
 namespace {
 
-// A TCP connection to 127.0.0.1:port that sends `bytes` and then nothing.
-int silent_connection(std::uint16_t port, const std::string& bytes) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  if (!bytes.empty()) (void)::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-  return fd;
-}
+using otpgate::testing::silent_connection;
 
 httplib::Result get_with_host(std::uint16_t port, const std::string& host, const char* path) {
   httplib::Client client("127.0.0.1", port);

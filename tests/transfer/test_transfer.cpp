@@ -24,6 +24,7 @@
 
 #include "otpgate/keyclient.hpp"
 #include "otpgate/transfer.hpp"
+#include "silent_connection.hpp"
 #include "test_pki.hpp"
 
 using namespace otpgate;
@@ -838,6 +839,32 @@ TEST_F(TransferTest, AServiceAnswersToTheNamesItIsConfiguredWith) {
   auto wrong_port = api.Get("/api/v1/jobs", httplib::Headers{{"Host", "localhost:1"}});
   ASSERT_TRUE(wrong_port);
   EXPECT_EQ(wrong_port->status, 403);
+}
+
+TEST_F(TransferTest, IdleAndHalfSentConnectionsDoNotStarveTheJobApi) {
+  fs::create_directories(data(""));
+  transfer::Service a(config("a"));
+  a.start();
+  std::vector<int> held;
+  for (int i = 0; i < 64; ++i) held.push_back(otpgate::testing::silent_connection(a.api_port()));
+  for (int i = 0; i < 64; ++i) {
+    held.push_back(otpgate::testing::silent_connection(
+        a.api_port(), "POST /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99"));
+  }
+  ASSERT_EQ(std::count(held.begin(), held.end(), -1), 0);
+  // httplib's defaults (a backlog of 5; 8 threads, each held 5 s by an idle connection)
+  // left this unanswered for over 30 s; the 3 s client timeout turns that into a failure.
+  httplib::Client api("127.0.0.1", a.api_port());
+  api.set_connection_timeout(3, 0);
+  api.set_read_timeout(3, 0);
+  auto jobs = api.Get("/api/v1/jobs");
+  ASSERT_TRUE(jobs) << httplib::to_string(jobs.error());
+  EXPECT_EQ(jobs->status, 200);
+  // A body over the API's 1 MiB limit is refused, not read.
+  auto big = api.Post("/api/v1/jobs", std::string((1u << 20) + 1, ' '), "application/json");
+  ASSERT_TRUE(big);
+  EXPECT_EQ(big->status, 413);
+  for (int fd : held) ::close(fd);
 }
 
 // The words the database, the job API and the CLI have always used, in enum order.

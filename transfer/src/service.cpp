@@ -19,6 +19,7 @@
 #include "job_request.hpp"
 #include "key_settings.hpp"
 #include "names.hpp"
+#include "otpgate/http_edge.hpp"
 #include "parts.hpp"
 #include "sha256.hpp"
 #include "tcp_socket.hpp"
@@ -127,7 +128,8 @@ struct Service::Impl {
   int bound_api_port = 0;
   std::atomic<bool> stopping{false};
   std::thread accept_thread, api_thread;
-  std::unique_ptr<httplib::Server> api_server;  // SSLServer when api.tls_cert is set
+  std::unique_ptr<httplib::Server> api_server;     // SSLServer when api.tls_cert is set
+  std::unique_ptr<http_edge::ServiceNames> names;  // which Host/Origin is this service
   httplib::Server& api() { return *api_server; }
 
   std::mutex mutex;  // guards the two lists below
@@ -238,52 +240,21 @@ struct Service::Impl {
     // The Host must be this service under a name it is known by: a page on a name an
     // attacker controls (DNS rebinding) names that name, whatever address it resolves to.
     const std::string host = req.get_header_value("Host");
-    if (!names_this_service(host)) {
+    if (!names->names_this_service(host)) {
       reply_error(res, 403,
-                  "request for host \"" + clipped(host) +
+                  "request for host \"" + http_edge::clipped(host) +
                       "\" refused: not a name of this service (add it to api.server_names)");
       return httplib::Server::HandlerResponse::Handled;
     }
     if (req.method != "GET" && req.has_header("Origin")) {
       const std::string origin = req.get_header_value("Origin");
-      const std::string scheme = config.api_tls_cert.empty() ? "http://" : "https://";
-      if (origin.rfind(scheme, 0) != 0 || !names_this_service(origin.substr(scheme.size()))) {
-        reply_error(res, 403, "cross-site request refused (Origin " + clipped(origin) + ")");
+      if (!names->is_own_origin(origin)) {
+        reply_error(res, 403,
+                    "cross-site request refused (Origin " + http_edge::clipped(origin) + ")");
         return httplib::Server::HandlerResponse::Handled;
       }
     }
     return httplib::Server::HandlerResponse::Unhandled;
-  }
-
-  // "name[:port]" names this service: localhost, the listen address or a configured
-  // server name, and this service's port (or the scheme's default when none is given).
-  bool names_this_service(const std::string& host_port) const {
-    std::string name = host_port;
-    std::string port;
-    if (!name.empty() && name.front() == '[') {  // [v6]:port
-      const auto close = name.find(']');
-      if (close == std::string::npos) return false;
-      port = close + 1 < name.size() && name[close + 1] == ':' ? name.substr(close + 2) : "";
-      name = name.substr(0, close + 1);
-    } else if (const auto colon = name.rfind(':'); colon != std::string::npos) {
-      port = name.substr(colon + 1);
-      name = name.substr(0, colon);
-    }
-    const std::string default_port = config.api_tls_cert.empty() ? "80" : "443";
-    if ((port.empty() ? default_port : port) != std::to_string(bound_api_port)) return false;
-    std::transform(name.begin(), name.end(), name.begin(), ::tolower);
-    if (name == "localhost" || name == "127.0.0.1" || name == "[::1]") return true;
-    const std::string& listen = config.api_listen.host;
-    if (listen != "0.0.0.0" && listen != "::" && name == listen) return true;
-    for (const auto& n : config.api_server_names) {
-      std::string known = n;
-      std::transform(known.begin(), known.end(), known.begin(), ::tolower);
-      if (name == known) return true;
-    }
-    return false;
-  }
-  static std::string clipped(const std::string& text) {
-    return text.size() <= 100 ? text : text.substr(0, 100) + "...";
   }
 
   bool authorised(const std::string& header) const {
@@ -515,14 +486,18 @@ void Service::start() {
   } else {
     s.api_server = std::make_unique<httplib::Server>();
   }
+  s.names = std::make_unique<http_edge::ServiceNames>(
+      s.config.api_listen.host, s.config.api_server_names, !s.config.api_tls_cert.empty());
   s.routes();
   const auto& a = s.config.api_listen;
-  s.bound_api_port = a.port == 0 ? s.api().bind_to_any_port(a.host)
-                                 : (s.api().bind_to_port(a.host, a.port) ? a.port : -1);
+  // Timeouts, a body limit and a connection gate: idle or slow clients cannot take every
+  // worker (64 idle connections kept the API unanswered for over 30 s).
+  s.bound_api_port = http_edge::bind(s.api(), a.host, a.port, http_edge::Limits{});
   if (s.bound_api_port <= 0) {
     throw std::runtime_error("cannot listen on api.listen " + a.host + ":" +
                              std::to_string(a.port) + " (in use? change [api] listen)");
   }
+  s.names->set_port(static_cast<std::uint16_t>(s.bound_api_port));
   s.api_thread = std::thread([&s] { s.api().listen_after_bind(); });
   s.accept_thread = std::thread([&s] { s.accept_loop(); });
 }
