@@ -780,6 +780,33 @@ TEST_F(TransferTest, BadInputGetsOneClearLineAndANonZeroExit) {
   EXPECT_NE(out9.find("unknown key transfer.max_attempt; did you mean \"max_attempts\"?"),
             std::string::npos)
       << out9;
+  // Offline checks, as for the gateway: a key from another pair, and a port in use.
+  const fs::path mismatched = dir_.path / "mismatched.toml";
+  std::string text = config_text("a");
+  text.replace(text.find("sae-a.key"), 9, "sae-b.key");
+  std::ofstream(mismatched) << text;
+  auto [rc11, out11] =
+      run({OTPGATE_TRANSFER_BIN, "-c", mismatched.string(), "--check-config"}, "11");
+  EXPECT_EQ(rc11, 2);
+  EXPECT_NE(out11.find("kme.tls_key = \"" + (pki_dir() / "sae-b.key").string() +
+                       "\": does not match the certificate in kme.tls_cert"),
+            std::string::npos)
+      << out11;
+  transfer::Service running(config("a"));
+  running.start();
+  const fs::path taken = dir_.path / "taken.toml";
+  text = config_text("a");
+  text.replace(text.rfind("127.0.0.1:0"), 11, "127.0.0.1:" + std::to_string(running.api_port()));
+  std::ofstream(taken) << text;
+  auto [rc12, out12] = run({OTPGATE_TRANSFER_BIN, "-c", taken.string(), "--check-config"}, "12");
+  EXPECT_EQ(rc12, 2);
+  EXPECT_NE(
+      out12.find("api.listen 127.0.0.1:" + std::to_string(running.api_port()) + " (TCP): in use"),
+      std::string::npos)
+      << out12;
+  // ... while the CLI's other commands, which run beside the service, do not check ports.
+  auto [rc13, out13] = run({OTPGATE_TRANSFER_BIN, "-c", taken.string(), "jobs"}, "13");
+  EXPECT_EQ(rc13, 0) << out13;
   auto [rc8, out8] = run(cli("a", {}), "8");
   EXPECT_EQ(rc8, 2);
   EXPECT_NE(out8.find("name a command"), std::string::npos) << out8;

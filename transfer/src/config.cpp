@@ -120,6 +120,20 @@ TransferConfig load_config(const std::filesystem::path& path) {
   return parse_config(config::read_config_file(path), path.string());
 }
 
+config::OfflineChecks check_offline(const TransferConfig& c, bool serving) {
+  config::OfflineChecks checks;
+  checks.site(c);
+  checks.writable_directory("transfer.incoming_dir", c.incoming_dir);
+  if (c.peer_transfer) checks.resolves("peer.address", c.peer_transfer->host);
+  if (!c.api_tls_cert.empty())
+    checks.certificate_and_key("api.tls_cert", c.api_tls_cert, "api.tls_key", c.api_tls_key);
+  if (serving) {  // the CLI's other commands run beside a running service
+    checks.tcp_port_free("transfer.listen", c.listen.host, c.listen.port);
+    checks.tcp_port_free("api.listen", c.api_listen.host, c.api_listen.port);
+  }
+  return checks;
+}
+
 std::filesystem::path database_path(const TransferConfig& config) {
   return config.state_dir / "transfer-jobs.sqlite";
 }

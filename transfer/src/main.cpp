@@ -198,6 +198,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "otp-transfer: %s\n", e.what());
     return 2;
   }
+  const auto checks = check_offline(config, check_only || serve->parsed());
+  for (const auto& w : checks.warnings())
+    std::fprintf(stderr, "otp-transfer[warning]: %s\n", w.c_str());
+  for (const auto& p : checks.problems())
+    std::fprintf(stderr, "otp-transfer: %s: %s\n", config_path.c_str(), p.c_str());
+  if (!checks.problems().empty()) return 2;
   if (check_only) {
     std::printf("%s: valid: site %s (SAE %s), peer %s\n", config_path.c_str(),
                 config.site_name.c_str(), config.sae_id.c_str(), config.peer_sae_id.c_str());

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "otpgate/config_error.hpp"
+#include "otpgate/offline_checks.hpp"
 
 namespace otpgate::transfer {
 
@@ -80,6 +81,10 @@ struct TransferConfig : config::SiteConfig {        // [site], [kme], [peer] sae
 // Reads and validates a config file; throws ConfigError with one readable line.
 TransferConfig load_config(const std::filesystem::path& path);
 TransferConfig parse_config(std::string_view toml_text, const std::string& source_name);
+// What can be verified before running (TLS files, KME URL, state_dir and incoming_dir,
+// that the peer resolves; with `serving`, that transfer.listen and api.listen are free):
+// --check-config and `serve` run them; the other commands skip the ports.
+config::OfflineChecks check_offline(const TransferConfig& config, bool serving);
 
 // ---------------------------------------------------------------------------
 // Job database (SQLite, WAL): one row per job, one per file. Shared by the CLI and the
