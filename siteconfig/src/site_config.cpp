@@ -138,16 +138,13 @@ Endpoint Reader::endpoint(const toml::table& table, const std::string& prefix, c
   const auto colon = text.rfind(':');
   if (colon == std::string::npos || colon == 0)
     fail(prefix + key, '"' + text + '"', "\"host:port\"");
-  int port = 0;
-  try {
-    std::size_t used = 0;
-    port = std::stoi(text.substr(colon + 1), &used);
-    if (used != text.size() - colon - 1) port = 0;
-  } catch (const std::exception&) {
-    port = 0;
-  }
-  if (port < (any_port_allowed ? 0 : 1) || port > 65535 ||
-      (port == 0 && text.substr(colon + 1) != "0")) {
+  // Digits only: std::stoi would also take "+80" and " 80".
+  const std::string digits = text.substr(colon + 1);
+  int port = -1;
+  if (!digits.empty() && digits.size() <= 5 &&
+      digits.find_first_not_of("0123456789") == std::string::npos)
+    port = std::stoi(digits);
+  if (port < (any_port_allowed ? 0 : 1) || port > 65535 || (port == 0 && digits != "0")) {
     fail(prefix + key, '"' + text + '"', "\"host:port\" with a port from 1 to 65535");
   }
   if (!is_host(text.substr(0, colon)))

@@ -246,6 +246,13 @@ TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
             "site.toml: peer.sae_id = \"sae-a\": expected an SAE ID other than site.sae_id");
   EXPECT_EQ(error_for("deliver_rtp = \"127.0.0.1:7004\"", "deliver_rtp = \"nowhere\""),
             "site.toml: stream[0].deliver_rtp = \"nowhere\": expected \"host:port\"");
+  for (const char* port : {"+7004", " 7004", "7004 ", "0x1b5c", "070040"}) {
+    EXPECT_EQ(error_for("deliver_rtp = \"127.0.0.1:7004\"",
+                        std::string("deliver_rtp = \"127.0.0.1:") + port + "\""),
+              std::string("site.toml: stream[0].deliver_rtp = \"127.0.0.1:") + port +
+                  "\": expected \"host:port\" with a port from 1 to 65535")
+        << port;
+  }
   EXPECT_NE(error_for("/sae-a.key", "/missing.key").find("kme.tls_key"), std::string::npos);
   // Unknown sections and keys are errors (a typo must not silently keep the default), with
   // the closest known name when one is near.

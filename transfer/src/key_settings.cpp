@@ -2,6 +2,8 @@
 // See key_settings.hpp.
 #include "key_settings.hpp"
 
+#include "otpgate/site_config.hpp"
+
 namespace otpgate::transfer::detail {
 
 keys::KmeClientConfig kme_client_config(const TransferConfig& config) {
@@ -13,7 +15,8 @@ keys::KmeClientConfig kme_client_config(const TransferConfig& config) {
 }
 
 std::filesystem::path journal_path(const TransferConfig& config, const std::string& job_id) {
-  return config.state_dir / "transfer-journals" / (job_id + ".journal");
+  // Job IDs come from the peer too: file_in keeps the journal inside its folder.
+  return config::file_in(config.state_dir / "transfer-journals", job_id + ".journal");
 }
 
 }  // namespace otpgate::transfer::detail
