@@ -125,6 +125,15 @@ std::int64_t Reader::integer(const toml::table& table, const std::string& prefix
   return value->get();
 }
 
+bool Reader::boolean(const toml::table& table, const std::string& prefix, const char* key,
+                     bool fallback) const {
+  const toml::node* node = table.get(key);
+  if (!node) return fallback;
+  const auto* value = node->as_boolean();
+  if (!value) fail(prefix + key, shown(node), "true or false");
+  return value->get();
+}
+
 std::uint16_t Reader::port(const toml::table& table, const std::string& prefix, const char* key,
                            bool required) const {
   if (!required && !table.get(key)) return 0;

@@ -868,6 +868,54 @@ TEST_F(TransferTest, AServiceAnswersToTheNamesItIsConfiguredWith) {
   EXPECT_EQ(wrong_port->status, 403);
 }
 
+TEST_F(TransferTest, FollowedSymlinksMustStayInsideTheDataRoot) {
+  // A reference genome kept once under the data root, linked into each specimen folder.
+  write_random(data("reference/hg38.fa"), 70000, 21);
+  write_random(data("S20/reads.bam"), 50000, 22);
+  fs::create_symlink(data("reference/hg38.fa"), data("S20/hg38.fa"));
+  write_random(dir_.path / "outside" / "secret.txt", 100, 23);
+  const auto a_config = config("a", "follow_symlinks = true");
+  ASSERT_TRUE(a_config.follow_symlinks);
+  transfer::Service b(config("b"));
+  b.start();
+  transfer::JobStore store(transfer::database_path(a_config));
+  const Job made =
+      transfer::create_send_job(store, a_config, "S20", {data("S20")}, Method::otp, false);
+  const Job done = transfer::run_send_job(store, a_config, made.job_id);
+  ASSERT_EQ(done.transfer_state, State::completed) << done.error;
+  // Arrives as a regular file with the target's bytes, under the link's name.
+  const fs::path got = received(done, "S20") / "hg38.fa";
+  EXPECT_FALSE(fs::is_symlink(got));
+  EXPECT_EQ(sha256_of(got), sha256_of(data("reference/hg38.fa")));
+  // A link leaving the data root, a dangling one and a link to a folder are refused,
+  // each naming the link; and without the switch every link is.
+  for (const char* folder : {"S21", "S22", "S23"}) fs::create_directories(data(folder));
+  fs::create_symlink(dir_.path / "outside" / "secret.txt", data("S21/secret.txt"));
+  fs::create_symlink(data("nowhere"), data("S22/gone.txt"));
+  fs::create_symlink(data("reference"), data("S23/reference"));
+  for (const auto& [folder, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"S21", "S21/secret.txt is a symbolic link to " +
+                       fs::canonical(dir_.path / "outside" / "secret.txt").string() + ", outside"},
+           {"S22",
+            "S22/gone.txt is a symbolic link to " + data("S22/gone.txt").string() + " (dangling)"},
+           {"S23", "which is not a regular file: only links to files are followed"}}) {
+    try {
+      transfer::create_send_job(store, a_config, folder, {data(folder)}, Method::otp, false);
+      ADD_FAILURE() << folder << ": accepted";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+    }
+  }
+  try {
+    transfer::create_send_job(store, config("a"), "S20", {data("S20")}, Method::otp, false);
+    ADD_FAILURE() << "a link was followed without transfer.follow_symlinks";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("S20/hg38.fa is a symbolic link: only regular files"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST_F(TransferTest, IdleAndHalfSentConnectionsDoNotStarveTheJobApi) {
   fs::create_directories(data(""));
   transfer::Service a(config("a"));

@@ -16,7 +16,7 @@ TransferConfig parse_config(std::string_view text, const std::string& source) {
        {"peer", {"sae_id", "transfer", "address", "transport"}},
        {"transfer",
         {"listen", "incoming_dir", "data_root", "method", "completion_markers", "record_size",
-         "commit_bytes", "aes_rekey_records", "max_attempts"}},
+         "commit_bytes", "aes_rekey_records", "max_attempts", "follow_symlinks"}},
        {"api", {"listen", "tls_cert", "tls_key", "user", "password_sha256", "server_names"}},
        // otp-gateway's, when one file serves both
        {"policy", {}, false, true},
@@ -77,6 +77,7 @@ TransferConfig parse_config(std::string_view text, const std::string& source) {
                 "records per AES key, 1 to 16777216", c.aes_rekey_records));
   c.max_attempts = static_cast<int>(r.integer(t, "transfer.", "max_attempts", 1, 1000,
                                               "connection attempts, 1 to 1000", c.max_attempts));
+  c.follow_symlinks = r.boolean(t, "transfer.", "follow_symlinks", false);
 
   if (const toml::table* api = r.optional_table("api")) {
     if (api->get("listen")) c.api_listen = r.endpoint(*api, "api.", "listen", true);

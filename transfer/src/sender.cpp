@@ -46,8 +46,45 @@ void detail::ignore_io_signals() {
 
 namespace {
 
+// What a symbolic link inside a specimen folder may be: by default nothing (a link could
+// reach any file this service can read); with transfer.follow_symlinks, a link to a
+// regular file inside `inside` (data_root, or the specimen folder without one).
+struct LinkPolicy {
+  bool follow = false;
+  fs::path inside;
+};
+
+LinkPolicy link_policy(const TransferConfig& config, const fs::path& root) {
+  return {config.follow_symlinks, config.data_root.empty() ? root : config.data_root};
+}
+
+// Throws unless `link` (shown as `name`) may be sent under `policy`.
+void check_link(const fs::path& link, const std::string& name, const LinkPolicy& policy) {
+  if (!policy.follow) {
+    throw std::runtime_error(
+        name +
+        " is a symbolic link: only regular files inside the specimen folder are sent (copy "
+        "the file in, remove the link, or set transfer.follow_symlinks = true for links that "
+        "stay inside data_root)");
+  }
+  std::error_code ec;
+  const fs::path target = fs::canonical(link, ec);
+  const fs::path inside = fs::canonical(policy.inside, ec);
+  const fs::path relative = target.lexically_relative(inside);
+  if (target.empty() || inside.empty() || relative.empty() || *relative.begin() == "..") {
+    throw std::runtime_error(name + " is a symbolic link to " +
+                             (target.empty() ? link.string() + " (dangling)" : target.string()) +
+                             ", outside " + policy.inside.string() + ": refused");
+  }
+  if (!fs::is_regular_file(target)) {
+    throw std::runtime_error(name + " is a symbolic link to " + target.string() +
+                             ", which is not a regular file: only links to files are followed");
+  }
+}
+
 // Relative names on the receiver keep each source's own name: /runs/S1/a.fq -> S1/a.fq.
-std::vector<std::pair<fs::path, std::string>> enumerate(const std::vector<std::string>& sources) {
+std::vector<std::pair<fs::path, std::string>> enumerate(const std::vector<std::string>& sources,
+                                                        const TransferConfig& config) {
   std::vector<std::pair<fs::path, std::string>> files;
   for (const auto& source : sources) {
     const fs::path root(source);
@@ -55,15 +92,15 @@ std::vector<std::pair<fs::path, std::string>> enumerate(const std::vector<std::s
       files.emplace_back(root, root.filename().string());
       continue;
     }
+    const LinkPolicy policy = link_policy(config, root);
     std::vector<fs::path> found;
     for (const auto& entry : fs::recursive_directory_iterator(root)) {
-      // A link could reach any file this service can read (and its name, resolved, leave
-      // the folder): specimens are sent from regular files inside their folder only.
       if (entry.is_symlink()) {
-        throw std::runtime_error(
-            (root.filename() / entry.path().lexically_relative(root)).generic_string() +
-            " is a symbolic link: only regular files inside the specimen folder are sent (copy "
-            "the file in, or remove the link)");
+        check_link(entry.path(),
+                   (root.filename() / entry.path().lexically_relative(root)).generic_string(),
+                   policy);
+        found.push_back(entry.path());  // the iterator does not descend into links
+        continue;
       }
       if (entry.is_regular_file()) found.push_back(entry.path());
     }
@@ -75,14 +112,18 @@ std::vector<std::pair<fs::path, std::string>> enumerate(const std::vector<std::s
   return files;
 }
 
-fs::path source_of(const std::vector<std::string>& sources, const std::string& relative) {
+// The job source (a specimen folder or file) that `relative` lies in.
+fs::path root_of(const std::vector<std::string>& sources, const std::string& relative) {
   for (const auto& source : sources) {
     const fs::path root(source);
     const std::string name = root.filename().string();
-    if (relative == name || relative.rfind(name + "/", 0) == 0)
-      return root.parent_path() / relative;
+    if (relative == name || relative.rfind(name + "/", 0) == 0) return root;
   }
   throw std::runtime_error("file " + relative + " is in none of the job's sources");
+}
+
+fs::path source_of(const std::vector<std::string>& sources, const std::string& relative) {
+  return root_of(sources, relative).parent_path() / relative;
 }
 
 struct SourceFile {
@@ -251,6 +292,16 @@ class SendSession {
 
   // Announces a file, learns how much the receiver already holds, hashes that part here.
   std::optional<Outcome> open_file(SourceFile& f, std::string& error) {
+    // Checked again as it is opened: a file may have become a link since the job began.
+    if (fs::is_symlink(f.path)) {
+      try {
+        check_link(f.path, f.record.path,
+                   link_policy(config_, root_of(job_.sources, f.record.path)));
+      } catch (const std::exception& e) {
+        error = e.what();
+        return Outcome::receiver_error;
+      }
+    }
     f.fd = Fd(::open(f.path.c_str(), O_RDONLY | O_CLOEXEC));
     if (!f.fd) {
       error = f.path.string() + ": cannot be read: " + std::strerror(errno);
@@ -441,7 +492,7 @@ class SendSession {
     for (const auto& f : files_) known.insert(f.record.path);
     int next = 0;
     for (const auto& f : files_) next = std::max(next, f.record.index + 1);
-    for (auto& [path, relative] : enumerate({root.string()})) {
+    for (auto& [path, relative] : enumerate({root.string()}, config_)) {
       if (known.contains(relative)) continue;
       SourceFile s;
       s.record = FileRecord{next++, relative, 0, 0, "", "pending"};
@@ -789,7 +840,7 @@ Job create_send_job(JobStore& store, const TransferConfig& config, const std::st
   std::vector<FileRecord> files;
   if (!watch) {
     std::int64_t newest = 0;
-    for (const auto& [path, rel] : enumerate(job.sources)) {
+    for (const auto& [path, rel] : enumerate(job.sources, config)) {
       const auto size = fs::file_size(path);
       files.push_back(FileRecord{static_cast<int>(files.size()), rel, size, 0, "", "pending"});
       relative.push_back(rel);

@@ -32,6 +32,8 @@ class Reader {
   std::int64_t integer(const toml::table& table, const std::string& prefix, const char* key,
                        std::int64_t min, std::int64_t max, const char* expected,
                        std::optional<std::int64_t> fallback = std::nullopt) const;
+  bool boolean(const toml::table& table, const std::string& prefix, const char* key,
+               bool fallback) const;
   std::uint16_t port(const toml::table& table, const std::string& prefix, const char* key,
                      bool required) const;
   // "host:port"; port 0 only when `any_port_allowed` (listen addresses).

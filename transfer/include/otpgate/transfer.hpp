@@ -66,6 +66,9 @@ struct TransferConfig : config::SiteConfig {        // [site], [kme], [peer] sae
   std::uint64_t commit_bytes = 32u << 20;  // receiver commits (fsync) at least this often
   std::uint32_t aes_rekey_records = 1024;  // AES method: records per key
   int max_attempts = 5;                    // connection attempts per run before giving up
+  // A symbolic link in a specimen folder refuses the job, unless this is set: then a link
+  // to a regular file inside data_root (or the folder, without one) is sent as that file.
+  bool follow_symlinks = false;
   // [api]
   Endpoint api_listen{"127.0.0.1", 7480};  // job API (JSON) and web page of `serve`
   // [api] access when exposed beyond localhost: HTTPS with this certificate, and HTTP
