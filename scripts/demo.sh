@@ -62,7 +62,8 @@ store_bytes=16000000
   --sae sae-a --sae sae-b --port 0 --port-file "$work/kme.port" --key-rate "$key_rate" \
   --store-bytes "$store_bytes" >"$work/kme.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do [ -s "$work/kme.port" ] && break; sleep 0.05; done
+for _ in $(seq 600); do [ -s "$work/kme.port" ] && break; sleep 0.05; done  # 30 s bounds a hang
+[ -s "$work/kme.port" ] || { cat "$work/kme.log" >&2; echo "demo: qkd-kme-sim did not start (its log is above)" >&2; exit 1; }
 kme_port=$(cat "$work/kme.port")
 
 # Ports: A's participants p1-p5 send to gateway A on 21000+i and arrive at site B's
@@ -121,7 +122,9 @@ pids+=($!)
 "$bin/gateway/otp-gateway" --config "$work/site-b.toml" >"$work/gateway-b.out" 2>"$work/gateway-b.log" &
 pids+=($!)
 for port in 48080 48081; do
-  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
+  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
+  curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null ||
+    { cat "$work"/gateway-*.log >&2; echo "demo: a gateway's status API on port $port never answered (logs above)" >&2; exit 1; }
 done
 
 # Specimen transfer: site B receives, site A sends; both services serve their job API.
@@ -157,7 +160,9 @@ pids+=($!)
 "$bin/transfer/otp-transfer" -c "$work/transfer-a.toml" serve >"$work/transfer-a.log" 2>&1 &
 pids+=($!)
 for port in 47480 47481; do
-  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
+  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null && break; sleep 0.05; done
+  curl -sf "http://127.0.0.1:$port/api/v1/status" >/dev/null ||
+    { cat "$work"/transfer-*.log >&2; echo "demo: a transfer service's job API on port $port never answered (logs above)" >&2; exit 1; }
 done
 
 echo "demo: the specimen transfer page: http://127.0.0.1:47480/ (site A) and http://127.0.0.1:47481/ (site B)"

@@ -136,7 +136,7 @@ install -m 0640 -g otpgate "$work/pki/sae-a.key" "$etc/sae-a.key"
 qkd-kme-sim --cert "$work/pki/kme.crt" --key "$work/pki/kme.key" --ca "$work/pki/ca.crt" \
   --sae sae-a --sae sae-b --port 0 --port-file "$work/kme.port" >"$work/kme.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do [ -s "$work/kme.port" ] && break; sleep 0.05; done
+for _ in $(seq 600); do [ -s "$work/kme.port" ] && break; sleep 0.05; done  # 30 s bounds a hang
 [ -s "$work/kme.port" ] || { cat "$work/kme.log" >&2; fail "qkd-kme-sim did not start"; }
 kme_port=$(cat "$work/kme.port")
 # Point at the local KME and peer, deliver to loopback, any free status port.
