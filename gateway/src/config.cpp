@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 // The gateway's one config loader (toml++). Every error names the key, the value and
 // what is expected, in one line.
+#include <arpa/inet.h>
+
 #include <set>
 
 #include "otpgate/gateway.hpp"
@@ -22,6 +24,8 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
        {"media", {"realtime_priority", "cpu_wakeup_latency_us"}},
        {"status", {"listen", "server_names", "unhealthy_after_s"}},
        {"ice", {"signalling_listen", "peer_signalling", "stun"}},
+       {"sip",
+        {"ng_listen", "media_address", "port_min", "port_max", "max_media", "media_timeout_s"}},
        {"stream",
         {"name", "direction", "local_rtp_port", "local_rtcp_port", "peer_port", "listen_port",
          "deliver_rtp", "deliver_rtcp"},
@@ -89,11 +93,49 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
                                              "seconds from 1 to 3600", std::int64_t{15}));
   }
 
+  if (const toml::table* sip = r.optional_table("sip")) {
+    SipConfig s;
+    if (sip->contains("ng_listen")) s.ng_listen = r.endpoint(*sip, "sip.", "ng_listen", true);
+    s.media_address =
+        r.host(*sip, "sip.", "media_address",
+               "this gateway's IP address, as the conference systems and the peer reach it");
+    in6_addr numeric{};
+    if (inet_pton(AF_INET, s.media_address.c_str(), &numeric) != 1 &&
+        inet_pton(AF_INET6, s.media_address.c_str(), &numeric) != 1) {
+      r.fail("sip.media_address", '"' + s.media_address + '"',
+             "a numeric IPv4 or IPv6 address (it is written into SDP)");
+    }
+    s.port_min = r.port(*sip, "sip.", "port_min", true);
+    s.port_max = r.port(*sip, "sip.", "port_max", true);
+    s.max_media = static_cast<std::uint32_t>(r.integer(*sip, "sip.", "max_media", 1, 256,
+                                                       "call media at once, from 1 to 256",
+                                                       std::int64_t{s.max_media}));
+    s.media_timeout_s = static_cast<std::uint32_t>(r.integer(*sip, "sip.", "media_timeout_s", 5,
+                                                             86400, "seconds from 5 to 86400",
+                                                             std::int64_t{s.media_timeout_s}));
+    const std::uint32_t units = s.port_max >= s.port_min ? (s.port_max - s.port_min + 1u) / 4u : 0u;
+    if (units < s.max_media) {
+      r.fail("sip.port_max", std::to_string(s.port_max),
+             "a port range from sip.port_min holding 4 ports per call media (sip.max_media = " +
+                 std::to_string(s.max_media) + " needs " + std::to_string(4 * s.max_media) + ")");
+    }
+    if (c.transport != "udp") {
+      r.fail("peer.transport", '"' + c.transport + '"',
+             "\"udp\" with [sip] (calls over ICE are not supported yet)");
+    }
+    c.sip = s;
+  }
+
   const toml::node* streams_node = root.get("stream");
   const toml::array* streams = streams_node ? streams_node->as_array() : nullptr;
-  if (!streams || streams->empty()) {
-    r.fail("[[stream]]", Reader::shown(streams_node), "at least one [[stream]] table");
+  if (streams_node && !streams) {
+    r.fail("[[stream]]", Reader::shown(streams_node), "an array of [[stream]] tables");
   }
+  if ((!streams || streams->empty()) && !c.sip) {
+    r.fail("[[stream]]", Reader::shown(streams_node),
+           "at least one [[stream]] table (or a [sip] section for calls)");
+  }
+  if (!streams) return c;
   std::set<std::string> names;
   std::set<std::uint16_t> local_ports, listen_ports;
   for (std::size_t i = 0; i < streams->size(); ++i) {
@@ -135,6 +177,10 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
         r.fail(prefix + "*_port", std::to_string(port),
                "a local port no other stream or direction uses");
       }
+      if (port != 0 && c.sip && port >= c.sip->port_min && port <= c.sip->port_max) {
+        r.fail(prefix + "*_port", std::to_string(port),
+               "a port outside sip.port_min-sip.port_max (the calls' media ports)");
+      }
     }
     c.streams.push_back(std::move(s));
   }
@@ -168,6 +214,7 @@ config::OfflineChecks check_offline(const GatewayConfig& c) {
     if (s.receives() && c.transport != "ice")
       checks.udp_port_free(prefix + "listen_port", "0.0.0.0", s.listen_port);
   }
+  if (c.sip) checks.udp_port_free("sip.ng_listen", c.sip->ng_listen.host, c.sip->ng_listen.port);
   return checks;
 }
 

@@ -15,10 +15,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <list>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "calls.hpp"
 #include "ice_session.hpp"
 #include "media_threads.hpp"
 #include "otpgate/gateway.hpp"
@@ -58,7 +60,7 @@ std::string endpoint_text(const Endpoint& e) {
 
 }  // namespace
 
-struct Gateway::Impl {
+struct Gateway::Impl final : CallMediaPlane {
   struct Stream {
     StreamConfig config;
     std::optional<std::size_t> send_lane;     // in send_keys
@@ -77,7 +79,14 @@ struct Gateway::Impl {
   std::mutex ice_mutex;
   std::condition_variable ice_changed;
   bool ice_remote_set = false;
-  std::vector<Stream> streams;
+  // Static streams, then call streams as calls come and go (guarded by streams_mutex:
+  // the ng listener adds and removes them while the status API and the bus thread read).
+  std::list<Stream> streams;
+  mutable std::mutex streams_mutex;
+  std::size_t call_send_lane_base = 0, call_receive_lane_base = 0;  // first call lanes
+  std::atomic<std::uint64_t> removed_receive_pad_used{0};           // of call streams ended
+  std::unique_ptr<Calls> calls;                                     // [sip]
+  std::unique_ptr<ng::Listener> ng_listener;                        // [sip] ng_listen
   // One key supply per direction of the link, shared by the streams (a lane each): one
   // KME client and one batch in flight per SAE pair, and one ring's worth of key at stake
   // per direction rather than one per stream.
@@ -126,6 +135,20 @@ struct Gateway::Impl {
       }
       if (s.config.receives()) s.receive_lane = receive.lanes++;
     }
+    // [sip]: max_media lanes each way for calls, handed from call to call (a lane's pad
+    // stream goes on with the next call, so no pad is ever used twice). The sender's lane
+    // i is the receiver's lane i (a=x-otp-lane), so a receive lane always follows the
+    // same pad stream.
+    call_send_lane_base = send.lanes;
+    call_receive_lane_base = receive.lanes;
+    const std::size_t call_lanes = config.sip ? config.sip->max_media : 0;
+    for (std::size_t i = 0; i < call_lanes; ++i) {
+      send.lane_journals.push_back(
+          config::file_in(config.state_dir, config.sae_id + "-to-" + config.peer_sae_id +
+                                                "-call-lane-" + std::to_string(i) + ".journal"));
+      ++send.lanes;
+      ++receive.lanes;
+    }
     if (send.lanes == 1) send.journal = send.lane_journals.front();
     if (send.lanes > 0) send_keys = std::make_unique<keys::KeySupply>(kme_config(), send);
     if (receive.lanes > 0) receive_keys = std::make_unique<keys::KeySupply>(kme_config(), receive);
@@ -163,8 +186,8 @@ struct Gateway::Impl {
                    "retrieve-sender-address", FALSE, "reuse", FALSE, nullptr);
       return e;
     };
-    auto udp_out = [&](const std::string& host, std::uint16_t port) {
-      GstElement* e = make("udpsink");
+    auto udp_out = [&](const std::string& host, std::uint16_t port, const char* name) {
+      GstElement* e = make("udpsink", name);
       g_object_set(e, "host", host.c_str(), "port", gint{port}, "sync", FALSE, "async", FALSE,
                    nullptr);
       return e;
@@ -181,7 +204,7 @@ struct Gateway::Impl {
         out = make("nicesink", "net_out");
         g_object_set(out, "sync", FALSE, "async", FALSE, nullptr);
       } else {
-        out = udp_out(config.peer_address, c.peer_port);
+        out = udp_out(config.peer_address, c.peer_port, "net_out");
       }
       link(enc, out);
     }
@@ -198,10 +221,10 @@ struct Gateway::Impl {
       }
       GstElement* dec = make("otpdecrypt", "dec");
       link(in, dec);
-      link(dec, udp_out(c.deliver_rtp.host, c.deliver_rtp.port));
+      link(dec, udp_out(c.deliver_rtp.host, c.deliver_rtp.port, "deliver_rtp"));
       GstElement* rtcp = nullptr;
       if (c.deliver_rtcp) {
-        rtcp = udp_out(c.deliver_rtcp->host, c.deliver_rtcp->port);
+        rtcp = udp_out(c.deliver_rtcp->host, c.deliver_rtcp->port, "deliver_rtcp");
       } else {
         rtcp = make("fakesink");
         g_object_set(rtcp, "sync", FALSE, "async", FALSE, nullptr);
@@ -252,6 +275,90 @@ struct Gateway::Impl {
       g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane),
                    "window-size", static_cast<guint64>(window), nullptr);
     }
+  }
+
+  // Starts a stream's pipelines (PLAYING); throws naming what failed.
+  void play(Stream& s) {
+    if (gst_element_set_state(s.pipeline.get(), GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) {
+      throw std::runtime_error("stream " + s.config.name +
+                               ": its pipeline did not start (UDP port " +
+                               std::to_string(s.config.local_rtp_port) + " or " +
+                               std::to_string(s.config.listen_port) + " in use?)");
+    }
+  }
+
+  // CallMediaPlane: call streams, built and ended at run time.
+  void add_stream(const StreamConfig& config_of_call, std::size_t send_lane,
+                  std::size_t receive_lane) override {
+    Stream s{config_of_call,
+             call_send_lane_base + send_lane,
+             call_receive_lane_base + receive_lane,
+             nullptr,
+             nullptr,
+             nullptr};
+    build(s);
+    play(s);
+    const std::lock_guard lock(streams_mutex);
+    streams.push_back(std::move(s));
+  }
+
+  void retarget_stream(const StreamConfig& c) override {
+    const std::lock_guard lock(streams_mutex);
+    for (auto& s : streams) {
+      if (s.config.name != c.name) continue;
+      auto point = [&](const char* element, const std::string& host, std::uint16_t port) {
+        if (GstElement* e = gst_bin_get_by_name(GST_BIN(s.pipeline.get()), element)) {
+          g_object_set(e, "host", host.c_str(), "port", gint{port}, nullptr);
+          gst_object_unref(e);
+        }
+      };
+      point("net_out", config.peer_address, c.peer_port);
+      point("deliver_rtp", c.deliver_rtp.host, c.deliver_rtp.port);
+      if (c.deliver_rtcp) point("deliver_rtcp", c.deliver_rtcp->host, c.deliver_rtcp->port);
+      s.config = c;
+    }
+  }
+
+  void remove_stream(const std::string& name) override {
+    std::list<Stream> ended;
+    {
+      const std::lock_guard lock(streams_mutex);
+      for (auto it = streams.begin(); it != streams.end(); ++it) {
+        if (it->config.name == name) {
+          ended.splice(ended.end(), streams, it);
+          break;
+        }
+      }
+    }
+    for (auto& s : ended) {
+      // What its decryptor fetched and used counts at stop (key wiped unused).
+      if (s.decrypt) {
+        removed_receive_pad_used +=
+            element_stats(s.decrypt.get()).value("pad-bytes-used", std::uint64_t{0});
+      }
+    }
+  }  // pipelines to NULL here, outside the lock
+
+  std::optional<Counters> counters(const std::string& name) const override {
+    const std::lock_guard lock(streams_mutex);
+    for (const auto& s : streams) {
+      if (s.config.name != name) continue;
+      Counters c;
+      if (s.encrypt) {
+        const json st = element_stats(s.encrypt.get());
+        c.packets_from_local = st.value("packets-in", std::uint64_t{0});
+        c.packets_to_peer = st.value("packets-out", std::uint64_t{0});
+        c.pad_bytes_send = st.value("pad-bytes-used", std::uint64_t{0});
+      }
+      if (s.decrypt) {
+        const json st = element_stats(s.decrypt.get());
+        c.packets_from_peer = st.value("packets-in", std::uint64_t{0});
+        c.packets_to_local = st.value("packets-out", std::uint64_t{0});
+        c.pad_bytes_receive = st.value("pad-bytes-used", std::uint64_t{0});
+      }
+      return c;
+    }
+    return std::nullopt;
   }
 
   // ICE descriptions travel sealed with QKD key (encrypted and Wegman-Carter
@@ -374,7 +481,13 @@ struct Gateway::Impl {
   }
 
   void watch_buses() {
+    auto last_expiry = std::chrono::steady_clock::now();
     while (running) {
+      if (calls && std::chrono::steady_clock::now() - last_expiry >= std::chrono::seconds(1)) {
+        last_expiry = std::chrono::steady_clock::now();
+        calls->expire(last_expiry);
+      }
+      std::unique_lock lock(streams_mutex);
       for (auto& s : streams) {
         GstBus* bus = gst_element_get_bus(s.pipeline.get());
         while (GstMessage* m = gst_bus_pop_filtered(
@@ -395,6 +508,7 @@ struct Gateway::Impl {
         }
         gst_object_unref(bus);
       }
+      lock.unlock();
       observe_health();
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
@@ -402,6 +516,7 @@ struct Gateway::Impl {
 
   void observe_health() {
     HealthMonitor::Sample sample{HealthMonitor::Clock::now(), {}, {}};
+    std::unique_lock lock(streams_mutex);
     for (const auto& s : streams) {
       HealthMonitor::StreamSample t;
       t.name = s.config.name;
@@ -417,6 +532,7 @@ struct Gateway::Impl {
         t.packets_from_peer = element_stats(s.decrypt.get()).value("packets-in", std::uint64_t{0});
       sample.streams.push_back(std::move(t));
     }
+    lock.unlock();
     if (send_keys) sample.supplies.push_back({"send", send_keys->stats()});
     if (receive_keys) sample.supplies.push_back({"receive", receive_keys->stats()});
     health->observe(sample);
@@ -441,8 +557,17 @@ struct Gateway::Impl {
              {"key_wiped_at_stop_bytes", key_wiped_at_stop.load()},
              {"running", running.load()},
              {"health", health->report()}};
+    // Before the streams' lock: the calls read their streams' counters through it.
+    out["calls"] = calls ? calls->status() : json::array();
+    if (calls) {
+      out["sip"] = {{"ng_port", ng_listener ? ng_listener->port() : 0},
+                    {"max_media", config.sip->max_media},
+                    {"free_media", calls->free_send_lanes()},
+                    {"free_port_units", calls->free_port_units()}};
+    }
     bool healthy = true;
     json list = json::array();
+    std::unique_lock lock(streams_mutex);
     for (const auto& s : streams) {
       json stream{
           {"name", s.config.name},
@@ -460,6 +585,7 @@ struct Gateway::Impl {
                                        : json(nullptr)}}}};
       list.push_back(std::move(stream));
     }
+    lock.unlock();
     if (send_keys) healthy = send_keys->stats().kme_healthy;
     out["kme"]["healthy"] = healthy;
     out["links"] = links_json(list, config.peer_sae_id,
@@ -498,12 +624,15 @@ void Gateway::start() {
   for (auto* supply : {g.send_keys.get(), g.receive_keys.get()}) {
     if (supply) supply->start();
   }
-  for (auto& s : g.streams) {
-    if (gst_element_set_state(s.pipeline.get(), GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) {
-      throw std::runtime_error("stream " + s.config.name +
-                               ": its pipeline did not start (UDP port " +
-                               std::to_string(s.config.local_rtp_port) + " or " +
-                               std::to_string(s.config.listen_port) + " in use?)");
+  for (auto& s : g.streams) g.play(s);
+  if (g.config.sip) {
+    g.calls = std::make_unique<Calls>(g.config, g);
+    const Endpoint& at = g.config.sip->ng_listen;
+    try {
+      g.ng_listener = std::make_unique<ng::Listener>(*g.calls, at.host, at.port);
+    } catch (const std::exception& e) {
+      throw std::runtime_error("sip.ng_listen " + endpoint_text(at) + ": cannot listen (" +
+                               e.what() + ")");
     }
   }
   g.running = true;
@@ -577,12 +706,14 @@ void Gateway::stop() {
     g.status_server.stop();
     g.status_thread.join();
   }
+  g.ng_listener.reset();  // no call starts or ends from here on
   g.running = false;
   if (g.bus_thread.joinable()) g.bus_thread.join();
+  g.calls.reset();
   // Pipelines first (they use the key supplies), then the supplies. A receiver's fetched
   // key sits in its decryptor's pad window, which is wiped with it: what was fetched and
   // not used.
-  std::uint64_t receive_pad_used = 0;
+  std::uint64_t receive_pad_used = g.removed_receive_pad_used.exchange(0);
   for (auto& s : g.streams) {
     if (s.decrypt) {
       const json st = element_stats(s.decrypt.get());
@@ -622,6 +753,9 @@ std::string Gateway::metrics_text() const {
 Gateway::KeyWiped Gateway::key_wiped_at_stop() const {
   const std::uint64_t send = impl_->send_key_wiped_at_stop;
   return {send, impl_->key_wiped_at_stop - send};
+}
+std::uint16_t Gateway::ng_port() const {
+  return impl_->ng_listener ? impl_->ng_listener->port() : 0;
 }
 std::uint16_t Gateway::status_port() const {
   return static_cast<std::uint16_t>(impl_->status_port);

@@ -197,6 +197,24 @@ std::string metrics_text(const json& st) {
       metric("otpgate_key_source_failed", "gauge", labels, k["failed"].get<bool>() ? 1 : 0);
     }
   }
+  if (st.contains("calls")) {
+    metric("otpgate_calls", "gauge", site, static_cast<double>(st["calls"].size()));
+    for (const auto& call : st["calls"]) {
+      for (const auto& media : call["media"]) {
+        const std::string labels = site + ",call_id=\"" +
+                                   label_value(call["call_id"].get<std::string>()) + "\",media=\"" +
+                                   std::to_string(media["index"].get<int>()) + "\"";
+        for (const auto& [way, count] : media["packets"].items()) {
+          metric("otpgate_call_packets_total", "counter", labels + ",path=\"" + way + "\"",
+                 count.get<double>());
+        }
+        for (const auto& [direction, bytes] : media["key_used_bytes"].items()) {
+          metric("otpgate_call_key_used_bytes_total", "counter",
+                 labels + ",direction=\"" + direction + "\"", bytes.get<double>());
+        }
+      }
+    }
+  }
   for (const auto& l : st["links"]) {
     const std::string labels = site + ",peer=\"" +
                                label_value(l["peer_sae_id"].get<std::string>()) +

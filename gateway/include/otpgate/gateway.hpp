@@ -34,6 +34,17 @@ struct StreamConfig {
   bool receives() const { return direction != "send"; }
 };
 
+// [sip]: calls placed through the site's SIP proxy, which drives this gateway as its media
+// relay over rtpengine's ng protocol (docs/sip.md). Each call media becomes a stream at run
+// time, with ports from [port_min, port_max] and a key lane of its own in each direction.
+struct SipConfig {
+  Endpoint ng_listen{"127.0.0.1", 22222};            // the ng control socket (UDP; port 0: any)
+  std::string media_address;                         // this gateway's address written into SDP
+  std::uint16_t port_min = 30000, port_max = 30999;  // media ports, 4 per call media
+  std::uint32_t max_media = 8;         // call media at once: key lanes reserved per direction
+  std::uint32_t media_timeout_s = 60;  // a call with no packet and no signal this long ends
+};
+
 struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [keys]
   std::string peer_address;
   std::string transport = "udp";          // udp | ice
@@ -60,7 +71,8 @@ struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [k
   // [status] unhealthy_after_s: how long a fault (KME down or refusing us, no key for
   // media, nothing back from the peer) lasts before health says unhealthy (/healthz 503).
   std::uint32_t unhealthy_after_s = 15;
-  std::vector<StreamConfig> streams;
+  std::vector<StreamConfig> streams;  // static streams (may be empty with [sip])
+  std::optional<SipConfig> sip;
 };
 
 // Reads and validates a config file; throws ConfigError with one readable line.
@@ -83,6 +95,7 @@ class Gateway {
   std::string status_json() const;   // what /api/v1/status serves
   std::string metrics_text() const;  // what /metrics serves (Prometheus text format)
   std::uint16_t status_port() const;
+  std::uint16_t ng_port() const;  // the ng control socket's port ([sip]; 0 without)
   // Fetched key wiped unused by stop() so far (QKD key spent for nothing), per direction.
   struct KeyWiped {
     std::uint64_t send_bytes = 0, receive_bytes = 0;

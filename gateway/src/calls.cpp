@@ -1,0 +1,516 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
+// The gateway's ng::Handler: call legs from the site's SIP proxy (docs/sip.md, "Calls").
+//
+// Which leg is which: an SDP whose accepted media carry a=x-otp naming this gateway's peer
+// SAE comes from the partner site; one without the marker comes from the local conference
+// system. An unmarked SDP that the proxy says came in on its external interface (ng
+// `direction` first entry "external") is refused, as is an offer marked for another SAE:
+// nothing goes to or comes from the partner site without OTP. An answer comes from the
+// other side than the offer it answers.
+#include "calls.hpp"
+
+#include "otpgate/site_config.hpp"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cstdio>
+
+namespace otpgate::gateway {
+
+using nlohmann::json;
+
+namespace {
+
+bool udp_port_free(std::uint16_t port) {
+  const int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
+  if (fd < 0) return false;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_ANY);
+  const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(fd);
+  return free;
+}
+
+std::set<std::string> resolve(const std::string& host) {
+  std::set<std::string> out{host};
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(host.c_str(), nullptr, &hints, &found) != 0) return out;
+  for (const addrinfo* a = found; a; a = a->ai_next) {
+    char text[INET6_ADDRSTRLEN] = {};
+    const void* addr =
+        a->ai_family == AF_INET
+            ? static_cast<const void*>(&reinterpret_cast<const sockaddr_in*>(a->ai_addr)->sin_addr)
+            : static_cast<const void*>(
+                  &reinterpret_cast<const sockaddr_in6*>(a->ai_addr)->sin6_addr);
+    if (::inet_ntop(a->ai_family, addr, text, sizeof text)) out.insert(text);
+  }
+  ::freeaddrinfo(found);
+  return out;
+}
+
+std::int64_t unix_now() {
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::optional<std::uint64_t> number(std::string_view text) {
+  std::uint64_t n = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), n);
+  if (error != std::errc() || end != text.data() + text.size() || text.empty()) return {};
+  return n;
+}
+
+std::string media_name(std::size_t index, const std::string& type) {
+  return "media " + std::to_string(index) + " (" + type + ")";
+}
+
+constexpr std::string_view kLaneAttribute = "x-otp-lane";
+
+}  // namespace
+
+Calls::Calls(const GatewayConfig& config, CallMediaPlane& plane)
+    : config_(config),
+      sip_(*config.sip),
+      plane_(plane),
+      peer_addresses_(resolve(config.peer_address)),
+      unit_used_((sip_.port_max - sip_.port_min + 1u) / 4u, false),
+      receive_lane_used_(sip_.max_media, false) {
+  for (std::size_t i = 0; i < sip_.max_media; ++i) free_send_lanes_.push_back(i);
+}
+
+std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_partner,
+                                        const Call* call) const {
+  std::vector<Leg> legs;
+  for (std::size_t i = 0; i < session.media.size(); ++i) {
+    const sdp::Media& m = session.media[i];
+    Leg leg;
+    leg.accepted = !m.rejected() && m.rtp();
+    leg.type = m.type;
+    leg.proto = m.proto;
+    const auto sae = sdp::otp_sae(session, m);
+    if (sae && *sae != config_.peer_sae_id) {
+      throw ng::Refused(media_name(i, m.type) + ": a=x-otp names SAE \"" + *sae +
+                        "\", not this gateway's peer \"" + config_.peer_sae_id + "\"");
+    }
+    if (leg.accepted && from_partner && !sae) {
+      throw ng::Refused(media_name(i, m.type) +
+                        ": SDP from the partner site without a=x-otp:" + config_.peer_sae_id +
+                        " refused (media towards the OTP peer is never relayed in clear)");
+    }
+    if (!leg.accepted) {
+      legs.push_back(leg);
+      continue;
+    }
+    const auto c = sdp::connection(session, m);
+    if (!c) throw ng::Refused(media_name(i, m.type) + ": no c= line");
+    const Media* known = call && i < call->media.size() ? &call->media[i] : nullptr;
+    if (from_partner) {
+      if (!c->zero() && !peer_addresses_.contains(c->address)) {
+        throw ng::Refused(media_name(i, m.type) + ": the partner's media address " + c->address +
+                          " is not peer.address " + config_.peer_address);
+      }
+      const auto lanes = sdp::attributes(m, kLaneAttribute);
+      const auto lane = lanes.size() == 1 ? number(lanes.front()) : std::nullopt;
+      if (!lane || *lane >= sip_.max_media) {
+        throw ng::Refused(media_name(i, m.type) +
+                          ": a=x-otp-lane missing or not below sip.max_media = " +
+                          std::to_string(sip_.max_media) + " (both sites need the same)");
+      }
+      const bool ours = known && known->receive_lane == *lane;
+      if (!ours && receive_lane_used_[*lane]) {
+        throw ng::Refused(media_name(i, m.type) + ": the partner's key lane " +
+                          std::to_string(*lane) + " is still in use by another call here");
+      }
+      leg.peer_lane = static_cast<std::size_t>(*lane);
+      if (!c->zero()) leg.rtp = Endpoint{c->address, m.port};
+    } else {
+      if (!c->zero() && !config::Reader::is_host(c->address))
+        throw ng::Refused(media_name(i, m.type) + ": c= address is not an address");
+      if (!c->zero()) {
+        leg.rtp = Endpoint{c->address, m.port};
+        std::uint16_t rtcp = m.port + 1;
+        const auto a_rtcp = sdp::attributes(m, "rtcp");
+        if (!a_rtcp.empty()) {
+          const std::string& v = a_rtcp.front();
+          const auto port = number(v.substr(0, v.find(' ')));
+          if (!port || *port == 0 || *port > 65535)
+            throw ng::Refused(media_name(i, m.type) + ": a=rtcp:" + v + " has no valid port");
+          rtcp = static_cast<std::uint16_t>(*port);
+        }
+        if (!sdp::attributes(m, "rtcp-mux").empty()) rtcp = m.port;
+        leg.rtcp = Endpoint{c->address, rtcp};
+      } else if (!known || !known->endpoint_rtp) {
+        throw ng::Refused(media_name(i, m.type) +
+                          ": on hold (zero address) before its media ever flowed");
+      }
+    }
+    legs.push_back(std::move(leg));
+  }
+  return legs;
+}
+
+std::optional<std::uint16_t> Calls::take_port_unit() {
+  for (std::size_t tried = 0; tried < unit_used_.size(); ++tried) {
+    const std::size_t unit = (next_unit_ + tried) % unit_used_.size();
+    if (unit_used_[unit]) continue;
+    const auto base = static_cast<std::uint16_t>(sip_.port_min + 4 * unit);
+    // Another program may hold one of them: skip the unit rather than fail the call.
+    if (!udp_port_free(base) || !udp_port_free(base + 2) || !udp_port_free(base + 3)) continue;
+    unit_used_[unit] = true;
+    next_unit_ = unit + 1;
+    return base;
+  }
+  return std::nullopt;
+}
+
+void Calls::apply(Call& call, const std::vector<Leg>& legs, bool from_partner,
+                  std::vector<Media*>& allocated) {
+  if (call.media.size() < legs.size()) call.media.resize(legs.size());
+  for (std::size_t i = 0; i < legs.size(); ++i) {
+    const Leg& leg = legs[i];
+    Media& m = call.media[i];
+    if (!leg.accepted) {
+      release(m);
+      continue;
+    }
+    if (!m.active) {
+      if (free_send_lanes_.empty()) {
+        throw ng::Refused("no call key lane free: " + std::to_string(sip_.max_media) +
+                          " call media run already (sip.max_media)");
+      }
+      const auto base = take_port_unit();
+      if (!base) {
+        throw ng::Refused("no media ports free in sip.port_min-sip.port_max (" +
+                          std::to_string(sip_.port_min) + "-" + std::to_string(sip_.port_max) +
+                          ")");
+      }
+      m.base = *base;
+      m.send_lane = free_send_lanes_.front();
+      free_send_lanes_.pop_front();
+      m.active = true;
+      allocated.push_back(&m);
+    }
+    m.type = leg.type;
+    m.proto = leg.proto;
+    if (from_partner) {
+      if (m.receive_lane && *m.receive_lane != *leg.peer_lane)
+        receive_lane_used_[*m.receive_lane] = false;
+      m.receive_lane = leg.peer_lane;
+      receive_lane_used_[*leg.peer_lane] = true;
+      if (leg.rtp) m.peer_port = leg.rtp->port;  // a zero address (hold) keeps it
+    } else if (leg.rtp) {
+      m.endpoint_rtp = leg.rtp;
+      m.endpoint_rtcp = leg.rtcp;
+    }
+  }
+}
+
+std::string Calls::rewritten(sdp::Session session, const Call& call, bool towards_partner,
+                             const ng::Request& request) const {
+  sdp::Rewrite r;
+  r.address = sip_.media_address;
+  r.strip_ice = true;  // neither leg does ICE with this gateway
+  r.replace_origin =
+      std::find(request.replace.begin(), request.replace.end(), "origin") != request.replace.end();
+  for (std::size_t i = 0; i < session.media.size(); ++i) {
+    sdp::Media& m = session.media[i];
+    std::erase_if(m.lines, [](const sdp::Line& l) {
+      return l.type == 'a' && l.value.starts_with(std::string(kLaneAttribute) + ":");
+    });
+    const Media* media = i < call.media.size() ? &call.media[i] : nullptr;
+    if (!media || !media->active) {
+      m.port = 0;  // rejected, or not RTP: this gateway relays RTP only
+      r.ports.push_back({});
+      continue;
+    }
+    if (towards_partner) {
+      r.ports.push_back({media->base, std::nullopt});  // RTCP rides in the one OTP flow
+    } else {
+      r.ports.push_back({static_cast<std::uint16_t>(media->base + 2),
+                         static_cast<std::uint16_t>(media->base + 3)});
+    }
+  }
+  if (towards_partner) {
+    r.otp_sae = config_.sae_id;
+  } else {
+    r.remove_otp = true;
+  }
+  sdp::Session out = sdp::rewrite(std::move(session), r);
+  if (towards_partner) {
+    for (std::size_t i = 0; i < out.media.size(); ++i) {
+      if (out.media[i].rejected()) continue;
+      out.media[i].lines.push_back(
+          {'a', std::string(kLaneAttribute) + ":" + std::to_string(call.media[i].send_lane)});
+    }
+  }
+  return sdp::format(out);
+}
+
+void Calls::start_media(Call& call) {
+  for (std::size_t i = 0; i < call.media.size(); ++i) {
+    Media& m = call.media[i];
+    if (!m.active || !m.endpoint_rtp || !m.receive_lane || m.peer_port == 0) continue;
+    StreamConfig s;
+    s.name = "call-" + std::to_string(call.number) + "-" + std::to_string(i) + "-" + m.type;
+    s.local_rtp_port = m.base + 2;
+    s.local_rtcp_port = m.base + 3;
+    s.peer_port = m.peer_port;
+    s.listen_port = m.base;
+    s.deliver_rtp = *m.endpoint_rtp;
+    s.deliver_rtcp = m.endpoint_rtcp;
+    if (m.stream.empty()) {
+      try {
+        plane_.add_stream(s, m.send_lane, *m.receive_lane);
+      } catch (const std::exception& e) {
+        throw ng::Refused(media_name(i, m.type) + ": " + e.what());
+      }
+      m.stream = s.name;
+    } else if (s.peer_port != m.built.peer_port || s.deliver_rtp.host != m.built.deliver_rtp.host ||
+               s.deliver_rtp.port != m.built.deliver_rtp.port ||
+               s.deliver_rtcp->port != m.built.deliver_rtcp->port) {
+      plane_.retarget_stream(s);  // re-INVITE: new address or port, same pad stream
+    }
+    m.built = s;
+  }
+}
+
+void Calls::release(Media& m) {
+  if (!m.stream.empty()) plane_.remove_stream(m.stream);
+  m.stream.clear();
+  if (m.active) {
+    unit_used_[(m.base - sip_.port_min) / 4u] = false;
+    free_send_lanes_.push_back(m.send_lane);  // its pad stream goes on with the next call
+  }
+  if (m.receive_lane) receive_lane_used_[*m.receive_lane] = false;
+  m = Media{};
+}
+
+void Calls::end(Call& call) {
+  for (auto& m : call.media) release(m);
+}
+
+std::string Calls::offer(const ng::Request& request) {
+  sdp::Session session;
+  try {
+    session = sdp::parse(request.sdp);
+  } catch (const sdp::ParseError& e) {
+    throw ng::Refused(std::string("SDP: ") + e.what());
+  }
+  bool marked = false;
+  for (const auto& m : session.media) marked = marked || sdp::otp_sae(session, m).has_value();
+  const bool external = !request.direction.empty() && request.direction.front() == "external";
+  if (!marked && external) {
+    throw ng::Refused("offer from the external interface without a=x-otp:" + config_.peer_sae_id +
+                      ": refused (media towards the OTP peer is never relayed in clear)");
+  }
+  const bool from_partner = marked;
+  const std::lock_guard lock(mutex_);
+  const auto found = calls_.find(request.call_id);
+  const bool reoffer = found != calls_.end();
+  const std::vector<Leg> legs = read_leg(session, from_partner, reoffer ? &found->second : nullptr);
+  Call fresh;
+  Call& call = reoffer ? found->second : fresh;
+  if (!reoffer) {
+    call.call_id = request.call_id;
+    call.from_tag = request.from_tag;
+    call.number = next_number_++;
+    call.created = unix_now();
+  }
+  std::vector<Media*> allocated;
+  try {
+    apply(call, legs, from_partner, allocated);
+    call.offer_from_partner = from_partner;
+    call.last_signal = unix_now();
+    call.last_activity = Clock::now();
+    if (call.answered) start_media(call);  // a re-INVITE of a running call
+    std::string sdp = rewritten(std::move(session), call, !from_partner, request);
+    if (!reoffer) calls_.emplace(call.call_id, std::move(fresh));
+    return sdp;
+  } catch (...) {
+    for (Media* m : allocated) release(*m);
+    if (!reoffer) end(fresh);
+    throw;
+  }
+}
+
+std::string Calls::answer(const ng::Request& request) {
+  sdp::Session session;
+  try {
+    session = sdp::parse(request.sdp);
+  } catch (const sdp::ParseError& e) {
+    throw ng::Refused(std::string("SDP: ") + e.what());
+  }
+  const std::lock_guard lock(mutex_);
+  const auto found = calls_.find(request.call_id);
+  if (found == calls_.end()) throw ng::Refused("unknown call-id " + request.call_id);
+  Call& call = found->second;
+  if (session.media.size() != call.media.size()) {
+    throw ng::Refused("the answer has " + std::to_string(session.media.size()) +
+                      " media, the offer had " + std::to_string(call.media.size()));
+  }
+  const bool from_partner = !call.offer_from_partner;
+  const std::vector<Leg> legs = read_leg(session, from_partner, &call);
+  std::vector<Media*> allocated;
+  for (std::size_t i = 0; i < legs.size(); ++i) {
+    if (legs[i].accepted && !call.media[i].active)
+      throw ng::Refused(media_name(i, session.media[i].type) + ": accepted, but not offered");
+  }
+  apply(call, legs, from_partner, allocated);
+  call.to_tag = request.to_tag;
+  call.answered = true;
+  call.last_signal = unix_now();
+  call.last_activity = Clock::now();
+  try {
+    start_media(call);
+  } catch (...) {
+    end(call);
+    calls_.erase(found);
+    throw;
+  }
+  return rewritten(std::move(session), call, !from_partner, request);
+}
+
+std::optional<std::string> Calls::remove(const ng::Request& request) {
+  const std::lock_guard lock(mutex_);
+  const auto found = calls_.find(request.call_id);
+  if (found == calls_.end()) return "unknown call";
+  end(found->second);
+  calls_.erase(found);
+  return std::nullopt;
+}
+
+ng::QueryResult Calls::query(const ng::Request& request) {
+  const std::lock_guard lock(mutex_);
+  const auto found = calls_.find(request.call_id);
+  if (found == calls_.end()) throw ng::Refused("unknown call-id " + request.call_id);
+  const Call& call = found->second;
+  ng::QueryResult r;
+  r.created = call.created;
+  r.last_signal = call.last_signal;
+  ng::TagStats tag{call.from_tag, call.to_tag, call.created, {}};
+  for (const auto& m : call.media) {
+    if (!m.active) continue;
+    ng::MediaStats media{m.type, m.proto, {}};
+    ng::StreamStats s;
+    s.local_port = m.base + 2;
+    if (m.endpoint_rtp) {
+      s.endpoint_address = m.endpoint_rtp->host;
+      s.endpoint_port = m.endpoint_rtp->port;
+    }
+    if (const auto c = m.stream.empty() ? std::nullopt : plane_.counters(m.stream))
+      s.packets = c->packets_from_local;
+    media.streams.push_back(s);
+    tag.medias.push_back(std::move(media));
+  }
+  r.tags.push_back(std::move(tag));
+  return r;
+}
+
+std::vector<std::string> Calls::list(std::size_t limit) {
+  const std::lock_guard lock(mutex_);
+  std::vector<std::string> ids;
+  for (const auto& [id, call] : calls_) {
+    if (ids.size() >= limit) break;
+    ids.push_back(id);
+  }
+  return ids;
+}
+
+CallMediaPlane::Counters Calls::totals(const Call& call) const {
+  CallMediaPlane::Counters t;
+  for (const auto& m : call.media) {
+    if (m.stream.empty()) continue;
+    if (const auto c = plane_.counters(m.stream)) {
+      t.packets_from_local += c->packets_from_local;
+      t.packets_from_peer += c->packets_from_peer;
+    }
+  }
+  return t;
+}
+
+void Calls::expire(Clock::time_point now) {
+  const std::lock_guard lock(mutex_);
+  for (auto it = calls_.begin(); it != calls_.end();) {
+    Call& call = it->second;
+    const auto t = totals(call);
+    const std::uint64_t packets = t.packets_from_local + t.packets_from_peer;
+    if (packets != call.last_packets) {
+      call.last_packets = packets;
+      call.last_activity = now;
+    }
+    if (now - call.last_activity < std::chrono::seconds(sip_.media_timeout_s)) {
+      ++it;
+      continue;
+    }
+    std::fprintf(stderr,
+                 "otp-gateway[info]: call %s ended: no media and no signal for %u s "
+                 "(sip.media_timeout_s)\n",
+                 call.call_id.c_str(), sip_.media_timeout_s);
+    end(call);
+    it = calls_.erase(it);
+  }
+}
+
+json Calls::status() const {
+  const std::lock_guard lock(mutex_);
+  json list = json::array();
+  for (const auto& [id, call] : calls_) {
+    json media = json::array();
+    for (std::size_t i = 0; i < call.media.size(); ++i) {
+      const Media& m = call.media[i];
+      if (!m.active) continue;
+      json j{{"index", i},
+             {"type", m.type},
+             {"stream", m.stream.empty() ? json(nullptr) : json(m.stream)},
+             {"local_rtp_port", m.base + 2},
+             {"local_rtcp_port", m.base + 3},
+             {"listen_port", m.base},
+             {"peer_port", m.peer_port},
+             {"endpoint", m.endpoint_rtp ? json(m.endpoint_rtp->host + ":" +
+                                                std::to_string(m.endpoint_rtp->port))
+                                         : json(nullptr)},
+             {"send_lane", m.send_lane},
+             {"receive_lane", m.receive_lane ? json(*m.receive_lane) : json(nullptr)}};
+      const auto c = m.stream.empty() ? std::nullopt : plane_.counters(m.stream);
+      const CallMediaPlane::Counters zero;
+      const auto& k = c ? *c : zero;
+      j["packets"] = {{"from_local", k.packets_from_local},
+                      {"to_peer", k.packets_to_peer},
+                      {"from_peer", k.packets_from_peer},
+                      {"to_local", k.packets_to_local}};
+      j["key_used_bytes"] = {{"send", k.pad_bytes_send}, {"receive", k.pad_bytes_receive}};
+      media.push_back(std::move(j));
+    }
+    list.push_back({{"call_id", id},
+                    {"from_tag", call.from_tag},
+                    {"to_tag", call.to_tag},
+                    {"offer_from", call.offer_from_partner ? "partner" : "local"},
+                    {"state", call.answered ? "answered" : "offered"},
+                    {"created", call.created},
+                    {"media", std::move(media)}});
+  }
+  return list;
+}
+
+std::size_t Calls::free_send_lanes() const {
+  const std::lock_guard lock(mutex_);
+  return free_send_lanes_.size();
+}
+
+std::size_t Calls::free_port_units() const {
+  const std::lock_guard lock(mutex_);
+  return static_cast<std::size_t>(std::count(unit_used_.begin(), unit_used_.end(), false));
+}
+
+}  // namespace otpgate::gateway

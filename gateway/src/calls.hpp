@@ -1,0 +1,117 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
+// Calls through the site's SIP proxy ([sip], issue 15): the gateway's ng::Handler. Each
+// accepted RTP media of a call becomes a StreamConfig at run time (local RTP in ->
+// otpencrypt -> partner gateway; partner -> otpdecrypt -> local endpoint), with four media
+// ports of [sip] port_min-port_max and one call key lane per direction. See docs/sip.md.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "otpgate/gateway.hpp"
+#include "otpgate/sip.hpp"
+
+namespace otpgate::gateway {
+
+// What the call handler needs from the gateway's media side. Lanes are call lanes,
+// 0 to max_media - 1, in the send and the receive key supply.
+class CallMediaPlane {
+ public:
+  virtual ~CallMediaPlane() = default;
+  // Builds and starts a stream; throws std::runtime_error when it cannot.
+  virtual void add_stream(const StreamConfig& stream, std::size_t send_lane,
+                          std::size_t receive_lane) = 0;
+  // Points a running stream's peer_port, deliver_rtp and deliver_rtcp where `stream` says.
+  virtual void retarget_stream(const StreamConfig& stream) = 0;
+  virtual void remove_stream(const std::string& name) = 0;
+  struct Counters {
+    std::uint64_t packets_from_local = 0, packets_to_peer = 0;  // otpencrypt in, out
+    std::uint64_t packets_from_peer = 0, packets_to_local = 0;  // otpdecrypt in, out
+    std::uint64_t pad_bytes_send = 0, pad_bytes_receive = 0;    // key used
+  };
+  virtual std::optional<Counters> counters(const std::string& name) const = 0;
+};
+
+class Calls final : public ng::Handler {
+ public:
+  using Clock = std::chrono::steady_clock;
+  Calls(const GatewayConfig& config, CallMediaPlane& plane);
+  ~Calls() override = default;
+  Calls(const Calls&) = delete;
+  Calls& operator=(const Calls&) = delete;
+
+  std::string offer(const ng::Request& request) override;
+  std::string answer(const ng::Request& request) override;
+  std::optional<std::string> remove(const ng::Request& request) override;
+  ng::QueryResult query(const ng::Request& request) override;
+  std::vector<std::string> list(std::size_t limit) override;
+
+  // Ends calls that had neither a packet nor a signal for media_timeout_s.
+  void expire(Clock::time_point now);
+  nlohmann::json status() const;  // the status API's "calls"
+  std::size_t free_send_lanes() const;
+  std::size_t free_port_units() const;
+
+ private:
+  struct Media {
+    std::string type, proto;
+    bool active = false;                      // ports and a send lane held
+    std::uint16_t base = 0;                   // base: OTP from the peer; base+2/+3: local RTP/RTCP
+    std::size_t send_lane = 0;                // ours; named to the peer by a=x-otp-lane
+    std::optional<std::size_t> receive_lane;  // the peer's send lane for this media
+    std::optional<Endpoint> endpoint_rtp, endpoint_rtcp;  // the local conference system
+    std::uint16_t peer_port = 0;
+    std::string stream;  // non-empty once its pipelines run
+    StreamConfig built;  // what they run with
+  };
+  struct Call {
+    std::string call_id, from_tag, to_tag;
+    std::uint64_t number = 0;
+    bool offer_from_partner = false;  // the latest offer's leg
+    bool answered = false;
+    std::int64_t created = 0, last_signal = 0;  // UNIX seconds
+    Clock::time_point last_activity;
+    std::uint64_t last_packets = 0;
+    std::vector<Media> media;
+  };
+  // What one SDP says about each of its media, checked before anything is allocated.
+  struct Leg {
+    bool accepted = false;  // RTP, port != 0
+    std::string type, proto;
+    std::optional<Endpoint> rtp, rtcp;
+    std::optional<std::size_t> peer_lane;
+  };
+
+  std::vector<Leg> read_leg(const sdp::Session& session, bool from_partner, const Call* call) const;
+  void apply(Call& call, const std::vector<Leg>& legs, bool from_partner,
+             std::vector<Media*>& allocated);
+  std::string rewritten(sdp::Session session, const Call& call, bool towards_partner,
+                        const ng::Request& request) const;
+  void start_media(Call& call);
+  void release(Media& media);
+  void end(Call& call);
+  std::optional<std::uint16_t> take_port_unit();
+  CallMediaPlane::Counters totals(const Call& call) const;
+
+  const GatewayConfig& config_;
+  const SipConfig& sip_;
+  CallMediaPlane& plane_;
+  std::set<std::string> peer_addresses_;  // peer.address, resolved
+  mutable std::mutex mutex_;
+  std::map<std::string, Call> calls_;  // by call-id
+  std::uint64_t next_number_ = 1;
+  std::vector<bool> unit_used_;
+  std::size_t next_unit_ = 0;
+  std::deque<std::size_t> free_send_lanes_;  // least recently used first
+  std::vector<bool> receive_lane_used_;
+};
+
+}  // namespace otpgate::gateway
