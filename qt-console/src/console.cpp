@@ -335,6 +335,9 @@ QVariant LinkModel::data(const QModelIndex& index, int role) const {
     case direction:
       return r.direction;
     case held:
+      // A receiving (slave) link fetches each key when its announcement arrives and holds
+      // none ahead: "0 B" there would read as a shortage.
+      if (!sending && r.held_bytes == 0) return QString("fetched as announced");
       return human_bytes(r.held_bytes) + (r.kme_note.isEmpty() ? "" : " (rings only)");
     case refill:
       return human_rate(r.refill_bps);

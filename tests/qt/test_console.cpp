@@ -212,6 +212,29 @@ class ConsoleTest : public QObject {
     QCOMPARE(w.time_axis()->categoriesLabels().last(), QString("now"));
   }
 
+  void aReceivingLinkSaysItFetchesKeysAsAnnounced() {
+    auto status = nlohmann::json::parse(read("gateway-status.json"));
+    auto receive = status["links"][0];
+    receive["direction"] = "receive";
+    receive["held_bytes"] = 0;
+    receive["ring_bytes"] = 0;
+    status["links"].push_back(receive);
+    RecordedService gateway;
+    gateway.status = status.dump();
+    gateway.start();
+    MainWindow w;
+    w.add_service(ServicePoller::Kind::gateway, gateway.url(), 100);
+    QTRY_COMPARE(w.links().rowCount(), 2);
+    using L = otpgate::console::LinkModel;
+    for (int row = 0; row < 2; ++row) {
+      const auto direction =
+          w.links().data(w.links().index(row, L::direction), Qt::DisplayRole).toString();
+      const auto held = w.links().data(w.links().index(row, L::held), Qt::DisplayRole).toString();
+      // A slave holds no key ahead: "0 B" would read as a shortage.
+      QCOMPARE(held, direction == "receive" ? QString("fetched as announced") : QString("30.0 MB"));
+    }
+  }
+
   void alertsSayWhatHappenedWhereWithAHint() {
     auto status = nlohmann::json::parse(read("gateway-status.json"));
     auto& link = status["links"][0];
