@@ -481,3 +481,35 @@ TEST_F(GatewayCallsTest, MediaTimeoutEndsACallThatWasNeverAnswered) {
   EXPECT_GE(std::chrono::steady_clock::now() - offered, std::chrono::seconds(4));
   EXPECT_EQ(status(*a_)["sip"]["free_media"], 12);
 }
+
+TEST_F(GatewayCallsTest, ALaneGoesOnFromCallToCallWithoutReusingPad) {
+  start_sip(1);
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  std::uint64_t offset_after_first = 0;
+  for (int round = 0; round < 2; ++round) {
+    const NgKeys k{"lane-" + std::to_string(round), "f", "t"};
+    const Placed p = place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+    ASSERT_NE(p.to_b.find("a=x-otp-lane:0"), std::string::npos);  // the one lane, again
+    std::vector<Bytes> there, back;
+    EXPECT_EQ(send(caller, media_port(p.to_caller), callee, 40, 10 + round, there, random_), there)
+        << "round " << round;
+    EXPECT_EQ(send(callee, media_port(p.to_callee), caller, 40, 20 + round, back, random_), back)
+        << "round " << round;
+    // The lane's pad stream goes on: the second call starts above what the first used.
+    const json st = status(*a_);
+    const std::string stream = st["calls"][0]["media"][0]["stream"];
+    for (const auto& s : st["streams"]) {
+      if (s["name"] != stream) continue;
+      const std::uint64_t offset = s["key_supply"]["send"]["bytes_consumed"];
+      if (round == 1) {
+        EXPECT_GT(offset, offset_after_first);
+      }
+      offset_after_first = offset;
+    }
+    hang_up(k);
+  }
+  // Both calls refused no key as a replay and lost none.
+  for (auto* g : {a_.get(), b_.get()}) {
+    for (const auto& s : status(*g)["streams"]) EXPECT_EQ(s["receive"]["auth-failures"], 0);
+  }
+}
