@@ -3,6 +3,7 @@
 #include "otpgate/site_config.hpp"
 
 #include <cctype>
+#include <cmath>
 
 #include <algorithm>
 #include <fstream>
@@ -95,6 +96,31 @@ void Reader::fail(const std::string& key, const std::string& value,
 
 std::string Reader::shown(const toml::node* node) {
   if (!node) return "";
+  // Numbers, arrays and tables are written here: toml++ 3.3.0's formatter overflows on
+  // -2^63, nan, inf and tiny floats inside arrays (found by fuzzing the loader).
+  if (const auto* i = node->as_integer()) return std::to_string(i->get());
+  if (const auto* f = node->as_floating_point()) {
+    const double d = f->get();
+    if (std::isnan(d)) return "nan";
+    if (std::isinf(d)) return d > 0 ? "inf" : "-inf";
+    std::ostringstream out;
+    out << d;
+    return out.str();
+  }
+  if (const auto* a = node->as_array()) {
+    std::string out = "[";
+    std::size_t n = 0;
+    for (const auto& element : *a) {
+      if (n > 0) out += ", ";
+      if (n++ == 8) {
+        out += "...";
+        break;
+      }
+      out += shown(&element);
+    }
+    return out + "]";
+  }
+  if (node->is_table()) return "{...}";  // its keys are named by their own errors
   std::ostringstream out;
   node->visit([&out](auto&& value) { out << value; });
   return out.str();

@@ -246,6 +246,10 @@ TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
             "site.toml: peer.sae_id = \"sae-a\": expected an SAE ID other than site.sae_id");
   EXPECT_EQ(error_for("deliver_rtp = \"127.0.0.1:7004\"", "deliver_rtp = \"nowhere\""),
             "site.toml: stream[0].deliver_rtp = \"nowhere\": expected \"host:port\"");
+  // Values are quoted by the loader itself (toml++ 3.3.0's formatter overflows on these).
+  EXPECT_EQ(error_for("name = \"audio\"", "name = [-9223372036854775808, nan, -inf, 1e-10]"),
+            "site.toml: stream[0].name = [-9223372036854775808, nan, -inf, 1e-10]: expected a "
+            "stream name such as \"video-1\"");
   for (const char* port : {"+7004", " 7004", "7004 ", "0x1b5c", "070040"}) {
     EXPECT_EQ(error_for("deliver_rtp = \"127.0.0.1:7004\"",
                         std::string("deliver_rtp = \"127.0.0.1:") + port + "\""),
