@@ -28,6 +28,9 @@ PACKAGES=(
   # --help; their test installs them and checks the units (systemd-analyze, man for
   # their Documentation=) and the otpgate user (adduser)
   debhelper dpkg-dev lintian help2man systemd man-db adduser
+  # calls through the gateways with real SIP software (docs/sip.md): two Kamailio proxies
+  # (rtpengine module in the main package), baresip endpoints, SIPp for load
+  kamailio baresip-core sip-tester
 )
 
 missing=()
