@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""A call with real SIP software through two otp-gateways (issue 15, docs/sip.md):
+qkd-kme-sim, otp-gateway A and B with [sip] only, Kamailio A and B (their rtpengine module
+pointed at their own gateway's ng socket), baresip B (callee, auto-answer, records what
+it hears) and baresip A (caller, a 440 Hz tone, Opus), dialling b@ through proxy A ->
+proxy B. Checked: the call is answered, both gateways show it while it runs, the callee's
+recording carries the caller's 440 Hz and the caller's the callee's 660 Hz, and the hang-up ends the call at both gateways (ports and lanes
+free). Exit 77 (skip) where kamailio or baresip is not installed.
+
+Usage: sip_endpoints.py SOURCE_DIR BUILD_DIR"""
+import glob
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from script_support import Processes, free_ports, udp_bound, wait_until  # noqa: E402
+
+KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
+
+KAMAILIO_CFG = """#!KAMAILIO
+debug=2
+log_stderror=yes
+children=1
+disable_tcp=yes
+listen=udp:127.0.0.1:{port}
+mpath="{modules}"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "xlog.so"
+loadmodule "rtpengine.so"
+modparam("rtpengine", "rtpengine_sock", "udp:127.0.0.1:{ng}")
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            if (is_method("BYE")) rtpengine_delete();
+            if (is_method("INVITE")) {{
+                rtpengine_offer("replace-origin replace-session-connection ICE=remove RTP/AVP");
+                t_on_reply("SDP");
+            }}
+            t_relay();
+            exit;
+        }}
+        if (is_method("ACK") && t_check_trans()) {{ t_relay(); }}
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        rtpengine_delete();
+        if (t_check_trans()) t_relay();
+        exit;
+    }}
+    if (is_method("INVITE")) {{
+        record_route();
+        if (!rtpengine_offer("replace-origin replace-session-connection ICE=remove RTP/AVP")) {{
+            xlog("L_ERR", "rtpengine_offer refused\\n");
+            sl_send_reply("488", "Not Acceptable Here");
+            exit;
+        }}
+        t_on_reply("SDP");
+    }}
+    {next_hop}
+    if (!t_relay()) sl_reply_error();
+}}
+
+onreply_route[SDP] {{
+    if (has_body("application/sdp")) rtpengine_answer("replace-origin replace-session-connection ICE=remove");
+}}
+"""
+
+BARESIP_CONFIG = """sip_listen 127.0.0.1:{port}
+net_interface 127.0.0.1
+audio_source ausine,{tone}
+audio_player sndfile,/dev/null
+audio_alert sndfile,/dev/null
+module_path /usr/lib/baresip/modules
+module stdio.so
+module opus.so
+module ausine.so
+module sndfile.so
+module_app account.so
+module_app menu.so
+"""
+
+
+def frequency(wav_path):
+    """The tone's frequency from zero crossings of a PCM/float WAV (first channel)."""
+    data = open(wav_path, "rb").read()
+    pos, fmt, samples = 12, None, None
+    while pos + 8 <= len(data):
+        kind, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        body = data[pos + 8:pos + 8 + size]
+        if kind == b"fmt ":
+            fmt = struct.unpack("<HHIIHH", body[:16])
+        elif kind == b"data":
+            samples = body
+        pos += 8 + size + (size & 1)
+    tag, channels, rate, _, _, bits = fmt
+    width = bits // 8
+    code = {(1, 2): "h", (3, 4): "f", (1, 4): "i"}[(tag if tag != 0xFFFE else 1, width)]
+    count = len(samples) // (width * channels)
+    values = struct.unpack("<" + code * (count * channels), samples[:count * width * channels])
+    mono = values[::channels]
+    loud = [i for i, v in enumerate(mono) if abs(v) > (0.05 if code == "f" else 1000)]
+    if len(loud) < rate:
+        return 0.0, len(loud) / rate
+    mono = mono[loud[0]:loud[-1]]
+    crossings = sum(1 for a, b in zip(mono, mono[1:]) if a < 0 <= b)
+    return crossings * rate / len(mono), len(loud) / rate
+
+
+def main():
+    source, build = sys.argv[1], sys.argv[2]
+    for program in ("kamailio", "baresip"):
+        if not shutil.which(program):
+            print(f"SKIP: {program} is not installed (scripts/install-deps.sh installs it)")
+            return 77
+    if not os.path.exists(os.path.join(KAMAILIO_MODULES, "rtpengine.so")):
+        print("SKIP: Kamailio's rtpengine module is not installed")
+        return 77
+    pki = os.path.join(build, "test-pki", "good")
+    work = tempfile.mkdtemp(prefix="otpgate-sip-")
+    env = dict(os.environ, GST_PLUGIN_PATH=os.path.join(build, "plugins"))
+    procs = Processes(work, env)
+    (kme_port, status_a, status_b, ng_a, ng_b, proxy_a, proxy_b) = free_ports(7)
+    # baresip listens on its SIP port (UDP, TCP) and the next one (TLS): four in a row.
+    spare = free_ports(40, taken=(kme_port, status_a, status_b, ng_a, ng_b, proxy_a, proxy_b))
+    sip_b = next(p for p in spare if all(p + i in spare for i in range(1, 4)))
+    sip_a = sip_b + 2
+    media = 4000 + (os.getpid() % 70) * 80  # A: media..+39, B: +40..+79
+    try:
+        procs.start([os.path.join(build, "keyclient", "qkd-kme-sim"), "--port", str(kme_port),
+                     "--cert", f"{pki}/kme.crt", "--key", f"{pki}/kme.key", "--ca",
+                     f"{pki}/ca.crt"], "kme.log")
+        wait_until(lambda: os.system(f"ss -ltn | grep -q ':{kme_port} '") == 0, "the KME")
+        gateways = {}
+        for me, peer, status, ng, low in (("sae-a", "sae-b", status_a, ng_a, media),
+                                          ("sae-b", "sae-a", status_b, ng_b, media + 40)):
+            config = os.path.join(work, f"{me}.toml")
+            with open(config, "w") as f:
+                f.write(f"""[site]
+name = "{me}-site"
+sae_id = "{me}"
+state_dir = "{work}/{me}-state"
+[kme]
+url = "https://127.0.0.1:{kme_port}"
+tls_cert = "{pki}/{me}.crt"
+tls_key = "{pki}/{me}.key"
+tls_ca = "{pki}/ca.crt"
+[peer]
+sae_id = "{peer}"
+address = "127.0.0.1"
+[status]
+listen = "127.0.0.1:{status}"
+[sip]
+ng_listen = "127.0.0.1:{ng}"
+media_address = "127.0.0.1"
+port_min = {low}
+port_max = {low + 39}
+max_media = 4
+""")
+            gateways[me] = procs.start([os.path.join(build, "gateway", "otp-gateway"),
+                                        "--config", config], f"{me}.log")
+            wait_until(lambda: udp_bound(ng), f"gateway {me}'s ng socket")
+
+        def status(port):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status") as r:
+                return json.load(r)
+
+        for port in (status_a, status_b):
+            wait_until(lambda: status(port), "a gateway's status API")
+        for name, port, ng, next_hop in (
+                ("a", proxy_a, ng_a, f'$du = "sip:127.0.0.1:{proxy_b}";'),
+                ("b", proxy_b, ng_b, "")):
+            cfg = os.path.join(work, f"kamailio-{name}.cfg")
+            with open(cfg, "w") as f:
+                f.write(KAMAILIO_CFG.format(port=port, ng=ng, modules=KAMAILIO_MODULES,
+                                            next_hop=next_hop))
+            p = procs.start(["kamailio", "-f", cfg, "-DD", "-E", "-m", "64", "-M", "16",
+                             "-Y", work, "-P", os.path.join(work, f"kamailio-{name}.pid")],
+                            f"kamailio-{name}.log")
+            wait_until(lambda: udp_bound(port) or p.poll() is not None, f"kamailio {name}")
+            if p.poll() is not None:
+                raise SystemExit(f"kamailio {name} ended at start")
+
+        endpoints = {}
+        for name, port, account in (
+                ("callee", sip_b, f"<sip:b@127.0.0.1:{sip_b};transport=udp>;regint=0;"
+                                  "answermode=auto"),
+                ("caller", sip_a, f"<sip:a@127.0.0.1:{sip_a};transport=udp>;regint=0;"
+                                  f"outbound=\"sip:127.0.0.1:{proxy_a};transport=udp\"")):
+            home = os.path.join(work, name)
+            os.makedirs(home)
+            with open(os.path.join(home, "config"), "w") as f:
+                f.write(BARESIP_CONFIG.format(port=port, tone=440 if name == "caller" else 660))
+            with open(os.path.join(home, "accounts"), "w") as f:
+                f.write(account + "\n")
+            endpoints[name] = home
+        # sndfile writes its recordings into the working directory.
+        callee = procs.start(["sh", "-c", f"cd {endpoints['callee']} && exec baresip -f ."],
+                             "callee.log")
+        wait_until(lambda: udp_bound(sip_b), "the callee's SIP socket")
+        caller = procs.start(["sh", "-c", f"cd {endpoints['caller']} && exec baresip -f . -t 10 "
+                              f"-e '/dial sip:b@127.0.0.1:{sip_b}'"], "caller.log")
+        # While it runs, both gateways show the call with packets each way.
+        def running():
+            calls = [status(p)["calls"] for p in (status_a, status_b)]
+            if not all(c and c[0]["state"] == "answered" for c in calls):
+                return None
+            m = [c[0]["media"][0]["packets"] for c in calls]
+            return m if all(x["to_peer"] > 50 and x["to_local"] > 50 for x in m) else None
+        seen = wait_until(running, "the call answered with media both ways at both gateways",
+                          20)
+        print("media packets at A and B:", seen)
+        caller.wait(timeout=30)
+        wait_until(lambda: not status(status_a)["calls"] and not status(status_b)["calls"],
+                   "the hang-up to end the call at both gateways", 20)
+        for port in (status_a, status_b):
+            st = status(port)
+            assert st["sip"]["free_media"] == 4, st["sip"]
+        procs.stop(callee)
+        # Each heard the other's tone (caller 440 Hz, callee 660 Hz), so neither heard itself.
+        for name, tone in (("callee", 440), ("caller", 660)):
+            dumps = glob.glob(os.path.join(endpoints[name], "dump-*-dec.wav"))
+            assert dumps, f"the {name} wrote no recording"
+            hz, seconds = frequency(dumps[0])
+            print(f"the {name} heard {hz:.1f} Hz for {seconds:.1f} s")
+            assert abs(hz - tone) < 5 and seconds > 3, (name, hz, seconds)
+        print("PASS: a baresip call through Kamailio A, gateway A, gateway B, Kamailio B")
+        return 0
+    except BaseException:
+        for p in procs.running:
+            print(f"--- {p.log}\n" + procs.output(p)[-2500:])
+        raise
+    finally:
+        procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
