@@ -3,8 +3,9 @@
 """A call with real SIP software through two otp-gateways (issue 15, docs/sip.md):
 qkd-kme-sim, otp-gateway A and B with [sip] only, Kamailio A and B (their rtpengine module
 pointed at their own gateway's ng socket), baresip B (callee, auto-answer, records what
-it hears) and baresip A (caller, a 440 Hz tone, Opus), dialling b@ through proxy A ->
-proxy B. Checked: the call is answered, both gateways show it while it runs, the callee's
+it hears) and baresip A (caller, a 440 Hz tone, Opus; both with VP8 video from fakevideo), dialling b@ through proxy A ->
+proxy B. Checked: the call is answered, both gateways show it while it runs with its audio and
+its video crossing both ways, the callee's
 recording carries the caller's 440 Hz and the caller's the callee's 660 Hz, and the hang-up ends the call at both gateways (ports and lanes
 free). Exit 77 (skip) where kamailio or baresip is not installed.
 
@@ -85,11 +86,15 @@ net_interface 127.0.0.1
 audio_source ausine,{tone}
 audio_player sndfile,/dev/null
 audio_alert sndfile,/dev/null
+video_source fakevideo,nil
+video_display fakevideo,nil
 module_path /usr/lib/baresip/modules
 module stdio.so
 module opus.so
 module ausine.so
 module sndfile.so
+module fakevideo.so
+module vp8.so
 module_app account.so
 module_app menu.so
 """
@@ -219,8 +224,11 @@ max_media = 4
             calls = [status(p)["calls"] for p in (status_a, status_b)]
             if not all(c and c[0]["state"] == "answered" for c in calls):
                 return None
-            m = [c[0]["media"][0]["packets"] for c in calls]
-            return m if all(x["to_peer"] > 50 and x["to_local"] > 50 for x in m) else None
+            # Audio and video, each with media both ways at both gateways.
+            m = [media["packets"] for c in calls for media in c[0]["media"]]
+            types = [media["type"] for c in calls for media in c[0]["media"]]
+            ok = len(m) == 4 and all(x["to_peer"] > 50 and x["to_local"] > 50 for x in m)
+            return list(zip(types, m)) if ok else None
         seen = wait_until(running, "the call answered with media both ways at both gateways",
                           20)
         print("media packets at A and B:", seen)
