@@ -77,6 +77,14 @@ std::string media_name(std::size_t index, const std::string& type) {
 
 constexpr std::string_view kLaneAttribute = "x-otp-lane";
 
+sdp::Session parsed(const ng::Request& request) {
+  try {
+    return sdp::parse(request.sdp);
+  } catch (const sdp::ParseError& e) {
+    throw ng::Refused(std::string("SDP: ") + e.what());
+  }
+}
+
 }  // namespace
 
 Calls::Calls(const GatewayConfig& config, CallMediaPlane& plane)
@@ -301,12 +309,7 @@ void Calls::end(Call& call) {
 }
 
 std::string Calls::offer(const ng::Request& request) {
-  sdp::Session session;
-  try {
-    session = sdp::parse(request.sdp);
-  } catch (const sdp::ParseError& e) {
-    throw ng::Refused(std::string("SDP: ") + e.what());
-  }
+  sdp::Session session = parsed(request);
   bool marked = false;
   for (const auto& m : session.media) marked = marked || sdp::otp_sae(session, m).has_value();
   const bool external = !request.direction.empty() && request.direction.front() == "external";
@@ -345,12 +348,7 @@ std::string Calls::offer(const ng::Request& request) {
 }
 
 std::string Calls::answer(const ng::Request& request) {
-  sdp::Session session;
-  try {
-    session = sdp::parse(request.sdp);
-  } catch (const sdp::ParseError& e) {
-    throw ng::Refused(std::string("SDP: ") + e.what());
-  }
+  sdp::Session session = parsed(request);
   const std::lock_guard lock(mutex_);
   const auto found = calls_.find(request.call_id);
   if (found == calls_.end()) throw ng::Refused("unknown call-id " + request.call_id);

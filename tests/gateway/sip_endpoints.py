@@ -21,7 +21,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
-from script_support import Processes, free_ports, udp_bound, wait_until  # noqa: E402
+from script_support import (Processes, free_ports, tcp_listening, udp_bound,  # noqa: E402
+                            wait_until)
 
 KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
 
@@ -149,7 +150,7 @@ def main():
         procs.start([os.path.join(build, "keyclient", "qkd-kme-sim"), "--port", str(kme_port),
                      "--cert", f"{pki}/kme.crt", "--key", f"{pki}/kme.key", "--ca",
                      f"{pki}/ca.crt"], "kme.log")
-        wait_until(lambda: os.system(f"ss -ltn | grep -q ':{kme_port} '") == 0, "the KME")
+        wait_until(lambda: tcp_listening(kme_port), "the KME")
         gateways = {}
         for me, peer, status, ng, low in (("sae-a", "sae-b", status_a, ng_a, media),
                                           ("sae-b", "sae-a", status_b, ng_b, media + 40)):
