@@ -47,6 +47,14 @@ int main(int argc, char** argv) {
         config_path.c_str(), config.site_name.c_str(), config.sae_id.c_str(),
         config.peer_sae_id.c_str(), config.peer_address.c_str(), config.streams.size(),
         config.cipher.c_str(), config.on_key_exhausted.c_str());
+    if (config.sip) {
+      std::printf(
+          "%s: calls: ng control on %s:%u, media address %s, ports %u-%u, up to %u "
+          "call media\n",
+          config_path.c_str(), config.sip->ng_listen.host.c_str(),
+          unsigned{config.sip->ng_listen.port}, config.sip->media_address.c_str(),
+          unsigned{config.sip->port_min}, unsigned{config.sip->port_max}, config.sip->max_media);
+    }
     return 0;
   }
 
@@ -62,6 +70,12 @@ int main(int argc, char** argv) {
         "otp-gateway: site %s running %zu streams to %s; status on http://%s:%u/api/v1/status\n",
         config.site_name.c_str(), config.streams.size(), config.peer_address.c_str(),
         config.status_listen.host.c_str(), gateway.status_port());
+    if (config.sip) {
+      std::printf("otp-gateway: calls: ng control on %s:%u, media address %s, ports %u-%u\n",
+                  config.sip->ng_listen.host.c_str(), unsigned{gateway.ng_port()},
+                  config.sip->media_address.c_str(), unsigned{config.sip->port_min},
+                  unsigned{config.sip->port_max});
+    }
     std::fflush(stdout);
     int signal = 0;
     sigwait(&stop_signals, &signal);

@@ -513,3 +513,22 @@ TEST_F(GatewayCallsTest, ALaneGoesOnFromCallToCallWithoutReusingPad) {
     for (const auto& s : status(*g)["streams"]) EXPECT_EQ(s["receive"]["auth-failures"], 0);
   }
 }
+
+TEST(GatewayCallsConfig, CheckConfigFindsTheNgPortTaken) {
+  const std::string pki = otpgate::testing::pki_dir().string();
+  const auto port = static_cast<std::uint16_t>(base_port() + 7);
+  UdpSocket taken(port);
+  const std::string text =
+      "[site]\nname = \"a\"\nsae_id = \"sae-a\"\nstate_dir = \"/tmp\"\n[kme]\nurl = "
+      "\"https://127.0.0.1:1\"\ntls_cert = \"" +
+      pki + "/sae-a.crt\"\ntls_key = \"" + pki + "/sae-a.key\"\ntls_ca = \"" + pki +
+      "/ca.crt\"\n[peer]\nsae_id = \"sae-b\"\naddress = \"127.0.0.1\"\n[sip]\nng_listen = "
+      "\"127.0.0.1:" +
+      std::to_string(port) +
+      "\"\nmedia_address = \"127.0.0.1\"\nport_min = 30000\nport_max = 30031\n";
+  const auto checks =
+      otpgate::gateway::check_offline(otpgate::gateway::parse_config(text, "a.toml"));
+  std::string problems;
+  for (const auto& p : checks.problems()) problems += p + "\n";
+  EXPECT_NE(problems.find("sip.ng_listen"), std::string::npos) << problems;
+}
