@@ -6,7 +6,8 @@ pointed at their own gateway's ng socket), baresip B (callee, auto-answer, recor
 it hears) and baresip A (caller, a 440 Hz tone, Opus; both with VP8 video from fakevideo), dialling b@ through proxy A ->
 proxy B. Checked: the call is answered, both gateways show it while it runs with its audio and
 its video crossing both ways, the callee's
-recording carries the caller's 440 Hz and the caller's the callee's 660 Hz, and the hang-up ends the call at both gateways (ports and lanes
+recording carries the caller's 440 Hz and the caller's the callee's 660 Hz, a second call
+that finds too few call lanes at gateway A is answered 488 at its caller, and the hang-up ends the call at both gateways (ports and lanes
 free). Exit 77 (skip) where kamailio or baresip is not installed.
 
 Usage: sip_endpoints.py SOURCE_DIR BUILD_DIR"""
@@ -141,10 +142,10 @@ def main():
     env = dict(os.environ, GST_PLUGIN_PATH=os.path.join(build, "plugins"))
     procs = Processes(work, env)
     (kme_port, status_a, status_b, ng_a, ng_b, proxy_a, proxy_b) = free_ports(7)
-    # baresip listens on its SIP port (UDP, TCP) and the next one (TLS): four in a row.
+    # baresip listens on its SIP port (UDP, TCP) and the next one (TLS): six in a row.
     spare = free_ports(40, taken=(kme_port, status_a, status_b, ng_a, ng_b, proxy_a, proxy_b))
-    sip_b = next(p for p in spare if all(p + i in spare for i in range(1, 4)))
-    sip_a = sip_b + 2
+    sip_b = next(p for p in spare if all(p + i in spare for i in range(1, 6)))
+    sip_a, sip_a2 = sip_b + 2, sip_b + 4
     media = 4000 + (os.getpid() % 70) * 80  # A: media..+39, B: +40..+79
     try:
         procs.start([os.path.join(build, "keyclient", "qkd-kme-sim"), "--port", str(kme_port),
@@ -175,7 +176,7 @@ ng_listen = "127.0.0.1:{ng}"
 media_address = "127.0.0.1"
 port_min = {low}
 port_max = {low + 39}
-max_media = 4
+max_media = 3
 """)
             gateways[me] = procs.start([os.path.join(build, "gateway", "otp-gateway"),
                                         "--config", config], f"{me}.log")
@@ -206,7 +207,9 @@ max_media = 4
                 ("callee", sip_b, f"<sip:b@127.0.0.1:{sip_b};transport=udp>;regint=0;"
                                   "answermode=auto"),
                 ("caller", sip_a, f"<sip:a@127.0.0.1:{sip_a};transport=udp>;regint=0;"
-                                  f"outbound=\"sip:127.0.0.1:{proxy_a};transport=udp\"")):
+                                  f"outbound=\"sip:127.0.0.1:{proxy_a};transport=udp\""),
+                ("caller2", sip_a2, f"<sip:a2@127.0.0.1:{sip_a2};transport=udp>;regint=0;"
+                                    f"outbound=\"sip:127.0.0.1:{proxy_a};transport=udp\"")):
             home = os.path.join(work, name)
             os.makedirs(home)
             with open(os.path.join(home, "config"), "w") as f:
@@ -233,12 +236,21 @@ max_media = 4
         seen = wait_until(running, "the call answered with media both ways at both gateways",
                           20)
         print("media packets at A and B:", seen)
+        # A second call (audio and video) while the first holds two of the three call
+        # lanes: gateway A refuses the offer, proxy A answers 488, nothing is relayed.
+        second = procs.start(["sh", "-c", f"cd {endpoints['caller2']} && exec baresip -f . "
+                              f"-t 4 -e '/dial sip:b@127.0.0.1:{sip_b}'"], "caller2.log")
+        second.wait(timeout=30)
+        assert "488 Not Acceptable Here" in procs.output(second), procs.output(second)[-2000:]
+        print("the second call was refused: 488 Not Acceptable Here at its caller")
+        for port in (status_a, status_b):
+            assert len(status(port)["calls"]) == 1 and status(port)["sip"]["free_media"] == 1
         caller.wait(timeout=30)
         wait_until(lambda: not status(status_a)["calls"] and not status(status_b)["calls"],
                    "the hang-up to end the call at both gateways", 20)
         for port in (status_a, status_b):
             st = status(port)
-            assert st["sip"]["free_media"] == 4, st["sip"]
+            assert st["sip"]["free_media"] == 3, st["sip"]
         procs.stop(callee)
         # Each heard the other's tone (caller 440 Hz, callee 660 Hz), so neither heard itself.
         for name, tone in (("callee", 440), ("caller", 660)):
