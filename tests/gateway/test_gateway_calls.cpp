@@ -532,3 +532,45 @@ TEST(GatewayCallsConfig, CheckConfigFindsTheNgPortTaken) {
   for (const auto& p : checks.problems()) problems += p + "\n";
   EXPECT_NE(problems.find("sip.ng_listen"), std::string::npos) << problems;
 }
+
+TEST_F(GatewayCallsTest, ReInviteAddsVideoAndContentIsNotRelayed) {
+  start_sip();
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  UdpSocket caller_video(endpoint_port(4)), callee_video(endpoint_port(5));
+  const NgKeys k{"add-video-1", "f1", "t1"};
+  place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+  // The re-INVITE adds video (with its b=AS and codec lines) and a BFCP content channel.
+  auto with_video = [&](int audio, int video) {
+    return endpoint_sdp(endpoint_port(audio)) + "m=video " + std::to_string(endpoint_port(video)) +
+           " RTP/AVP 100\r\nb=AS:1500\r\na=rtpmap:100 VP8/90000\r\na=sendrecv\r\n"
+           "m=application 5070 TCP/BFCP *\r\na=floorctrl:c-s\r\n";
+  };
+  const Placed p = place(k, with_video(0, 4), with_video(1, 5));
+  ASSERT_FALSE(p.to_caller.empty());
+  const sdp::Session to_b = sdp::parse(p.to_b);
+  ASSERT_EQ(to_b.media.size(), 3u);
+  EXPECT_EQ(sdp::attributes(to_b.media[1], "x-otp-lane"), std::vector<std::string>{"1"});
+  EXPECT_NE(p.to_b.find("b=AS:1500"), std::string::npos);
+  EXPECT_NE(p.to_b.find("a=rtpmap:100 VP8/90000"), std::string::npos);
+  for (const auto* s : {&p.to_b, &p.to_callee, &p.to_a, &p.to_caller})
+    EXPECT_EQ(sdp::parse(*s).media[2].port, 0) << *s;  // BFCP: not relayed
+  const sdp::Session to_caller = sdp::parse(p.to_caller), to_callee = sdp::parse(p.to_callee);
+  std::vector<Bytes> there, back;
+  EXPECT_EQ(send(caller_video, to_caller.media[1].port, callee_video, 40, 7, there, random_),
+            there);
+  EXPECT_EQ(send(callee_video, to_callee.media[1].port, caller_video, 40, 8, back, random_), back);
+  there.clear();
+  EXPECT_EQ(send(caller, to_caller.media[0].port, callee, 20, 9, there, random_), there);
+  for (auto* g : {a_.get(), b_.get()}) {
+    const json st = status(*g);
+    ASSERT_EQ(st["calls"][0]["media"].size(), 2u);
+    EXPECT_EQ(st["calls"][0]["media"][1]["type"], "video");
+    EXPECT_EQ(st["sip"]["free_media"], 10);
+  }
+  // query answers in rtpengine's shape, with the call's media.
+  const auto q = ng(a_->ng_port(), kamailio(cookie(), "query", k));
+  EXPECT_EQ(text_of(q, "result"), "ok");
+  EXPECT_TRUE(q.contains("tags"));
+  hang_up(k);
+  EXPECT_EQ(status(*a_)["sip"]["free_media"], 12);
+}
