@@ -147,6 +147,9 @@ as_otpgate otp-gateway --config "$etc/gateway.toml" --check-config ||
   fail "--check-config refused the filled-in $etc/gateway.toml"
 mkdir -p "$work/incoming"
 chown otpgate:otpgate "$work/incoming"
+# The service user must reach it: mktemp's 0700 folder kept it out, and --check-config says
+# so ("... is not writable by this user"), as the service would have failed to write there.
+chmod 0711 "$work"
 sed -i -e "s#^url = .*#url = \"https://localhost:$kme_port\"#" \
   -e 's#^transfer = .*#transfer = "127.0.0.1:7400"#' -e 's#^listen = "0.0.0.0:7400"#listen = "127.0.0.1:7400"#' \
   -e "s#^incoming_dir = .*#incoming_dir = \"$work/incoming\"#" "$etc/transfer.toml"
