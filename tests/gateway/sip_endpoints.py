@@ -4,7 +4,8 @@
 qkd-kme-sim, otp-gateway A and B with [sip] only, Kamailio A and B (their rtpengine module
 pointed at their own gateway's ng socket), baresip B (callee, auto-answer, records what
 it hears) and baresip A (caller, a 440 Hz tone, Opus; both with VP8 video from fakevideo), dialling b@ through proxy A ->
-proxy B. Checked: the call is answered, both gateways show it while it runs with its audio and
+proxy B. Checked (besides a misrouted call past gateway B, whose answer gateway A refuses: its
+caller sends nothing): the call is answered, both gateways show it while it runs with its audio and
 its video crossing both ways, the callee's
 recording carries the caller's 440 Hz and the caller's the callee's 660 Hz, a second call
 that finds too few call lanes at gateway A is answered 488 at its caller, and the hang-up ends the call at both gateways (ports and lanes
@@ -14,6 +15,7 @@ Usage: sip_endpoints.py SOURCE_DIR BUILD_DIR"""
 import glob
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -79,7 +81,15 @@ request_route {{
 }}
 
 onreply_route[SDP] {{
-    if (has_body("application/sdp")) rtpengine_answer("replace-origin replace-session-connection ICE=remove");
+    if (has_body("application/sdp")) {{
+        if (!rtpengine_answer("replace-origin replace-session-connection ICE=remove")) {{
+            # Refused (e.g. an answer from a site without a gateway): a 2xx goes on whatever
+            # the route does, so its SDP must not let the endpoints reach each other.
+            xlog("L_ERR", "otpgate refused the answer: media disabled\\n");
+            subst_body("/m=([a-z]+) [0-9]+/m=\\1 0/g");
+            subst_body("/c=IN IP4 [0-9.]+/c=IN IP4 0.0.0.0/g");
+        }}
+    }}
 }}
 """
 
@@ -189,7 +199,10 @@ max_media = 3
         for port in (status_a, status_b):
             wait_until(lambda: status(port), "a gateway's status API")
         for name, port, ng, next_hop in (
-                ("a", proxy_a, ng_a, f'$du = "sip:127.0.0.1:{proxy_b}";'),
+                ("a", proxy_a, ng_a,
+                 # b@localhost: a misrouted call straight to the callee, past site B's gateway
+                 f'if ($rd == "localhost") {{ $du = "sip:127.0.0.1:{sip_b}"; }} '
+                 f'else {{ $du = "sip:127.0.0.1:{proxy_b}"; }}'),
                 ("b", proxy_b, ng_b, "")):
             cfg = os.path.join(work, f"kamailio-{name}.cfg")
             with open(cfg, "w") as f:
@@ -251,10 +264,21 @@ max_media = 3
         for port in (status_a, status_b):
             st = status(port)
             assert st["sip"]["free_media"] == 3, st["sip"]
+        # A call routed past site B's gateway: gateway A refuses the callee's unmarked answer,
+        # the route disables the media in the 200 OK, and the caller sends nothing at all
+        # (with the answer passed on as it came, it would send plain RTP to the callee).
+        misrouted = procs.start(["sh", "-c", f"cd {endpoints['caller2']} && exec baresip -f . "
+                                 f"-t 5 -e '/dial sip:b@localhost:{sip_b}'"], "caller3.log")
+        misrouted.wait(timeout=30)
+        sent = [int(x) for x in re.findall(r"audio=(\d+)/", procs.output(misrouted))]
+        assert sent and not any(sent), procs.output(misrouted)[-2000:]
+        print(f"the misrouted call sent nothing ({len(sent)} status lines with audio=0)")
+        wait_until(lambda: not status(status_a)["calls"], "the misrouted call's BYE at gateway A")
+        assert status(status_a)["sip"]["free_media"] == 3
         procs.stop(callee)
         # Each heard the other's tone (caller 440 Hz, callee 660 Hz), so neither heard itself.
         for name, tone in (("callee", 440), ("caller", 660)):
-            dumps = glob.glob(os.path.join(endpoints[name], "dump-*-dec.wav"))
+            dumps = sorted(glob.glob(os.path.join(endpoints[name], "dump-*-dec.wav")))
             assert dumps, f"the {name} wrote no recording"
             hz, seconds = frequency(dumps[0])
             print(f"the {name} heard {hz:.1f} Hz for {seconds:.1f} s")
