@@ -286,6 +286,23 @@ TEST(GatewayCallsConfig, SipAloneIsAConfigAndItsKeysAreChecked) {
                 .find("sip.media_address"),
             std::string::npos);
   EXPECT_NE(parse("[sip]\nmedia_adress = \"10.0.0.1\"\n").find("did you mean"), std::string::npos);
+  const std::string sip =
+      "[sip]\nmedia_address = \"10.0.0.1\"\nport_min = 30000\nport_max = 30031\n";
+  EXPECT_NE(parse(sip + "[[stream]]\nname = \"a\"\nlocal_rtp_port = 30004\npeer_port = 5000\n"
+                        "listen_port = 5002\ndeliver_rtp = \"127.0.0.1:5004\"\n")
+                .find("a port outside sip.port_min-sip.port_max"),
+            std::string::npos);
+  std::string ice =
+      base + sip +
+      "[ice]\nsignalling_listen = \"127.0.0.1:0\"\npeer_signalling = \"127.0.0.1:1\"\n";
+  ice.insert(ice.find("[peer]\n") + 7, "transport = \"ice\"\n");
+  try {
+    otpgate::gateway::parse_config(ice, "a.toml");
+    ADD_FAILURE() << "[sip] over ICE loaded";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("calls over ICE are not supported yet"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLanes) {
