@@ -268,14 +268,15 @@ TEST(GatewayCallsConfig, SipAloneIsAConfigAndItsKeysAreChecked) {
       "\"https://127.0.0.1:1\"\ntls_cert = \"" +
       pki + "/sae-a.crt\"\ntls_key = \"" + pki + "/sae-a.key\"\ntls_ca = \"" + pki +
       "/ca.crt\"\n[peer]\nsae_id = \"sae-b\"\naddress = \"127.0.0.1\"\n";
-  auto parse = [&](const std::string& sip) {
+  auto load = [](const std::string& text) {
     try {
-      otpgate::gateway::parse_config(base + sip, "a.toml");
+      otpgate::gateway::parse_config(text, "a.toml");
       return std::string("loaded");
     } catch (const ConfigError& e) {
       return std::string(e.what());
     }
   };
+  auto parse = [&](const std::string& sip) { return load(base + sip); };
   EXPECT_EQ(parse("[sip]\nmedia_address = \"10.0.0.1\"\nport_min = 30000\nport_max = 30031\n"),
             "loaded");
   EXPECT_NE(parse("").find("at least one [[stream]] table (or a [sip] section"), std::string::npos);
@@ -296,13 +297,7 @@ TEST(GatewayCallsConfig, SipAloneIsAConfigAndItsKeysAreChecked) {
       base + sip +
       "[ice]\nsignalling_listen = \"127.0.0.1:0\"\npeer_signalling = \"127.0.0.1:1\"\n";
   ice.insert(ice.find("[peer]\n") + 7, "transport = \"ice\"\n");
-  try {
-    otpgate::gateway::parse_config(ice, "a.toml");
-    ADD_FAILURE() << "[sip] over ICE loaded";
-  } catch (const ConfigError& e) {
-    EXPECT_NE(std::string(e.what()).find("calls over ICE are not supported yet"), std::string::npos)
-        << e.what();
-  }
+  EXPECT_NE(load(ice).find("calls over ICE are not supported yet"), std::string::npos);
 }
 
 TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLanes) {
