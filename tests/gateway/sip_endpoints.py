@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import socket
 import shutil
 import struct
 import sys
@@ -53,6 +54,7 @@ request_route {{
         if (loose_route()) {{
             if (is_method("BYE")) rtpengine_delete();
             if (is_method("INVITE")) {{
+                xlog("L_INFO", "re-INVITE $ci\\n");
                 rtpengine_offer("replace-origin replace-session-connection ICE=remove RTP/AVP");
                 t_on_reply("SDP");
             }}
@@ -107,6 +109,8 @@ module ausine.so
 module sndfile.so
 module fakevideo.so
 module vp8.so
+module cons.so
+cons_listen 127.0.0.1:{console}
 module_app account.so
 module_app menu.so
 """
@@ -226,7 +230,8 @@ max_media = 3
             home = os.path.join(work, name)
             os.makedirs(home)
             with open(os.path.join(home, "config"), "w") as f:
-                f.write(BARESIP_CONFIG.format(port=port, tone=440 if name == "caller" else 660))
+                f.write(BARESIP_CONFIG.format(port=port, tone=440 if name == "caller" else 660,
+                                              console=port + 100))
             with open(os.path.join(home, "accounts"), "w") as f:
                 f.write(account + "\n")
             endpoints[name] = home
@@ -234,7 +239,7 @@ max_media = 3
         callee = procs.start(["sh", "-c", f"cd {endpoints['callee']} && exec baresip -f ."],
                              "callee.log")
         wait_until(lambda: udp_bound(sip_b), "the callee's SIP socket")
-        caller = procs.start(["sh", "-c", f"cd {endpoints['caller']} && exec baresip -f . -t 10 "
+        caller = procs.start(["sh", "-c", f"cd {endpoints['caller']} && exec baresip -f . -t 14 "
                               f"-e '/dial sip:b@127.0.0.1:{sip_b}'"], "caller.log")
         # While it runs, both gateways show the call with packets each way.
         def running():
@@ -258,6 +263,27 @@ max_media = 3
         print("the second call was refused: 488 Not Acceptable Here at its caller")
         for port in (status_a, status_b):
             assert len(status(port)["calls"]) == 1 and status(port)["sip"]["free_media"] == 1
+        # Hold and resume (baresip's /hold and /resume through its UDP console): two
+        # re-INVITEs through both proxies and gateways; the same streams carry on.
+        streams = [[m["stream"] for m in status(p)["calls"][0]["media"]]
+                   for p in (status_a, status_b)]
+        proxies = [p for p in procs.running if "kamailio-" in p.log]
+
+        def reinvites(count):
+            return all(procs.output(p).count("re-INVITE") >= count for p in proxies)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ui:
+            ui.sendto(b"/hold\n", ("127.0.0.1", sip_a + 100))
+            wait_until(lambda: reinvites(1), "the hold re-INVITE at both proxies", 10)
+            ui.sendto(b"/resume\n", ("127.0.0.1", sip_a + 100))
+            wait_until(lambda: reinvites(2), "the resume re-INVITE at both proxies", 10)
+        delivered = status(status_b)["calls"][0]["media"][0]["packets"]["to_local"]
+        wait_until(lambda: status(status_b)["calls"][0]["media"][0]["packets"]["to_local"]
+                   > delivered + 25, "audio at the callee after the resume", 10)
+        for port, names in zip((status_a, status_b), streams):
+            st = status(port)
+            assert [m["stream"] for m in st["calls"][0]["media"]] == names, st["calls"]
+            assert len(st["calls"]) == 1 and st["sip"]["free_media"] == 1, st["sip"]
+        print("hold and resume: two re-INVITEs, the same streams, audio again after resume")
         caller.wait(timeout=30)
         wait_until(lambda: not status(status_a)["calls"] and not status(status_b)["calls"],
                    "the hang-up to end the call at both gateways", 20)
@@ -278,11 +304,18 @@ max_media = 3
         procs.stop(callee)
         # Each heard the other's tone (caller 440 Hz, callee 660 Hz), so neither heard itself.
         for name, tone in (("callee", 440), ("caller", 660)):
+            # sndfile records up to the first re-INVITE (the hold); the status lines show
+            # what is received after the resume.
             dumps = sorted(glob.glob(os.path.join(endpoints[name], "dump-*-dec.wav")))
             assert dumps, f"the {name} wrote no recording"
             hz, seconds = frequency(dumps[0])
             print(f"the {name} heard {hz:.1f} Hz for {seconds:.1f} s")
             assert abs(hz - tone) < 5 and seconds > 3, (name, hz, seconds)
+        log = procs.output(callee)
+        after = log[log.rindex("got re-INVITE"):log.index("terminated")]
+        received = [int(x) for x in re.findall(r"audio=\d+/(\d+)", after)]
+        assert received and received[-1] > 50000, received[-5:]
+        print(f"after the resume the callee receives {received[-1]} bit/s of audio")
         print("PASS: a baresip call through Kamailio A, gateway A, gateway B, Kamailio B")
         return 0
     except BaseException:
