@@ -160,6 +160,8 @@ def main():
     spare = free_ports(40, taken=(kme_port, status_a, status_b, ng_a, ng_b, proxy_a, proxy_b))
     sip_b = next(p for p in spare if all(p + i in spare for i in range(1, 6)))
     sip_a, sip_a2 = sip_b + 2, sip_b + 4
+    consoles = free_ports(3, taken=(kme_port, status_a, status_b, ng_a, ng_b, proxy_a, proxy_b,
+                                    *spare))  # baresip's UDP console, per endpoint
     media = 4000 + (os.getpid() % 70) * 80  # A: media..+39, B: +40..+79
     try:
         procs.start([os.path.join(build, "keyclient", "qkd-kme-sim"), "--port", str(kme_port),
@@ -220,18 +222,19 @@ max_media = 3
                 raise SystemExit(f"kamailio {name} ended at start")
 
         endpoints = {}
-        for name, port, account in (
+        for (name, port, account), console in zip((
                 ("callee", sip_b, f"<sip:b@127.0.0.1:{sip_b};transport=udp>;regint=0;"
                                   "answermode=auto"),
                 ("caller", sip_a, f"<sip:a@127.0.0.1:{sip_a};transport=udp>;regint=0;"
                                   f"outbound=\"sip:127.0.0.1:{proxy_a};transport=udp\""),
                 ("caller2", sip_a2, f"<sip:a2@127.0.0.1:{sip_a2};transport=udp>;regint=0;"
-                                    f"outbound=\"sip:127.0.0.1:{proxy_a};transport=udp\"")):
+                                    f"outbound=\"sip:127.0.0.1:{proxy_a};transport=udp\"")),
+                consoles):
             home = os.path.join(work, name)
             os.makedirs(home)
             with open(os.path.join(home, "config"), "w") as f:
                 f.write(BARESIP_CONFIG.format(port=port, tone=440 if name == "caller" else 660,
-                                              console=port + 100))
+                                              console=console))
             with open(os.path.join(home, "accounts"), "w") as f:
                 f.write(account + "\n")
             endpoints[name] = home
@@ -272,9 +275,9 @@ max_media = 3
         def reinvites(count):
             return all(procs.output(p).count("re-INVITE") >= count for p in proxies)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ui:
-            ui.sendto(b"/hold\n", ("127.0.0.1", sip_a + 100))
+            ui.sendto(b"/hold\n", ("127.0.0.1", consoles[1]))
             wait_until(lambda: reinvites(1), "the hold re-INVITE at both proxies", 10)
-            ui.sendto(b"/resume\n", ("127.0.0.1", sip_a + 100))
+            ui.sendto(b"/resume\n", ("127.0.0.1", consoles[1]))
             wait_until(lambda: reinvites(2), "the resume re-INVITE at both proxies", 10)
         delivered = status(status_b)["calls"][0]["media"][0]["packets"]["to_local"]
         wait_until(lambda: status(status_b)["calls"][0]["media"][0]["packets"]["to_local"]
