@@ -2,14 +2,15 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """A call with real SIP software through two otp-gateways (issue 15, docs/sip.md):
 qkd-kme-sim, otp-gateway A and B with [sip] only, Kamailio A and B (their rtpengine module
-pointed at their own gateway's ng socket), baresip B (callee, auto-answer, records what
-it hears) and baresip A (caller, a 440 Hz tone, Opus; both with VP8 video from fakevideo), dialling b@ through proxy A ->
-proxy B. Checked (besides a misrouted call past gateway B, whose answer gateway A refuses: its
-caller sends nothing): the call is answered, both gateways show it while it runs with its audio and
-its video crossing both ways, the callee's
-recording carries the caller's 440 Hz and the caller's the callee's 660 Hz, a second call
-that finds too few call lanes at gateway A is answered 488 at its caller, and the hang-up ends the call at both gateways (ports and lanes
-free). Exit 77 (skip) where kamailio or baresip is not installed.
+pointed at their own gateway's ng socket), baresip B (callee, auto-answer, a 660 Hz tone,
+records what it hears) and baresip A (caller, a 440 Hz tone), Opus and VP8 (fakevideo),
+dialling b@ through proxy A -> proxy B. Checked: the call is answered and both gateways
+show it with audio and video crossing both ways; a second call that finds too few call
+lanes at gateway A is answered 488 at its caller; hold and resume make two re-INVITEs that
+keep the call's streams, and audio flows again after them; the recordings carry the other
+side's tone; the hang-up ends the call at both gateways (lanes free); a call that proxy A
+routes past gateway B has its answer refused and its caller sends nothing. Exit 77 (skip)
+where kamailio or baresip is not installed.
 
 Usage: sip_endpoints.py SOURCE_DIR BUILD_DIR"""
 import glob
