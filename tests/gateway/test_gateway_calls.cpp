@@ -586,3 +586,22 @@ TEST_F(GatewayCallsTest, ReInviteAddsVideoAndContentIsNotRelayed) {
   hang_up(k);
   EXPECT_EQ(status(*a_)["sip"]["free_media"], 12);
 }
+
+TEST(GatewayCallsConfig, TheSipExampleLoads) {
+  std::ifstream in(std::string(OTPGATE_SOURCE_DIR) + "/gateway/examples/site-a-sip.toml");
+  std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  ASSERT_FALSE(text.empty());
+  // Its certificate paths are the installed ones; the test PKI stands in for them.
+  const std::string pki = otpgate::testing::pki_dir().string();
+  for (const auto& [from, to] : {std::pair{"/etc/otpgate/sae-a.crt", "/sae-a.crt"},
+                                 std::pair{"/etc/otpgate/sae-a.key", "/sae-a.key"},
+                                 std::pair{"/etc/otpgate/kme-ca.crt", "/ca.crt"}}) {
+    const std::string path = from;
+    text.replace(text.find(path), path.size(), pki + to);
+  }
+  const auto config = otpgate::gateway::parse_config(text, "site-a-sip.toml");
+  ASSERT_TRUE(config.sip);
+  EXPECT_TRUE(config.streams.empty());
+  EXPECT_EQ(config.sip->ng_listen.port, 22222);
+  EXPECT_EQ(config.sip->max_media, 8u);
+}
