@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <cstdio>
 
 namespace otpgate::gateway {
@@ -77,6 +78,16 @@ std::string media_name(std::size_t index, const std::string& type) {
 
 constexpr std::string_view kLaneAttribute = "x-otp-lane";
 
+// The pad a media is expected to use: its payload (sdp::expected_bitrate) plus each
+// packet's 16 bytes of one-time tag key, at 50 packets/s or 1200-byte packets, whichever
+// is more (docs/sip.md, "Admission").
+double pad_bytes_per_s(const sdp::Media& media) {
+  const auto bits = static_cast<double>(sdp::expected_bitrate(media).bits_per_second);
+  if (bits == 0) return 0;
+  const double packets = std::max(50.0, bits / 8 / 1200);
+  return bits / 8 + 16 * packets;
+}
+
 sdp::Session parsed(const ng::Request& request) {
   try {
     return sdp::parse(request.sdp);
@@ -106,6 +117,7 @@ std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_p
     leg.accepted = !m.rejected() && m.rtp();
     leg.type = m.type;
     leg.proto = m.proto;
+    leg.pad_bytes_per_s = pad_bytes_per_s(m);
     const auto sae = sdp::otp_sae(session, m);
     if (sae && *sae != config_.peer_sae_id) {
       throw ng::Refused(media_name(i, m.type) + ": a=x-otp names SAE \"" + *sae +
@@ -211,6 +223,7 @@ void Calls::apply(Call& call, const std::vector<Leg>& legs, bool from_partner,
     }
     m.type = leg.type;
     m.proto = leg.proto;
+    m.pad_bytes_per_s = leg.pad_bytes_per_s;
     if (from_partner) {
       if (m.receive_lane && *m.receive_lane != *leg.peer_lane)
         receive_lane_used_[*m.receive_lane] = false;
@@ -263,6 +276,32 @@ std::string Calls::rewritten(sdp::Session session, const Call& call, bool toward
     }
   }
   return sdp::format(out);
+}
+
+void Calls::admit(const std::vector<Leg>& legs, const Call* call) const {
+  if (sip_.key_rate_bits_per_s == 0) return;
+  double taken = 0, wanted = 0;
+  std::size_t running = 0;
+  for (const auto& [id, other] : calls_) {
+    for (const auto& m : other.media) {
+      if (!m.active) continue;
+      taken += m.pad_bytes_per_s;
+      ++running;
+    }
+  }
+  for (std::size_t i = 0; i < legs.size(); ++i) {
+    const bool known = call && i < call->media.size() && call->media[i].active;
+    if (legs[i].accepted && !known) wanted += legs[i].pad_bytes_per_s;
+  }
+  const double rate = static_cast<double>(sip_.key_rate_bits_per_s) / 8;
+  if (wanted == 0 || taken + wanted <= rate) return;
+  auto kbit = [](double bytes_per_s) {
+    return std::to_string(std::lround(bytes_per_s * 8 / 1000));
+  };
+  throw ng::Refused("key budget: this call's media need " + kbit(wanted) + " kbit/s of pad, " +
+                    std::to_string(running) + " call media running take " + kbit(taken) +
+                    " kbit/s, the link's key rate is " + kbit(rate) +
+                    " kbit/s (sip.key_rate_bits_per_s)");
 }
 
 void Calls::start_media(Call& call) {
@@ -330,6 +369,7 @@ std::string Calls::offer(const ng::Request& request) {
     call.number = next_number_++;
     call.created = unix_now();
   }
+  admit(legs, reoffer ? &found->second : nullptr);
   std::vector<Media*> allocated;
   try {
     apply(call, legs, from_partner, allocated);

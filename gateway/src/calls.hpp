@@ -69,8 +69,9 @@ class Calls final : public ng::Handler {
     std::optional<std::size_t> receive_lane;  // the peer's send lane for this media
     std::optional<Endpoint> endpoint_rtp, endpoint_rtcp;  // the local conference system
     std::uint16_t peer_port = 0;
-    std::string stream;  // non-empty once its pipelines run
-    StreamConfig built;  // what they run with
+    std::string stream;          // non-empty once its pipelines run
+    double pad_bytes_per_s = 0;  // expected, for admission (sip.key_rate_bits_per_s)
+    StreamConfig built;          // what they run with
   };
   struct Call {
     std::string call_id, from_tag, to_tag;
@@ -86,6 +87,7 @@ class Calls final : public ng::Handler {
   struct Leg {
     bool accepted = false;  // RTP, port != 0
     std::string type, proto;
+    double pad_bytes_per_s = 0;
     std::optional<Endpoint> rtp, rtcp;
     std::optional<std::size_t> peer_lane;
   };
@@ -95,6 +97,7 @@ class Calls final : public ng::Handler {
              std::vector<Media*>& allocated);
   std::string rewritten(sdp::Session session, const Call& call, bool towards_partner,
                         const ng::Request& request) const;
+  void admit(const std::vector<Leg>& legs, const Call* call) const;
   void start_media(Call& call);
   void release(Media& media);
   void end(Call& call);

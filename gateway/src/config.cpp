@@ -25,7 +25,8 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
        {"status", {"listen", "server_names", "unhealthy_after_s"}},
        {"ice", {"signalling_listen", "peer_signalling", "stun"}},
        {"sip",
-        {"ng_listen", "media_address", "port_min", "port_max", "max_media", "media_timeout_s"}},
+        {"ng_listen", "media_address", "port_min", "port_max", "max_media", "media_timeout_s",
+         "key_rate_bits_per_s"}},
        {"stream",
         {"name", "direction", "local_rtp_port", "local_rtcp_port", "peer_port", "listen_port",
          "deliver_rtp", "deliver_rtcp"},
@@ -113,6 +114,9 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
     s.media_timeout_s = static_cast<std::uint32_t>(r.integer(*sip, "sip.", "media_timeout_s", 5,
                                                              86400, "seconds from 5 to 86400",
                                                              std::int64_t{s.media_timeout_s}));
+    s.key_rate_bits_per_s = static_cast<std::uint64_t>(
+        r.integer(*sip, "sip.", "key_rate_bits_per_s", 0, std::int64_t{1} << 40,
+                  "bit/s of key on the link to the peer (0: no admission check)", std::int64_t{0}));
     const std::uint32_t units = s.port_max >= s.port_min ? (s.port_max - s.port_min + 1u) / 4u : 0u;
     if (units < s.max_media) {
       r.fail("sip.port_max", std::to_string(s.port_max),

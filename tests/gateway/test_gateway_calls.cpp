@@ -156,7 +156,7 @@ Bytes random_rtp(std::uint16_t seq, std::uint32_t ssrc, std::mt19937& random) {
 class GatewayCallsTest : public GatewayTest {
  protected:
   // Ports: A's media from sip_+0, B's from sip_+60 (15 media each), endpoints from sip_+120.
-  void start_sip(int max_media = 12, int timeout_s = 60) {
+  void start_sip(int max_media = 12, int timeout_s = 60, const std::string& extra = "") {
     // Below the fixture's ports and the kernel's ephemeral range (32768-60999), where a
     // sending socket could take one of them.
     sip_ = static_cast<std::uint16_t>(10000 + ((base_ - 20000) / 20) % 62 * 160);
@@ -166,7 +166,7 @@ class GatewayCallsTest : public GatewayTest {
                std::to_string(sip_ + offset) +
                "\nport_max = " + std::to_string(sip_ + offset + 59) +
                "\nmax_media = " + std::to_string(max_media) +
-               "\nmedia_timeout_s = " + std::to_string(timeout_s) + "\n";
+               "\nmedia_timeout_s = " + std::to_string(timeout_s) + "\n" + extra;
       };
       a += section(0);
       b += section(60);
@@ -604,4 +604,31 @@ TEST(GatewayCallsConfig, TheSipExampleLoads) {
   EXPECT_TRUE(config.streams.empty());
   EXPECT_EQ(config.sip->ng_listen.port, 22222);
   EXPECT_EQ(config.sip->max_media, 8u);
+}
+
+TEST_F(GatewayCallsTest, OffersBeyondTheKeyRateAreRefusedAndAnEndedCallFreesItsShare) {
+  // 200 kbit/s of key: Opus audio is expected to take 64 kbit/s of payload plus 16 bytes of
+  // tag key per packet at 50 packets/s, 70.4 kbit/s of pad; two fit, a third does not, nor
+  // does a VP8 video (1.5 Mbit/s).
+  start_sip(12, 60, "key_rate_bits_per_s = 200000\n");
+  auto offer = [&](const std::string& id, const std::string& body) {
+    return ng(a_->ng_port(), kamailio(cookie(), "offer", {id, "f", ""}, body));
+  };
+  ok_sdp(offer("budget-1", endpoint_sdp(endpoint_port(0))));
+  ok_sdp(offer("budget-2", endpoint_sdp(endpoint_port(2))));
+  auto third = offer("budget-3", endpoint_sdp(endpoint_port(4)));
+  EXPECT_EQ(text_of(third, "result"), "error");
+  EXPECT_EQ(text_of(third, "error-reason"),
+            "key budget: this call's media need 70 kbit/s of pad, 2 call media running take "
+            "141 kbit/s, the link's key rate is 200 kbit/s (sip.key_rate_bits_per_s)");
+  const std::string video =
+      "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 "
+      "0\r\nm=video 7000 RTP/AVP 100\r\na=rtpmap:100 VP8/90000\r\n";
+  EXPECT_NE(text_of(offer("budget-4", video), "error-reason").find("key budget"),
+            std::string::npos);
+  EXPECT_EQ(status(*a_)["sip"]["free_media"], 10);  // nothing held for the refused ones
+  // An ended call gives its share back.
+  const auto ended = ng(a_->ng_port(), kamailio(cookie(), "delete", {"budget-1", "f", ""}));
+  EXPECT_EQ(text_of(ended, "result"), "ok");
+  ok_sdp(offer("budget-3", endpoint_sdp(endpoint_port(4))));
 }

@@ -43,6 +43,9 @@ struct SipConfig {
   std::uint16_t port_min = 30000, port_max = 30999;  // media ports, 4 per call media
   std::uint32_t max_media = 8;         // call media at once: key lanes reserved per direction
   std::uint32_t media_timeout_s = 60;  // a call with no packet and no signal this long ends
+  // The key rate of the link towards the peer (bit/s, as the QKD operator states it); an
+  // offer whose media would take the calls' expected pad use above it is refused. 0: off.
+  std::uint64_t key_rate_bits_per_s = 0;
 };
 
 struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [keys]
