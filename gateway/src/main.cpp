@@ -18,7 +18,7 @@ int main(int argc, char** argv) {
       "as slave SAE and delivered to the conference system. Status: GET /api/v1/status (JSON)\n"
       "and /metrics (Prometheus) on status.listen. See docs/gateway.md for the config."};
   app.add_option("-c,--config", config_path,
-                 "Site config file (TOML), e.g. /etc/otpgate/site-a.toml")
+                 "Site config file (TOML), e.g. /etc/otpgate/gateway.toml")
       ->required();
   app.add_flag("--check-config", check_only,
                "Validate the config, print a summary and exit (0: valid)");
