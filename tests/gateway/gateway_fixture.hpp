@@ -75,11 +75,29 @@ inline Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::si
   return p;
 }
 
+// A block of 120 UDP ports for one test (it uses base+0..19 and base+100..119), below
+// the kernel's ephemeral range (32768-60999) so a sending socket never takes one. Blocks
+// start from the process ID, so tests that ctest runs side by side (consecutive PIDs) get
+// different blocks, and a block with a port in use is skipped. (Blocks used to be 20 ports
+// apart while a test used 120: two tests five PIDs apart shared ports.)
 inline std::uint16_t base_port() {
-  // Below the kernel's ephemeral range (32768-60999): a sending socket never takes one.
-  static std::uint16_t next = static_cast<std::uint16_t>(20000 + (::getpid() % 600) * 20);
-  next = static_cast<std::uint16_t>(next + 20);
-  return next;
+  constexpr int kBlock = 120, kBlocks = (32700 - 20000) / kBlock;
+  static int next = ::getpid() % kBlocks;
+  for (int tries = 0; tries < kBlocks; ++tries) {
+    const auto base = static_cast<std::uint16_t>(20000 + (next++ % kBlocks) * kBlock);
+    bool free = true;
+    for (int i = 0; i < kBlock && free; ++i) {
+      const int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_port = htons(static_cast<std::uint16_t>(base + i));
+      a.sin_addr.s_addr = htonl(INADDR_ANY);
+      free = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+      ::close(fd);
+    }
+    if (free) return base;
+  }
+  throw std::runtime_error("no free block of 120 UDP ports in 20000-32700");
 }
 
 inline std::string site_config(const std::string& me, const std::string& peer,

@@ -159,7 +159,7 @@ class GatewayCallsTest : public GatewayTest {
   void start_sip(int max_media = 12, int timeout_s = 60, const std::string& extra = "") {
     // Below the fixture's ports and the kernel's ephemeral range (32768-60999), where a
     // sending socket could take one of them.
-    sip_ = static_cast<std::uint16_t>(10000 + ((base_ - 20000) / 20) % 62 * 160);
+    sip_ = static_cast<std::uint16_t>(10000 + ((base_ - 20000) / 120) % 62 * 160);  // a block each
     start([&](std::string& a, std::string& b) {
       auto section = [&](int offset) {
         return "[sip]\nng_listen = \"127.0.0.1:0\"\nmedia_address = \"127.0.0.1\"\nport_min = " +
