@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -64,6 +65,34 @@ class UdpSocket {
 
  private:
   int fd_;
+};
+
+// A hop on loopback between two test parties: each datagram that arrives on `listen` is
+// handed to `on_datagram` on the hop's own thread, which forwards what it wants with send()
+// (a recorder, a tap, an attacker on the path).
+class UdpHop {
+ public:
+  using Handler = std::function<void(const Bytes& datagram, const UdpHop& hop)>;
+  UdpHop(std::uint16_t listen, Handler on_datagram)
+      : in_(listen), on_datagram_(std::move(on_datagram)), thread_([this] { run(); }) {}
+  ~UdpHop() {
+    stop_ = true;
+    thread_.join();
+  }
+  UdpHop(const UdpHop&) = delete;
+  UdpHop& operator=(const UdpHop&) = delete;
+  void send(std::uint16_t port, const Bytes& datagram) const { out_.send_to(port, datagram); }
+
+ private:
+  void run() {
+    while (!stop_) {
+      if (auto d = in_.receive(50)) on_datagram_(*d, *this);
+    }
+  }
+  UdpSocket in_, out_;
+  Handler on_datagram_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: it starts once the rest exists
 };
 
 inline Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::size_t payload) {

@@ -498,40 +498,28 @@ namespace {
 class ForgingProxy {
  public:
   ForgingProxy(std::uint16_t listen, std::uint16_t to)
-      : in_(listen), to_(to), thread_([this] { run(); }) {}
-  ~ForgingProxy() {
-    stop_ = true;
-    thread_.join();
-  }
+      : hop_(listen, [this, to](const Bytes& d, const UdpHop& hop) {
+          if (d.size() > 30 && std::equal(d.begin(), d.begin() + 4, "OTPA")) {
+            Bytes copy = d;
+            switch (forged_++ % 3) {
+              case 0:
+                copy[27] ^= 0x04;  // key_length
+                break;
+              case 1:
+                copy[20] ^= 0x10;  // base
+                break;
+              default:
+                copy[13] ^= 0x40;  // mask offset
+            }
+            hop.send(to, copy);
+          }
+          hop.send(to, d);
+        }) {}
   int forged() const { return forged_; }
 
  private:
-  void run() {
-    while (!stop_) {
-      auto d = in_.receive(50);
-      if (!d) continue;
-      if (d->size() > 30 && std::equal(d->begin(), d->begin() + 4, "OTPA")) {
-        Bytes copy = *d;
-        switch (forged_++ % 3) {
-          case 0:
-            copy[27] ^= 0x04;  // key_length
-            break;
-          case 1:
-            copy[20] ^= 0x10;  // base
-            break;
-          default:
-            copy[13] ^= 0x40;  // mask offset
-        }
-        out_.send_to(to_, copy);
-      }
-      out_.send_to(to_, *d);
-    }
-  }
-  UdpSocket in_, out_;
-  std::uint16_t to_;
-  std::atomic<bool> stop_{false};
   std::atomic<int> forged_{0};
-  std::thread thread_;
+  UdpHop hop_;  // last: its thread uses forged_
 };
 
 }  // namespace

@@ -114,11 +114,14 @@ std::string with_media_port(const std::string& text, std::uint16_t port) {
 // the gateway it stands for.
 class Tap {
  public:
-  explicit Tap(std::uint16_t listen) : port_(listen), in_(listen), thread_([this] { run(); }) {}
-  ~Tap() {
-    stop_ = true;
-    thread_.join();
-  }
+  explicit Tap(std::uint16_t listen)
+      : port_(listen), hop_(listen, [this](const Bytes& d, const UdpHop& hop) {
+          {
+            std::lock_guard lock(mutex_);
+            seen_.push_back(d);
+          }
+          if (const std::uint16_t target = target_) hop.send(target, d);
+        }) {}
   std::uint16_t port() const { return port_; }
   void forward_to(std::uint16_t target) { target_ = target; }
   std::vector<Bytes> seen() {
@@ -127,24 +130,11 @@ class Tap {
   }
 
  private:
-  void run() {
-    while (!stop_) {
-      auto d = in_.receive(50);
-      if (!d) continue;
-      {
-        std::lock_guard lock(mutex_);
-        seen_.push_back(*d);
-      }
-      if (target_) out_.send_to(target_, *d);
-    }
-  }
   std::uint16_t port_;
-  UdpSocket in_, out_;
   std::atomic<std::uint16_t> target_{0};
-  std::atomic<bool> stop_{false};
   std::mutex mutex_;
   std::vector<Bytes> seen_;
-  std::thread thread_;
+  UdpHop hop_;  // last: its thread uses the members above
 };
 
 Bytes random_rtp(std::uint16_t seq, std::uint32_t ssrc, std::mt19937& random) {

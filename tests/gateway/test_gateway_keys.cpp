@@ -24,35 +24,23 @@ namespace {
 class AnnouncementRecorder {
  public:
   AnnouncementRecorder(std::uint16_t listen, std::uint16_t forward)
-      : in_(listen), forward_(forward), thread_([this] { run(); }) {}
-  ~AnnouncementRecorder() {
-    stop_ = true;
-    thread_.join();
-  }
+      : hop_(listen, [this, forward](const Bytes& d, const UdpHop& hop) {
+          hop.send(forward, d);
+          if (otpgate::otp::classify(d) != otpgate::otp::DatagramType::announcement) return;
+          if (const auto a = otpgate::otp::parse_announcement(d)) {
+            std::lock_guard lock(mutex_);
+            for (std::size_t i = 0; i < a->count; ++i) ids_.insert(a->id(i).to_string());
+          }
+        }) {}
   std::set<std::string> key_ids() {
     std::lock_guard lock(mutex_);
     return ids_;
   }
 
  private:
-  void run() {
-    while (!stop_) {
-      auto d = in_.receive(50);
-      if (!d) continue;
-      out_.send_to(forward_, *d);
-      if (otpgate::otp::classify(*d) != otpgate::otp::DatagramType::announcement) continue;
-      if (const auto a = otpgate::otp::parse_announcement(*d)) {
-        std::lock_guard lock(mutex_);
-        for (std::size_t i = 0; i < a->count; ++i) ids_.insert(a->id(i).to_string());
-      }
-    }
-  }
-  UdpSocket in_, out_;
-  std::uint16_t forward_;
-  std::atomic<bool> stop_{false};
   std::mutex mutex_;
   std::set<std::string> ids_;
-  std::thread thread_;
+  UdpHop hop_;  // last: its thread uses the members above
 };
 
 // One stream in one direction, with the ports of the fixture's layout
