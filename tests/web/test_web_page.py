@@ -54,7 +54,7 @@ try:
     subprocess.run([os.path.join(source, "scripts/make-test-pki.sh"), pki, "sae-a", "sae-b"],
                    check=True, stdout=subprocess.DEVNULL)
     # 5 MB/s of key from an empty store (a full one is not throttled at all): the large
-    # job is still running when it is aborted.
+    # job (larger than the store) is still running when it is aborted.
     start([os.path.join(build, "keyclient/qkd-kme-sim"), "--cert", f"{pki}/kme.crt", "--key",
            f"{pki}/kme.key", "--ca", f"{pki}/ca.crt", "--port", "0", "--port-file",
            f"{work}/kme.port", "--key-rate", "40e6", "--max-key-size", "65536",
@@ -65,7 +65,11 @@ try:
                     "S-WEB-1", "S-WEB-2"], check=True, stdout=subprocess.DEVNULL)
     os.makedirs(f"{data_root}/S-BIG")
     with open(f"{data_root}/S-BIG/reads.bam", "wb") as f:
-        f.write(os.urandom(96 << 20))  # runs long enough to see its progress, ETA and abort
+        # Larger than the KME's store (128 MiB, which fills at 5 MB/s while the page loads
+        # and the smaller jobs run): at least 96 MiB must come at the key rate, about 19 s,
+        # long enough to see its progress, ETA and abort (96 MiB could finish in 3 s).
+        for _ in range(224 // 32):
+            f.write(os.urandom(32 << 20))
     transfer_port, api_a, api_b = free_port(), free_port(), free_port()
 
     def config(me, peer, listen, api_port):
