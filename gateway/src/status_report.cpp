@@ -267,10 +267,16 @@ void HealthMonitor::observe(const Sample& sample) {
     }
   }
   bool sent_any = false, received_any = false;
+  // Call streams come and go: forget the ones no longer running (a track per ended call
+  // would pile up for as long as the gateway runs).
+  std::erase_if(streams_, [&](const auto& entry) {
+    return std::none_of(sample.streams.begin(), sample.streams.end(),
+                        [&](const StreamSample& s) { return s.name == entry.first; });
+  });
   for (const auto& s : sample.streams) {
     auto [it, inserted] = streams_.try_emplace(s.name);
     StreamTrack& t = it->second;
-    if (inserted) t.key_ok = started_;
+    if (inserted) t.key_ok = now;  // first seen now (call streams start at any time)
     // Key: fine unless media came in and nothing went out (dropped or held for key).
     const bool media_in = s.packets_in > t.packets_in;
     const bool sent = s.packets_to_peer > t.packets_to_peer;

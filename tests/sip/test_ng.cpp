@@ -249,9 +249,9 @@ TEST(NgProcessor, AnswersKamailiosOfferWithTheRewrittenSdp) {
       "t=0 0\r\n"
       "m=audio 30000 RTP/AVP 96 0 101\r\n"
       "a=rtpmap:96 opus/48000/2\r\n"
-        "a=rtpmap:0 PCMU/8000\r\n"
+      "a=rtpmap:0 PCMU/8000\r\n"
       "a=rtpmap:101 telephone-event/8000\r\n"
-        "a=sendrecv\r\n"
+      "a=sendrecv\r\n"
       "a=rtcp:30001\r\n";
   EXPECT_EQ(*reply, "9276_3 d6:result2:ok3:sdp" + bstr(expected_sdp) + "e");
   ASSERT_EQ(handler.offers.size(), 1u);
