@@ -1,0 +1,242 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The two-site SIP lab on one machine, shared by the demo's --sip profile and the SIP tests
+(docs/sip.md): qkd-kme-sim, otp-gateways with [sip], Kamailio proxies whose rtpengine module
+drives the gateways over ng, and baresip endpoints (a tone out, what they hear recorded).
+Each piece is started by a method of SipLab; the route of each proxy is the one docs/sip.md
+shows. Processes come from tests/support/script_support.py (started in their own session,
+all killed at the end)."""
+import json
+import os
+import shutil
+import struct
+import sys
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                "support"))
+from script_support import Processes, tcp_listening, udp_bound, wait_until  # noqa: E402
+
+KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
+
+# {rtpengine_sock}: one or more ng sockets ("udp:127.0.0.1:22222", or a weighted set
+# "udp:127.0.0.1:22222=2 udp:127.0.0.1:22223=1"); {extra}: more module parameters;
+# {next_hop}: route lines run before the INVITE is relayed.
+KAMAILIO_CFG = """#!KAMAILIO
+debug=2
+log_stderror=yes
+children={children}
+disable_tcp=yes
+listen=udp:127.0.0.1:{port}
+mpath="{modules}"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "xlog.so"
+loadmodule "rtpengine.so"
+modparam("rtpengine", "rtpengine_sock", "{rtpengine_sock}")
+{extra}
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            if (is_method("BYE")) rtpengine_delete();
+            if (is_method("INVITE")) {{
+                xlog("L_INFO", "re-INVITE $ci\\n");
+                rtpengine_offer("replace-origin replace-session-connection ICE=remove RTP/AVP");
+                t_on_reply("SDP");
+            }}
+            t_relay();
+            exit;
+        }}
+        if (is_method("ACK") && t_check_trans()) {{ t_relay(); }}
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        rtpengine_delete();
+        if (t_check_trans()) t_relay();
+        exit;
+    }}
+    if (is_method("INVITE")) {{
+        record_route();
+        if (!rtpengine_offer("replace-origin replace-session-connection ICE=remove RTP/AVP")) {{
+            xlog("L_ERR", "rtpengine_offer refused\\n");
+            sl_send_reply("488", "Not Acceptable Here");
+            exit;
+        }}
+        t_on_reply("SDP");
+    }}
+    {next_hop}
+    if (!t_relay()) sl_reply_error();
+}}
+
+onreply_route[SDP] {{
+    if (has_body("application/sdp")) {{
+        if (!rtpengine_answer("replace-origin replace-session-connection ICE=remove")) {{
+            # Refused (e.g. an answer from a site without a gateway): a 2xx goes on whatever
+            # the route does, so its SDP must not let the endpoints reach each other.
+            xlog("L_ERR", "otpgate refused the answer: media disabled\\n");
+            subst_body("/m=([a-z]+) [0-9]+/m=\\1 0/g");
+            subst_body("/c=IN IP4 [0-9.]+/c=IN IP4 0.0.0.0/g");
+        }}
+    }}
+}}
+"""
+
+BARESIP_CONFIG = """sip_listen 127.0.0.1:{port}
+net_interface 127.0.0.1
+audio_source ausine,{tone}
+audio_player sndfile,/dev/null
+audio_alert sndfile,/dev/null
+video_source fakevideo,nil
+video_display fakevideo,nil
+module_path /usr/lib/baresip/modules
+module stdio.so
+module opus.so
+module ausine.so
+module sndfile.so
+module fakevideo.so
+module vp8.so
+module cons.so
+cons_listen 127.0.0.1:{console}
+module_app account.so
+module_app menu.so
+"""
+
+
+def missing_software():
+    """Why the lab cannot run here (None when it can)."""
+    for program in ("kamailio", "baresip"):
+        if not shutil.which(program):
+            return f"{program} is not installed (scripts/install-deps.sh installs it)"
+    if not os.path.exists(os.path.join(KAMAILIO_MODULES, "rtpengine.so")):
+        return "Kamailio's rtpengine module is not installed"
+    return None
+
+
+def frequency(wav_path):
+    """The tone's frequency from zero crossings of a PCM/float WAV (first channel), and
+    how many seconds of it are loud."""
+    data = open(wav_path, "rb").read()
+    pos, fmt, samples = 12, None, None
+    while pos + 8 <= len(data):
+        kind, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        body = data[pos + 8:pos + 8 + size]
+        if kind == b"fmt ":
+            fmt = struct.unpack("<HHIIHH", body[:16])
+        elif kind == b"data":
+            samples = body
+        pos += 8 + size + (size & 1)
+    tag, channels, rate, _, _, bits = fmt
+    width = bits // 8
+    code = {(1, 2): "h", (3, 4): "f", (1, 4): "i"}[(tag if tag != 0xFFFE else 1, width)]
+    count = len(samples) // (width * channels)
+    values = struct.unpack("<" + code * (count * channels), samples[:count * width * channels])
+    mono = values[::channels]
+    loud = [i for i, v in enumerate(mono) if abs(v) > (0.05 if code == "f" else 1000)]
+    if len(loud) < rate:
+        return 0.0, len(loud) / rate
+    mono = mono[loud[0]:loud[-1]]
+    crossings = sum(1 for a, b in zip(mono, mono[1:]) if a < 0 <= b)
+    return crossings * rate / len(mono), len(loud) / rate
+
+
+class SipLab:
+    """The lab's processes under `work`, with the built programs of `build`."""
+
+    def __init__(self, build, work, pki=None):
+        self.build, self.work = build, work
+        self.pki = pki or os.path.join(build, "test-pki", "good")
+        self.procs = Processes(work, dict(os.environ,
+                                          GST_PLUGIN_PATH=os.path.join(build, "plugins")))
+
+    def start_kme(self, port, extra=()):
+        p = self.procs.start([os.path.join(self.build, "keyclient", "qkd-kme-sim"), "--port",
+                              str(port), "--cert", f"{self.pki}/kme.crt", "--key",
+                              f"{self.pki}/kme.key", "--ca", f"{self.pki}/ca.crt", *extra],
+                             "kme.log")
+        wait_until(lambda: tcp_listening(port), "the KME")
+        self.kme_port = port
+        return p
+
+    def gateway_config(self, me, peer, status, ng, port_min, port_max, max_media=3,
+                       peer_address="127.0.0.1", name=None, extra=""):
+        """Writes a [sip]-only gateway config; returns its path."""
+        name = name or me
+        config = os.path.join(self.work, f"{name}.toml")
+        with open(config, "w") as f:
+            f.write(f"""[site]
+name = "{name}-site"
+sae_id = "{me}"
+state_dir = "{self.work}/{name}-state"
+[kme]
+url = "https://127.0.0.1:{self.kme_port}"
+tls_cert = "{self.pki}/{me}.crt"
+tls_key = "{self.pki}/{me}.key"
+tls_ca = "{self.pki}/ca.crt"
+[peer]
+sae_id = "{peer}"
+address = "{peer_address}"
+[status]
+listen = "127.0.0.1:{status}"
+[sip]
+ng_listen = "127.0.0.1:{ng}"
+media_address = "127.0.0.1"
+port_min = {port_min}
+port_max = {port_max}
+max_media = {max_media}
+{extra}""")
+        return config
+
+    def start_gateway(self, config, ng, status, name):
+        p = self.procs.start([os.path.join(self.build, "gateway", "otp-gateway"), "--config",
+                              config], f"{name}.log")
+        wait_until(lambda: udp_bound(ng) or p.poll() is not None, f"gateway {name}'s ng socket")
+        if p.poll() is not None:
+            raise SystemExit(f"gateway {name} ended at start:\n" + self.procs.output(p)[-2000:])
+        wait_until(lambda: self.status(status), f"gateway {name}'s status API")
+        return p
+
+    @staticmethod
+    def status(port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=5) as r:
+            return json.load(r)
+
+    def start_kamailio(self, name, port, rtpengine_sock, next_hop="", extra="", children=1):
+        cfg = os.path.join(self.work, f"kamailio-{name}.cfg")
+        with open(cfg, "w") as f:
+            f.write(KAMAILIO_CFG.format(port=port, rtpengine_sock=rtpengine_sock,
+                                        modules=KAMAILIO_MODULES, next_hop=next_hop,
+                                        extra=extra, children=children))
+        p = self.procs.start(["kamailio", "-f", cfg, "-DD", "-E", "-m", "64", "-M", "16",
+                              "-Y", self.work, "-P",
+                              os.path.join(self.work, f"kamailio-{name}.pid")],
+                             f"kamailio-{name}.log")
+        wait_until(lambda: udp_bound(port) or p.poll() is not None, f"kamailio {name}")
+        if p.poll() is not None:
+            raise SystemExit(f"kamailio {name} ended at start:\n" + self.procs.output(p)[-2000:])
+        return p
+
+    def baresip_home(self, name, port, tone, console, account):
+        """A baresip configuration folder: `account` is its accounts line."""
+        home = os.path.join(self.work, name)
+        os.makedirs(home)
+        with open(os.path.join(home, "config"), "w") as f:
+            f.write(BARESIP_CONFIG.format(port=port, tone=tone, console=console))
+        with open(os.path.join(home, "accounts"), "w") as f:
+            f.write(account + "\n")
+        return home
+
+    def start_baresip(self, home, log, args=""):
+        # sndfile writes its recordings into the working directory.
+        return self.procs.start(["sh", "-c", f"cd {home} && exec baresip -f . {args}"], log)
+
+    def dump_logs(self):
+        for p in self.procs.running:
+            print(f"--- {p.log}\n" + self.procs.output(p)[-2500:])
+
+    def stop(self):
+        self.procs.stop_all()
