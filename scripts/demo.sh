@@ -8,11 +8,14 @@
 # with otp-transfer over the same QKD link, and the job tables of both sites are shown.
 #   scripts/demo.sh [--seconds N] [--profile panel|full] [--key-rate BITS_PER_S]
 #                   [--policy drop|block|fallback-aes]
+#   scripts/demo.sh --sip [--seconds N] [--key-rate BITS_PER_S]
 # --key-rate throttles the simulated QKD link; the KME then starts with only a few
 # seconds of that rate in store, so a rate below the call's shows within seconds: packets
 # dropped (drop), delayed (block) or sent with AES keyed from QKD (fallback-aes), never
 # in the clear. The full profile (about 21 Mbit/s per site) needs more key than the
 # default 10 Mbit/s link makes.
+# --sip runs a SIP call instead (scripts/demo_sip.py): Kamailio and baresip at each site,
+# the call through both proxies and both gateways, and what each side heard.
 # OTPGATE_DEMO_SKIP_SETUP=1 skips installing and building (tests run it on a built tree).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,13 +24,15 @@ profile=panel
 key_rate=10e6
 key_rate_given=
 policy=drop
+sip=
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --profile) profile=$2; shift 2 ;;
     --key-rate) key_rate=$2; key_rate_given=1; shift 2 ;;
     --policy) policy=$2; shift 2 ;;
-    *) echo "demo: unknown option $1 (use --seconds N, --profile panel|full, --key-rate BITS_PER_S, --policy drop|block|fallback-aes)" >&2; exit 2 ;;
+    --sip) sip=1; shift ;;
+    *) echo "demo: unknown option $1 (use --seconds N, --profile panel|full, --key-rate BITS_PER_S, --policy drop|block|fallback-aes, --sip)" >&2; exit 2 ;;
   esac
 done
 case "$policy" in drop|block|fallback-aes) ;; *)
@@ -58,6 +63,10 @@ trap cleanup EXIT
 store_bytes=16000000
 [ -n "$key_rate_given" ] && store_bytes=$(awk -v r="$key_rate" 'BEGIN { b = r / 8 * 3; if (b < 262144) b = 262144; printf "%d", b }')
 "$root/scripts/make-test-pki.sh" "$work/pki" sae-a sae-b >/dev/null
+if [ -n "$sip" ]; then
+  python3 "$root/scripts/demo_sip.py" --build "$bin" --work "$work/sip" --pki "$work/pki" \
+    --seconds "$seconds" --key-rate "$key_rate" && exit 0 || exit $?
+fi
 "$bin/keyclient/qkd-kme-sim" --cert "$work/pki/kme.crt" --key "$work/pki/kme.key" --ca "$work/pki/ca.crt" \
   --sae sae-a --sae sae-b --port 0 --port-file "$work/kme.port" --key-rate "$key_rate" \
   --store-bytes "$store_bytes" >"$work/kme.log" 2>&1 &

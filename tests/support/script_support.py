@@ -90,9 +90,11 @@ class Processes:
 
     def __init__(self, work, env):
         self.work, self.env, self.running = work, env, []
+        self.quiet = False  # True: no "started:" line per process (the demo)
 
     def start(self, args, log, shell=False):
-        print("started:", args if shell else " ".join(args), flush=True)
+        if not self.quiet:
+            print("started:", args if shell else " ".join(args), flush=True)
         if shell:
             args = "exec " + args  # signals reach the program, not a shell
         p = subprocess.Popen(args, stdout=open(os.path.join(self.work, log), "w"),
