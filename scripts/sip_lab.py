@@ -20,7 +20,9 @@ KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
 
 # {rtpengine_sock}: one or more ng sockets ("udp:127.0.0.1:22222", or a weighted set
 # "udp:127.0.0.1:22222=2 udp:127.0.0.1:22223=1"); {extra}: more module parameters;
-# {next_hop}: route lines run before the INVITE is relayed.
+# {next_hop}: route lines run before the INVITE is relayed; {media_set}: route lines run
+# before every rtpengine command of a request (e.g. "route(OTPSET);", which picks the
+# rtpengine set of a scaled-out site: docs/sip.md, Scale-out).
 KAMAILIO_CFG = """#!KAMAILIO
 debug=2
 log_stderror=yes
@@ -43,6 +45,7 @@ request_route {{
     if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
     if (has_totag()) {{
         if (loose_route()) {{
+            {media_set}
             if (is_method("BYE")) rtpengine_delete();
             if (is_method("INVITE")) {{
                 xlog("L_INFO", "re-INVITE $ci\\n");
@@ -56,11 +59,13 @@ request_route {{
         exit;
     }}
     if (is_method("CANCEL")) {{
+        {media_set}
         rtpengine_delete();
         if (t_check_trans()) t_relay();
         exit;
     }}
     if (is_method("INVITE")) {{
+        {media_set}
         record_route();
         if (!rtpengine_offer("replace-origin replace-session-connection ICE=remove RTP/AVP")) {{
             xlog("L_ERR", "rtpengine_offer refused\\n");
@@ -205,12 +210,13 @@ max_media = {max_media}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=5) as r:
             return json.load(r)
 
-    def start_kamailio(self, name, port, rtpengine_sock, next_hop="", extra="", children=1):
+    def start_kamailio(self, name, port, rtpengine_sock, next_hop="", extra="", children=1,
+                       media_set=""):
         cfg = os.path.join(self.work, f"kamailio-{name}.cfg")
         with open(cfg, "w") as f:
             f.write(KAMAILIO_CFG.format(port=port, rtpengine_sock=rtpengine_sock,
                                         modules=KAMAILIO_MODULES, next_hop=next_hop,
-                                        extra=extra, children=children))
+                                        extra=extra, children=children, media_set=media_set))
         p = self.procs.start(["kamailio", "-f", cfg, "-DD", "-E", "-m", "64", "-M", "16",
                               "-Y", self.work, "-P",
                               os.path.join(self.work, f"kamailio-{name}.pid")],
@@ -220,12 +226,17 @@ max_media = {max_media}
             raise SystemExit(f"kamailio {name} ended at start:\n" + self.procs.output(p)[-2000:])
         return p
 
-    def baresip_home(self, name, port, tone, console, account):
-        """A baresip configuration folder: `account` is its accounts line."""
+    def baresip_home(self, name, port, tone, console, account, video=True, extra=""):
+        """A baresip configuration folder: `account` is its accounts line; video=False
+        leaves the video modules out (audio-only calls); `extra`: more config lines."""
         home = os.path.join(self.work, name)
         os.makedirs(home)
+        config = BARESIP_CONFIG.format(port=port, tone=tone, console=console)
+        if not video:
+            config = "".join(line for line in config.splitlines(True)
+                             if "video" not in line and "vp8" not in line)
         with open(os.path.join(home, "config"), "w") as f:
-            f.write(BARESIP_CONFIG.format(port=port, tone=tone, console=console))
+            f.write(config + extra)
         with open(os.path.join(home, "accounts"), "w") as f:
             f.write(account + "\n")
         return home
