@@ -64,7 +64,7 @@ store_bytes=16000000
 [ -n "$key_rate_given" ] && store_bytes=$(awk -v r="$key_rate" 'BEGIN { b = r / 8 * 3; if (b < 262144) b = 262144; printf "%d", b }')
 "$root/scripts/make-test-pki.sh" "$work/pki" sae-a sae-b >/dev/null
 if [ -n "$sip" ]; then
-  python3 "$root/scripts/demo_sip.py" --build "$bin" --work "$work/sip" --pki "$work/pki" \
+  python3 -u "$root/scripts/demo_sip.py" --build "$bin" --work "$work/sip" --pki "$work/pki" \
     --seconds "$seconds" --key-rate "$key_rate" && exit 0 || exit $?
 fi
 "$bin/keyclient/qkd-kme-sim" --cert "$work/pki/kme.crt" --key "$work/pki/kme.key" --ca "$work/pki/ca.crt" \

@@ -407,6 +407,109 @@ QVariant StreamModel::headerData(int section, Qt::Orientation o, int role) const
   return header(names, section, o, role);
 }
 
+std::vector<CallRow> CallModel::rows_of(const QString& site_name, const QJsonObject& status) const {
+  std::vector<CallRow> rows;
+  for (const auto& call_value : status.value("calls").toArray()) {
+    const QJsonObject c = call_value.toObject();
+    for (const auto& media_value : c.value("media").toArray()) {
+      const QJsonObject m = media_value.toObject();
+      const QJsonObject packets = m.value("packets").toObject();
+      const QJsonObject key = m.value("key_used_bytes").toObject();
+      auto n = [](const QJsonObject& o, const char* field) {
+        return qulonglong(o.value(field).toDouble());
+      };
+      const QJsonValue receive_lane = m.value("receive_lane");
+      Row r;
+      r.site = site_name;
+      r.stream = c.value("call_id").toString();
+      r.direction = QString("%1 %2").arg(m.value("index").toInt()).arg(m.value("type").toString());
+      r.state = c.value("state").toString();
+      r.endpoint = m.value("endpoint").isString() ? m.value("endpoint").toString() : "-";
+      r.lanes =
+          QString("%1 / %2")
+              .arg(m.value("send_lane").toInt())
+              .arg(receive_lane.isDouble() ? QString::number(receive_lane.toInt()) : QString("-"));
+      r.cipher = m.value("cipher").toString("otp").toUpper();
+      r.cap_bits_per_s = m.value("cap_bits_per_s").toDouble();
+      r.packets_sent = n(packets, "to_peer");
+      r.packets_received = n(packets, "to_local");
+      r.key_send_bytes = n(key, "send");
+      r.key_receive_bytes = n(key, "receive");
+      r.created = qint64(c.value("created").toDouble());
+      rows.push_back(std::move(r));
+    }
+  }
+  return rows;
+}
+
+QVariant CallModel::data(const QModelIndex& index, int role) const {
+  if (!index.isValid()) return {};
+  const Row& r = rows_.at(std::size_t(index.row()));
+  if (role == Qt::BackgroundRole) {
+    // Not under the one-time pad (AES from QKD, or capped to fit the key rate): say so.
+    const bool note = r.cipher != "OTP" || r.cap_bits_per_s > 0;
+    return index.column() == protection && note ? QVariant(QBrush(QColor(255, 235, 190)))
+                                                : QVariant();
+  }
+  if (role == Qt::UserRole) {
+    switch (index.column()) {
+      case sent:
+        return r.packets_sent;
+      case received:
+        return r.packets_received;
+      case key_used:
+        return r.key_send_bytes + r.key_receive_bytes;
+      default:
+        return {};
+    }
+  }
+  if (role != Qt::DisplayRole) return {};
+  switch (index.column()) {
+    case site:
+    case call:
+    case media:
+      return key_cell(r, index.column());
+    case state:
+      return r.state;
+    case endpoint:
+      return r.endpoint;
+    case lanes:
+      return r.lanes;
+    case sent:
+      return r.packets_sent;
+    case received:
+      return r.packets_received;
+    case key_used:
+      return human_bytes(double(r.key_send_bytes)) + " sent, " +
+             human_bytes(double(r.key_receive_bytes)) + " received";
+    case protection:
+      return r.cap_bits_per_s > 0 ? r.cipher + ", capped at " + human_rate(r.cap_bits_per_s)
+                                  : r.cipher;
+    case duration: {
+      const qint64 now = QDateTime::currentSecsSinceEpoch();
+      return r.created > 0 ? human_duration(double(std::max<qint64>(0, now - r.created)))
+                           : QString("-");
+    }
+    default:
+      return {};
+  }
+}
+
+QVariant CallModel::headerData(int section, Qt::Orientation o, int role) const {
+  static const QStringList names{"Site",
+                                 "Call-ID",
+                                 "Media",
+                                 "State",
+                                 "Endpoint",
+                                 "Key lanes (send / receive)",
+                                 "Packets to the partner",
+                                 "Packets to the endpoint",
+                                 "Key used",
+                                 "Protection",
+                                 "Duration"};
+  return header(names, section, o, role);
+}
+
 void JobModel::update_site(const QString& service, const QJsonObject& document) {
   auto next = rows_;
   std::erase_if(next, [&](const auto& r) { return r.first == service; });

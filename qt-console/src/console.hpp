@@ -213,6 +213,42 @@ class StreamModel : public GatewayRowsModel<StreamRow, 8> {
                               const char* direction) const override;
 };
 
+// One media of a SIP call relayed by a gateway (docs/sip.md): `stream` holds the call-id
+// and `direction` the media ("0 audio"), so a call's media sort together under its site.
+struct CallRow {
+  QString site, stream, direction, state, endpoint, lanes, cipher;
+  qulonglong packets_sent = 0, packets_received = 0;     // to the partner, to the endpoint
+  qulonglong key_send_bytes = 0, key_receive_bytes = 0;  // pad used each way
+  double cap_bits_per_s = 0;                             // a b=TIAS cap put on it (0: none)
+  qint64 created = 0;                                    // Unix seconds
+};
+
+// Per call and media: state, endpoint, key lanes, packets each way, key used, protection,
+// how long it has run. A call that ends leaves with the next poll.
+class CallModel : public GatewayRowsModel<CallRow, 11> {
+ public:
+  enum Column {
+    site,
+    call,
+    media,
+    state,
+    endpoint,
+    lanes,
+    sent,
+    received,
+    key_used,
+    protection,
+    duration,
+    count
+  };
+  using GatewayRowsModel::GatewayRowsModel;
+  QVariant data(const QModelIndex& index, int role) const override;
+  QVariant headerData(int section, Qt::Orientation o, int role) const override;
+
+ private:
+  std::vector<Row> rows_of(const QString& site_name, const QJsonObject& status) const override;
+};
+
 // The seed's job table, one row per job of every transfer service watched.
 class JobModel : public QAbstractTableModel {
   Q_OBJECT

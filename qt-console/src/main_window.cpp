@@ -111,6 +111,7 @@ MainWindow::MainWindow(QWidget* parent) : QMainWindow(parent) {
   tabs->addTab(key_view, "Key per stream");
 
   tabs->addTab(table(&streams_, tabs), "Streams");
+  tabs->addTab(table(&calls_, tabs), "Calls");
 
   auto* transfers = new QWidget(tabs);
   auto* layout = new QVBoxLayout(transfers);
@@ -155,6 +156,7 @@ void MainWindow::set_services(const QList<ServiceEntry>& services, int poll_ms) 
   links_.clear();
   key_supplies_.clear();
   streams_.clear();
+  calls_.clear();
   jobs_.clear();
   history_.clear();
   selected_link_.clear();
@@ -224,6 +226,7 @@ void MainWindow::on_gateway(ServicePoller* service, const QJsonObject& status) {
   links_.update_site(status);
   key_supplies_.update_site(status);
   streams_.update_site(status);
+  calls_.update_site(status);
   alerts_.check_gateway(status.value("site").toString(), status);
   const QString site = status.value("site").toString();
   const qint64 now = QDateTime::currentMSecsSinceEpoch();

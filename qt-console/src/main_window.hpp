@@ -40,6 +40,7 @@ class MainWindow : public QMainWindow {
   QCategoryAxis* rate_axis() { return y_axis_; }
   QCategoryAxis* time_axis() { return x_axis_; }
   StreamModel& streams() { return streams_; }
+  CallModel& calls() { return calls_; }
   JobModel& jobs() { return jobs_; }
   AlertLog& alerts() { return alerts_; }
   QString services_text() const;  // the status bar's service list ("host:port up")
@@ -59,6 +60,7 @@ class MainWindow : public QMainWindow {
   LinkModel links_;
   KeySupplyModel key_supplies_;
   StreamModel streams_;
+  CallModel calls_;
   JobModel jobs_;
   AlertLog alerts_;
   std::vector<ServicePoller*> services_;

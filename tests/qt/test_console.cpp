@@ -334,6 +334,59 @@ class ConsoleTest : public QObject {
     gateway.stop();
   }
 
+  void aGatewaysCallsAreShownPerMediaAndLeaveWhenTheyEnd() {
+    // A status document recorded from the demo's SIP profile (scripts/demo.sh --sip) while
+    // its call ran: one call, audio and video. Then the same gateway without the call.
+    auto document = nlohmann::json::parse(read("gateway-status-call.json"));
+    auto& video = document["calls"][0]["media"][1];
+    video["cipher"] = "aes";  // as a call moved to AES from QKD by admission shows it
+    RecordedService gateway;
+    gateway.status = document.dump();
+    gateway.start();
+    MainWindow w;
+    w.add_service(ServicePoller::Kind::gateway, gateway.url(), 100);
+    QTRY_COMPARE(w.calls().rowCount(), 2);
+    using otpgate::console::CallModel;
+    auto cell = [&](int row, int column) {
+      return w.calls().data(w.calls().index(row, column), Qt::DisplayRole).toString();
+    };
+    const auto& audio = document["calls"][0]["media"][0];
+    QCOMPARE(cell(0, CallModel::site), QString("sae-a-site"));
+    QCOMPARE(cell(0, CallModel::call),
+             QString::fromStdString(document["calls"][0]["call_id"].get<std::string>()));
+    QCOMPARE(cell(0, CallModel::media), QString("0 audio"));
+    QCOMPARE(cell(1, CallModel::media), QString("1 video"));
+    QCOMPARE(cell(0, CallModel::state), QString("answered"));
+    QCOMPARE(cell(0, CallModel::endpoint),
+             QString::fromStdString(audio["endpoint"].get<std::string>()));
+    QCOMPARE(cell(0, CallModel::lanes), QString("0 / 0"));
+    QCOMPARE(cell(1, CallModel::lanes), QString("1 / 1"));
+    QCOMPARE(w.calls().data(w.calls().index(0, CallModel::sent), Qt::DisplayRole).toULongLong(),
+             audio["packets"]["to_peer"].get<qulonglong>());
+    QCOMPARE(w.calls().data(w.calls().index(0, CallModel::received), Qt::DisplayRole).toULongLong(),
+             audio["packets"]["to_local"].get<qulonglong>());
+    QCOMPARE(w.calls().data(w.calls().index(0, CallModel::key_used), Qt::UserRole).toULongLong(),
+             audio["key_used_bytes"]["send"].get<qulonglong>() +
+                 audio["key_used_bytes"]["receive"].get<qulonglong>());
+    QVERIFY2(cell(0, CallModel::key_used).contains(" sent, "), qPrintable(cell(0, 8)));
+    QCOMPARE(cell(0, CallModel::protection), QString("OTP"));
+    QCOMPARE(cell(1, CallModel::protection), QString("AES"));
+    QVERIFY(
+        !w.calls().data(w.calls().index(0, CallModel::protection), Qt::BackgroundRole).isValid());
+    QVERIFY(
+        w.calls().data(w.calls().index(1, CallModel::protection), Qt::BackgroundRole).isValid());
+    QVERIFY(!cell(0, CallModel::duration).isEmpty() && cell(0, CallModel::duration) != "-");
+    // The call ends: the next poll no longer has it, and its rows leave.
+    const int port = gateway.port();
+    gateway.stop();
+    document["calls"] = nlohmann::json::array();
+    RecordedService after;
+    after.status = document.dump();
+    after.start(port);
+    QTRY_COMPARE(w.calls().rowCount(), 0);
+    QCOMPARE(w.streams().rowCount(), 4);  // the recorded streams stay (two, both directions)
+  }
+
   void actionButtonsSendTheRightRequests() {
     RecordedService transfer;
     transfer.start();
