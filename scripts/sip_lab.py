@@ -112,9 +112,9 @@ module_app menu.so
 """
 
 
-def missing_software():
-    """Why the lab cannot run here (None when it can)."""
-    for program in ("kamailio", "baresip"):
+def missing_software(programs=("kamailio", "baresip")):
+    """Why the lab cannot run here (None when it can), for a test that uses `programs`."""
+    for program in programs:
         if not shutil.which(program):
             return f"{program} is not installed (scripts/install-deps.sh installs it)"
     if not os.path.exists(os.path.join(KAMAILIO_MODULES, "rtpengine.so")):
@@ -147,6 +147,13 @@ def frequency(wav_path):
     mono = mono[loud[0]:loud[-1]]
     crossings = sum(1 for a, b in zip(mono, mono[1:]) if a < 0 <= b)
     return crossings * rate / len(mono), len(loud) / rate
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time a process has used so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class SipLab:
@@ -244,6 +251,15 @@ max_media = {max_media}
     def start_baresip(self, home, log, args=""):
         # sndfile writes its recordings into the working directory.
         return self.procs.start(["sh", "-c", f"cd {home} && exec baresip -f . {args}"], log)
+
+    def start_sipp(self, name, scenario, args):
+        """SIPp (Debian's sip-tester) running the XML `scenario` (text) in the lab's folder,
+        where it writes its statistics files; `args` are its options."""
+        path = os.path.join(self.work, f"{name}.xml")
+        with open(path, "w") as f:
+            f.write(scenario)
+        return self.procs.start(["sh", "-c", f"cd {self.work} && exec sipp -sf {path} -nostdin "
+                                 f"{args}"], f"{name}.log")
 
     def dump_logs(self):
         for p in self.procs.running:
