@@ -31,6 +31,8 @@ PACKAGES=(
   # calls through the gateways with real SIP software (docs/sip.md): two Kamailio proxies
   # (rtpengine module in the main package), baresip endpoints, SIPp for load
   kamailio baresip-core sip-tester
+  # the SIP benchmark's baseline (bench/bench_sip.cpp runs it itself, userspace only)
+  rtpengine-daemon
 )
 
 missing=()
@@ -43,5 +45,15 @@ echo "install-deps: installing ${missing[*]}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
+# rtpengine-daemon's service must never run (it would add iptables rules and want the kernel
+# module): masked before the package comes (systemd), disabled after it (other inits).
+rtpengine_new=0
+[[ " ${missing[*]} " == *" rtpengine-daemon "* ]] && rtpengine_new=1
+if [ $rtpengine_new -eq 1 ] && command -v systemctl >/dev/null; then
+  $SUDO systemctl mask rtpengine-daemon.service >/dev/null 2>&1 || true
+fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ $rtpengine_new -eq 1 ] && [ ! -d /run/systemd/system ]; then
+  $SUDO update-rc.d rtpengine-daemon disable >/dev/null 2>&1 || true
+fi
