@@ -5,12 +5,13 @@ qkd-kme-sim, otp-gateway A and B with [sip] only, Kamailio A and B (their rtpeng
 pointed at their own gateway's ng socket), baresip B (callee, auto-answer, a 660 Hz tone,
 records what it hears) and baresip A (caller, a 440 Hz tone), Opus and VP8 (fakevideo),
 dialling b@ through proxy A -> proxy B. Checked: the call is answered and both gateways
-show it with audio and video crossing both ways; a second call that finds too few call
-lanes at gateway A is answered 488 at its caller; hold and resume make two re-INVITEs that
-keep the call's streams, and audio flows again after them; the recordings carry the other
-side's tone; the hang-up ends the call at both gateways (lanes free); a call that proxy A
-routes past gateway B has its answer refused and its caller sends nothing. Exit 77 (skip)
-where kamailio or baresip is not installed.
+show it with audio and video crossing both ways; video frames arrive at the callee (decoded
+and shown, baresip's /video_debug); a second call that finds too few call lanes at gateway A
+is answered 488 at its caller; hold and resume make two re-INVITEs that keep the call's
+streams, and audio flows again after them; the recordings carry the other side's tone; the
+hang-up ends the call at both gateways (lanes free); a call that proxy A routes past gateway
+B has its answer refused and its caller sends nothing. Exit 77 (skip) where kamailio or
+baresip is not installed.
 
 Usage: sip_endpoints.py SOURCE_DIR BUILD_DIR"""
 import glob
@@ -88,6 +89,20 @@ def main():
         seen = wait_until(running, "the call answered with media both ways at both gateways",
                           20)
         print("media packets at A and B:", seen)
+        # Video frames arrive at the callee: baresip decodes the VP8 and hands each frame to
+        # its display (fakevideo), which counts them; /video_debug on its console says how many.
+        def frames_shown():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ui:
+                ui.settimeout(2)
+                ui.sendto(b"/video_debug\n", ("127.0.0.1", consoles[0]))
+                m = re.search(rb"vidisp: fakevideo (\d+) x (\d+) frames=(\d+)", ui.recv(65535))
+            return int(m.group(3)) if m else 0
+        def at_least(count):
+            frames = frames_shown()
+            return frames if frames >= count else None
+        shown = wait_until(lambda: at_least(50), "50 video frames shown at the callee", 10)
+        more = wait_until(lambda: at_least(shown + 25), "more frames at the callee", 10)
+        print(f"the callee's display got {shown}, then {more} video frames")
         # A second call (audio and video) while the first holds two of the three call
         # lanes: gateway A refuses the offer, proxy A answers 488, nothing is relayed.
         second = lab.start_baresip(endpoints["caller2"], "caller2.log",
