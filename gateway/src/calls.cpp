@@ -77,15 +77,31 @@ std::string media_name(std::size_t index, const std::string& type) {
 }
 
 constexpr std::string_view kLaneAttribute = "x-otp-lane";
+// The cipher of a media between the sites, both ways: absent or "otp" (the one-time pad),
+// or "aes-256-gcm" (AES-256-GCM keyed from QKD, sip.over_budget = "aes").
+constexpr std::string_view kCipherAttribute = "x-otp-cipher";
+constexpr std::string_view kOtp = "otp", kAes = "aes-256-gcm";
 
-// The pad a media is expected to use: its payload (sdp::expected_bitrate) plus each
-// packet's 16 bytes of one-time tag key, at 50 packets/s or 1200-byte packets, whichever
-// is more (docs/sip.md, "Admission").
-double pad_bytes_per_s(const sdp::Media& media) {
-  const auto bits = static_cast<double>(sdp::expected_bitrate(media).bits_per_second);
-  if (bits == 0) return 0;
-  const double packets = std::max(50.0, bits / 8 / 1200);
-  return bits / 8 + 16 * packets;
+bool is_attribute(const sdp::Line& l, std::string_view name) {
+  return l.type == 'a' && l.value.starts_with(std::string(name) + ":");
+}
+
+// Caps a media section towards its endpoint: b=AS (kbit/s, rounded down, so that with its
+// headers it stays near the cap) and b=TIAS in place of its own, unless it already asks
+// for no more. b= lines go after i= and c=, before k= and a= (RFC 4566's order).
+void cap_bandwidth(sdp::Media& m, std::uint64_t tias) {
+  const sdp::Bitrate current = sdp::expected_bitrate(m);
+  const bool stated =
+      current.source == sdp::Bitrate::Source::tias || current.source == sdp::Bitrate::Source::as;
+  if (stated && current.bits_per_second <= tias) return;
+  std::erase_if(m.lines, [](const sdp::Line& l) {
+    return l.type == 'b' && (l.value.starts_with("TIAS:") || l.value.starts_with("AS:"));
+  });
+  const auto at = std::find_if(m.lines.begin(), m.lines.end(), [](const sdp::Line& l) {
+    return l.type != 'i' && l.type != 'c' && l.type != 'b';
+  });
+  m.lines.insert(at, {{'b', "AS:" + std::to_string(std::max<std::uint64_t>(1, tias / 1000))},
+                      {'b', "TIAS:" + std::to_string(tias)}});
 }
 
 sdp::Session parsed(const ng::Request& request) {
@@ -102,6 +118,8 @@ Calls::Calls(const GatewayConfig& config, CallMediaPlane& plane)
     : config_(config),
       sip_(*config.sip),
       plane_(plane),
+      over_budget_(
+          admission::over_budget_from(sip_.over_budget).value_or(admission::OverBudget::refuse)),
       peer_addresses_(resolve(config.peer_address)),
       unit_used_((sip_.port_max - sip_.port_min + 1u) / 4u, false),
       receive_lane_used_(sip_.max_media, false) {
@@ -117,7 +135,9 @@ std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_p
     leg.accepted = !m.rejected() && m.rtp();
     leg.type = m.type;
     leg.proto = m.proto;
-    leg.pad_bytes_per_s = pad_bytes_per_s(m);
+    leg.bits_per_s = static_cast<double>(sdp::expected_bitrate(m).bits_per_second);
+    leg.floor_bits_per_s = admission::floor_bits_per_s(m);
+    leg.pad_bytes_per_s = admission::pad_bytes_per_s(leg.bits_per_s);
     const auto sae = sdp::otp_sae(session, m);
     if (sae && *sae != config_.peer_sae_id) {
       throw ng::Refused(media_name(i, m.type) + ": a=x-otp names SAE \"" + *sae +
@@ -153,6 +173,28 @@ std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_p
                           std::to_string(*lane) + " is still in use by another call here");
       }
       leg.peer_lane = static_cast<std::size_t>(*lane);
+      // One cipher per media, both ways: what the partner says, checked against this
+      // site's policy and against what the media already runs with.
+      const auto ciphers = sdp::attributes(m, kCipherAttribute);
+      if (ciphers.size() > 1 ||
+          (ciphers.size() == 1 && ciphers.front() != kOtp && ciphers.front() != kAes)) {
+        throw ng::Refused(media_name(i, m.type) +
+                          ": a=x-otp-cipher must be given once, as otp or aes-256-gcm");
+      }
+      const std::string cipher = ciphers.empty() ? std::string(kOtp) : ciphers.front();
+      if (cipher == kAes && !aes_allowed()) {
+        throw ng::Refused(media_name(i, m.type) +
+                          ": the partner runs it in AES-256-GCM (a=x-otp-cipher), which this site "
+                          "does not allow for calls (sip.over_budget = \"" +
+                          sip_.over_budget + "\", policy.cipher = \"" + config_.cipher + "\")");
+      }
+      if (known && known->active && known->cipher != cipher &&
+          (cipher != kAes || !known->stream.empty())) {
+        throw ng::Refused(media_name(i, m.type) + ": this site runs it with " + known->cipher +
+                          ", the partner with " + cipher +
+                          " (a=x-otp-cipher): both ways of a media use one cipher");
+      }
+      leg.partner_cipher = cipher;
       if (!c->zero()) leg.rtp = Endpoint{c->address, m.port};
     } else {
       if (!c->zero() && !config::Reader::is_host(c->address))
@@ -194,7 +236,8 @@ std::optional<std::uint16_t> Calls::take_port_unit() {
   return std::nullopt;
 }
 
-void Calls::apply(Call& call, const std::vector<Leg>& legs, bool from_partner,
+void Calls::apply(Call& call, const std::vector<Leg>& legs,
+                  const std::vector<std::optional<Admitted>>& admitted, bool from_partner,
                   std::vector<Media*>& allocated) {
   if (call.media.size() < legs.size()) call.media.resize(legs.size());
   for (std::size_t i = 0; i < legs.size(); ++i) {
@@ -223,7 +266,19 @@ void Calls::apply(Call& call, const std::vector<Leg>& legs, bool from_partner,
     }
     m.type = leg.type;
     m.proto = leg.proto;
-    m.pad_bytes_per_s = leg.pad_bytes_per_s;
+    if (i < admitted.size() && admitted[i]) {
+      m.cipher = admitted[i]->cipher;
+      m.cap_bits_per_s = admitted[i]->cap_bits_per_s;
+    } else if (from_partner && leg.partner_cipher == kAes) {
+      m.cipher = kAes;  // the partner's answer: its budget needed AES (read_leg checked it)
+      m.cap_bits_per_s.reset();
+    }
+    const double bits = m.cap_bits_per_s
+                            ? std::min(leg.bits_per_s, static_cast<double>(*m.cap_bits_per_s))
+                            : leg.bits_per_s;
+    m.pad_bytes_per_s = m.cipher == kAes
+                            ? admission::aes_pad_bytes_per_s(bits, config_.rekey_interval)
+                            : admission::pad_bytes_per_s(bits);
     if (from_partner) {
       if (m.receive_lane && *m.receive_lane != *leg.peer_lane)
         receive_lane_used_[*m.receive_lane] = false;
@@ -247,7 +302,7 @@ std::string Calls::rewritten(sdp::Session session, const Call& call, bool toward
   for (std::size_t i = 0; i < session.media.size(); ++i) {
     sdp::Media& m = session.media[i];
     std::erase_if(m.lines, [](const sdp::Line& l) {
-      return l.type == 'a' && l.value.starts_with(std::string(kLaneAttribute) + ":");
+      return is_attribute(l, kLaneAttribute) || is_attribute(l, kCipherAttribute);
     });
     const Media* media = i < call.media.size() ? &call.media[i] : nullptr;
     if (!media || !media->active) {
@@ -268,40 +323,71 @@ std::string Calls::rewritten(sdp::Session session, const Call& call, bool toward
     r.remove_otp = true;
   }
   sdp::Session out = sdp::rewrite(std::move(session), r);
-  if (towards_partner) {
-    for (std::size_t i = 0; i < out.media.size(); ++i) {
-      if (out.media[i].rejected()) continue;
+  for (std::size_t i = 0; i < out.media.size(); ++i) {
+    if (out.media[i].rejected()) continue;
+    const Media& m = call.media[i];
+    if (towards_partner) {
       out.media[i].lines.push_back(
-          {'a', std::string(kLaneAttribute) + ":" + std::to_string(call.media[i].send_lane)});
+          {'a', std::string(kLaneAttribute) + ":" + std::to_string(m.send_lane)});
+      if (m.cipher == kAes)
+        out.media[i].lines.push_back({'a', std::string(kCipherAttribute) + ":" + m.cipher});
+    } else if (m.cap_bits_per_s) {
+      cap_bandwidth(out.media[i], *m.cap_bits_per_s);  // what this gateway's key sends
     }
   }
   return sdp::format(out);
 }
 
-void Calls::admit(const std::vector<Leg>& legs, const Call* call) const {
-  if (sip_.key_rate_bits_per_s == 0) return;
-  double taken = 0, wanted = 0;
-  std::size_t running = 0;
+bool Calls::aes_allowed() const {
+  return over_budget_ == admission::OverBudget::aes || config_.cipher == kAes;
+}
+
+std::vector<std::optional<Calls::Admitted>> Calls::admit(const std::vector<Leg>& legs,
+                                                         const Call* call) const {
+  std::vector<std::optional<Admitted>> out(legs.size());
+  admission::Input in;
+  std::vector<std::size_t> checked;  // legs whose media go through the budget
+  for (std::size_t i = 0; i < legs.size(); ++i) {
+    const bool known = call && i < call->media.size() && call->media[i].active;
+    if (!legs[i].accepted || known) continue;
+    Admitted& a = out[i].emplace();
+    // AES by policy.cipher, or because the partner runs it in AES (agreed both ways).
+    if (config_.cipher == kAes || legs[i].partner_cipher == kAes) {
+      a.cipher = kAes;
+      a.pad_bytes_per_s =
+          admission::aes_pad_bytes_per_s(legs[i].bits_per_s, config_.rekey_interval);
+      continue;
+    }
+    a.pad_bytes_per_s = legs[i].pad_bytes_per_s;
+    checked.push_back(i);
+    in.wanted.push_back({i, legs[i].type, legs[i].bits_per_s, legs[i].floor_bits_per_s});
+  }
+  if (sip_.key_rate_bits_per_s == 0 || in.wanted.empty()) return out;
   for (const auto& [id, other] : calls_) {
     for (const auto& m : other.media) {
       if (!m.active) continue;
-      taken += m.pad_bytes_per_s;
-      ++running;
+      in.calls_bytes_per_s += m.pad_bytes_per_s;
+      ++in.calls_running;
     }
   }
-  for (std::size_t i = 0; i < legs.size(); ++i) {
-    const bool known = call && i < call->media.size() && call->media[i].active;
-    if (legs[i].accepted && !known) wanted += legs[i].pad_bytes_per_s;
+  const CallMediaPlane::LinkBudget link = plane_.link_budget();
+  in.key_rate_bytes_per_s = static_cast<double>(sip_.key_rate_bits_per_s) / 8;
+  in.static_bytes_per_s = link.static_pad_bytes_per_s;
+  in.static_streams = link.static_streams;
+  in.held_bytes = link.held_bytes;
+  in.horizon_s = sip_.admission_horizon_s;
+  in.policy = over_budget_;
+  in.rekey_interval = config_.rekey_interval;
+  const admission::Decision d = admission::decide(in);
+  if (!d.admitted) throw ng::Refused(d.reason);
+  if (!d.reason.empty()) std::fprintf(stderr, "otp-gateway[info]: %s\n", d.reason.c_str());
+  for (std::size_t k = 0; k < checked.size(); ++k) {
+    Admitted& a = *out[checked[k]];
+    a.cipher = d.media[k].aes ? kAes : kOtp;
+    a.cap_bits_per_s = d.media[k].tias;
+    a.pad_bytes_per_s = d.media[k].pad_bytes_per_s;
   }
-  const double rate = static_cast<double>(sip_.key_rate_bits_per_s) / 8;
-  if (wanted == 0 || taken + wanted <= rate) return;
-  auto kbit = [](double bytes_per_s) {
-    return std::to_string(std::lround(bytes_per_s * 8 / 1000));
-  };
-  throw ng::Refused("key budget: this call's media need " + kbit(wanted) + " kbit/s of pad, " +
-                    std::to_string(running) + " call media running take " + kbit(taken) +
-                    " kbit/s, the link's key rate is " + kbit(rate) +
-                    " kbit/s (sip.key_rate_bits_per_s)");
+  return out;
 }
 
 void Calls::start_media(Call& call) {
@@ -316,6 +402,7 @@ void Calls::start_media(Call& call) {
     s.listen_port = m.base;
     s.deliver_rtp = *m.endpoint_rtp;
     s.deliver_rtcp = m.endpoint_rtcp;
+    s.cipher = m.cipher;
     if (m.stream.empty()) {
       try {
         plane_.add_stream(s, m.send_lane, *m.receive_lane);
@@ -369,10 +456,10 @@ std::string Calls::offer(const ng::Request& request) {
     call.number = next_number_++;
     call.created = unix_now();
   }
-  admit(legs, reoffer ? &found->second : nullptr);
+  const auto admitted = admit(legs, reoffer ? &found->second : nullptr);
   std::vector<Media*> allocated;
   try {
-    apply(call, legs, from_partner, allocated);
+    apply(call, legs, admitted, from_partner, allocated);
     call.offer_from_partner = from_partner;
     call.last_signal = unix_now();
     call.last_activity = Clock::now();
@@ -404,7 +491,7 @@ std::string Calls::answer(const ng::Request& request) {
     if (legs[i].accepted && !call.media[i].active)
       throw ng::Refused(media_name(i, session.media[i].type) + ": accepted, but not offered");
   }
-  apply(call, legs, from_partner, allocated);
+  apply(call, legs, {}, from_partner, allocated);
   call.to_tag = request.to_tag;
   call.answered = true;
   call.last_signal = unix_now();
@@ -519,6 +606,9 @@ json Calls::status() const {
                                                 std::to_string(m.endpoint_rtp->port))
                                          : json(nullptr)},
              {"send_lane", m.send_lane},
+             {"cipher", m.cipher},
+             {"cap_bits_per_s", m.cap_bits_per_s ? json(*m.cap_bits_per_s) : json(nullptr)},
+             {"expected_pad_bits_per_s", std::lround(m.pad_bytes_per_s * 8)},
              {"receive_lane", m.receive_lane ? json(*m.receive_lane) : json(nullptr)}};
       const auto c = m.stream.empty() ? std::nullopt : plane_.counters(m.stream);
       const CallMediaPlane::Counters zero;

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "admission.hpp"
 #include "otpgate/gateway.hpp"
 #include "otpgate/sip.hpp"
 
@@ -38,6 +39,13 @@ class CallMediaPlane {
     std::uint64_t pad_bytes_send = 0, pad_bytes_receive = 0;    // key used
   };
   virtual std::optional<Counters> counters(const std::string& name) const = 0;
+  // The send direction's key besides the calls, for admission (docs/sip.md, "Admission").
+  struct LinkBudget {
+    double held_bytes = 0;              // the send supply's rings + the KME's trusted store
+    double static_pad_bytes_per_s = 0;  // the static streams' pad, measured (last 30 s)
+    std::size_t static_streams = 0;     // static streams that send
+  };
+  virtual LinkBudget link_budget() const = 0;
 };
 
 class Calls final : public ng::Handler {
@@ -71,7 +79,9 @@ class Calls final : public ng::Handler {
     std::uint16_t peer_port = 0;
     std::string stream;          // non-empty once its pipelines run
     double pad_bytes_per_s = 0;  // expected, for admission (sip.key_rate_bits_per_s)
-    StreamConfig built;          // what they run with
+    std::string cipher = "otp";  // or "aes-256-gcm": both ways, agreed by a=x-otp-cipher
+    std::optional<std::uint64_t> cap_bits_per_s;  // b=TIAS towards the local endpoint
+    StreamConfig built;                           // what they run with
   };
   struct Call {
     std::string call_id, from_tag, to_tag;
@@ -88,16 +98,27 @@ class Calls final : public ng::Handler {
     bool accepted = false;  // RTP, port != 0
     std::string type, proto;
     double pad_bytes_per_s = 0;
+    double bits_per_s = 0, floor_bits_per_s = 0;  // expected payload rate, lowest cap
+    std::optional<std::string> partner_cipher;    // a=x-otp-cipher on a partner leg
     std::optional<Endpoint> rtp, rtcp;
     std::optional<std::size_t> peer_lane;
   };
 
   std::vector<Leg> read_leg(const sdp::Session& session, bool from_partner, const Call* call) const;
-  void apply(Call& call, const std::vector<Leg>& legs, bool from_partner,
+  // The cipher, cap and expected pad of each of an offer's new media (per
+  // sip.over_budget); admit() throws ng::Refused when they do not fit.
+  struct Admitted {
+    std::string cipher = "otp";
+    std::optional<std::uint64_t> cap_bits_per_s;
+    double pad_bytes_per_s = 0;
+  };
+  void apply(Call& call, const std::vector<Leg>& legs,
+             const std::vector<std::optional<Admitted>>& admitted, bool from_partner,
              std::vector<Media*>& allocated);
   std::string rewritten(sdp::Session session, const Call& call, bool towards_partner,
                         const ng::Request& request) const;
-  void admit(const std::vector<Leg>& legs, const Call* call) const;
+  std::vector<std::optional<Admitted>> admit(const std::vector<Leg>& legs, const Call* call) const;
+  bool aes_allowed() const;
   void start_media(Call& call);
   void release(Media& media);
   void end(Call& call);
@@ -107,6 +128,7 @@ class Calls final : public ng::Handler {
   const GatewayConfig& config_;
   const SipConfig& sip_;
   CallMediaPlane& plane_;
+  admission::OverBudget over_budget_;
   std::set<std::string> peer_addresses_;  // peer.address, resolved
   mutable std::mutex mutex_;
   std::map<std::string, Call> calls_;  // by call-id

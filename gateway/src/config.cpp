@@ -26,7 +26,7 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
        {"ice", {"signalling_listen", "peer_signalling", "stun"}},
        {"sip",
         {"ng_listen", "media_address", "port_min", "port_max", "max_media", "media_timeout_s",
-         "key_rate_bits_per_s"}},
+         "key_rate_bits_per_s", "admission_horizon_s", "over_budget"}},
        {"stream",
         {"name", "direction", "local_rtp_port", "local_rtcp_port", "peer_port", "listen_port",
          "deliver_rtp", "deliver_rtcp"},
@@ -117,6 +117,14 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
     s.key_rate_bits_per_s = static_cast<std::uint64_t>(
         r.integer(*sip, "sip.", "key_rate_bits_per_s", 0, std::int64_t{1} << 40,
                   "bit/s of key on the link to the peer (0: no admission check)", std::int64_t{0}));
+    s.admission_horizon_s = static_cast<std::uint32_t>(r.integer(
+        *sip, "sip.", "admission_horizon_s", 0, 86400,
+        "seconds from 0 (key in store not counted) to 86400", std::int64_t{s.admission_horizon_s}));
+    s.over_budget =
+        r.string(*sip, "sip.", "over_budget", "\"refuse\", \"cap\" or \"aes\"", s.over_budget);
+    if (s.over_budget != "refuse" && s.over_budget != "cap" && s.over_budget != "aes") {
+      r.fail("sip.over_budget", '"' + s.over_budget + '"', "\"refuse\", \"cap\" or \"aes\"");
+    }
     const std::uint32_t units = s.port_max >= s.port_min ? (s.port_max - s.port_min + 1u) / 4u : 0u;
     if (units < s.max_media) {
       r.fail("sip.port_max", std::to_string(s.port_max),

@@ -23,6 +23,7 @@
 #include "calls.hpp"
 #include "ice_session.hpp"
 #include "media_threads.hpp"
+#include "otpgate/forecast.hpp"
 #include "otpgate/gateway.hpp"
 #include "otpgate/hex.hpp"
 #include "otpgate/http_edge.hpp"
@@ -85,8 +86,12 @@ struct Gateway::Impl final : CallMediaPlane {
   mutable std::mutex streams_mutex;
   std::size_t call_send_lane_base = 0, call_receive_lane_base = 0;  // first call lanes
   std::atomic<std::uint64_t> removed_receive_pad_used{0};           // of call streams ended
-  std::unique_ptr<Calls> calls;                                     // [sip]
-  std::unique_ptr<ng::Listener> ng_listener;                        // [sip] ng_listen
+  // [sip] admission: the static streams' pad, measured (sampled with the health).
+  mutable std::mutex static_pad_mutex;
+  keys::RateWindow static_pad{30};
+  const std::chrono::steady_clock::time_point created = std::chrono::steady_clock::now();
+  std::unique_ptr<Calls> calls;               // [sip]
+  std::unique_ptr<ng::Listener> ng_listener;  // [sip] ng_listen
   // One key supply per direction of the link, shared by the streams (a lane each): one
   // KME client and one batch in flight per SAE pair, and one ring's worth of key at stake
   // per direction rather than one per stream.
@@ -252,7 +257,7 @@ struct Gateway::Impl final : CallMediaPlane {
       s.encrypt.reset(gst_bin_get_by_name(GST_BIN(bin), "enc"));
       g_object_set(s.encrypt.get(), "key-supply", &send_keys->lane(*s.send_lane), "rekey-interval",
                    config.rekey_interval, nullptr);
-      gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "cipher", config.cipher.c_str());
+      gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "cipher", cipher_of(c).c_str());
       gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "on-key-exhausted",
                               config.on_key_exhausted.c_str());
     }
@@ -275,6 +280,10 @@ struct Gateway::Impl final : CallMediaPlane {
       g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane),
                    "window-size", static_cast<guint64>(window), nullptr);
     }
+  }
+
+  const std::string& cipher_of(const StreamConfig& c) const {
+    return c.cipher.empty() ? config.cipher : c.cipher;
   }
 
   // Starts a stream's pipelines (PLAYING); throws naming what failed.
@@ -338,6 +347,22 @@ struct Gateway::Impl final : CallMediaPlane {
       }
     }
   }  // pipelines to NULL here, outside the lock
+
+  LinkBudget link_budget() const override {
+    LinkBudget b;
+    if (send_keys) {
+      const keys::KeySupplyStats st = send_keys->stats();
+      keys::LinkKeyState state;
+      state.ring_bytes = st.bytes_available;
+      state.kme = st.kme_status;
+      state.kme_counts_pending = st.kme_replaces_batches;
+      b.held_bytes = static_cast<double>(keys::forecast_link(state).held_bytes);
+    }
+    for (const auto& s : config.streams) b.static_streams += s.sends() ? 1 : 0;
+    const std::lock_guard lock(static_pad_mutex);
+    b.static_pad_bytes_per_s = static_pad.per_second().value_or(0);
+    return b;
+  }
 
   std::optional<Counters> counters(const std::string& name) const override {
     const std::lock_guard lock(streams_mutex);
@@ -516,8 +541,11 @@ struct Gateway::Impl final : CallMediaPlane {
 
   void observe_health() {
     HealthMonitor::Sample sample{HealthMonitor::Clock::now(), {}, {}};
+    std::uint64_t static_pad_used = 0;
+    std::size_t index = 0;
     std::unique_lock lock(streams_mutex);
     for (const auto& s : streams) {
+      const bool is_static = index++ < config.streams.size();  // they come first
       HealthMonitor::StreamSample t;
       t.name = s.config.name;
       t.sends = s.encrypt != nullptr;
@@ -527,12 +555,19 @@ struct Gateway::Impl final : CallMediaPlane {
         t.packets_in = st.value("packets-in", std::uint64_t{0});
         t.packets_to_peer = st.value("packets-out", std::uint64_t{0});
         t.aes_fallback = st.value("aes-fallback", false);
+        if (is_static) static_pad_used += st.value("pad-bytes-used", std::uint64_t{0});
       }
       if (s.decrypt)
         t.packets_from_peer = element_stats(s.decrypt.get()).value("packets-in", std::uint64_t{0});
       sample.streams.push_back(std::move(t));
     }
     lock.unlock();
+    {
+      const std::lock_guard pad_lock(static_pad_mutex);
+      static_pad.add(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - created).count(),
+          static_cast<double>(static_pad_used));
+    }
     if (send_keys) sample.supplies.push_back({"send", send_keys->stats()});
     if (receive_keys) sample.supplies.push_back({"receive", receive_keys->stats()});
     health->observe(sample);
@@ -576,6 +611,7 @@ struct Gateway::Impl final : CallMediaPlane {
           {"listen_port", s.config.listen_port},
           {"deliver_rtp", endpoint_text(s.config.deliver_rtp)},
           {"direction", s.config.direction},
+          {"cipher", cipher_of(s.config)},
           {"send", s.encrypt ? element_stats(s.encrypt.get()) : json(nullptr)},
           {"receive", s.decrypt ? element_stats(s.decrypt.get()) : json(nullptr)},
           {"key_supply",

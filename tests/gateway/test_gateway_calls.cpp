@@ -14,10 +14,12 @@
 #include <fstream>
 #include <mutex>
 #include <random>
+#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "admission.hpp"
 #include "gateway_fixture.hpp"
 #include "otpgate/otp_wire.hpp"
 #include "otpgate/sip.hpp"
@@ -146,7 +148,9 @@ Bytes random_rtp(std::uint16_t seq, std::uint32_t ssrc, std::mt19937& random) {
 class GatewayCallsTest : public GatewayTest {
  protected:
   // Ports: A's media from sip_+0, B's from sip_+60 (15 media each), endpoints from sip_+120.
-  void start_sip(int max_media = 12, int timeout_s = 60, const std::string& extra = "") {
+  // `extra` goes into both [sip] sections, `extra_b` (when given) into gateway B's instead.
+  void start_sip(int max_media = 12, int timeout_s = 60, const std::string& extra = "",
+                 const std::optional<std::string>& extra_b = std::nullopt) {
     // Below the fixture's ports and the kernel's ephemeral range (32768-60999), where a
     // sending socket could take one of them.
     sip_ = static_cast<std::uint16_t>(10000 + ((base_ - 20000) / 120) % 62 * 160);  // a block each
@@ -160,6 +164,7 @@ class GatewayCallsTest : public GatewayTest {
       };
       a += section(0);
       b += section(60);
+      if (extra_b) b.replace(b.rfind(extra), extra.size(), *extra_b);
     });
   }
   std::uint16_t endpoint_port(int i) const {
@@ -283,6 +288,12 @@ TEST(GatewayCallsConfig, SipAloneIsAConfigAndItsKeysAreChecked) {
                         "listen_port = 5002\ndeliver_rtp = \"127.0.0.1:5004\"\n")
                 .find("a port outside sip.port_min-sip.port_max"),
             std::string::npos);
+  EXPECT_NE(parse(sip + "over_budget = \"drop\"\n").find("sip.over_budget"), std::string::npos);
+  EXPECT_NE(parse(sip + "over_budget = \"drop\"\n").find("\"refuse\", \"cap\" or \"aes\""),
+            std::string::npos);
+  EXPECT_NE(parse(sip + "admission_horizon_s = -1\n").find("sip.admission_horizon_s"),
+            std::string::npos);
+  EXPECT_EQ(parse(sip + "over_budget = \"aes\"\nadmission_horizon_s = 0\n"), "loaded");
   std::string ice =
       base + sip +
       "[ice]\nsignalling_listen = \"127.0.0.1:0\"\npeer_signalling = \"127.0.0.1:1\"\n";
@@ -599,8 +610,8 @@ TEST(GatewayCallsConfig, TheSipExampleLoads) {
 TEST_F(GatewayCallsTest, OffersBeyondTheKeyRateAreRefusedAndAnEndedCallFreesItsShare) {
   // 200 kbit/s of key: Opus audio is expected to take 64 kbit/s of payload plus 16 bytes of
   // tag key per packet at 50 packets/s, 70.4 kbit/s of pad; two fit, a third does not, nor
-  // does a VP8 video (1.5 Mbit/s).
-  start_sip(12, 60, "key_rate_bits_per_s = 200000\n");
+  // does a VP8 video (1.5 Mbit/s). Key in store is not counted here (horizon 0).
+  start_sip(12, 60, "key_rate_bits_per_s = 200000\nadmission_horizon_s = 0\n");
   auto offer = [&](const std::string& id, const std::string& body) {
     return ng(a_->ng_port(), kamailio(cookie(), "offer", {id, "f", ""}, body));
   };
@@ -609,8 +620,10 @@ TEST_F(GatewayCallsTest, OffersBeyondTheKeyRateAreRefusedAndAnEndedCallFreesItsS
   auto third = offer("budget-3", endpoint_sdp(endpoint_port(4)));
   EXPECT_EQ(text_of(third, "result"), "error");
   EXPECT_EQ(text_of(third, "error-reason"),
-            "key budget: this call's media need 70 kbit/s of pad, 2 call media running take "
-            "141 kbit/s, the link's key rate is 200 kbit/s (sip.key_rate_bits_per_s)");
+            "key budget: this call's media need 70 kbit/s of pad, 59 kbit/s are free; 2 call "
+            "media running take 141 kbit/s and 2 static streams 0 kbit/s (measured), of a budget "
+            "of 200 kbit/s: the key rate 200 kbit/s (sip.key_rate_bits_per_s); key in store not "
+            "counted (sip.admission_horizon_s = 0) (sip.over_budget = \"refuse\")");
   const std::string video =
       "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 "
       "0\r\nm=video 7000 RTP/AVP 100\r\na=rtpmap:100 VP8/90000\r\n";
@@ -621,4 +634,391 @@ TEST_F(GatewayCallsTest, OffersBeyondTheKeyRateAreRefusedAndAnEndedCallFreesItsS
   const auto ended = ng(a_->ng_port(), kamailio(cookie(), "delete", {"budget-1", "f", ""}));
   EXPECT_EQ(text_of(ended, "result"), "ok");
   ok_sdp(offer("budget-3", endpoint_sdp(endpoint_port(4))));
+}
+
+// --- Key-aware admission: the arithmetic (gateway/src/admission.hpp) --------------------
+
+namespace {
+
+namespace admission = otpgate::gateway::admission;
+
+admission::Input link_of(double key_rate_bits_per_s, admission::OverBudget policy) {
+  admission::Input in;
+  in.key_rate_bytes_per_s = key_rate_bits_per_s / 8;
+  in.policy = policy;
+  return in;
+}
+
+admission::Want opus(std::size_t index) {
+  return {index, "audio", 64'000, 6'000};
+}
+admission::Want vp8(std::size_t index) {
+  return {index, "video", 1'500'000, 128'000};
+}
+
+}  // namespace
+
+TEST(GatewayAdmission, PadPerMediaAndItsInverse) {
+  // Opus at 64 kbit/s: 8000 B/s + 16 B x 50 packets/s; VP8 at 1.5 Mbit/s: 187500 B/s in
+  // 156.25 packets of 1200 B, 16 B each.
+  EXPECT_DOUBLE_EQ(admission::pad_bytes_per_s(64'000), 8'800);
+  EXPECT_DOUBLE_EQ(admission::pad_bytes_per_s(1'500'000), 190'000);
+  EXPECT_DOUBLE_EQ(admission::pad_bytes_per_s(0), 0);
+  for (double bits : {8'000.0, 64'000.0, 480'000.0, 917'368.0, 1'500'000.0})
+    EXPECT_NEAR(admission::payload_bits_per_s(admission::pad_bytes_per_s(bits)), bits, 1e-6);
+  EXPECT_EQ(admission::payload_bits_per_s(800), 0);  // only the tag keys of 50 packets
+  // AES: one 44-byte master key per 1024 packets.
+  EXPECT_DOUBLE_EQ(admission::aes_pad_bytes_per_s(64'000, 1024), 44.0 * 50 / 1024);
+}
+
+TEST(GatewayAdmission, FloorsComeFromTheCodecsOffered) {
+  auto media = [](const std::string& text) {
+    return sdp::parse("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n" +
+                      text)
+        .media.at(0);
+  };
+  EXPECT_EQ(admission::floor_bits_per_s(media("m=audio 7000 RTP/AVP 96 0 101\r\na=rtpmap:96 "
+                                              "opus/48000/2\r\na=rtpmap:101 "
+                                              "telephone-event/8000\r\n")),
+            6'000);
+  EXPECT_EQ(admission::floor_bits_per_s(media("m=audio 7000 RTP/AVP 0 8\r\n")), 64'000);
+  EXPECT_EQ(admission::floor_bits_per_s(media("m=audio 7000 RTP/AVP 18\r\n")), 8'000);
+  EXPECT_EQ(admission::floor_bits_per_s(
+                media("m=video 7000 RTP/AVP 100\r\nb=AS:1500\r\na=rtpmap:100 VP8/90000\r\n")),
+            128'000);
+  // Never above what the media asks for.
+  EXPECT_EQ(admission::floor_bits_per_s(
+                media("m=video 7000 RTP/AVP 100\r\nb=TIAS:64000\r\na=rtpmap:100 VP8/90000\r\n")),
+            64'000);
+}
+
+TEST(GatewayAdmission, RunningCallsStaticStreamsAndTheStoreMakeTheBudget) {
+  auto in = link_of(200'000, admission::OverBudget::refuse);  // 25000 B/s
+  in.wanted = {opus(0)};
+  in.calls_bytes_per_s = 2 * 8'800;
+  in.calls_running = 2;
+  EXPECT_FALSE(admission::decide(in).admitted);  // 3 x 8800 > 25000
+  in.calls_bytes_per_s = 8'800;
+  in.calls_running = 1;
+  EXPECT_TRUE(admission::decide(in).admitted);
+  // A static stream measured at 10 kB/s of pad leaves 6200 B/s: Opus no longer fits.
+  in.static_bytes_per_s = 10'000;
+  in.static_streams = 1;
+  const auto refused = admission::decide(in);
+  EXPECT_FALSE(refused.admitted);
+  EXPECT_EQ(refused.reason,
+            "key budget: this call's media need 70 kbit/s of pad, 50 kbit/s are free; 1 call "
+            "media running take 70 kbit/s and 1 static streams 80 kbit/s (measured), of a budget "
+            "of 200 kbit/s: the key rate 200 kbit/s (sip.key_rate_bits_per_s); key in store not "
+            "counted (sip.admission_horizon_s = 0) (sip.over_budget = \"refuse\")");
+  // VP8 video (190000 B/s) beyond the rate: 128 MiB held covers it for 60 s (+2.2 MB/s),
+  // not for a 65-minute panel (+34415 B/s: budget 59415 B/s).
+  in = link_of(200'000, admission::OverBudget::refuse);
+  in.wanted = {vp8(0)};
+  in.held_bytes = 128.0 * (1 << 20);
+  in.horizon_s = 60;
+  EXPECT_TRUE(admission::decide(in).admitted);
+  in.horizon_s = 3900;
+  const auto panel = admission::decide(in);
+  EXPECT_FALSE(panel.admitted);
+  EXPECT_NEAR(panel.budget_bytes_per_s, 25'000 + 134'217'728.0 / 3900, 1e-6);
+  EXPECT_NE(panel.reason.find("+ 128 MiB of key held over 3900 s (sip.admission_horizon_s)"),
+            std::string::npos)
+      << panel.reason;
+  in.horizon_s = 0;  // the store not counted
+  EXPECT_DOUBLE_EQ(admission::decide(in).budget_bytes_per_s, 25'000);
+}
+
+TEST(GatewayAdmission, CapGivesAudioItsRateAndVideoTheRest) {
+  // 1 Mbit/s = 125000 B/s: Opus 8800, VP8 the remaining 116200 B/s of pad, which carries
+  // 116200 / (1 + 16/1200) B/s = 917368 bit/s of payload.
+  auto in = link_of(1'000'000, admission::OverBudget::cap);
+  in.wanted = {vp8(0), opus(1)};
+  const auto d = admission::decide(in);
+  ASSERT_TRUE(d.admitted) << d.reason;
+  EXPECT_EQ(d.media[0].tias, 917'368u);
+  EXPECT_FALSE(d.media[1].tias);
+  EXPECT_LE(d.media[0].pad_bytes_per_s + d.media[1].pad_bytes_per_s, 125'000);
+  // Two videos share what audio leaves, from the smaller want: a 200 kbit/s content share
+  // keeps its rate, the main video gets the rest.
+  in.wanted = {vp8(0), opus(1), {2, "video", 200'000, 128'000}};
+  const auto shared = admission::decide(in);
+  ASSERT_TRUE(shared.admitted);
+  EXPECT_FALSE(shared.media[2].tias);
+  EXPECT_EQ(shared.media[0].tias,
+            static_cast<std::uint64_t>(admission::payload_bits_per_s(125'000 - 8'800 - 25'800)));
+  // Not even the floor: refused, naming the media.
+  in.wanted = {vp8(0), opus(1)};
+  in.calls_bytes_per_s = 125'000 - 8'800 - 10'000;  // 10000 B/s left for video: 74 kbit/s
+  const auto floor = admission::decide(in);
+  EXPECT_FALSE(floor.admitted);
+  EXPECT_NE(floor.reason.find("media 0 (video) would get 74 kbit/s, below its floor of 128 kbit/s"),
+            std::string::npos)
+      << floor.reason;
+}
+
+TEST(GatewayAdmission, AesTakesTheMediaThatDoNotFit) {
+  auto in = link_of(200'000, admission::OverBudget::aes);
+  in.wanted = {vp8(0), opus(1)};
+  const auto d = admission::decide(in);
+  ASSERT_TRUE(d.admitted);
+  EXPECT_TRUE(d.media[0].aes);
+  EXPECT_FALSE(d.media[1].aes);  // audio first, and it fits
+  EXPECT_DOUBLE_EQ(d.media[1].pad_bytes_per_s, 8'800);
+  EXPECT_LT(d.media[0].pad_bytes_per_s, 10);  // 44 B per 1024 packets
+  in.calls_bytes_per_s = 25'000;              // nothing left: both in AES, never refused
+  const auto full = admission::decide(in);
+  EXPECT_TRUE(full.admitted);
+  EXPECT_TRUE(full.media[0].aes && full.media[1].aes);
+}
+
+// --- Key-aware admission through both gateways ------------------------------------------
+
+namespace {
+
+// A room system's SDP: VP8 video (b=AS:1500) first, Opus audio second.
+std::string video_call_sdp(std::uint16_t video_port, std::uint16_t audio_port) {
+  return "v=0\r\no=- 4711 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=video " +
+         std::to_string(video_port) +
+         " RTP/AVP 100\r\nb=AS:1500\r\na=rtpmap:100 VP8/90000\r\na=sendrecv\r\nm=audio " +
+         std::to_string(audio_port) + " RTP/AVP 96\r\na=rtpmap:96 opus/48000/2\r\na=sendrecv\r\n";
+}
+
+std::vector<std::string> b_lines(const sdp::Media& m) {
+  std::vector<std::string> out;
+  for (const auto& l : m.lines) {
+    if (l.type == 'b') out.push_back(l.value);
+  }
+  return out;
+}
+
+json stream_named(const json& status, const std::string& name) {
+  for (const auto& s : status["streams"]) {
+    if (s["name"] == name) return s;
+  }
+  return nullptr;
+}
+
+// Every datagram a tap saw is AES from QKD: an announcement, or an SRTP AES-256-GCM packet
+// of one that was sent (clear header, payload changed, the master key's pad offset with
+// the AES flag before the tag); none is plain RTP, none OTP.
+void expect_only_aes(const std::vector<Bytes>& seen, const std::vector<Bytes>& sent) {
+  std::size_t aes = 0;
+  for (const Bytes& d : seen) {
+    if (otpgate::otp::classify(d) == otpgate::otp::DatagramType::announcement) continue;
+    const auto plain = std::find_if(sent.begin(), sent.end(), [&](const Bytes& p) {
+      return std::equal(p.begin(), p.begin() + 12, d.begin());
+    });
+    ASSERT_NE(plain, sent.end()) << "a datagram between the gateways that was not sent";
+    ASSERT_EQ(d.size(), plain->size() + otpgate::otp::kTrailerBytes);
+    EXPECT_FALSE(std::equal(plain->begin() + 12, plain->end(), d.begin() + 12))
+        << "plain RTP between the gateways";
+    std::uint64_t field = 0;
+    for (std::size_t i = 0; i < 8; ++i)
+      field = field << 8 | d[d.size() - otpgate::otp::kTrailerBytes + i];
+    EXPECT_NE(field & otpgate::otp::kAesFlag, 0u) << "not an AES packet";
+    ++aes;
+  }
+  EXPECT_GE(aes, sent.size());
+}
+
+}  // namespace
+
+TEST_F(GatewayCallsTest, OverBudgetCapWritesTiasTowardsTheEndpointsAndMediaStillCross) {
+  // 1 Mbit/s of key, the store not counted: Opus keeps its rate, the VP8 video is capped to
+  // 917368 bit/s (GatewayAdmission.CapGivesAudioItsRateAndVideoTheRest), by each gateway
+  // in the SDP towards its own endpoint (who sends what that gateway encrypts).
+  start_sip(12, 60,
+            "key_rate_bits_per_s = 1000000\nadmission_horizon_s = 0\nover_budget = \"cap\"\n");
+  UdpSocket caller_video(endpoint_port(0)), caller_audio(endpoint_port(1));
+  UdpSocket callee_video(endpoint_port(2)), callee_audio(endpoint_port(3));
+  const NgKeys k{"cap-1", "f1", "t1"};
+  const Placed p = place(k, video_call_sdp(endpoint_port(0), endpoint_port(1)),
+                         video_call_sdp(endpoint_port(2), endpoint_port(3)));
+  ASSERT_FALSE(p.to_caller.empty());
+  const std::vector<std::string> capped{"AS:917", "TIAS:917368"};
+  for (const auto* s : {&p.to_callee, &p.to_caller}) {
+    const sdp::Session session = sdp::parse(*s);
+    EXPECT_EQ(b_lines(session.media[0]), capped) << *s;
+    EXPECT_TRUE(b_lines(session.media[1]).empty()) << *s;  // audio fits at its rate
+    // b= before the attributes, as RFC 4566 orders them.
+    EXPECT_EQ(session.media[0].lines.at(0).type, 'b') << *s;
+  }
+  // Between the sites the endpoints' own lines travel as they were.
+  for (const auto* s : {&p.to_b, &p.to_a})
+    EXPECT_EQ(b_lines(sdp::parse(*s).media[0]), std::vector<std::string>{"AS:1500"});
+  for (auto* g : {a_.get(), b_.get()}) {
+    const json media = status(*g)["calls"][0]["media"];
+    EXPECT_EQ(media[0]["cap_bits_per_s"], 917368);
+    EXPECT_EQ(media[0]["cipher"], "otp");
+    EXPECT_TRUE(media[1]["cap_bits_per_s"].is_null());
+  }
+  const sdp::Session to_caller = sdp::parse(p.to_caller), to_callee = sdp::parse(p.to_callee);
+  std::vector<Bytes> there, back, audio;
+  EXPECT_EQ(send(caller_video, to_caller.media[0].port, callee_video, 60, 31, there, random_),
+            there);
+  EXPECT_EQ(send(callee_video, to_callee.media[0].port, caller_video, 60, 32, back, random_), back);
+  EXPECT_EQ(send(caller_audio, to_caller.media[1].port, callee_audio, 30, 33, audio, random_),
+            audio);
+  // Nothing is left for a second call's audio, not even Opus's 6 kbit/s floor: refused.
+  const auto second =
+      ng(a_->ng_port(), kamailio(cookie(), "offer", {"cap-2", "f2", ""},
+                                 video_call_sdp(endpoint_port(4), endpoint_port(5))));
+  EXPECT_EQ(text_of(second, "result"), "error");
+  EXPECT_NE(text_of(second, "error-reason")
+                .find("media 1 (audio) would get 0 kbit/s, below its "
+                      "floor of 6 kbit/s (sip.over_budget = \"cap\")"),
+            std::string::npos)
+      << text_of(second, "error-reason");
+  hang_up(k);
+}
+
+TEST_F(GatewayCallsTest, OverBudgetAesRunsTheVideoInAesBothWaysAndAudioInOtp) {
+  // 200 kbit/s of key: the audio fits (70.4 kbit/s of pad), the VP8 video does not, so it
+  // runs in AES-256-GCM keyed from QKD, both ways (a=x-otp-cipher between the sites).
+  start_sip(12, 60,
+            "key_rate_bits_per_s = 200000\nadmission_horizon_s = 0\nover_budget = \"aes\"\n");
+  UdpSocket caller_video(endpoint_port(0)), caller_audio(endpoint_port(1));
+  UdpSocket callee_video(endpoint_port(2)), callee_audio(endpoint_port(3));
+  Tap towards_a(endpoint_port(4)), towards_b(endpoint_port(5));  // the video's WAN hop
+  const NgKeys k{"aes-1", "f1", "t1"};
+  const Placed p =
+      place(k, video_call_sdp(endpoint_port(0), endpoint_port(1)),
+            video_call_sdp(endpoint_port(2), endpoint_port(3)), &towards_a, &towards_b);
+  ASSERT_FALSE(p.to_caller.empty());
+  for (const auto* s : {&p.to_b, &p.to_a}) {
+    const sdp::Session session = sdp::parse(*s);
+    EXPECT_EQ(sdp::attributes(session.media[0], "x-otp-cipher"),
+              std::vector<std::string>{"aes-256-gcm"})
+        << *s;
+    EXPECT_TRUE(sdp::attributes(session.media[1], "x-otp-cipher").empty()) << *s;
+  }
+  for (const auto* s : {&p.to_callee, &p.to_caller})
+    EXPECT_EQ(s->find("x-otp"), std::string::npos) << *s;
+
+  const sdp::Session to_caller = sdp::parse(p.to_caller), to_callee = sdp::parse(p.to_callee);
+  std::vector<Bytes> there, back, audio_there, audio_back;
+  EXPECT_EQ(send(caller_video, to_caller.media[0].port, callee_video, 80, 41, there, random_),
+            there);
+  EXPECT_EQ(send(callee_video, to_callee.media[0].port, caller_video, 80, 42, back, random_), back);
+  EXPECT_EQ(send(caller_audio, to_caller.media[1].port, callee_audio, 40, 43, audio_there, random_),
+            audio_there);
+  EXPECT_EQ(send(callee_audio, to_callee.media[1].port, caller_audio, 40, 44, audio_back, random_),
+            audio_back);
+  expect_only_aes(towards_b.seen(), there);
+  expect_only_aes(towards_a.seen(), back);
+  for (auto* g : {a_.get(), b_.get()}) {
+    const json st = status(*g);
+    const json media = st["calls"][0]["media"];
+    EXPECT_EQ(media[0]["cipher"], "aes-256-gcm");
+    EXPECT_EQ(media[1]["cipher"], "otp");
+    const json video = stream_named(st, media[0]["stream"]);
+    const json voice = stream_named(st, media[1]["stream"]);
+    EXPECT_EQ(video["cipher"], "aes-256-gcm");
+    EXPECT_GE(video["send"]["aes-packets"].get<std::uint64_t>(), 80u);
+    EXPECT_GE(video["receive"]["aes-packets"].get<std::uint64_t>(), 80u);
+    EXPECT_EQ(voice["cipher"], "otp");
+    EXPECT_EQ(voice["send"]["aes-packets"], 0);
+    EXPECT_GE(voice["send"]["pad-bytes-used"].get<std::uint64_t>(), 40u * 160u);
+  }
+  hang_up(k);
+}
+
+TEST_F(GatewayCallsTest, AesFromThePartnerIsRefusedWhereThePolicyDoesNotAllowIt) {
+  // Site A would run the video in AES; site B accepts calls in the one-time pad only.
+  start_sip(12, 60,
+            "key_rate_bits_per_s = 200000\nadmission_horizon_s = 0\nover_budget = \"aes\"\n",
+            "key_rate_bits_per_s = 200000\nadmission_horizon_s = 0\n");
+  const NgKeys k{"aes-mismatch", "f1", ""};
+  const std::string to_b =
+      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k,
+                                        video_call_sdp(endpoint_port(0), endpoint_port(1)))));
+  ASSERT_NE(to_b.find("a=x-otp-cipher:aes-256-gcm"), std::string::npos) << to_b;
+  const auto refused = ng(b_->ng_port(), kamailio(cookie(), "offer", k, to_b));
+  EXPECT_EQ(text_of(refused, "result"), "error");
+  EXPECT_EQ(
+      text_of(refused, "error-reason"),
+      "media 0 (video): the partner runs it in AES-256-GCM (a=x-otp-cipher), which this "
+      "site does not allow for calls (sip.over_budget = \"refuse\", policy.cipher = \"otp\")");
+  // A cipher that is neither: refused too.
+  std::string odd = to_b;
+  odd.replace(odd.find("aes-256-gcm"), 11, "null");
+  EXPECT_NE(text_of(ng(b_->ng_port(), kamailio(cookie(), "offer", k, odd)), "error-reason")
+                .find("a=x-otp-cipher must be given once, as otp or aes-256-gcm"),
+            std::string::npos);
+  EXPECT_TRUE(status(*b_)["calls"].empty());
+}
+
+TEST_F(GatewayCallsTest, KeyInStoreAdmitsAVideoBeyondTheRateOnlyWhenItCoversTheHorizon) {
+  // 200 kbit/s of key and the simulator's store (128 MiB, shared by the link's SAEs, tens
+  // of MiB of it reported to each): VP8 video (1.52 Mbit/s of pad, 165 kB/s above the
+  // rate) fits for 60 s at gateway A (needs 10 MB held), not for a 65-minute panel at
+  // gateway B (would need 643 MB).
+  start_sip(12, 60, "key_rate_bits_per_s = 200000\nadmission_horizon_s = 60\n",
+            "key_rate_bits_per_s = 200000\nadmission_horizon_s = 3900\n");
+  // Both have read the KME's status for the link (16 MiB held by each at least).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  auto kme_bytes = [&](otpgate::gateway::Gateway& g) {
+    const json st = status(g);  // held: the range below refers into it
+    for (const auto& l : st["links"]) {
+      if (l["direction"] == "send") return l["kme_bytes"].get<std::uint64_t>();
+    }
+    return std::uint64_t{0};
+  };
+  while ((kme_bytes(*a_) < (16u << 20) || kme_bytes(*b_) < (16u << 20)) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  const std::string video =
+      "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=video " +
+      std::to_string(endpoint_port(0)) + " RTP/AVP 100\r\na=rtpmap:100 VP8/90000\r\n";
+  ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", {"store-a", "f", ""}, video)));
+  const auto refused = ng(b_->ng_port(), kamailio(cookie(), "offer", {"store-b", "f", ""}, video));
+  EXPECT_EQ(text_of(refused, "result"), "error");
+  const std::string reason = text_of(refused, "error-reason");
+  EXPECT_NE(reason.find("this call's media need 1520 kbit/s of pad"), std::string::npos) << reason;
+  EXPECT_NE(reason.find("of key held over 3900 s (sip.admission_horizon_s)"), std::string::npos)
+      << reason;
+  // The budget named is the rate plus the key held spread over the panel, not the rate alone.
+  std::smatch numbers;
+  ASSERT_TRUE(
+      std::regex_search(reason, numbers,
+                        std::regex("of a budget of ([0-9]+) kbit/s: the key rate 200 kbit/s "
+                                   "\\(sip.key_rate_bits_per_s\\) \\+ ([0-9]+) MiB of key held")))
+      << reason;
+  const double held_mib = std::stod(numbers[2]);
+  EXPECT_GE(held_mib, 16) << reason;
+  EXPECT_NEAR(std::stod(numbers[1]), 200 + held_mib * (1 << 20) * 8 / 3900 / 1000, 2) << reason;
+}
+
+TEST_F(GatewayCallsTest, StaticStreamsMeasuredPadCountsAgainstTheBudget) {
+  // 300 kbit/s of key, the store not counted. An Opus offer (70.4 kbit/s) fits while the
+  // static streams are idle; while site A's conference system sends about 1.6 Mbit/s on
+  // its static audio-1 stream, the same offer is refused, the streams' measured pad named.
+  start_sip(12, 60, "key_rate_bits_per_s = 300000\nadmission_horizon_s = 0\n");
+  ok_sdp(ng(a_->ng_port(),
+            kamailio(cookie(), "offer", {"idle", "f", ""}, endpoint_sdp(endpoint_port(0)))));
+  EXPECT_EQ(text_of(ng(a_->ng_port(), kamailio(cookie(), "delete", {"idle", "f", ""})), "result"),
+            "ok");
+  std::atomic<bool> sending{true};
+  std::thread conference([&] {
+    UdpSocket system;
+    for (std::uint16_t seq = 0; sending; ++seq) {
+      system.send_to(base_ + 0, rtp(seq, 0x5ec, 111, 1000));  // audio-1's local_rtp_port
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  const auto busy = ng(a_->ng_port(), kamailio(cookie(), "offer", {"busy", "f", ""},
+                                               endpoint_sdp(endpoint_port(0))));
+  sending = false;
+  conference.join();
+  EXPECT_EQ(text_of(busy, "result"), "error");
+  const std::string reason = text_of(busy, "error-reason");
+  std::smatch measured;
+  ASSERT_TRUE(std::regex_search(reason, measured,
+                                std::regex("2 static streams ([0-9]+) kbit/s \\(measured\\)")))
+      << reason;
+  EXPECT_GT(std::stoi(measured[1]), 300) << reason;
+  EXPECT_TRUE(status(*a_)["calls"].empty());
 }

@@ -30,6 +30,7 @@ struct StreamConfig {
   Endpoint deliver_rtp;                  // decrypted RTP from the remote site goes here
   std::optional<Endpoint> deliver_rtcp;  // ... and RTCP here
   std::string direction = "both";        // both | send | receive
+  std::string cipher;                    // empty: policy.cipher (calls: per media, docs/sip.md)
   bool sends() const { return direction != "receive"; }
   bool receives() const { return direction != "send"; }
 };
@@ -46,6 +47,13 @@ struct SipConfig {
   // The key rate of the link towards the peer (bit/s, as the QKD operator states it); an
   // offer whose media would take the calls' expected pad use above it is refused. 0: off.
   std::uint64_t key_rate_bits_per_s = 0;
+  // Key in store (the send supply's rings + the KME's store for the link) counts as this
+  // much more rate: held / admission_horizon_s (a call may run above the key rate as long
+  // as the store lasts that long). 0: the store is not counted.
+  std::uint32_t admission_horizon_s = 3900;  // a 65-minute panel
+  // An offer that does not fit: "refuse" (488), "cap" (b=TIAS towards the local endpoint)
+  // or "aes" (the media that do not fit run in AES-256-GCM keyed from QKD).
+  std::string over_budget = "refuse";
 };
 
 struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [keys]
