@@ -157,6 +157,42 @@ TEST(NgMessages, DeleteQueryListPing) {
   EXPECT_EQ(q.command, ng::Command::ping);
 }
 
+// OpenSIPS 3.x's rtpengine module (not packaged in Debian 12, so built from its source's
+// rtpe_function_call): no "supports", "received-from" always, flag words turned into the
+// same keys as Kamailio's (replace list, ICE string, transport-protocol string), an
+// "in-iface"/"out-iface" pair as the direction list, and "delete-delay" spelt with a
+// hyphen; its delete carries no to-tag unless the route asks for one.
+TEST(NgMessages, OpenSipsOfferAnswerAndDeleteAreTyped) {
+  const ng::Request offer = request_of(
+      "5843_1_7 d3:sdp" + bstr(kOfferSdp) +
+      "9:directionl8:external8:internale5:flagsl13:trust-addresse"
+      "7:replacel6:origin18:session-connectione3:ICE6:remove18:transport-protocol7:RTP/AVP"
+      "7:call-id12:os-call-0001"
+      "13:received-froml3:IP410:192.0.2.10e8:from-tag6:os-f017:command5:offere");
+  EXPECT_EQ(offer.command, ng::Command::offer);
+  EXPECT_EQ(offer.call_id, "os-call-0001");
+  EXPECT_EQ(offer.sdp, kOfferSdp);
+  EXPECT_EQ(offer.direction, (std::vector<std::string>{"external", "internal"}));
+  EXPECT_EQ(offer.replace, (std::vector<std::string>{"origin", "session-connection"}));
+  EXPECT_EQ(offer.ice, "remove");
+  EXPECT_EQ(offer.transport_protocol, "RTP/AVP");
+  EXPECT_EQ(offer.received_from_address, "192.0.2.10");
+  EXPECT_TRUE(offer.supports.empty());
+  const ng::Request answer =
+      request_of("5843_1_8 d3:sdp" + bstr(kOfferSdp) +
+                 "7:replacel6:origin18:session-connectione3:ICE6:remove7:call-id12:os-call-0001"
+                 "13:received-froml3:IP410:192.0.2.20e8:from-tag6:os-f016:to-tag6:os-t01"
+                 "7:command6:answere");
+  EXPECT_EQ(answer.command, ng::Command::answer);
+  EXPECT_EQ(answer.to_tag, "os-t01");
+  const ng::Request remove = request_of(
+      "5843_1_9 d12:delete-delayi0e7:call-id12:os-call-0001"
+      "13:received-froml3:IP410:192.0.2.10e8:from-tag6:os-f017:command6:deletee");
+  EXPECT_EQ(remove.command, ng::Command::remove);
+  EXPECT_EQ(remove.to_tag, "");
+  EXPECT_EQ(remove.delete_delay, 0);
+}
+
 TEST(NgMessages, RefusesWhatIsNotARequest) {
   EXPECT_EQ(refusal("l7:commande"), "the message is not a dictionary");
   EXPECT_EQ(refusal("d4:calldee"), "missing key \"command\"");
