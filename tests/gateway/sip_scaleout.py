@@ -60,6 +60,9 @@ route[OTPSET] {{
     }}
     $avp(otpset) = 0;
     if (!is_method("INVITE")) return;
+    # A retransmitted INVITE (the caller resends it while an offer waits on a dead
+    # instance) is answered by its transaction here, never offered a second time.
+    t_check_trans();
     if (search_body("^a=x-otp:{peer}1[[:space:]]")) $avp(otpset) = 1;
     else if (search_body("^a=x-otp:{peer}2[[:space:]]")) $avp(otpset) = 2;
     add_rr_param(";otpset=$avp(otpset)");
@@ -267,6 +270,9 @@ def main():
             check_pair(cid, i)
             n += 1
         failover = seconds
+        # Long enough for the callee's recording of it to be judged (over a second loud).
+        wait_until(lambda: calls("b2")[cid]["media"][0]["packets"]["to_local"] > 150,
+                   "3 s of z's audio at the callee", 10)
         hang_up("z", p, cid, i)
         bound = max(setups[:len(attempts)]) + TOUT_MS * RETR / 1000 + 2
         print(f"a call Kamailio offered first to the dead instance: media both ways after "
