@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 #include <list>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -54,6 +55,10 @@ struct CapsUnref {
   void operator()(GstCaps* c) const { gst_caps_unref(c); }
 };
 using CapsPtr = std::unique_ptr<GstCaps, CapsUnref>;
+struct SocketUnref {
+  void operator()(GSocket* s) const { g_object_unref(s); }
+};
+using SocketPtr = std::unique_ptr<GSocket, SocketUnref>;
 
 std::string endpoint_text(const Endpoint& e) {
   return e.host + ":" + std::to_string(e.port);
@@ -185,16 +190,48 @@ struct Gateway::Impl final : CallMediaPlane {
     auto caps = [](const char* media_type) {
       return CapsPtr(gst_caps_new_empty_simple(media_type));
     };
+    // Symmetric RTP, as rtpengine does it: what leaves towards a party leaves from the port
+    // that party sends to (decrypted RTP from the local RTP port, OTP from the port the
+    // peer gateway sends to), so stateful firewalls and endpoints that latch onto the
+    // source address accept it. One socket per port, shared by its udpsrc and udpsink;
+    // the elements hold it, and it closes with the last of them.
+    std::map<std::uint16_t, SocketPtr> sockets;
+    auto socket_on = [&](std::uint16_t port) -> GSocket* {
+      if (auto found = sockets.find(port); found != sockets.end()) return found->second.get();
+      GError* error = nullptr;
+      SocketPtr socket(g_socket_new(G_SOCKET_FAMILY_IPV4, G_SOCKET_TYPE_DATAGRAM,
+                                    G_SOCKET_PROTOCOL_UDP, &error));
+      if (socket) {
+        GInetAddress* any = g_inet_address_new_any(G_SOCKET_FAMILY_IPV4);
+        GSocketAddress* address = g_inet_socket_address_new(any, port);
+        g_object_unref(any);
+        const bool bound = g_socket_bind(socket.get(), address, FALSE, &error);
+        g_object_unref(address);
+        if (!bound) socket.reset();
+      }
+      if (!socket) {
+        const std::string why = error ? error->message : "unknown error";
+        if (error) g_error_free(error);
+        throw std::runtime_error("stream " + c.name + ": cannot bind UDP port " +
+                                 std::to_string(port) + " (" + why +
+                                 "): another program or stream uses it; choose another port");
+      }
+      return sockets.emplace(port, std::move(socket)).first->second.get();
+    };
     auto udp_in = [&](std::uint16_t port, const char* media_type) {
       GstElement* e = make("udpsrc");
-      g_object_set(e, "port", gint{port}, "caps", caps(media_type).get(), "buffer-size", 4194304,
-                   "retrieve-sender-address", FALSE, "reuse", FALSE, nullptr);
+      g_object_set(e, "socket", socket_on(port), "close-socket", FALSE, "caps",
+                   caps(media_type).get(), "buffer-size", 4194304, "retrieve-sender-address", FALSE,
+                   nullptr);
       return e;
     };
-    auto udp_out = [&](const std::string& host, std::uint16_t port, const char* name) {
+    // `from`: the local port to send from (0: any, the kernel's choice).
+    auto udp_out = [&](const std::string& host, std::uint16_t port, const char* name,
+                       std::uint16_t from) {
       GstElement* e = make("udpsink", name);
       g_object_set(e, "host", host.c_str(), "port", gint{port}, "sync", FALSE, "async", FALSE,
                    nullptr);
+      if (from != 0) g_object_set(e, "socket", socket_on(from), "close-socket", FALSE, nullptr);
       return e;
     };
     if (c.sends()) {
@@ -209,7 +246,8 @@ struct Gateway::Impl final : CallMediaPlane {
         out = make("nicesink", "net_out");
         g_object_set(out, "sync", FALSE, "async", FALSE, nullptr);
       } else {
-        out = udp_out(config.peer_address, c.peer_port, "net_out");
+        out =
+            udp_out(config.peer_address, c.peer_port, "net_out", c.receives() ? c.listen_port : 0);
       }
       link(enc, out);
     }
@@ -226,10 +264,16 @@ struct Gateway::Impl final : CallMediaPlane {
       }
       GstElement* dec = make("otpdecrypt", "dec");
       link(in, dec);
-      link(dec, udp_out(c.deliver_rtp.host, c.deliver_rtp.port, "deliver_rtp"));
+      link(dec, udp_out(c.deliver_rtp.host, c.deliver_rtp.port, "deliver_rtp",
+                        c.sends() ? c.local_rtp_port : 0));
       GstElement* rtcp = nullptr;
       if (c.deliver_rtcp) {
-        rtcp = udp_out(c.deliver_rtcp->host, c.deliver_rtcp->port, "deliver_rtcp");
+        // With rtcp-mux (the endpoint's RTCP port is its RTP port) from the RTP port too.
+        const bool muxed = c.deliver_rtcp->port == c.deliver_rtp.port;
+        rtcp = udp_out(c.deliver_rtcp->host, c.deliver_rtcp->port, "deliver_rtcp",
+                       !c.sends() ? 0
+                       : muxed    ? c.local_rtp_port
+                                  : c.local_rtcp_port);
       } else {
         rtcp = make("fakesink");
         g_object_set(rtcp, "sync", FALSE, "async", FALSE, nullptr);

@@ -53,12 +53,17 @@ class UdpSocket {
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     ::sendto(fd_, data.data(), data.size(), 0, reinterpret_cast<sockaddr*>(&a), sizeof a);
   }
-  std::optional<Bytes> receive(int timeout_ms) const {
+  // The next datagram within `timeout_ms`; `from_port` (if given) gets its source port.
+  std::optional<Bytes> receive(int timeout_ms, std::uint16_t* from_port = nullptr) const {
     pollfd p{fd_, POLLIN, 0};
     if (::poll(&p, 1, timeout_ms) <= 0) return std::nullopt;
     Bytes b(65536);
-    const ssize_t n = ::recv(fd_, b.data(), b.size(), 0);
+    sockaddr_in from{};
+    socklen_t from_size = sizeof from;
+    const ssize_t n =
+        ::recvfrom(fd_, b.data(), b.size(), 0, reinterpret_cast<sockaddr*>(&from), &from_size);
     if (n < 0) return std::nullopt;
+    if (from_port) *from_port = ntohs(from.sin_port);
     b.resize(static_cast<std::size_t>(n));
     return b;
   }

@@ -52,6 +52,44 @@ TEST_F(GatewayTest, AudioAndVideoArriveByteIdenticalInBothDirections) {
   }
 }
 
+// Symmetric RTP: the gateway sends from the port it receives on. OTP to the peer gateway
+// leaves from the port the peer sends its OTP to (A's audio listen port, base+10), and
+// decrypted RTP and RTCP reach the conference system from the gateway's local RTP and
+// RTCP ports (B's video: base+7 and base+8), so a stateful firewall or an endpoint that
+// latches onto the source lets them in. Without it they come from ephemeral ports.
+TEST_F(GatewayTest, MediaLeavesFromThePortItIsSentTo) {
+  const auto tap_port = static_cast<std::uint16_t>(base_ + 30);
+  start([&](std::string& a, std::string&) {
+    // A's audio goes to the test's socket instead of gateway B.
+    const std::string to_b = "peer_port = " + std::to_string(base_ + 15) + "\n";
+    a.replace(a.find(to_b), to_b.size(), "peer_port = " + std::to_string(tap_port) + "\n");
+  });
+  UdpSocket tap(tap_port);
+  UdpSocket conference;
+  UdpSocket video_sink(static_cast<std::uint16_t>(base_ + 107));
+  UdpSocket video_rtcp_sink(static_cast<std::uint16_t>(base_ + 108));
+  std::uint16_t otp_from = 0, rtp_from = 0, rtcp_from = 0;
+  std::optional<Bytes> otp, rtp_out, rtcp_out;
+  const Bytes rtcp_rr{0x80, 201, 0x00, 0x01, 0x00, 0x00, 0x00, 0xa1};  // an empty receiver report
+  // Until each arrived: the first packets wait for the receiver's first keys.
+  for (int i = 0; i < 200 && !(otp && rtp_out && rtcp_out); ++i) {
+    conference.send_to(static_cast<std::uint16_t>(base_),
+                       rtp(static_cast<std::uint16_t>(i), 0xa0, 111, 160));
+    conference.send_to(static_cast<std::uint16_t>(base_ + 2),
+                       rtp(static_cast<std::uint16_t>(i), 0xa1, 96, 1100));
+    conference.send_to(static_cast<std::uint16_t>(base_ + 3), rtcp_rr);
+    if (!otp) otp = tap.receive(20, &otp_from);
+    if (!rtp_out) rtp_out = video_sink.receive(20, &rtp_from);
+    if (!rtcp_out) rtcp_out = video_rtcp_sink.receive(20, &rtcp_from);
+  }
+  ASSERT_TRUE(otp && rtp_out && rtcp_out)
+      << "OTP " << bool(otp) << ", RTP " << bool(rtp_out) << ", RTCP " << bool(rtcp_out);
+  EXPECT_EQ(otp_from, base_ + 10) << "OTP to the peer leaves from A's audio listen port";
+  EXPECT_EQ(rtp_from, base_ + 7) << "decrypted RTP leaves from B's local video RTP port";
+  EXPECT_EQ(rtcp_from, base_ + 8) << "decrypted RTCP leaves from B's local video RTCP port";
+  EXPECT_EQ(*rtcp_out, rtcp_rr);
+}
+
 // A KME that relays keys to the slave site late: the first packets wait for their keys
 // instead of being dropped (up to the element's key-wait, 500 ms), and the wait is counted.
 // The KME holds the receiver's dec_keys until B reports a packet waiting (no guessed
