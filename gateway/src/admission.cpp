@@ -30,33 +30,6 @@ constexpr std::array<Floor, 6> kAudioFloors{{{"opus", 6'000},
                                              {"g7221", 24'000},
                                              {"ilbc", 13'330}}};
 
-std::string lower(std::string_view s) {
-  std::string out(s);
-  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
-
-// RFC 3551's static audio payload types, for sections without a=rtpmap.
-std::string_view static_encoding(std::string_view pt) {
-  if (pt == "0") return "pcmu";
-  if (pt == "3") return "gsm";
-  if (pt == "8") return "pcma";
-  if (pt == "9") return "g722";
-  if (pt == "13") return "cn";
-  if (pt == "18") return "g729";
-  return {};
-}
-
-std::string encoding_of(const sdp::Media& media, std::string_view pt) {
-  for (const auto& map : sdp::attributes(media, "rtpmap")) {
-    const auto space = map.find(' ');
-    if (space == std::string::npos || std::string_view(map).substr(0, space) != pt) continue;
-    const std::string_view rest = std::string_view(map).substr(space + 1);
-    return lower(rest.substr(0, rest.find('/')));
-  }
-  return std::string(static_encoding(pt));
-}
-
 std::string kbit(double bytes_per_s) {
   return std::to_string(std::lround(std::max(0.0, bytes_per_s) * 8 / 1000)) + " kbit/s";
 }
@@ -138,7 +111,7 @@ double floor_bits_per_s(const sdp::Media& media) {
   if (media.type != "audio") return expected;
   std::optional<double> lowest;
   for (const auto& pt : media.formats) {
-    const std::string encoding = encoding_of(media, pt);
+    const std::string encoding = sdp::encoding_of(media, pt);
     std::optional<double> floor;
     for (const auto& f : kAudioFloors) {
       if (f.encoding == encoding) floor = f.bits_per_s;

@@ -60,17 +60,6 @@ std::string_view static_encoding(std::string_view pt) {
   return {};
 }
 
-// The encoding name of payload type `pt` ("opus" from "111 opus/48000/2").
-std::string encoding_of(const Media& media, std::string_view pt) {
-  for (const auto& map : attributes(media, "rtpmap")) {
-    const auto space = map.find(' ');
-    if (space == std::string::npos || std::string_view(map).substr(0, space) != pt) continue;
-    const std::string_view rest = std::string_view(map).substr(space + 1);
-    return lower(rest.substr(0, rest.find('/')));
-  }
-  return std::string(static_encoding(pt));
-}
-
 // Opus's a=fmtp maxaveragebitrate, when the endpoint states one.
 std::optional<std::uint64_t> opus_max_average(const Media& media, std::string_view pt) {
   for (const auto& fmtp : attributes(media, "fmtp")) {
@@ -89,6 +78,16 @@ std::optional<std::uint64_t> opus_max_average(const Media& media, std::string_vi
 }
 
 }  // namespace
+
+std::string encoding_of(const Media& media, std::string_view pt) {
+  for (const auto& map : attributes(media, "rtpmap")) {
+    const auto space = map.find(' ');
+    if (space == std::string::npos || std::string_view(map).substr(0, space) != pt) continue;
+    const std::string_view rest = std::string_view(map).substr(space + 1);
+    return lower(rest.substr(0, rest.find('/')));
+  }
+  return std::string(static_encoding(pt));
+}
 
 std::optional<std::uint64_t> codec_bitrate(std::string_view media_type, std::string_view encoding) {
   const std::string name = lower(encoding);

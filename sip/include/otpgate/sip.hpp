@@ -308,6 +308,9 @@ struct Bitrate {
 Bitrate expected_bitrate(const Media& media);
 // A codec's default rate in bit/s (encoding name case-insensitive); nullopt if unknown.
 std::optional<std::uint64_t> codec_bitrate(std::string_view media_type, std::string_view encoding);
+// The encoding name of payload type `pt`, lower case: "opus" from a=rtpmap:111 opus/48000/2,
+// RFC 3551's name for a static type without a=rtpmap ("0": "pcmu"); empty if unknown.
+std::string encoding_of(const Media& media, std::string_view pt);
 
 }  // namespace sdp
 
