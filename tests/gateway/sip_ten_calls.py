@@ -8,7 +8,10 @@ Kamailio B at the same time; G.711 (PCMU) audio only, to keep 20 endpoints light
 Checked: both gateways show all ten calls answered at once, each with audio both ways; every
 callee's recording carries its own caller's tone and every caller's its own callee's tone (a
 call's media reaching another call, or two calls mixed, changes the frequency); after the
-hang-ups every call and lane is free at both gateways. Exit 77 (skip) where kamailio or baresip
+hang-ups every call and lane is free at both gateways. Gateway A's key budget is set for ten
+such calls (sip.key_rate_bits_per_s = 750 kbit/s, the store not counted): an eleventh caller
+dialling while the ten run is refused at its offer for lack of key budget, and gets 488 from
+proxy A. Exit 77 (skip) where kamailio or baresip
 is not installed.
 
 Usage: sip_ten_calls.py SOURCE_DIR BUILD_DIR"""
@@ -26,6 +29,9 @@ from script_support import free_ports, udp_bound, wait_until  # noqa: E402
 from sip_lab import SipLab, cpu_seconds, frequency, missing_software  # noqa: E402
 
 CALLS = 10
+# Ten PCMU calls need 10 x (8000 + 16 x 50) B/s = 704 kbit/s of pad from each sender; an
+# eleventh would need 774 (docs/sip.md, "Admission").
+BUDGET = "key_rate_bits_per_s = 750000\nadmission_horizon_s = 0\n"
 SECONDS = 10  # each caller's call length (baresip -t)
 
 
@@ -41,13 +47,13 @@ def main():
     fixed = free_ports(7)
     (kme_port, status_a, status_b, ng_a, ng_b, proxy_a, proxy_b) = fixed
     # Each baresip listens on its SIP port (UDP, TCP) and the next one (TLS).
-    spare = free_ports(8 * CALLS, taken=fixed)
+    spare = free_ports(8 * CALLS + 8, taken=fixed)
     sip_ports = []
     for p in spare:
         if p + 1 in spare and not {p, p + 1} & {q + i for q in sip_ports for i in (0, 1)}:
             sip_ports.append(p)
-    assert len(sip_ports) >= 2 * CALLS, "not enough free port pairs"
-    consoles = free_ports(2 * CALLS, taken=(*fixed, *spare))
+    assert len(sip_ports) >= 2 * CALLS + 1, "not enough free port pairs"
+    consoles = free_ports(2 * CALLS + 1, taken=(*fixed, *spare))
     media = 4000 + (os.getpid() % 60) * 120  # A: media..+59, B: +60..+119 (15 units each)
     caller_tone = [420 + 60 * i for i in range(CALLS)]  # 420..960 Hz
     callee_tone = [1020 + 60 * i for i in range(CALLS)]  # 1020..1560 Hz
@@ -57,9 +63,10 @@ def main():
         for me, peer, status_port, ng, low in (("sae-a", "sae-b", status_a, ng_a, media),
                                                ("sae-b", "sae-a", status_b, ng_b, media + 60)):
             gateways[me] = lab.start_gateway(
-                lab.gateway_config(me, peer, status_port, ng, low, low + 59, max_media=CALLS),
+                lab.gateway_config(me, peer, status_port, ng, low, low + 59, max_media=CALLS + 1,
+                                   extra=BUDGET if me == "sae-a" else ""),
                 ng, status_port, me)
-        lab.start_kamailio("a", proxy_a, f"udp:127.0.0.1:{ng_a}",
+        proxy = lab.start_kamailio("a", proxy_a, f"udp:127.0.0.1:{ng_a}",
                            f'$du = "sip:127.0.0.1:{proxy_b}";')
         lab.start_kamailio("b", proxy_b, f"udp:127.0.0.1:{ng_b}", "")  # to the R-URI
 
@@ -100,6 +107,26 @@ def main():
                    "gateways", SECONDS - 2)
         print(f"{CALLS} calls answered at once with audio both ways at both gateways, "
               f"{time.monotonic() - started:.1f} s after the first dial")
+        # An eleventh call while the ten run: over gateway A's key budget, refused at its
+        # offer (lanes and ports would allow it), 488 at its caller, nothing held for it.
+        eleventh = lab.baresip_home(
+            "caller-extra", sip_ports[2 * CALLS], 300, consoles[2 * CALLS],
+            f"<sip:x@127.0.0.1:{sip_ports[2 * CALLS]};transport=udp>;regint=0;"
+            f"outbound=\"sip:127.0.0.1:{proxy_a};transport=udp\";audio_codecs=PCMU",
+            video=False, extra="module g711.so\nausrc_srate 48000\nausrc_channels 2\n")
+        refused = lab.start_baresip(eleventh, "caller-extra.log",
+                                    f"-t 4 -e '/dial sip:b0@127.0.0.1:{sip_ports[0]}'")
+        refused.wait(timeout=30)
+        assert "488 Not Acceptable Here" in lab.procs.output(refused), \
+            lab.procs.output(refused)[-2000:]
+        # The gateway's error-reason, as proxy A's rtpengine module logs it.
+        reason = [line for line in lab.procs.output(proxy).splitlines()
+                  if "proxy replied with error: key budget:" in line]
+        assert reason, "proxy A logged no key-budget refusal from gateway A"
+        print("the eleventh call was refused for lack of key budget, 488 at its caller:",
+              reason[-1][-200:])
+        assert len(status(status_a)["calls"]) == CALLS
+        assert status(status_a)["sip"]["free_media"] == 1, status(status_a)["sip"]
         cpu = {me: cpu_seconds(p.pid) for me, p in gateways.items()}
         load = time.monotonic()
         for p in callers:
@@ -111,7 +138,7 @@ def main():
         wait_until(lambda: not status(status_a)["calls"] and not status(status_b)["calls"],
                    "the hang-ups to end every call at both gateways", 20)
         for port in (status_a, status_b):
-            assert status(port)["sip"]["free_media"] == CALLS, status(port)["sip"]
+            assert status(port)["sip"]["free_media"] == CALLS + 1, status(port)["sip"]
         print(f"after the hang-ups both gateways have no call and {CALLS} free lanes")
         for i, p in enumerate(callees):
             lab.procs.stop(p)
