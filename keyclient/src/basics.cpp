@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 // KeyId, SecretBytes and the default log sink.
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <new>
+#include <stdexcept>
 #include <utility>
 
 #include "otpgate/hex.hpp"
@@ -75,6 +78,108 @@ void SecretBytes::release() noexcept {
   if (locked_) ::munlock(data_.get(), capacity_);
   data_.reset();
   size_ = capacity_ = 0;
+  locked_ = false;
+}
+
+SecretArena::SecretArena(std::size_t size) : size_(size) {
+  if (size == 0) return;
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  mapped_ = (size + page - 1) / page * page;
+  void* p = ::mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  data_ = static_cast<std::uint8_t*>(p);
+  // Locked as each page is faulted in by its first write; the limit counts the whole
+  // range, as mlock does. Failing is not fatal (as for SecretBytes).
+  locked_ = ::mlock2(data_, mapped_, MLOCK_ONFAULT) == 0;
+  ::madvise(data_, mapped_, MADV_DONTDUMP);
+  written_.assign((size + kBlockBytes * 64 - 1) / (kBlockBytes * 64), 0);
+}
+
+SecretArena::~SecretArena() {
+  release();
+}
+
+SecretArena::SecretArena(SecretArena&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)),
+      mapped_(std::exchange(other.mapped_, 0)),
+      written_(std::move(other.written_)),
+      written_blocks_(std::exchange(other.written_blocks_, 0)),
+      locked_(std::exchange(other.locked_, false)) {}
+
+SecretArena& SecretArena::operator=(SecretArena&& other) noexcept {
+  if (this != &other) {
+    release();
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+    mapped_ = std::exchange(other.mapped_, 0);
+    written_ = std::move(other.written_);
+    written_blocks_ = std::exchange(other.written_blocks_, 0);
+    locked_ = std::exchange(other.locked_, false);
+  }
+  return *this;
+}
+
+void SecretArena::check(std::size_t at, std::size_t n) const {
+  if (at > size_ || n > size_ - at) throw std::out_of_range("SecretArena: range outside");
+}
+
+// Calls f(at, n) for the runs of [at, at + n) that lie in blocks ever written.
+template <typename F>
+void SecretArena::written_runs(std::size_t at, std::size_t n, F f) const {
+  std::size_t run = 0, run_length = 0;
+  for (std::size_t i = at, end = at + n; i < end;) {
+    const std::size_t block = i / kBlockBytes;
+    const std::size_t take = std::min(end, (block + 1) * kBlockBytes) - i;
+    if ((written_[block / 64] >> (block % 64)) & 1) {
+      if (run_length == 0) run = i;
+      run_length += take;
+    } else if (run_length > 0) {
+      f(run, run_length);
+      run_length = 0;
+    }
+    i += take;
+  }
+  if (run_length > 0) f(run, run_length);
+}
+
+void SecretArena::write(std::size_t at, std::span<const std::uint8_t> bytes) {
+  check(at, bytes.size());
+  if (bytes.empty()) return;
+  for (std::size_t b = at / kBlockBytes, last = (at + bytes.size() - 1) / kBlockBytes; b <= last;
+       ++b) {
+    std::uint64_t& word = written_[b / 64];
+    const std::uint64_t bit = 1ull << (b % 64);
+    if (!(word & bit)) {
+      word |= bit;
+      ++written_blocks_;
+    }
+  }
+  std::memcpy(data_ + at, bytes.data(), bytes.size());
+}
+
+void SecretArena::read(std::size_t at, std::span<std::uint8_t> out) const {
+  check(at, out.size());
+  if (!out.empty()) std::memcpy(out.data(), data_ + at, out.size());
+}
+
+void SecretArena::wipe(std::size_t at, std::size_t n) {
+  check(at, n);
+  written_runs(
+      at, n, [&](std::size_t from, std::size_t length) { OPENSSL_cleanse(data_ + from, length); });
+}
+
+void SecretArena::wipe_all() {
+  if (written_blocks_ > 0) wipe(0, size_);
+}
+
+void SecretArena::release() noexcept {
+  if (!data_) return;
+  wipe_all();
+  ::munmap(data_, mapped_);  // unlocks
+  data_ = nullptr;
+  size_ = mapped_ = written_blocks_ = 0;
+  written_.clear();
   locked_ = false;
 }
 

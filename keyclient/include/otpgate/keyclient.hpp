@@ -66,6 +66,45 @@ class SecretBytes {
   bool locked_ = false;
 };
 
+// A large secret buffer (a decoder's pad window) that costs what is used: reserved, not
+// filled, and locked page by page as pages are first written (mlock2 MLOCK_ONFAULT), kept
+// out of core dumps; every 4 KiB block ever written is remembered and wiped again at
+// wipe_all() and destruction, untouched ones are never faulted in. Bytes go in and out
+// only through write/read (no span escapes), so no write can miss the bookkeeping.
+class SecretArena {
+ public:
+  static constexpr std::size_t kBlockBytes = 4096;  // granularity of the written-block map
+
+  SecretArena() = default;
+  explicit SecretArena(std::size_t size);  // zero bytes to start with
+  ~SecretArena();
+  SecretArena(SecretArena&& other) noexcept;
+  SecretArena& operator=(SecretArena&& other) noexcept;
+  SecretArena(const SecretArena&) = delete;
+  SecretArena& operator=(const SecretArena&) = delete;
+
+  std::size_t size() const { return size_; }
+  bool locked() const { return locked_; }  // every written page stays in RAM
+  // [at, at + n) must lie within size() (std::out_of_range otherwise).
+  void write(std::size_t at, std::span<const std::uint8_t> bytes);
+  void read(std::size_t at, std::span<std::uint8_t> out) const;
+  void wipe(std::size_t at, std::size_t n);  // zeroes what of it was ever written
+  void wipe_all();                           // every block ever written
+  // Bytes in blocks ever written (they stay resident and locked until destruction).
+  std::size_t written_bytes() const { return written_blocks_ * kBlockBytes; }
+
+ private:
+  void check(std::size_t at, std::size_t n) const;
+  template <typename F>
+  void written_runs(std::size_t at, std::size_t n, F f) const;
+  void release() noexcept;
+  std::uint8_t* data_ = nullptr;
+  std::size_t size_ = 0, mapped_ = 0;
+  std::vector<std::uint64_t> written_;  // a bit per block
+  std::size_t written_blocks_ = 0;
+  bool locked_ = false;
+};
+
 enum class LogLevel { debug, info, warning, error };
 using LogSink = std::function<void(LogLevel, std::string_view)>;
 // Writes "otpgate[level]: message" lines to stderr for levels >= min_level.

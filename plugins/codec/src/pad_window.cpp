@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include "pad_window.hpp"
 
-#include <openssl/crypto.h>
+#include <sys/mman.h>
 
 #include <algorithm>
-#include <cstring>
+#include <bit>
+#include <new>
 #include <stdexcept>
 
 #include "otpgate/checked_cast.hpp"
@@ -28,7 +29,7 @@ bool each_word(std::size_t at, std::size_t n, F f) {
   return true;
 }
 
-void set(std::vector<std::uint64_t>& bits, std::size_t at, std::size_t n, bool value) {
+void set(ZeroedWords& bits, std::size_t at, std::size_t n, bool value) {
   each_word(at, n, [&](std::size_t word, std::uint64_t mask) {
     if (value) {
       bits[word] |= mask;
@@ -41,11 +42,34 @@ void set(std::vector<std::uint64_t>& bits, std::size_t at, std::size_t n, bool v
 
 }  // namespace
 
-PadWindow::PadWindow(std::size_t size)
-    : size_(size), bytes_(size), present_(size / 64), used_(size / 64) {
+ZeroedWords::ZeroedWords(std::size_t count) : bytes_(count * sizeof(std::uint64_t)) {
+  if (bytes_ == 0) return;
+  void* p = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  words_ = static_cast<std::uint64_t*>(p);
+}
+
+ZeroedWords::~ZeroedWords() {
+  if (words_) ::munmap(words_, bytes_);
+}
+
+void ZeroedWords::clear() {
+  // Private anonymous pages read as zero again once dropped.
+  if (words_ && ::madvise(words_, bytes_, MADV_DONTNEED) != 0) {
+    std::fill(words_, words_ + bytes_ / sizeof(std::uint64_t), 0);
+  }
+}
+
+namespace {
+std::size_t checked_window(std::size_t size) {
   if (size == 0 || size % kEpochBytes != 0)
     throw std::invalid_argument("window must be a multiple of 256 KiB");
+  return size;
 }
+}  // namespace
+
+PadWindow::PadWindow(std::size_t size)
+    : size_(checked_window(size)), bytes_(size), present_(size / 64), used_(size / 64) {}
 
 // Calls f(at, len, done) for the runs of the arena that pad [off, off + n) occupies.
 template <typename F>
@@ -59,8 +83,7 @@ void PadWindow::pieces(std::uint64_t off, std::size_t n, F f) const {
   }
 }
 
-bool PadWindow::all(const std::vector<std::uint64_t>& bits, std::uint64_t off, std::size_t n,
-                    bool value) const {
+bool PadWindow::all(const ZeroedWords& bits, std::uint64_t off, std::size_t n, bool value) const {
   bool result = true;
   pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t) {
     if (!result) return;
@@ -81,13 +104,13 @@ bool PadWindow::any_used(std::uint64_t off, std::size_t n) const {
 
 void PadWindow::copy_out(std::uint64_t off, std::size_t n, std::uint8_t* out) const {
   pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t done) {
-    std::memcpy(out + done, bytes_.span().data() + at, len);
+    bytes_.read(at, {out + done, len});
   });
 }
 
 void PadWindow::consume(std::uint64_t off, std::size_t n) {
   pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t) {
-    OPENSSL_cleanse(bytes_.span().data() + at, len);
+    bytes_.wipe(at, len);
     set(used_, at, len, true);
   });
 }
@@ -98,22 +121,47 @@ void PadWindow::place(std::uint64_t off, std::span<const std::uint8_t> key) {
   if (end > base_ + size_) advance(end - size_);
   const std::size_t skip = off < base_ ? checked_cast<std::size_t>(base_ - off) : 0;
   pieces(off + skip, key.size() - skip, [&](std::size_t at, std::size_t len, std::size_t done) {
-    std::memcpy(bytes_.span().data() + at, key.data() + skip + done, len);
-    set(present_, at, len, true);
-    set(used_, at, len, false);
+    const std::uint8_t* from = key.data() + skip + done;
+    // Written in runs of bytes not used yet; used bytes keep their wiped state.
+    std::size_t run_at = 0, run_length = 0;
+    auto flush = [&] {
+      if (run_length > 0) bytes_.write(run_at, {from + (run_at - at), run_length});
+      run_length = 0;
+    };
+    auto add = [&](std::size_t b, std::size_t n) {
+      if (run_length > 0 && run_at + run_length == b) {
+        run_length += n;
+        return;
+      }
+      flush();
+      run_at = b;
+      run_length = n;
+    };
+    each_word(at, len, [&](std::size_t word, std::uint64_t mask) {
+      const std::uint64_t fresh = mask & ~used_[word];
+      if (fresh == mask) {
+        add(word * 64 + std::countr_zero(mask), std::popcount(mask));
+      } else {
+        for (std::uint64_t bits = fresh; bits != 0; bits &= bits - 1)
+          add(word * 64 + std::countr_zero(bits), 1);
+      }
+      present_[word] |= fresh;
+      return true;
+    });
+    flush();
   });
 }
 
 void PadWindow::advance(std::uint64_t new_base) {
   const std::uint64_t drop = new_base - base_;
   if (drop >= size_) {
-    OPENSSL_cleanse(bytes_.span().data(), size_);
-    std::fill(present_.begin(), present_.end(), 0);
-    std::fill(used_.begin(), used_.end(), 0);
+    bytes_.wipe_all();
+    present_.clear();
+    used_.clear();
   } else {
     pieces(base_, checked_cast<std::size_t>(drop),
            [&](std::size_t at, std::size_t len, std::size_t) {
-             OPENSSL_cleanse(bytes_.span().data() + at, len);
+             bytes_.wipe(at, len);
              set(present_, at, len, false);
              set(used_, at, len, false);
            });

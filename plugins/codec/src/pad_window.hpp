@@ -7,14 +7,33 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
-#include <vector>
 
 #include "otpgate/keyclient.hpp"
 
 namespace otpgate::otp {
 
+// Zero-filled 64-bit words on pages of their own, faulted in as they are written and
+// returned to zero at once by clear() (not secret: the window's bitmaps).
+class ZeroedWords {
+ public:
+  explicit ZeroedWords(std::size_t count);
+  ~ZeroedWords();
+  ZeroedWords(const ZeroedWords&) = delete;
+  ZeroedWords& operator=(const ZeroedWords&) = delete;
+  std::uint64_t& operator[](std::size_t i) { return words_[i]; }
+  std::uint64_t operator[](std::size_t i) const { return words_[i]; }
+  void clear();
+
+ private:
+  std::uint64_t* words_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
 // A circular arena of `size` bytes covering pad offsets [base, base + size), with bitmaps
-// of the bytes present and the bytes used.
+// of the bytes present and the bytes used. It costs what its pad uses: the arena's pages
+// are locked as pad is first placed in them and only those are ever wiped again
+// (keys::SecretArena), so a window of 16 MiB that a short call fills with a few hundred
+// KiB takes that much RAM and wiping, not 16 MiB.
 class PadWindow {
  public:
   explicit PadWindow(std::size_t size);  // a multiple of kEpochBytes
@@ -29,19 +48,21 @@ class PadWindow {
   void copy_out(std::uint64_t off, std::size_t n, std::uint8_t* out) const;
   // Marks used and wipes: the pad can never be used again.
   void consume(std::uint64_t off, std::size_t n);
-  // Places key bytes; moves the window forward if they reach past its end.
+  // Places key bytes; moves the window forward if they reach past its end. Bytes already
+  // used stay used (and wiped) until the window moves past them: pad serves once.
   void place(std::uint64_t off, std::span<const std::uint8_t> key);
+  // Bytes of the arena pad was ever placed in (they are what its wipes cost).
+  std::size_t touched_bytes() const { return bytes_.written_bytes(); }
 
  private:
   void advance(std::uint64_t new_base);
   template <typename F>
   void pieces(std::uint64_t off, std::size_t n, F f) const;
-  bool all(const std::vector<std::uint64_t>& bits, std::uint64_t off, std::size_t n,
-           bool value) const;
+  bool all(const ZeroedWords& bits, std::uint64_t off, std::size_t n, bool value) const;
 
   std::size_t size_;
-  keys::SecretBytes bytes_;
-  std::vector<std::uint64_t> present_, used_;
+  keys::SecretArena bytes_;
+  ZeroedWords present_, used_;
   std::uint64_t base_ = 0;
 };
 
