@@ -38,6 +38,7 @@ loadmodule "maxfwd.so"
 loadmodule "textops.so"
 loadmodule "siputils.so"
 loadmodule "xlog.so"
+loadmodule "dialog.so"
 loadmodule "rtpengine.so"
 modparam("rtpengine", "rtpengine_sock", "{rtpengine_sock}")
 {extra}
@@ -46,6 +47,12 @@ request_route {{
     if (has_totag()) {{
         if (loose_route()) {{
             {media_set}
+            if (is_method("ACK") && dlg_isflagset("1")) {{
+                # The ACK of a 200 OK whose answer otpgate refused: end the call at once.
+                t_relay();
+                dlg_bye("all");
+                exit;
+            }}
             if (is_method("BYE")) rtpengine_delete();
             if (is_method("INVITE")) {{
                 xlog("L_INFO", "re-INVITE $ci\\n");
@@ -55,7 +62,7 @@ request_route {{
             t_relay();
             exit;
         }}
-        if (is_method("ACK") && t_check_trans()) {{ t_relay(); }}
+        if (is_method("ACK") && t_check_trans()) t_relay();
         exit;
     }}
     if (is_method("CANCEL")) {{
@@ -72,6 +79,7 @@ request_route {{
             sl_send_reply("488", "Not Acceptable Here");
             exit;
         }}
+        dlg_manage();
         t_on_reply("SDP");
     }}
     {next_hop}
@@ -83,9 +91,12 @@ onreply_route[SDP] {{
         if (!rtpengine_answer("replace-origin replace-session-connection ICE=remove")) {{
             # Refused (e.g. an answer from a site without a gateway): a 2xx goes on whatever
             # the route does, so its SDP must not let the endpoints reach each other.
-            xlog("L_ERR", "otpgate refused the answer: media disabled\\n");
+            xlog("L_ERR", "otpgate refused the answer: media disabled, call ended\\n");
             subst_body("/m=([a-z]+) [0-9]+/m=\\1 0/g");
             subst_body("/c=IN IP4 [0-9.]+/c=IN IP4 0.0.0.0/g");
+            # Free the call at the gateway, and end the call once its ACK has come.
+            rtpengine_delete();
+            dlg_setflag("1");
         }}
     }}
 }}

@@ -17,16 +17,65 @@ Usage: sip_endpoints.py SOURCE_DIR BUILD_DIR"""
 import glob
 import os
 import re
+import signal
 import socket
 import shutil
+import struct
 import sys
 import tempfile
+import threading
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                 "scripts"))
 from script_support import free_ports, udp_bound, wait_until  # noqa: E402
 from sip_lab import SipLab, frequency, missing_software  # noqa: E402
+
+
+class Capture:
+    """Every UDP datagram on loopback while it runs, as (arrival time, source port,
+    destination port, payload); AF_PACKET, so it needs CAP_NET_RAW (root)."""
+
+    def __init__(self):
+        try:
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        except PermissionError:
+            raise SystemExit("the loopback capture of the calls' datagrams needs CAP_NET_RAW "
+                             "(run the test as root)")
+        self.sock.bind(("lo", 0))
+        self.sock.settimeout(0.1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.seen, self.done = [], threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.done.is_set():
+            try:
+                frame, address = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            if address[2] == socket.PACKET_OUTGOING:  # loopback shows each packet twice
+                continue
+            ip = frame[14:]
+            if ip[9] != 17:
+                continue
+            udp = ip[(ip[0] & 15) * 4:]
+            src, dst = struct.unpack("!HH", udp[:4])
+            self.seen.append((time.monotonic(), src, dst, udp[8:]))
+
+    def close(self):
+        self.done.set()
+        self.thread.join()
+        self.sock.close()
+        return self.seen
+
+
+def sip_to(seen, port, start):
+    """(time, datagram) of the SIP messages sent to `port` whose first line starts with
+    `start`."""
+    return [(t, d) for t, _, dst, d in seen if dst == port and d.startswith(start)]
 
 
 def main():
@@ -53,12 +102,10 @@ def main():
                                                ("sae-b", "sae-a", status_b, ng_b, media + 40)):
             lab.start_gateway(lab.gateway_config(me, peer, status_port, ng, low, low + 39),
                               ng, status_port, me)
-        for name, port, ng, next_hop in (
-                ("a", proxy_a, ng_a,
-                 # b@localhost: a misrouted call straight to the callee, past site B's gateway
-                 f'if ($rd == "localhost") {{ $du = "sip:127.0.0.1:{sip_b}"; }} '
-                 f'else {{ $du = "sip:127.0.0.1:{proxy_b}"; }}'),
-                ("b", proxy_b, ng_b, "")):
+        # b@localhost: a misrouted call straight to the callee, past site B's gateway
+        hop_a = (f'if ($rd == "localhost") {{ $du = "sip:127.0.0.1:{sip_b}"; }} '
+                 f'else {{ $du = "sip:127.0.0.1:{proxy_b}"; }}')
+        for name, port, ng, next_hop in (("a", proxy_a, ng_a, hop_a), ("b", proxy_b, ng_b, "")):
             lab.start_kamailio(name, port, f"udp:127.0.0.1:{ng}", next_hop)
 
         endpoints = {}
@@ -75,7 +122,7 @@ def main():
         callee = lab.start_baresip(endpoints["callee"], "callee.log")
         wait_until(lambda: udp_bound(sip_b), "the callee's SIP socket")
         caller = lab.start_baresip(endpoints["caller"], "caller.log",
-                                   f"-t 14 -e '/dial sip:b@127.0.0.1:{sip_b}'")
+                                   f"-t 60 -e '/dial sip:b@127.0.0.1:{sip_b}'")
         # While it runs, both gateways show the call with packets each way.
         def running():
             calls = [status(p)["calls"] for p in (status_a, status_b)]
@@ -133,22 +180,72 @@ def main():
             assert [m["stream"] for m in st["calls"][0]["media"]] == names, st["calls"]
             assert len(st["calls"]) == 1 and st["sip"]["free_media"] == 1, st["sip"]
         print("hold and resume: two re-INVITEs, the same streams, audio again after resume")
-        caller.wait(timeout=30)
+        # Kamailio A restarts mid-call (SIGTERM, then the same route again): the media never
+        # pass the proxy, so they go on between the gateways without a gap (measured in a
+        # loopback capture), and the BYE after the restart still ends the call at both
+        # gateways: its path is in the SIP messages (Record-Route), not in the proxy.
+        kamailio_a = next(p for p in proxies if p.log.endswith("kamailio-a.log"))
+        capture = Capture()
+        time.sleep(1)
+        stopped = time.monotonic()
+        code = procs.stop(kamailio_a)
+        lab.start_kamailio("a-restarted", proxy_a, f"udp:127.0.0.1:{ng_a}", hop_a)
+        restarted = time.monotonic()
+        time.sleep(1)
+        seen = capture.close()
+        print(f"Kamailio A restarted mid-call (SIGTERM: exit {code}): down "
+              f"{(restarted - stopped) * 1000:.0f} ms")
+        site_a, site_b = range(media, media + 40), range(media + 40, media + 80)
+        for way, src, dst in (("A to B", site_a, site_b), ("B to A", site_b, site_a)):
+            times = [t for t, sport, dport, _ in seen if sport in src and dport in dst]
+            assert times and times[0] < stopped - 0.5 and times[-1] > restarted + 0.5, \
+                (way, len(times))
+            gap = max(b - a for a, b in zip(times, times[1:]))
+            print(f"  OTP media {way}: {len(times)} datagrams, longest gap "
+                  f"{gap * 1000:.0f} ms")
+            assert gap < 0.3, (way, gap)
+        ui_caller = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        ui_caller.sendto(b"/hangup\n", ("127.0.0.1", consoles[1]))
+        hung_up = time.monotonic()
         wait_until(lambda: not status(status_a)["calls"] and not status(status_b)["calls"],
-                   "the hang-up to end the call at both gateways", 20)
+                   "the BYE after the restart to end the call at both gateways", 10)
+        print(f"the BYE through the restarted proxy ended the call at both gateways after "
+              f"{(time.monotonic() - hung_up) * 1000:.0f} ms")
+        ui_caller.sendto(b"/quit\n", ("127.0.0.1", consoles[1]))
+        ui_caller.close()
+        caller.wait(timeout=30)
         for port in (status_a, status_b):
             st = status(port)
             assert st["sip"]["free_media"] == 3, st["sip"]
         # A call routed past site B's gateway: gateway A refuses the callee's unmarked answer,
         # the route disables the media in the 200 OK, and the caller sends nothing at all
         # (with the answer passed on as it came, it would send plain RTP to the callee).
+        # The route also ends such a call at once: it frees the call at gateway A, and on the
+        # caller's ACK the dialog module sends a BYE each way. A loopback capture shows the
+        # 200 OK and the BYE reaching the caller, and that it sent no media at all.
+        capture = Capture()
         misrouted = lab.start_baresip(endpoints["caller2"], "caller3.log",
-                                      f"-t 5 -e '/dial sip:b@localhost:{sip_b}'")
+                                      f"-t 4 -e '/dial sip:b@localhost:{sip_b}'")
+        bye = wait_until(lambda: sip_to(capture.seen, sip_a2, b"BYE "),
+                         "the route's BYE to the misrouted call's caller", 20)[0][0]
+        calls_then = [status(p)["calls"] for p in (status_a, status_b)]
         misrouted.wait(timeout=30)
-        sent = [int(x) for x in re.findall(r"audio=(\d+)/", procs.output(misrouted))]
-        assert sent and not any(sent), procs.output(misrouted)[-2000:]
-        print(f"the misrouted call sent nothing ({len(sent)} status lines with audio=0)")
-        wait_until(lambda: not status(status_a)["calls"], "the misrouted call's BYE at gateway A")
+        seen = capture.close()
+        assert calls_then == [[], []], calls_then
+        assert "session closed" in procs.output(misrouted), procs.output(misrouted)[-2000:]
+        invite = sip_to(seen, proxy_a, b"INVITE ")[0][1]
+        ok = [(t, d) for t, d in sip_to(seen, sip_a2, b"SIP/2.0 200 ") if b" INVITE" in
+              d[d.index(b"CSeq:"):d.index(b"\r\n", d.index(b"CSeq:"))]][0]
+        ports = [int(x) for x in re.findall(rb"\nm=\w+ (\d+)", invite)]
+        answered = re.findall(rb"\nm=\w+ (\d+)", ok[1])
+        assert ports and answered and set(answered) == {b"0"}, ok[1]
+        assert b"c=IN IP4 0.0.0.0" in ok[1] and b"c=IN IP4 127" not in ok[1], ok[1]
+        sent = [d for _, sport, _, d in seen if any(sport in (p, p + 1) for p in ports)]
+        assert not sent, f"the misrouted caller sent {len(sent)} datagrams from {ports}"
+        print(f"the misrouted call: the 200 OK reached its caller with every media disabled, "
+              f"the route's BYE {(bye - ok[0]) * 1000:.0f} ms later; no call left at either "
+              f"gateway, and nothing sent from the caller's media ports {ports}")
+        assert bye - ok[0] < 2, bye - ok[0]
         assert status(status_a)["sip"]["free_media"] == 3
         procs.stop(callee)
         # Each heard the other's tone (caller 440 Hz, callee 660 Hz), so neither heard itself.
