@@ -239,32 +239,54 @@ bencode::Dict reply_list(const std::vector<std::string>& call_ids) {
   return {{"result", "ok"}, {"calls", std::move(calls)}};
 }
 
-const std::string* ReplyCache::find(const std::string& key, Clock::time_point now) {
+const std::string* ReplyCache::find(const std::string& key, std::string_view request,
+                                    Clock::time_point now, bool* reused) {
   expire(now);
   const auto it = replies_.find(key);
-  return it == replies_.end() ? nullptr : &it->second;
+  if (reused) *reused = it != replies_.end() && it->second.request != request;
+  if (it == replies_.end() || it->second.request != request) return nullptr;
+  return &it->second.reply;
 }
 
-void ReplyCache::insert(const std::string& key, std::string reply, Clock::time_point now) {
+void ReplyCache::erase(const std::string& key) {
+  const auto it = replies_.find(key);
+  if (it == replies_.end()) return;
+  bytes_ -= it->second.request.size() + it->second.reply.size();
+  replies_.erase(it);
+}
+
+void ReplyCache::insert(const std::string& key, std::string request, std::string reply,
+                        Clock::time_point now) {
   expire(now);
-  if (max_entries_ == 0) return;
-  while (replies_.size() >= max_entries_ && !order_.empty()) {
-    replies_.erase(order_.front().second);
+  const std::size_t size = request.size() + reply.size();
+  if (max_entries_ == 0 || size > max_bytes_) return;
+  erase(key);  // a reused cookie: the new request replaces the old one
+  while ((replies_.size() >= max_entries_ || bytes_ + size > max_bytes_) && !order_.empty()) {
+    // Entries of keys that were replaced since are skipped by their time stamp.
+    const auto& [at, oldest] = order_.front();
+    const auto it = replies_.find(oldest);
+    if (it != replies_.end() && it->second.at == at) erase(oldest);
     order_.pop_front();
   }
-  if (replies_.insert_or_assign(key, std::move(reply)).second) order_.emplace_back(now, key);
+  bytes_ += size;
+  replies_.insert_or_assign(key, Entry{std::move(request), std::move(reply), now});
+  order_.emplace_back(now, key);
 }
 
 void ReplyCache::expire(Clock::time_point now) {
   while (!order_.empty() && now - order_.front().first > max_age_) {
-    replies_.erase(order_.front().second);
+    const auto& [at, key] = order_.front();
+    const auto it = replies_.find(key);
+    if (it != replies_.end() && it->second.at == at) erase(key);
     order_.pop_front();
   }
 }
 
 bencode::Dict Processor::execute(std::string_view body) {
+  std::optional<Request> request;
   try {
-    const Request q = parse_request(bencode::decode(body, limits_));
+    request = parse_request(bencode::decode(body, limits_));
+    const Request& q = *request;
     switch (q.command) {
       case Command::ping:
         return reply_pong();
@@ -284,6 +306,12 @@ bencode::Dict Processor::execute(std::string_view body) {
     return reply_error("unknown command");
   } catch (const bencode::DecodeError& e) {
     return reply_error(std::string("malformed message: ") + e.what());
+  } catch (const Overloaded& e) {
+    ++counters_.overloaded;
+    if (request && std::find(request->supports.begin(), request->supports.end(), "load-limit") !=
+                       request->supports.end())
+      return {{"result", "load limit"}, {"message", e.what()}};
+    return reply_error(kSessionLimit);
   } catch (const Refused& e) {
     return reply_error(e.what());
   } catch (const std::exception& e) {
@@ -302,15 +330,17 @@ std::optional<std::string> Processor::process(std::string_view datagram, std::st
   std::string key(sender);
   key += ' ';
   key += parts->cookie;
-  if (const std::string* cached = cache_.find(key, now)) {
+  bool reused = false;
+  if (const std::string* cached = cache_.find(key, parts->body, now, &reused)) {
     ++counters_.retransmissions;
     ++counters_.replies;
     return *cached;
   }
+  if (reused) ++counters_.cookie_reused;  // not a retransmission: run it
   const bencode::Dict reply = execute(parts->body);
   if (reply.at("result") == bencode::Value("error")) ++counters_.errors;
   std::string out = format_reply(parts->cookie, reply);
-  cache_.insert(key, out, now);
+  cache_.insert(key, std::string(parts->body), out, now);
   ++counters_.replies;
   return out;
 }

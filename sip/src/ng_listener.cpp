@@ -9,9 +9,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <map>
 #include <system_error>
 #include <thread>
 
@@ -37,6 +40,18 @@ class Fd {
 
 [[noreturn]] void fail(const std::string& what) {
   throw std::system_error(errno, std::generic_category(), what);
+}
+
+std::string sender_host(const sockaddr_storage& from) {
+  std::array<char, INET6_ADDRSTRLEN> host{};
+  if (from.ss_family == AF_INET) {
+    inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in&>(from).sin_addr, host.data(),
+              host.size());
+  } else if (from.ss_family == AF_INET6) {
+    inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6&>(from).sin6_addr, host.data(),
+              host.size());
+  }
+  return plain_address(host.data());
 }
 
 std::string sender_name(const sockaddr_storage& from) {
@@ -84,10 +99,58 @@ int bound_socket(const std::string& address, std::uint16_t port) {
 
 }  // namespace
 
+std::string plain_address(std::string_view address) {
+  constexpr std::string_view mapped = "::ffff:";
+  if (address.size() > mapped.size() && address.substr(0, mapped.size()) == mapped &&
+      address.find('.') != std::string_view::npos) {
+    return std::string(address.substr(mapped.size()));
+  }
+  return std::string(address);
+}
+
+bool Clients::allows(std::string_view address) const {
+  const std::string plain = plain_address(address);
+  if (loopback) {
+    in_addr v4{};
+    in6_addr v6{};
+    if (inet_pton(AF_INET, plain.c_str(), &v4) == 1 && (ntohl(v4.s_addr) >> 24) == 127) return true;
+    if (inet_pton(AF_INET6, plain.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6)) return true;
+  }
+  return std::find(addresses.begin(), addresses.end(), plain) != addresses.end();
+}
+
+// Lines about unlisted sources: once per source every 10 minutes, at most 10 a minute.
+class UnlistedLog {
+ public:
+  using Clock = std::chrono::steady_clock;
+  bool should_log(const std::string& source, Clock::time_point now) {
+    if (now - minute_start_ >= std::chrono::minutes(1)) {
+      minute_start_ = now;
+      lines_this_minute_ = 0;
+    }
+    const auto it = last_.find(source);
+    if (it != last_.end() && now - it->second < std::chrono::minutes(10)) return false;
+    if (lines_this_minute_ >= 10) return false;
+    if (last_.size() >= 4096)
+      std::erase_if(last_,
+                    [&](const auto& e) { return now - e.second >= std::chrono::minutes(10); });
+    if (last_.size() >= 4096) return false;
+    last_[source] = now;
+    ++lines_this_minute_;
+    return true;
+  }
+
+ private:
+  std::map<std::string, Clock::time_point> last_;
+  Clock::time_point minute_start_{};
+  int lines_this_minute_ = 0;
+};
+
 struct Listener::Impl {
-  Impl(Handler& handler, const std::string& address, std::uint16_t port)
+  Impl(Handler& handler, const std::string& address, std::uint16_t port, ListenerOptions opts)
       : socket(bound_socket(address, port)),
         wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+        options(std::move(opts)),
         processor(handler) {
     if (wake.get() < 0) fail("ng listener: eventfd");
     thread = std::jthread([this] { run(); });
@@ -116,6 +179,17 @@ struct Listener::Impl {
       const ssize_t n = ::recvfrom(socket.get(), buffer.data(), buffer.size(), MSG_DONTWAIT,
                                    reinterpret_cast<sockaddr*>(&from), &from_length);
       if (n < 0) continue;  // EAGAIN, or an ICMP error from an earlier reply
+      if (const std::string host = sender_host(from); !options.clients.allows(host)) {
+        // Not the proxy: no reply (a reply would confirm the socket to a scanner, and
+        // could be aimed at a third party with a forged source), counted, logged.
+        ++processor.unlisted();
+        if (options.log && unlisted_log.should_log(host, UnlistedLog::Clock::now())) {
+          options.log("ng datagram from " + host +
+                      ", which is not among sip.ng_clients: ignored (further ones from it are "
+                      "counted, not logged, for 10 minutes)");
+        }
+        continue;
+      }
       const auto reply =
           processor.process(std::string_view(buffer.data(), static_cast<std::size_t>(n)),
                             sender_name(from), ReplyCache::Clock::now());
@@ -130,12 +204,15 @@ struct Listener::Impl {
 
   Fd socket;
   Fd wake;
+  ListenerOptions options;
+  UnlistedLog unlisted_log;
   Processor processor;
   std::jthread thread;  // last: stops before the members it uses go
 };
 
-Listener::Listener(Handler& handler, const std::string& address, std::uint16_t port)
-    : impl_(std::make_unique<Impl>(handler, address, port)) {}
+Listener::Listener(Handler& handler, const std::string& address, std::uint16_t port,
+                   ListenerOptions options)
+    : impl_(std::make_unique<Impl>(handler, address, port, std::move(options))) {}
 
 Listener::~Listener() = default;
 

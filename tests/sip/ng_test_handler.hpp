@@ -49,6 +49,7 @@ class RecordingHandler : public ng::Handler {
 
   std::string rewritten(const ng::Request& request) {
     if (!refuse.empty()) throw ng::Refused(refuse);
+    if (!full.empty()) throw ng::Overloaded(full);
     if (throw_internal) throw std::runtime_error("port pool");
     sdp::Session s = sdp::parse(request.sdp);
     sdp::Rewrite r;
@@ -67,7 +68,7 @@ class RecordingHandler : public ng::Handler {
   std::vector<ng::Request> offers, answers;
   int next_port = 30000;
   std::size_t list_limit = 0;
-  std::string refuse;
+  std::string refuse, full;  // full: ng::Overloaded (no lane or port left)
   bool throw_internal = false;
 };
 

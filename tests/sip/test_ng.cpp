@@ -363,13 +363,81 @@ TEST(NgProcessor, DeleteQueryListAndPing) {
 TEST(NgReplyCache, BoundedInEntriesAndAge) {
   ng::ReplyCache cache(2, std::chrono::seconds(30));
   const auto t0 = Clock::now();
-  cache.insert("a", "A", t0);
-  cache.insert("b", "B", t0);
-  cache.insert("c", "C", t0);  // evicts the oldest
-  EXPECT_EQ(cache.find("a", t0), nullptr);
-  ASSERT_NE(cache.find("b", t0), nullptr);
-  EXPECT_EQ(*cache.find("c", t0), "C");
+  cache.insert("a", "ra", "A", t0);
+  cache.insert("b", "rb", "B", t0);
+  cache.insert("c", "rc", "C", t0);  // evicts the oldest
+  EXPECT_EQ(cache.find("a", "ra", t0), nullptr);
+  ASSERT_NE(cache.find("b", "rb", t0), nullptr);
+  EXPECT_EQ(*cache.find("c", "rc", t0), "C");
   EXPECT_EQ(cache.size(), 2u);
-  EXPECT_EQ(cache.find("c", t0 + std::chrono::seconds(31)), nullptr);
+  EXPECT_EQ(cache.find("c", "rc", t0 + std::chrono::seconds(31)), nullptr);
   EXPECT_EQ(cache.size(), 0u);
+}
+
+// A restarted Kamailio counts its cookies from the start again (`<rank>_<pid>_<seq>`; a
+// container often gives the new process the same pids, and the module's socket may get
+// the same source port): a cached cookie with another request is a new command, run and
+// answered for itself, never with the reply cached for the old process's request.
+TEST(NgProcessor, AReusedCookieWithAnotherRequestIsRunNotAnsweredFromTheCache) {
+  RecordingHandler handler;
+  ng::Processor p(handler);
+  const auto now = Clock::now();
+  const auto first = p.process(kamailio_offer("1_4104_7"), "127.0.0.1/40000", now);
+  std::string other = kamailio_offer("1_4104_7");
+  const std::string old_id = "0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b";
+  other.replace(other.find(old_id), old_id.size(), "1ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b");
+  const auto second = p.process(other, "127.0.0.1/40000", now + std::chrono::seconds(2));
+  ASSERT_TRUE(first && second);
+  EXPECT_NE(*first, *second);
+  ASSERT_EQ(handler.offers.size(), 2u);
+  EXPECT_EQ(handler.offers[1].call_id, "1ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b");
+  EXPECT_NE(second->find("a=rtcp:30003"), std::string::npos) << *second;  // its own ports
+  EXPECT_EQ(p.counters().cookie_reused, 1u);
+  EXPECT_EQ(p.counters().retransmissions, 0u);
+  // The new request now owns the cookie: its own retransmission gets its own reply.
+  EXPECT_EQ(p.process(other, "127.0.0.1/40000", now + std::chrono::seconds(3)), second);
+  EXPECT_EQ(handler.offers.size(), 2u);
+  EXPECT_EQ(p.counters().retransmissions, 1u);
+}
+
+TEST(NgReplyCache, ARequestIsARetransmissionOnlyByteForByteAndBytesAreBounded) {
+  ng::ReplyCache cache(100, std::chrono::seconds(30), 10);
+  const auto t0 = Clock::now();
+  cache.insert("k", "req", "REP", t0);
+  bool reused = false;
+  EXPECT_EQ(cache.find("k", "req2", t0, &reused), nullptr);
+  EXPECT_TRUE(reused);
+  ASSERT_NE(cache.find("k", "req", t0, &reused), nullptr);
+  EXPECT_FALSE(reused);
+  cache.insert("k", "new", "NEW", t0);  // replaces
+  EXPECT_EQ(cache.find("k", "req", t0), nullptr);
+  EXPECT_EQ(*cache.find("k", "new", t0), "NEW");
+  cache.insert("j", "abc", "DEF", t0);  // 6 + 6 bytes > 10: the oldest goes
+  EXPECT_EQ(cache.find("k", "new", t0), nullptr);
+  EXPECT_EQ(*cache.find("j", "abc", t0), "DEF");
+  EXPECT_EQ(cache.size(), 1u);
+}
+
+// A full instance: to Kamailio (which sends supports: load limit) `result: load limit`
+// with the detail as `message`; to a proxy that does not announce it exactly
+// "Parallel session limit reached", the one error-reason Kamailio's module moves to the
+// next instance of its set for (it compares the whole string, length included).
+TEST(NgProcessor, AFullInstanceAnswersLoadLimitOrTheExactSessionLimitReason) {
+  RecordingHandler handler;
+  handler.full = "no call key lane free: 1 call media run already (sip.max_media)";
+  ng::Processor p(handler);
+  const auto now = Clock::now();
+  const auto kamailio = p.process(kamailio_offer("1_1_1"), "127.0.0.1/1", now);
+  ASSERT_TRUE(kamailio);
+  EXPECT_EQ(*kamailio, "1_1_1 d7:message" + bstr(handler.full) + "6:result10:load limite");
+  std::string without = kamailio_offer("1_1_2");
+  without.erase(without.find("8:supportsl10:load limite"), 25);
+  const auto other = p.process(without, "127.0.0.1/1", now);
+  ASSERT_TRUE(other);
+  EXPECT_EQ(*other, error_reply("1_1_2", "Parallel session limit reached"));
+  EXPECT_EQ(p.counters().overloaded, 2u);
+  handler.full.clear();
+  handler.refuse = "key budget: ...";  // other refusals keep their reason
+  EXPECT_EQ(*p.process(kamailio_offer("1_1_3"), "127.0.0.1/1", now),
+            error_reply("1_1_3", "key budget: ..."));
 }

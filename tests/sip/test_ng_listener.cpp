@@ -9,7 +9,9 @@
 
 #include <gtest/gtest.h>
 
+#include <ifaddrs.h>
 #include <array>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -44,6 +46,13 @@ class Proxy {
   Proxy(const Proxy&) = delete;
   Proxy& operator=(const Proxy&) = delete;
 
+  // Sends from this IPv4 address instead of the one the kernel picks.
+  bool bind_to(const char* address) {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    ::inet_pton(AF_INET, address, &a.sin_addr);
+    return ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  }
   void send(std::string_view datagram) {
     ASSERT_EQ(::sendto(fd_, datagram.data(), datagram.size(), 0, reinterpret_cast<sockaddr*>(&to_),
                        length_),
@@ -175,4 +184,82 @@ TEST(NgListener, BindFailureNamesTheAddress) {
               std::string::npos)
         << e.what();
   }
+}
+
+// Only the proxy may drive the gateway: a datagram from a source that is not a client gets
+// no reply, runs nothing, is counted, and is logged once per source.
+TEST(NgListener, DatagramsFromSourcesThatAreNotClientsAreIgnored) {
+  RecordingHandler handler;
+  std::mutex log_mutex;
+  std::vector<std::string> lines;
+  ng::ListenerOptions options;
+  options.clients.loopback = false;
+  options.clients.addresses = {"127.0.0.1"};
+  options.log = [&](const std::string& line) {
+    const std::lock_guard lock(log_mutex);
+    lines.push_back(line);
+  };
+  ng::Listener listener(handler, "127.0.0.1", 0, options);
+  Proxy stranger(AF_INET, listener.port());
+  ASSERT_TRUE(stranger.bind_to("127.0.0.2"));
+  stranger.send(offer("66_1"));
+  stranger.send("66_2 d7:command4:pinge");
+  EXPECT_EQ(stranger.receive(500), std::nullopt);
+  Proxy proxy(AF_INET, listener.port());
+  ASSERT_TRUE(proxy.bind_to("127.0.0.1"));
+  EXPECT_EQ(proxy.call("1_1 d7:command4:pinge"), "1_1 d6:result4:ponge");
+  {
+    const std::lock_guard lock(handler.mutex);
+    EXPECT_TRUE(handler.offers.empty());
+  }
+  EXPECT_EQ(listener.counters().unlisted, 2u);
+  EXPECT_EQ(listener.counters().datagrams, 1u);  // the proxy's ping only
+  const std::lock_guard lock(log_mutex);
+  ASSERT_EQ(lines.size(), 1u);  // once per source
+  EXPECT_EQ(lines[0],
+            "ng datagram from 127.0.0.2, which is not among sip.ng_clients: ignored (further ones "
+            "from it are counted, not logged, for 10 minutes)");
+}
+
+TEST(NgClients, LoopbackAndListedAddressesIncludingMappedOnes) {
+  ng::Clients loopback;  // the default
+  EXPECT_TRUE(loopback.allows("127.0.0.1"));
+  EXPECT_TRUE(loopback.allows("127.8.9.10"));
+  EXPECT_TRUE(loopback.allows("::1"));
+  EXPECT_TRUE(loopback.allows("::ffff:127.0.0.1"));
+  EXPECT_FALSE(loopback.allows("10.0.0.2"));
+  EXPECT_FALSE(loopback.allows("::ffff:10.0.0.2"));
+  EXPECT_FALSE(loopback.allows("128.0.0.1"));
+  const ng::Clients listed{false, {"10.0.0.2", "2001:db8::5"}};
+  EXPECT_TRUE(listed.allows("10.0.0.2"));
+  EXPECT_TRUE(listed.allows("::ffff:10.0.0.2"));
+  EXPECT_TRUE(listed.allows("2001:db8::5"));
+  EXPECT_FALSE(listed.allows("127.0.0.1"));
+  EXPECT_FALSE(listed.allows("10.0.0.20"));
+}
+
+// The default (loopback only) refuses a source on another interface of the same host.
+TEST(NgListener, ByDefaultOnlyLoopbackSourcesAreClients) {
+  std::string own;
+  ifaddrs* list = nullptr;
+  if (::getifaddrs(&list) == 0) {
+    for (const ifaddrs* i = list; i && own.empty(); i = i->ifa_next) {
+      if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET) continue;
+      std::array<char, INET_ADDRSTRLEN> text{};
+      ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(i->ifa_addr)->sin_addr,
+                  text.data(), text.size());
+      if (!std::string_view(text.data()).starts_with("127.")) own = text.data();
+    }
+    ::freeifaddrs(list);
+  }
+  if (own.empty()) GTEST_SKIP() << "no IPv4 address besides loopback here";
+  RecordingHandler handler;
+  ng::Listener listener(handler, "127.0.0.1", 0);
+  Proxy outside(AF_INET, listener.port());
+  ASSERT_TRUE(outside.bind_to(own.c_str()));
+  outside.send("1_1 d7:command4:pinge");
+  EXPECT_EQ(outside.receive(500), std::nullopt) << "from " << own;
+  EXPECT_EQ(listener.counters().unlisted, 1u);
+  Proxy inside(AF_INET, listener.port());
+  EXPECT_EQ(inside.call("1_2 d7:command4:pinge"), "1_2 d6:result4:ponge");
 }

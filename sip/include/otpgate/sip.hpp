@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -106,6 +107,17 @@ class Refused : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// An offer refused because this instance is full (no session, lane or port left), with
+// what is exhausted. Answered so that the proxy tries the next instance of its set:
+// `result: load limit` with this as `message` to a proxy that announces `supports: load
+// limit` (Kamailio), else `result: error` with exactly kSessionLimit as error-reason, the
+// only reason Kamailio's module moves on for (it compares the whole string).
+class Overloaded : public Refused {
+ public:
+  using Refused::Refused;
+};
+inline constexpr std::string_view kSessionLimit = "Parallel session limit reached";
+
 // The request dictionary of a datagram (after the cookie). Throws Refused for a dictionary
 // that is not a valid request (unknown command, missing call-id, wrong types).
 Request parse_request(const bencode::Value& dict);
@@ -163,29 +175,45 @@ class Handler {
 };
 
 // Replies by (sender, cookie), so a retransmitted request gets the identical reply and is
-// not executed twice. Bounded in entries and age (Kamailio retransmits within seconds).
+// not executed twice. A retransmission is the same bytes: a request that reuses a cached
+// cookie with another body (a restarted proxy whose new process counts its cookies from
+// the start again) is not one, and is run. Bounded in entries, bytes and age (Kamailio
+// retransmits within seconds).
 class ReplyCache {
  public:
   using Clock = std::chrono::steady_clock;
   explicit ReplyCache(std::size_t max_entries = 4096,
-                      Clock::duration max_age = std::chrono::seconds(60))
-      : max_entries_(max_entries), max_age_(max_age) {}
-  // The reply sent for this key, if it is still held.
-  const std::string* find(const std::string& key, Clock::time_point now);
-  void insert(const std::string& key, std::string reply, Clock::time_point now);
+                      Clock::duration max_age = std::chrono::seconds(60),
+                      std::size_t max_bytes = 32u << 20)
+      : max_entries_(max_entries), max_age_(max_age), max_bytes_(max_bytes) {}
+  // The reply sent for this key, if it is still held and was sent for these request bytes.
+  // `reused` (if given) tells whether the key is held for another request.
+  const std::string* find(const std::string& key, std::string_view request, Clock::time_point now,
+                          bool* reused = nullptr);
+  void insert(const std::string& key, std::string request, std::string reply,
+              Clock::time_point now);
   std::size_t size() const { return replies_.size(); }
 
  private:
+  struct Entry {
+    std::string request, reply;
+    Clock::time_point at;
+  };
   void expire(Clock::time_point now);
+  void erase(const std::string& key);
   std::size_t max_entries_;
   Clock::duration max_age_;
-  std::unordered_map<std::string, std::string> replies_;
+  std::size_t max_bytes_, bytes_ = 0;
+  std::unordered_map<std::string, Entry> replies_;
   std::deque<std::pair<Clock::time_point, std::string>> order_;  // oldest first
 };
 
 struct Counters {
   std::atomic<std::uint64_t> datagrams{0}, replies{0}, retransmissions{0}, errors{0},
-      dropped{0} /* no cookie: nothing to answer */;
+      dropped{0} /* no cookie: nothing to answer */,
+      overloaded{0} /* offers refused as "load limit" / kSessionLimit */,
+      cookie_reused{0} /* a cached cookie with another request: run, not answered from cache */,
+      unlisted{0} /* from a source not among the clients: no reply */;
 };
 
 // One datagram in, the reply datagram out (nullopt: none). `sender` names the source
@@ -197,6 +225,7 @@ class Processor {
   std::optional<std::string> process(std::string_view datagram, std::string_view sender,
                                      ReplyCache::Clock::time_point now);
   const Counters& counters() const { return counters_; }
+  std::atomic<std::uint64_t>& unlisted() { return counters_.unlisted; }
 
  private:
   bencode::Dict execute(std::string_view body);
@@ -206,12 +235,31 @@ class Processor {
   Counters counters_;
 };
 
+// Who may send ng commands: loopback sources (127.0.0.0/8, ::1) when `loopback`, and the
+// numeric addresses listed (an IPv4-mapped IPv6 source counts as its IPv4 address).
+struct Clients {
+  bool loopback = true;
+  std::vector<std::string> addresses;
+  bool allows(std::string_view address) const;
+};
+// An IPv4-mapped IPv6 address ("::ffff:10.0.0.2") as IPv4; others as they are.
+std::string plain_address(std::string_view address);
+
+struct ListenerOptions {
+  Clients clients;
+  // One line (no newline) about a datagram from a source that is not a client: at most
+  // once per source every 10 minutes, and at most 10 lines a minute in all.
+  std::function<void(const std::string&)> log;
+};
+
 // The ng control socket: a UDP socket on a numeric address (IPv4 or IPv6, port 0 picks
-// one) and a thread that answers each datagram in turn through a Processor. Stops and
+// one) and a thread that answers each datagram in turn through a Processor. Datagrams
+// from sources that are not clients get no reply and are counted (`unlisted`). Stops and
 // joins in its destructor.
 class Listener {
  public:
-  Listener(Handler& handler, const std::string& address, std::uint16_t port);
+  Listener(Handler& handler, const std::string& address, std::uint16_t port,
+           ListenerOptions options = {});
   ~Listener();
   Listener(const Listener&) = delete;
   Listener& operator=(const Listener&) = delete;
