@@ -76,7 +76,7 @@ request_route {{
         record_route();
         if (!rtpengine_offer("replace-origin replace-session-connection ICE=remove RTP/AVP")) {{
             xlog("L_ERR", "rtpengine_offer refused\\n");
-            sl_send_reply("488", "Not Acceptable Here");
+            send_reply("488", "Not Acceptable Here");
             exit;
         }}
         dlg_manage();

@@ -90,7 +90,7 @@ def main():
     instances = {"N1": "10.1.0.11:22222", "N2": "10.1.0.12:22222"}
     lab = sip_scaleout.SITE_CFG.format(ng1="N1", ng2="N2", tout=sip_scaleout.TOUT_MS,
                                        retr=sip_scaleout.RETR, disable=sip_scaleout.DISABLE_S,
-                                       peer="sae-b")
+                                       peer="sae-b", partner="PARTNER-PROXY:5060")
     for placeholder, address in instances.items():
         lab = lab.replace(f"udp:127.0.0.1:{placeholder}", f"udp:{address}")
     ok &= compare("Scale-out", "\n".join(lines), lab)

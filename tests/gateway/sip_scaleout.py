@@ -14,7 +14,10 @@ each gateway's lane journals are its own SAE pair's. Then instance A1 is killed 
 mid-call: its call stops delivering at once, the call on A2 goes on, new calls go to A2 and
 work; the time from the kill until a new call works, and the setup time of a call that
 Kamailio first offered to the dead instance, are printed and must stay within the call
-setup time plus the configured rtpengine timeouts. The orphaned call's BYE ends it at B1;
+setup time plus the configured rtpengine timeouts. With A1 still down, calls placed at
+site B (a caller at B, a callee at A) until one was first offered to B1: proxy A answers
+it 488, proxy B's failure route offers it again on B2, and it runs on pair 2 only, with
+media both ways, within the same bound. The orphaned call's BYE ends it at B1;
 the callee heard every caller's tone. Exit 77 (skip) where kamailio or baresip is missing.
 
 Usage: sip_scaleout.py SOURCE_DIR BUILD_DIR"""
@@ -50,7 +53,9 @@ modparam("rtpengine", "setid_avp", "$avp(otpset)")
 modparam("rtpengine", "rtpengine_tout_ms", {tout})
 modparam("rtpengine", "rtpengine_retr", {retr})
 modparam("rtpengine", "rtpengine_disable_tout", {disable})
+modparam("rtpengine", "aggressive_redetection", 0)
 modparam("rtpengine", "hash_table_tout", 86400)
+modparam("rtpengine", "rtp_inst_pvar", "$avp(otpinst)")
 route[OTPSET] {{
     if (has_totag()) {{
         if (check_route_param("otpset=1")) $avp(otpset) = 1;
@@ -65,7 +70,29 @@ route[OTPSET] {{
     t_check_trans();
     if (search_body("^a=x-otp:{peer}1[[:space:]]")) $avp(otpset) = 1;
     else if (search_body("^a=x-otp:{peer}2[[:space:]]")) $avp(otpset) = 2;
+    else {{   # a call this site places: if the partner refuses it, try the other instance
+        t_newtran();
+        t_save_lumps();   # a retry starts from the caller's INVITE (its SDP)
+        t_on_failure("OTPRETRY");
+    }}
     add_rr_param(";otpset=$avp(otpset)");
+}}
+failure_route[OTPRETRY] {{
+    # The partner refused the call (488: its instance paired with ours is down or full) or
+    # did not answer (408): offer it once more, on this site's other instance.
+    if (t_is_canceled() || !t_check_status("408|488") || $avp(otpretry) == 1) exit;
+    $avp(otpretry) = 1;
+    rtpengine_delete();   # on the instance that had it ($avp(otpinst))
+    if ($avp(otpinst) == "udp:127.0.0.1:{ng1}") $avp(otpset) = 2;
+    else $avp(otpset) = 1;
+    add_rr_param(";otpset=$avp(otpset)");
+    record_route();
+    if (!rtpengine_offer("replace-origin replace-session-connection ICE=remove RTP/AVP")) exit;
+    xlog("L_INFO", "otpgate: $ci offered again, on set $avp(otpset), to $ru via $du\\n");
+    t_on_reply("SDP");
+    $du = "sip:{partner}";   # the partner proxy, as the first branch
+    $ru = $ru;
+    t_relay();
 }}
 """
 
@@ -86,11 +113,13 @@ def main():
     kme_port, proxy_a, proxy_b = fixed[:3]
     st = dict(zip(("a1", "a2", "b1", "b2"), fixed[3:7]))
     ng = dict(zip(("a1", "a2", "b1", "b2"), fixed[7:11]))
-    # baresip listens on its SIP port (UDP, TCP) and the next one (TLS): eight in a row.
-    spare = free_ports(60, taken=fixed)
-    sip_b = next(p for p in spare if all(p + i in spare for i in range(1, 8)))
+    # baresip listens on its SIP port (UDP, TCP) and the next one (TLS): twelve in a row.
+    spare = free_ports(80, taken=fixed)
+    sip_b = next(p for p in spare if all(p + i in spare for i in range(1, 12)))
     sip = {"x": sip_b + 2, "y": sip_b + 4, "z": sip_b + 6}
-    consoles = free_ports(4, taken=(*fixed, *spare))
+    # A callee at site A and a caller at site B: calls placed at B (through B1 or B2).
+    sip_ar, sip_w = sip_b + 8, sip_b + 10
+    consoles = free_ports(6, taken=(*fixed, *spare))
     media = 4000 + (os.getpid() % 50) * 160  # 40 ports per instance
     tones = {"x": 440, "y": 550, "z": 330}
     try:
@@ -103,16 +132,21 @@ def main():
             gateways[name] = lab.start_gateway(
                 lab.gateway_config(me, peer, st[name], ng[name], low, low + 39, MAX_MEDIA,
                                    name=name), ng[name], st[name], name)
-        for site, port, partner in (("a", proxy_a, proxy_b), ("b", proxy_b, None)):
+        # Each proxy sends calls for the other site's user (b@ at B, ar@ at A) to the other
+        # proxy; calls for its own site's user go to the R-URI, the callee.
+        for site, port, partner, user in (("a", proxy_a, proxy_b, "b"),
+                                          ("b", proxy_b, proxy_a, "ar")):
             lab.start_kamailio(
                 site, port,
                 f"udp:127.0.0.1:{ng[site + '1']}=1 udp:127.0.0.1:{ng[site + '2']}=1",
-                f'$du = "sip:127.0.0.1:{partner}";' if partner else "",
+                f'if ($rU == "{user}") $du = "sip:127.0.0.1:{partner}";',
                 SITE_CFG.format(ng1=ng[site + "1"], ng2=ng[site + "2"], tout=TOUT_MS,
                                 retr=RETR, disable=DISABLE_S,
-                                peer="sae-" + ("b" if site == "a" else "a")),
+                                peer="sae-" + ("b" if site == "a" else "a"),
+                                partner=f"127.0.0.1:{partner}"),
                 media_set="route(OTPSET);")
         kamailio_a = next(p for p in procs.running if p.log.endswith("kamailio-a.log"))
+        kamailio_b = next(p for p in procs.running if p.log.endswith("kamailio-b.log"))
 
         home = {"callee": lab.baresip_home(
             "callee", sip_b, 660, consoles[0],
@@ -123,9 +157,18 @@ def main():
                 name, port, tones[name], console,
                 f"<sip:{name}@127.0.0.1:{port};transport=udp>;regint=0;"
                 f"outbound=\"sip:127.0.0.1:{proxy_a};transport=udp\"", video=False)
-        console = dict(zip(("x", "y", "z"), consoles[1:]))
+        home["ar"] = lab.baresip_home(
+            "ar", sip_ar, 770, consoles[4],
+            f"<sip:ar@127.0.0.1:{sip_ar};transport=udp>;regint=0;answermode=auto",
+            video=False, extra="call_max_calls 8\n")
+        home["w"] = lab.baresip_home(
+            "w", sip_w, 880, consoles[5],
+            f"<sip:w@127.0.0.1:{sip_w};transport=udp>;regint=0;"
+            f"outbound=\"sip:127.0.0.1:{proxy_b};transport=udp\"", video=False)
+        console = dict(zip(("x", "y", "z", "ar", "w"), consoles[1:]))
         callee = lab.start_baresip(home["callee"], "callee.log")
-        wait_until(lambda: udp_bound(sip_b), "the callee's SIP socket")
+        callee_a = lab.start_baresip(home["ar"], "ar.log")
+        wait_until(lambda: udp_bound(sip_b) and udp_bound(sip_ar), "the callees' SIP sockets")
 
         alive = {"a1", "a2", "b1", "b2"}
         known = set()  # call-ids seen so far
@@ -139,13 +182,14 @@ def main():
             return (c["state"] == "answered" and len(m) == 1
                     and m[0]["packets"]["to_peer"] > least and m[0]["packets"]["to_local"] > least)
 
-        def dial(name, log, pause=True):
-            """Starts caller `name`; returns (process, call-id, A instance number, setup
-            seconds) once the call has media both ways at both of its gateways."""
+        def dial(name, log, pause=True, to=f"b@127.0.0.1:{sip_b}"):
+            """Starts caller `name` dialling `to`; returns (process, call-id, instance
+            number, setup seconds) once the call has media both ways at both of its
+            gateways."""
             if pause:
                 time.sleep(1.1)  # the callee's recordings are named by the second they start
             start = time.monotonic()
-            p = lab.start_baresip(home[name], log, f"-e '/dial sip:b@127.0.0.1:{sip_b}'")
+            p = lab.start_baresip(home[name], log, f"-e '/dial sip:{to}'")
 
             def found():
                 if p.poll() is not None:
@@ -280,6 +324,31 @@ def main():
               f"{max(setups[:len(attempts)]):.1f} s; rtpengine_tout_ms x rtpengine_retr = "
               f"{TOUT_MS * RETR / 1000:.1f} s)")
         assert failover <= bound and recovery <= bound, (failover, recovery, bound)
+        # Calls placed at site B while A1 is down: proxy B may offer one to B1, whose only
+        # partner is A1; proxy A answers it 488 (its set for sae-b1 holds A1 alone), and
+        # proxy B's failure route offers the call again on B2, which reaches A2. Calls from
+        # w (site B) to ar (site A) until one has been retried that way.
+        def retried():
+            return len(re.findall(r"otpgate: \S+ offered again", procs.output(kamailio_b)))
+        direct, again, n = [], None, 0
+        while again is None:
+            assert n < 8, f"8 calls from site B, none offered first to B1: {direct}"
+            before_retries = retried()
+            p, cid, i, seconds = dial("w", f"w-{n}.log", pause=False,
+                                      to=f"ar@127.0.0.1:{sip_ar}")
+            n += 1
+            assert i == "2", i
+            check_pair(cid, i)
+            hang_up("w", p, cid, i)
+            if retried() > before_retries:
+                again = seconds
+            else:
+                direct.append(seconds)
+        print(f"calls placed at site B with A1 down: {n}; the one first offered to B1 had "
+              f"media both ways after {again:.2f} s, through B2 and A2"
+              + (f" (calls offered to B2 at once: {min(direct):.2f}-{max(direct):.2f} s)"
+                 if direct else ""))
+        assert again <= bound, (again, bound)
         # The orphaned call: its caller hangs up; proxy A's delete finds A1 disabled, the BYE
         # goes on and ends the call at B1.
         hang_up(orphan[0], orphan[1], orphan[2], "1")
