@@ -238,7 +238,13 @@ std::optional<std::uint16_t> Calls::take_port_unit() {
 
 void Calls::apply(Call& call, const std::vector<Leg>& legs,
                   const std::vector<std::optional<Admitted>>& admitted, bool from_partner,
-                  std::vector<Media*>& allocated) {
+                  bool new_call, std::vector<Media*>& allocated) {
+  // A new call that does not fit may go to another instance of the proxy's set; a running
+  // call's re-INVITE must stay here (the other instance has none of its state).
+  auto full = [&](const std::string& detail) {
+    if (new_call) throw ng::Overloaded(detail);
+    throw ng::Refused(detail);
+  };
   if (call.media.size() < legs.size()) call.media.resize(legs.size());
   for (std::size_t i = 0; i < legs.size(); ++i) {
     const Leg& leg = legs[i];
@@ -249,14 +255,13 @@ void Calls::apply(Call& call, const std::vector<Leg>& legs,
     }
     if (!m.active) {
       if (free_send_lanes_.empty()) {
-        throw ng::Refused("no call key lane free: " + std::to_string(sip_.max_media) +
-                          " call media run already (sip.max_media)");
+        full("no call key lane free: " + std::to_string(sip_.max_media) +
+             " call media run already (sip.max_media)");
       }
       const auto base = take_port_unit();
       if (!base) {
-        throw ng::Refused("no media ports free in sip.port_min-sip.port_max (" +
-                          std::to_string(sip_.port_min) + "-" + std::to_string(sip_.port_max) +
-                          ")");
+        full("no media ports free in sip.port_min-sip.port_max (" + std::to_string(sip_.port_min) +
+             "-" + std::to_string(sip_.port_max) + ")");
       }
       m.base = *base;
       m.send_lane = free_send_lanes_.front();
@@ -447,6 +452,26 @@ std::string Calls::offer(const ng::Request& request) {
   const std::lock_guard lock(mutex_);
   const auto found = calls_.find(request.call_id);
   const bool reoffer = found != calls_.end();
+  if (reoffer) {
+    Call& known = found->second;
+    if (known.delete_at) {  // an offer within the delete-delay revives the call
+      known.delete_at.reset();
+      ++stats_.revived;
+      std::fprintf(stderr, "otp-gateway[info]: call %s: a new offer within its delete-delay\n",
+                   known.call_id.c_str());
+    }
+    // The same offer again (the proxy ran a resent INVITE through rtpengine_offer): the
+    // same SDP as the first time, and the call as it is, answered or not. Running it again
+    // would take lanes and ports anew for media the answer had refused.
+    const auto& last = known.last_offer;
+    if (last && last->sdp == request.sdp && last->tag == request.from_tag &&
+        last->from_partner == from_partner) {
+      ++stats_.repeated_offers;
+      known.last_signal = unix_now();
+      known.last_activity = Clock::now();
+      return last->reply;
+    }
+  }
   const std::vector<Leg> legs = read_leg(session, from_partner, reoffer ? &found->second : nullptr);
   Call fresh;
   Call& call = reoffer ? found->second : fresh;
@@ -455,18 +480,34 @@ std::string Calls::offer(const ng::Request& request) {
     call.from_tag = request.from_tag;
     call.number = next_number_++;
     call.created = unix_now();
+    call.local_alive = call.peer_alive = Clock::now();
   }
-  const auto admitted = admit(legs, reoffer ? &found->second : nullptr);
   std::vector<Media*> allocated;
   try {
-    apply(call, legs, admitted, from_partner, allocated);
+    const auto admitted = admit(legs, reoffer ? &found->second : nullptr);
+    apply(call, legs, admitted, from_partner, !reoffer, allocated);
     call.offer_from_partner = from_partner;
     call.last_signal = unix_now();
     call.last_activity = Clock::now();
     if (call.answered) start_media(call);  // a re-INVITE of a running call
     std::string sdp = rewritten(std::move(session), call, !from_partner, request);
+    call.last_offer = Exchange{request.from_tag, from_partner, request.sdp, sdp};
+    call.last_answer.reset();  // a new offer: the next answer is a new one
+    if (!request.via_branch.empty()) {
+      call.via_branch = request.via_branch;
+      call.via_branches.insert(request.via_branch);
+    }
     if (!reoffer) calls_.emplace(call.call_id, std::move(fresh));
     return sdp;
+  } catch (const ng::Overloaded& e) {
+    for (Media* m : allocated) release(*m);
+    if (!reoffer) end(fresh);
+    ++stats_.refused_full;
+    std::fprintf(stderr,
+                 "otp-gateway[warning]: offer for call %s refused, this instance is full: %s "
+                 "(answered so that the proxy may try the next instance of its set)\n",
+                 request.call_id.c_str(), e.what());
+    throw;
   } catch (...) {
     for (Media* m : allocated) release(*m);
     if (!reoffer) end(fresh);
@@ -480,6 +521,14 @@ std::string Calls::answer(const ng::Request& request) {
   const auto found = calls_.find(request.call_id);
   if (found == calls_.end()) throw ng::Refused("unknown call-id " + request.call_id);
   Call& call = found->second;
+  // A retransmitted 200 OK through rtpengine_answer again: the same SDP, nothing changed.
+  if (call.last_answer && call.last_answer->sdp == request.sdp &&
+      call.last_answer->tag == request.to_tag) {
+    ++stats_.repeated_answers;
+    call.last_signal = unix_now();
+    call.last_activity = Clock::now();
+    return call.last_answer->reply;
+  }
   if (session.media.size() != call.media.size()) {
     throw ng::Refused("the answer has " + std::to_string(session.media.size()) +
                       " media, the offer had " + std::to_string(call.media.size()));
@@ -491,8 +540,9 @@ std::string Calls::answer(const ng::Request& request) {
     if (legs[i].accepted && !call.media[i].active)
       throw ng::Refused(media_name(i, session.media[i].type) + ": accepted, but not offered");
   }
-  apply(call, legs, {}, from_partner, allocated);
+  apply(call, legs, {}, from_partner, false, allocated);
   call.to_tag = request.to_tag;
+  if (!request.to_tag.empty()) call.answer_tags.insert(request.to_tag);
   call.answered = true;
   call.last_signal = unix_now();
   call.last_activity = Clock::now();
@@ -503,15 +553,47 @@ std::string Calls::answer(const ng::Request& request) {
     calls_.erase(found);
     throw;
   }
-  return rewritten(std::move(session), call, !from_partner, request);
+  std::string sdp = rewritten(std::move(session), call, !from_partner, request);
+  call.last_answer = Exchange{request.to_tag, from_partner, request.sdp, sdp};
+  return sdp;
 }
 
 std::optional<std::string> Calls::remove(const ng::Request& request) {
   const std::lock_guard lock(mutex_);
   const auto found = calls_.find(request.call_id);
   if (found == calls_.end()) return "unknown call";
-  end(found->second);
-  calls_.erase(found);
+  Call& call = found->second;
+  // A branch of a forked call that is not the one running here (e.g. the early media of a
+  // callee that lost to another's 200 OK): only that branch ends, and it holds nothing
+  // here. The call's own tags (either way round: a BYE from the callee swaps them), a tag
+  // this gateway never answered, or a call with one branch: the whole call, as rtpengine.
+  const std::string& tag = request.to_tag;
+  const bool other_branch = !tag.empty() && call.answer_tags.size() > 1 &&
+                            call.answer_tags.contains(tag) && tag != call.to_tag &&
+                            tag != call.from_tag && request.from_tag != call.to_tag;
+  const std::string& via = request.via_branch;
+  const bool other_via = !via.empty() && call.via_branches.size() > 1 &&
+                         call.via_branches.contains(via) && via != call.via_branch;
+  if (other_branch || other_via) {
+    if (other_branch) call.answer_tags.erase(tag);
+    if (other_via) call.via_branches.erase(via);
+    ++stats_.branch_deletes;
+    std::fprintf(stderr, "otp-gateway[info]: call %s: branch %s%s deleted, the call goes on\n",
+                 call.call_id.c_str(), other_branch ? "to-tag " : "via-branch ",
+                 (other_branch ? tag : via).c_str());
+    return std::nullopt;
+  }
+  const std::int64_t delay =
+      std::max<std::int64_t>(0, request.delete_delay.value_or(sip_.delete_delay_s));
+  if (delay == 0) {
+    end(call);
+    calls_.erase(found);
+    return std::nullopt;
+  }
+  // rtpengine's delete-delay: the media go on that long (a late re-offer revives the call).
+  call.delete_at = Clock::now() + std::chrono::seconds(delay);
+  call.last_signal = unix_now();
+  ++stats_.delayed_deletes;
   return std::nullopt;
 }
 
@@ -559,6 +641,7 @@ CallMediaPlane::Counters Calls::totals(const Call& call) const {
     if (const auto c = plane_.counters(m.stream)) {
       t.packets_from_local += c->packets_from_local;
       t.packets_from_peer += c->packets_from_peer;
+      t.packets_to_local += c->packets_to_local;
     }
   }
   return t;
@@ -566,25 +649,94 @@ CallMediaPlane::Counters Calls::totals(const Call& call) const {
 
 void Calls::expire(Clock::time_point now) {
   const std::lock_guard lock(mutex_);
+  const auto timeout = std::chrono::seconds(sip_.media_timeout_s);
   for (auto it = calls_.begin(); it != calls_.end();) {
     Call& call = it->second;
-    const auto t = totals(call);
-    const std::uint64_t packets = t.packets_from_local + t.packets_from_peer;
-    if (packets != call.last_packets) {
-      call.last_packets = packets;
-      call.last_activity = now;
+    if (call.delete_at && now >= *call.delete_at) {
+      std::fprintf(stderr, "otp-gateway[info]: call %s ended: its delete-delay is over\n",
+                   call.call_id.c_str());
+      end(call);
+      it = calls_.erase(it);
+      continue;
     }
-    if (now - call.last_activity < std::chrono::seconds(sip_.media_timeout_s)) {
+    const auto t = totals(call);
+    if (t.packets_from_local != call.last_from_local) {
+      call.last_from_local = t.packets_from_local;
+      call.local_alive = now;
+    }
+    // From the partner: what decrypted (announcements and garbage sent to the OTP port
+    // do not keep a call alive).
+    if (t.packets_to_local != call.last_from_peer) {
+      call.last_from_peer = t.packets_to_local;
+      call.peer_alive = now;
+    }
+    // Both sides must show life (or the proxy signal): a caller that keeps sending after
+    // the callee vanished without a BYE the proxy saw would otherwise hold its lanes and
+    // spend pad for nobody, forever.
+    const auto quiet_since =
+        std::max(call.last_activity, std::min(call.local_alive, call.peer_alive));
+    if (now - quiet_since < timeout) {
       ++it;
       continue;
     }
-    std::fprintf(stderr,
-                 "otp-gateway[info]: call %s ended: no media and no signal for %u s "
-                 "(sip.media_timeout_s)\n",
-                 call.call_id.c_str(), sip_.media_timeout_s);
+    const bool local = now - call.local_alive < timeout, peer = now - call.peer_alive < timeout;
+    if (local || peer) {
+      ++stats_.timed_out_one_way;
+      std::fprintf(stderr,
+                   "otp-gateway[info]: call %s ended: nothing from the %s for %u s while the %s "
+                   "still sends, and no signal (sip.media_timeout_s)\n",
+                   call.call_id.c_str(), local ? "partner gateway" : "local endpoint",
+                   sip_.media_timeout_s, local ? "local endpoint" : "partner gateway");
+    } else {
+      ++stats_.timed_out;
+      std::fprintf(stderr,
+                   "otp-gateway[info]: call %s ended: no media and no signal for %u s "
+                   "(sip.media_timeout_s)\n",
+                   call.call_id.c_str(), sip_.media_timeout_s);
+    }
     end(call);
     it = calls_.erase(it);
   }
+}
+
+json Calls::counters() const {
+  const std::lock_guard lock(mutex_);
+  return {{"repeated_offers", stats_.repeated_offers},
+          {"repeated_answers", stats_.repeated_answers},
+          {"offers_refused_full", stats_.refused_full},
+          {"branch_deletes", stats_.branch_deletes},
+          {"delayed_deletes", stats_.delayed_deletes},
+          {"revived", stats_.revived},
+          {"timed_out", stats_.timed_out},
+          {"timed_out_one_way", stats_.timed_out_one_way}};
+}
+
+ng::ListenerOptions Calls::listener_options() const {
+  ng::ListenerOptions o;
+  o.clients.loopback = !sip_.ng_clients_set;
+  for (const auto& host : sip_.ng_clients) {
+    const std::size_t before = o.clients.addresses.size();
+    for (const auto& address : resolve(host)) {
+      // resolve() keeps the name itself beside its addresses; only addresses match sources.
+      in6_addr any{};
+      if (inet_pton(AF_INET, address.c_str(), &any) == 1 ||
+          inet_pton(AF_INET6, address.c_str(), &any) == 1)
+        o.clients.addresses.push_back(ng::plain_address(address));
+    }
+    if (o.clients.addresses.size() == before) {
+      std::fprintf(stderr,
+                   "otp-gateway[warning]: sip.ng_clients: \"%s\" does not resolve now; it "
+                   "cannot send ng commands until the gateway restarts\n",
+                   host.c_str());
+    }
+  }
+  if (sip_.ng_clients_set && o.clients.addresses.empty()) {
+    throw std::runtime_error("sip.ng_clients: none of them resolves to an address");
+  }
+  o.log = [](const std::string& line) {
+    std::fprintf(stderr, "otp-gateway[warning]: %s\n", line.c_str());
+  };
+  return o;
 }
 
 json Calls::status() const {
@@ -624,7 +776,9 @@ json Calls::status() const {
                     {"from_tag", call.from_tag},
                     {"to_tag", call.to_tag},
                     {"offer_from", call.offer_from_partner ? "partner" : "local"},
-                    {"state", call.answered ? "answered" : "offered"},
+                    {"state", call.delete_at  ? "deleting"
+                              : call.answered ? "answered"
+                                              : "offered"},
                     {"created", call.created},
                     {"media", std::move(media)}});
   }

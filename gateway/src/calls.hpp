@@ -62,11 +62,17 @@ class Calls final : public ng::Handler {
   ng::QueryResult query(const ng::Request& request) override;
   std::vector<std::string> list(std::size_t limit) override;
 
-  // Ends calls that had neither a packet nor a signal for media_timeout_s.
+  // Ends calls whose delete-delay is over, and calls that had no signal for
+  // media_timeout_s while one of their sides (the local endpoint, the partner gateway)
+  // sent nothing that long.
   void expire(Clock::time_point now);
-  nlohmann::json status() const;  // the status API's "calls"
+  nlohmann::json status() const;    // the status API's "calls"
+  nlohmann::json counters() const;  // for the status API's "sip"
   std::size_t free_send_lanes() const;
   std::size_t free_port_units() const;
+  // The ng listener's clients (sip.ng_clients, resolved now; loopback only when absent)
+  // and its log line for datagrams from others.
+  ng::ListenerOptions listener_options() const;
 
  private:
   struct Media {
@@ -83,15 +89,35 @@ class Calls final : public ng::Handler {
     std::optional<std::uint64_t> cap_bits_per_s;  // b=TIAS towards the local endpoint
     StreamConfig built;                           // what they run with
   };
+  // An offer or answer as it came and the SDP it was answered with, so that the same
+  // request again (a resent INVITE the proxy ran through rtpengine_offer again, a
+  // retransmitted 200 OK) gets the same SDP and changes nothing.
+  struct Exchange {
+    std::string tag;  // from-tag of an offer, to-tag of an answer
+    bool from_partner = false;
+    std::string sdp, reply;
+  };
   struct Call {
     std::string call_id, from_tag, to_tag;
     std::uint64_t number = 0;
     bool offer_from_partner = false;  // the latest offer's leg
     bool answered = false;
     std::int64_t created = 0, last_signal = 0;  // UNIX seconds
-    Clock::time_point last_activity;
-    std::uint64_t last_packets = 0;
+    Clock::time_point last_activity;            // the last signal
+    // Each side's last sign of life: packets from the local endpoint, packets decrypted
+    // from the partner gateway (garbage sent to the OTP port does not count).
+    Clock::time_point local_alive, peer_alive;
+    std::uint64_t last_from_local = 0, last_from_peer = 0;
+    std::optional<Exchange> last_offer, last_answer;
+    std::set<std::string> answer_tags;           // to-tags answered: the branches of a forked call
+    std::set<std::string> via_branches;          // via-branches offered
+    std::string via_branch;                      // the latest offer's
+    std::optional<Clock::time_point> delete_at;  // deleted with a delete-delay
     std::vector<Media> media;
+  };
+  struct Stats {
+    std::uint64_t repeated_offers = 0, repeated_answers = 0, refused_full = 0, branch_deletes = 0,
+                  delayed_deletes = 0, revived = 0, timed_out = 0, timed_out_one_way = 0;
   };
   // What one SDP says about each of its media, checked before anything is allocated.
   struct Leg {
@@ -112,8 +138,10 @@ class Calls final : public ng::Handler {
     std::optional<std::uint64_t> cap_bits_per_s;
     double pad_bytes_per_s = 0;
   };
+  // `new_call`: an initial offer, refused as ng::Overloaded when no lane or port is free
+  // (the proxy may try another instance); a re-INVITE's new media is refused plainly.
   void apply(Call& call, const std::vector<Leg>& legs,
-             const std::vector<std::optional<Admitted>>& admitted, bool from_partner,
+             const std::vector<std::optional<Admitted>>& admitted, bool from_partner, bool new_call,
              std::vector<Media*>& allocated);
   std::string rewritten(sdp::Session session, const Call& call, bool towards_partner,
                         const ng::Request& request) const;
@@ -137,6 +165,7 @@ class Calls final : public ng::Handler {
   std::size_t next_unit_ = 0;
   std::deque<std::size_t> free_send_lanes_;  // least recently used first
   std::vector<bool> receive_lane_used_;
+  Stats stats_;
 };
 
 }  // namespace otpgate::gateway

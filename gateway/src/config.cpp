@@ -25,8 +25,9 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
        {"status", {"listen", "server_names", "unhealthy_after_s"}},
        {"ice", {"signalling_listen", "peer_signalling", "stun"}},
        {"sip",
-        {"ng_listen", "media_address", "port_min", "port_max", "max_media", "media_timeout_s",
-         "key_rate_bits_per_s", "admission_horizon_s", "over_budget"}},
+        {"ng_listen", "ng_clients", "delete_delay_s", "media_address", "port_min", "port_max",
+         "max_media", "media_timeout_s", "key_rate_bits_per_s", "admission_horizon_s",
+         "over_budget"}},
        {"stream",
         {"name", "direction", "local_rtp_port", "local_rtcp_port", "peer_port", "listen_port",
          "deliver_rtp", "deliver_rtcp"},
@@ -125,6 +126,35 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
     if (s.over_budget != "refuse" && s.over_budget != "cap" && s.over_budget != "aes") {
       r.fail("sip.over_budget", '"' + s.over_budget + '"', "\"refuse\", \"cap\" or \"aes\"");
     }
+    s.ng_clients_set = sip->contains("ng_clients");
+    s.ng_clients = r.hosts(*sip, "sip.", "ng_clients");
+    if (s.ng_clients_set && s.ng_clients.empty()) {
+      r.fail("sip.ng_clients", "[]",
+             "the SIP proxies' addresses or host names, e.g. [\"10.1.0.2\"] (no client could "
+             "drive the gateway)");
+    }
+    {
+      in6_addr listen{};
+      in_addr listen4{};
+      std::string host = s.ng_listen.host;
+      if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+        host = host.substr(1, host.size() - 2);
+      const bool loopback =
+          (inet_pton(AF_INET, host.c_str(), &listen4) == 1 &&
+           (ntohl(listen4.s_addr) >> 24) == 127) ||
+          (inet_pton(AF_INET6, host.c_str(), &listen) == 1 && IN6_IS_ADDR_LOOPBACK(&listen));
+      if (!loopback && !s.ng_clients_set) {
+        r.fail(
+            "sip.ng_clients", "",
+            "the SIP proxies' addresses, e.g. ng_clients = [\"10.1.0.2\"], when sip.ng_listen (" +
+                host +
+                ") is not a loopback address: anyone who can reach the ng socket "
+                "could open calls and end others'");
+      }
+    }
+    s.delete_delay_s = static_cast<std::uint32_t>(r.integer(*sip, "sip.", "delete_delay_s", 0, 3600,
+                                                            "seconds from 0 to 3600",
+                                                            std::int64_t{s.delete_delay_s}));
     const std::uint32_t units = s.port_max >= s.port_min ? (s.port_max - s.port_min + 1u) / 4u : 0u;
     if (units < s.max_media) {
       r.fail("sip.port_max", std::to_string(s.port_max),

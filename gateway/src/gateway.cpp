@@ -643,6 +643,16 @@ struct Gateway::Impl final : CallMediaPlane {
                     {"max_media", config.sip->max_media},
                     {"free_media", calls->free_send_lanes()},
                     {"free_port_units", calls->free_port_units()}};
+      out["sip"].update(calls->counters());
+      if (ng_listener) {
+        const ng::Counters& c = ng_listener->counters();
+        out["sip"]["ng"] = {{"datagrams", c.datagrams.load()},
+                            {"retransmissions", c.retransmissions.load()},
+                            {"errors", c.errors.load()},
+                            {"overloaded", c.overloaded.load()},
+                            {"cookie_reused", c.cookie_reused.load()},
+                            {"unlisted", c.unlisted.load()}};
+      }
     }
     bool healthy = true;
     json list = json::array();
@@ -709,7 +719,8 @@ void Gateway::start() {
     g.calls = std::make_unique<Calls>(g.config, g);
     const Endpoint& at = g.config.sip->ng_listen;
     try {
-      g.ng_listener = std::make_unique<ng::Listener>(*g.calls, at.host, at.port);
+      g.ng_listener =
+          std::make_unique<ng::Listener>(*g.calls, at.host, at.port, g.calls->listener_options());
     } catch (const std::exception& e) {
       throw std::runtime_error("sip.ng_listen " + endpoint_text(at) + ": cannot listen (" +
                                e.what() + ")");

@@ -215,6 +215,18 @@ std::string metrics_text(const json& st) {
       }
     }
   }
+  if (st.contains("sip")) {  // the ng side's counters: otpgate_sip_<name>_total
+    const json& sip = st["sip"];
+    for (const auto& [name, value] : sip.items()) {
+      if (value.is_number_unsigned() && name != "ng_port" && name != "max_media" &&
+          name.rfind("free_", 0) != 0)
+        metric("otpgate_sip_" + name + "_total", "counter", site, value.get<double>());
+    }
+    if (sip.contains("ng")) {
+      for (const auto& [name, value] : sip["ng"].items())
+        metric("otpgate_sip_ng_" + name + "_total", "counter", site, value.get<double>());
+    }
+  }
   for (const auto& l : st["links"]) {
     const std::string labels = site + ",peer=\"" +
                                label_value(l["peer_sae_id"].get<std::string>()) +

@@ -1022,3 +1022,379 @@ TEST_F(GatewayCallsTest, StaticStreamsMeasuredPadCountsAgainstTheBudget) {
   EXPECT_GT(std::stoi(measured[1]), 300) << reason;
   EXPECT_TRUE(status(*a_)["calls"].empty());
 }
+
+// A resent INVITE that the proxy ran through rtpengine_offer again (a new cookie, the same
+// call-id, from-tag and SDP), and retransmitted 200 OKs run through rtpengine_answer again,
+// in the orders two proxies can produce them, the duplicate offers also after the answers:
+// each duplicate is answered with the SDP the first got, and the call keeps its ports,
+// lanes and streams, its media crossing byte for byte.
+TEST_F(GatewayCallsTest, RepeatedOffersAndAnswersLeaveARunningCallAsItIs) {
+  start_sip(4);
+  enum Step {
+    offer_a,
+    offer_b,
+    answer_b,
+    answer_a,
+    dup_offer_a,
+    dup_offer_b,
+    dup_answer_b,
+    dup_answer_a
+  };
+  struct Order {
+    std::vector<Step> steps;
+    bool video_refused = false;  // audio + video offered, the callee answers video with port 0
+  };
+  const std::vector<Order> orders{
+      {{offer_a, dup_offer_a, offer_b, answer_b, answer_a}},
+      {{offer_a, offer_b, dup_offer_a, dup_offer_b, answer_b, answer_a}},
+      {{offer_a, offer_b, answer_b, dup_offer_a, answer_a, dup_answer_b}},
+      {{offer_a, offer_b, answer_b, answer_a, dup_offer_a, dup_offer_b, dup_answer_b,
+        dup_answer_a}},
+      {{offer_a, offer_b, answer_b, answer_a, dup_offer_a, dup_offer_b, dup_answer_b}, true},
+      {{offer_a, offer_b, answer_b, dup_offer_b, answer_a, dup_offer_a, dup_answer_a}, true},
+  };
+  for (std::size_t n = 0; n < orders.size(); ++n) {
+    UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+    const NgKeys k{"dup-" + std::to_string(n), "from-" + std::to_string(n),
+                   "to-" + std::to_string(n)};
+    auto video = [&](int port) {
+      return "m=video " + std::to_string(port) +
+             " RTP/AVP 100\r\nb=AS:1500\r\na=rtpmap:100 VP8/90000\r\na=sendrecv\r\n";
+    };
+    std::string caller_sdp = endpoint_sdp(endpoint_port(0)),
+                callee_sdp = endpoint_sdp(endpoint_port(1));
+    if (orders[n].video_refused) {
+      caller_sdp += video(endpoint_port(4));
+      callee_sdp += video(0);
+    }
+    Placed p;
+    json running_a, running_b;  // each gateway's call once both answers were through
+    for (const Step step : orders[n].steps) {
+      switch (step) {
+        case offer_a:
+          p.to_b = ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, caller_sdp)));
+          break;
+        case offer_b:
+          p.to_callee = ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "offer", k, p.to_b)));
+          break;
+        case answer_b:
+          p.to_a = ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "answer", k, callee_sdp)));
+          break;
+        case answer_a:
+          p.to_caller = ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "answer", k, p.to_a)));
+          running_a = status(*a_)["calls"];
+          running_b = status(*b_)["calls"];
+          break;
+        case dup_offer_a:
+          EXPECT_EQ(ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, caller_sdp))), p.to_b)
+              << "order " << n;
+          break;
+        case dup_offer_b:
+          EXPECT_EQ(ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "offer", k, p.to_b))), p.to_callee)
+              << "order " << n;
+          break;
+        case dup_answer_b:
+          EXPECT_EQ(ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "answer", k, callee_sdp))), p.to_a)
+              << "order " << n;
+          break;
+        case dup_answer_a:
+          EXPECT_EQ(ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "answer", k, p.to_a))), p.to_caller)
+              << "order " << n;
+          break;
+      }
+    }
+    ASSERT_FALSE(p.to_caller.empty()) << "order " << n;
+    // The same call at each gateway as right after the answers: media, ports, lanes, stream.
+    for (auto* calls : {&running_a, &running_b}) {
+      for (auto& c : *calls) c.erase("last_signal");
+    }
+    json now_a = status(*a_)["calls"], now_b = status(*b_)["calls"];
+    for (auto* calls : {&now_a, &now_b}) {
+      for (auto& c : *calls) {
+        c.erase("last_signal");
+        for (auto& m : c["media"]) m.erase("packets"), m.erase("key_used_bytes");
+      }
+    }
+    for (auto* calls : {&running_a, &running_b}) {
+      for (auto& c : *calls) {
+        for (auto& m : c["media"]) m.erase("packets"), m.erase("key_used_bytes");
+      }
+    }
+    EXPECT_EQ(now_a, running_a) << "order " << n;
+    EXPECT_EQ(now_b, running_b) << "order " << n;
+    ASSERT_EQ(now_a.size(), 1u);
+    EXPECT_EQ(now_a[0]["media"].size(), 1u);
+    for (auto* g : {a_.get(), b_.get()}) {
+      const json st = status(*g);
+      EXPECT_EQ(st["sip"]["free_media"], 3) << "order " << n;
+      EXPECT_EQ(st["streams"].size(), 3u) << "order " << n;  // two static, one call
+    }
+    std::vector<Bytes> there, back;
+    EXPECT_EQ(send(caller, media_port(p.to_caller), callee, 40, 300 + n, there, random_), there)
+        << "order " << n;
+    EXPECT_EQ(send(callee, media_port(p.to_callee), caller, 40, 400 + n, back, random_), back)
+        << "order " << n;
+    hang_up(k);
+  }
+}
+
+namespace {
+
+// An ng client at a given loopback source address (127.0.0.2: not the proxy).
+class NgClient {
+ public:
+  explicit NgClient(const char* address) : fd_(::socket(AF_INET, SOCK_DGRAM, 0)) {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    ::inet_pton(AF_INET, address, &a.sin_addr);
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0)
+      throw std::runtime_error("bind failed");
+  }
+  ~NgClient() { ::close(fd_); }
+  NgClient(const NgClient&) = delete;
+  NgClient& operator=(const NgClient&) = delete;
+  // The reply's dictionary; {"result": "no reply"} when none came within `timeout_ms`.
+  bencode::Dict call(std::uint16_t port, const std::string& datagram, int timeout_ms = 5000) {
+    sockaddr_in to{};
+    to.sin_family = AF_INET;
+    to.sin_port = htons(port);
+    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ::sendto(fd_, datagram.data(), datagram.size(), 0, reinterpret_cast<sockaddr*>(&to), sizeof to);
+    pollfd p{fd_, POLLIN, 0};
+    if (::poll(&p, 1, timeout_ms) != 1) return {{"result", "no reply"}};
+    std::string buffer(65536, '\0');
+    const ssize_t n = ::recv(fd_, buffer.data(), buffer.size(), 0);
+    buffer.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
+    const auto parts = otpgate::ng::split_datagram(buffer);
+    if (!parts) return {{"result", "garbled"}};
+    return *bencode::decode(parts->body).dict();
+  }
+
+ private:
+  int fd_;
+};
+
+std::string without_supports(std::string datagram) {
+  const std::string supports = "8:supportsl10:load limite";
+  datagram.erase(datagram.find(supports), supports.size());
+  return datagram;
+}
+
+}  // namespace
+
+// A full instance (max_media = 1, its lane taken) refuses a new call so that Kamailio
+// moves to the next instance of its set: `load limit` with the reason as message (it
+// announces supports: load limit), or exactly "Parallel session limit reached" for a proxy
+// that does not; logged and counted. A running call's re-INVITE that wants more is refused
+// plainly (another instance has none of its state), and the running call goes on.
+TEST_F(GatewayCallsTest, AFullInstanceRefusesNewCallsSoThatTheProxyTriesTheNextOne) {
+  start_sip(1);
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  const NgKeys k{"full-1", "f1", "t1"};
+  const Placed p = place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+  const std::string detail = "no call key lane free: 1 call media run already (sip.max_media)";
+  const auto limited = ng(a_->ng_port(), kamailio(cookie(), "offer", {"full-2", "f2", ""},
+                                                  endpoint_sdp(endpoint_port(2))));
+  EXPECT_EQ(text_of(limited, "result"), "load limit");
+  EXPECT_EQ(text_of(limited, "message"), detail);
+  const auto refused =
+      ng(a_->ng_port(), without_supports(kamailio(cookie(), "offer", {"full-3", "f3", ""},
+                                                  endpoint_sdp(endpoint_port(2)))));
+  EXPECT_EQ(text_of(refused, "result"), "error");
+  EXPECT_EQ(text_of(refused, "error-reason"), "Parallel session limit reached");
+  // A re-INVITE of the running call adding video: refused with the reason itself.
+  const std::string with_video = endpoint_sdp(endpoint_port(0)) + "m=video " +
+                                 std::to_string(endpoint_port(4)) +
+                                 " RTP/AVP 100\r\na=rtpmap:100 VP8/90000\r\n";
+  const auto more = ng(a_->ng_port(), kamailio(cookie(), "offer", k, with_video));
+  EXPECT_EQ(text_of(more, "result"), "error");
+  EXPECT_EQ(text_of(more, "error-reason"), detail);
+  const json st = status(*a_);
+  EXPECT_EQ(st["sip"]["offers_refused_full"], 2);
+  EXPECT_EQ(st["sip"]["ng"]["overloaded"], 2);
+  ASSERT_EQ(st["calls"].size(), 1u);
+  EXPECT_EQ(st["sip"]["free_media"], 0);
+  const std::string metrics = a_->metrics_text();
+  EXPECT_NE(metrics.find("otpgate_sip_offers_refused_full_total{site=\"" +
+                         st["site"].get<std::string>() + "\"} 2"),
+            std::string::npos)
+      << metrics;
+  std::vector<Bytes> there;
+  EXPECT_EQ(send(caller, media_port(p.to_caller), callee, 30, 77, there, random_), there);
+  hang_up(k);
+}
+
+// Only sip.ng_clients drive the gateway: a datagram from another source (127.0.0.2 here)
+// gets no reply, and its delete leaves the call it names running; counted.
+TEST_F(GatewayCallsTest, DatagramsFromOutsideNgClientsAreIgnored) {
+  start_sip(12, 60, "ng_clients = [\"127.0.0.1\"]\n");
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  const NgKeys k{"guarded-1", "f1", "t1"};
+  const Placed p = place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+  NgClient stranger("127.0.0.2");
+  EXPECT_EQ(text_of(stranger.call(a_->ng_port(), kamailio(cookie(), "delete", k), 700), "result"),
+            "no reply");
+  EXPECT_EQ(text_of(stranger.call(a_->ng_port(),
+                                  kamailio(cookie(), "offer", {"evil", "e", ""},
+                                           endpoint_sdp(endpoint_port(2))),
+                                  300),
+                    "result"),
+            "no reply");
+  const json st = status(*a_);
+  ASSERT_EQ(st["calls"].size(), 1u);
+  EXPECT_EQ(st["calls"][0]["call_id"], "guarded-1");
+  EXPECT_EQ(st["sip"]["ng"]["unlisted"], 2);
+  std::vector<Bytes> there;
+  EXPECT_EQ(send(caller, media_port(p.to_caller), callee, 30, 78, there, random_), there);
+  NgClient proxy("127.0.0.1");  // the listed client is answered
+  EXPECT_EQ(text_of(proxy.call(a_->ng_port(), kamailio(cookie(), "ping", {})), "result"), "pong");
+  hang_up(k);
+}
+
+TEST(GatewayCallsConfig, NgClientsAreRequiredOffLoopback) {
+  const std::string pki = otpgate::testing::pki_dir().string();
+  const std::string base =
+      "[site]\nname = \"a\"\nsae_id = \"sae-a\"\n[kme]\nurl = "
+      "\"https://127.0.0.1:1\"\ntls_cert = \"" +
+      pki + "/sae-a.crt\"\ntls_key = \"" + pki + "/sae-a.key\"\ntls_ca = \"" + pki +
+      "/ca.crt\"\n[peer]\nsae_id = \"sae-b\"\naddress = \"127.0.0.1\"\n[sip]\nmedia_address = "
+      "\"10.0.0.1\"\nport_min = 30000\nport_max = 30031\n";
+  auto load = [&](const std::string& sip) {
+    try {
+      otpgate::gateway::parse_config(base + sip, "a.toml");
+      return std::string("loaded");
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+  };
+  const std::string open = load("ng_listen = \"10.0.0.1:22222\"\n");
+  EXPECT_EQ(open,
+            "a.toml: sip.ng_clients is missing: expected the SIP proxies' addresses, e.g. "
+            "ng_clients = [\"10.1.0.2\"], when sip.ng_listen (10.0.0.1) is not a loopback "
+            "address: anyone who can reach the ng socket could open calls and end others'");
+  EXPECT_EQ(open.find('\n'), std::string::npos);
+  EXPECT_EQ(load("ng_listen = \"0.0.0.0:22222\"\n").find("sip.ng_clients is missing"), 8u);
+  EXPECT_EQ(load("ng_listen = \"10.0.0.1:22222\"\nng_clients = [\"10.0.0.2\", \"proxy-a\"]\n"),
+            "loaded");
+  EXPECT_NE(load("ng_clients = []\n").find("sip.ng_clients = []"), std::string::npos);
+  EXPECT_NE(load("ng_clients = [\"a b\"]\n").find("sip.ng_clients"), std::string::npos);
+  EXPECT_EQ(load("ng_listen = \"[::1]:22222\"\n"), "loaded");
+  EXPECT_EQ(load("delete_delay_s = 30\n"), "loaded");
+  EXPECT_NE(load("delete_delay_s = 7200\n").find("sip.delete_delay_s"), std::string::npos);
+}
+
+// A forked call: the callee's first branch (to-tag t1) answered, then another (t2) took
+// over with its own endpoint. A delete of branch t1 leaves the call and its media; the
+// running branch's delete with delete-delay 2 keeps the media that long, an offer within
+// it revives the call, and the delete-delay 0 that follows ends it at once.
+TEST_F(GatewayCallsTest, BranchDeletesAndDeleteDelay) {
+  start_sip(4);
+  UdpSocket caller(endpoint_port(0)), first(endpoint_port(1)), second(endpoint_port(2));
+  const NgKeys k{"fork-1", "f1", "t1"}, k2{"fork-1", "f1", "t2"};
+  const Placed p = place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+  const std::string to_a2 =
+      ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "answer", k2, endpoint_sdp(endpoint_port(2)))));
+  ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "answer", k2, to_a2)));
+  const std::uint16_t a_local = media_port(p.to_caller), b_local = media_port(p.to_callee);
+  std::vector<Bytes> sent;
+  EXPECT_EQ(send(caller, a_local, second, 20, 90, sent, random_), sent);
+  // The losing branch's delete (its 487, through the proxies): nothing ends.
+  for (auto* g : {a_.get(), b_.get()}) {
+    const auto r = ng(g->ng_port(), kamailio(cookie(), "delete", k));
+    EXPECT_EQ(text_of(r, "result"), "ok");
+    EXPECT_EQ(status(*g)["calls"].size(), 1u);
+    EXPECT_EQ(status(*g)["sip"]["branch_deletes"], 1);
+  }
+  sent.clear();
+  EXPECT_EQ(send(second, b_local, caller, 20, 91, sent, random_), sent);
+  // The running branch's delete with a delay: media go on.
+  for (auto* g : {a_.get(), b_.get()}) {
+    EXPECT_EQ(text_of(ng(g->ng_port(), kamailio(cookie(), "delete", k2, {}, "12:delete-delayi2e")),
+                      "result"),
+              "ok");
+    EXPECT_EQ(status(*g)["calls"][0]["state"], "deleting");
+  }
+  sent.clear();
+  EXPECT_EQ(send(caller, a_local, second, 20, 92, sent, random_), sent);
+  // A re-offer within it revives the call (here the same INVITE again).
+  EXPECT_EQ(
+      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, endpoint_sdp(endpoint_port(0))))),
+      p.to_b);
+  std::this_thread::sleep_for(std::chrono::milliseconds(3500));
+  EXPECT_EQ(status(*a_)["calls"].size(), 1u);
+  EXPECT_EQ(status(*a_)["calls"][0]["state"], "answered");
+  EXPECT_EQ(status(*a_)["sip"]["revived"], 1);
+  EXPECT_TRUE(status(*b_)["calls"].empty());  // B's delete-delay ran out
+  EXPECT_EQ(status(*b_)["sip"]["free_media"], 4);
+  // delete-delay 0: now.
+  EXPECT_EQ(text_of(ng(a_->ng_port(), kamailio(cookie(), "delete", k2, {}, "12:delete-delayi0e")),
+                    "result"),
+            "ok");
+  EXPECT_TRUE(status(*a_)["calls"].empty());
+  EXPECT_EQ(status(*a_)["sip"]["free_media"], 4);
+}
+
+// sip.delete_delay_s applies to a delete without delete-delay.
+TEST_F(GatewayCallsTest, ConfiguredDeleteDelay) {
+  start_sip(4, 60, "delete_delay_s = 1\n");
+  const NgKeys k{"delay-1", "f1", "t1"};
+  place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+  EXPECT_EQ(text_of(ng(a_->ng_port(), kamailio(cookie(), "delete", k)), "result"), "ok");
+  EXPECT_EQ(status(*a_)["calls"][0]["state"], "deleting");
+  std::this_thread::sleep_for(std::chrono::milliseconds(2600));
+  EXPECT_TRUE(status(*a_)["calls"].empty());
+  EXPECT_EQ(status(*a_)["sip"]["delayed_deletes"], 1);
+}
+
+// The proxy never sends delete and the callee vanished; the caller keeps sending. Each
+// gateway ends the call after media_timeout_s: A hears nothing from the partner, B
+// nothing from its endpoint; the caller's packets alone do not keep it (or its pad use).
+TEST_F(GatewayCallsTest, MediaFlowingOneWayOnlyEndsTheCallAtTheMediaTimeout) {
+  start_sip(12, 5);
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  const NgKeys k{"one-way-1", "f1", "t1"};
+  const Placed p = place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+  const auto placed = std::chrono::steady_clock::now();
+  std::atomic<bool> sending{true};
+  std::thread keeps_sending([&] {
+    for (std::uint16_t seq = 0; sending; ++seq) {
+      caller.send_to(media_port(p.to_caller), random_rtp(seq, 0x1e7, random_));
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  auto both_ended = [&] { return status(*a_)["calls"].empty() && status(*b_)["calls"].empty(); };
+  while (!both_ended() && std::chrono::steady_clock::now() - placed < std::chrono::seconds(12))
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  const auto ended = std::chrono::steady_clock::now() - placed;
+  sending = false;
+  keeps_sending.join();
+  EXPECT_TRUE(both_ended());
+  EXPECT_GE(ended, std::chrono::seconds(4));
+  for (auto* g : {a_.get(), b_.get()}) {
+    const json st = status(*g);
+    EXPECT_EQ(st["sip"]["timed_out_one_way"], 1);
+    EXPECT_EQ(st["sip"]["free_media"], 12);
+  }
+}
+
+// A restarted proxy reuses a cookie (same source address and port here) with another
+// request: it is run, not answered with the old process's reply.
+TEST_F(GatewayCallsTest, AReusedCookieFromARestartedProxyIsNotAnsweredFromTheCache) {
+  start_sip(4);
+  NgClient proxy("127.0.0.1");
+  const auto first = proxy.call(a_->ng_port(), kamailio("1_4104_1", "offer", {"before", "f", ""},
+                                                        endpoint_sdp(endpoint_port(0))));
+  const auto again = proxy.call(a_->ng_port(), kamailio("1_4104_1", "offer", {"after", "f", ""},
+                                                        endpoint_sdp(endpoint_port(2))));
+  ASSERT_EQ(text_of(first, "result"), "ok");
+  ASSERT_EQ(text_of(again, "result"), "ok");
+  EXPECT_NE(media_port(text_of(first, "sdp")), media_port(text_of(again, "sdp")));
+  const json st = status(*a_);
+  EXPECT_EQ(st["calls"].size(), 2u);
+  EXPECT_EQ(st["sip"]["ng"]["cookie_reused"], 1);
+  // A true retransmission (same bytes) still gets its reply from the cache.
+  const auto resent = proxy.call(a_->ng_port(), kamailio("1_4104_1", "offer", {"after", "f", ""},
+                                                         endpoint_sdp(endpoint_port(2))));
+  EXPECT_EQ(text_of(resent, "sdp"), text_of(again, "sdp"));
+  EXPECT_EQ(status(*a_)["sip"]["ng"]["retransmissions"], 1);
+}

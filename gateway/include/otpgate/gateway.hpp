@@ -54,6 +54,13 @@ struct SipConfig {
   // An offer that does not fit: "refuse" (488), "cap" (b=TIAS towards the local endpoint)
   // or "aes" (the media that do not fit run in AES-256-GCM keyed from QKD).
   std::string over_budget = "refuse";
+  // Who may send ng commands (the site's SIP proxies): host names or addresses, resolved at
+  // start. Absent: loopback sources only, which needs ng_listen on loopback.
+  std::vector<std::string> ng_clients;
+  bool ng_clients_set = false;
+  // Seconds a deleted call's media keep running when the delete names no delete-delay
+  // (an ng delete-delay wins; 0: ended at once). rtpengine's own default is 30.
+  std::uint32_t delete_delay_s = 0;
 };
 
 struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [keys]
