@@ -39,8 +39,7 @@ struct Encoder::Impl {
         r(kAuthKeyBytes),
         scratch(kMaskBytes + kMaxUnitPayload),
         discard(65536),
-        repeat_queue(256) {
-    for (auto& q : repeat_queue) q.bytes.resize(kMaxAnnouncementBytes);
+        repeat_queue(256) {  // each slot's bytes are allocated when it is first used
     batch.reserve(kMaxAnnouncedKeys);
   }
 
@@ -200,6 +199,7 @@ std::size_t Encoder::next_announcement(std::span<std::uint8_t> out, bool with_re
       auto slot =
           std::min_element(e.repeat_queue.begin(), e.repeat_queue.end(),
                            [](const auto& a, const auto& b) { return a.remaining < b.remaining; });
+      if (slot->bytes.size() < size) slot->bytes.resize(kMaxAnnouncementBytes);
       std::memcpy(slot->bytes.data(), out.data(), size);
       if (slot->remaining == 0) ++e.repeats_active;
       slot->size = size;
