@@ -97,6 +97,24 @@ failure_route[OTPRETRY] {{
 """
 
 
+def bencoded(value):
+    if isinstance(value, int):
+        return f"i{value}e".encode()
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, bytes):
+        return str(len(value)).encode() + b":" + value
+    return b"d" + b"".join(bencoded(k) + bencoded(v) for k, v in sorted(value.items())) + b"e"
+
+
+def ng_command(port, cookie, request):
+    """Sends one ng request to 127.0.0.1:port (as a proxy would); returns the reply."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(cookie.encode() + b" " + bencoded(request), ("127.0.0.1", port))
+        return s.recv(65536)
+
+
 def main():
     source, build = sys.argv[1], sys.argv[2]
     why = missing_software()
@@ -267,6 +285,41 @@ def main():
         for x in journals:
             for y in journals:
                 assert x == y or not journals[x] & journals[y], (x, y)
+
+        # A full instance overflows to the next one of the set: A1's other lanes taken by
+        # offers sent straight to its ng socket (calls never answered), calls from z until
+        # one that Kamailio offered first to A1 was answered 'load limit' there (its log
+        # says so, with the gateway's reason) and runs on pair 2.
+        fillers = [f"fill-{k}@scaleout" for k in range(MAX_MEDIA - 1)]
+        for k, filler in enumerate(fillers):
+            reply = ng_command(ng["a1"], f"fill_{k}", {
+                "command": "offer", "call-id": filler, "from-tag": "fill",
+                "sdp": "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n"
+                       f"t=0 0\r\nm=audio {9000 + 2 * k} RTP/AVP 0\r\n"})
+            assert b"6:result2:ok" in reply, reply
+        assert status(st["a1"])["sip"]["free_media"] == 0
+
+        def overflowed():
+            return re.findall(rf"proxy udp:127.0.0.1:{ng['a1']} has reached its load limit "
+                              r"\((no call key lane free[^)]*\))\) - trying next one",
+                              procs.output(kamailio_a))
+        n = 0
+        while not overflowed():
+            assert n < 8, "8 calls with A1 full, none offered to it first"
+            p, cid, i, seconds = dial("z", f"z-full-{n}.log")
+            assert i == "2", i  # never A1: it is full
+            check_pair(cid, i)
+            hang_up("z", p, cid, i)
+            n += 1
+        print(f"A1 full: a call Kamailio offered to it first went to A2 (media both ways "
+              f"after {seconds:.1f} s); proxy A logged A1's reason: {overflowed()[0]}")
+        assert status(st["a1"])["sip"]["offers_refused_full"] >= 1
+        assert status(st["a1"])["sip"]["ng"]["overloaded"] >= 1
+        for k, filler in enumerate(fillers):
+            reply = ng_command(ng["a1"], f"unfill_{k}", {"command": "delete", "call-id": filler,
+                                                         "from-tag": "fill"})
+            assert b"6:result2:ok" in reply, reply
+        assert status(st["a1"])["sip"]["free_media"] == MAX_MEDIA - 1
 
         # Kill A1 mid-call. Its call stops delivering at once; A2's goes on; new calls (from
         # z) go to A2 and work.
