@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <list>
 #include <map>
 #include <mutex>
@@ -64,6 +65,80 @@ std::string endpoint_text(const Endpoint& e) {
   return e.host + ":" + std::to_string(e.port);
 }
 
+// Starts call media pipelines (to PLAYING) off the ng request path: the answer returns
+// once a media's sockets are bound and its pipelines built; starting them (the streaming
+// threads, the codec sessions) is about half the build and runs here right after, while
+// what arrives meanwhile waits in the bound sockets. One thread, in order. settle() is
+// the only way a pipeline leaves: a start still queued is dropped, one under way is
+// waited for, so no start ever runs on a pipeline being torn down.
+class PipelineStarter {
+ public:
+  PipelineStarter() : thread_([this] { run(); }) {}
+  ~PipelineStarter() {
+    {
+      const std::lock_guard lock(mutex_);
+      stopping_ = true;
+      for (auto& job : queue_) gst_object_unref(job.pipeline);
+      queue_.clear();
+    }
+    changed_.notify_all();
+    thread_.join();
+  }
+  PipelineStarter(const PipelineStarter&) = delete;
+  PipelineStarter& operator=(const PipelineStarter&) = delete;
+
+  void start(GstElement* pipeline, std::string name) {
+    {
+      const std::lock_guard lock(mutex_);
+      queue_.push_back({GST_ELEMENT(gst_object_ref(pipeline)), std::move(name)});
+    }
+    changed_.notify_all();
+  }
+  // Returns once `pipeline` has no start queued or under way.
+  void settle(GstElement* pipeline) {
+    std::unique_lock lock(mutex_);
+    for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+      if (it->pipeline == pipeline) {
+        gst_object_unref(it->pipeline);
+        queue_.erase(it);
+        break;
+      }
+    }
+    changed_.wait(lock, [&] { return starting_ != pipeline; });
+  }
+
+ private:
+  struct Job {
+    GstElement* pipeline;  // a reference of its own
+    std::string name;
+  };
+  void run() {
+    std::unique_lock lock(mutex_);
+    while (true) {
+      changed_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (stopping_) return;
+      Job job = std::move(queue_.front());
+      queue_.pop_front();
+      starting_ = job.pipeline;
+      lock.unlock();
+      if (gst_element_set_state(job.pipeline, GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) {
+        std::fprintf(stderr, "otp-gateway[error]: stream %s: its pipeline did not start\n",
+                     job.name.c_str());
+      }
+      gst_object_unref(job.pipeline);
+      lock.lock();
+      starting_ = nullptr;
+      changed_.notify_all();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<Job> queue_;
+  GstElement* starting_ = nullptr;
+  bool stopping_ = false;
+  std::thread thread_;  // last: starts once the rest is ready
+};
+
 }  // namespace
 
 struct Gateway::Impl final : CallMediaPlane {
@@ -97,6 +172,7 @@ struct Gateway::Impl final : CallMediaPlane {
   const std::chrono::steady_clock::time_point created = std::chrono::steady_clock::now();
   std::unique_ptr<Calls> calls;               // [sip]
   std::unique_ptr<ng::Listener> ng_listener;  // [sip] ng_listen
+  std::unique_ptr<PipelineStarter> starter;   // [sip] call media
   // One key supply per direction of the link, shared by the streams (a lane each): one
   // KME client and one batch in flight per SAE pair, and one ring's worth of key at stake
   // per direction rather than one per stream.
@@ -349,8 +425,10 @@ struct Gateway::Impl final : CallMediaPlane {
              nullptr,
              nullptr,
              nullptr};
-    build(s);
-    play(s);
+    // The lane's pad stream goes on, but not from pad announced to the last call's receiver.
+    if (s.send_lane) send_keys->lane(*s.send_lane).begin_stream();
+    build(s);  // throws naming the port it could not bind, the element it could not make
+    starter->start(s.pipeline.get(), s.config.name);
     const std::lock_guard lock(streams_mutex);
     streams.push_back(std::move(s));
   }
@@ -384,6 +462,7 @@ struct Gateway::Impl final : CallMediaPlane {
       }
     }
     for (auto& s : ended) {
+      starter->settle(s.pipeline.get());
       // What its decryptor fetched and used counts at stop (key wiped unused).
       if (s.decrypt) {
         removed_receive_pad_used +=
@@ -716,6 +795,7 @@ void Gateway::start() {
   }
   for (auto& s : g.streams) g.play(s);
   if (g.config.sip) {
+    g.starter = std::make_unique<PipelineStarter>();
     g.calls = std::make_unique<Calls>(g.config, g);
     const Endpoint& at = g.config.sip->ng_listen;
     try {
@@ -801,6 +881,7 @@ void Gateway::stop() {
   g.running = false;
   if (g.bus_thread.joinable()) g.bus_thread.join();
   g.calls.reset();
+  g.starter.reset();  // after the calls (their streams settle with it), before the pipelines
   // Pipelines first (they use the key supplies), then the supplies. A receiver's fetched
   // key sits in its decryptor's pad window, which is wiped with it: what was fetched and
   // not used.

@@ -370,6 +370,32 @@ TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLa
   EXPECT_EQ(text_of(reply, "warning"), "unknown call");
 }
 
+TEST_F(GatewayCallsTest, ACallHungUpRightAfterItsAnswerLeavesNoMediaRunning) {
+  // The answer returns once a media's sockets are bound and its pipelines built; they
+  // start on the gateway's starter thread right after. A delete that follows at once
+  // must find each start done or dropped, never still to come: otherwise a pipeline torn
+  // down would start afterwards and keep the media's ports (and its lane's encryptor).
+  start_sip();
+  for (int i = 0; i < 30; ++i) {
+    const NgKeys k{"quick-" + std::to_string(i), "f" + std::to_string(i), "t" + std::to_string(i)};
+    const Placed p = place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+    ASSERT_FALSE(p.to_caller.empty()) << i;
+    hang_up(k);
+    for (const std::uint16_t rtp : {media_port(p.to_caller), media_port(p.to_callee)}) {
+      // The unit's ports: the peer's (base), the local RTP (base + 2) and RTCP (base + 3).
+      for (const int port : {rtp - 2, rtp + 0, rtp + 1}) {
+        EXPECT_NO_THROW(UdpSocket(static_cast<std::uint16_t>(port)))
+            << "call " << i << " port " << port;
+      }
+    }
+  }
+  for (auto* g : {a_.get(), b_.get()}) {
+    const json st = status(*g);
+    EXPECT_TRUE(st["calls"].empty());
+    EXPECT_EQ(st["sip"]["free_media"], 12);
+  }
+}
+
 TEST_F(GatewayCallsTest, PartnerLegsWithoutTheMarkerAreRefused) {
   start_sip();
   const NgKeys k{"refused-1", "f1", "t1"};
