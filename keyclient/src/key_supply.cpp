@@ -268,6 +268,7 @@ struct KeySupply::Impl {
       return offset;
     }
     std::uint64_t available() const override {
+      if (restarting.load(std::memory_order_acquire)) return 0;
       const KeyRing* r = ring.load(std::memory_order_acquire);
       return r ? r->bytes_available() : 0;
     }
@@ -297,10 +298,19 @@ struct KeySupply::Impl {
       std::lock_guard lock(impl.error_mutex);
       return impl.failure_text;
     }
+    // Master: the refill thread restarts the lane (see restart_stream) before the new
+    // stream takes anything; a slave needs nothing (a receiver learns from what it gets).
+    void begin_stream() override {
+      if (impl.config.role == SaeRole::master && announced_end.load(std::memory_order_acquire) >
+                                                     flush_floor.load(std::memory_order_acquire)) {
+        restarting.store(true, std::memory_order_release);
+      }
+    }
 
     // Media thread: the ring, after wiping what a flush after a KME outage left below
     // the floor.
     KeyRing* consumer_ring() {
+      if (restarting.load(std::memory_order_acquire)) return nullptr;  // not before the wipe
       KeyRing* r = ring.load(std::memory_order_acquire);
       const std::uint64_t floor = flush_floor.load(std::memory_order_acquire);
       if (r && floor > flush_seen) {
@@ -359,6 +369,7 @@ struct KeySupply::Impl {
     std::uint64_t restart_floor = 0;  // slave: nothing below the journal at start is fetched
     bool pending_resync = false;      // master: the next key starts a resync run
     Clock::time_point last_resync = Clock::now();
+    std::optional<std::uint64_t> last_resync_offset;  // master: where the last resync run starts
     bool flushed_pending = false;  // master: a flush the media thread may not have done
     std::uint64_t pushed_at_flush = 0;
     Clock::time_point last_sample = Clock::now();
@@ -378,6 +389,7 @@ struct KeySupply::Impl {
     std::atomic<std::uint64_t> announced_end{0};  // master: end of the keys announced so far
     std::atomic<bool> demand{
         false};  // master: the stream found no key since it was last given some
+    std::atomic<bool> restarting{false};  // master: a new stream waits for restart_stream
     std::atomic<std::uint64_t> bytes_flushed{0}, wiped_at_stop{0};
     std::atomic<double> consumption{0};
     // Media thread only.
@@ -572,6 +584,9 @@ struct KeySupply::Impl {
   };
 
   void refill_master() {
+    for (auto& lane : lanes) {
+      if (lane->restarting.load(std::memory_order_acquire)) restart_stream(*lane);
+    }
     // A master with full rings makes no KME calls, and would miss a KME restart that
     // lost the keys it issued before: ask for the status now and then.
     if (Clock::now() - last_kme_call >= kHealthInterval) {
@@ -702,7 +717,10 @@ struct KeySupply::Impl {
       lane.align_next_offset();
       resync = true;
     }
-    if (resync) lane.last_resync = Clock::now();
+    if (resync) {
+      lane.last_resync = Clock::now();
+      lane.last_resync_offset = lane.next_offset;
+    }
     lane.pending_resync = false;
     // Reserve before any byte above the old reservation can be handed out.
     lane.reserve_up_to(lane.next_offset + total);
@@ -722,6 +740,27 @@ struct KeySupply::Impl {
     lane.keys_fetched += keys.size();
     lane.bytes_fetched += total;
     delivered_once = true;
+  }
+
+  // A new stream on the lane (PadSource::begin_stream; the media thread takes nothing
+  // meanwhile). A sender announces ahead of use (announce_lead_seconds, at least a ring),
+  // so most of what the lane holds was announced to the earlier stream's receiver, which
+  // is gone: the next one never sees those announcements, and cannot verify any
+  // announcement whose epoch key or mask lies in that pad, so a stream going on from it
+  // would have no media until it reached a resync run (a ring's worth of use: 25 s of an
+  // audio call). Wipe everything announced so far; the stream goes on at the first
+  // resync run not announced yet, or else at a fresh epoch (a flush), where its first
+  // announcement is verifiable from its own keys.
+  void restart_stream(Lane& lane) {
+    const std::uint64_t announced = lane.announced_end.load(std::memory_order_acquire);
+    if (announced > lane.flush_floor.load(std::memory_order_acquire)) {
+      if (lane.last_resync_offset && *lane.last_resync_offset >= announced) {
+        lane.flush_floor.store(*lane.last_resync_offset, std::memory_order_release);
+      } else {
+        flush(lane);
+      }
+    }
+    lane.restarting.store(false, std::memory_order_release);
   }
 
   // The KME answers again after an outage. Keys it issued before may be gone at the
@@ -1156,7 +1195,7 @@ struct KeySupply::Impl {
 };
 
 std::optional<KeyAnnouncement> KeySupply::Impl::Lane::next_announcement() {
-  consumer_ring();
+  if (!consumer_ring()) return std::nullopt;  // no ring yet, or a restart under way
   while (true) {
     if (!announcements.read_available()) return std::nullopt;
     const KeyAnnouncement& front = announcements.front();
@@ -1275,6 +1314,10 @@ std::optional<KeyAnnouncement> KeySupply::next_lost() {
 
 bool KeySupply::failed() const {
   return impl_->failed_flag.load(std::memory_order_acquire);
+}
+
+void KeySupply::begin_stream() {
+  impl_->lanes[0]->begin_stream();
 }
 
 std::string KeySupply::failure() const {

@@ -553,6 +553,51 @@ TEST_F(GatewayCallsTest, ALaneGoesOnFromCallToCallWithoutReusingPad) {
   }
 }
 
+// A sender announces pad ahead of use (announce_lead_ms, at least a ring's worth), so when
+// a call ends, most of what its lane holds was announced to that call's receiver, which is
+// gone. The next call on the lane must not build on it: its receiver never saw those
+// announcements, nor can it verify any announcement whose epoch key lies in them. Seen in
+// sip_scaleout_kamailio_sets: a call on a lane handed on from a busy call had no media
+// until the sender reached a resync run (25 s of audio). Here call 1 runs at a rate that
+// makes its sender announce past the next epoch boundary, then call 2 takes its lane.
+TEST_F(GatewayCallsTest, ACallOnALaneAnEarlierCallAnnouncedOnHasMediaAtOnce) {
+  start_sip(1);
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  std::uint64_t flushed_before = 0;
+  for (int round = 0; round < 3; ++round) {
+    const NgKeys k{"handed-on-" + std::to_string(round), "f", "t"};
+    const Placed p = place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+    ASSERT_NE(p.to_b.find("a=x-otp-lane:0"), std::string::npos);  // the one lane, again
+    // Round 0 runs long and fast (about 1 MB of pad at 350 kB/s, several epochs, refills
+    // within the resync interval announced a second ahead); the later rounds must get every
+    // packet through at once, both ways.
+    const int count = round == 0 ? 6000 : 300;
+    std::vector<Bytes> there, back;
+    const auto at_callee =
+        send(caller, media_port(p.to_caller), callee, count, 30 + round, there, random_);
+    const auto at_caller =
+        send(callee, media_port(p.to_callee), caller, count, 40 + round, back, random_);
+    EXPECT_EQ(at_callee.size(), there.size()) << "round " << round;
+    EXPECT_EQ(at_caller.size(), back.size()) << "round " << round;
+    EXPECT_TRUE(at_callee == there && at_caller == back) << "round " << round;
+    const json st = status(*a_);
+    const std::string stream = st["calls"][0]["media"][0]["stream"];
+    for (const auto& s : st["streams"]) {
+      if (s["name"] != stream) continue;
+      // What call 1's receiver was told about and call 2 did not use is wiped, never sent.
+      const std::uint64_t flushed = s["key_supply"]["send"]["bytes_flushed"];
+      if (round > 0) {
+        EXPECT_GT(flushed, flushed_before) << "round " << round;
+      }
+      flushed_before = flushed;
+    }
+    hang_up(k);
+  }
+  for (auto* g : {a_.get(), b_.get()}) {
+    for (const auto& s : status(*g)["streams"]) EXPECT_EQ(s["receive"]["auth-failures"], 0);
+  }
+}
+
 TEST(GatewayCallsConfig, CheckConfigFindsTheNgPortTaken) {
   const std::string pki = otpgate::testing::pki_dir().string();
   const auto port = static_cast<std::uint16_t>(base_port() + 7);

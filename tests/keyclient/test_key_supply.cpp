@@ -241,3 +241,47 @@ TEST_F(KeySupplyTest, AMasterReportsTheKmesStoreAndTheKeyRateItDelivers) {
            later.kme_status->stored_key_count > s.kme_status->stored_key_count;
   }));
 }
+
+// A lane handed to a new stream (a call key lane's next call): pad announced to the earlier
+// stream's receiver is never handed out again, not even once; the new stream starts with
+// a resync run on a fresh epoch (its first announcement verifiable from its own keys), and
+// every byte it takes was announced to it first. A first stream loses nothing.
+TEST_F(KeySupplyTest, ANewStreamNeverGetsPadAnnouncedToTheStreamBefore) {
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_config());
+  master.start();
+  std::vector<std::uint8_t> chunk(1000);
+  // Nothing announced yet: begin_stream changes nothing.
+  ASSERT_TRUE(eventually([&] { return master.available() >= 100 * chunk.size(); }));
+  master.begin_stream();
+  std::optional<std::uint64_t> first;
+  ASSERT_TRUE(eventually([&] { return (first = master.take(chunk)).has_value(); }));
+  EXPECT_EQ(*first, 0u);
+  EXPECT_EQ(master.stats().bytes_flushed, 0u);
+  // Stream 1 is told about everything the ring holds and uses a little of it.
+  std::uint64_t announced_end = 0;
+  while (auto a = master.next_announcement()) announced_end = a->offset + a->length;
+  ASSERT_GT(announced_end, 100u * chunk.size());
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(master.take(chunk));
+  // Stream 2.
+  master.begin_stream();
+  std::vector<keys::KeyAnnouncement> told;
+  std::uint64_t taken = 0;
+  ASSERT_TRUE(eventually([&] {
+    while (auto a = master.next_announcement()) told.push_back(*a);
+    const auto offset = master.take(chunk);
+    if (!offset) return false;
+    EXPECT_GE(*offset, announced_end) << "pad announced to the stream before";
+    auto announced = [&](std::uint64_t o) {
+      return std::any_of(told.begin(), told.end(), [&](const keys::KeyAnnouncement& a) {
+        return a.offset <= o && o < a.offset + a.length;
+      });
+    };
+    EXPECT_TRUE(announced(*offset) && announced(*offset + chunk.size() - 1))
+        << "pad taken before it was announced: " << *offset;
+    return ++taken == 300;
+  }));
+  ASSERT_FALSE(told.empty());
+  EXPECT_TRUE(told.front().resync);
+  EXPECT_EQ(told.front().offset % (256u << 10), 0u) << "a fresh epoch";
+  EXPECT_GE(master.stats().bytes_flushed, announced_end - 11 * chunk.size());
+}

@@ -322,6 +322,11 @@ class PadSource {
   // Either side: true once the source has given up (lock-free); failure() says why.
   virtual bool failed() const { return false; }
   virtual std::string failure() const { return {}; }
+  // Sending side, before a new stream's first take: the source goes on to a stream
+  // whose receiver knows none of the announcements made so far (a call key lane handed to
+  // the next call). KeySupply then never hands out pad it announced to an earlier stream
+  // (it is wiped) and starts the new stream where its first announcement is verifiable.
+  virtual void begin_stream() {}
 };
 
 // The synthetic key_ID of a pad-file chunk: "otp-pad-file" marker plus its offset.
@@ -450,6 +455,9 @@ class KeySupply final : public PadSource {
   std::optional<KeyAnnouncement> next_lost() override;
   bool failed() const override;
   std::string failure() const override;
+  // Master: see PadSource::begin_stream. Until the refill thread has wiped what earlier
+  // streams were told about (within its poll interval), the lane hands out no pad.
+  void begin_stream() override;
 
   // Every lane together (next_offset and reserved_offset: lane 0's).
   KeySupplyStats stats() const;
