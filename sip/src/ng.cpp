@@ -282,11 +282,13 @@ void ReplyCache::expire(Clock::time_point now) {
   }
 }
 
-bencode::Dict Processor::execute(std::string_view body) {
+bencode::Dict Processor::execute(std::string_view body, std::string& what) {
   std::optional<Request> request;
   try {
     request = parse_request(bencode::decode(body, limits_));
     const Request& q = *request;
+    what = std::string(command_name(q.command));
+    if (!q.call_id.empty()) what += " for call " + q.call_id;
     switch (q.command) {
       case Command::ping:
         return reply_pong();
@@ -337,8 +339,15 @@ std::optional<std::string> Processor::process(std::string_view datagram, std::st
     return *cached;
   }
   if (reused) ++counters_.cookie_reused;  // not a retransmission: run it
-  const bencode::Dict reply = execute(parts->body);
-  if (reply.at("result") == bencode::Value("error")) ++counters_.errors;
+  std::string what = "request";
+  const bencode::Dict reply = execute(parts->body, what);
+  const bool error = reply.at("result") == bencode::Value("error");
+  if (error) ++counters_.errors;
+  if (refusal_log_ && (error || reply.at("result") == bencode::Value("load limit"))) {
+    const auto* reason = error ? reply.at("error-reason").string() : reply.at("message").string();
+    refusal_log_(what + " from " + std::string(sender) +
+                 " refused: " + (reason ? *reason : std::string("load limit")));
+  }
   std::string out = format_reply(parts->cookie, reply);
   cache_.insert(key, std::string(parts->body), out, now);
   ++counters_.replies;

@@ -153,6 +153,7 @@ struct Listener::Impl {
         options(std::move(opts)),
         processor(handler) {
     if (wake.get() < 0) fail("ng listener: eventfd");
+    if (options.log) processor.set_refusal_log(options.log);
     thread = std::jthread([this] { run(); });
   }
 

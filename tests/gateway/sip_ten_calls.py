@@ -123,6 +123,8 @@ def main():
         reason = [line for line in lab.procs.output(proxy).splitlines()
                   if "proxy replied with error: key budget:" in line]
         assert reason, "proxy A logged no key-budget refusal from gateway A"
+        assert " refused: key budget:" in lab.procs.output(gateways["sae-a"]), \
+            "gateway A logged no line for the refused offer"
         print("the eleventh call was refused for lack of key budget, 488 at its caller:",
               reason[-1][-200:])
         assert len(status(status_a)["calls"]) == CALLS

@@ -337,6 +337,32 @@ TEST(NgProcessor, ErrorsAreRepliesNeverCrashes) {
   EXPECT_EQ(p.counters().errors, 5u);
 }
 
+// Every refusal is one log line at the gateway too (the proxy logs it in its own words, if
+// at all): what was refused, for which call, from where, and why; never the SDP.
+TEST(NgProcessor, RefusalsAreLoggedOneLineEach) {
+  RecordingHandler handler;
+  ng::Processor p(handler);
+  std::vector<std::string> lines;
+  p.set_refusal_log([&](const std::string& line) { lines.push_back(line); });
+  const auto now = Clock::now();
+  p.process(kamailio_offer("2_1"), "127.0.0.1:5060", now);  // accepted: no line
+  handler.refuse = "key budget: this call's media need 70 kbit/s of pad";
+  p.process(kamailio_offer("2_2"), "127.0.0.1:5060", now);
+  handler.refuse.clear();
+  handler.full = "no free key lane (sip.max_media = 8)";
+  p.process(kamailio_offer("2_3"), "127.0.0.1:5060", now);
+  p.process("2_4 d7:command4:jumpe", "127.0.0.1:5060", now);
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_EQ(lines[0],
+            "offer for call 0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b from 127.0.0.1:5060 refused: "
+            "key budget: this call's media need 70 kbit/s of pad");
+  EXPECT_EQ(lines[1],
+            "offer for call 0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b from 127.0.0.1:5060 refused: "
+            "no free key lane (sip.max_media = 8)");
+  EXPECT_EQ(lines[2], "request from 127.0.0.1:5060 refused: unknown command \"jump\"");
+  for (const auto& line : lines) EXPECT_EQ(line.find("v=0"), std::string::npos) << line;
+}
+
 TEST(NgProcessor, DeleteQueryListAndPing) {
   RecordingHandler handler;
   ng::Processor p(handler);

@@ -224,12 +224,19 @@ class Processor {
       : handler_(handler), limits_(limits) {}
   std::optional<std::string> process(std::string_view datagram, std::string_view sender,
                                      ReplyCache::Clock::time_point now);
+  // Called with one line (no newline) for every request answered with an error or "load
+  // limit": "offer for call X from 127.0.0.1:5060 refused: <error-reason>" (never the SDP).
+  void set_refusal_log(std::function<void(const std::string&)> log) {
+    refusal_log_ = std::move(log);
+  }
   const Counters& counters() const { return counters_; }
   std::atomic<std::uint64_t>& unlisted() { return counters_.unlisted; }
 
  private:
-  bencode::Dict execute(std::string_view body);
+  // `what` gets "offer for call X" once the request parsed.
+  bencode::Dict execute(std::string_view body, std::string& what);
   Handler& handler_;
+  std::function<void(const std::string&)> refusal_log_;
   bencode::Limits limits_;
   ReplyCache cache_;
   Counters counters_;
@@ -247,8 +254,9 @@ std::string plain_address(std::string_view address);
 
 struct ListenerOptions {
   Clients clients;
-  // One line (no newline) about a datagram from a source that is not a client: at most
-  // once per source every 10 minutes, and at most 10 lines a minute in all.
+  // One line (no newline) about a datagram from a source that is not a client (at most
+  // once per source every 10 minutes, and at most 10 lines a minute in all), and about
+  // each request a client sent that was refused (Processor::set_refusal_log).
   std::function<void(const std::string&)> log;
 };
 
