@@ -167,6 +167,13 @@ std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_p
                           ": a=x-otp-lane missing or not below sip.max_media = " +
                           std::to_string(sip_.max_media) + " (both sites need the same)");
       }
+      // A media keeps its lane while it runs (the sender never moves it): its decryptor
+      // was built on it, and freeing it here would hand it to another call meanwhile.
+      if (known && known->active && known->receive_lane && *known->receive_lane != *lane) {
+        throw ng::Refused(media_name(i, m.type) + ": the partner moves it from key lane " +
+                          std::to_string(*known->receive_lane) + " to " + std::to_string(*lane) +
+                          " (a=x-otp-lane); a running media keeps its lane");
+      }
       const bool ours = known && known->receive_lane == *lane;
       if (!ours && receive_lane_used_[*lane]) {
         throw ng::Refused(media_name(i, m.type) + ": the partner's key lane " +

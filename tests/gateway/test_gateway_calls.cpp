@@ -1469,3 +1469,48 @@ TEST_F(GatewayCallsTest, AReusedCookieFromARestartedProxyIsNotAnsweredFromTheCac
   EXPECT_EQ(text_of(resent, "sdp"), text_of(again, "sdp"));
   EXPECT_EQ(status(*a_)["sip"]["ng"]["retransmissions"], 1);
 }
+
+// A receive lane follows one sender lane's pad stream and has one decryptor at a time. A
+// partner SDP for a media that already runs here (a re-INVITE) may not move it to another
+// a=x-otp-lane: its decryptor keeps the lane it was built on, so the bookkeeping would
+// call that lane free and hand it to the next call while the old decryptor still takes
+// from it (two consumers on one single-consumer pad stream). Here a re-offer from A names
+// lane 5 for the running media on lane 0; then another call names lane 0.
+TEST_F(GatewayCallsTest, APartnerCannotMoveARunningMediaToAnotherKeyLane) {
+  start_sip();
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  const NgKeys k{"lane-move-1", "f1", "t1"};
+  const Placed p = place(k, endpoint_sdp(endpoint_port(0)), endpoint_sdp(endpoint_port(1)));
+  ASSERT_NE(p.to_b.find("a=x-otp-lane:0"), std::string::npos) << p.to_b;
+  std::vector<Bytes> sent;
+  EXPECT_EQ(send(caller, media_port(p.to_caller), callee, 20, 1, sent, random_), sent);
+  // The re-INVITE from the caller's side, its SDP between the sites naming another lane.
+  std::string to_b = ok_sdp(ng(
+      a_->ng_port(), kamailio(cookie(), "offer", k, endpoint_sdp(endpoint_port(0), "sendonly"))));
+  const auto at = to_b.find("a=x-otp-lane:0");
+  ASSERT_NE(at, std::string::npos) << to_b;
+  to_b.replace(at, 14, "a=x-otp-lane:5");
+  const auto moved = ng(b_->ng_port(), kamailio(cookie(), "offer", k, to_b));
+  // Refused, or else the media's decryptor moved with it; either way its status names the
+  // lane its decryptor takes from.
+  if (text_of(moved, "result") == "ok") {
+    EXPECT_EQ(status(*b_)["calls"][0]["media"][0]["receive_lane"], 5) << text_of(moved, "sdp");
+  } else {
+    EXPECT_NE(text_of(moved, "error-reason").find("lane"), std::string::npos)
+        << text_of(moved, "error-reason");
+    EXPECT_EQ(status(*b_)["calls"][0]["media"][0]["receive_lane"], 0);
+  }
+  // Another call whose sender names lane 0 while call 1's decryptor still takes from it.
+  const NgKeys k2{"lane-move-2", "f2", "t2"};
+  std::string to_b2 =
+      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k2, endpoint_sdp(endpoint_port(4)))));
+  const auto lane_at = to_b2.find("a=x-otp-lane:");
+  ASSERT_NE(lane_at, std::string::npos) << to_b2;
+  to_b2.replace(lane_at, 14, "a=x-otp-lane:0");
+  const auto second = ng(b_->ng_port(), kamailio(cookie(), "offer", k2, to_b2));
+  EXPECT_EQ(text_of(second, "result"), "error")
+      << "receive lane 0 given to a second call while call 1's decryptor uses it";
+  EXPECT_NE(text_of(second, "error-reason").find("still in use by another call here"),
+            std::string::npos)
+      << text_of(second, "error-reason");
+}
