@@ -2,7 +2,10 @@
 #include <gst/gst.h>
 #include <httplib.h>
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <pthread.h>
 #include <sched.h>
@@ -60,6 +63,23 @@ struct SocketUnref {
   void operator()(GSocket* s) const { g_object_unref(s); }
 };
 using SocketPtr = std::unique_ptr<GSocket, SocketUnref>;
+
+// The family of the address udpsink will send to: the literal's, else the first address
+// the name resolves to (as udpsink picks it); IPv4 when it does not resolve.
+GSocketFamily address_family(const std::string& host) {
+  in6_addr v6{};
+  if (::inet_pton(AF_INET6, host.c_str(), &v6) == 1) return G_SOCKET_FAMILY_IPV6;
+  in_addr v4{};
+  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) return G_SOCKET_FAMILY_IPV4;
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(host.c_str(), nullptr, &hints, &found) != 0 || found == nullptr)
+    return G_SOCKET_FAMILY_IPV4;
+  const int first = found->ai_family;
+  ::freeaddrinfo(found);
+  return first == AF_INET6 ? G_SOCKET_FAMILY_IPV6 : G_SOCKET_FAMILY_IPV4;
+}
 
 std::string endpoint_text(const Endpoint& e) {
   return e.host + ":" + std::to_string(e.port);
@@ -271,14 +291,28 @@ struct Gateway::Impl final : CallMediaPlane {
     // peer gateway sends to), so stateful firewalls and endpoints that latch onto the
     // source address accept it. One socket per port, shared by its udpsrc and udpsink;
     // the elements hold it, and it closes with the last of them.
+    // A port that sends to an IPv6 party gets an IPv6 socket that takes IPv4 too (on ::,
+    // IPV6_V6ONLY off); any other an IPv4 socket, as udpsrc binds by default.
+    std::map<std::uint16_t, GSocketFamily> family;
+    if (c.sends() && c.receives()) {
+      family[c.local_rtp_port] = address_family(c.deliver_rtp.host);
+      if (c.deliver_rtcp && c.local_rtcp_port && c.deliver_rtcp->port != c.deliver_rtp.port)
+        family[c.local_rtcp_port] = address_family(c.deliver_rtcp->host);
+      if (!ice) family[c.listen_port] = address_family(config.peer_address);
+    }
     std::map<std::uint16_t, SocketPtr> sockets;
     auto socket_on = [&](std::uint16_t port) -> GSocket* {
       if (auto found = sockets.find(port); found != sockets.end()) return found->second.get();
+      const auto wanted = family.find(port);
+      const GSocketFamily f = wanted == family.end() ? G_SOCKET_FAMILY_IPV4 : wanted->second;
       GError* error = nullptr;
-      SocketPtr socket(g_socket_new(G_SOCKET_FAMILY_IPV4, G_SOCKET_TYPE_DATAGRAM,
-                                    G_SOCKET_PROTOCOL_UDP, &error));
+      SocketPtr socket(g_socket_new(f, G_SOCKET_TYPE_DATAGRAM, G_SOCKET_PROTOCOL_UDP, &error));
+      if (socket && f == G_SOCKET_FAMILY_IPV6 &&
+          !g_socket_set_option(socket.get(), IPPROTO_IPV6, IPV6_V6ONLY, 0, &error)) {
+        socket.reset();
+      }
       if (socket) {
-        GInetAddress* any = g_inet_address_new_any(G_SOCKET_FAMILY_IPV4);
+        GInetAddress* any = g_inet_address_new_any(f);
         GSocketAddress* address = g_inet_socket_address_new(any, port);
         g_object_unref(any);
         const bool bound = g_socket_bind(socket.get(), address, FALSE, &error);
@@ -307,7 +341,11 @@ struct Gateway::Impl final : CallMediaPlane {
       GstElement* e = make("udpsink", name);
       g_object_set(e, "host", host.c_str(), "port", gint{port}, "sync", FALSE, "async", FALSE,
                    nullptr);
-      if (from != 0) g_object_set(e, "socket", socket_on(from), "close-socket", FALSE, nullptr);
+      if (from != 0) {
+        GSocket* socket = socket_on(from);
+        const bool v6 = g_socket_get_family(socket) == G_SOCKET_FAMILY_IPV6;
+        g_object_set(e, v6 ? "socket-v6" : "socket", socket, "close-socket", FALSE, nullptr);
+      }
       return e;
     };
     if (c.sends()) {
@@ -410,9 +448,9 @@ struct Gateway::Impl final : CallMediaPlane {
   void play(Stream& s) {
     if (gst_element_set_state(s.pipeline.get(), GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) {
       throw std::runtime_error("stream " + s.config.name +
-                               ": its pipeline did not start (UDP port " +
-                               std::to_string(s.config.local_rtp_port) + " or " +
-                               std::to_string(s.config.listen_port) + " in use?)");
+                               ": its pipeline did not start (the element's error is in the "
+                               "log above; a host that does not resolve, or an address family "
+                               "this machine lacks?)");
     }
   }
 

@@ -90,6 +90,43 @@ TEST_F(GatewayTest, MediaLeavesFromThePortItIsSentTo) {
   EXPECT_EQ(*rtcp_out, rtcp_rr);
 }
 
+// A conference system on IPv6 (deliver_rtp names an IPv6 address): decrypted RTP reaches
+// it, from the local RTP port (whose socket is then IPv6 and takes IPv4 too). With an
+// IPv4-only socket shared for symmetric RTP, udpsink could not send to it at all.
+TEST_F(GatewayTest, DecryptedMediaReachesAnIpv6ConferenceSystem) {
+  const int sink = ::socket(AF_INET6, SOCK_DGRAM, 0);
+  sockaddr_in6 at{};
+  at.sin6_family = AF_INET6;
+  at.sin6_addr = in6addr_loopback;
+  ASSERT_EQ(::bind(sink, reinterpret_cast<sockaddr*>(&at), sizeof at), 0) << "no IPv6 loopback";
+  socklen_t length = sizeof at;
+  ::getsockname(sink, reinterpret_cast<sockaddr*>(&at), &length);
+  const std::uint16_t sink_port = ntohs(at.sin6_port);
+  start([&](std::string&, std::string& b) {
+    // B's video goes to [::1]:sink_port.
+    const std::string to = "deliver_rtp = \"127.0.0.1:" + std::to_string(base_ + 107) + "\"";
+    b.replace(b.find(to), to.size(), "deliver_rtp = \"::1:" + std::to_string(sink_port) + "\"");
+  });
+  UdpSocket conference;
+  bool arrived = false;
+  sockaddr_in6 from{};
+  for (int i = 0; i < 200 && !arrived; ++i) {
+    conference.send_to(static_cast<std::uint16_t>(base_ + 2),
+                       rtp(static_cast<std::uint16_t>(i), 0xa1, 96, 1100));
+    pollfd p{sink, POLLIN, 0};
+    if (::poll(&p, 1, 20) > 0) {
+      std::array<std::uint8_t, 2048> packet{};
+      socklen_t from_size = sizeof from;
+      arrived = ::recvfrom(sink, packet.data(), packet.size(), 0,
+                           reinterpret_cast<sockaddr*>(&from), &from_size) > 0;
+    }
+  }
+  ::close(sink);
+  ASSERT_TRUE(arrived) << "no decrypted RTP at [::1]:" << sink_port;
+  // Symmetric over IPv6 too: from B's local video RTP port.
+  EXPECT_EQ(ntohs(from.sin6_port), base_ + 7);
+}
+
 // A KME that relays keys to the slave site late: the first packets wait for their keys
 // instead of being dropped (up to the element's key-wait, 500 ms), and the wait is counted.
 // The KME holds the receiver's dec_keys until B reports a packet waiting (no guessed
