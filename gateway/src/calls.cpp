@@ -206,6 +206,14 @@ std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_p
     } else {
       if (!c->zero() && !config::Reader::is_host(c->address))
         throw ng::Refused(media_name(i, m.type) + ": c= address is not an address");
+      // Decrypted media go to the local endpoint: never to the partner site in clear (a
+      // misconfigured or hostile local device naming the peer gateway). A lab with both
+      // gateways on one host shares the address with this gateway's own media_address.
+      if (!c->zero() && peer_addresses_.contains(c->address) && c->address != sip_.media_address) {
+        throw ng::Refused(media_name(i, m.type) + ": the local endpoint's address " + c->address +
+                          " is the partner gateway's (peer.address " + config_.peer_address +
+                          "): decrypted media would cross to the partner site in clear");
+      }
       if (!c->zero()) {
         leg.rtp = Endpoint{c->address, m.port};
         std::uint16_t rtcp = m.port + 1;
@@ -590,8 +598,9 @@ std::optional<std::string> Calls::remove(const ng::Request& request) {
                  (other_branch ? tag : via).c_str());
     return std::nullopt;
   }
+  // At most a day: a proxy's delete-delay near 2^63 s would overflow the clock.
   const std::int64_t delay =
-      std::max<std::int64_t>(0, request.delete_delay.value_or(sip_.delete_delay_s));
+      std::clamp<std::int64_t>(request.delete_delay.value_or(sip_.delete_delay_s), 0, 86400);
   if (delay == 0) {
     end(call);
     calls_.erase(found);

@@ -124,6 +124,16 @@ Request parse_request(const bencode::Value& value) {
   q.from_tag = r.string("from-tag", needs_tags);
   q.to_tag = r.string("to-tag", q.command == Command::answer);
   q.via_branch = r.string("via-branch");
+  // SIP headers carry none, and these go into log lines and the status: a newline in a
+  // call-id would forge a log line.
+  for (const auto& [key, field] : {std::pair{"call-id", &q.call_id},
+                                   {"from-tag", &q.from_tag},
+                                   {"to-tag", &q.to_tag},
+                                   {"via-branch", &q.via_branch}}) {
+    if (std::any_of(field->begin(), field->end(),
+                    [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; }))
+      throw Refused("key \"" + std::string(key) + "\" has a control character");
+  }
   if (q.command == Command::offer || q.command == Command::answer) {
     q.sdp = r.string("sdp", true);
     if (q.sdp.empty()) throw Refused("empty SDP");

@@ -433,6 +433,36 @@ TEST_F(GatewayCallsTest, PartnerLegsWithoutTheMarkerAreRefused) {
   EXPECT_EQ(status(*b_)["sip"]["free_media"], 12);
 }
 
+// A local leg naming the partner gateway's address (a misconfigured or hostile local
+// device, an unmarked external offer) would have this gateway send the partner's media,
+// decrypted, across to the partner site in clear: refused. Gateway A here has its peer on
+// 127.0.0.2 and its own media address on 127.0.0.1 (which a one-host lab shares with the
+// peer, and which stays allowed).
+TEST_F(GatewayCallsTest, ALocalLegNamingThePartnerGatewayIsRefused) {
+  sip_ = static_cast<std::uint16_t>(10000 + ((base_ - 20000) / 120) % 62 * 160);
+  start([&](std::string& a, std::string&) {
+    const std::string peer = "address = \"127.0.0.1\"";
+    a.replace(a.find(peer), peer.size(), "address = \"127.0.0.2\"");
+    a += "[sip]\nng_listen = \"127.0.0.1:0\"\nmedia_address = \"127.0.0.1\"\nport_min = " +
+         std::to_string(sip_) + "\nport_max = " + std::to_string(sip_ + 59) + "\n";
+  });
+  const auto refused =
+      ng(a_->ng_port(), kamailio(cookie(), "offer", {"to-peer-1", "f1", ""},
+                                 endpoint_sdp(endpoint_port(0), "sendrecv", "127.0.0.2")));
+  EXPECT_EQ(text_of(refused, "result"), "error");
+  EXPECT_NE(text_of(refused, "error-reason")
+                .find("the local endpoint's address 127.0.0.2 is the partner gateway's "
+                      "(peer.address 127.0.0.2): decrypted media would cross to the partner "
+                      "site in clear"),
+            std::string::npos)
+      << text_of(refused, "error-reason");
+  EXPECT_TRUE(status(*a_)["calls"].empty());
+  // The same offer from a local endpoint: taken.
+  EXPECT_FALSE(ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", {"local-1", "f2", ""},
+                                                 endpoint_sdp(endpoint_port(0)))))
+                   .empty());
+}
+
 TEST_F(GatewayCallsTest, ReInviteHoldsAndResumesOnTheSamePortsAndPadStream) {
   start_sip();
   UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1)), moved_caller(endpoint_port(4));

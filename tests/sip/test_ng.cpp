@@ -210,6 +210,12 @@ TEST(NgMessages, RefusesWhatIsNotARequest) {
             "key \"received-from\" must be [family, address]");
   EXPECT_EQ(refusal("d7:command4:list5:limiti0ee"), "key \"limit\" must be above 0");
   EXPECT_EQ(refusal("d7:command4:list5:limit2:1xe"), "key \"limit\" must be an integer");
+  // A newline in a call-id or tag would forge a line in the gateway's log.
+  EXPECT_EQ(refusal("d7:command6:delete7:call-id3:a\nb8:from-tag1:fe"),
+            "key \"call-id\" has a control character");
+  EXPECT_EQ(refusal("d7:command6:delete7:call-id1:c8:from-tag2:f\x7f"
+                    "e"),
+            "key \"from-tag\" has a control character");
 }
 
 TEST(NgMessages, SplitsTheCookie) {
