@@ -473,6 +473,121 @@ TEST_F(TransferTest, ReceiverKilledMidFileResumesFromItsLastCommit) {
   EXPECT_EQ(sha256_of(data("S4/big.bam")), sha256_of(received(done, "S4/big.bam")));
 }
 
+// Every run of a job (a new job, a retry after the receiver restarted, a start after an
+// abort) is a new otpencrypt stream on a key supply of its own (sender.cpp attempt_once,
+// receiver.cpp run): its first announcement is verifiable from its own keys, and nothing
+// goes on from pad announced to an earlier receiver, which the new one never heard of
+// (the bug call key lanes had: docs/sip.md, "A lane handed on starts afresh"). So each run
+// has data flowing at once: back to back on one receiving service, after the receiver was
+// killed and restarted, and after an abort on the same receiving process.
+TEST_F(TransferTest, EveryRunIsAFreshPadStreamSoJobsAndResumesOnOneReceiverFlowAtOnce) {
+  using Seconds = std::chrono::duration<double>;
+  const auto since = [](std::chrono::steady_clock::time_point t) {
+    return Seconds(std::chrono::steady_clock::now() - t).count();
+  };
+  for (int i = 1; i <= 3; ++i)
+    write_random(data("R" + std::to_string(i) + "/reads.bam"), (i == 3 ? 32u : 16u) << 20, 40 + i);
+  const fs::path b_config = config_file("b");
+  auto serve = [&](const std::string& log) {
+    return std::make_unique<Child>(
+        std::vector<std::string>{OTPGATE_TRANSFER_BIN, "-c", b_config.string(), "serve"},
+        dir_.path / log);
+  };
+  auto receiver = serve("serve1.log");
+  const auto a_config = config("a");
+  transfer::JobStore store(transfer::database_path(a_config));
+  auto make = [&](const std::string& specimen) {
+    return transfer::create_send_job(store, a_config, specimen, {data(specimen)}, Method::otp,
+                                     false)
+        .job_id;
+  };
+  auto expect_verified = [&](const Job& done, const std::string& specimen) {
+    ASSERT_EQ(done.transfer_state, State::completed) << done.error;
+    EXPECT_EQ(sha256_of(data(specimen + "/reads.bam")),
+              sha256_of(received(done, specimen + "/reads.bam")));
+  };
+
+  // Job 1 opens the receiving service's first stream.
+  const std::string job1 = make("R1");
+  expect_verified(transfer::run_send_job(store, a_config, job1), "R1");
+  transfer::JobStore b_store(transfer::database_path(config("b")));
+  // What the receiver has committed of a job (fdatasync'd, in its database).
+  auto committed = [&](const std::string& job_id) {
+    const auto j = b_store.get(job_id);
+    return j ? j->transferred : std::uint64_t{0};
+  };
+
+  // Job 2, straight after, on the same receiving process: bytes committed within 3 s
+  // (a run that could not verify its announcements would wait 120 s for the receiver's
+  // hello and then retry), the file verified.
+  const std::string job2 = make("R2");
+  auto started = std::chrono::steady_clock::now();
+  double first_commit_2 = -1;
+  std::thread watch2([&] {
+    if (eventually([&] { return committed(job2) > 0; }, std::chrono::seconds(60)))
+      first_commit_2 = since(started);
+  });
+  expect_verified(transfer::run_send_job(store, a_config, job2), "R2");
+  watch2.join();
+  EXPECT_GE(first_commit_2, 0);
+  EXPECT_LT(first_commit_2, 3.0) << "job 2's first commit came " << first_commit_2 << " s in";
+  std::fprintf(stderr, "job 2: first commit after %.2f s, done after %.2f s\n", first_commit_2,
+               since(started));
+
+  // Job 3 at the key rate (80 Mbit/s), so that it is mid-file when its receiver is killed.
+  sim_->set_key_rate(80e6);
+  sim_->drain();
+  const std::string job3 = make("R3");
+  std::optional<Job> run3;
+  std::thread sender3([&] { run3 = transfer::run_send_job(store, a_config, job3); });
+  struct Joined {  // a failed assertion returns early: stop the run, never leave it running
+    std::thread& t;
+    transfer::JobStore& s;
+    const std::string& job;
+    ~Joined() {
+      if (!t.joinable()) return;
+      s.request_abort(job);
+      t.join();
+    }
+  } joined{sender3, store, job3};
+  ASSERT_TRUE(eventually([&] { return committed(job3) > (4u << 20); }, std::chrono::seconds(30)));
+  receiver->kill(SIGKILL);
+  const std::uint64_t at_kill = committed(job3);
+  receiver = serve("serve2.log");
+  sim_->drain();  // what the store made meanwhile: the rest still goes at the key rate
+  started = std::chrono::steady_clock::now();
+  // The sender retries by itself (after 1 s) on a new stream; the restarted receiver
+  // resumes from its last commit and commits new bytes within a few seconds.
+  const bool resumed =
+      eventually([&] { return committed(job3) > at_kill; }, std::chrono::seconds(60));
+  const double resume_3 = since(started);
+  ASSERT_TRUE(resumed);
+  EXPECT_LT(resume_3, 6.0) << "job 3 committed nothing new for " << resume_3
+                           << " s after the receiver restarted";
+  // Abort it mid-file and start it again: the same receiving process, a new stream.
+  store.request_abort(job3);
+  sender3.join();
+  ASSERT_TRUE(run3);
+  ASSERT_EQ(run3->transfer_state, State::aborted) << run3->error;
+  const std::uint64_t at_abort = committed(job3);
+  ASSERT_LT(at_abort, 32u << 20) << "job 3 finished before it could be aborted";
+  started = std::chrono::steady_clock::now();
+  double resume_3b = -1;
+  std::thread watch3([&] {
+    if (eventually([&] { return committed(job3) > at_abort; }, std::chrono::seconds(60)))
+      resume_3b = since(started);
+  });
+  expect_verified(transfer::run_send_job(store, a_config, job3), "R3");
+  watch3.join();
+  EXPECT_GE(resume_3b, 0);
+  EXPECT_LT(resume_3b, 3.0) << "job 3's start after the abort committed nothing for " << resume_3b
+                            << " s";
+  std::fprintf(stderr,
+               "job 3: new bytes committed %.2f s after the receiver restarted, %.2f s after "
+               "the start that followed the abort\n",
+               resume_3, resume_3b);
+}
+
 TEST_F(TransferTest, ACorruptedByteOnTheWireFailsTheRecordAndTheJobSaysSo) {
   write_random(data("S5/reads.bam"), 8u << 20, 8);
   transfer::Service b(config("b"));

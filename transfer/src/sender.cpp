@@ -235,6 +235,12 @@ class SendSession {
       ~Teardown() { s.teardown(); }
     } teardown{*this};
     socket_ = connect_tcp(*config_.peer_transfer, std::chrono::seconds(5));
+    // A key supply per attempt, never kept across attempts or jobs: the receiver is new
+    // (a new session, maybe a restarted process) and has seen none of the announcements
+    // an earlier supply made, so a supply going on would send pad it cannot verify until
+    // a resync (the call key lanes' bug; a shared supply would need begin_stream()).
+    // This one starts at the journal, on an epoch boundary: its first announcement is
+    // verifiable from its own keys.
     keys::KeySupplyConfig k;
     k.role = keys::SaeRole::master;
     k.peer_sae_id = config_.peer_sae_id;
