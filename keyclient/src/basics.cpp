@@ -88,9 +88,9 @@ SecretArena::SecretArena(std::size_t size) : size_(size) {
   void* p = ::mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
   data_ = static_cast<std::uint8_t*>(p);
-  // Locked as each page is faulted in by its first write; the limit counts the whole
-  // range, as mlock does. Failing is not fatal (as for SecretBytes).
-  locked_ = ::mlock2(data_, mapped_, MLOCK_ONFAULT) == 0;
+  // Nothing is locked yet: write() locks each block before the first byte goes into it
+  // (an mlock of the whole range, even MLOCK_ONFAULT, would count all of it against
+  // RLIMIT_MEMLOCK at once and fail for large windows without CAP_IPC_LOCK).
   ::madvise(data_, mapped_, MADV_DONTDUMP);
   written_.assign((size + kBlockBytes * 64 - 1) / (kBlockBytes * 64), 0);
 }
@@ -105,7 +105,7 @@ SecretArena::SecretArena(SecretArena&& other) noexcept
       mapped_(std::exchange(other.mapped_, 0)),
       written_(std::move(other.written_)),
       written_blocks_(std::exchange(other.written_blocks_, 0)),
-      locked_(std::exchange(other.locked_, false)) {}
+      lock_failures_(std::exchange(other.lock_failures_, 0)) {}
 
 SecretArena& SecretArena::operator=(SecretArena&& other) noexcept {
   if (this != &other) {
@@ -115,7 +115,7 @@ SecretArena& SecretArena::operator=(SecretArena&& other) noexcept {
     mapped_ = std::exchange(other.mapped_, 0);
     written_ = std::move(other.written_);
     written_blocks_ = std::exchange(other.written_blocks_, 0);
-    locked_ = std::exchange(other.locked_, false);
+    lock_failures_ = std::exchange(other.lock_failures_, 0);
   }
   return *this;
 }
@@ -143,19 +143,30 @@ void SecretArena::written_runs(std::size_t at, std::size_t n, F f) const {
   if (run_length > 0) f(run, run_length);
 }
 
-void SecretArena::write(std::size_t at, std::span<const std::uint8_t> bytes) {
+bool SecretArena::write(std::size_t at, std::span<const std::uint8_t> bytes) {
   check(at, bytes.size());
-  if (bytes.empty()) return;
+  if (bytes.empty()) return true;
+  // Every block the bytes reach is locked before any byte is written (fail closed).
+  bool locked = true;
   for (std::size_t b = at / kBlockBytes, last = (at + bytes.size() - 1) / kBlockBytes; b <= last;
        ++b) {
     std::uint64_t& word = written_[b / 64];
     const std::uint64_t bit = 1ull << (b % 64);
-    if (!(word & bit)) {
-      word |= bit;
-      ++written_blocks_;
+    if (word & bit) continue;
+    const std::size_t from = b * kBlockBytes;
+    if (::mlock(data_ + from, std::min(kBlockBytes, mapped_ - from)) != 0) {
+      locked = false;
+      break;
     }
+    word |= bit;
+    ++written_blocks_;
+  }
+  if (!locked) {
+    ++lock_failures_;
+    return false;
   }
   std::memcpy(data_ + at, bytes.data(), bytes.size());
+  return true;
 }
 
 void SecretArena::read(std::size_t at, std::span<std::uint8_t> out) const {
@@ -180,7 +191,6 @@ void SecretArena::release() noexcept {
   data_ = nullptr;
   size_ = mapped_ = written_blocks_ = 0;
   written_.clear();
-  locked_ = false;
 }
 
 LogSink stderr_log_sink(LogLevel min_level) {

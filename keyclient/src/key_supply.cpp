@@ -484,11 +484,14 @@ struct KeySupply::Impl {
     const std::size_t slots = std::max<std::size_t>(2, config.ring_bytes / key_bytes);
     for (auto& lane : lanes) {
       lane->ring_owner = std::make_unique<KeyRing>(slots, key_bytes);
-      if (!lane->ring_owner->memory_locked() && lane->index == 0) {
-        log(LogLevel::warning, "could not mlock the key ring (" +
-                                   std::to_string(slots * key_bytes) +
-                                   " bytes): key memory may be swapped out; raise RLIMIT_MEMLOCK "
-                                   "(LimitMEMLOCK= in systemd)");
+      // Every lane's ring on its own (a call lane's ring failing must not go unsaid).
+      if (!lane->ring_owner->memory_locked()) {
+        log(LogLevel::warning,
+            "could not mlock the key ring of lane " + std::to_string(lane->index) + " (" +
+                std::to_string(slots * key_bytes) + " bytes, peer " + config.peer_sae_id +
+                "): key memory may be swapped out; raise RLIMIT_MEMLOCK (LimitMEMLOCK= in "
+                "systemd) to cover every lane's ring and the pad windows' used blocks, or "
+                "lower sip.max_media or keys.ring_bytes");
       }
     }
     published_key_bits = key_bits;

@@ -60,6 +60,7 @@ enum Counter {
   C_KEYS_AWAITED,
   C_KEYS_LOST,
   C_WINDOW_OVERRUNS,
+  C_MEMORY_LOCK_FAILURES,
   C_COUNT
 };
 // The name of a counter in the stats structure.
@@ -109,6 +110,8 @@ const char* counter_name(Counter c) {
       return "keys-lost";
     case C_WINDOW_OVERRUNS:
       return "window-overruns";
+    case C_MEMORY_LOCK_FAILURES:
+      return "memory-lock-failures";
     case C_COUNT:
       break;
   }
@@ -148,6 +151,7 @@ struct Session {
   bool stream = false;
   bool preamble_seen = false;
   bool told_window_overrun = false;
+  bool told_memory_lock = false;
   std::vector<std::uint8_t> out = std::vector<std::uint8_t>(otp::kMaxUnitPayload);
   // Datagram mode: packets whose key a verified announcement has on its way, in arrival
   // order, each until its key-wait deadline. The streaming thread never waits for them.
@@ -207,10 +211,27 @@ void bump(Private& p, Counter c, guint64 by = 1) {
   p.counters.set(c, p.counters.get(c) + by);
 }
 
+// Why pad was dropped when the window could not lock memory for it, and the fix.
+constexpr const char* kMemoryLockProblem =
+    "could not lock memory for received pad: the memory lock limit (RLIMIT_MEMLOCK; "
+    "LimitMEMLOCK= in systemd, ulimit -l) is used up, so that pad was dropped unused rather "
+    "than kept where it could be swapped out, and units on it are dropped "
+    "(memory-lock-failures)";
+constexpr const char* kMemoryLockFix =
+    "raise LimitMEMLOCK (each lane's key rings plus the 4 KiB blocks of pad each receiving "
+    "stream holds), or hold less pad: fewer streams (otp-gateway: lower sip.max_media or "
+    "keys.ring_bytes), a smaller window-size";
+
 void publish(GstOtpDecrypt* self) {
   Private& p = *self->priv;
   const auto& s = p.session->decoder->stats();
   auto& c = p.counters;
+  if (s.memory_lock_failures > 0 && !p.session->told_memory_lock) {
+    p.session->told_memory_lock = true;  // once per session: counted from then on
+    GST_ELEMENT_WARNING(self, RESOURCE, NO_SPACE_LEFT, ("%s", kMemoryLockProblem),
+                        ("%s", kMemoryLockFix));
+  }
+  c.set(C_MEMORY_LOCK_FAILURES, s.memory_lock_failures);
   c.set(C_PAD_USED, s.pad_bytes_used);
   c.set(C_ANNOUNCEMENTS, s.announcements_verified);
   c.set(C_AES_PACKETS, s.aes_units);
@@ -446,6 +467,12 @@ GstFlowReturn fail(GstOtpDecrypt* self, const char* what, otp::Decoder::Verdict 
   bump(p, refusal_counter(verdict).value_or(C_DROPS_MALFORMED));
   if ((verdict == V::no_key || verdict == V::key_pending) &&
       key_source_failed(GST_ELEMENT(self), p.session->source)) {
+    return GST_FLOW_ERROR;
+  }
+  if ((verdict == V::no_key || verdict == V::key_pending) &&
+      p.session->decoder->stats().memory_lock_failures > 0) {
+    GST_ELEMENT_ERROR(self, STREAM, DECRYPT, ("%s has no key: %s", what, kMemoryLockProblem),
+                      ("%s", kMemoryLockFix));
     return GST_FLOW_ERROR;
   }
   // Keys the source refused because an earlier run used their pad: a replayed stream.

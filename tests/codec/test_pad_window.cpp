@@ -1,16 +1,25 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 // The receiver's pad window and the secret arena under it: a window costs the pad placed
-// in it (RAM, locking, wiping), every byte that ever held pad is wiped, and no pad byte
-// is handed out twice.
+// in it (RAM, locking, wiping), every byte that ever held pad is wiped, no pad byte is
+// handed out twice, and pad is never held in memory that is not locked: at the memory
+// lock limit it is dropped and the drop is counted.
 #include <gtest/gtest.h>
+#include <linux/capability.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <fstream>
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "memory_pad.hpp"
 #include "otpgate/keyclient.hpp"
+#include "otpgate/otp_codec.hpp"
 #include "otpgate/otp_wire.hpp"
 #include "pad_window.hpp"
 
@@ -26,6 +35,74 @@ std::size_t rss_anon_kib() {
     if (line.rfind("RssAnon:", 0) == 0) return std::stoul(line.substr(8));
   }
   return 0;
+}
+
+// Locked memory of this process, in KiB (/proc/self/status VmLck).
+std::size_t vm_locked_kib() {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmLck:", 0) == 0) return std::stoul(line.substr(6));
+  }
+  return 0;
+}
+
+// Runs `body` in a forked child that holds RLIMIT_MEMLOCK as an unprivileged service
+// does: CAP_IPC_LOCK dropped (root, as in CI, has it and would bypass the limit) and the
+// limit set to what is locked already plus `headroom` bytes. `body` returns "" when all
+// is well, else what went wrong; "skip: ..." when the child could not drop the capability.
+std::string with_memlock_limit(std::size_t headroom, const std::function<std::string()>& body) {
+  int fds[2];
+  if (::pipe(fds) != 0) return "pipe failed";
+  const pid_t pid = ::fork();
+  if (pid < 0) return "fork failed";
+  if (pid == 0) {
+    ::close(fds[0]);
+    std::string result;
+    __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3] = {};
+    const rlimit limit{vm_locked_kib() * 1024 + headroom, vm_locked_kib() * 1024 + headroom};
+    if (::syscall(SYS_capget, &header, caps) != 0) {
+      result = "skip: capget failed";
+    } else {
+      caps[CAP_TO_INDEX(CAP_IPC_LOCK)].effective &= ~CAP_TO_MASK(CAP_IPC_LOCK);
+      caps[CAP_TO_INDEX(CAP_IPC_LOCK)].permitted &= ~CAP_TO_MASK(CAP_IPC_LOCK);
+      if (::syscall(SYS_capset, &header, caps) != 0) {
+        result = "skip: could not drop CAP_IPC_LOCK";
+      } else if (::setrlimit(RLIMIT_MEMLOCK, &limit) != 0) {
+        result = "setrlimit(RLIMIT_MEMLOCK) failed";
+      } else {
+        try {
+          result = body();
+        } catch (const std::exception& e) {
+          result = std::string("threw: ") + e.what();
+        }
+      }
+    }
+    const ssize_t ignored = ::write(fds[1], result.data(), result.size());
+    (void)ignored;
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  std::string result;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) result.append(buf, std::size_t(n));
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return "the child died: " + result;
+  return result;
+}
+
+#define RUN_WITH_MEMLOCK_LIMIT(headroom, ...)                                \
+  do {                                                                       \
+    const std::string problem = with_memlock_limit((headroom), __VA_ARGS__); \
+    if (problem.rfind("skip: ", 0) == 0) GTEST_SKIP() << problem;            \
+    EXPECT_EQ(problem, "");                                                  \
+  } while (false)
+
+// "" when `ok`, else `what` (for the child's report).
+std::string expect(bool ok, const std::string& what) {
+  return ok ? "" : what + "; ";
 }
 
 Bytes pattern(std::size_t n, std::uint8_t seed) {
@@ -52,7 +129,8 @@ TEST(SecretArena, WipeAllZeroesEveryWrittenByteWhereverItWas) {
   // Within one block, across a block boundary, at both ends, and overlapping writes.
   const std::vector<std::pair<std::size_t, std::size_t>> writes = {
       {100, 50}, {4090, 20}, {0, 1}, {(1u << 20) - 7, 7}, {70000, 9000}, {70500, 100}};
-  for (auto [at, n] : writes) arena.write(at, pattern(n, static_cast<std::uint8_t>(at)));
+  for (auto [at, n] : writes)
+    EXPECT_TRUE(arena.write(at, pattern(n, static_cast<std::uint8_t>(at))));
   for (auto [at, n] : writes) EXPECT_FALSE(all_zero(read(arena, at, n))) << at;
   arena.wipe_all();
   EXPECT_TRUE(all_zero(read(arena, 0, arena.size())));
@@ -60,9 +138,9 @@ TEST(SecretArena, WipeAllZeroesEveryWrittenByteWhereverItWas) {
 
 TEST(SecretArena, CountsTheBlocksWrittenAndWipesOnlyTheRangeAsked) {
   keys::SecretArena arena(1u << 20);
-  arena.write(4090, pattern(20, 3));  // blocks 0 and 1
-  arena.write(8192 * 10, pattern(1, 4));
-  arena.write(8192 * 10 + 5, pattern(1, 5));  // the same block again
+  EXPECT_TRUE(arena.write(4090, pattern(20, 3)));  // blocks 0 and 1
+  EXPECT_TRUE(arena.write(8192 * 10, pattern(1, 4)));
+  EXPECT_TRUE(arena.write(8192 * 10 + 5, pattern(1, 5)));  // the same block again
   EXPECT_EQ(arena.written_bytes(), 3 * keys::SecretArena::kBlockBytes);
   arena.wipe(4095, 10);  // the middle of the first write, straddling blocks 0 and 1
   const Bytes got = read(arena, 4090, 20);
@@ -77,11 +155,11 @@ TEST(SecretArena, CountsTheBlocksWrittenAndWipesOnlyTheRangeAsked) {
 
 TEST(SecretArena, RefusesRangesOutsideAndMovesOwnership) {
   keys::SecretArena arena(10000);
-  EXPECT_THROW(arena.write(9999, pattern(2, 0)), std::out_of_range);
+  EXPECT_THROW((void)arena.write(9999, pattern(2, 0)), std::out_of_range);
   EXPECT_THROW(arena.wipe(10001, 0), std::out_of_range);
   Bytes out(1);
   EXPECT_THROW(arena.read(SIZE_MAX, out), std::out_of_range);
-  arena.write(9000, pattern(1000, 9));
+  EXPECT_TRUE(arena.write(9000, pattern(1000, 9)));
   keys::SecretArena moved(std::move(arena));
   EXPECT_EQ(arena.size(), 0u);  // NOLINT(bugprone-use-after-move): moved-from is empty
   EXPECT_EQ(arena.written_bytes(), 0u);
@@ -94,7 +172,7 @@ TEST(SecretArena, AnUnwrittenArenaTakesNoMemory) {
   // made all of it resident.
   const std::size_t before = rss_anon_kib();
   keys::SecretArena arena(256u << 20);
-  arena.write(123456789, pattern(5000, 1));
+  EXPECT_TRUE(arena.write(123456789, pattern(5000, 1)));
   const std::size_t after = rss_anon_kib();
   EXPECT_LT(after, before + 4096) << "RssAnon " << before << " -> " << after << " KiB";
   EXPECT_EQ(read(arena, 123456789, 5000), pattern(5000, 1));
@@ -105,8 +183,8 @@ TEST(PadWindow, ASixteenMebibyteWindowCostsThePadPlacedInIt) {
   otp::PadWindow window(16u << 20);
   // A lane's pad stream far along (the window jumps there, wiping nothing it never held).
   const std::uint64_t at = 5'000'000'000ull;
-  window.place(at, pattern(32768, 2));
-  window.place(at + 32768, pattern(32768, 3));
+  EXPECT_TRUE(window.place(at, pattern(32768, 2)));
+  EXPECT_TRUE(window.place(at + 32768, pattern(32768, 3)));
   EXPECT_EQ(window.touched_bytes(), 65536u + keys::SecretArena::kBlockBytes);  // not aligned
   EXPECT_TRUE(window.all_present(at, 65536));
   EXPECT_LT(rss_anon_kib(), before + 4096);
@@ -115,7 +193,7 @@ TEST(PadWindow, ASixteenMebibyteWindowCostsThePadPlacedInIt) {
 TEST(PadWindow, ConsumedPadIsWipedAndNeverServesAgainEvenIfPlacedAgain) {
   otp::PadWindow window(otp::kEpochBytes);
   const Bytes key = pattern(1000, 7);
-  window.place(1000, key);
+  EXPECT_TRUE(window.place(1000, key));
   window.consume(1100, 200);
   Bytes out(1000);
   window.copy_out(1000, 1000, out.data());
@@ -128,7 +206,7 @@ TEST(PadWindow, ConsumedPadIsWipedAndNeverServesAgainEvenIfPlacedAgain) {
   EXPECT_FALSE(window.any_used(1300, 700));
   // The same key delivered and placed again (a repeated announcement, a resent key):
   // the used bytes stay used and wiped, the others are simply present.
-  window.place(1000, key);
+  EXPECT_TRUE(window.place(1000, key));
   EXPECT_TRUE(window.any_used(1100, 200));
   window.copy_out(1000, 1000, out.data());
   for (std::size_t i = 100; i < 300; ++i) EXPECT_EQ(out[i], 0) << i;
@@ -139,10 +217,10 @@ TEST(PadWindow, ConsumedPadIsWipedAndNeverServesAgainEvenIfPlacedAgain) {
 TEST(PadWindow, MovingOnWipesWhatItLeavesAndASlotServesItsNewPadOnly) {
   const std::size_t size = otp::kEpochBytes;
   otp::PadWindow window(size);
-  window.place(0, pattern(size, 1));
+  EXPECT_TRUE(window.place(0, pattern(size, 1)));
   window.consume(0, 16);
   // Pad at [size, size + 4096) lands in the slots of [0, 4096): the window moves on.
-  window.place(size, pattern(4096, 2));
+  EXPECT_TRUE(window.place(size, pattern(4096, 2)));
   EXPECT_EQ(window.base(), 4096u);
   EXPECT_FALSE(window.in_range(0, 16));  // below the window: its key is gone
   EXPECT_TRUE(window.all_present(size, 4096));
@@ -151,11 +229,161 @@ TEST(PadWindow, MovingOnWipesWhatItLeavesAndASlotServesItsNewPadOnly) {
   window.copy_out(size, 4096, out.data());
   EXPECT_EQ(out, pattern(4096, 2));
   // Far ahead: everything held is wiped, the bitmaps start empty.
-  window.place(100 * size, pattern(100, 3));
+  EXPECT_TRUE(window.place(100 * size, pattern(100, 3)));
   EXPECT_EQ(window.base(), 100 * size + 100 - size);
   EXPECT_FALSE(window.all_present(99 * size + 200, 1));
   Bytes rest(size - 100);
   window.copy_out(100 * size + 100 - size, size - 100, rest.data());
   EXPECT_TRUE(all_zero(rest));  // the old pad in every other slot was wiped
   EXPECT_EQ(window.touched_bytes(), size);
+}
+
+// At the memory lock limit an arena refuses to write rather than put secret bytes in
+// memory that is not locked; locked blocks keep taking writes. Without the fix (one
+// mlock2 of the whole range, failing quietly) the 16 MiB arena locks nothing yet takes
+// every write: VmLck stays 0 and the write past the limit lands.
+TEST(SecretArenaMemoryLock, WritesOnlyIntoBlocksItLockedAndRefusesPastTheLimit) {
+  RUN_WITH_MEMLOCK_LIMIT(256u << 10, [] {
+    std::string problems;
+    const std::size_t locked_before = vm_locked_kib();
+    keys::SecretArena arena(16u << 20);
+    const std::size_t block = keys::SecretArena::kBlockBytes;
+    std::size_t blocks = 0;
+    for (; blocks < 4000; ++blocks) {
+      if (!arena.write(blocks * block, pattern(block, static_cast<std::uint8_t>(blocks)))) break;
+    }
+    problems += expect(blocks == 64, "blocks written " + std::to_string(blocks) + ", not 64");
+    problems += expect(vm_locked_kib() - locked_before == blocks * 4,
+                       "VmLck grew by " + std::to_string(vm_locked_kib() - locked_before) +
+                           " KiB for " + std::to_string(blocks) + " blocks");
+    problems += expect(arena.lock_failures() == 1, "lock_failures not 1");
+    problems += expect(arena.written_bytes() == blocks * block, "written_bytes");
+    // The refused write left its block untouched (and unlocked).
+    problems += expect(all_zero(read(arena, blocks * block, block)), "refused bytes written");
+    // A write reaching from a locked block into an unlockable one writes nothing at all.
+    problems += expect(!arena.write(blocks * block - 10, pattern(20, 9)), "straddling write");
+    const Bytes last = pattern(block, static_cast<std::uint8_t>(blocks - 1));
+    problems += expect(read(arena, blocks * block - 10, 10) == Bytes(last.end() - 10, last.end()),
+                       "a refused write changed a locked block");
+    // Locked blocks take writes still.
+    problems += expect(arena.write(5, pattern(100, 4)) && read(arena, 5, 100) == pattern(100, 4),
+                       "a locked block refused a write");
+    arena.wipe_all();
+    problems += expect(all_zero(read(arena, 0, blocks * block)), "wipe_all");
+    return problems;
+  });
+}
+
+// Locked memory is given back at destruction: a window that is gone frees the limit for
+// the next (a call ending makes room for the next call). Without the fix nothing is
+// locked at all (VmLck does not grow).
+TEST(SecretArenaMemoryLock, DestructionUnlocksForTheNextArena) {
+  RUN_WITH_MEMLOCK_LIMIT(256u << 10, [] {
+    std::string problems;
+    const std::size_t locked_before = vm_locked_kib();
+    for (int round = 0; round < 3; ++round) {
+      keys::SecretArena arena(16u << 20);
+      problems += expect(arena.write(0, pattern(200u << 10, 1)), "round " + std::to_string(round));
+      problems += expect(vm_locked_kib() - locked_before == 200,
+                         "round " + std::to_string(round) + ": VmLck grew by " +
+                             std::to_string(vm_locked_kib() - locked_before) + " KiB, not 200");
+    }
+    problems += expect(vm_locked_kib() == locked_before, "VmLck not back after destruction");
+    return problems;
+  });
+}
+
+// The case the packaged unit meets: several 16 MiB windows, each with little pad, within
+// a limit far below their size. Without the fix each window's mlock2 of 16 MiB fails
+// against the 8 MiB limit and its pad sits in memory that can be swapped (VmLck 0).
+TEST(PadWindowMemoryLock, ThreeSixteenMebibyteWindowsWithLittlePadFitAnEightMebibyteLimit) {
+  RUN_WITH_MEMLOCK_LIMIT(8u << 20, [] {
+    std::string problems;
+    const std::size_t locked_before = vm_locked_kib();
+    std::vector<std::unique_ptr<otp::PadWindow>> windows;
+    for (int i = 0; i < 3; ++i) {
+      windows.push_back(std::make_unique<otp::PadWindow>(16u << 20));
+      const std::uint64_t at = 1'000'000'000ull * std::uint64_t(i + 1);
+      problems += expect(windows.back()->place(at, pattern(65536, std::uint8_t(i))),
+                         "window " + std::to_string(i) + " refused its pad");
+      problems += expect(windows.back()->all_present(at, 65536), "pad not present");
+    }
+    const std::size_t grew = vm_locked_kib() - locked_before;
+    // 64 KiB at an unaligned offset: 17 blocks each.
+    problems += expect(grew == 3 * 17 * 4, "VmLck grew by " + std::to_string(grew) + " KiB");
+    return problems;
+  });
+}
+
+// Pad whose block cannot be locked is not held: place() says so, the bytes stay absent
+// (so no unit can use them) and were never written; the pad it could lock is all there.
+TEST(PadWindowMemoryLock, PadItCannotLockIsDroppedNotHeld) {
+  RUN_WITH_MEMLOCK_LIMIT(256u << 10, [] {
+    std::string problems;
+    otp::PadWindow window(16u << 20);
+    const std::uint64_t at = 7 * otp::kEpochBytes;
+    problems += expect(window.place(at, pattern(192u << 10, 1)), "the first 192 KiB refused");
+    problems += expect(!window.place(at + (192u << 10), pattern(128u << 10, 2)),
+                       "pad past the limit was reported held");
+    problems += expect(window.all_present(at, 192u << 10), "the held pad is not present");
+    // The run that reached past the limit is absent as a whole: its first 64 KiB could be
+    // locked, but place() writes in runs and refuses a run it cannot lock entirely.
+    problems += expect(!window.all_present(at + (256u << 10), 1), "unlocked pad present");
+    problems += expect(window.touched_bytes() <= (256u << 10),
+                       "touched " + std::to_string(window.touched_bytes()));
+    Bytes out(64u << 10);
+    window.copy_out(at + (256u << 10), out.size(), out.data());
+    problems += expect(all_zero(out), "bytes past the limit were written");
+    return problems;
+  });
+}
+
+// End to end: a receiver at its memory lock limit counts the keys it could not hold and
+// refuses the units on them (no_key), never decrypting from unlocked memory; the units
+// on pad it could lock decrypt. Without the fix every unit decrypts and nothing is
+// counted, the pad living in memory that can be swapped.
+TEST(DecoderMemoryLock, KeysItCannotLockAreCountedAndTheirUnitsRefused) {
+  RUN_WITH_MEMLOCK_LIMIT(128u << 10, [] {
+    std::string problems;
+    otpgate::testing::MemoryPad tx(0, 4u << 20, 1024), rx(0, 4u << 20, 1024);
+    tx.fill_for_sending();
+    otp::Encoder encoder(tx, 42);
+    otp::Decoder decoder(rx);
+    std::size_t opened = 0, refused = 0, opened_after_refusal = 0;
+    Bytes buf(otp::kMaxAnnouncementBytes), out(2048), plain(2048);
+    for (std::uint16_t seq = 0; seq < 400; ++seq) {
+      while (std::size_t n = encoder.next_announcement(buf, true)) {
+        std::size_t written = 0;
+        decoder.open_datagram({buf.data(), n}, plain, written);
+      }
+      Bytes packet(12 + 1000, static_cast<std::uint8_t>(seq));
+      packet[0] = 0x80;
+      packet[1] = 96;
+      packet[2] = static_cast<std::uint8_t>(seq >> 8);
+      packet[3] = static_cast<std::uint8_t>(seq);
+      std::size_t written = 0;
+      if (encoder.protect_datagram(packet, out, written) != otp::Encoder::Status::ok) {
+        return problems + "the encoder ran out of pad";
+      }
+      std::size_t opened_bytes = 0;
+      const auto v = decoder.open_datagram({out.data(), written}, plain, opened_bytes);
+      if (v == otp::Decoder::Verdict::plaintext) {
+        ++opened;
+        if (refused > 0) ++opened_after_refusal;
+        problems +=
+            expect(Bytes(plain.begin(), plain.begin() + opened_bytes) == packet, "wrong plaintext");
+      } else {
+        problems += expect(v == otp::Decoder::Verdict::no_key, "a verdict other than no_key");
+        ++refused;
+      }
+    }
+    const auto& s = decoder.stats();
+    // 128 KiB of headroom, of which the decoder's scratch takes 64 KiB: some 60 units.
+    problems += expect(opened >= 32 && opened <= 128, "opened " + std::to_string(opened));
+    problems += expect(refused == 400 - opened, "refused " + std::to_string(refused));
+    problems += expect(opened_after_refusal == 0, "a unit decrypted after the limit");
+    problems += expect(s.memory_lock_failures >= refused * 1000 / 1024,
+                       "memory_lock_failures " + std::to_string(s.memory_lock_failures));
+    return problems;
+  });
 }

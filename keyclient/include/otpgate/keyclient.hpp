@@ -67,13 +67,16 @@ class SecretBytes {
 };
 
 // A large secret buffer (a decoder's pad window) that costs what is used: reserved, not
-// filled, and locked page by page as pages are first written (mlock2 MLOCK_ONFAULT), kept
-// out of core dumps; every 4 KiB block ever written is remembered and wiped again at
-// wipe_all() and destruction, untouched ones are never faulted in. Bytes go in and out
-// only through write/read (no span escapes), so no write can miss the bookkeeping.
+// filled, kept out of core dumps, and locked (mlock) 4 KiB block by block as blocks are
+// first written, so RLIMIT_MEMLOCK counts only the blocks in use. It fails closed: a write
+// that needs a block the limit does not let it lock writes nothing and returns false, so
+// secret bytes never sit in memory that could be swapped out. Every block ever locked is
+// remembered and wiped again at wipe_all() and destruction (which unlocks it), untouched
+// ones are never faulted in. Bytes go in and out only through write/read (no span
+// escapes), so no write can miss the bookkeeping.
 class SecretArena {
  public:
-  static constexpr std::size_t kBlockBytes = 4096;  // granularity of the written-block map
+  static constexpr std::size_t kBlockBytes = 4096;  // granularity of the locked-block map
 
   SecretArena() = default;
   explicit SecretArena(std::size_t size);  // zero bytes to start with
@@ -84,14 +87,18 @@ class SecretArena {
   SecretArena& operator=(const SecretArena&) = delete;
 
   std::size_t size() const { return size_; }
-  bool locked() const { return locked_; }  // every written page stays in RAM
-  // [at, at + n) must lie within size() (std::out_of_range otherwise).
-  void write(std::size_t at, std::span<const std::uint8_t> bytes);
+  // [at, at + n) must lie within size() (std::out_of_range otherwise). write() locks the
+  // blocks it reaches first; false (nothing written) when one of them cannot be locked
+  // (RLIMIT_MEMLOCK reached; the blocks it did lock stay locked for later writes).
+  [[nodiscard]] bool write(std::size_t at, std::span<const std::uint8_t> bytes);
   void read(std::size_t at, std::span<std::uint8_t> out) const;
   void wipe(std::size_t at, std::size_t n);  // zeroes what of it was ever written
   void wipe_all();                           // every block ever written
-  // Bytes in blocks ever written (they stay resident and locked until destruction).
+  // Bytes in blocks ever locked for writing (they stay resident and locked until
+  // destruction): what this arena adds to the process's locked memory.
   std::size_t written_bytes() const { return written_blocks_ * kBlockBytes; }
+  // Writes refused because a block could not be locked.
+  std::uint64_t lock_failures() const { return lock_failures_; }
 
  private:
   void check(std::size_t at, std::size_t n) const;
@@ -100,9 +107,9 @@ class SecretArena {
   void release() noexcept;
   std::uint8_t* data_ = nullptr;
   std::size_t size_ = 0, mapped_ = 0;
-  std::vector<std::uint64_t> written_;  // a bit per block
+  std::vector<std::uint64_t> written_;  // a bit per block: locked, may hold secret bytes
   std::size_t written_blocks_ = 0;
-  bool locked_ = false;
+  std::uint64_t lock_failures_ = 0;
 };
 
 enum class LogLevel { debug, info, warning, error };

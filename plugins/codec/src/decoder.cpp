@@ -86,7 +86,9 @@ struct Decoder::Impl {
 
   void place(std::uint64_t offset, std::span<const std::uint8_t> key) {
     first_placed = std::min(first_placed, offset);
-    window.place(offset, key);
+    // A key whose memory cannot be locked is not held (fail closed): its units find no
+    // key, and the count says why (the gst element reports it).
+    if (!window.place(offset, key)) ++stats.memory_lock_failures;
     forget_old_epoch_keys();
     ++stats.keys_placed;
   }

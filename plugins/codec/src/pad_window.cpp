@@ -115,17 +115,24 @@ void PadWindow::consume(std::uint64_t off, std::size_t n) {
   });
 }
 
-void PadWindow::place(std::uint64_t off, std::span<const std::uint8_t> key) {
+bool PadWindow::place(std::uint64_t off, std::span<const std::uint8_t> key) {
   const std::uint64_t end = off + key.size();
-  if (end <= base_) return;
+  if (end <= base_) return true;
   if (end > base_ + size_) advance(end - size_);
   const std::size_t skip = off < base_ ? checked_cast<std::size_t>(base_ - off) : 0;
+  bool held = true;
   pieces(off + skip, key.size() - skip, [&](std::size_t at, std::size_t len, std::size_t done) {
     const std::uint8_t* from = key.data() + skip + done;
-    // Written in runs of bytes not used yet; used bytes keep their wiped state.
+    // Written in runs of bytes not used yet; used bytes keep their wiped state. A run is
+    // present only once written: one the arena cannot lock stays absent (fail closed).
     std::size_t run_at = 0, run_length = 0;
     auto flush = [&] {
-      if (run_length > 0) bytes_.write(run_at, {from + (run_at - at), run_length});
+      if (run_length == 0) return;
+      if (bytes_.write(run_at, {from + (run_at - at), run_length})) {
+        set(present_, run_at, run_length, true);
+      } else {
+        held = false;
+      }
       run_length = 0;
     };
     auto add = [&](std::size_t b, std::size_t n) {
@@ -145,11 +152,11 @@ void PadWindow::place(std::uint64_t off, std::span<const std::uint8_t> key) {
         for (std::uint64_t bits = fresh; bits != 0; bits &= bits - 1)
           add(word * 64 + std::countr_zero(bits), 1);
       }
-      present_[word] |= fresh;
       return true;
     });
     flush();
   });
+  return held;
 }
 
 void PadWindow::advance(std::uint64_t new_base) {

@@ -30,10 +30,12 @@ class ZeroedWords {
 };
 
 // A circular arena of `size` bytes covering pad offsets [base, base + size), with bitmaps
-// of the bytes present and the bytes used. It costs what its pad uses: the arena's pages
-// are locked as pad is first placed in them and only those are ever wiped again
+// of the bytes present and the bytes used. It costs what its pad uses: the arena's 4 KiB
+// blocks are locked as pad is first placed in them and only those are ever wiped again
 // (keys::SecretArena), so a window of 16 MiB that a short call fills with a few hundred
-// KiB takes that much RAM and wiping, not 16 MiB.
+// KiB takes that much RAM, locked memory (RLIMIT_MEMLOCK) and wiping, not 16 MiB. Pad
+// whose block cannot be locked is not held at all: it stays absent (units on it have no
+// key) and place() says so.
 class PadWindow {
  public:
   explicit PadWindow(std::size_t size);  // a multiple of kEpochBytes
@@ -49,8 +51,10 @@ class PadWindow {
   // Marks used and wipes: the pad can never be used again.
   void consume(std::uint64_t off, std::size_t n);
   // Places key bytes; moves the window forward if they reach past its end. Bytes already
-  // used stay used (and wiped) until the window moves past them: pad serves once.
-  void place(std::uint64_t off, std::span<const std::uint8_t> key);
+  // used stay used (and wiped) until the window moves past them: pad serves once. False
+  // when some of the key could not be held because its memory could not be locked
+  // (RLIMIT_MEMLOCK): those bytes are dropped, never written, and stay absent.
+  [[nodiscard]] bool place(std::uint64_t off, std::span<const std::uint8_t> key);
   // Bytes of the arena pad was ever placed in (they are what its wipes cost).
   std::size_t touched_bytes() const { return bytes_.written_bytes(); }
 

@@ -70,6 +70,10 @@ struct DecoderStats {
   // sender's lead (not an attack on its own: forgeries never move the window).
   std::uint64_t window_overruns = 0;
   std::uint64_t aes_units = 0;  // of `units`, those in AES mode
+  // Keys (of keys_placed) whose pad could not all be held because the pad window could
+  // not lock memory for it (RLIMIT_MEMLOCK reached): that pad was dropped unwritten, never
+  // kept in memory that could be swapped out; units on it are refused as no_key.
+  std::uint64_t memory_lock_failures = 0;
 };
 
 class Encoder {
