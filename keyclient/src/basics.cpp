@@ -83,8 +83,8 @@ void SecretBytes::release() noexcept {
 
 SecretArena::SecretArena(std::size_t size) : size_(size) {
   if (size == 0) return;
-  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
-  mapped_ = (size + page - 1) / page * page;
+  page_ = std::max(static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)), kBlockBytes);
+  mapped_ = (size + page_ - 1) / page_ * page_;
   void* p = ::mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
   data_ = static_cast<std::uint8_t*>(p);
@@ -103,6 +103,7 @@ SecretArena::SecretArena(SecretArena&& other) noexcept
     : data_(std::exchange(other.data_, nullptr)),
       size_(std::exchange(other.size_, 0)),
       mapped_(std::exchange(other.mapped_, 0)),
+      page_(std::exchange(other.page_, 0)),
       written_(std::move(other.written_)),
       written_blocks_(std::exchange(other.written_blocks_, 0)),
       lock_failures_(std::exchange(other.lock_failures_, 0)) {}
@@ -113,6 +114,7 @@ SecretArena& SecretArena::operator=(SecretArena&& other) noexcept {
     data_ = std::exchange(other.data_, nullptr);
     size_ = std::exchange(other.size_, 0);
     mapped_ = std::exchange(other.mapped_, 0);
+    page_ = std::exchange(other.page_, 0);
     written_ = std::move(other.written_);
     written_blocks_ = std::exchange(other.written_blocks_, 0);
     lock_failures_ = std::exchange(other.lock_failures_, 0);
@@ -182,6 +184,40 @@ void SecretArena::wipe(std::size_t at, std::size_t n) {
 
 void SecretArena::wipe_all() {
   if (written_blocks_ > 0) wipe(0, size_);
+}
+
+void SecretArena::discard(std::size_t at, std::size_t n) {
+  wipe(at, n);
+  if (n == 0) return;
+  const std::size_t blocks = (size_ + kBlockBytes - 1) / kBlockBytes;
+  const std::size_t first = (at + kBlockBytes - 1) / kBlockBytes;
+  const std::size_t end = at + n == size_ ? blocks : (at + n) / kBlockBytes;
+  if (first >= end) return;
+  auto is_set = [&](std::size_t b) { return (written_[b / 64] >> (b % 64)) & 1; };
+  // mlock works on pages: a page (of several blocks where pages are larger than a block)
+  // is unlocked and dropped once none of its blocks is locked for writing any more.
+  const std::size_t per_page = page_ / kBlockBytes;
+  for (std::size_t b0 = first / per_page * per_page; b0 < end; b0 += per_page) {
+    const std::size_t b1 = std::min(blocks, b0 + per_page);
+    bool cleared = false, idle = true;
+    for (std::size_t b = b0; b < b1; ++b) {
+      if (!is_set(b)) continue;
+      if (b < first || b >= end) {
+        idle = false;
+        continue;
+      }
+      // Zeroed whole (the range wiped only what was asked) before it leaves locked memory.
+      const std::size_t from = b * kBlockBytes;
+      OPENSSL_cleanse(data_ + from, std::min(kBlockBytes, mapped_ - from));
+      written_[b / 64] &= ~(1ull << (b % 64));
+      --written_blocks_;
+      cleared = true;
+    }
+    if (!cleared || !idle) continue;
+    std::uint8_t* p = data_ + b0 * kBlockBytes;
+    ::munlock(p, page_);
+    ::madvise(p, page_, MADV_DONTNEED);  // private anonymous: reads as zero again
+  }
 }
 
 void SecretArena::release() noexcept {

@@ -235,7 +235,8 @@ TEST(PadWindow, MovingOnWipesWhatItLeavesAndASlotServesItsNewPadOnly) {
   Bytes rest(size - 100);
   window.copy_out(100 * size + 100 - size, size - 100, rest.data());
   EXPECT_TRUE(all_zero(rest));  // the old pad in every other slot was wiped
-  EXPECT_EQ(window.touched_bytes(), size);
+  // ... and given back: only the block of the 100 bytes just placed is locked.
+  EXPECT_EQ(window.touched_bytes(), keys::SecretArena::kBlockBytes);
 }
 
 // At the memory lock limit an arena refuses to write rather than put secret bytes in
@@ -384,6 +385,139 @@ TEST(DecoderMemoryLock, KeysItCannotLockAreCountedAndTheirUnitsRefused) {
     problems += expect(opened_after_refusal == 0, "a unit decrypted after the limit");
     problems += expect(s.memory_lock_failures >= refused * 1000 / 1024,
                        "memory_lock_failures " + std::to_string(s.memory_lock_failures));
+    return problems;
+  });
+}
+
+// discard() gives blocks back: wiped whole, unlocked (VmLck falls, the limit has room
+// again), reading as zero, and locked again by the next write. A block the range covers
+// only in part is wiped there but stays locked with the rest of its bytes. Without it
+// (a wipe that keeps the blocks locked) VmLck stays at 64 blocks and the writes into
+// other blocks are refused at the limit.
+TEST(SecretArenaMemoryLock, DiscardedBlocksAreWipedUnlockedAndLockedAgainWhenWritten) {
+  RUN_WITH_MEMLOCK_LIMIT(256u << 10, [] {
+    std::string problems;
+    const std::size_t locked_before = vm_locked_kib();
+    const std::size_t block = keys::SecretArena::kBlockBytes;
+    keys::SecretArena arena(16u << 20);
+    for (std::size_t b = 0; b < 64; ++b) {
+      problems += expect(arena.write(b * block, pattern(block, std::uint8_t(b))), "first writes");
+    }
+    problems += expect(!arena.write(64 * block, pattern(1, 1)), "the limit is not reached");
+    // [100, 100 + 32 blocks): blocks 1..31 wholly, blocks 0 and 32 in part.
+    arena.discard(100, 32 * block);
+    problems += expect(arena.written_bytes() == 33 * block,
+                       "written_bytes " + std::to_string(arena.written_bytes()));
+    problems += expect(
+        vm_locked_kib() - locked_before == 33 * 4,
+        "VmLck grew by " + std::to_string(vm_locked_kib() - locked_before) + " KiB, not 132");
+    problems += expect(all_zero(read(arena, 100, 32 * block)), "the range not wiped");
+    const Bytes first = pattern(block, 0), last = pattern(block, 32);
+    problems += expect(read(arena, 0, 100) == Bytes(first.begin(), first.begin() + 100),
+                       "block 0 lost what lay before the range");
+    problems +=
+        expect(read(arena, 32 * block + 100, block - 100) == Bytes(last.begin() + 100, last.end()),
+               "block 32 lost what lay after the range");
+    // The limit has room for 31 blocks again, anywhere (a discarded block included).
+    for (std::size_t b = 64; b < 94; ++b) {
+      problems += expect(arena.write(b * block, pattern(block, 7)), "block " + std::to_string(b));
+    }
+    problems += expect(arena.write(5 * block + 1, pattern(10, 8)), "a discarded block refused");
+    problems += expect(read(arena, 5 * block + 1, 10) == pattern(10, 8), "rewritten bytes");
+    problems += expect(!arena.write(94 * block, pattern(1, 1)), "past the limit taken");
+    problems += expect(vm_locked_kib() - locked_before == 64 * 4, "VmLck not back at 64 blocks");
+    // The whole arena: every block given back.
+    arena.discard(0, arena.size());
+    problems += expect(arena.written_bytes() == 0 && vm_locked_kib() == locked_before,
+                       "VmLck " + std::to_string(vm_locked_kib() - locked_before) +
+                           " KiB above the start after discarding all");
+    return problems;
+  });
+}
+
+namespace {
+
+// Locked KiB above `base`, and the most seen (for the child's report).
+struct LockWatch {
+  std::size_t base = vm_locked_kib(), most = 0;
+  std::size_t now() {
+    const std::size_t grown = vm_locked_kib() - base;
+    most = std::max(most, grown);
+    return grown;
+  }
+};
+
+}  // namespace
+
+// A long call: the receiver's pad stream runs through its 16 MiB window four times, pad
+// placed 256 KiB ahead of the units that consume it, one unit in 500 lost (its pad never
+// consumed, so given back only when the window moves past it). Under a 1 MiB limit every
+// key is held and every unit finds its pad, and locked memory stays about the live pad.
+// Without giving blocks back the window's locked memory only grows: place() fails once
+// 1 MiB of the stream has gone through (and every unit after that has no key).
+TEST(PadWindowMemoryLock, ALongStreamCyclesThroughItsWindowWithinALimitFarBelowIt) {
+  RUN_WITH_MEMLOCK_LIMIT(1u << 20, [] {
+    std::string problems;
+    LockWatch locked;
+    const std::size_t size = 16u << 20, key = 32u << 10, unit = 1000, ahead = 256u << 10;
+    otp::PadWindow window(size);
+    const std::uint64_t start = 3'000'000'000ull;  // a lane far along its stream
+    std::uint64_t placed = start, used = start;
+    std::size_t refused = 0, missing = 0, units = 0;
+    while (used < start + 4 * size) {
+      while (placed < used + ahead) {
+        if (!window.place(placed, pattern(key, std::uint8_t(placed / key)))) ++refused;
+        placed += key;
+      }
+      if (units++ % 500 != 499) {
+        if (!window.all_present(used, unit) || window.any_used(used, unit)) {
+          ++missing;
+        } else {
+          window.consume(used, unit);
+        }
+      }
+      used += unit;
+      locked.now();
+    }
+    problems += expect(refused == 0, std::to_string(refused) + " keys refused");
+    problems += expect(missing == 0, std::to_string(missing) + " units without pad");
+    // Live: 256 KiB ahead, plus a block per lost unit the window has not moved past yet
+    // (some 34 in 16 MiB), plus the blocks at either edge.
+    problems += expect(locked.most <= 512, "VmLck grew by up to " + std::to_string(locked.most) +
+                                               " KiB, not the live pad's ~400");
+    problems += expect(window.touched_bytes() <= (512u << 10),
+                       "touched " + std::to_string(window.touched_bytes()));
+    // Jumping far ahead moves past everything: back at the baseline but the new block.
+    problems += expect(window.place(placed + 2 * size, pattern(100, 1)), "the jump refused");
+    problems += expect(locked.now() == 4, "VmLck " + std::to_string(locked.now()) +
+                                              " KiB above the start after the jump, not 4");
+    return problems;
+  });
+}
+
+// Pad that is never consumed (a sender whose units are lost, a lane's look-ahead) is
+// given back when the window moves past it: a 4 KiB key every 260 KiB (so each lap puts
+// pad in other blocks), four laps of the window, stays at the 63 blocks one window's
+// worth holds. Without giving blocks back the 512 KiB limit runs out in the third lap
+// and place() fails.
+TEST(PadWindowMemoryLock, PadTheWindowMovesPastIsGivenBackUnconsumed) {
+  RUN_WITH_MEMLOCK_LIMIT(512u << 10, [] {
+    std::string problems;
+    LockWatch locked;
+    const std::size_t size = 16u << 20, stride = 260u << 10, block = 4096;
+    otp::PadWindow window(size);
+    std::size_t refused = 0;
+    std::uint64_t last = 0;
+    for (std::uint64_t at = 0; at < 4 * size; at += stride) {
+      if (!window.place(at, pattern(block, std::uint8_t(at / stride)))) ++refused;
+      last = at;
+      locked.now();
+    }
+    problems += expect(refused == 0, std::to_string(refused) + " keys refused");
+    problems += expect(locked.most <= 64 * 4,
+                       "VmLck grew by up to " + std::to_string(locked.most) + " KiB");
+    problems += expect(window.all_present(last, block), "the last key");
+    problems += expect(!window.in_range(last - size, block), "not moved past");
     return problems;
   });
 }

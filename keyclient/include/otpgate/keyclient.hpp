@@ -70,9 +70,11 @@ class SecretBytes {
 // filled, kept out of core dumps, and locked (mlock) 4 KiB block by block as blocks are
 // first written, so RLIMIT_MEMLOCK counts only the blocks in use. It fails closed: a write
 // that needs a block the limit does not let it lock writes nothing and returns false, so
-// secret bytes never sit in memory that could be swapped out. Every block ever locked is
-// remembered and wiped again at wipe_all() and destruction (which unlocks it), untouched
-// ones are never faulted in. Bytes go in and out only through write/read (no span
+// secret bytes never sit in memory that could be swapped out. Every block locked is
+// remembered and wiped again at wipe_all() and destruction (which unlocks it); discard()
+// wipes blocks the owner is done with and gives them back (unlocked, pages dropped), so a
+// circular window's locked memory follows what it holds, not what it ever held. Untouched
+// blocks are never faulted in. Bytes go in and out only through write/read (no span
 // escapes), so no write can miss the bookkeeping.
 class SecretArena {
  public:
@@ -92,10 +94,15 @@ class SecretArena {
   // (RLIMIT_MEMLOCK reached; the blocks it did lock stay locked for later writes).
   [[nodiscard]] bool write(std::size_t at, std::span<const std::uint8_t> bytes);
   void read(std::size_t at, std::span<std::uint8_t> out) const;
-  void wipe(std::size_t at, std::size_t n);  // zeroes what of it was ever written
-  void wipe_all();                           // every block ever written
-  // Bytes in blocks ever locked for writing (they stay resident and locked until
-  // destruction): what this arena adds to the process's locked memory.
+  void wipe(std::size_t at, std::size_t n);  // zeroes what of it is in locked blocks
+  void wipe_all();                           // every locked block
+  // Wipes [at, at + n) like wipe(), then gives back the blocks wholly inside it (the
+  // arena's last block counts as whole when the range reaches size()): each is zeroed
+  // whole, unlocked and its pages dropped (MADV_DONTNEED; they read as zero and cost
+  // nothing), and a later write locks it again before any byte goes in.
+  void discard(std::size_t at, std::size_t n);
+  // Bytes in blocks locked for writing now (resident and locked until discarded or
+  // destroyed): what this arena adds to the process's locked memory.
   std::size_t written_bytes() const { return written_blocks_ * kBlockBytes; }
   // Writes refused because a block could not be locked.
   std::uint64_t lock_failures() const { return lock_failures_; }
@@ -106,7 +113,7 @@ class SecretArena {
   void written_runs(std::size_t at, std::size_t n, F f) const;
   void release() noexcept;
   std::uint8_t* data_ = nullptr;
-  std::size_t size_ = 0, mapped_ = 0;
+  std::size_t size_ = 0, mapped_ = 0, page_ = 0;
   std::vector<std::uint64_t> written_;  // a bit per block: locked, may hold secret bytes
   std::size_t written_blocks_ = 0;
   std::uint64_t lock_failures_ = 0;

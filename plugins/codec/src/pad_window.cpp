@@ -112,6 +112,7 @@ void PadWindow::consume(std::uint64_t off, std::size_t n) {
   pieces(off, n, [&](std::size_t at, std::size_t len, std::size_t) {
     bytes_.wipe(at, len);
     set(used_, at, len, true);
+    give_back_idle_blocks(at, len);
   });
 }
 
@@ -162,7 +163,7 @@ bool PadWindow::place(std::uint64_t off, std::span<const std::uint8_t> key) {
 void PadWindow::advance(std::uint64_t new_base) {
   const std::uint64_t drop = new_base - base_;
   if (drop >= size_) {
-    bytes_.wipe_all();
+    bytes_.discard(0, size_);
     present_.clear();
     used_.clear();
   } else {
@@ -171,9 +172,30 @@ void PadWindow::advance(std::uint64_t new_base) {
              bytes_.wipe(at, len);
              set(present_, at, len, false);
              set(used_, at, len, false);
+             give_back_idle_blocks(at, len);
            });
   }
   base_ = new_base;
+}
+
+// Pad in [at, at + len) of the arena was consumed or the window moved past it: each block
+// it reaches that now holds no pad still to be served (every byte absent, or used and so
+// wiped) is given back, so the window's locked memory stays about the pad it holds live,
+// however long the stream cycles through it. A block left in part keeps its lock while
+// pad in the rest of it is live; the consume or advance that leaves it idle gives it
+// back. The used bitmap is untouched (a used byte stays used, and wiped, whatever its
+// block), and a block given back is locked again before pad is next placed in it.
+void PadWindow::give_back_idle_blocks(std::size_t at, std::size_t len) {
+  if (len == 0) return;
+  constexpr std::size_t kBlock = keys::SecretArena::kBlockBytes;
+  static_assert(kBlock % 64 == 0);
+  for (std::size_t b = at / kBlock, last = (at + len - 1) / kBlock; b <= last; ++b) {
+    bool idle = true;
+    for (std::size_t w = b * kBlock / 64, end = (b + 1) * kBlock / 64; w < end && idle; ++w) {
+      idle = (present_[w] & ~used_[w]) == 0;
+    }
+    if (idle) bytes_.discard(b * kBlock, kBlock);
+  }
 }
 
 }  // namespace otpgate::otp

@@ -33,7 +33,9 @@ class ZeroedWords {
 // of the bytes present and the bytes used. It costs what its pad uses: the arena's 4 KiB
 // blocks are locked as pad is first placed in them and only those are ever wiped again
 // (keys::SecretArena), so a window of 16 MiB that a short call fills with a few hundred
-// KiB takes that much RAM, locked memory (RLIMIT_MEMLOCK) and wiping, not 16 MiB. Pad
+// KiB takes that much RAM, locked memory (RLIMIT_MEMLOCK) and wiping, not 16 MiB; and as
+// pad is consumed and the window moves on, blocks left with no pad to serve are wiped,
+// unlocked and dropped, so a long call cycling through it holds about its live pad. Pad
 // whose block cannot be locked is not held at all: it stays absent (units on it have no
 // key) and place() says so.
 class PadWindow {
@@ -55,11 +57,13 @@ class PadWindow {
   // when some of the key could not be held because its memory could not be locked
   // (RLIMIT_MEMLOCK): those bytes are dropped, never written, and stay absent.
   [[nodiscard]] bool place(std::uint64_t off, std::span<const std::uint8_t> key);
-  // Bytes of the arena pad was ever placed in (they are what its wipes cost).
+  // Bytes of the arena's blocks locked now, those holding pad still to serve (and blocks
+  // partly so): what its locked memory and wipes cost.
   std::size_t touched_bytes() const { return bytes_.written_bytes(); }
 
  private:
   void advance(std::uint64_t new_base);
+  void give_back_idle_blocks(std::size_t at, std::size_t len);
   template <typename F>
   void pieces(std::uint64_t off, std::size_t n, F f) const;
   bool all(const ZeroedWords& bits, std::uint64_t off, std::size_t n, bool value) const;
