@@ -718,8 +718,11 @@ struct Gateway::Impl final : CallMediaPlane {
         t.aes_fallback = st.value("aes-fallback", false);
         if (is_static) static_pad_used += st.value("pad-bytes-used", std::uint64_t{0});
       }
-      if (s.decrypt)
-        t.packets_from_peer = element_stats(s.decrypt.get()).value("packets-in", std::uint64_t{0});
+      if (s.decrypt) {
+        const json st = element_stats(s.decrypt.get());
+        t.packets_from_peer = st.value("packets-in", std::uint64_t{0});
+        t.memory_lock_failures = st.value("memory-lock-failures", std::uint64_t{0});
+      }
       sample.streams.push_back(std::move(t));
     }
     lock.unlock();

@@ -298,6 +298,19 @@ void HealthMonitor::observe(const Sample& sample) {
     t.packets_in = s.packets_in;
     t.packets_to_peer = s.packets_to_peer;
     t.packets_from_peer = s.packets_from_peer;
+    // Key the receiver could not lock was dropped, and the media on it with it: at once,
+    // and until `unhealthy_after` passes without another (a counter a new stream starts
+    // with counts as new: it is that stream's).
+    if (s.memory_lock_failures > t.memory_lock_failures) t.lock_failed = now;
+    t.memory_lock_failures = s.memory_lock_failures;
+    if (t.lock_failed && now - *t.lock_failed < unhealthy_after_) {
+      reasons.push_back(
+          "stream " + s.name + ": " + std::to_string(s.memory_lock_failures) +
+          " received keys dropped, their memory could not be locked (RLIMIT_MEMLOCK used "
+          "up), so media on them is dropped; raise LimitMEMLOCK in the otp-gateway unit "
+          "(see docs/gateway.md for its size) or hold less pad: lower sip.max_media or "
+          "keys.ring_bytes");
+    }
     if (now - t.key_ok >= unhealthy_after_) {
       reasons.push_back("stream " + s.name + ": no key for " +
                         std::to_string(seconds(now - t.key_ok)) + " s; its media " +

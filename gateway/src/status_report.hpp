@@ -37,16 +37,19 @@ std::string metrics_text(const nlohmann::json& status);
 // for at least `unhealthy_after`: the KME is unreachable or refuses us; a stream that
 // takes in media has no key to send it with; or media goes to the peer gateway and
 // nothing comes back on any stream. Also at once when a key source has failed for good
-// (a used-up pad file). Degraded (still 200) while AES fallback carries a stream.
+// (a used-up pad file), and, from when it counts them until `unhealthy_after` later, when
+// a stream's receiver drops key it cannot lock in memory (RLIMIT_MEMLOCK used up: its
+// media is dropped). Degraded (still 200) while AES fallback carries a stream.
 class HealthMonitor {
  public:
   using Clock = std::chrono::steady_clock;
   struct StreamSample {
     std::string name;
     bool sends = false, receives = false;
-    std::uint64_t packets_in = 0;         // from the local conference system (otpencrypt)
-    std::uint64_t packets_to_peer = 0;    // sent to the peer gateway (otpencrypt)
-    std::uint64_t packets_from_peer = 0;  // from the peer gateway (otpdecrypt)
+    std::uint64_t packets_in = 0;            // from the local conference system (otpencrypt)
+    std::uint64_t packets_to_peer = 0;       // sent to the peer gateway (otpencrypt)
+    std::uint64_t packets_from_peer = 0;     // from the peer gateway (otpdecrypt)
+    std::uint64_t memory_lock_failures = 0;  // keys dropped, not lockable (otpdecrypt)
     bool aes_fallback = false;
   };
   struct SupplySample {
@@ -68,7 +71,9 @@ class HealthMonitor {
  private:
   struct StreamTrack {
     std::uint64_t packets_in = 0, packets_to_peer = 0, packets_from_peer = 0;
+    std::uint64_t memory_lock_failures = 0;
     Clock::time_point key_ok;  // last seen with key for its media (or none to send)
+    std::optional<Clock::time_point> lock_failed;  // last seen counting new lock failures
   };
   static long seconds(Clock::duration d);
 

@@ -221,3 +221,46 @@ TEST(HealthMonitor, ACallStreamAddedLaterIsJudgedFromWhenItAppearedAndForgottenW
   health.observe({t0 + 60s, {stream(5, 0)}, {}});
   EXPECT_EQ(health.report()["status"], "healthy") << reasons();
 }
+
+// A receiver that drops key it cannot lock in memory (RLIMIT_MEMLOCK used up) drops the
+// media on it: unhealthy at once, naming the stream, LimitMEMLOCK and the fix, and healthy
+// again once `unhealthy_after` passes with no new failure. Without it the media goes
+// missing while /healthz says 200 (the counter showed only in the status).
+TEST(HealthMonitor, AStreamWhoseReceiverCannotLockKeyIsUnhealthyNamingLimitMemlock) {
+  using otpgate::gateway::HealthMonitor;
+  using Clock = HealthMonitor::Clock;
+  HealthMonitor health(std::chrono::seconds(2), "https://kme", "10.0.0.2", "drop");
+  const auto t0 = Clock::now();
+  auto stream = [](std::string name, std::uint64_t from_peer, std::uint64_t lock_failures) {
+    HealthMonitor::StreamSample s;
+    s.name = std::move(name);
+    s.receives = true;
+    s.packets_from_peer = from_peer;
+    s.memory_lock_failures = lock_failures;
+    return s;
+  };
+  auto reasons = [&] { return health.report()["reasons"].dump(); };
+  health.observe({t0, {stream("video", 10, 0)}, {}});
+  EXPECT_EQ(health.report()["status"], "healthy") << reasons();
+  health.observe({t0 + 1s, {stream("video", 20, 3)}, {}});
+  EXPECT_EQ(health.report()["status"], "unhealthy") << reasons();
+  ASSERT_EQ(health.report()["reasons"].size(), 1u) << reasons();
+  const std::string reason = health.report()["reasons"][0];
+  for (const char* text : {"stream video: 3 received keys dropped", "RLIMIT_MEMLOCK",
+                           "raise LimitMEMLOCK", "docs/gateway.md", "sip.max_media"}) {
+    EXPECT_NE(reason.find(text), std::string::npos) << text << " not in " << reason;
+  }
+  // Still failing: still unhealthy; then no new failure for the 2 s: healthy again.
+  health.observe({t0 + 2500ms, {stream("video", 30, 5)}, {}});
+  EXPECT_NE(reasons().find("stream video: 5 received keys"), std::string::npos) << reasons();
+  health.observe({t0 + 4s, {stream("video", 40, 5)}, {}});
+  EXPECT_EQ(health.report()["status"], "unhealthy") << reasons();
+  health.observe({t0 + 4500ms, {stream("video", 50, 5)}, {}});
+  EXPECT_EQ(health.report()["status"], "healthy") << reasons();
+  // A call stream first seen with failures already counted is unhealthy at once; the
+  // other stream is not named.
+  health.observe({t0 + 5s, {stream("video", 60, 5), stream("call-7", 1, 2)}, {}});
+  EXPECT_NE(reasons().find("stream call-7: 2 received keys dropped"), std::string::npos)
+      << reasons();
+  EXPECT_EQ(reasons().find("stream video"), std::string::npos) << reasons();
+}
