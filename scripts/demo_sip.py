@@ -12,6 +12,7 @@ Usage: demo_sip.py --build BUILD_DIR --work DIR --pki DIR [--seconds N] [--key-r
 import argparse
 import glob
 import os
+import socket
 import sys
 import time
 
@@ -20,6 +21,20 @@ from sip_lab import SipLab, frequency, missing_software  # noqa: E402
 from script_support import free_ports, udp_bound, wait_until  # noqa: E402
 
 STATUS_A, STATUS_B = 48080, 48081  # as in the panel profile, so the console command is the same
+
+
+def listen_free(port):
+    """Whether a server can listen on the port now. As the gateway's status server binds
+    (SO_REUSEADDR), connections of an earlier run still in TIME_WAIT do not count; a
+    plain bind would wait them out (60 s after the panel demo or a previous run)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            return True
+        except OSError:
+            return False
 
 
 def kib(n):
@@ -58,7 +73,7 @@ def main():
     lab = SipLab(args.build, args.work, args.pki)
     lab.procs.quiet = True
     for port in (STATUS_A, STATUS_B):
-        if not free_ports(1, low=port, high=port + 1):
+        if not listen_free(port):
             print(f"demo: port {port} (a gateway's status API) is taken: stop the program "
                   "using it (another demo?)", file=sys.stderr)
             return 2

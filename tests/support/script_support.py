@@ -71,7 +71,9 @@ def free_ports(count, low=12000, high=19000, taken=()):
     """`count` ports below the ephemeral range, free for both TCP and UDP right now."""
     found = []
     port = low + (os.getpid() * 37) % (high - low)
-    while len(found) < count:
+    for _ in range(high - low):
+        if len(found) == count:
+            break
         port = low + (port + 1 - low) % (high - low)
         if port in found or port in taken:
             continue
@@ -82,6 +84,8 @@ def free_ports(count, low=12000, high=19000, taken=()):
         except OSError:
             continue
         found.append(port)
+    if len(found) < count:
+        raise SystemExit(f"only {len(found)} of {count} free ports in {low}-{high - 1}")
     return found
 
 
