@@ -7,14 +7,19 @@ shows. Processes come from tests/support/script_support.py (started in their own
 all killed at the end)."""
 import json
 import os
+import re
 import shutil
 import struct
 import sys
+import traceback
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                 "support"))
 from script_support import Processes, tcp_listening, udp_bound, wait_until  # noqa: E402
+
+# baresip's status line, once a second while a call runs: "[0:00:16] audio=99366/0 (bit/s)".
+BARESIP_BITRATE = re.compile(r"^\s*\[\d+:\d\d:\d\d\] (audio|video)=")
 
 KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
 
@@ -225,7 +230,9 @@ max_media = {max_media}
 
     @staticmethod
     def status(port):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=5) as r:
+        # Generous: under a loaded CI machine (tests run two at a time on two cores) a reply
+        # can take seconds; a gateway that is really stuck still fails the caller's wait.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=20) as r:
             return json.load(r)
 
     def start_kamailio(self, name, port, rtpengine_sock, next_hop="", extra="", children=1,
@@ -273,8 +280,16 @@ max_media = {max_media}
                                  f"{args}"], f"{name}.log")
 
     def dump_logs(self):
+        """After a failure: what failed, first (CI keeps only the head and the tail of a
+        test's output), then the end of each process's log, baresip's once-a-second
+        bitrate lines left out."""
+        print("FAILED here (the same again after the logs):\n" + traceback.format_exc(),
+              flush=True)
         for p in self.procs.running:
-            print(f"--- {p.log}\n" + self.procs.output(p)[-2500:])
+            text = "\n".join(line for line in self.procs.output(p).splitlines()
+                             if line.strip() and not BARESIP_BITRATE.match(line))
+            ended = "" if p.poll() is None else f" (ended, exit {p.returncode})"
+            print(f"--- {p.log}{ended}\n" + text[-2500:])
 
     def stop(self):
         self.procs.stop_all()
