@@ -19,12 +19,14 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <list>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "call_media_pump.hpp"
 #include "calls.hpp"
 #include "ice_session.hpp"
 #include "media_threads.hpp"
@@ -107,10 +109,12 @@ class PipelineStarter {
   PipelineStarter(const PipelineStarter&) = delete;
   PipelineStarter& operator=(const PipelineStarter&) = delete;
 
-  void start(GstElement* pipeline, std::string name) {
+  // `started` runs on the starter's thread once the pipeline is PLAYING.
+  void start(GstElement* pipeline, std::string name, std::function<void()> started = {}) {
     {
       const std::lock_guard lock(mutex_);
-      queue_.push_back({GST_ELEMENT(gst_object_ref(pipeline)), std::move(name)});
+      queue_.push_back(
+          {GST_ELEMENT(gst_object_ref(pipeline)), std::move(name), std::move(started)});
     }
     changed_.notify_all();
   }
@@ -131,6 +135,7 @@ class PipelineStarter {
   struct Job {
     GstElement* pipeline;  // a reference of its own
     std::string name;
+    std::function<void()> started;
   };
   void run() {
     std::unique_lock lock(mutex_);
@@ -144,6 +149,8 @@ class PipelineStarter {
       if (gst_element_set_state(job.pipeline, GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) {
         std::fprintf(stderr, "otp-gateway[error]: stream %s: its pipeline did not start\n",
                      job.name.c_str());
+      } else if (job.started) {
+        job.started();
       }
       gst_object_unref(job.pipeline);
       lock.lock();
@@ -166,6 +173,10 @@ struct Gateway::Impl final : CallMediaPlane {
     StreamConfig config;
     std::optional<std::size_t> send_lane;     // in send_keys
     std::optional<std::size_t> receive_lane;  // in receive_keys
+    // Call media: the thread that moves their datagrams (call_media_pump.hpp). Declared
+    // before the pipeline so that the pipeline stops first, which releases an element
+    // waiting for key, and then the thread.
+    std::unique_ptr<CallMediaPump> pump;
     PipelinePtr pipeline;
     ElementPtr encrypt, decrypt;
   };
@@ -260,9 +271,10 @@ struct Gateway::Impl final : CallMediaPlane {
     if (receive.lanes > 0) receive_keys = std::make_unique<keys::KeySupply>(kme_config(), receive);
   }
 
-  void build(Stream& s) {
+  // `pumped`: a call media, whose datagrams a CallMediaPump moves (no udpsrc/udpsink).
+  void build(Stream& s, bool pumped = false) {
     const StreamConfig& c = s.config;
-    const bool ice = ice_session != nullptr;
+    const bool ice = ice_session != nullptr && !pumped;
     // Elements from their factories with typed properties: no config value is ever parsed
     // as pipeline text (a host name such as "10.0.0.2 ! fakesink" stays a host name).
     GstElement* bin = gst_pipeline_new(c.name.c_str());
@@ -348,7 +360,11 @@ struct Gateway::Impl final : CallMediaPlane {
       }
       return e;
     };
-    if (c.sends()) {
+    if (pumped) {
+      if (c.sends()) make("otpencrypt", "enc");
+      if (c.receives()) make("otpdecrypt", "dec");
+    }
+    if (c.sends() && !pumped) {
       // Local RTP (and RTCP, muxed as in RFC 5761) -> otpencrypt -> the peer gateway.
       GstElement* mux = make("funnel", "mux");
       link(udp_in(c.local_rtp_port, "application/x-rtp"), mux);
@@ -365,7 +381,7 @@ struct Gateway::Impl final : CallMediaPlane {
       }
       link(enc, out);
     }
-    if (c.receives()) {
+    if (c.receives() && !pumped) {
       // The peer gateway -> otpdecrypt -> the conference system.
       GstElement* in = nullptr;
       if (ice) {
@@ -438,6 +454,20 @@ struct Gateway::Impl final : CallMediaPlane {
       g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane),
                    "window-size", static_cast<guint64>(window), nullptr);
     }
+    if (pumped) {
+      CallMediaPump::Sockets bound;
+      if (c.sends()) {
+        bound.local_rtp = socket_on(c.local_rtp_port);
+        if (c.local_rtcp_port) bound.local_rtcp = socket_on(c.local_rtcp_port);
+      }
+      if (c.receives()) bound.peer = socket_on(c.listen_port);
+      s.pump = std::make_unique<CallMediaPump>(c.name, s.encrypt.get(), s.decrypt.get(), bound,
+                                               pump_targets(c), media.get());
+    }
+  }
+
+  CallMediaPump::Targets pump_targets(const StreamConfig& c) const {
+    return {Endpoint{config.peer_address, c.peer_port}, c.deliver_rtp, c.deliver_rtcp};
   }
 
   const std::string& cipher_of(const StreamConfig& c) const {
@@ -462,11 +492,12 @@ struct Gateway::Impl final : CallMediaPlane {
              call_receive_lane_base + receive_lane,
              nullptr,
              nullptr,
+             nullptr,
              nullptr};
     // The lane's pad stream goes on, but not from pad announced to the last call's receiver.
     if (s.send_lane) send_keys->lane(*s.send_lane).begin_stream();
-    build(s);  // throws naming the port it could not bind, the element it could not make
-    starter->start(s.pipeline.get(), s.config.name);
+    build(s, true);  // throws naming the port it could not bind, the element it could not make
+    starter->start(s.pipeline.get(), s.config.name, [pump = s.pump.get()] { pump->start(); });
     const std::lock_guard lock(streams_mutex);
     streams.push_back(std::move(s));
   }
@@ -481,6 +512,7 @@ struct Gateway::Impl final : CallMediaPlane {
           gst_object_unref(e);
         }
       };
+      if (s.pump) s.pump->retarget(pump_targets(c));
       point("net_out", config.peer_address, c.peer_port);
       point("deliver_rtp", c.deliver_rtp.host, c.deliver_rtp.port);
       if (c.deliver_rtcp) point("deliver_rtcp", c.deliver_rtcp->host, c.deliver_rtcp->port);
@@ -828,7 +860,8 @@ void Gateway::start() {
   g.cpu_wakeup->hold();
   if (g.config.transport == "ice") g.connect_ice();
   for (const auto& c : g.config.streams)
-    g.streams.push_back(Impl::Stream{c, std::nullopt, std::nullopt, nullptr, nullptr, nullptr});
+    g.streams.push_back(
+        Impl::Stream{c, std::nullopt, std::nullopt, nullptr, nullptr, nullptr, nullptr});
   g.make_key_supplies();
   for (auto& s : g.streams) g.build(s);
   for (auto* supply : {g.send_keys.get(), g.receive_keys.get()}) {

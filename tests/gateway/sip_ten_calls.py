@@ -93,8 +93,12 @@ def main():
                                      f"{sip_ports[i]}'") for i in range(CALLS)]
         started = time.monotonic()
 
+        seen = {}  # the last status, for the message of a timeout
+
         def all_up():
             calls = [status(p)["calls"] for p in (status_a, status_b)]
+            seen["calls"] = [[(x["state"], [m["packets"] for m in x["media"]]) for x in c]
+                             for c in calls]
             if not all(len(c) == CALLS and all(x["state"] == "answered" for x in c)
                        for c in calls):
                 return None
@@ -103,8 +107,11 @@ def main():
                                                  for x in packets):
                 return packets
             return None
-        wait_until(all_up, f"{CALLS} calls answered at once with audio both ways at both "
-                   "gateways", SECONDS - 2)
+        try:
+            wait_until(all_up, f"{CALLS} calls answered at once with audio both ways at both "
+                       "gateways", SECONDS - 2)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; last seen at A, B: {seen.get('calls')}") from None
         print(f"{CALLS} calls answered at once with audio both ways at both gateways, "
               f"{time.monotonic() - started:.1f} s after the first dial")
         # An eleventh call while the ten run: over gateway A's key budget, refused at its

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <random>
@@ -100,6 +101,17 @@ std::string endpoint_sdp(std::uint16_t port, const std::string& direction = "sen
          " RTP/AVP 96 101\r\na=rtpmap:96 opus/48000/2\r\na=rtpmap:101 "
          "telephone-event/8000\r\na=" +
          direction + "\r\n";
+}
+
+// Threads of this process whose name starts with `prefix`.
+std::size_t threads_named(const std::string& prefix) {
+  std::size_t n = 0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    if (std::getline(comm, name) && name.starts_with(prefix)) ++n;
+  }
+  return n;
 }
 
 std::uint16_t media_port(const std::string& text) {
@@ -303,6 +315,7 @@ TEST(GatewayCallsConfig, SipAloneIsAConfigAndItsKeysAreChecked) {
 
 TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLanes) {
   start_sip();
+  const std::size_t udpsrc_threads_before_the_call = threads_named("udpsrc");
   UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
   Tap towards_a(endpoint_port(2)), towards_b(endpoint_port(3));  // the WAN hop, each way
   const NgKeys k{"0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b", "a4f1c9b2e0", "7f3e91aa"};
@@ -331,6 +344,10 @@ TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLa
   EXPECT_EQ(at_caller, sent_ba);
   expect_only_otp(towards_b.seen(), sent_ab);
   expect_only_otp(towards_a.seen(), sent_ba);
+  // Each gateway moves the call's datagrams on one thread of its own (call_media_pump.hpp),
+  // not on GStreamer source threads: the static streams' udpsrc threads are all there are.
+  EXPECT_EQ(threads_named("otp-call-media"), 2u);
+  EXPECT_EQ(threads_named("udpsrc"), udpsrc_threads_before_the_call);
 
   // The status shows the call with its counters and the key it used, at both sites.
   for (auto* g : {a_.get(), b_.get()}) {
@@ -356,6 +373,7 @@ TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLa
   EXPECT_EQ(exchange(true, 20, sent)[0], sent[0]);
 
   hang_up(k);
+  EXPECT_EQ(threads_named("otp-call-media"), 0u);
   for (auto* g : {a_.get(), b_.get()}) {
     const json st = status(*g);
     EXPECT_TRUE(st["calls"].empty());

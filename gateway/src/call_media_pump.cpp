@@ -1,0 +1,369 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
+#include "call_media_pump.hpp"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+
+#include "media_threads.hpp"
+
+namespace otpgate::gateway {
+
+namespace {
+
+// An address datagrams go to, in the form its socket's family takes.
+struct Destination {
+  sockaddr_storage address{};
+  socklen_t length = 0;
+};
+
+// `to` for a socket of `family`: an IPv4 target of an IPv6 (dual-stack) socket becomes
+// its v4-mapped address. Name lookups happen here, never per packet.
+Destination resolve(const Endpoint& to, int family, const std::string& media) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  hints.ai_family = family == AF_INET ? AF_INET : AF_UNSPEC;
+  addrinfo* found = nullptr;
+  const std::string port = std::to_string(to.port);
+  if (const int rc = ::getaddrinfo(to.host.c_str(), port.c_str(), &hints, &found);
+      rc != 0 || found == nullptr) {
+    throw std::runtime_error("call media " + media + ": cannot send to " + to.host + ":" + port +
+                             " (" + ::gai_strerror(rc) + "): the address in its SDP is wrong");
+  }
+  Destination d;
+  const addrinfo* pick = found;
+  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    if (a->ai_family == family) {
+      pick = a;
+      break;
+    }
+  }
+  if (family == AF_INET6 && pick->ai_family == AF_INET) {
+    const auto* v4 = reinterpret_cast<const sockaddr_in*>(pick->ai_addr);
+    sockaddr_in6 mapped{};
+    mapped.sin6_family = AF_INET6;
+    mapped.sin6_port = v4->sin_port;
+    mapped.sin6_addr.s6_addr[10] = 0xff;
+    mapped.sin6_addr.s6_addr[11] = 0xff;
+    std::memcpy(&mapped.sin6_addr.s6_addr[12], &v4->sin_addr, 4);
+    std::memcpy(&d.address, &mapped, sizeof mapped);
+    d.length = sizeof mapped;
+  } else {
+    std::memcpy(&d.address, pick->ai_addr, pick->ai_addrlen);
+    d.length = pick->ai_addrlen;
+  }
+  ::freeaddrinfo(found);
+  return d;
+}
+
+// A socket the pump sends from when the media has none bound for that party (a media
+// that only receives still delivers; the kernel picks the port, as udpsink did).
+int unbound_socket(int family) {
+  return ::socket(family, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+}
+
+int family_of(const Endpoint& to) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(to.host.c_str(), nullptr, &hints, &found) != 0 || found == nullptr)
+    return AF_INET;
+  const int family = found->ai_family;
+  ::freeaddrinfo(found);
+  return family;
+}
+
+struct PadUnref {
+  void operator()(GstPad* pad) const { gst_object_unref(pad); }
+};
+using PadPtr = std::unique_ptr<GstPad, PadUnref>;
+
+}  // namespace
+
+struct CallMediaPump::Impl {
+  // Where one of the elements' output pads sends: its socket and its target.
+  struct Outlet {
+    int fd = -1;
+    int family = AF_INET;
+    Destination to;
+    bool enabled = false;
+  };
+  // A socket the pump reads and the pad its datagrams go into.
+  struct Inlet {
+    int fd = -1;
+    GstPad* feed = nullptr;  // one of the pads below
+  };
+
+  std::string name;
+  MediaScheduling* scheduling;
+  std::vector<GstElement*> elements;  // references of our own
+  std::vector<GSocket*> sockets;      // references of our own
+  std::vector<int> own_fds;           // unbound sockets we opened
+  PadPtr to_encrypt, from_encrypt, to_decrypt, from_decrypt, from_decrypt_rtcp;
+  std::array<Inlet, 3> inlets{};
+  std::size_t inlet_count = 0;
+  std::mutex outlets_mutex;  // retarget() vs. the elements' pushes
+  Outlet peer, deliver_rtp, deliver_rtcp;
+  int epoll_fd = -1, wake_fd = -1;
+  std::atomic<bool> stopping{false};
+  std::thread thread;
+
+  ~Impl() {
+    for (GstPad* pad : {to_encrypt.get(), from_encrypt.get(), to_decrypt.get(), from_decrypt.get(),
+                        from_decrypt_rtcp.get()}) {
+      if (!pad) continue;
+      if (GstPad* other = gst_pad_get_peer(pad)) {
+        if (GST_PAD_IS_SRC(pad)) {
+          gst_pad_unlink(pad, other);
+        } else {
+          gst_pad_unlink(other, pad);
+        }
+        gst_object_unref(other);
+      }
+      gst_pad_set_active(pad, FALSE);
+    }
+    for (int fd : own_fds) ::close(fd);
+    if (epoll_fd >= 0) ::close(epoll_fd);
+    if (wake_fd >= 0) ::close(wake_fd);
+    for (GSocket* s : sockets) g_object_unref(s);
+    for (GstElement* e : elements) gst_object_unref(e);
+  }
+
+  // What an element pushes out through `pad` leaves by the outlet the pad names.
+  static GstFlowReturn chain(GstPad* pad, GstObject*, GstBuffer* buffer) {
+    auto* self = static_cast<Impl*>(gst_pad_get_element_private(pad));
+    Outlet* outlet = pad == self->from_encrypt.get()   ? &self->peer
+                     : pad == self->from_decrypt.get() ? &self->deliver_rtp
+                                                       : &self->deliver_rtcp;
+    GstMapInfo map;
+    if (gst_buffer_map(buffer, &map, GST_MAP_READ)) {
+      Destination to;
+      int fd = -1;
+      {
+        const std::lock_guard lock(self->outlets_mutex);
+        if (outlet->enabled) {
+          to = outlet->to;
+          fd = outlet->fd;
+        }
+      }
+      // A full socket buffer or an unreachable party loses this datagram only, as with
+      // udpsink; the media goes on.
+      if (fd >= 0) {
+        (void)::sendto(fd, map.data, map.size, MSG_DONTWAIT,
+                       reinterpret_cast<const sockaddr*>(&to.address), to.length);
+      }
+      gst_buffer_unmap(buffer, &map);
+    }
+    gst_buffer_unref(buffer);
+    return GST_FLOW_OK;
+  }
+
+  static gboolean sink_event(GstPad*, GstObject*, GstEvent* event) {
+    gst_event_unref(event);
+    return TRUE;
+  }
+
+  // A pad of ours linked to `element`'s pad `element_pad`, active, with its events sent
+  // (feeding pads: stream-start, caps, segment, as a source element would).
+  GstPad* attach(GstElement* element, const char* element_pad, GstPadDirection direction,
+                 const char* caps_name, PadPtr& slot) {
+    GstPad* theirs = gst_element_get_static_pad(element, element_pad);
+    if (!theirs) {
+      throw std::runtime_error("call media " + name + ": element " + GST_ELEMENT_NAME(element) +
+                               " has no pad " + element_pad);
+    }
+    const std::string pad_name = std::string("pump_") + element_pad;
+    slot.reset(GST_PAD(gst_object_ref_sink(gst_pad_new(pad_name.c_str(), direction))));
+    GstPad* ours = slot.get();
+    gst_pad_set_element_private(ours, this);
+    if (direction == GST_PAD_SINK) {
+      gst_pad_set_chain_function(ours, chain);
+      gst_pad_set_event_function(ours, sink_event);
+    }
+    const GstPadLinkReturn linked =
+        direction == GST_PAD_SRC ? gst_pad_link_full(ours, theirs, GST_PAD_LINK_CHECK_NOTHING)
+                                 : gst_pad_link_full(theirs, ours, GST_PAD_LINK_CHECK_NOTHING);
+    gst_object_unref(theirs);
+    if (linked != GST_PAD_LINK_OK) {
+      throw std::runtime_error("call media " + name + ": cannot link to " +
+                               GST_ELEMENT_NAME(element) + "'s pad " + element_pad);
+    }
+    gst_pad_set_active(ours, TRUE);
+    if (direction == GST_PAD_SRC) {
+      gst_pad_push_event(ours, gst_event_new_stream_start(pad_name.c_str()));
+      GstCaps* caps = gst_caps_new_empty_simple(caps_name);
+      gst_pad_push_event(ours, gst_event_new_caps(caps));
+      gst_caps_unref(caps);
+      GstSegment segment;
+      gst_segment_init(&segment, GST_FORMAT_TIME);
+      gst_pad_push_event(ours, gst_event_new_segment(&segment));
+    }
+    return ours;
+  }
+
+  int fd_of(GSocket* socket) {
+    g_object_ref(socket);
+    sockets.push_back(socket);
+    return g_socket_get_fd(socket);
+  }
+
+  // An outlet sending from `socket` (or, without one, from an unbound socket of the
+  // target's family) to `to`.
+  void open_outlet(Outlet& outlet, GSocket* socket, const Endpoint& to) {
+    if (socket) {
+      outlet.fd = g_socket_get_fd(socket);
+      outlet.family = g_socket_get_family(socket) == G_SOCKET_FAMILY_IPV6 ? AF_INET6 : AF_INET;
+    } else {
+      outlet.family = family_of(to);
+      outlet.fd = unbound_socket(outlet.family);
+      if (outlet.fd < 0) {
+        throw std::runtime_error("call media " + name + ": cannot open a UDP socket (" +
+                                 std::strerror(errno) + ")");
+      }
+      own_fds.push_back(outlet.fd);
+    }
+    outlet.to = resolve(to, outlet.family, name);
+    outlet.enabled = true;
+  }
+
+  void add_inlet(int fd, GstPad* feed) {
+    // Room for bursts (a video key frame) while the thread waits for a CPU, as udpsrc's
+    // buffer-size gave it; the kernel caps it at net.core.rmem_max.
+    const int room = 4 << 20;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &room, sizeof room);
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u32 = static_cast<std::uint32_t>(inlet_count);
+    if (::epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+      throw std::runtime_error("call media " + name + ": epoll: " + std::strerror(errno));
+    }
+    inlets.at(inlet_count++) = {fd, feed};
+  }
+
+  // Everything waiting on one socket (bounded, so that no socket starves the others).
+  void drain(const Inlet& inlet) {
+    std::array<std::uint8_t, 65536> packet;
+    for (int i = 0; i < 64 && !stopping.load(std::memory_order_relaxed); ++i) {
+      const ssize_t n = ::recv(inlet.fd, packet.data(), packet.size(), MSG_DONTWAIT | MSG_TRUNC);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return;  // EAGAIN: all read; other errors (ICMP reports) concern no datagram
+      }
+      if (static_cast<std::size_t>(n) > packet.size()) continue;  // larger than UDP allows
+      GstBuffer* buffer = gst_buffer_new_allocate(nullptr, static_cast<gsize>(n), nullptr);
+      gst_buffer_fill(buffer, 0, packet.data(), static_cast<gsize>(n));
+      // FLUSHING while the elements stop; a refused datagram is counted by the element.
+      (void)gst_pad_push(inlet.feed, buffer);
+    }
+  }
+
+  void run() {
+    ::pthread_setname_np(::pthread_self(), "otp-call-media");  // as top -H shows it
+    if (scheduling) scheduling->enter();
+    std::array<epoll_event, 4> events{};
+    while (!stopping.load()) {
+      const int n = ::epoll_wait(epoll_fd, events.data(), static_cast<int>(events.size()), -1);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        break;
+      }
+      for (int i = 0; i < n; ++i) {
+        const std::uint32_t index = events[static_cast<std::size_t>(i)].data.u32;
+        if (index >= inlet_count) continue;  // the wake-up: stopping is set
+        drain(inlets[index]);
+      }
+    }
+    if (scheduling) scheduling->leave();
+  }
+};
+
+CallMediaPump::CallMediaPump(std::string name, GstElement* encrypt, GstElement* decrypt,
+                             const Sockets& sockets, const Targets& targets,
+                             MediaScheduling* scheduling)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.name = std::move(name);
+  m.scheduling = scheduling;
+  m.epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
+  m.wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (m.epoll_fd < 0 || m.wake_fd < 0) {
+    throw std::runtime_error("call media " + m.name + ": epoll: " + std::strerror(errno));
+  }
+  epoll_event wake{};
+  wake.events = EPOLLIN;
+  wake.data.u32 = static_cast<std::uint32_t>(m.inlets.size());
+  ::epoll_ctl(m.epoll_fd, EPOLL_CTL_ADD, m.wake_fd, &wake);
+  if (encrypt) {
+    m.elements.push_back(GST_ELEMENT(gst_object_ref(encrypt)));
+    GstPad* feed = m.attach(encrypt, "sink", GST_PAD_SRC, "application/x-rtp", m.to_encrypt);
+    m.attach(encrypt, "src", GST_PAD_SINK, nullptr, m.from_encrypt);
+    // RTP and RTCP from the endpoint both go in: the element tells them apart.
+    if (sockets.local_rtp) m.add_inlet(m.fd_of(sockets.local_rtp), feed);
+    if (sockets.local_rtcp) m.add_inlet(m.fd_of(sockets.local_rtcp), feed);
+    m.open_outlet(m.peer, sockets.peer, targets.peer);
+  }
+  if (decrypt) {
+    m.elements.push_back(GST_ELEMENT(gst_object_ref(decrypt)));
+    GstPad* feed = m.attach(decrypt, "sink", GST_PAD_SRC, "application/x-otp", m.to_decrypt);
+    m.attach(decrypt, "src", GST_PAD_SINK, nullptr, m.from_decrypt);
+    m.attach(decrypt, "rtcp_src", GST_PAD_SINK, nullptr, m.from_decrypt_rtcp);
+    if (sockets.peer) m.add_inlet(m.fd_of(sockets.peer), feed);
+    m.open_outlet(m.deliver_rtp, sockets.local_rtp, targets.deliver_rtp);
+    if (targets.deliver_rtcp) {
+      // With rtcp-mux (the endpoint's RTCP port is its RTP port) from the RTP port too.
+      const bool muxed = targets.deliver_rtcp->port == targets.deliver_rtp.port;
+      m.open_outlet(m.deliver_rtcp, muxed ? sockets.local_rtp : sockets.local_rtcp,
+                    *targets.deliver_rtcp);
+    }
+  }
+}
+
+CallMediaPump::~CallMediaPump() {
+  stop();
+}
+
+void CallMediaPump::start() {
+  Impl& m = *impl_;
+  if (m.thread.joinable() || m.stopping) return;
+  m.thread = std::thread([&m] { m.run(); });
+}
+
+void CallMediaPump::stop() {
+  Impl& m = *impl_;
+  m.stopping = true;
+  const std::uint64_t one = 1;
+  (void)::write(m.wake_fd, &one, sizeof one);
+  if (m.thread.joinable()) m.thread.join();
+}
+
+void CallMediaPump::retarget(const Targets& targets) {
+  Impl& m = *impl_;
+  // Resolved before the lock: a name lookup never holds up the media.
+  std::optional<Destination> peer, rtp, rtcp;
+  if (m.peer.fd >= 0) peer = resolve(targets.peer, m.peer.family, m.name);
+  if (m.deliver_rtp.fd >= 0) rtp = resolve(targets.deliver_rtp, m.deliver_rtp.family, m.name);
+  if (m.deliver_rtcp.fd >= 0 && targets.deliver_rtcp) {
+    rtcp = resolve(*targets.deliver_rtcp, m.deliver_rtcp.family, m.name);
+  }
+  const std::lock_guard lock(m.outlets_mutex);
+  if (peer) m.peer.to = *peer;
+  if (rtp) m.deliver_rtp.to = *rtp;
+  if (m.deliver_rtcp.fd >= 0) {
+    m.deliver_rtcp.enabled = rtcp.has_value();
+    if (rtcp) m.deliver_rtcp.to = *rtcp;
+  }
+}
+
+}  // namespace otpgate::gateway
