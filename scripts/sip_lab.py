@@ -107,8 +107,13 @@ onreply_route[SDP] {{
 }}
 """
 
+# rtp_ports: baresip binds its RTP at random within it, so it lies inside the kernel's
+# ephemeral range, away from the SIP and console ports the tests pick beforehand with
+# free_ports (12000-18999): a call's RTP socket once took a caller's SIP port before that
+# caller started ("SIP Transport failed: Address already in use").
 BARESIP_CONFIG = """sip_listen 127.0.0.1:{port}
 net_interface 127.0.0.1
+rtp_ports 40000-49999
 audio_source ausine,{tone}
 audio_player sndfile,/dev/null
 audio_alert sndfile,/dev/null

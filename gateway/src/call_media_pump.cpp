@@ -105,6 +105,17 @@ struct CallMediaPump::Impl {
     int fd = -1;
     GstPad* feed = nullptr;  // one of the pads below
   };
+  // One direction: its sockets, its epoll and its thread. The two directions run apart so
+  // that an encryptor waiting for key (a call's first, or `block` when key runs out)
+  // never holds up what the partner sends, as the two pipelines' threads did before.
+  struct Loop {
+    explicit Loop(const char* name) : thread_name(name) {}
+    const char* thread_name;  // as top -H shows it (15 characters at most)
+    int epoll_fd = -1;
+    std::array<Inlet, 2> inlets{};
+    std::size_t inlet_count = 0;
+    std::thread thread;
+  };
 
   std::string name;
   MediaScheduling* scheduling;
@@ -112,13 +123,11 @@ struct CallMediaPump::Impl {
   std::vector<GSocket*> sockets;      // references of our own
   std::vector<int> own_fds;           // unbound sockets we opened
   PadPtr to_encrypt, from_encrypt, to_decrypt, from_decrypt, from_decrypt_rtcp;
-  std::array<Inlet, 3> inlets{};
-  std::size_t inlet_count = 0;
+  Loop sending{"otp-media-send"}, receiving{"otp-media-recv"};
   std::mutex outlets_mutex;  // retarget() vs. the elements' pushes
   Outlet peer, deliver_rtp, deliver_rtcp;
-  int epoll_fd = -1, wake_fd = -1;
+  int wake_fd = -1;  // readable once stopping: wakes both loops
   std::atomic<bool> stopping{false};
-  std::thread thread;
 
   ~Impl() {
     for (GstPad* pad : {to_encrypt.get(), from_encrypt.get(), to_decrypt.get(), from_decrypt.get(),
@@ -135,7 +144,9 @@ struct CallMediaPump::Impl {
       gst_pad_set_active(pad, FALSE);
     }
     for (int fd : own_fds) ::close(fd);
-    if (epoll_fd >= 0) ::close(epoll_fd);
+    for (const Loop* loop : {&sending, &receiving}) {
+      if (loop->epoll_fd >= 0) ::close(loop->epoll_fd);
+    }
     if (wake_fd >= 0) ::close(wake_fd);
     for (GSocket* s : sockets) g_object_unref(s);
     for (GstElement* e : elements) gst_object_unref(e);
@@ -238,18 +249,28 @@ struct CallMediaPump::Impl {
     outlet.enabled = true;
   }
 
-  void add_inlet(int fd, GstPad* feed) {
+  void open_loop(Loop& loop) {
+    loop.epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
+    epoll_event wake{};
+    wake.events = EPOLLIN;
+    wake.data.u32 = static_cast<std::uint32_t>(loop.inlets.size());
+    if (loop.epoll_fd < 0 || ::epoll_ctl(loop.epoll_fd, EPOLL_CTL_ADD, wake_fd, &wake) != 0) {
+      throw std::runtime_error("call media " + name + ": epoll: " + std::strerror(errno));
+    }
+  }
+
+  void add_inlet(Loop& loop, int fd, GstPad* feed) {
     // Room for bursts (a video key frame) while the thread waits for a CPU, as udpsrc's
     // buffer-size gave it; the kernel caps it at net.core.rmem_max.
     const int room = 4 << 20;
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &room, sizeof room);
     epoll_event ev{};
     ev.events = EPOLLIN;
-    ev.data.u32 = static_cast<std::uint32_t>(inlet_count);
-    if (::epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    ev.data.u32 = static_cast<std::uint32_t>(loop.inlet_count);
+    if (::epoll_ctl(loop.epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
       throw std::runtime_error("call media " + name + ": epoll: " + std::strerror(errno));
     }
-    inlets.at(inlet_count++) = {fd, feed};
+    loop.inlets.at(loop.inlet_count++) = {fd, feed};
   }
 
   // Everything waiting on one socket (bounded, so that no socket starves the others).
@@ -269,20 +290,20 @@ struct CallMediaPump::Impl {
     }
   }
 
-  void run() {
-    ::pthread_setname_np(::pthread_self(), "otp-call-media");  // as top -H shows it
+  void run(Loop& loop) {
+    ::pthread_setname_np(::pthread_self(), loop.thread_name);
     if (scheduling) scheduling->enter();
     std::array<epoll_event, 4> events{};
     while (!stopping.load()) {
-      const int n = ::epoll_wait(epoll_fd, events.data(), static_cast<int>(events.size()), -1);
+      const int n = ::epoll_wait(loop.epoll_fd, events.data(), static_cast<int>(events.size()), -1);
       if (n < 0) {
         if (errno == EINTR) continue;
         break;
       }
       for (int i = 0; i < n; ++i) {
         const std::uint32_t index = events[static_cast<std::size_t>(i)].data.u32;
-        if (index >= inlet_count) continue;  // the wake-up: stopping is set
-        drain(inlets[index]);
+        if (index >= loop.inlet_count) continue;  // the wake-up: stopping is set
+        drain(loop.inlets[index]);
       }
     }
     if (scheduling) scheduling->leave();
@@ -296,30 +317,27 @@ CallMediaPump::CallMediaPump(std::string name, GstElement* encrypt, GstElement* 
   Impl& m = *impl_;
   m.name = std::move(name);
   m.scheduling = scheduling;
-  m.epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
   m.wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (m.epoll_fd < 0 || m.wake_fd < 0) {
-    throw std::runtime_error("call media " + m.name + ": epoll: " + std::strerror(errno));
+  if (m.wake_fd < 0) {
+    throw std::runtime_error("call media " + m.name + ": eventfd: " + std::strerror(errno));
   }
-  epoll_event wake{};
-  wake.events = EPOLLIN;
-  wake.data.u32 = static_cast<std::uint32_t>(m.inlets.size());
-  ::epoll_ctl(m.epoll_fd, EPOLL_CTL_ADD, m.wake_fd, &wake);
   if (encrypt) {
     m.elements.push_back(GST_ELEMENT(gst_object_ref(encrypt)));
+    m.open_loop(m.sending);
     GstPad* feed = m.attach(encrypt, "sink", GST_PAD_SRC, "application/x-rtp", m.to_encrypt);
     m.attach(encrypt, "src", GST_PAD_SINK, nullptr, m.from_encrypt);
     // RTP and RTCP from the endpoint both go in: the element tells them apart.
-    if (sockets.local_rtp) m.add_inlet(m.fd_of(sockets.local_rtp), feed);
-    if (sockets.local_rtcp) m.add_inlet(m.fd_of(sockets.local_rtcp), feed);
+    if (sockets.local_rtp) m.add_inlet(m.sending, m.fd_of(sockets.local_rtp), feed);
+    if (sockets.local_rtcp) m.add_inlet(m.sending, m.fd_of(sockets.local_rtcp), feed);
     m.open_outlet(m.peer, sockets.peer, targets.peer);
   }
   if (decrypt) {
     m.elements.push_back(GST_ELEMENT(gst_object_ref(decrypt)));
+    m.open_loop(m.receiving);
     GstPad* feed = m.attach(decrypt, "sink", GST_PAD_SRC, "application/x-otp", m.to_decrypt);
     m.attach(decrypt, "src", GST_PAD_SINK, nullptr, m.from_decrypt);
     m.attach(decrypt, "rtcp_src", GST_PAD_SINK, nullptr, m.from_decrypt_rtcp);
-    if (sockets.peer) m.add_inlet(m.fd_of(sockets.peer), feed);
+    if (sockets.peer) m.add_inlet(m.receiving, m.fd_of(sockets.peer), feed);
     m.open_outlet(m.deliver_rtp, sockets.local_rtp, targets.deliver_rtp);
     if (targets.deliver_rtcp) {
       // With rtcp-mux (the endpoint's RTCP port is its RTP port) from the RTP port too.
@@ -336,8 +354,12 @@ CallMediaPump::~CallMediaPump() {
 
 void CallMediaPump::start() {
   Impl& m = *impl_;
-  if (m.thread.joinable() || m.stopping) return;
-  m.thread = std::thread([&m] { m.run(); });
+  if (m.stopping) return;
+  for (Impl::Loop* loop : {&m.sending, &m.receiving}) {
+    if (loop->epoll_fd >= 0 && !loop->thread.joinable()) {
+      loop->thread = std::thread([&m, loop] { m.run(*loop); });
+    }
+  }
 }
 
 void CallMediaPump::stop() {
@@ -345,7 +367,9 @@ void CallMediaPump::stop() {
   m.stopping = true;
   const std::uint64_t one = 1;
   (void)::write(m.wake_fd, &one, sizeof one);
-  if (m.thread.joinable()) m.thread.join();
+  for (Impl::Loop* loop : {&m.sending, &m.receiving}) {
+    if (loop->thread.joinable()) loop->thread.join();
+  }
 }
 
 void CallMediaPump::retarget(const Targets& targets) {

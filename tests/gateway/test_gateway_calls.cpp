@@ -344,9 +344,11 @@ TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLa
   EXPECT_EQ(at_caller, sent_ba);
   expect_only_otp(towards_b.seen(), sent_ab);
   expect_only_otp(towards_a.seen(), sent_ba);
-  // Each gateway moves the call's datagrams on one thread of its own (call_media_pump.hpp),
-  // not on GStreamer source threads: the static streams' udpsrc threads are all there are.
-  EXPECT_EQ(threads_named("otp-call-media"), 2u);
+  // Each gateway moves the call's datagrams on a thread per direction of its own
+  // (call_media_pump.hpp), not on GStreamer source threads: the static streams' udpsrc
+  // threads are all there are.
+  EXPECT_EQ(threads_named("otp-media-send"), 2u);
+  EXPECT_EQ(threads_named("otp-media-recv"), 2u);
   EXPECT_EQ(threads_named("udpsrc"), udpsrc_threads_before_the_call);
 
   // The status shows the call with its counters and the key it used, at both sites.
@@ -373,7 +375,7 @@ TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLa
   EXPECT_EQ(exchange(true, 20, sent)[0], sent[0]);
 
   hang_up(k);
-  EXPECT_EQ(threads_named("otp-call-media"), 0u);
+  EXPECT_EQ(threads_named("otp-media-"), 0u);
   for (auto* g : {a_.get(), b_.get()}) {
     const json st = status(*g);
     EXPECT_TRUE(st["calls"].empty());
