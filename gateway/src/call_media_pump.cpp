@@ -15,6 +15,7 @@
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 
 #include "media_threads.hpp"
@@ -357,7 +358,13 @@ void CallMediaPump::start() {
   if (m.stopping) return;
   for (Impl::Loop* loop : {&m.sending, &m.receiving}) {
     if (loop->epoll_fd >= 0 && !loop->thread.joinable()) {
-      loop->thread = std::thread([&m, loop] { m.run(*loop); });
+      try {
+        loop->thread = std::thread([&m, loop] { m.run(*loop); });
+      } catch (const std::system_error& e) {
+        throw std::runtime_error("call media " + m.name + ": cannot start its " +
+                                 loop->thread_name + " thread (" + e.what() +
+                                 "): the process is out of threads or memory");
+      }
     }
   }
 }

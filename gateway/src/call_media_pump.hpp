@@ -48,7 +48,8 @@ class CallMediaPump {
   CallMediaPump(const CallMediaPump&) = delete;
   CallMediaPump& operator=(const CallMediaPump&) = delete;
 
-  // Once the elements are PLAYING: what arrived meanwhile waited in the sockets.
+  // Once the elements are PLAYING: what arrived meanwhile waited in the sockets. Throws
+  // std::runtime_error when a thread cannot be started.
   void start();
   // Stops and joins the threads (idempotent). An encryptor waiting for key holds the
   // sending thread until the element stops (its state change releases the wait), so the

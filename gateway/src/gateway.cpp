@@ -497,7 +497,13 @@ struct Gateway::Impl final : CallMediaPlane {
     // The lane's pad stream goes on, but not from pad announced to the last call's receiver.
     if (s.send_lane) send_keys->lane(*s.send_lane).begin_stream();
     build(s, true);  // throws naming the port it could not bind, the element it could not make
-    starter->start(s.pipeline.get(), s.config.name, [pump = s.pump.get()] { pump->start(); });
+    starter->start(s.pipeline.get(), s.config.name, [pump = s.pump.get()] {
+      try {
+        pump->start();
+      } catch (const std::exception& e) {  // the call ends at its media timeout
+        std::fprintf(stderr, "otp-gateway[error]: %s\n", e.what());
+      }
+    });
     const std::lock_guard lock(streams_mutex);
     streams.push_back(std::move(s));
   }
