@@ -58,9 +58,14 @@ namespace bencode = otpgate::bencode;
 
 namespace {
 
+// What ends a run: caught in main, after the relays, the KME and the endpoints have been
+// stopped on the way out (an exit() here once left them running).
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 [[noreturn]] void fail(const std::string& why) {
-  std::fprintf(stderr, "bench_sip: %s\n", why.c_str());
-  std::exit(1);
+  throw Failure(why);
 }
 
 // ---- processes -------------------------------------------------------------------------
@@ -386,8 +391,8 @@ struct Counts {
 class Traffic {
  public:
   explicit Traffic(std::vector<std::unique_ptr<CallEnds>>& calls) : calls_(calls) {
-    sender_ = std::thread([this] { send_loop(); });
-    receiver_ = std::thread([this] { receive_loop(); });
+    sender_ = std::thread([this] { guarded([this] { send_loop(); }); });
+    receiver_ = std::thread([this] { guarded([this] { receive_loop(); }); });
   }
   ~Traffic() {
     stop_sending();
@@ -405,6 +410,10 @@ class Traffic {
   // What arrived of the packets with sequence numbers first..last-1 (each was sent once
   // each way in every call), and the wrong packets so far.
   Counts delivered(std::uint16_t first, std::uint16_t last) const {
+    {
+      const std::lock_guard lock(failure_mutex_);
+      if (!failure_.empty()) fail(failure_);  // on the main thread, from a traffic thread
+    }
     Counts c;
     for (std::uint16_t seq = first; seq != last; ++seq) {
       c.sent += 2 * calls_.size();
@@ -415,6 +424,18 @@ class Traffic {
   }
 
  private:
+  // A failure on a traffic thread stops the traffic; delivered() reports it.
+  template <typename Loop>
+  void guarded(Loop loop) {
+    try {
+      loop();
+    } catch (const Failure& f) {
+      const std::lock_guard lock(failure_mutex_);
+      failure_ = f.what();
+      stop_sending_ = true;
+      stop_ = true;
+    }
+  }
   void send_loop() {
     const auto start = Clock::now();
     const auto spread = kPacketInterval / static_cast<int>(calls_.size());
@@ -470,6 +491,8 @@ class Traffic {
 
   std::vector<std::unique_ptr<CallEnds>>& calls_;
   std::atomic<bool> stop_{false}, stop_sending_{false};
+  mutable std::mutex failure_mutex_;
+  std::string failure_;
   std::atomic<std::uint16_t> sequence_{0};
   std::vector<std::atomic<std::uint32_t>> by_sequence_ =
       std::vector<std::atomic<std::uint32_t>>(65536);
@@ -791,7 +814,18 @@ std::string rtpengine_version(const std::string& path) {
 
 }  // namespace
 
+int run(int argc, char** argv);
+
 int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const Failure& f) {
+    std::fprintf(stderr, "bench_sip: %s\n", f.what());
+    return 1;
+  }
+}
+
+int run(int argc, char** argv) {
   Options o;
   bool calls_set = false, concurrent_set = false, seconds_set = false;
   for (int i = 1; i < argc; ++i) {
