@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cerrno>
@@ -17,6 +18,8 @@
 #include <stdexcept>
 #include <system_error>
 #include <thread>
+#include <unordered_map>
+#include <vector>
 
 #include "media_threads.hpp"
 
@@ -91,7 +94,136 @@ struct PadUnref {
 };
 using PadPtr = std::unique_ptr<GstPad, PadUnref>;
 
+void set_receive_room(int fd) {
+  // Room for bursts (a video key frame) while the thread waits for a CPU, as udpsrc's
+  // buffer-size gave it; the kernel caps it at net.core.rmem_max.
+  const int room = 4 << 20;
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &room, sizeof room);
+}
+
+// Everything waiting on one socket into `feed` (bounded, so that no socket starves the
+// others on its thread).
+void drain(int fd, GstPad* feed, const std::atomic<bool>& stopping) {
+  std::array<std::uint8_t, 65536> packet;
+  for (int i = 0; i < 64 && !stopping.load(std::memory_order_relaxed); ++i) {
+    const ssize_t n = ::recv(fd, packet.data(), packet.size(), MSG_DONTWAIT | MSG_TRUNC);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return;  // EAGAIN: all read; other errors (ICMP reports) concern no datagram
+    }
+    if (static_cast<std::size_t>(n) > packet.size()) continue;  // larger than UDP allows
+    GstBuffer* buffer = gst_buffer_new_allocate(nullptr, static_cast<gsize>(n), nullptr);
+    gst_buffer_fill(buffer, 0, packet.data(), static_cast<gsize>(n));
+    // FLUSHING while the elements stop; a refused datagram is counted by the element.
+    (void)gst_pad_push(feed, buffer);
+  }
+}
+
 }  // namespace
+
+struct ReceiveLoops::Impl {
+  struct Inlet {
+    int fd;
+    GstPad* feed;  // a reference of our own
+  };
+  struct Loop {
+    int epoll_fd = -1;
+    std::mutex mutex;  // the inlets vs. remove(): held while one is drained
+    std::unordered_map<std::uint64_t, Inlet> inlets;
+    std::thread thread;
+  };
+  MediaScheduling* scheduling = nullptr;
+  std::vector<std::unique_ptr<Loop>> loops;
+  int wake_fd = -1;
+  std::atomic<bool> stopping{false};
+  std::atomic<std::uint64_t> next_id{0};
+
+  void run(Loop& loop) {
+    ::pthread_setname_np(::pthread_self(), "otp-media-recv");  // as top -H shows it
+    if (scheduling) scheduling->enter();
+    std::array<epoll_event, 32> events{};
+    while (!stopping.load()) {
+      const int n = ::epoll_wait(loop.epoll_fd, events.data(), static_cast<int>(events.size()), -1);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        break;
+      }
+      for (int i = 0; i < n; ++i) {
+        const std::uint64_t id = events[static_cast<std::size_t>(i)].data.u64;
+        // Looked up under the lock: an inlet removed since epoll_wait returned is gone.
+        const std::lock_guard lock(loop.mutex);
+        if (const auto found = loop.inlets.find(id); found != loop.inlets.end()) {
+          drain(found->second.fd, found->second.feed, stopping);
+        }
+      }
+    }
+    if (scheduling) scheduling->leave();
+  }
+};
+
+ReceiveLoops::ReceiveLoops(std::size_t threads, MediaScheduling* scheduling)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& r = *impl_;
+  r.scheduling = scheduling;
+  r.wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (r.wake_fd < 0) throw std::runtime_error(std::string("eventfd: ") + std::strerror(errno));
+  for (std::size_t i = 0; i < std::max<std::size_t>(threads, 1); ++i) {
+    auto loop = std::make_unique<Impl::Loop>();
+    loop->epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
+    epoll_event wake{};
+    wake.events = EPOLLIN;
+    wake.data.u64 = ~std::uint64_t{0};  // no inlet's id
+    if (loop->epoll_fd < 0 || ::epoll_ctl(loop->epoll_fd, EPOLL_CTL_ADD, r.wake_fd, &wake) != 0) {
+      throw std::runtime_error(std::string("epoll: ") + std::strerror(errno));
+    }
+    r.loops.push_back(std::move(loop));
+  }
+  for (auto& loop : r.loops) {
+    Impl::Loop* l = loop.get();
+    l->thread = std::thread([&r, l] { r.run(*l); });
+  }
+}
+
+ReceiveLoops::~ReceiveLoops() {
+  Impl& r = *impl_;
+  r.stopping = true;
+  const std::uint64_t one = 1;
+  (void)::write(r.wake_fd, &one, sizeof one);
+  for (auto& loop : r.loops) {
+    if (loop->thread.joinable()) loop->thread.join();
+    for (auto& [id, inlet] : loop->inlets) gst_object_unref(inlet.feed);
+    ::close(loop->epoll_fd);
+  }
+  ::close(r.wake_fd);
+}
+
+std::uint64_t ReceiveLoops::add(int fd, GstPad* feed) {
+  Impl& r = *impl_;
+  const std::uint64_t id = r.next_id++;
+  // A socket stays on one thread, so its datagrams keep their order.
+  Impl::Loop& loop = *r.loops[id % r.loops.size()];
+  set_receive_room(fd);
+  const std::lock_guard lock(loop.mutex);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = id;
+  if (::epoll_ctl(loop.epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    throw std::runtime_error(std::string("epoll: ") + std::strerror(errno));
+  }
+  loop.inlets.emplace(id, Impl::Inlet{fd, GST_PAD(gst_object_ref(feed))});
+  return id;
+}
+
+void ReceiveLoops::remove(std::uint64_t id) {
+  Impl& r = *impl_;
+  Impl::Loop& loop = *r.loops[id % r.loops.size()];
+  const std::lock_guard lock(loop.mutex);  // waits for a drain under way
+  const auto found = loop.inlets.find(id);
+  if (found == loop.inlets.end()) return;
+  ::epoll_ctl(loop.epoll_fd, EPOLL_CTL_DEL, found->second.fd, nullptr);
+  gst_object_unref(found->second.feed);
+  loop.inlets.erase(found);
+}
 
 struct CallMediaPump::Impl {
   // Where one of the elements' output pads sends: its socket and its target.
@@ -106,12 +238,11 @@ struct CallMediaPump::Impl {
     int fd = -1;
     GstPad* feed = nullptr;  // one of the pads below
   };
-  // One direction: its sockets, its epoll and its thread. The two directions run apart so
-  // that an encryptor waiting for key (a call's first, or `block` when key runs out)
-  // never holds up what the partner sends, as the two pipelines' threads did before.
+  // The sending side: the endpoint's sockets, their epoll and a thread of this media's
+  // own, because an encryptor may wait for key in its chain function (a call's first
+  // key, for up to 10 s; `block` when key runs out), which must hold up no other call and
+  // not what the partner sends (the receiving side runs on the shared ReceiveLoops).
   struct Loop {
-    explicit Loop(const char* name) : thread_name(name) {}
-    const char* thread_name;  // as top -H shows it (15 characters at most)
     int epoll_fd = -1;
     std::array<Inlet, 2> inlets{};
     std::size_t inlet_count = 0;
@@ -124,10 +255,13 @@ struct CallMediaPump::Impl {
   std::vector<GSocket*> sockets;      // references of our own
   std::vector<int> own_fds;           // unbound sockets we opened
   PadPtr to_encrypt, from_encrypt, to_decrypt, from_decrypt, from_decrypt_rtcp;
-  Loop sending{"otp-media-send"}, receiving{"otp-media-recv"};
-  std::mutex outlets_mutex;  // retarget() vs. the elements' pushes
+  Loop sending;
+  ReceiveLoops* receive_loops = nullptr;
+  Inlet receiving;                          // the partner's socket, into the decryptor
+  std::optional<std::uint64_t> receive_id;  // in receive_loops, once started
+  std::mutex outlets_mutex;                 // retarget() vs. the elements' pushes
   Outlet peer, deliver_rtp, deliver_rtcp;
-  int wake_fd = -1;  // readable once stopping: wakes both loops
+  int wake_fd = -1;  // readable once stopping: wakes the sending loop
   std::atomic<bool> stopping{false};
 
   ~Impl() {
@@ -145,9 +279,7 @@ struct CallMediaPump::Impl {
       gst_pad_set_active(pad, FALSE);
     }
     for (int fd : own_fds) ::close(fd);
-    for (const Loop* loop : {&sending, &receiving}) {
-      if (loop->epoll_fd >= 0) ::close(loop->epoll_fd);
-    }
+    if (sending.epoll_fd >= 0) ::close(sending.epoll_fd);
     if (wake_fd >= 0) ::close(wake_fd);
     for (GSocket* s : sockets) g_object_unref(s);
     for (GstElement* e : elements) gst_object_unref(e);
@@ -261,10 +393,7 @@ struct CallMediaPump::Impl {
   }
 
   void add_inlet(Loop& loop, int fd, GstPad* feed) {
-    // Room for bursts (a video key frame) while the thread waits for a CPU, as udpsrc's
-    // buffer-size gave it; the kernel caps it at net.core.rmem_max.
-    const int room = 4 << 20;
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &room, sizeof room);
+    set_receive_room(fd);
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.u32 = static_cast<std::uint32_t>(loop.inlet_count);
@@ -274,25 +403,8 @@ struct CallMediaPump::Impl {
     loop.inlets.at(loop.inlet_count++) = {fd, feed};
   }
 
-  // Everything waiting on one socket (bounded, so that no socket starves the others).
-  void drain(const Inlet& inlet) {
-    std::array<std::uint8_t, 65536> packet;
-    for (int i = 0; i < 64 && !stopping.load(std::memory_order_relaxed); ++i) {
-      const ssize_t n = ::recv(inlet.fd, packet.data(), packet.size(), MSG_DONTWAIT | MSG_TRUNC);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return;  // EAGAIN: all read; other errors (ICMP reports) concern no datagram
-      }
-      if (static_cast<std::size_t>(n) > packet.size()) continue;  // larger than UDP allows
-      GstBuffer* buffer = gst_buffer_new_allocate(nullptr, static_cast<gsize>(n), nullptr);
-      gst_buffer_fill(buffer, 0, packet.data(), static_cast<gsize>(n));
-      // FLUSHING while the elements stop; a refused datagram is counted by the element.
-      (void)gst_pad_push(inlet.feed, buffer);
-    }
-  }
-
   void run(Loop& loop) {
-    ::pthread_setname_np(::pthread_self(), loop.thread_name);
+    ::pthread_setname_np(::pthread_self(), "otp-media-send");  // as top -H shows it
     if (scheduling) scheduling->enter();
     std::array<epoll_event, 4> events{};
     while (!stopping.load()) {
@@ -304,7 +416,7 @@ struct CallMediaPump::Impl {
       for (int i = 0; i < n; ++i) {
         const std::uint32_t index = events[static_cast<std::size_t>(i)].data.u32;
         if (index >= loop.inlet_count) continue;  // the wake-up: stopping is set
-        drain(loop.inlets[index]);
+        drain(loop.inlets[index].fd, loop.inlets[index].feed, stopping);
       }
     }
     if (scheduling) scheduling->leave();
@@ -313,11 +425,12 @@ struct CallMediaPump::Impl {
 
 CallMediaPump::CallMediaPump(std::string name, GstElement* encrypt, GstElement* decrypt,
                              const Sockets& sockets, const Targets& targets,
-                             MediaScheduling* scheduling)
+                             ReceiveLoops& receive_loops, MediaScheduling* scheduling)
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   m.name = std::move(name);
   m.scheduling = scheduling;
+  m.receive_loops = &receive_loops;
   m.wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (m.wake_fd < 0) {
     throw std::runtime_error("call media " + m.name + ": eventfd: " + std::strerror(errno));
@@ -334,11 +447,10 @@ CallMediaPump::CallMediaPump(std::string name, GstElement* encrypt, GstElement* 
   }
   if (decrypt) {
     m.elements.push_back(GST_ELEMENT(gst_object_ref(decrypt)));
-    m.open_loop(m.receiving);
     GstPad* feed = m.attach(decrypt, "sink", GST_PAD_SRC, "application/x-otp", m.to_decrypt);
     m.attach(decrypt, "src", GST_PAD_SINK, nullptr, m.from_decrypt);
     m.attach(decrypt, "rtcp_src", GST_PAD_SINK, nullptr, m.from_decrypt_rtcp);
-    if (sockets.peer) m.add_inlet(m.receiving, m.fd_of(sockets.peer), feed);
+    if (sockets.peer) m.receiving = {m.fd_of(sockets.peer), feed};
     m.open_outlet(m.deliver_rtp, sockets.local_rtp, targets.deliver_rtp);
     if (targets.deliver_rtcp) {
       // With rtcp-mux (the endpoint's RTCP port is its RTP port) from the RTP port too.
@@ -356,27 +468,29 @@ CallMediaPump::~CallMediaPump() {
 void CallMediaPump::start() {
   Impl& m = *impl_;
   if (m.stopping) return;
-  for (Impl::Loop* loop : {&m.sending, &m.receiving}) {
-    if (loop->epoll_fd >= 0 && !loop->thread.joinable()) {
-      try {
-        loop->thread = std::thread([&m, loop] { m.run(*loop); });
-      } catch (const std::system_error& e) {
-        throw std::runtime_error("call media " + m.name + ": cannot start its " +
-                                 loop->thread_name + " thread (" + e.what() +
-                                 "): the process is out of threads or memory");
-      }
+  if (m.sending.epoll_fd >= 0 && !m.sending.thread.joinable()) {
+    try {
+      m.sending.thread = std::thread([&m] { m.run(m.sending); });
+    } catch (const std::system_error& e) {
+      throw std::runtime_error("call media " + m.name + ": cannot start its sending thread (" +
+                               e.what() + "): the process is out of threads or memory");
     }
+  }
+  if (m.receiving.feed && !m.receive_id) {
+    m.receive_id = m.receive_loops->add(m.receiving.fd, m.receiving.feed);
   }
 }
 
 void CallMediaPump::stop() {
   Impl& m = *impl_;
   m.stopping = true;
+  if (m.receive_id) {
+    m.receive_loops->remove(*m.receive_id);  // never pushed into again once this returns
+    m.receive_id.reset();
+  }
   const std::uint64_t one = 1;
   (void)::write(m.wake_fd, &one, sizeof one);
-  for (Impl::Loop* loop : {&m.sending, &m.receiving}) {
-    if (loop->thread.joinable()) loop->thread.join();
-  }
+  if (m.sending.thread.joinable()) m.sending.thread.join();
 }
 
 void CallMediaPump::retarget(const Targets& targets) {

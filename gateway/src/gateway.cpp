@@ -12,6 +12,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -191,6 +192,9 @@ struct Gateway::Impl final : CallMediaPlane {
   std::mutex ice_mutex;
   std::condition_variable ice_changed;
   bool ice_remote_set = false;
+  // [sip]: the threads that feed every call media's decryptor (before `streams`: the
+  // call media's pumps use them until they end).
+  std::unique_ptr<ReceiveLoops> receive_loops;
   // Static streams, then call streams as calls come and go (guarded by streams_mutex:
   // the ng listener adds and removes them while the status API and the bus thread read).
   std::list<Stream> streams;
@@ -462,7 +466,7 @@ struct Gateway::Impl final : CallMediaPlane {
       }
       if (c.receives()) bound.peer = socket_on(c.listen_port);
       s.pump = std::make_unique<CallMediaPump>(c.name, s.encrypt.get(), s.decrypt.get(), bound,
-                                               pump_targets(c), media.get());
+                                               pump_targets(c), *receive_loops, media.get());
     }
   }
 
@@ -876,6 +880,8 @@ void Gateway::start() {
   for (auto& s : g.streams) g.play(s);
   if (g.config.sip) {
     g.starter = std::make_unique<PipelineStarter>();
+    g.receive_loops = std::make_unique<ReceiveLoops>(
+        std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4), g.media.get());
     g.calls = std::make_unique<Calls>(g.config, g);
     const Endpoint& at = g.config.sip->ng_listen;
     try {
@@ -974,6 +980,7 @@ void Gateway::stop() {
     s.encrypt.reset();
     s.decrypt.reset();
     s.pipeline.reset();
+    s.pump.reset();  // after its pipeline stopped, which releases an encryptor's key wait
   }
   for (auto* supply : {g.send_keys.get(), g.receive_keys.get()}) {
     if (!supply) continue;

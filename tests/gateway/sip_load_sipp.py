@@ -296,7 +296,8 @@ def main():
     (kme_port, status_a, status_b, ng_a, ng_b, ng_relay, proxy_a, proxy_b, sip_uac, sip_uas,
      rtp_uac, rtp_uas) = ports
     # Four ports per call media, 50 media and some to spare at each gateway.
-    media = 4000 + (os.getpid() % 17) * 460  # A: media..+219, B: +230..+449
+    # Media ports in a region of this test's own (see sip_endpoints.py).
+    media = 6000 + (os.getpid() % 4) * 460  # 6000-7839; A: media..+219, B: +230..+449
     # Each side's RTP: 2 s of PCMU that is not silence, different for caller and callee.
     audio = {}
     for name, seed in (("caller", 1), ("callee", 2)):

@@ -54,7 +54,8 @@ def main():
             sip_ports.append(p)
     assert len(sip_ports) >= 2 * CALLS + 1, "not enough free port pairs"
     consoles = free_ports(2 * CALLS + 1, taken=(*fixed, *spare))
-    media = 4000 + (os.getpid() % 60) * 120  # A: media..+59, B: +60..+119 (15 units each)
+    # Media ports in a region of this test's own (see sip_endpoints.py).
+    media = 4800 + (os.getpid() % 10) * 120  # 4800-5999; A: media..+59, B: +60..+119
     caller_tone = [420 + 60 * i for i in range(CALLS)]  # 420..960 Hz
     callee_tone = [1020 + 60 * i for i in range(CALLS)]  # 1020..1560 Hz
     try:
