@@ -119,6 +119,26 @@ void drain(int fd, GstPad* feed, const std::atomic<bool>& stopping) {
   }
 }
 
+// A media thread: named (as top -H shows it), scheduled as media threads are, handing
+// each ready event's data to `on_event` until `stopping` (the loop's wake-up event
+// comes with it).
+template <typename OnEvent>
+void run_epoll(int epoll_fd, const char* thread_name, MediaScheduling* scheduling,
+               const std::atomic<bool>& stopping, OnEvent on_event) {
+  ::pthread_setname_np(::pthread_self(), thread_name);
+  if (scheduling) scheduling->enter();
+  std::array<epoll_event, 32> events{};
+  while (!stopping.load()) {
+    const int n = ::epoll_wait(epoll_fd, events.data(), static_cast<int>(events.size()), -1);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    for (int i = 0; i < n; ++i) on_event(events[static_cast<std::size_t>(i)].data);
+  }
+  if (scheduling) scheduling->leave();
+}
+
 }  // namespace
 
 struct ReceiveLoops::Impl {
@@ -139,25 +159,13 @@ struct ReceiveLoops::Impl {
   std::atomic<std::uint64_t> next_id{0};
 
   void run(Loop& loop) {
-    ::pthread_setname_np(::pthread_self(), "otp-media-recv");  // as top -H shows it
-    if (scheduling) scheduling->enter();
-    std::array<epoll_event, 32> events{};
-    while (!stopping.load()) {
-      const int n = ::epoll_wait(loop.epoll_fd, events.data(), static_cast<int>(events.size()), -1);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        break;
+    run_epoll(loop.epoll_fd, "otp-media-recv", scheduling, stopping, [&](epoll_data_t data) {
+      // Looked up under the lock: an inlet removed since epoll_wait returned is gone.
+      const std::lock_guard lock(loop.mutex);
+      if (const auto found = loop.inlets.find(data.u64); found != loop.inlets.end()) {
+        drain(found->second.fd, found->second.feed, stopping);
       }
-      for (int i = 0; i < n; ++i) {
-        const std::uint64_t id = events[static_cast<std::size_t>(i)].data.u64;
-        // Looked up under the lock: an inlet removed since epoll_wait returned is gone.
-        const std::lock_guard lock(loop.mutex);
-        if (const auto found = loop.inlets.find(id); found != loop.inlets.end()) {
-          drain(found->second.fd, found->second.feed, stopping);
-        }
-      }
-    }
-    if (scheduling) scheduling->leave();
+    });
   }
 };
 
@@ -404,22 +412,10 @@ struct CallMediaPump::Impl {
   }
 
   void run(Loop& loop) {
-    ::pthread_setname_np(::pthread_self(), "otp-media-send");  // as top -H shows it
-    if (scheduling) scheduling->enter();
-    std::array<epoll_event, 4> events{};
-    while (!stopping.load()) {
-      const int n = ::epoll_wait(loop.epoll_fd, events.data(), static_cast<int>(events.size()), -1);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        break;
-      }
-      for (int i = 0; i < n; ++i) {
-        const std::uint32_t index = events[static_cast<std::size_t>(i)].data.u32;
-        if (index >= loop.inlet_count) continue;  // the wake-up: stopping is set
-        drain(loop.inlets[index].fd, loop.inlets[index].feed, stopping);
-      }
-    }
-    if (scheduling) scheduling->leave();
+    run_epoll(loop.epoll_fd, "otp-media-send", scheduling, stopping, [&](epoll_data_t data) {
+      if (data.u32 >= loop.inlet_count) return;  // the wake-up: stopping is set
+      drain(loop.inlets[data.u32].fd, loop.inlets[data.u32].feed, stopping);
+    });
   }
 };
 
