@@ -559,6 +559,80 @@ TEST_F(GatewayCallsTest, TenConcurrentCallsKeepTheirMediaApart) {
   }
 }
 
+// The partners' OTP ports of all call media share a few receiving threads
+// (call_media_pump.hpp). A flood of forged datagrams (random bytes, and plain RTP) on one
+// call's OTP ports at both gateways delivers nothing to that call's endpoints and takes
+// nothing from the other calls on the same threads: each of their packets arrives, byte
+// for byte; the flooded call still carries its own media afterwards.
+TEST_F(GatewayCallsTest, AFloodOnOneCallsOtpPortsLeavesEveryCallsMediaWhole) {
+  start_sip();
+  struct Running {
+    NgKeys k;
+    std::unique_ptr<UdpSocket> caller, callee;
+    std::uint16_t a_local = 0, b_local = 0, a_otp = 0, b_otp = 0;
+  };
+  std::vector<Running> calls(4);  // two per receiving thread, or more, whatever the cores
+  for (int i = 0; i < 4; ++i) {
+    Running& c = calls[i];
+    c.k = {"flood-" + std::to_string(i), "f" + std::to_string(i), "t" + std::to_string(i)};
+    c.caller = std::make_unique<UdpSocket>(endpoint_port(2 * i));
+    c.callee = std::make_unique<UdpSocket>(endpoint_port(2 * i + 1));
+    const Placed p =
+        place(c.k, endpoint_sdp(endpoint_port(2 * i)), endpoint_sdp(endpoint_port(2 * i + 1)));
+    c.a_local = media_port(p.to_caller);
+    c.b_local = media_port(p.to_callee);
+    c.a_otp = media_port(p.to_b);  // gateway A's OTP port, as its SDP names it to B
+    c.b_otp = media_port(p.to_a);  // gateway B's, to A
+  }
+  std::atomic<bool> flooding{true};
+  std::atomic<std::uint64_t> flooded{0};
+  std::thread attacker([&] {
+    const UdpSocket from;
+    std::mt19937 random(99);
+    for (std::uint16_t seq = 0; flooding; ++seq) {
+      for (int i = 0; i < 32; ++i) {
+        Bytes forged = random_rtp(seq, 0xbad, random);  // plain RTP ...
+        if (i % 2 == 1) {
+          for (auto& b : forged) b = static_cast<std::uint8_t>(random());  // ... or noise
+        }
+        from.send_to(calls[0].a_otp, forged);
+        from.send_to(calls[0].b_otp, forged);
+        flooded += 2;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  });
+  for (int i = 1; i < 4; ++i) {
+    Running& c = calls[i];
+    std::vector<Bytes> there, back;
+    EXPECT_EQ(send(*c.caller, c.a_local, *c.callee, 100, 300 + i, there, random_), there) << i;
+    EXPECT_EQ(send(*c.callee, c.b_local, *c.caller, 100, 400 + i, back, random_), back) << i;
+  }
+  flooding = false;
+  attacker.join();
+  EXPECT_GT(flooded.load(), 1000u);
+  // Nothing forged reached the flooded call's endpoints.
+  EXPECT_FALSE(calls[0].callee->receive(200).has_value());
+  EXPECT_FALSE(calls[0].caller->receive(200).has_value());
+  // The gateways saw the flood (packets in from the peer) and refused all of it.
+  int seen = 0;
+  for (auto* g : {a_.get(), b_.get()}) {
+    const json st = status(*g);  // held: a range over a temporary's member would dangle
+    for (const json& call : st["calls"]) {
+      if (call["call_id"] != "flood-0") continue;
+      ++seen;
+      EXPECT_GT(call["media"][0]["packets"]["from_peer"].get<std::uint64_t>(), 100u);
+      EXPECT_EQ(call["media"][0]["packets"]["to_local"], 0);
+    }
+  }
+  EXPECT_EQ(seen, 2);
+  Running& c = calls[0];
+  std::vector<Bytes> there, back;
+  EXPECT_EQ(send(*c.caller, c.a_local, *c.callee, 30, 500, there, random_), there);
+  EXPECT_EQ(send(*c.callee, c.b_local, *c.caller, 30, 501, back, random_), back);
+  for (const auto& r : calls) hang_up(r.k);
+}
+
 TEST_F(GatewayCallsTest, MediaTimeoutEndsACallThatWasNeverAnswered) {
   start_sip(12, 5);
   const NgKeys k{"timeout-1", "f1", ""};
