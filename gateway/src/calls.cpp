@@ -21,6 +21,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 
 namespace otpgate::gateway {
 
@@ -38,6 +39,24 @@ bool udp_port_free(std::uint16_t port) {
   const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
   ::close(fd);
   return free;
+}
+
+// An IP literal in one spelling (inet_ntop's; an IPv4-mapped IPv6 address as its IPv4),
+// so that it compares with resolve()'s; nullopt for anything else (a host name).
+std::optional<std::string> canonical_ip(const std::string& text) {
+  char out[INET6_ADDRSTRLEN] = {};
+  in_addr v4{};
+  in6_addr v6{};
+  if (::inet_pton(AF_INET, text.c_str(), &v4) != 1) {
+    if (::inet_pton(AF_INET6, text.c_str(), &v6) != 1) return std::nullopt;
+    if (!IN6_IS_ADDR_V4MAPPED(&v6)) {
+      return ::inet_ntop(AF_INET6, &v6, out, sizeof out) ? std::optional<std::string>(out)
+                                                         : std::nullopt;
+    }
+    std::memcpy(&v4, &v6.s6_addr[12], 4);
+  }
+  return ::inet_ntop(AF_INET, &v4, out, sizeof out) ? std::optional<std::string>(out)
+                                                    : std::nullopt;
 }
 
 std::set<std::string> resolve(const std::string& host) {
@@ -129,6 +148,7 @@ Calls::Calls(const GatewayConfig& config, CallMediaPlane& plane)
 std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_partner,
                                         const Call* call) const {
   std::vector<Leg> legs;
+  std::set<std::size_t> lanes_named;  // by this SDP's media: one decryptor per lane
   for (std::size_t i = 0; i < session.media.size(); ++i) {
     const sdp::Media& m = session.media[i];
     Leg leg;
@@ -174,6 +194,10 @@ std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_p
                           std::to_string(*known->receive_lane) + " to " + std::to_string(*lane) +
                           " (a=x-otp-lane); a running media keeps its lane");
       }
+      if (!lanes_named.insert(static_cast<std::size_t>(*lane)).second) {
+        throw ng::Refused(media_name(i, m.type) + ": the partner names key lane " +
+                          std::to_string(*lane) + " for two media (a=x-otp-lane)");
+      }
       const bool ours = known && known->receive_lane == *lane;
       if (!ours && receive_lane_used_[*lane]) {
         throw ng::Refused(media_name(i, m.type) + ": the partner's key lane " +
@@ -204,12 +228,15 @@ std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_p
       leg.partner_cipher = cipher;
       if (!c->zero()) leg.rtp = Endpoint{c->address, m.port};
     } else {
-      if (!c->zero() && !config::Reader::is_host(c->address))
-        throw ng::Refused(media_name(i, m.type) + ": c= address is not an address");
+      // An address, not a name: a name could resolve to the partner gateway behind the
+      // check that follows, and rtpengine does not take names in c= either.
+      const auto address = c->zero() ? std::optional<std::string>() : canonical_ip(c->address);
+      if (!c->zero() && !address)
+        throw ng::Refused(media_name(i, m.type) + ": c= " + c->address + " is not an IP address");
       // Decrypted media go to the local endpoint: never to the partner site in clear (a
       // misconfigured or hostile local device naming the peer gateway). A lab with both
       // gateways on one host shares the address with this gateway's own media_address.
-      if (!c->zero() && peer_addresses_.contains(c->address) && c->address != sip_.media_address) {
+      if (address && peer_addresses_.contains(*address) && c->address != sip_.media_address) {
         throw ng::Refused(media_name(i, m.type) + ": the local endpoint's address " + c->address +
                           " is the partner gateway's (peer.address " + config_.peer_address +
                           "): decrypted media would cross to the partner site in clear");
