@@ -239,9 +239,14 @@ class GatewayCallsTest : public GatewayTest {
   std::mt19937 random_{4711};
 };
 
-// Every datagram a tap saw is OTP: an announcement, or a protected RTP packet (clear
-// header, payload changed, trailer added) of one that was sent; none is plain RTP.
-void expect_only_otp(const std::vector<Bytes>& seen, const std::vector<Bytes>& sent) {
+enum class Protection { otp, aes };
+
+// Every datagram a tap saw is protected as `expected`: an announcement, or a protected RTP
+// packet of one that was sent (clear header, payload changed, trailer added: the pad
+// offset, with the AES flag for AES from QKD, then the tag); none is plain RTP, none
+// protected the other way.
+void expect_only(Protection expected, const std::vector<Bytes>& seen,
+                 const std::vector<Bytes>& sent) {
   std::size_t protected_packets = 0;
   for (const Bytes& d : seen) {
     if (otpgate::otp::classify(d) == otpgate::otp::DatagramType::announcement) continue;
@@ -249,9 +254,14 @@ void expect_only_otp(const std::vector<Bytes>& seen, const std::vector<Bytes>& s
       return std::equal(p.begin(), p.begin() + 12, d.begin());
     });
     ASSERT_NE(plain, sent.end()) << "a datagram between the gateways that was not sent";
-    EXPECT_EQ(d.size(), plain->size() + otpgate::otp::kTrailerBytes);
+    ASSERT_EQ(d.size(), plain->size() + otpgate::otp::kTrailerBytes);
     EXPECT_FALSE(std::equal(plain->begin() + 12, plain->end(), d.begin() + 12))
         << "plain RTP between the gateways";
+    std::uint64_t field = 0;
+    for (std::size_t i = 0; i < 8; ++i)
+      field = field << 8 | d[d.size() - otpgate::otp::kTrailerBytes + i];
+    EXPECT_EQ((field & otpgate::otp::kAesFlag) != 0, expected == Protection::aes)
+        << (expected == Protection::aes ? "not an AES packet" : "an AES packet, not OTP");
     ++protected_packets;
   }
   EXPECT_GE(protected_packets, sent.size());
@@ -343,8 +353,8 @@ TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLa
   const auto at_caller = send(callee, b_local, caller, 200, 0xca11ee, sent_ba, random_);
   EXPECT_EQ(at_callee, sent_ab);
   EXPECT_EQ(at_caller, sent_ba);
-  expect_only_otp(towards_b.seen(), sent_ab);
-  expect_only_otp(towards_a.seen(), sent_ba);
+  expect_only(Protection::otp, towards_b.seen(), sent_ab);
+  expect_only(Protection::otp, towards_a.seen(), sent_ba);
   // Each gateway takes what the endpoint sends on a thread of the call media's own, and
   // what the partner sends on its shared receiving threads (call_media_pump.hpp), not on
   // GStreamer source threads: the static streams' udpsrc threads are all there are.
@@ -479,6 +489,19 @@ TEST_F(GatewayCallsTest, ALocalLegNamingThePartnerGatewayIsRefused) {
                       "site in clear"),
             std::string::npos)
       << text_of(refused, "error-reason");
+  EXPECT_TRUE(status(*a_)["calls"].empty());
+  // The same address spelled as IPv4-mapped IPv6, or hidden behind a host name: refused.
+  const auto mapped =
+      ng(a_->ng_port(), kamailio(cookie(), "offer", {"to-peer-2", "f1", ""},
+                                 endpoint_sdp(endpoint_port(0), "sendrecv", "::ffff:127.0.0.2")));
+  EXPECT_NE(text_of(mapped, "error-reason").find("is the partner gateway's"), std::string::npos)
+      << text_of(mapped, "error-reason");
+  const auto named =
+      ng(a_->ng_port(), kamailio(cookie(), "offer", {"to-peer-3", "f1", ""},
+                                 endpoint_sdp(endpoint_port(0), "sendrecv", "localhost")));
+  EXPECT_NE(text_of(named, "error-reason").find("c= localhost is not an IP address"),
+            std::string::npos)
+      << text_of(named, "error-reason");
   EXPECT_TRUE(status(*a_)["calls"].empty());
   // The same offer from a local endpoint: taken.
   EXPECT_FALSE(ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", {"local-1", "f2", ""},
@@ -997,29 +1020,6 @@ json stream_named(const json& status, const std::string& name) {
   return nullptr;
 }
 
-// Every datagram a tap saw is AES from QKD: an announcement, or an SRTP AES-256-GCM packet
-// of one that was sent (clear header, payload changed, the master key's pad offset with
-// the AES flag before the tag); none is plain RTP, none OTP.
-void expect_only_aes(const std::vector<Bytes>& seen, const std::vector<Bytes>& sent) {
-  std::size_t aes = 0;
-  for (const Bytes& d : seen) {
-    if (otpgate::otp::classify(d) == otpgate::otp::DatagramType::announcement) continue;
-    const auto plain = std::find_if(sent.begin(), sent.end(), [&](const Bytes& p) {
-      return std::equal(p.begin(), p.begin() + 12, d.begin());
-    });
-    ASSERT_NE(plain, sent.end()) << "a datagram between the gateways that was not sent";
-    ASSERT_EQ(d.size(), plain->size() + otpgate::otp::kTrailerBytes);
-    EXPECT_FALSE(std::equal(plain->begin() + 12, plain->end(), d.begin() + 12))
-        << "plain RTP between the gateways";
-    std::uint64_t field = 0;
-    for (std::size_t i = 0; i < 8; ++i)
-      field = field << 8 | d[d.size() - otpgate::otp::kTrailerBytes + i];
-    EXPECT_NE(field & otpgate::otp::kAesFlag, 0u) << "not an AES packet";
-    ++aes;
-  }
-  EXPECT_GE(aes, sent.size());
-}
-
 }  // namespace
 
 TEST_F(GatewayCallsTest, OverBudgetCapWritesTiasTowardsTheEndpointsAndMediaStillCross) {
@@ -1103,8 +1103,8 @@ TEST_F(GatewayCallsTest, OverBudgetAesRunsTheVideoInAesBothWaysAndAudioInOtp) {
             audio_there);
   EXPECT_EQ(send(callee_audio, to_callee.media[1].port, caller_audio, 40, 44, audio_back, random_),
             audio_back);
-  expect_only_aes(towards_b.seen(), there);
-  expect_only_aes(towards_a.seen(), back);
+  expect_only(Protection::aes, towards_b.seen(), there);
+  expect_only(Protection::aes, towards_a.seen(), back);
   for (auto* g : {a_.get(), b_.get()}) {
     const json st = status(*g);
     const json media = st["calls"][0]["media"];
@@ -1120,6 +1120,25 @@ TEST_F(GatewayCallsTest, OverBudgetAesRunsTheVideoInAesBothWaysAndAudioInOtp) {
     EXPECT_GE(voice["send"]["pad-bytes-used"].get<std::uint64_t>(), 40u * 160u);
   }
   hang_up(k);
+}
+
+// Two media of one partner SDP naming the same key lane would put two decryptors on one
+// pad stream: refused, nothing held.
+TEST_F(GatewayCallsTest, APartnerNamingOneKeyLaneForTwoMediaIsRefused) {
+  start_sip();
+  const NgKeys k{"lane-twice", "f1", ""};
+  std::string to_b =
+      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k,
+                                        video_call_sdp(endpoint_port(0), endpoint_port(1)))));
+  const auto second = to_b.find("a=x-otp-lane:1");
+  ASSERT_NE(second, std::string::npos) << to_b;
+  to_b.replace(second, 14, "a=x-otp-lane:0");
+  const auto refused = ng(b_->ng_port(), kamailio(cookie(), "offer", k, to_b));
+  EXPECT_EQ(text_of(refused, "result"), "error");
+  EXPECT_EQ(text_of(refused, "error-reason"),
+            "media 1 (audio): the partner names key lane 0 for two media (a=x-otp-lane)");
+  EXPECT_TRUE(status(*b_)["calls"].empty());
+  EXPECT_EQ(status(*b_)["sip"]["free_media"], 12);
 }
 
 TEST_F(GatewayCallsTest, AesFromThePartnerIsRefusedWhereThePolicyDoesNotAllowIt) {
