@@ -12,6 +12,17 @@ namespace otpgate::ng {
 
 namespace {
 
+bool is_control(char c) {
+  return static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
+}
+
+// `text` for a log line: its control characters as '?', so that bytes a client sent (a
+// command name, a key, a reason quoting them) can never start a line of their own.
+std::string one_line(std::string text) {
+  std::replace_if(text.begin(), text.end(), is_control, '?');
+  return text;
+}
+
 constexpr std::size_t kMaxCookie = 64;
 
 // "received from" and "received-from" are the same key, as are flag spellings.
@@ -130,8 +141,7 @@ Request parse_request(const bencode::Value& value) {
                                    {"from-tag", &q.from_tag},
                                    {"to-tag", &q.to_tag},
                                    {"via-branch", &q.via_branch}}) {
-    if (std::any_of(field->begin(), field->end(),
-                    [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; }))
+    if (std::any_of(field->begin(), field->end(), is_control))
       throw Refused("key \"" + std::string(key) + "\" has a control character");
   }
   if (q.command == Command::offer || q.command == Command::answer) {
@@ -355,8 +365,8 @@ std::optional<std::string> Processor::process(std::string_view datagram, std::st
   if (error) ++counters_.errors;
   if (refusal_log_ && (error || reply.at("result") == bencode::Value("load limit"))) {
     const auto* reason = error ? reply.at("error-reason").string() : reply.at("message").string();
-    refusal_log_(what + " from " + std::string(sender) +
-                 " refused: " + (reason ? *reason : std::string("load limit")));
+    refusal_log_(one_line(what + " from " + std::string(sender) +
+                          " refused: " + (reason ? *reason : std::string("load limit"))));
   }
   std::string out = format_reply(parts->cookie, reply);
   cache_.insert(key, std::string(parts->body), out, now);

@@ -358,7 +358,11 @@ TEST(NgProcessor, RefusalsAreLoggedOneLineEach) {
   handler.full = "no free key lane (sip.max_media = 8)";
   p.process(kamailio_offer("2_3"), "127.0.0.1:5060", now);
   p.process("2_4 d7:command4:jumpe", "127.0.0.1:5060", now);
-  ASSERT_EQ(lines.size(), 3u);
+  // A command name that would start a forged line of its own stays on this one.
+  p.process("2_5 d7:command29:x\notp-gateway[info]: all finee", "127.0.0.1:5060", now);
+  ASSERT_EQ(lines.size(), 4u);
+  EXPECT_EQ(lines[3].find('\n'), std::string::npos) << lines[3];
+  EXPECT_NE(lines[3].find("x?otp-gateway[info]: all fine"), std::string::npos) << lines[3];
   EXPECT_EQ(lines[0],
             "offer for call 0ba2cf53-9a78-41de-8fe6-f8b3a2b6ae4b from 127.0.0.1:5060 refused: "
             "key budget: this call's media need 70 kbit/s of pad");
