@@ -72,23 +72,6 @@ Destination resolve(const Endpoint& to, int family, const std::string& media) {
   return d;
 }
 
-// A socket the pump sends from when the media has none bound for that party (a media
-// that only receives still delivers; the kernel picks the port, as udpsink did).
-int unbound_socket(int family) {
-  return ::socket(family, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-}
-
-int family_of(const Endpoint& to) {
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_DGRAM;
-  addrinfo* found = nullptr;
-  if (::getaddrinfo(to.host.c_str(), nullptr, &hints, &found) != 0 || found == nullptr)
-    return AF_INET;
-  const int family = found->ai_family;
-  ::freeaddrinfo(found);
-  return family;
-}
-
 struct PadUnref {
   void operator()(GstPad* pad) const { gst_object_unref(pad); }
 };
@@ -261,7 +244,6 @@ struct CallMediaPump::Impl {
   MediaScheduling* scheduling;
   std::vector<GstElement*> elements;  // references of our own
   std::vector<GSocket*> sockets;      // references of our own
-  std::vector<int> own_fds;           // unbound sockets we opened
   PadPtr to_encrypt, from_encrypt, to_decrypt, from_decrypt, from_decrypt_rtcp;
   Loop sending;
   ReceiveLoops* receive_loops = nullptr;
@@ -286,7 +268,6 @@ struct CallMediaPump::Impl {
       }
       gst_pad_set_active(pad, FALSE);
     }
-    for (int fd : own_fds) ::close(fd);
     if (sending.epoll_fd >= 0) ::close(sending.epoll_fd);
     if (wake_fd >= 0) ::close(wake_fd);
     for (GSocket* s : sockets) g_object_unref(s);
@@ -371,21 +352,14 @@ struct CallMediaPump::Impl {
     return g_socket_get_fd(socket);
   }
 
-  // An outlet sending from `socket` (or, without one, from an unbound socket of the
-  // target's family) to `to`.
+  // An outlet sending from `socket` (symmetric RTP: the one that party sends to) to `to`.
   void open_outlet(Outlet& outlet, GSocket* socket, const Endpoint& to) {
-    if (socket) {
-      outlet.fd = g_socket_get_fd(socket);
-      outlet.family = g_socket_get_family(socket) == G_SOCKET_FAMILY_IPV6 ? AF_INET6 : AF_INET;
-    } else {
-      outlet.family = family_of(to);
-      outlet.fd = unbound_socket(outlet.family);
-      if (outlet.fd < 0) {
-        throw std::runtime_error("call media " + name + ": cannot open a UDP socket (" +
-                                 std::strerror(errno) + ")");
-      }
-      own_fds.push_back(outlet.fd);
+    if (!socket) {
+      throw std::runtime_error("call media " + name + ": no local socket to send to " + to.host +
+                               ":" + std::to_string(to.port) + " from");
     }
+    outlet.fd = fd_of(socket);
+    outlet.family = g_socket_get_family(socket) == G_SOCKET_FAMILY_IPV6 ? AF_INET6 : AF_INET;
     outlet.to = resolve(to, outlet.family, name);
     outlet.enabled = true;
   }

@@ -51,7 +51,9 @@ class ReceiveLoops {
 class CallMediaPump {
  public:
   // Bound sockets of the media, shared with nobody else (the pump holds a reference of
-  // its own). Either may be null where the media does not use it.
+  // its own). Each direction reads from its party's socket and sends from the other's
+  // (symmetric RTP), so a media that sends or receives needs both; local_rtcp may be
+  // null (no RTCP port: RTCP comes muxed, and leaves from local_rtp).
   struct Sockets {
     GSocket* local_rtp = nullptr;   // RTP from (and decrypted RTP and muxed RTCP to) the endpoint
     GSocket* local_rtcp = nullptr;  // RTCP from (and, not muxed, to) the endpoint

@@ -460,11 +460,9 @@ struct Gateway::Impl final : CallMediaPlane {
     }
     if (pumped) {
       CallMediaPump::Sockets bound;
-      if (c.sends()) {
-        bound.local_rtp = socket_on(c.local_rtp_port);
-        if (c.local_rtcp_port) bound.local_rtcp = socket_on(c.local_rtcp_port);
-      }
-      if (c.receives()) bound.peer = socket_on(c.listen_port);
+      bound.local_rtp = socket_on(c.local_rtp_port);
+      if (c.local_rtcp_port) bound.local_rtcp = socket_on(c.local_rtcp_port);
+      bound.peer = socket_on(c.listen_port);
       s.pump = std::make_unique<CallMediaPump>(c.name, s.encrypt.get(), s.decrypt.get(), bound,
                                                pump_targets(c), *receive_loops, media.get());
     }
