@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <fstream>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,8 @@ std::size_t rss_anon_kib() {
   for (std::string line; std::getline(in, line);) {
     if (line.rfind("RssAnon:", 0) == 0) return std::stoul(line.substr(8));
   }
-  return 0;
+  // Without the field every check on it would pass whatever the arena did.
+  throw std::runtime_error("/proc/self/status has no RssAnon line");
 }
 
 // Locked memory of this process, in KiB (/proc/self/status VmLck).
@@ -43,7 +45,8 @@ std::size_t vm_locked_kib() {
   for (std::string line; std::getline(in, line);) {
     if (line.rfind("VmLck:", 0) == 0) return std::stoul(line.substr(6));
   }
-  return 0;
+  // Without the field every check on it would pass whatever the arena did.
+  throw std::runtime_error("/proc/self/status has no VmLck line");
 }
 
 // Runs `body` in a forked child that holds RLIMIT_MEMLOCK as an unprivileged service
