@@ -123,6 +123,23 @@ void cap_bandwidth(sdp::Media& m, std::uint64_t tias) {
                       {'b', "TIAS:" + std::to_string(tias)}});
 }
 
+// Whether `session` puts an accepted media on hold: a direction other than sendrecv (for
+// the media or the whole session) or a zero address.
+bool holds(const sdp::Session& session) {
+  auto one_way = [](const std::vector<sdp::Line>& lines) {
+    return std::any_of(lines.begin(), lines.end(), [](const sdp::Line& l) {
+      return l.type == 'a' &&
+             (l.value == "sendonly" || l.value == "recvonly" || l.value == "inactive");
+    });
+  };
+  const bool session_wide = one_way(session.lines);
+  return std::any_of(session.media.begin(), session.media.end(), [&](const sdp::Media& m) {
+    if (m.rejected() || !m.rtp()) return false;
+    const auto c = sdp::connection(session, m);
+    return session_wide || one_way(m.lines) || (c && c->zero());
+  });
+}
+
 sdp::Session parsed(const ng::Request& request) {
   try {
     return sdp::parse(request.sdp);
@@ -532,6 +549,7 @@ std::string Calls::offer(const ng::Request& request) {
     call.last_signal = unix_now();
     call.last_activity = Clock::now();
     if (call.answered) start_media(call);  // a re-INVITE of a running call
+    call.on_hold = holds(session);
     std::string sdp = rewritten(std::move(session), call, !from_partner, request);
     call.last_offer = Exchange{request.from_tag, from_partner, request.sdp, sdp};
     call.last_answer.reset();  // a new offer: the next answer is a new one
@@ -595,6 +613,7 @@ std::string Calls::answer(const ng::Request& request) {
     calls_.erase(found);
     throw;
   }
+  call.on_hold = call.on_hold || holds(session);
   std::string sdp = rewritten(std::move(session), call, !from_partner, request);
   call.last_answer = Exchange{request.to_tag, from_partner, request.sdp, sdp};
   return sdp;
@@ -723,6 +742,10 @@ void Calls::expire(Clock::time_point now) {
       continue;
     }
     const bool local = now - call.local_alive < timeout, peer = now - call.peer_alive < timeout;
+    if ((local || peer) && call.on_hold) {  // one way is what a held call carries
+      ++it;
+      continue;
+    }
     if (local || peer) {
       ++stats_.timed_out_one_way;
       std::fprintf(stderr,

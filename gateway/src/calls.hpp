@@ -108,6 +108,9 @@ class Calls final : public ng::Handler {
     // from the partner gateway (garbage sent to the OTP port does not count).
     Clock::time_point local_alive, peer_alive;
     std::uint64_t last_from_local = 0, last_from_peer = 0;
+    // The latest offer or answer holds a media (sendonly, recvonly, inactive, c=0.0.0.0):
+    // media one way only (music on hold) is then what the call should carry.
+    bool on_hold = false;
     std::optional<Exchange> last_offer, last_answer;
     std::set<std::string> answer_tags;           // to-tags answered: the branches of a forked call
     std::set<std::string> via_branches;          // via-branches offered

@@ -1594,6 +1594,35 @@ TEST_F(GatewayCallsTest, MediaFlowingOneWayOnlyEndsTheCallAtTheMediaTimeout) {
   }
 }
 
+// A call on hold carries media one way only (music on hold from the caller): that is not
+// a vanished party, and the call runs on past the media timeout.
+TEST_F(GatewayCallsTest, ACallOnHoldWithMediaOneWayOutlivesTheMediaTimeout) {
+  start_sip(12, 5);
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  const NgKeys k{"on-hold-1", "f1", "t1"};
+  const Placed p = place(k, endpoint_sdp(endpoint_port(0), "sendonly"),
+                         endpoint_sdp(endpoint_port(1), "recvonly"));
+  std::atomic<bool> sending{true};
+  std::thread music([&] {
+    for (std::uint16_t seq = 0; sending; ++seq) {
+      caller.send_to(media_port(p.to_caller), random_rtp(seq, 0x401d, random_));
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::seconds(9));  // well over the media timeout
+  sending = false;
+  music.join();
+  for (auto* g : {a_.get(), b_.get()}) {
+    const json st = status(*g);
+    ASSERT_EQ(st["calls"].size(), 1u) << st.dump();
+    EXPECT_GT(st["calls"][0]["media"][0]["packets"]["from_local"].get<std::uint64_t>() +
+                  st["calls"][0]["media"][0]["packets"]["to_local"].get<std::uint64_t>(),
+              200u);
+    EXPECT_EQ(st["sip"]["timed_out_one_way"], 0);
+  }
+  hang_up(k);
+}
+
 // A restarted proxy reuses a cookie (same source address and port here) with another
 // request: it is run, not answered with the old process's reply.
 TEST_F(GatewayCallsTest, AReusedCookieFromARestartedProxyIsNotAnsweredFromTheCache) {
