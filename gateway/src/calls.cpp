@@ -174,7 +174,6 @@ std::vector<Calls::Leg> Calls::read_leg(const sdp::Session& session, bool from_p
     leg.proto = m.proto;
     leg.bits_per_s = static_cast<double>(sdp::expected_bitrate(m).bits_per_second);
     leg.floor_bits_per_s = admission::floor_bits_per_s(m);
-    leg.pad_bytes_per_s = admission::pad_bytes_per_s(leg.bits_per_s);
     const auto sae = sdp::otp_sae(session, m);
     if (sae && *sae != config_.peer_sae_id) {
       throw ng::Refused(media_name(i, m.type) + ": a=x-otp names SAE \"" + *sae +
@@ -418,11 +417,8 @@ std::vector<std::optional<Calls::Admitted>> Calls::admit(const std::vector<Leg>&
     // AES by policy.cipher, or because the partner runs it in AES (agreed both ways).
     if (config_.cipher == kAes || legs[i].partner_cipher == kAes) {
       a.cipher = kAes;
-      a.pad_bytes_per_s =
-          admission::aes_pad_bytes_per_s(legs[i].bits_per_s, config_.rekey_interval);
       continue;
     }
-    a.pad_bytes_per_s = legs[i].pad_bytes_per_s;
     checked.push_back(i);
     in.wanted.push_back({i, legs[i].type, legs[i].bits_per_s, legs[i].floor_bits_per_s});
   }
@@ -449,7 +445,6 @@ std::vector<std::optional<Calls::Admitted>> Calls::admit(const std::vector<Leg>&
     Admitted& a = *out[checked[k]];
     a.cipher = d.media[k].aes ? kAes : kOtp;
     a.cap_bits_per_s = d.media[k].tias;
-    a.pad_bytes_per_s = d.media[k].pad_bytes_per_s;
   }
   return out;
 }

@@ -126,7 +126,6 @@ class Calls final : public ng::Handler {
   struct Leg {
     bool accepted = false;  // RTP, port != 0
     std::string type, proto;
-    double pad_bytes_per_s = 0;
     double bits_per_s = 0, floor_bits_per_s = 0;  // expected payload rate, lowest cap
     std::optional<std::string> partner_cipher;    // a=x-otp-cipher on a partner leg
     std::optional<Endpoint> rtp, rtcp;
@@ -134,12 +133,11 @@ class Calls final : public ng::Handler {
   };
 
   std::vector<Leg> read_leg(const sdp::Session& session, bool from_partner, const Call* call) const;
-  // The cipher, cap and expected pad of each of an offer's new media (per
-  // sip.over_budget); admit() throws ng::Refused when they do not fit.
+  // The cipher and cap of each of an offer's new media (per sip.over_budget); admit()
+  // throws ng::Refused when they do not fit. apply() derives the expected pad from them.
   struct Admitted {
     std::string cipher = "otp";
     std::optional<std::uint64_t> cap_bits_per_s;
-    double pad_bytes_per_s = 0;
   };
   // `new_call`: an initial offer, refused as ng::Overloaded when no lane or port is free
   // (the proxy may try another instance); a re-INVITE's new media is refused plainly.
