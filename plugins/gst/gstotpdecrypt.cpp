@@ -177,8 +177,7 @@ struct Private {
   bool rtcp_caps_sent = false;
   PublishedCounters<C_COUNT> counters;
   // Releases held packets when no new packet arrives to do it (see schedule_release).
-  std::mutex timer_mutex;
-  GstClockID timer = nullptr;
+  ReleaseTimer release_timer;
 };
 
 }  // namespace
@@ -342,49 +341,28 @@ GstFlowReturn release_held(GstOtpDecrypt* self) {
   return GST_FLOW_OK;
 }
 
-gboolean on_release_timer(GstClock*, GstClockTime, GstClockID id, gpointer user) {
-  auto* self = GST_OTP_DECRYPT(user);
+// From the clock's thread: releases what waits unless the streaming thread is in chain()
+// (it releases them itself then); never waits for it.
+void on_release_timer(GstElement* element) {
+  auto* self = GST_OTP_DECRYPT(element);
   Private& p = *self->priv;
-  {
-    std::lock_guard lock(p.timer_mutex);
-    if (p.timer == id) {
-      gst_clock_id_unref(p.timer);
-      p.timer = nullptr;
-    }
-  }
-  // Never wait for the streaming thread: if it is in chain(), it releases them itself.
   if (!GST_PAD_STREAM_TRYLOCK(self->sinkpad)) {
     schedule_release(self);
-    return TRUE;
+    return;
   }
   if (p.session && !p.session->held.empty()) {
-    const GstFlowReturn ret = guarded(GST_ELEMENT(self), [self] { return release_held(self); });
+    const GstFlowReturn ret = guarded(element, [self] { return release_held(self); });
     if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING && ret != GST_FLOW_NOT_LINKED) {
       GST_DEBUG_OBJECT(self, "releasing held packets: %s", gst_flow_get_name(ret));
     }
   }
   GST_PAD_STREAM_UNLOCK(self->sinkpad);
-  return TRUE;
 }
 
-// Arms a one-shot timer on the system clock that releases held packets in a few ms.
+// Arms a one-shot timer that releases held packets in a few ms.
 void schedule_release(GstOtpDecrypt* self) {
-  Private& p = *self->priv;
-  std::lock_guard lock(p.timer_mutex);
-  if (p.timer || p.flushing) return;
-  GstClock* clock = gst_system_clock_obtain();
-  p.timer = gst_clock_new_single_shot_id(clock, gst_clock_get_time(clock) + kReleaseInterval);
-  gst_object_unref(clock);
-  gst_clock_id_wait_async(p.timer, on_release_timer, gst_object_ref(self), gst_object_unref);
-}
-
-void cancel_release(GstOtpDecrypt* self) {
-  Private& p = *self->priv;
-  std::lock_guard lock(p.timer_mutex);
-  if (!p.timer) return;
-  gst_clock_id_unschedule(p.timer);
-  gst_clock_id_unref(p.timer);
-  p.timer = nullptr;
+  if (self->priv->flushing) return;
+  self->priv->release_timer.schedule(GST_ELEMENT(self), kReleaseInterval, on_release_timer);
 }
 
 GstFlowReturn open_datagram(GstOtpDecrypt* self, GstPtr<GstBuffer> in) {
@@ -622,7 +600,7 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       break;
     case GST_EVENT_FLUSH_START:
       p.flushing = true;
-      cancel_release(self);
+      self->priv->release_timer.cancel();
       break;
     case GST_EVENT_FLUSH_STOP:
       if (p.session) p.session->held.clear();  // flushed, never decrypted
@@ -754,7 +732,7 @@ static GstStateChangeReturn gst_otp_decrypt_change_state(GstElement* element,
   const GstStateChangeReturn ret =
       GST_ELEMENT_CLASS(gst_otp_decrypt_parent_class)->change_state(element, transition);
   if (transition == GST_STATE_CHANGE_PAUSED_TO_READY) {
-    cancel_release(self);
+    self->priv->release_timer.cancel();
     std::unique_ptr<Session> old;
     GST_PAD_STREAM_LOCK(self->sinkpad);  // a release timer in progress holds it
     GST_OBJECT_LOCK(self);

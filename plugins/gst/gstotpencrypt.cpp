@@ -12,13 +12,17 @@
  *       udpsink host=127.0.0.1 port=5004
  *
  * Never sends plaintext: without pad, packets are dropped (on-key-exhausted=drop) or
- * the stream waits (block; always in stream mode). See docs/wire-format.md.
+ * the stream waits (block; always in stream mode). See docs/wire-format.md. With
+ * non-blocking=true a datagram stream never waits in its streaming thread: packets that
+ * would wait are held in arrival order, for at most key-wait, and leave when key arrives
+ * (for applications that drive many streams from one thread, as otp-gateway's calls do).
  * Stream mode emits a record per record-size bytes; a custom downstream event named
  * "otp-flush" emits what is pending at once (for control messages and growing files).
  */
 #include <gst/base/gstadapter.h>
 #include <openssl/rand.h>
 
+#include <deque>
 #include <thread>
 
 #include "otp_element_common.hpp"
@@ -77,7 +81,9 @@ enum {
   PROP_RECORD_SIZE,
   PROP_CIPHER,
   PROP_REKEY_INTERVAL,
-  PROP_KEY_TIMEOUT
+  PROP_KEY_TIMEOUT,
+  PROP_NON_BLOCKING,
+  PROP_KEY_WAIT
 };
 enum { SIGNAL_KEY_LOW, SIGNAL_KEY_EXHAUSTED, N_SIGNALS };
 guint signals[N_SIGNALS];
@@ -97,6 +103,8 @@ enum Counter {
   C_DROPS_MALFORMED,
   C_AES_PACKETS,
   C_AES_REKEYS,
+  C_KEY_WAITS,
+  C_PACKETS_HELD,
   C_COUNT
 };
 // The name of a counter in the stats structure.
@@ -130,6 +138,10 @@ const char* counter_name(Counter c) {
       return "aes-packets";
     case C_AES_REKEYS:
       return "aes-rekeys";
+    case C_KEY_WAITS:
+      return "key-waits";
+    case C_PACKETS_HELD:
+      return "packets-held";
     case C_COUNT:
       break;
   }
@@ -150,7 +162,17 @@ struct Session {
   bool in_fallback = false;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   std::vector<std::uint8_t> announcement = std::vector<std::uint8_t>(otp::kMaxAnnouncementBytes);
+  // Non-blocking datagram mode: packets waiting for key (the stream's first, or `block`),
+  // in arrival order, each until its key-wait deadline.
+  struct Held {
+    GstPtr<GstBuffer> buffer;
+    std::chrono::steady_clock::time_point deadline;
+  };
+  std::deque<Held> held;
 };
+
+constexpr std::size_t kMaxHeldPackets = 4096;
+constexpr GstClockTime kReleaseInterval = 2 * GST_MSECOND;
 
 struct Private {
   KeySourceSettings settings;
@@ -160,11 +182,15 @@ struct Private {
   guint announce_repeats = 2;
   guint record_size = 32768;
   guint key_timeout_ms = 30000;
+  bool non_blocking = false;
+  guint key_wait_ms = 10000;
   GstPtr<GstCaps> sink_caps;
   std::unique_ptr<Session> session;
   std::atomic<bool> flushing{false};
   bool caps_pushed = false;
   PublishedCounters<C_COUNT> counters;
+  // Non-blocking mode: releases held packets when no new packet arrives to do it.
+  ReleaseTimer release_timer;
 };
 
 }  // namespace
@@ -279,10 +305,11 @@ bool wait_for_key(GstOtpEncrypt* self) {
 }
 
 // Protects the packet in `in` into `out`, drawing pad (or waiting for it) as the key
-// policy says; `status` and `written` say what came of it. Both buffers are mapped only
+// policy says; `status` and `written` say what came of it. In non-blocking mode a packet
+// that would wait sets `would_wait` instead (status no_key). Both buffers are mapped only
 // here.
 GstFlowReturn protect_into(GstOtpEncrypt* self, GstBuffer* in, GstBuffer* out,
-                           otp::Encoder::Status& status, std::size_t& written) {
+                           otp::Encoder::Status& status, std::size_t& written, bool& would_wait) {
   Private& p = *self->priv;
   Session& s = *p.session;
   const MappedBuffer in_map(in, GST_MAP_READ);
@@ -332,25 +359,31 @@ GstFlowReturn protect_into(GstOtpEncrypt* self, GstBuffer* in, GstBuffer* out,
     // so that a call does not lose its first frames to the first KME round trip.
     const bool starting = !s.had_key && std::chrono::steady_clock::now() < s.started + kStartupWait;
     if (!starting) note_exhausted(self, true);
-    if ((p.on_key_exhausted == KEY_EXHAUSTED_DROP && !starting) || !wait_for_key(self)) {
+    if (p.on_key_exhausted == KEY_EXHAUSTED_DROP && !starting) return GST_FLOW_OK;
+    if (p.non_blocking) {
+      would_wait = true;
       return GST_FLOW_OK;
     }
+    if (!wait_for_key(self)) return GST_FLOW_OK;
   }
 }
 
-GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
+// One packet protected and pushed, or dropped and counted; in non-blocking mode a packet
+// that has to wait for key sets `would_wait` and is left to the caller.
+GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in, bool& would_wait) {
   Private& p = *self->priv;
   Session& s = *p.session;
   GstPtr<GstBuffer> out(gst_buffer_new_allocate(
       nullptr, gst_buffer_get_size(in) + otp::kMaxDatagramOverhead, nullptr));
   otp::Encoder::Status status = otp::Encoder::Status::no_key;
   std::size_t written = 0;
-  if (const GstFlowReturn ret = protect_into(self, in, out.get(), status, written);
+  if (const GstFlowReturn ret = protect_into(self, in, out.get(), status, written, would_wait);
       ret != GST_FLOW_OK) {
     return ret;
   }
   if (status == otp::Encoder::Status::ok) s.had_key = true;
   publish(self);
+  if (would_wait) return GST_FLOW_OK;
   if (status != otp::Encoder::Status::ok) {
     if (status == otp::Encoder::Status::malformed) {
       bump(p, C_DROPS_MALFORMED);
@@ -368,6 +401,84 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in) {
   bump(p, C_PACKETS_OUT);
   bump(p, C_BYTES_OUT, written);
   return gst_pad_push(self->srcpad, out.release());
+}
+
+void schedule_release(GstOtpEncrypt* self);
+
+// Non-blocking mode: sends held packets in arrival order as their key arrives; drops
+// (and counts) those whose key-wait has passed, and all of them when flushing.
+GstFlowReturn release_held(GstOtpEncrypt* self) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  const auto now = std::chrono::steady_clock::now();
+  GstFlowReturn ret = GST_FLOW_OK;
+  while (!s.held.empty() && ret == GST_FLOW_OK) {
+    bool wait = p.flushing.load();
+    if (!wait) ret = protect_datagram(self, s.held.front().buffer.get(), wait);
+    if (wait) {
+      if (!p.flushing && now < s.held.front().deadline) break;  // keeps the order
+      bump(p, C_DROPS_NO_KEY);
+    }
+    s.held.pop_front();
+  }
+  p.counters.set(C_PACKETS_HELD, s.held.size());
+  if (!s.held.empty()) schedule_release(self);
+  return ret;
+}
+
+void hold(GstOtpEncrypt* self, GstPtr<GstBuffer> in) {
+  Private& p = *self->priv;
+  Session& s = *p.session;
+  if (p.key_wait_ms == 0) {
+    bump(p, C_DROPS_NO_KEY);
+    return;
+  }
+  if (s.held.size() >= kMaxHeldPackets) {  // bounded: the oldest gives way
+    s.held.pop_front();
+    bump(p, C_DROPS_NO_KEY);
+  }
+  bump(p, C_KEY_WAITS);
+  s.held.push_back(
+      {std::move(in), std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms)});
+  p.counters.set(C_PACKETS_HELD, s.held.size());
+  schedule_release(self);
+}
+
+// From the clock's thread: releases what waits unless the streaming thread is in chain()
+// (it releases them itself then); never waits for it.
+void on_release_timer(GstElement* element) {
+  auto* self = GST_OTP_ENCRYPT(element);
+  Private& p = *self->priv;
+  if (!GST_PAD_STREAM_TRYLOCK(self->sinkpad)) {
+    schedule_release(self);
+    return;
+  }
+  if (p.session && !p.session->held.empty()) {
+    const GstFlowReturn ret = guarded(element, [self] { return release_held(self); });
+    if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING && ret != GST_FLOW_NOT_LINKED) {
+      GST_DEBUG_OBJECT(self, "releasing held packets: %s", gst_flow_get_name(ret));
+    }
+  }
+  GST_PAD_STREAM_UNLOCK(self->sinkpad);
+}
+
+void schedule_release(GstOtpEncrypt* self) {
+  if (self->priv->flushing) return;
+  self->priv->release_timer.schedule(GST_ELEMENT(self), kReleaseInterval, on_release_timer);
+}
+
+// A datagram in non-blocking mode: behind those already waiting, or protected now, or
+// held while its key is on its way.
+GstFlowReturn protect_or_hold(GstOtpEncrypt* self, GstPtr<GstBuffer> in) {
+  Session& s = *self->priv->session;
+  if (!s.held.empty()) {
+    hold(self, std::move(in));
+    return release_held(self);
+  }
+  bool wait = false;
+  const GstFlowReturn ret = protect_datagram(self, in.get(), wait);
+  if (ret == GST_FLOW_OK && wait) hold(self, std::move(in));
+  return ret;
 }
 
 // Stream mode: one record of `kind` with up to `payload` bytes; returns bytes consumed.
@@ -463,7 +574,9 @@ GstFlowReturn process(GstOtpEncrypt* self, GstPtr<GstBuffer> in) {
     gst_adapter_push(s.adapter.get(), in.release());
     return drain_stream(self, false);
   }
-  return protect_datagram(self, buffer);
+  if (p.non_blocking) return protect_or_hold(self, std::move(in));
+  bool wait = false;
+  return protect_datagram(self, buffer, wait);
 }
 
 GstFlowReturn chain(GstPad*, GstObject* parent, GstBuffer* buffer) {
@@ -489,8 +602,10 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       break;
     case GST_EVENT_FLUSH_START:
       p.flushing = true;
+      p.release_timer.cancel();
       break;
     case GST_EVENT_FLUSH_STOP:
+      if (p.session) p.session->held.clear();  // flushed, never sent
       p.flushing = false;
       break;
     case GST_EVENT_CUSTOM_DOWNSTREAM:
@@ -504,6 +619,11 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       }
       break;
     case GST_EVENT_EOS:
+      // Held packets get their key-wait before the end goes downstream.
+      while (p.session && !p.session->held.empty() && !p.flushing) {
+        if (guarded(GST_ELEMENT(self), [self] { return release_held(self); }) != GST_FLOW_OK) break;
+        if (!p.session->held.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
       if (p.session && p.session->stream) {
         // The final record proves to the receiver that nothing was cut off.
         const GstFlowReturn ret = guarded(GST_ELEMENT(self), [self] {
@@ -549,6 +669,12 @@ static void gst_otp_encrypt_set_property(GObject* object, guint id, const GValue
         break;
       case PROP_KEY_TIMEOUT:
         p.key_timeout_ms = g_value_get_uint(value);
+        break;
+      case PROP_NON_BLOCKING:
+        p.non_blocking = g_value_get_boolean(value);
+        break;
+      case PROP_KEY_WAIT:
+        p.key_wait_ms = g_value_get_uint(value);
         break;
       default:
         G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
@@ -601,6 +727,12 @@ static void gst_otp_encrypt_get_property(GObject* object, guint id, GValue* valu
       case PROP_KEY_TIMEOUT:
         g_value_set_uint(value, p.key_timeout_ms);
         break;
+      case PROP_NON_BLOCKING:
+        g_value_set_boolean(value, p.non_blocking);
+        break;
+      case PROP_KEY_WAIT:
+        g_value_set_uint(value, p.key_wait_ms);
+        break;
       default:
         G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
     }
@@ -642,10 +774,14 @@ static GstStateChangeReturn gst_otp_encrypt_change_state(GstElement* element,
   const GstStateChangeReturn ret =
       GST_ELEMENT_CLASS(gst_otp_encrypt_parent_class)->change_state(element, transition);
   if (transition == GST_STATE_CHANGE_PAUSED_TO_READY) {
+    p.release_timer.cancel();
     std::unique_ptr<Session> old;
+    GST_PAD_STREAM_LOCK(self->sinkpad);  // a release timer in progress holds it
     GST_OBJECT_LOCK(self);
     old = std::move(p.session);
     GST_OBJECT_UNLOCK(self);
+    GST_PAD_STREAM_UNLOCK(self->sinkpad);
+    p.counters.set(C_PACKETS_HELD, 0);
     p.sink_caps.reset();
   }
   return ret;
@@ -702,6 +838,22 @@ static void gst_otp_encrypt_class_init(GstOtpEncryptClass* klass) {
                         "Stream mode: milliseconds to wait for key before failing with an error "
                         "that quotes the key source (a stream cannot drop data); 0 waits forever",
                         0, G_MAXUINT, 30000, rw));
+  g_object_class_install_property(
+      gobject, PROP_NON_BLOCKING,
+      g_param_spec_boolean(
+          "non-blocking", "Non-blocking",
+          "Datagram mode: never wait in the streaming thread. Packets that would wait for key "
+          "(the stream's first key, on-key-exhausted=block or fallback-aes before its first "
+          "master key) are held in arrival order, for at most key-wait, and sent when key "
+          "arrives; for applications that drive many streams from one thread",
+          FALSE, rw));
+  g_object_class_install_property(
+      gobject, PROP_KEY_WAIT,
+      g_param_spec_uint("key-wait", "Key wait",
+                        "Datagram mode with non-blocking: milliseconds a packet may be held "
+                        "waiting for key before it is dropped (counted in drops-no-key); at "
+                        "most 4096 packets are held, the oldest gives way",
+                        0, 60000, 10000, rw));
   signals[SIGNAL_KEY_LOW] = g_signal_new("key-low", G_TYPE_FROM_CLASS(klass), G_SIGNAL_RUN_LAST, 0,
                                          nullptr, nullptr, nullptr, G_TYPE_NONE, 1, G_TYPE_UINT64);
   signals[SIGNAL_KEY_EXHAUSTED] =

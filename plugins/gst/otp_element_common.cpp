@@ -294,4 +294,48 @@ GstFlowReturn internal_error(GstElement* element, const std::exception& e) {
   return GST_FLOW_ERROR;
 }
 
+namespace {
+// What a scheduled timer's callback needs; freed (with its element reference) by the
+// clock once the callback has run or the timer is unscheduled.
+struct ArmedTimer {
+  ReleaseTimer* timer;
+  GstElement* element;
+  ReleaseTimer::Fire fire;
+};
+}  // namespace
+
+void ReleaseTimer::schedule(GstElement* element, GstClockTime delay, Fire fire) {
+  const std::lock_guard lock(mutex_);
+  if (id_) return;
+  GstClock* clock = gst_system_clock_obtain();
+  id_ = gst_clock_new_single_shot_id(clock, gst_clock_get_time(clock) + delay);
+  gst_object_unref(clock);
+  auto armed =
+      std::make_unique<ArmedTimer>(ArmedTimer{this, GST_ELEMENT(gst_object_ref(element)), fire});
+  gst_clock_id_wait_async(id_, on_fire, armed.release(), [](gpointer user) {
+    std::unique_ptr<ArmedTimer> owned(static_cast<ArmedTimer*>(user));
+    gst_object_unref(owned->element);
+  });
+}
+
+void ReleaseTimer::cancel() {
+  const std::lock_guard lock(mutex_);
+  if (!id_) return;
+  gst_clock_id_unschedule(id_);
+  gst_clock_id_unref(id_);
+  id_ = nullptr;
+}
+
+gboolean ReleaseTimer::on_fire(GstClock*, GstClockTime, GstClockID id, gpointer user) {
+  const auto* armed = static_cast<const ArmedTimer*>(user);
+  {
+    const std::lock_guard lock(armed->timer->mutex_);
+    if (armed->timer->id_ != id) return TRUE;  // cancelled (and maybe armed again) meanwhile
+    gst_clock_id_unref(armed->timer->id_);
+    armed->timer->id_ = nullptr;
+  }
+  armed->fire(armed->element);
+  return TRUE;
+}
+
 }  // namespace otpgate::gst

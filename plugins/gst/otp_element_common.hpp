@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <utility>
@@ -116,6 +117,26 @@ GstPtr<GstStructure> counters_structure(const char* name, const PublishedCounter
 
 // Adds the key supply's figures (level, rate, KME health) to a stats structure.
 void add_supply_stats(GstStructure* s, const KeySource& source);
+
+// A one-shot timer on GStreamer's system clock for an element that holds packets without
+// blocking its streaming thread: `fire(element)` runs from the clock's thread once
+// `delay` has passed, unless cancel() came first. Armed once at a time (schedule() while
+// armed does nothing); the element is kept alive until the callback has run.
+class ReleaseTimer {
+ public:
+  using Fire = void (*)(GstElement* element);
+  ReleaseTimer() = default;
+  ~ReleaseTimer() { cancel(); }
+  ReleaseTimer(const ReleaseTimer&) = delete;
+  ReleaseTimer& operator=(const ReleaseTimer&) = delete;
+  void schedule(GstElement* element, GstClockTime delay, Fire fire);
+  void cancel();
+
+ private:
+  static gboolean on_fire(GstClock*, GstClockTime, GstClockID id, gpointer user);
+  std::mutex mutex_;
+  GstClockID id_ = nullptr;
+};
 
 // Posts an element error quoting the key source's reason once it has given up (the KME
 // refuses us or never answered); true then, and the caller returns GST_FLOW_ERROR.

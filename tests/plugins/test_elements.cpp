@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <numeric>
 #include <random>
 #include <set>
 #include <thread>
@@ -367,6 +368,75 @@ TEST_F(ElementTest, BlockPolicyWaitsForKeyAndShutsDownCleanly) {
   waiting.join();
   EXPECT_EQ(result.load(), GST_FLOW_FLUSHING);
   EXPECT_EQ(stat(enc->element, "drops-no-key"), 0u);
+}
+
+// non-blocking=true (how otp-gateway drives many calls from one thread): a packet that
+// would wait for key never holds up the push. Packets are held in arrival order (4096 at
+// most, the oldest gives way) and leave once key comes; past key-wait they are dropped;
+// stopping drops what is held. Nothing ever leaves in the clear.
+TEST_F(ElementTest, NonBlockingHoldsPacketsInOrderUntilKeyComesAndNeverWaitsInThePush) {
+  otpgate::testing::MemoryPad memory(0, 4u << 20, 4096);
+  memory.fill_for_sending();
+  GatedPad pad(memory);
+  pad.open = false;  // the stream's first key is still on its way
+  auto make = [&](const char* key_wait) {
+    GstElement* e = gst_element_factory_make("otpencrypt", nullptr);
+    g_object_set(e, "key-supply", static_cast<otpgate::keys::PadSource*>(&pad), nullptr);
+    gst_util_set_object_arg(G_OBJECT(e), "on-key-exhausted", "block");
+    gst_util_set_object_arg(G_OBJECT(e), "non-blocking", "true");
+    gst_util_set_object_arg(G_OBJECT(e), "key-wait", key_wait);
+    GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
+    gst_object_unref(e);
+    harnesses_.push_back(h);
+    gst_harness_set_src_caps_str(h, "application/x-rtp");
+    return h;
+  };
+  auto rtp_out = [](const std::vector<Bytes>& wire) {
+    std::vector<std::uint16_t> seqs;
+    for (const auto& w : wire)
+      if (otpgate::otp::classify(w) == otpgate::otp::DatagramType::rtp)
+        seqs.push_back(static_cast<std::uint16_t>(w[2] << 8 | w[3]));
+    return seqs;
+  };
+  GstHarness* enc = make("60000");
+  std::vector<Bytes> sent;
+  for (std::uint16_t seq = 0; seq < 4100; ++seq) {
+    sent.push_back(rtp_packet(seq, 0x5eed, 100));
+    ASSERT_EQ(gst_harness_push(enc, buffer_of(sent.back())), GST_FLOW_OK);
+  }
+  EXPECT_TRUE(rtp_out(pull_all(enc)).empty()) << "a packet left before there was key";
+  EXPECT_EQ(stat(enc->element, "packets-held"), 4096u);
+  EXPECT_EQ(stat(enc->element, "key-waits"), 4100u);
+  EXPECT_EQ(stat(enc->element, "drops-no-key"), 4u) << "the oldest give way to the bound";
+  pad.open = true;  // the first key arrives: the release timer sends them, in order
+  std::vector<Bytes> wire;
+  EXPECT_TRUE(otpgate::testing::eventually([&] {
+    for (auto& w : pull_all(enc)) wire.push_back(std::move(w));
+    return stat(enc->element, "packets-held") == 0 && rtp_out(wire).size() == 4096;
+  }));
+  std::vector<std::uint16_t> expected(4096);
+  std::iota(expected.begin(), expected.end(), std::uint16_t{4});
+  EXPECT_EQ(rtp_out(wire), expected);
+  EXPECT_EQ(plaintext_on_wire(wire, sent), "") << "plaintext on the wire";
+  // The key runs out: held again; stopping drops them and sends nothing.
+  pad.open = false;
+  for (std::uint16_t seq = 0; seq < 10; ++seq) {
+    ASSERT_EQ(gst_harness_push(enc, buffer_of(rtp_packet(seq, 0x5eed, 100))), GST_FLOW_OK);
+  }
+  EXPECT_EQ(stat(enc->element, "packets-held"), 10u);
+  gst_element_set_state(enc->element, GST_STATE_NULL);
+  EXPECT_TRUE(rtp_out(pull_all(enc)).empty());
+  EXPECT_EQ(stat(enc->element, "packets-held"), 0u);
+
+  // A key that does not come within key-wait: the held packets are dropped and counted.
+  GstHarness* late = make("200");
+  for (std::uint16_t seq = 0; seq < 5; ++seq) {
+    ASSERT_EQ(gst_harness_push(late, buffer_of(rtp_packet(seq, 0x5eed, 100))), GST_FLOW_OK);
+  }
+  EXPECT_TRUE(otpgate::testing::eventually([&] {
+    return stat(late->element, "drops-no-key") == 5 && stat(late->element, "packets-held") == 0;
+  }));
+  EXPECT_TRUE(rtp_out(pull_all(late)).empty());
 }
 
 TEST_F(ElementTest, TwoRunsOnOnePadFileNeverReuseAByte) {
