@@ -102,29 +102,9 @@ void drain(int fd, GstPad* feed, const std::atomic<bool>& stopping) {
   }
 }
 
-// A media thread: named (as top -H shows it), scheduled as media threads are, handing
-// each ready event's data to `on_event` until `stopping` (the loop's wake-up event
-// comes with it).
-template <typename OnEvent>
-void run_epoll(int epoll_fd, const char* thread_name, MediaScheduling* scheduling,
-               const std::atomic<bool>& stopping, OnEvent on_event) {
-  ::pthread_setname_np(::pthread_self(), thread_name);
-  if (scheduling) scheduling->enter();
-  std::array<epoll_event, 32> events{};
-  while (!stopping.load()) {
-    const int n = ::epoll_wait(epoll_fd, events.data(), static_cast<int>(events.size()), -1);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      break;
-    }
-    for (int i = 0; i < n; ++i) on_event(events[static_cast<std::size_t>(i)].data);
-  }
-  if (scheduling) scheduling->leave();
-}
-
 }  // namespace
 
-struct ReceiveLoops::Impl {
+struct MediaLoops::Impl {
   struct Inlet {
     int fd;
     GstPad* feed;  // a reference of our own
@@ -137,22 +117,34 @@ struct ReceiveLoops::Impl {
   };
   MediaScheduling* scheduling = nullptr;
   std::vector<std::unique_ptr<Loop>> loops;
-  int wake_fd = -1;
+  int wake_fd = -1;  // readable once stopping: wakes every loop
   std::atomic<bool> stopping{false};
   std::atomic<std::uint64_t> next_id{0};
+  std::atomic<std::size_t> next_loop{0};
 
+  // Named (as top -H shows it) and scheduled as media threads are.
   void run(Loop& loop) {
-    run_epoll(loop.epoll_fd, "otp-media-recv", scheduling, stopping, [&](epoll_data_t data) {
-      // Looked up under the lock: an inlet removed since epoll_wait returned is gone.
-      const std::lock_guard lock(loop.mutex);
-      if (const auto found = loop.inlets.find(data.u64); found != loop.inlets.end()) {
-        drain(found->second.fd, found->second.feed, stopping);
+    ::pthread_setname_np(::pthread_self(), "otp-media");
+    if (scheduling) scheduling->enter();
+    std::array<epoll_event, 32> events{};
+    while (!stopping.load()) {
+      const int n = ::epoll_wait(loop.epoll_fd, events.data(), static_cast<int>(events.size()), -1);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        break;
       }
-    });
+      for (int i = 0; i < n; ++i) {
+        // Looked up under the lock: an inlet removed since epoll_wait returned is gone.
+        const std::lock_guard lock(loop.mutex);
+        const auto found = loop.inlets.find(events[static_cast<std::size_t>(i)].data.u64);
+        if (found != loop.inlets.end()) drain(found->second.fd, found->second.feed, stopping);
+      }
+    }
+    if (scheduling) scheduling->leave();
   }
 };
 
-ReceiveLoops::ReceiveLoops(std::size_t threads, MediaScheduling* scheduling)
+MediaLoops::MediaLoops(std::size_t threads, MediaScheduling* scheduling)
     : impl_(std::make_unique<Impl>()) {
   Impl& r = *impl_;
   r.scheduling = scheduling;
@@ -175,7 +167,7 @@ ReceiveLoops::ReceiveLoops(std::size_t threads, MediaScheduling* scheduling)
   }
 }
 
-ReceiveLoops::~ReceiveLoops() {
+MediaLoops::~MediaLoops() {
   Impl& r = *impl_;
   r.stopping = true;
   const std::uint64_t one = 1;
@@ -188,10 +180,14 @@ ReceiveLoops::~ReceiveLoops() {
   ::close(r.wake_fd);
 }
 
-std::uint64_t ReceiveLoops::add(int fd, GstPad* feed) {
+std::size_t MediaLoops::pick() {
+  return impl_->next_loop++ % impl_->loops.size();
+}
+
+std::uint64_t MediaLoops::add(std::size_t loop_index, int fd, GstPad* feed) {
   Impl& r = *impl_;
-  const std::uint64_t id = r.next_id++;
-  // A socket stays on one thread, so its datagrams keep their order.
+  // The id names its loop: remove() finds it without a lookup table.
+  const std::uint64_t id = r.next_id++ * r.loops.size() + loop_index % r.loops.size();
   Impl::Loop& loop = *r.loops[id % r.loops.size()];
   set_receive_room(fd);
   const std::lock_guard lock(loop.mutex);
@@ -205,7 +201,7 @@ std::uint64_t ReceiveLoops::add(int fd, GstPad* feed) {
   return id;
 }
 
-void ReceiveLoops::remove(std::uint64_t id) {
+void MediaLoops::remove(std::uint64_t id) {
   Impl& r = *impl_;
   Impl::Loop& loop = *r.loops[id % r.loops.size()];
   const std::lock_guard lock(loop.mutex);  // waits for a drain under way
@@ -229,30 +225,18 @@ struct CallMediaPump::Impl {
     int fd = -1;
     GstPad* feed = nullptr;  // one of the pads below
   };
-  // The sending side: the endpoint's sockets, their epoll and a thread of this media's
-  // own, because an encryptor may wait for key in its chain function (a call's first
-  // key, for up to 10 s; `block` when key runs out), which must hold up no other call and
-  // not what the partner sends (the receiving side runs on the shared ReceiveLoops).
-  struct Loop {
-    int epoll_fd = -1;
-    std::array<Inlet, 2> inlets{};
-    std::size_t inlet_count = 0;
-    std::thread thread;
-  };
 
   std::string name;
-  MediaScheduling* scheduling;
   std::vector<GstElement*> elements;  // references of our own
   std::vector<GSocket*> sockets;      // references of our own
   PadPtr to_encrypt, from_encrypt, to_decrypt, from_decrypt, from_decrypt_rtcp;
-  Loop sending;
-  ReceiveLoops* receive_loops = nullptr;
-  Inlet receiving;                          // the partner's socket, into the decryptor
-  std::optional<std::uint64_t> receive_id;  // in receive_loops, once started
-  std::mutex outlets_mutex;                 // retarget() vs. the elements' pushes
+  MediaLoops* loops = nullptr;
+  std::size_t loop = 0;                  // the one all of this media's sockets go on
+  std::vector<Inlet> inlets;             // the endpoint's sockets, then the partner's
+  std::vector<std::uint64_t> inlet_ids;  // in `loops`, once started
+  std::mutex outlets_mutex;              // retarget() vs. the elements' pushes
   Outlet peer, deliver_rtp, deliver_rtcp;
-  int wake_fd = -1;  // readable once stopping: wakes the sending loop
-  std::atomic<bool> stopping{false};
+  bool stopped = false;
 
   ~Impl() {
     for (GstPad* pad : {to_encrypt.get(), from_encrypt.get(), to_decrypt.get(), from_decrypt.get(),
@@ -268,12 +252,9 @@ struct CallMediaPump::Impl {
       }
       gst_pad_set_active(pad, FALSE);
     }
-    if (sending.epoll_fd >= 0) ::close(sending.epoll_fd);
-    if (wake_fd >= 0) ::close(wake_fd);
     for (GSocket* s : sockets) g_object_unref(s);
     for (GstElement* e : elements) gst_object_unref(e);
   }
-
   // What an element pushes out through `pad` leaves by the outlet the pad names.
   static GstFlowReturn chain(GstPad* pad, GstObject*, GstBuffer* buffer) {
     auto* self = static_cast<Impl*>(gst_pad_get_element_private(pad));
@@ -363,56 +344,22 @@ struct CallMediaPump::Impl {
     outlet.to = resolve(to, outlet.family, name);
     outlet.enabled = true;
   }
-
-  void open_loop(Loop& loop) {
-    loop.epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
-    epoll_event wake{};
-    wake.events = EPOLLIN;
-    wake.data.u32 = static_cast<std::uint32_t>(loop.inlets.size());
-    if (loop.epoll_fd < 0 || ::epoll_ctl(loop.epoll_fd, EPOLL_CTL_ADD, wake_fd, &wake) != 0) {
-      throw std::runtime_error("call media " + name + ": epoll: " + std::strerror(errno));
-    }
-  }
-
-  void add_inlet(Loop& loop, int fd, GstPad* feed) {
-    set_receive_room(fd);
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u32 = static_cast<std::uint32_t>(loop.inlet_count);
-    if (::epoll_ctl(loop.epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
-      throw std::runtime_error("call media " + name + ": epoll: " + std::strerror(errno));
-    }
-    loop.inlets.at(loop.inlet_count++) = {fd, feed};
-  }
-
-  void run(Loop& loop) {
-    run_epoll(loop.epoll_fd, "otp-media-send", scheduling, stopping, [&](epoll_data_t data) {
-      if (data.u32 >= loop.inlet_count) return;  // the wake-up: stopping is set
-      drain(loop.inlets[data.u32].fd, loop.inlets[data.u32].feed, stopping);
-    });
-  }
 };
 
 CallMediaPump::CallMediaPump(std::string name, GstElement* encrypt, GstElement* decrypt,
-                             const Sockets& sockets, const Targets& targets,
-                             ReceiveLoops& receive_loops, MediaScheduling* scheduling)
+                             const Sockets& sockets, const Targets& targets, MediaLoops& loops)
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   m.name = std::move(name);
-  m.scheduling = scheduling;
-  m.receive_loops = &receive_loops;
-  m.wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (m.wake_fd < 0) {
-    throw std::runtime_error("call media " + m.name + ": eventfd: " + std::strerror(errno));
-  }
+  m.loops = &loops;
+  m.loop = loops.pick();
   if (encrypt) {
     m.elements.push_back(GST_ELEMENT(gst_object_ref(encrypt)));
-    m.open_loop(m.sending);
     GstPad* feed = m.attach(encrypt, "sink", GST_PAD_SRC, "application/x-rtp", m.to_encrypt);
     m.attach(encrypt, "src", GST_PAD_SINK, nullptr, m.from_encrypt);
     // RTP and RTCP from the endpoint both go in: the element tells them apart.
-    if (sockets.local_rtp) m.add_inlet(m.sending, m.fd_of(sockets.local_rtp), feed);
-    if (sockets.local_rtcp) m.add_inlet(m.sending, m.fd_of(sockets.local_rtcp), feed);
+    if (sockets.local_rtp) m.inlets.push_back({m.fd_of(sockets.local_rtp), feed});
+    if (sockets.local_rtcp) m.inlets.push_back({m.fd_of(sockets.local_rtcp), feed});
     m.open_outlet(m.peer, sockets.peer, targets.peer);
   }
   if (decrypt) {
@@ -420,7 +367,7 @@ CallMediaPump::CallMediaPump(std::string name, GstElement* encrypt, GstElement* 
     GstPad* feed = m.attach(decrypt, "sink", GST_PAD_SRC, "application/x-otp", m.to_decrypt);
     m.attach(decrypt, "src", GST_PAD_SINK, nullptr, m.from_decrypt);
     m.attach(decrypt, "rtcp_src", GST_PAD_SINK, nullptr, m.from_decrypt_rtcp);
-    if (sockets.peer) m.receiving = {m.fd_of(sockets.peer), feed};
+    if (sockets.peer) m.inlets.push_back({m.fd_of(sockets.peer), feed});
     m.open_outlet(m.deliver_rtp, sockets.local_rtp, targets.deliver_rtp);
     if (targets.deliver_rtcp) {
       // With rtcp-mux (the endpoint's RTCP port is its RTP port) from the RTP port too.
@@ -437,32 +384,24 @@ CallMediaPump::~CallMediaPump() {
 
 void CallMediaPump::start() {
   Impl& m = *impl_;
-  if (m.stopping) return;
-  if (m.sending.epoll_fd >= 0 && !m.sending.thread.joinable()) {
-    try {
-      m.sending.thread = std::thread([&m] { m.run(m.sending); });
-    } catch (const std::system_error& e) {
-      throw std::runtime_error("call media " + m.name + ": cannot start its sending thread (" +
-                               e.what() + "): the process is out of threads or memory");
+  if (m.stopped || !m.inlet_ids.empty()) return;
+  try {
+    for (const auto& inlet : m.inlets) {
+      m.inlet_ids.push_back(m.loops->add(m.loop, inlet.fd, inlet.feed));
     }
-  }
-  if (m.receiving.feed && !m.receive_id) {
-    m.receive_id = m.receive_loops->add(m.receiving.fd, m.receiving.feed);
+  } catch (const std::runtime_error& e) {
+    stop();
+    throw std::runtime_error("call media " + m.name + ": cannot watch its sockets (" + e.what() +
+                             ")");
   }
 }
 
 void CallMediaPump::stop() {
   Impl& m = *impl_;
-  m.stopping = true;
-  if (m.receive_id) {
-    m.receive_loops->remove(*m.receive_id);  // never pushed into again once this returns
-    m.receive_id.reset();
-  }
-  const std::uint64_t one = 1;
-  (void)::write(m.wake_fd, &one, sizeof one);
-  if (m.sending.thread.joinable()) m.sending.thread.join();
+  m.stopped = true;
+  for (const std::uint64_t id : m.inlet_ids) m.loops->remove(id);  // never pushed into again
+  m.inlet_ids.clear();
 }
-
 void CallMediaPump::retarget(const Targets& targets) {
   Impl& m = *impl_;
   // Resolved before the lock: a name lookup never holds up the media.

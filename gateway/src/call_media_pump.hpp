@@ -1,17 +1,17 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 // Call media without a GStreamer streaming thread per socket (docs/sip.md, "Media path").
 // A call media is two elements, otpencrypt and otpdecrypt, in a pipeline of their own (for
-// its bus and its state). Instead of udpsrc/funnel/udpsink around them, threads wait on
-// the media's sockets with epoll and hand each datagram to the element through a pad of
-// their own, as GstHarness does in the tests; what the elements push out leaves from the
-// socket the other party sends to (symmetric RTP). Every byte of protection is the
-// elements' own work, exactly as in a pipeline: the pump only moves datagrams. What the
-// endpoint sends goes in on a thread of the media's own (an encryptor may wait for key);
-// what the partner sends, on a few threads all call media share (a decryptor never
-// waits). It exists because the source threads of a pipeline per media, their poll() per
-// packet and the per-buffer work of five more elements cost a call about half again the
-// CPU of rtpengine's SRTP relaying (bench/bench_sip.cpp), and a thread per socket costs
-// more than a thread per core.
+// its bus and its state). Instead of udpsrc/funnel/udpsink around them, a few threads
+// (MediaLoops, one per core) wait on every call media's sockets with epoll and hand each
+// datagram to the element through a pad of their own, as GstHarness does in the tests;
+// what the elements push out leaves from the socket the other party sends to (symmetric
+// RTP). Every byte of protection is the elements' own work, exactly as in a pipeline: the
+// pump only moves datagrams. The encryptor runs non-blocking (a packet waiting for key is
+// held by the element, not by the thread), so no call holds up another. It exists because
+// the source threads of a pipeline per media, their poll() per packet and the per-buffer
+// work of five more elements cost a call about half again the CPU of rtpengine's SRTP
+// relaying (bench/bench_sip.cpp), and a thread per socket or per media costs more than a
+// thread per core.
 #pragma once
 
 #include <gio/gio.h>
@@ -28,18 +28,21 @@ namespace otpgate::gateway {
 
 class MediaScheduling;
 
-// The threads that take what partner gateways send into the call media's decryptors: a
-// few (one per core), each with its own epoll; a socket stays on one thread, so its
-// datagrams keep their order. Outlives every pump that uses it.
-class ReceiveLoops {
+// The threads that move every call media's datagrams into its elements: a few (one per
+// core), each with its own epoll. A media's sockets all go on one thread (pick()), so its
+// datagrams keep their order and its elements are never pushed into from two threads at
+// once. Outlives every pump that uses it.
+class MediaLoops {
  public:
-  ReceiveLoops(std::size_t threads, MediaScheduling* scheduling);
-  ~ReceiveLoops();
-  ReceiveLoops(const ReceiveLoops&) = delete;
-  ReceiveLoops& operator=(const ReceiveLoops&) = delete;
-  // Datagrams on `fd` go into `feed` (a reference is kept) from now on; returns the id
-  // remove() takes.
-  std::uint64_t add(int fd, GstPad* feed);
+  MediaLoops(std::size_t threads, MediaScheduling* scheduling);
+  ~MediaLoops();
+  MediaLoops(const MediaLoops&) = delete;
+  MediaLoops& operator=(const MediaLoops&) = delete;
+  // The loop for a new media's sockets, in turn.
+  std::size_t pick();
+  // Datagrams on `fd` go into `feed` (a reference is kept) from loop `loop` on; returns
+  // the id remove() takes.
+  std::uint64_t add(std::size_t loop, int fd, GstPad* feed);
   // Once it returns, nothing is pushed into that feed again.
   void remove(std::uint64_t id);
 
@@ -67,19 +70,19 @@ class CallMediaPump {
   // `encrypt` takes what the endpoint sends (RTP and RTCP) and its output goes to the
   // partner; `decrypt` takes what the partner sends. Either may be null (a media that only
   // sends or only receives). Throws std::runtime_error naming a target that does not
-  // resolve. The threads start with start().
+  // resolve. `encrypt` must be non-blocking (it shares its thread with other calls). The
+  // sockets are read from start() on.
   CallMediaPump(std::string name, GstElement* encrypt, GstElement* decrypt, const Sockets& sockets,
-                const Targets& targets, ReceiveLoops& receive_loops, MediaScheduling* scheduling);
-  ~CallMediaPump();  // stops the threads; the elements should be stopped first (see stop())
+                const Targets& targets, MediaLoops& loops);
+  ~CallMediaPump();  // stop()s
   CallMediaPump(const CallMediaPump&) = delete;
   CallMediaPump& operator=(const CallMediaPump&) = delete;
 
   // Once the elements are PLAYING: what arrived meanwhile waited in the sockets. Throws
-  // std::runtime_error when a thread cannot be started.
+  // std::runtime_error when a socket cannot be watched.
   void start();
-  // Stops and joins the threads (idempotent). An encryptor waiting for key holds the
-  // sending thread until the element stops (its state change releases the wait), so the
-  // pipeline goes to NULL before this.
+  // The sockets are no longer read and nothing is pushed into the elements once it returns
+  // (idempotent).
   void stop();
   // A re-INVITE's new addresses. Throws std::runtime_error as the constructor does.
   void retarget(const Targets& targets);

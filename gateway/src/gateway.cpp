@@ -174,9 +174,9 @@ struct Gateway::Impl final : CallMediaPlane {
     StreamConfig config;
     std::optional<std::size_t> send_lane;     // in send_keys
     std::optional<std::size_t> receive_lane;  // in receive_keys
-    // Call media: the thread that moves their datagrams (call_media_pump.hpp). Declared
-    // before the pipeline so that the pipeline stops first, which releases an element
-    // waiting for key, and then the thread.
+    // Call media: what moves their datagrams on the shared media loops
+    // (call_media_pump.hpp). Declared before the pipeline so that the pipeline stops first
+    // (what reaches it meanwhile is refused as FLUSHING), then its sockets are let go.
     std::unique_ptr<CallMediaPump> pump;
     PipelinePtr pipeline;
     ElementPtr encrypt, decrypt;
@@ -192,9 +192,9 @@ struct Gateway::Impl final : CallMediaPlane {
   std::mutex ice_mutex;
   std::condition_variable ice_changed;
   bool ice_remote_set = false;
-  // [sip]: the threads that feed every call media's decryptor (before `streams`: the
+  // [sip]: the threads that feed every call media's elements (before `streams`: the
   // call media's pumps use them until they end).
-  std::unique_ptr<ReceiveLoops> receive_loops;
+  std::unique_ptr<MediaLoops> media_loops;
   // Static streams, then call streams as calls come and go (guarded by streams_mutex:
   // the ng listener adds and removes them while the status API and the bus thread read).
   std::list<Stream> streams;
@@ -438,6 +438,9 @@ struct Gateway::Impl final : CallMediaPlane {
       gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "cipher", cipher_of(c).c_str());
       gst_util_set_object_arg(G_OBJECT(s.encrypt.get()), "on-key-exhausted",
                               config.on_key_exhausted.c_str());
+      // A call's encryptor shares its thread with other calls: a packet waiting for key
+      // (the call's first, or `block`) is held by the element instead.
+      if (pumped) g_object_set(s.encrypt.get(), "non-blocking", TRUE, nullptr);
     }
     if (ice) {
       for (const char* name : {"net_out", "net_in"}) {
@@ -464,7 +467,7 @@ struct Gateway::Impl final : CallMediaPlane {
       if (c.local_rtcp_port) bound.local_rtcp = socket_on(c.local_rtcp_port);
       bound.peer = socket_on(c.listen_port);
       s.pump = std::make_unique<CallMediaPump>(c.name, s.encrypt.get(), s.decrypt.get(), bound,
-                                               pump_targets(c), *receive_loops, media.get());
+                                               pump_targets(c), *media_loops);
     }
   }
 
@@ -878,7 +881,7 @@ void Gateway::start() {
   for (auto& s : g.streams) g.play(s);
   if (g.config.sip) {
     g.starter = std::make_unique<PipelineStarter>();
-    g.receive_loops = std::make_unique<ReceiveLoops>(
+    g.media_loops = std::make_unique<MediaLoops>(
         std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4), g.media.get());
     g.calls = std::make_unique<Calls>(g.config, g);
     const Endpoint& at = g.config.sip->ng_listen;
@@ -978,7 +981,7 @@ void Gateway::stop() {
     s.encrypt.reset();
     s.decrypt.reset();
     s.pipeline.reset();
-    s.pump.reset();  // after its pipeline stopped, which releases an encryptor's key wait
+    s.pump.reset();  // after its pipeline stopped
   }
   for (auto* supply : {g.send_keys.get(), g.receive_keys.get()}) {
     if (!supply) continue;
