@@ -84,6 +84,28 @@ GSocketFamily address_family(const std::string& host) {
   return first == AF_INET6 ? G_SOCKET_FAMILY_IPV6 : G_SOCKET_FAMILY_IPV4;
 }
 
+// `host` as an address literal: itself when it is one, else the first address it resolves
+// to; throws naming it when it does not resolve. For names looked up once, at start.
+std::string numeric_host(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* found = nullptr;
+  if (const int rc = ::getaddrinfo(host.c_str(), nullptr, &hints, &found);
+      rc != 0 || found == nullptr) {
+    throw std::runtime_error("peer.address \"" + host + "\" does not resolve (" +
+                             ::gai_strerror(rc) + "): fix the name or give an IP address");
+  }
+  char text[INET6_ADDRSTRLEN] = {};
+  const void* address = found->ai_family == AF_INET6
+                            ? static_cast<const void*>(
+                                  &reinterpret_cast<const sockaddr_in6*>(found->ai_addr)->sin6_addr)
+                            : static_cast<const void*>(
+                                  &reinterpret_cast<const sockaddr_in*>(found->ai_addr)->sin_addr);
+  const bool written = ::inet_ntop(found->ai_family, address, text, sizeof text) != nullptr;
+  ::freeaddrinfo(found);
+  return written ? std::string(text) : host;
+}
+
 std::string endpoint_text(const Endpoint& e) {
   return e.host + ":" + std::to_string(e.port);
 }
@@ -195,6 +217,9 @@ struct Gateway::Impl final : CallMediaPlane {
   // [sip]: the threads that feed every call media's elements (before `streams`: the
   // call media's pumps use them until they end).
   std::unique_ptr<MediaLoops> media_loops;
+  // [sip]: peer.address resolved once at start, so that no call's setup (on the ng
+  // thread, under the calls' lock) waits for a name lookup.
+  std::string call_peer_host;
   // Static streams, then call streams as calls come and go (guarded by streams_mutex:
   // the ng listener adds and removes them while the status API and the bus thread read).
   std::list<Stream> streams;
@@ -314,7 +339,9 @@ struct Gateway::Impl final : CallMediaPlane {
       family[c.local_rtp_port] = address_family(c.deliver_rtp.host);
       if (c.deliver_rtcp && c.local_rtcp_port && c.deliver_rtcp->port != c.deliver_rtp.port)
         family[c.local_rtcp_port] = address_family(c.deliver_rtcp->host);
-      if (!ice) family[c.listen_port] = address_family(config.peer_address);
+      // Calls: the partner's address as resolved at start (no name lookup per call).
+      if (!ice)
+        family[c.listen_port] = address_family(pumped ? call_peer_host : config.peer_address);
     }
     std::map<std::uint16_t, SocketPtr> sockets;
     auto socket_on = [&](std::uint16_t port) -> GSocket* {
@@ -472,7 +499,7 @@ struct Gateway::Impl final : CallMediaPlane {
   }
 
   CallMediaPump::Targets pump_targets(const StreamConfig& c) const {
-    return {Endpoint{config.peer_address, c.peer_port}, c.deliver_rtp, c.deliver_rtcp};
+    return {Endpoint{call_peer_host, c.peer_port}, c.deliver_rtp, c.deliver_rtcp};
   }
 
   const std::string& cipher_of(const StreamConfig& c) const {
@@ -867,6 +894,7 @@ Gateway::~Gateway() {
 void Gateway::start() {
   Impl& g = *impl_;
   if (g.running) return;
+  if (g.config.sip) g.call_peer_host = numeric_host(g.config.peer_address);
   std::filesystem::create_directories(g.config.state_dir);
   g.cpu_wakeup->hold();
   if (g.config.transport == "ice") g.connect_ice();

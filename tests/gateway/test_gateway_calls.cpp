@@ -854,6 +854,31 @@ TEST(GatewayCallsConfig, CheckConfigFindsTheNgPortTaken) {
   EXPECT_NE(problems.find("sip.ng_listen"), std::string::npos) << problems;
 }
 
+// The partner's name is looked up once, at start (a call's setup runs on the ng thread
+// and must never wait for DNS); a name that does not resolve stops the start with one line.
+TEST(GatewayCallsConfig, APeerNameThatDoesNotResolveStopsTheStart) {
+  const std::string pki = otpgate::testing::pki_dir().string();
+  otpgate::testing::TestDir dir;
+  const std::string text =
+      "[site]\nname = \"a\"\nsae_id = \"sae-a\"\nstate_dir = \"" + dir.path.string() +
+      "\"\n[kme]\nurl = \"https://127.0.0.1:1\"\ntls_cert = \"" + pki +
+      "/sae-a.crt\"\ntls_key = \"" + pki + "/sae-a.key\"\ntls_ca = \"" + pki +
+      "/ca.crt\"\n[peer]\nsae_id = \"sae-b\"\naddress = \"no-such-gateway.invalid\"\n[sip]\n"
+      "ng_listen = \"127.0.0.1:0\"\nmedia_address = \"127.0.0.1\"\nport_min = 30000\n"
+      "port_max = 30031\n";
+  otpgate::gateway::Gateway gateway(otpgate::gateway::parse_config(text, "a.toml"));
+  try {
+    gateway.start();
+    ADD_FAILURE() << "started with a peer name that does not resolve";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("peer.address \"no-such-gateway.invalid\" does not "
+                                         "resolve"),
+              std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("give an IP address"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(GatewayCallsTest, ReInviteAddsVideoAndContentIsNotRelayed) {
   start_sip();
   UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
