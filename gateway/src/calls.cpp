@@ -520,6 +520,9 @@ std::string Calls::offer(const ng::Request& request) {
     const auto& last = known.last_offer;
     if (last && last->sdp == request.sdp && last->tag == request.from_tag &&
         last->from_partner == from_partner) {
+      // A parallel fork sends the same offer once per branch: each branch is known, so
+      // that a delete of a losing one ends only that branch (see remove()).
+      if (!request.via_branch.empty()) known.via_branches.insert(request.via_branch);
       ++stats_.repeated_offers;
       known.last_signal = unix_now();
       known.last_activity = Clock::now();
@@ -598,6 +601,10 @@ std::string Calls::answer(const ng::Request& request) {
   apply(call, legs, {}, from_partner, false, allocated);
   call.to_tag = request.to_tag;
   if (!request.to_tag.empty()) call.answer_tags.insert(request.to_tag);
+  if (!request.via_branch.empty()) {  // the branch that answered is the one running
+    call.via_branch = request.via_branch;
+    call.via_branches.insert(request.via_branch);
+  }
   call.answered = true;
   call.last_signal = unix_now();
   call.last_activity = Clock::now();

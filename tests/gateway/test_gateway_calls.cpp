@@ -1663,6 +1663,38 @@ TEST_F(GatewayCallsTest, BranchDeletesAndDeleteDelay) {
   EXPECT_EQ(status(*a_)["sip"]["free_media"], 4);
 }
 
+// A parallel fork through rtpengine_offer per branch: the same offer once per branch,
+// each with its via-branch; the second branch answers. The first branch's delete (its 487)
+// ends only that branch: the call and its media go on until the answering branch's delete.
+TEST_F(GatewayCallsTest, AParallelForksLosingBranchDeleteLeavesTheAnsweredBranch) {
+  start_sip(4);
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  const NgKeys k{"parallel-fork-1", "f1", "t2"};
+  const std::string via1 = "10:via-branch10:z9hG4bK-b1", via2 = "10:via-branch10:z9hG4bK-b2";
+  const std::string caller_sdp = endpoint_sdp(endpoint_port(0));
+  const std::string to_b =
+      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, caller_sdp, via1)));
+  ASSERT_FALSE(to_b.empty());
+  EXPECT_EQ(ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, caller_sdp, via2))), to_b)
+      << "the second branch's offer is the same offer";
+  const std::string to_callee = ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "offer", k, to_b)));
+  const std::string to_a =
+      ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "answer", k, endpoint_sdp(endpoint_port(1)))));
+  const std::string to_caller =
+      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "answer", k, to_a, via2)));
+  ASSERT_FALSE(to_caller.empty());
+  EXPECT_EQ(text_of(ng(a_->ng_port(), kamailio(cookie(), "delete", k, {}, via1)), "result"), "ok");
+  EXPECT_EQ(status(*a_)["calls"].size(), 1u) << "the losing branch's delete ended the call";
+  EXPECT_EQ(status(*a_)["sip"]["branch_deletes"], 1);
+  std::vector<Bytes> sent;
+  EXPECT_EQ(send(caller, media_port(to_caller), callee, 20, 93, sent, random_), sent);
+  EXPECT_EQ(text_of(ng(a_->ng_port(), kamailio(cookie(), "delete", k, {}, via2)), "result"), "ok");
+  EXPECT_TRUE(status(*a_)["calls"].empty());
+  EXPECT_EQ(status(*a_)["sip"]["free_media"], 4);
+  EXPECT_EQ(text_of(ng(b_->ng_port(), kamailio(cookie(), "delete", k)), "result"), "ok");
+  (void)to_callee;
+}
+
 // sip.delete_delay_s applies to a delete without delete-delay.
 TEST_F(GatewayCallsTest, ConfiguredDeleteDelay) {
   start_sip(4, 60, "delete_delay_s = 1\n");
