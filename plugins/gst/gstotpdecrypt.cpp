@@ -163,7 +163,6 @@ struct Session {
 };
 
 constexpr std::size_t kMaxHeldPackets = 4096;
-constexpr GstClockTime kReleaseInterval = 2 * GST_MSECOND;
 
 struct Private {
   KeySourceSettings settings;
@@ -341,28 +340,20 @@ GstFlowReturn release_held(GstOtpDecrypt* self) {
   return GST_FLOW_OK;
 }
 
-// From the clock's thread: releases what waits unless the streaming thread is in chain()
-// (it releases them itself then); never waits for it.
+// From the release timer, with the sink pad's stream lock held.
 void on_release_timer(GstElement* element) {
   auto* self = GST_OTP_DECRYPT(element);
-  Private& p = *self->priv;
-  if (!GST_PAD_STREAM_TRYLOCK(self->sinkpad)) {
-    schedule_release(self);
-    return;
+  if (!self->priv->session || self->priv->session->held.empty()) return;
+  const GstFlowReturn ret = guarded(element, [self] { return release_held(self); });
+  if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING && ret != GST_FLOW_NOT_LINKED) {
+    GST_DEBUG_OBJECT(self, "releasing held packets: %s", gst_flow_get_name(ret));
   }
-  if (p.session && !p.session->held.empty()) {
-    const GstFlowReturn ret = guarded(element, [self] { return release_held(self); });
-    if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING && ret != GST_FLOW_NOT_LINKED) {
-      GST_DEBUG_OBJECT(self, "releasing held packets: %s", gst_flow_get_name(ret));
-    }
-  }
-  GST_PAD_STREAM_UNLOCK(self->sinkpad);
 }
 
-// Arms a one-shot timer that releases held packets in a few ms.
+// Arms the timer that releases held packets in a few ms.
 void schedule_release(GstOtpDecrypt* self) {
   if (self->priv->flushing) return;
-  self->priv->release_timer.schedule(GST_ELEMENT(self), kReleaseInterval, on_release_timer);
+  self->priv->release_timer.schedule(GST_ELEMENT(self), self->sinkpad, on_release_timer);
 }
 
 GstFlowReturn open_datagram(GstOtpDecrypt* self, GstPtr<GstBuffer> in) {

@@ -172,7 +172,6 @@ struct Session {
 };
 
 constexpr std::size_t kMaxHeldPackets = 4096;
-constexpr GstClockTime kReleaseInterval = 2 * GST_MSECOND;
 
 struct Private {
   KeySourceSettings settings;
@@ -444,27 +443,20 @@ void hold(GstOtpEncrypt* self, GstPtr<GstBuffer> in) {
   schedule_release(self);
 }
 
-// From the clock's thread: releases what waits unless the streaming thread is in chain()
-// (it releases them itself then); never waits for it.
+// From the release timer, with the sink pad's stream lock held.
 void on_release_timer(GstElement* element) {
   auto* self = GST_OTP_ENCRYPT(element);
-  Private& p = *self->priv;
-  if (!GST_PAD_STREAM_TRYLOCK(self->sinkpad)) {
-    schedule_release(self);
-    return;
+  if (!self->priv->session || self->priv->session->held.empty()) return;
+  const GstFlowReturn ret = guarded(element, [self] { return release_held(self); });
+  if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING && ret != GST_FLOW_NOT_LINKED) {
+    GST_DEBUG_OBJECT(self, "releasing held packets: %s", gst_flow_get_name(ret));
   }
-  if (p.session && !p.session->held.empty()) {
-    const GstFlowReturn ret = guarded(element, [self] { return release_held(self); });
-    if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING && ret != GST_FLOW_NOT_LINKED) {
-      GST_DEBUG_OBJECT(self, "releasing held packets: %s", gst_flow_get_name(ret));
-    }
-  }
-  GST_PAD_STREAM_UNLOCK(self->sinkpad);
 }
 
+// Arms the timer that releases held packets in a few ms.
 void schedule_release(GstOtpEncrypt* self) {
   if (self->priv->flushing) return;
-  self->priv->release_timer.schedule(GST_ELEMENT(self), kReleaseInterval, on_release_timer);
+  self->priv->release_timer.schedule(GST_ELEMENT(self), self->sinkpad, on_release_timer);
 }
 
 // A datagram in non-blocking mode: behind those already waiting, or protected now, or

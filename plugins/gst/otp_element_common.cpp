@@ -300,18 +300,19 @@ namespace {
 struct ArmedTimer {
   ReleaseTimer* timer;
   GstElement* element;
-  ReleaseTimer::Fire fire;
+  GstPad* sinkpad;
+  ReleaseTimer::Release release;
 };
 }  // namespace
 
-void ReleaseTimer::schedule(GstElement* element, GstClockTime delay, Fire fire) {
+void ReleaseTimer::schedule(GstElement* element, GstPad* sinkpad, Release release) {
   const std::lock_guard lock(mutex_);
   if (id_) return;
   GstClock* clock = gst_system_clock_obtain();
-  id_ = gst_clock_new_single_shot_id(clock, gst_clock_get_time(clock) + delay);
+  id_ = gst_clock_new_single_shot_id(clock, gst_clock_get_time(clock) + kInterval);
   gst_object_unref(clock);
-  auto armed =
-      std::make_unique<ArmedTimer>(ArmedTimer{this, GST_ELEMENT(gst_object_ref(element)), fire});
+  auto armed = std::make_unique<ArmedTimer>(
+      ArmedTimer{this, GST_ELEMENT(gst_object_ref(element)), sinkpad, release});
   gst_clock_id_wait_async(id_, on_fire, armed.release(), [](gpointer user) {
     std::unique_ptr<ArmedTimer> owned(static_cast<ArmedTimer*>(user));
     gst_object_unref(owned->element);
@@ -334,7 +335,12 @@ gboolean ReleaseTimer::on_fire(GstClock*, GstClockTime, GstClockID id, gpointer 
     gst_clock_id_unref(armed->timer->id_);
     armed->timer->id_ = nullptr;
   }
-  armed->fire(armed->element);
+  if (!GST_PAD_STREAM_TRYLOCK(armed->sinkpad)) {
+    armed->timer->schedule(armed->element, armed->sinkpad, armed->release);
+    return TRUE;
+  }
+  armed->release(armed->element);
+  GST_PAD_STREAM_UNLOCK(armed->sinkpad);
   return TRUE;
 }
 

@@ -119,17 +119,20 @@ GstPtr<GstStructure> counters_structure(const char* name, const PublishedCounter
 void add_supply_stats(GstStructure* s, const KeySource& source);
 
 // A one-shot timer on GStreamer's system clock for an element that holds packets without
-// blocking its streaming thread: `fire(element)` runs from the clock's thread once
-// `delay` has passed, unless cancel() came first. Armed once at a time (schedule() while
-// armed does nothing); the element is kept alive until the callback has run.
+// blocking its streaming thread: a few ms after schedule(), `release(element)` runs from
+// the clock's thread with `sinkpad`'s stream lock held, unless cancel() came first. When
+// the streaming thread holds that lock (it is in chain() and releases them itself) the
+// timer is armed again instead: it never waits for it. Armed once at a time (schedule()
+// while armed does nothing); the element is kept alive until the callback has run.
 class ReleaseTimer {
  public:
-  using Fire = void (*)(GstElement* element);
+  using Release = void (*)(GstElement* element);
+  static constexpr GstClockTime kInterval = 2 * GST_MSECOND;
   ReleaseTimer() = default;
   ~ReleaseTimer() { cancel(); }
   ReleaseTimer(const ReleaseTimer&) = delete;
   ReleaseTimer& operator=(const ReleaseTimer&) = delete;
-  void schedule(GstElement* element, GstClockTime delay, Fire fire);
+  void schedule(GstElement* element, GstPad* sinkpad, Release release);
   void cancel();
 
  private:
