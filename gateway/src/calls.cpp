@@ -634,9 +634,12 @@ std::optional<std::string> Calls::remove(const ng::Request& request) {
   const bool other_branch = !tag.empty() && call.answer_tags.size() > 1 &&
                             call.answer_tags.contains(tag) && tag != call.to_tag &&
                             tag != call.from_tag && request.from_tag != call.to_tag;
+  // A via-branch: a branch of a fork that is not the running one (before any answer,
+  // every branch is a candidate: one that fails leaves the others ringing).
   const std::string& via = request.via_branch;
   const bool other_via = !via.empty() && call.via_branches.size() > 1 &&
-                         call.via_branches.contains(via) && via != call.via_branch;
+                         call.via_branches.contains(via) &&
+                         (!call.answered || via != call.via_branch);
   if (other_branch || other_via) {
     if (other_branch) call.answer_tags.erase(tag);
     if (other_via) call.via_branches.erase(via);

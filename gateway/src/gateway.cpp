@@ -95,13 +95,10 @@ std::string numeric_host(const std::string& host) {
     throw std::runtime_error("peer.address \"" + host + "\" does not resolve (" +
                              ::gai_strerror(rc) + "): fix the name or give an IP address");
   }
-  char text[INET6_ADDRSTRLEN] = {};
-  const void* address = found->ai_family == AF_INET6
-                            ? static_cast<const void*>(
-                                  &reinterpret_cast<const sockaddr_in6*>(found->ai_addr)->sin6_addr)
-                            : static_cast<const void*>(
-                                  &reinterpret_cast<const sockaddr_in*>(found->ai_addr)->sin_addr);
-  const bool written = ::inet_ntop(found->ai_family, address, text, sizeof text) != nullptr;
+  // getnameinfo keeps an IPv6 zone (fe80::1%eth0), which inet_ntop would drop.
+  char text[NI_MAXHOST] = {};
+  const bool written = ::getnameinfo(found->ai_addr, found->ai_addrlen, text, sizeof text, nullptr,
+                                     0, NI_NUMERICHOST) == 0;
   ::freeaddrinfo(found);
   return written ? std::string(text) : host;
 }

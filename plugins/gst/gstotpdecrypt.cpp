@@ -318,12 +318,12 @@ GstFlowReturn decode_datagram(GstOtpDecrypt* self, GstBuffer* in, otp::Decoder::
 void schedule_release(GstOtpDecrypt* self);
 
 // Releases held packets in arrival order: decrypted as soon as their keys are placed,
-// dropped (counted) once their key-wait has passed or when flushing.
+// dropped (counted) once their key-wait has passed or when flushing; a slice at a time.
 GstFlowReturn release_held(GstOtpDecrypt* self) {
   Private& p = *self->priv;
   Session& s = *p.session;
   const auto now = std::chrono::steady_clock::now();
-  while (!s.held.empty()) {
+  for (std::size_t n = 0; !s.held.empty() && n < ReleaseTimer::kPacketsPerRelease; ++n) {
     Session::Held& head = s.held.front();
     otp::Decoder::Verdict verdict = otp::Decoder::Verdict::key_pending;
     GstFlowReturn ret = GST_FLOW_OK;

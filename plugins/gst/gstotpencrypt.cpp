@@ -169,9 +169,11 @@ struct Session {
     std::chrono::steady_clock::time_point deadline;
   };
   std::deque<Held> held;
+  std::size_t held_bytes = 0;
 };
 
 constexpr std::size_t kMaxHeldPackets = 4096;
+constexpr std::size_t kMaxHeldBytes = 4u << 20;
 
 struct Private {
   KeySourceSettings settings;
@@ -405,19 +407,22 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in, bool& would_w
 void schedule_release(GstOtpEncrypt* self);
 
 // Non-blocking mode: sends held packets in arrival order as their key arrives; drops
-// (and counts) those whose key-wait has passed, and all of them when flushing.
+// (and counts) those whose key-wait has passed, and all of them when flushing; a slice
+// at a time.
 GstFlowReturn release_held(GstOtpEncrypt* self) {
   Private& p = *self->priv;
   Session& s = *p.session;
   const auto now = std::chrono::steady_clock::now();
   GstFlowReturn ret = GST_FLOW_OK;
-  while (!s.held.empty() && ret == GST_FLOW_OK) {
+  for (std::size_t n = 0;
+       !s.held.empty() && ret == GST_FLOW_OK && n < ReleaseTimer::kPacketsPerRelease; ++n) {
     bool wait = p.flushing.load();
     if (!wait) ret = protect_datagram(self, s.held.front().buffer.get(), wait);
     if (wait) {
       if (!p.flushing && now < s.held.front().deadline) break;  // keeps the order
       bump(p, C_DROPS_NO_KEY);
     }
+    s.held_bytes -= gst_buffer_get_size(s.held.front().buffer.get());
     s.held.pop_front();
   }
   p.counters.set(C_PACKETS_HELD, s.held.size());
@@ -432,11 +437,17 @@ void hold(GstOtpEncrypt* self, GstPtr<GstBuffer> in) {
     bump(p, C_DROPS_NO_KEY);
     return;
   }
-  if (s.held.size() >= kMaxHeldPackets) {  // bounded: the oldest gives way
+  // Bounded in packets and in bytes (an endpoint sending 64 KiB datagrams must not make
+  // each call hold 256 MiB): the oldest give way.
+  const std::size_t size = gst_buffer_get_size(in.get());
+  while (!s.held.empty() &&
+         (s.held.size() >= kMaxHeldPackets || s.held_bytes + size > kMaxHeldBytes)) {
+    s.held_bytes -= gst_buffer_get_size(s.held.front().buffer.get());
     s.held.pop_front();
     bump(p, C_DROPS_NO_KEY);
   }
   bump(p, C_KEY_WAITS);
+  s.held_bytes += size;
   s.held.push_back(
       {std::move(in), std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms)});
   p.counters.set(C_PACKETS_HELD, s.held.size());
@@ -597,7 +608,11 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       p.release_timer.cancel();
       break;
     case GST_EVENT_FLUSH_STOP:
-      if (p.session) p.session->held.clear();  // flushed, never sent
+      if (p.session) {  // flushed, never sent
+        p.session->held.clear();
+        p.session->held_bytes = 0;
+      }
+      p.counters.set(C_PACKETS_HELD, 0);
       p.flushing = false;
       break;
     case GST_EVENT_CUSTOM_DOWNSTREAM:
@@ -611,10 +626,17 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       }
       break;
     case GST_EVENT_EOS:
-      // Held packets get their key-wait before the end goes downstream.
+      // Non-blocking even at the end: what key has freed leaves, the rest is dropped
+      // (counted) rather than waited for.
       while (p.session && !p.session->held.empty() && !p.flushing) {
+        const std::size_t before = p.session->held.size();
         if (guarded(GST_ELEMENT(self), [self] { return release_held(self); }) != GST_FLOW_OK) break;
-        if (!p.session->held.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        if (p.session->held.size() == before) {
+          bump(p, C_DROPS_NO_KEY, before);
+          p.session->held.clear();
+          p.session->held_bytes = 0;
+          p.counters.set(C_PACKETS_HELD, 0);
+        }
       }
       if (p.session && p.session->stream) {
         // The final record proves to the receiver that nothing was cut off.
@@ -844,7 +866,8 @@ static void gst_otp_encrypt_class_init(GstOtpEncryptClass* klass) {
       g_param_spec_uint("key-wait", "Key wait",
                         "Datagram mode with non-blocking: milliseconds a packet may be held "
                         "waiting for key before it is dropped (counted in drops-no-key); at "
-                        "most 4096 packets are held, the oldest gives way",
+                        "most 4096 packets or 4 MiB are held, the oldest give way; at EOS what "
+                        "still waits is dropped",
                         0, 60000, 10000, rw));
   signals[SIGNAL_KEY_LOW] = g_signal_new("key-low", G_TYPE_FROM_CLASS(klass), G_SIGNAL_RUN_LAST, 0,
                                          nullptr, nullptr, nullptr, G_TYPE_NONE, 1, G_TYPE_UINT64);

@@ -307,6 +307,11 @@ struct ArmedTimer {
 
 void ReleaseTimer::schedule(GstElement* element, GstPad* sinkpad, Release release) {
   const std::lock_guard lock(mutex_);
+  cancelled_ = false;
+  arm(element, sinkpad, release);
+}
+
+void ReleaseTimer::arm(GstElement* element, GstPad* sinkpad, Release release) {
   if (id_) return;
   GstClock* clock = gst_system_clock_obtain();
   id_ = gst_clock_new_single_shot_id(clock, gst_clock_get_time(clock) + kInterval);
@@ -321,6 +326,7 @@ void ReleaseTimer::schedule(GstElement* element, GstPad* sinkpad, Release releas
 
 void ReleaseTimer::cancel() {
   const std::lock_guard lock(mutex_);
+  cancelled_ = true;
   if (!id_) return;
   gst_clock_id_unschedule(id_);
   gst_clock_id_unref(id_);
@@ -336,7 +342,9 @@ gboolean ReleaseTimer::on_fire(GstClock*, GstClockTime, GstClockID id, gpointer 
     armed->timer->id_ = nullptr;
   }
   if (!GST_PAD_STREAM_TRYLOCK(armed->sinkpad)) {
-    armed->timer->schedule(armed->element, armed->sinkpad, armed->release);
+    const std::lock_guard lock(armed->timer->mutex_);
+    if (!armed->timer->cancelled_)
+      armed->timer->arm(armed->element, armed->sinkpad, armed->release);
     return TRUE;
   }
   armed->release(armed->element);

@@ -124,8 +124,15 @@ void add_supply_stats(GstStructure* s, const KeySource& source);
 // the streaming thread holds that lock (it is in chain() and releases them itself) the
 // timer is armed again instead: it never waits for it. Armed once at a time (schedule()
 // while armed does nothing); the element is kept alive until the callback has run.
+// cancel() is final until the next schedule(): a callback already under way does not
+// arm it again.
 class ReleaseTimer {
  public:
+  // Held packets one release handles at most before it arms the timer for the rest: a
+  // backlog that key has just freed (thousands of packets) goes out in slices, never
+  // holding up the clock's thread, whose callbacks every element of the process shares,
+  // or the streaming thread for long.
+  static constexpr std::size_t kPacketsPerRelease = 64;
   using Release = void (*)(GstElement* element);
   static constexpr GstClockTime kInterval = 2 * GST_MSECOND;
   ReleaseTimer() = default;
@@ -137,8 +144,10 @@ class ReleaseTimer {
 
  private:
   static gboolean on_fire(GstClock*, GstClockTime, GstClockID id, gpointer user);
+  void arm(GstElement* element, GstPad* sinkpad, Release release);  // with mutex_ held
   std::mutex mutex_;
   GstClockID id_ = nullptr;
+  bool cancelled_ = false;
 };
 
 // Posts an element error quoting the key source's reason once it has given up (the KME

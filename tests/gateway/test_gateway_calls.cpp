@@ -1664,35 +1664,45 @@ TEST_F(GatewayCallsTest, BranchDeletesAndDeleteDelay) {
 }
 
 // A parallel fork through rtpengine_offer per branch: the same offer once per branch,
-// each with its via-branch; the second branch answers. The first branch's delete (its 487)
-// ends only that branch: the call and its media go on until the answering branch's delete.
-TEST_F(GatewayCallsTest, AParallelForksLosingBranchDeleteLeavesTheAnsweredBranch) {
+// each with its via-branch. The first branch fails while the others ring (its delete comes
+// before any answer), the second answers, the third's delete follows: each ends only its
+// branch; the call and its media go on until the answering branch's delete.
+TEST_F(GatewayCallsTest, AParallelForksLosingBranchDeletesLeaveTheAnsweredBranch) {
   start_sip(4);
   UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
   const NgKeys k{"parallel-fork-1", "f1", "t2"};
-  const std::string via1 = "10:via-branch10:z9hG4bK-b1", via2 = "10:via-branch10:z9hG4bK-b2";
+  auto via = [](int branch) { return "10:via-branch10:z9hG4bK-b" + std::to_string(branch); };
   const std::string caller_sdp = endpoint_sdp(endpoint_port(0));
   const std::string to_b =
-      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, caller_sdp, via1)));
+      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, caller_sdp, via(1))));
   ASSERT_FALSE(to_b.empty());
-  EXPECT_EQ(ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, caller_sdp, via2))), to_b)
-      << "the second branch's offer is the same offer";
-  const std::string to_callee = ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "offer", k, to_b)));
+  for (int branch : {2, 3}) {
+    EXPECT_EQ(ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, caller_sdp, via(branch)))),
+              to_b)
+        << "branch " << branch << "'s offer is the same offer";
+  }
+  auto branch_delete = [&](int branch, int deletes_so_far) {
+    EXPECT_EQ(
+        text_of(ng(a_->ng_port(), kamailio(cookie(), "delete", k, {}, via(branch))), "result"),
+        "ok");
+    EXPECT_EQ(status(*a_)["calls"].size(), 1u) << "branch " << branch << "'s delete ended the call";
+    EXPECT_EQ(status(*a_)["sip"]["branch_deletes"], deletes_so_far);
+  };
+  branch_delete(1, 1);  // a 486 from branch 1 while 2 and 3 ring
+  ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "offer", k, to_b)));
   const std::string to_a =
       ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "answer", k, endpoint_sdp(endpoint_port(1)))));
   const std::string to_caller =
-      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "answer", k, to_a, via2)));
+      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "answer", k, to_a, via(2))));
   ASSERT_FALSE(to_caller.empty());
-  EXPECT_EQ(text_of(ng(a_->ng_port(), kamailio(cookie(), "delete", k, {}, via1)), "result"), "ok");
-  EXPECT_EQ(status(*a_)["calls"].size(), 1u) << "the losing branch's delete ended the call";
-  EXPECT_EQ(status(*a_)["sip"]["branch_deletes"], 1);
+  branch_delete(3, 2);  // branch 3's 487 once branch 2 answered
   std::vector<Bytes> sent;
   EXPECT_EQ(send(caller, media_port(to_caller), callee, 20, 93, sent, random_), sent);
-  EXPECT_EQ(text_of(ng(a_->ng_port(), kamailio(cookie(), "delete", k, {}, via2)), "result"), "ok");
+  EXPECT_EQ(text_of(ng(a_->ng_port(), kamailio(cookie(), "delete", k, {}, via(2))), "result"),
+            "ok");
   EXPECT_TRUE(status(*a_)["calls"].empty());
   EXPECT_EQ(status(*a_)["sip"]["free_media"], 4);
   EXPECT_EQ(text_of(ng(b_->ng_port(), kamailio(cookie(), "delete", k)), "result"), "ok");
-  (void)to_callee;
 }
 
 // sip.delete_delay_s applies to a delete without delete-delay.

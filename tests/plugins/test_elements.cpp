@@ -437,6 +437,20 @@ TEST_F(ElementTest, NonBlockingHoldsPacketsInOrderUntilKeyComesAndNeverWaitsInTh
     return stat(late->element, "drops-no-key") == 5 && stat(late->element, "packets-held") == 0;
   }));
   EXPECT_TRUE(rtp_out(pull_all(late)).empty());
+
+  // Large datagrams: at most 4 MiB held (not 4096 x 64 KiB per stream), the oldest give way.
+  GstHarness* large = make("60000");
+  for (std::uint16_t seq = 0; seq < 100; ++seq) {
+    ASSERT_EQ(gst_harness_push(large, buffer_of(rtp_packet(seq, 0x1a, 60000))), GST_FLOW_OK);
+  }
+  EXPECT_LE(stat(large->element, "packets-held") * 60012, 4u << 20);
+  EXPECT_GE(stat(large->element, "packets-held"), 60u);
+  EXPECT_EQ(stat(large->element, "packets-held") + stat(large->element, "drops-no-key"), 100u);
+  // The end of the stream does not wait for key either: what still waits is dropped.
+  EXPECT_TRUE(gst_harness_push_event(large, gst_event_new_eos()));
+  EXPECT_EQ(stat(large->element, "packets-held"), 0u);
+  EXPECT_EQ(stat(large->element, "drops-no-key"), 100u);
+  EXPECT_TRUE(rtp_out(pull_all(large)).empty());
 }
 
 TEST_F(ElementTest, TwoRunsOnOnePadFileNeverReuseAByte) {
