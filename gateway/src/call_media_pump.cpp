@@ -16,7 +16,6 @@
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
-#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -34,10 +33,12 @@ struct Destination {
 };
 
 // `to` for a socket of `family`: an IPv4 target of an IPv6 (dual-stack) socket becomes
-// its v4-mapped address. Name lookups happen here, never per packet.
+// its v4-mapped address. Numeric only: a call's targets are IP addresses (the local c=
+// must be one, the partner's was resolved at start), so no call setup waits for DNS.
 Destination resolve(const Endpoint& to, int family, const std::string& media) {
   addrinfo hints{};
   hints.ai_socktype = SOCK_DGRAM;
+  hints.ai_flags = AI_NUMERICHOST;
   hints.ai_family = family == AF_INET ? AF_INET : AF_UNSPEC;
   addrinfo* found = nullptr;
   const std::string port = std::to_string(to.port);
@@ -435,6 +436,7 @@ void CallMediaPump::stop() {
   for (const std::uint64_t id : m.inlet_ids) m.loops->remove(id);  // never pushed into again
   m.inlet_ids.clear();
 }
+
 void CallMediaPump::retarget(const Targets& targets) {
   Impl& m = *impl_;
   // Resolved before the lock: a name lookup never holds up the media.

@@ -169,7 +169,15 @@ struct Session {
     std::chrono::steady_clock::time_point deadline;
   };
   std::deque<Held> held;
-  std::size_t held_bytes = 0;
+  std::size_t held_bytes = 0;  // of the buffers in `held`
+  void drop_oldest() {
+    held_bytes -= gst_buffer_get_size(held.front().buffer.get());
+    held.pop_front();
+  }
+  void drop_held() {
+    held.clear();
+    held_bytes = 0;
+  }
 };
 
 constexpr std::size_t kMaxHeldPackets = 4096;
@@ -422,8 +430,7 @@ GstFlowReturn release_held(GstOtpEncrypt* self) {
       if (!p.flushing && now < s.held.front().deadline) break;  // keeps the order
       bump(p, C_DROPS_NO_KEY);
     }
-    s.held_bytes -= gst_buffer_get_size(s.held.front().buffer.get());
-    s.held.pop_front();
+    s.drop_oldest();
   }
   p.counters.set(C_PACKETS_HELD, s.held.size());
   if (!s.held.empty()) schedule_release(self);
@@ -442,8 +449,7 @@ void hold(GstOtpEncrypt* self, GstPtr<GstBuffer> in) {
   const std::size_t size = gst_buffer_get_size(in.get());
   while (!s.held.empty() &&
          (s.held.size() >= kMaxHeldPackets || s.held_bytes + size > kMaxHeldBytes)) {
-    s.held_bytes -= gst_buffer_get_size(s.held.front().buffer.get());
-    s.held.pop_front();
+    s.drop_oldest();
     bump(p, C_DROPS_NO_KEY);
   }
   bump(p, C_KEY_WAITS);
@@ -608,10 +614,7 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       p.release_timer.cancel();
       break;
     case GST_EVENT_FLUSH_STOP:
-      if (p.session) {  // flushed, never sent
-        p.session->held.clear();
-        p.session->held_bytes = 0;
-      }
+      if (p.session) p.session->drop_held();  // flushed, never sent
       p.counters.set(C_PACKETS_HELD, 0);
       p.flushing = false;
       break;
@@ -630,11 +633,10 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       // (counted) rather than waited for.
       while (p.session && !p.session->held.empty() && !p.flushing) {
         const std::size_t before = p.session->held.size();
-        if (guarded(GST_ELEMENT(self), [self] { return release_held(self); }) != GST_FLOW_OK) break;
-        if (p.session->held.size() == before) {
-          bump(p, C_DROPS_NO_KEY, before);
-          p.session->held.clear();
-          p.session->held_bytes = 0;
+        const GstFlowReturn ret = guarded(GST_ELEMENT(self), [self] { return release_held(self); });
+        if (ret != GST_FLOW_OK || p.session->held.size() == before) {
+          bump(p, C_DROPS_NO_KEY, p.session->held.size());
+          p.session->drop_held();
           p.counters.set(C_PACKETS_HELD, 0);
         }
       }

@@ -214,6 +214,28 @@ class GatewayCallsTest : public GatewayTest {
   }
   std::string cookie() { return "1_4104_" + std::to_string(++sequence_); }
 
+  // A call placed through both proxies between endpoints of its own (endpoint ports 2 *
+  // pair and 2 * pair + 1), with the ports the gateways' SDP named: each endpoint's, and
+  // each gateway's OTP port as it named it to the other.
+  struct RunningCall {
+    NgKeys k;
+    std::unique_ptr<UdpSocket> caller, callee;
+    std::uint16_t a_local = 0, b_local = 0, a_otp = 0, b_otp = 0;
+  };
+  RunningCall place_call(const std::string& id, int pair) {
+    RunningCall c;
+    c.k = {id, "f" + id, "t" + id};
+    c.caller = std::make_unique<UdpSocket>(endpoint_port(2 * pair));
+    c.callee = std::make_unique<UdpSocket>(endpoint_port(2 * pair + 1));
+    const Placed p = place(c.k, endpoint_sdp(endpoint_port(2 * pair)),
+                           endpoint_sdp(endpoint_port(2 * pair + 1)));
+    c.a_local = media_port(p.to_caller);
+    c.b_local = media_port(p.to_callee);
+    c.a_otp = media_port(p.to_b);
+    c.b_otp = media_port(p.to_a);
+    return c;
+  }
+
   // Sends `count` packets from `from` to `to_port`; what `sink` receives, in order.
   static std::vector<Bytes> send(const UdpSocket& from, std::uint16_t to_port,
                                  const UdpSocket& sink, int count, std::uint32_t ssrc,
@@ -544,29 +566,15 @@ TEST_F(GatewayCallsTest, ReInviteHoldsAndResumesOnTheSamePortsAndPadStream) {
 
 TEST_F(GatewayCallsTest, TenConcurrentCallsKeepTheirMediaApart) {
   start_sip();
-  struct Running {
-    NgKeys k;
-    std::unique_ptr<UdpSocket> caller, callee;
-    std::uint16_t a_local = 0, b_local = 0;
-  };
-  std::vector<Running> calls(10);
-  for (int i = 0; i < 10; ++i) {
-    Running& c = calls[i];
-    c.k = {"call-" + std::to_string(i), "f" + std::to_string(i), "t" + std::to_string(i)};
-    c.caller = std::make_unique<UdpSocket>(endpoint_port(2 * i));
-    c.callee = std::make_unique<UdpSocket>(endpoint_port(2 * i + 1));
-    const Placed p =
-        place(c.k, endpoint_sdp(endpoint_port(2 * i)), endpoint_sdp(endpoint_port(2 * i + 1)));
-    c.a_local = media_port(p.to_caller);
-    c.b_local = media_port(p.to_callee);
-  }
+  std::vector<RunningCall> calls;
+  for (int i = 0; i < 10; ++i) calls.push_back(place_call("call-" + std::to_string(i), i));
   for (auto* g : {a_.get(), b_.get()}) {
     const json st = status(*g);
     EXPECT_EQ(st["calls"].size(), 10u);
     EXPECT_EQ(st["sip"]["free_media"], 2);
   }
   for (int i = 0; i < 10; ++i) {
-    Running& c = calls[i];
+    RunningCall& c = calls[i];
     std::vector<Bytes> there, back;
     EXPECT_EQ(send(*c.caller, c.a_local, *c.callee, 30, 100 + i, there, random_), there) << i;
     EXPECT_EQ(send(*c.callee, c.b_local, *c.caller, 30, 200 + i, back, random_), back) << i;
@@ -580,31 +588,14 @@ TEST_F(GatewayCallsTest, TenConcurrentCallsKeepTheirMediaApart) {
   }
 }
 
-// The partners' OTP ports of all call media share a few receiving threads
-// (call_media_pump.hpp). A flood of forged datagrams (random bytes, and plain RTP) on one
-// call's OTP ports at both gateways delivers nothing to that call's endpoints and takes
-// nothing from the other calls on the same threads: each of their packets arrives, byte
-// for byte; the flooded call still carries its own media afterwards.
+// The sockets of all call media share a few media threads (call_media_pump.hpp). A flood of forged
+// datagrams (random bytes, and plain RTP) on one call's OTP ports at both gateways delivers nothing
+// to that call's endpoints and takes nothing from the other calls on the same threads: each of
+// their packets arrives, byte for byte; the flooded call still carries its own media afterwards.
 TEST_F(GatewayCallsTest, AFloodOnOneCallsOtpPortsLeavesEveryCallsMediaWhole) {
   start_sip();
-  struct Running {
-    NgKeys k;
-    std::unique_ptr<UdpSocket> caller, callee;
-    std::uint16_t a_local = 0, b_local = 0, a_otp = 0, b_otp = 0;
-  };
-  std::vector<Running> calls(4);  // two per receiving thread, or more, whatever the cores
-  for (int i = 0; i < 4; ++i) {
-    Running& c = calls[i];
-    c.k = {"flood-" + std::to_string(i), "f" + std::to_string(i), "t" + std::to_string(i)};
-    c.caller = std::make_unique<UdpSocket>(endpoint_port(2 * i));
-    c.callee = std::make_unique<UdpSocket>(endpoint_port(2 * i + 1));
-    const Placed p =
-        place(c.k, endpoint_sdp(endpoint_port(2 * i)), endpoint_sdp(endpoint_port(2 * i + 1)));
-    c.a_local = media_port(p.to_caller);
-    c.b_local = media_port(p.to_callee);
-    c.a_otp = media_port(p.to_b);  // gateway A's OTP port, as its SDP names it to B
-    c.b_otp = media_port(p.to_a);  // gateway B's, to A
-  }
+  std::vector<RunningCall> calls;  // two per media thread, or more, whatever the cores
+  for (int i = 0; i < 4; ++i) calls.push_back(place_call("flood-" + std::to_string(i), i));
   std::atomic<bool> flooding{true};
   std::atomic<std::uint64_t> flooded{0};
   std::thread attacker([&] {
@@ -624,7 +615,7 @@ TEST_F(GatewayCallsTest, AFloodOnOneCallsOtpPortsLeavesEveryCallsMediaWhole) {
     }
   });
   for (int i = 1; i < 4; ++i) {
-    Running& c = calls[i];
+    RunningCall& c = calls[i];
     std::vector<Bytes> there, back;
     EXPECT_EQ(send(*c.caller, c.a_local, *c.callee, 100, 300 + i, there, random_), there) << i;
     EXPECT_EQ(send(*c.callee, c.b_local, *c.caller, 100, 400 + i, back, random_), back) << i;
@@ -647,7 +638,7 @@ TEST_F(GatewayCallsTest, AFloodOnOneCallsOtpPortsLeavesEveryCallsMediaWhole) {
     }
   }
   EXPECT_EQ(seen, 2);
-  Running& c = calls[0];
+  RunningCall& c = calls[0];
   std::vector<Bytes> there, back;
   EXPECT_EQ(send(*c.caller, c.a_local, *c.callee, 30, 500, there, random_), there);
   EXPECT_EQ(send(*c.callee, c.b_local, *c.caller, 30, 501, back, random_), back);
@@ -666,31 +657,16 @@ TEST_F(GatewayCallsTest, ACallWaitingForItsFirstKeyHoldsUpNoOtherCall) {
   const std::size_t loops = threads_named("otp-media") / 2;  // per gateway, both in this process
   ASSERT_GE(loops, 1u);
   ASSERT_LE(2 * loops, static_cast<std::size_t>(kLanes));
-  struct Running {
-    NgKeys k;
-    std::unique_ptr<UdpSocket> caller, callee;
-    std::uint16_t a_local = 0;
-  };
-  int next_endpoint = 0;
-  auto call = [&](const std::string& id) {
-    Running c;
-    c.k = {id, "f" + id, "t" + id};
-    c.caller = std::make_unique<UdpSocket>(endpoint_port(next_endpoint));
-    c.callee = std::make_unique<UdpSocket>(endpoint_port(next_endpoint + 1));
-    const Placed p = place(c.k, endpoint_sdp(endpoint_port(next_endpoint)),
-                           endpoint_sdp(endpoint_port(next_endpoint + 1)));
-    next_endpoint += 2;
-    c.a_local = media_port(p.to_caller);
-    return c;
-  };
+  int pairs = 0;
+  auto call = [&](const std::string& id) { return place_call(id, pairs++); };
   // "whole" when every packet arrived, in order; the counts otherwise (no byte dumps).
-  auto delivered = [&](Running& c, int count, std::uint32_t ssrc) {
+  auto delivered = [&](RunningCall& c, int count, std::uint32_t ssrc) {
     std::vector<Bytes> sent;
     const auto got = send(*c.caller, c.a_local, *c.callee, count, ssrc, sent, random_);
     return got == sent ? std::string("whole")
                        : std::to_string(got.size()) + " of " + std::to_string(sent.size());
   };
-  std::vector<Running> steady, used, late;
+  std::vector<RunningCall> steady, used, late;
   for (std::size_t i = 0; i < loops; ++i) {  // one on every thread
     steady.push_back(call("steady-" + std::to_string(i)));
     EXPECT_EQ(delivered(steady.back(), 50, 100), "whole");
@@ -699,7 +675,7 @@ TEST_F(GatewayCallsTest, ACallWaitingForItsFirstKeyHoldsUpNoOtherCall) {
     used.push_back(call("used-" + std::to_string(i)));
     EXPECT_EQ(delivered(used.back(), 10, 150), "whole");
   }
-  for (const Running& c : used) hang_up(c.k);
+  for (const RunningCall& c : used) hang_up(c.k);
   auto faults = sim_->faults();
   faults.hang = true;  // the KME takes requests and never answers them
   sim_->set_faults(faults);
@@ -732,7 +708,7 @@ TEST_F(GatewayCallsTest, ACallWaitingForItsFirstKeyHoldsUpNoOtherCall) {
   }
   faults.hang = false;  // the KME answers again: the late calls' media flows
   sim_->set_faults(faults);
-  for (const Running& c : late) {
+  for (const RunningCall& c : late) {
     EXPECT_TRUE(otpgate::testing::eventually([&] {
       c.caller->send_to(c.a_local, random_rtp(1, 9, random_));
       return c.callee->receive(100).has_value();
@@ -740,7 +716,7 @@ TEST_F(GatewayCallsTest, ACallWaitingForItsFirstKeyHoldsUpNoOtherCall) {
         << ": no media once the KME answered";
   }
   for (const auto* group : {&steady, &late})
-    for (const Running& c : *group) hang_up(c.k);
+    for (const RunningCall& c : *group) hang_up(c.k);
 }
 
 TEST_F(GatewayCallsTest, MediaTimeoutEndsACallThatWasNeverAnswered) {
