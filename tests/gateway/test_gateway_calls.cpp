@@ -157,6 +157,19 @@ Bytes random_rtp(std::uint16_t seq, std::uint32_t ssrc, std::mt19937& random) {
   return p;
 }
 
+// How many of `sent` are missing from `got` when `got` is `sent` with some left out, in
+// the same order; nothing when `got` holds a packet that was not sent, or out of order.
+std::optional<std::size_t> left_out_in_order(const std::vector<Bytes>& sent,
+                                             const std::vector<Bytes>& got) {
+  std::size_t at = 0;
+  for (const Bytes& packet : got) {
+    while (at < sent.size() && sent[at] != packet) ++at;
+    if (at == sent.size()) return std::nullopt;
+    ++at;
+  }
+  return sent.size() - got.size();
+}
+
 class GatewayCallsTest : public GatewayTest {
  protected:
   // Ports: A's media from sip_+0, B's from sip_+60 (15 media each), endpoints from sip_+120.
@@ -255,6 +268,16 @@ class GatewayCallsTest : public GatewayTest {
   }
 
   json status(otpgate::gateway::Gateway& g) { return get_json(g.status_port(), "/api/v1/status"); }
+
+  // The receiving element's counters of the first media of the only call at `g`.
+  json call_media_receive(otpgate::gateway::Gateway& g) {
+    const json st = status(g);
+    const std::string stream = st["calls"][0]["media"][0]["stream"];
+    for (const auto& s : st["streams"])
+      if (s["name"] == stream) return s["receive"];
+    ADD_FAILURE() << "no stream " << stream << " in the status";
+    return json::object();
+  }
 
   std::uint16_t sip_ = 0;
   int sequence_ = 0;
@@ -790,9 +813,23 @@ TEST_F(GatewayCallsTest, ACallOnALaneAnEarlierCallAnnouncedOnHasMediaAtOnce) {
         send(caller, media_port(p.to_caller), callee, count, 30 + round, there, random_);
     const auto at_caller =
         send(callee, media_port(p.to_callee), caller, count, 40 + round, back, random_);
-    EXPECT_EQ(at_callee.size(), there.size()) << "round " << round;
-    EXPECT_EQ(at_caller.size(), back.size()) << "round " << round;
-    EXPECT_TRUE(at_callee == there && at_caller == back) << "round " << round;
+    // Every packet arrives, byte for byte and in order, but for a few at the very start
+    // that waited for their key longer than the receiver's key-wait (500 ms): a KME that
+    // answers the receiving site slowly (a loaded machine) costs those, counted as
+    // drops-no-key where they were dropped. A lane the receiver cannot follow would lose
+    // them all, or every packet up to the next resync.
+    for (const auto& [gateway, sent, got, direction] :
+         {std::tuple{b_.get(), &there, &at_callee, "A to B"},
+          std::tuple{a_.get(), &back, &at_caller, "B to A"}}) {
+      const auto missing = left_out_in_order(*sent, *got);
+      ASSERT_TRUE(missing) << direction << ", round " << round
+                           << ": a packet arrived changed, twice or out of order";
+      EXPECT_LE(*missing, sent->size() / 20) << direction << ", round " << round;
+      const json received = call_media_receive(*gateway);
+      EXPECT_EQ(received["drops-no-key"], *missing) << direction << ", round " << round;
+      for (const char* counter : {"auth-failures", "replays", "window-overruns"})
+        EXPECT_EQ(received[counter], 0) << counter << ", " << direction << ", round " << round;
+    }
     const json st = status(*a_);
     const std::string stream = st["calls"][0]["media"][0]["stream"];
     for (const auto& s : st["streams"]) {
@@ -805,9 +842,6 @@ TEST_F(GatewayCallsTest, ACallOnALaneAnEarlierCallAnnouncedOnHasMediaAtOnce) {
       flushed_before = flushed;
     }
     hang_up(k);
-  }
-  for (auto* g : {a_.get(), b_.get()}) {
-    for (const auto& s : status(*g)["streams"]) EXPECT_EQ(s["receive"]["auth-failures"], 0);
   }
 }
 
