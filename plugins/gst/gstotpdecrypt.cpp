@@ -153,16 +153,10 @@ struct Session {
   bool told_window_overrun = false;
   bool told_memory_lock = false;
   std::vector<std::uint8_t> out = std::vector<std::uint8_t>(otp::kMaxUnitPayload);
-  // Datagram mode: packets whose key a verified announcement has on its way, in arrival
-  // order, each until its key-wait deadline. The streaming thread never waits for them.
-  struct Held {
-    GstPtr<GstBuffer> buffer;
-    std::chrono::steady_clock::time_point deadline;
-  };
-  std::deque<Held> held;
+  // Datagram mode: packets whose key a verified announcement has on its way. The
+  // streaming thread never waits for them.
+  HeldPackets held;
 };
-
-constexpr std::size_t kMaxHeldPackets = 4096;
 
 struct Private {
   KeySourceSettings settings;
@@ -324,12 +318,11 @@ GstFlowReturn release_held(GstOtpDecrypt* self) {
   Session& s = *p.session;
   const auto now = std::chrono::steady_clock::now();
   for (std::size_t n = 0; !s.held.empty() && n < ReleaseTimer::kPacketsPerRelease; ++n) {
-    Session::Held& head = s.held.front();
     otp::Decoder::Verdict verdict = otp::Decoder::Verdict::key_pending;
     GstFlowReturn ret = GST_FLOW_OK;
-    if (!p.flushing) ret = decode_datagram(self, head.buffer.get(), verdict);
+    if (!p.flushing) ret = decode_datagram(self, s.held.front(), verdict);
     if (verdict == otp::Decoder::Verdict::key_pending) {
-      if (!p.flushing && now < head.deadline) break;  // still on its way: keep the order
+      if (!p.flushing && !s.held.front_expired(now)) break;  // on its way: keep the order
       bump(p, C_DROPS_NO_KEY);
     }
     s.held.pop_front();
@@ -370,12 +363,7 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstPtr<GstBuffer> in) {
   gst_buffer_extract(in.get(), 0, head, sizeof head);
   if (!s.held.empty() && otp::classify(head) != otp::DatagramType::announcement) {
     // Behind packets still waiting: in order (announcements go first, they bring keys).
-    if (s.held.size() >= kMaxHeldPackets) {  // bounded: the oldest gives way
-      s.held.pop_front();
-      bump(p, C_DROPS_NO_KEY);
-    }
-    s.held.push_back({std::move(in),
-                      std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms)});
+    bump(p, C_DROPS_NO_KEY, s.held.hold(std::move(in), std::chrono::milliseconds(p.key_wait_ms)));
     return release_held(self);
   }
   otp::Decoder::Verdict verdict{};
@@ -386,13 +374,8 @@ GstFlowReturn open_datagram(GstOtpDecrypt* self, GstPtr<GstBuffer> in) {
       bump(p, C_DROPS_NO_KEY);
       return GST_FLOW_OK;
     }
-    if (s.held.size() >= kMaxHeldPackets) {  // bounded: the oldest gives way
-      s.held.pop_front();
-      bump(p, C_DROPS_NO_KEY);
-    }
+    bump(p, C_DROPS_NO_KEY, s.held.hold(std::move(in), std::chrono::milliseconds(p.key_wait_ms)));
     bump(p, C_KEY_WAITS);
-    s.held.push_back({std::move(in),
-                      std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms)});
     publish(self);
     schedule_release(self);
     return GST_FLOW_OK;
@@ -762,8 +745,9 @@ static void gst_otp_decrypt_class_init(GstOtpDecryptClass* klass) {
       g_param_spec_uint("key-wait", "Key wait",
                         "Datagram mode: milliseconds a packet may be held (in arrival order, "
                         "without blocking the stream) while keys that a verified announcement "
-                        "named are being fetched; packets on pad nobody announced are dropped "
-                        "at once",
+                        "named are being fetched (at most 4096 packets or 4 MiB; the oldest give "
+                        "way, counted in drops-no-key); packets on pad nobody announced are "
+                        "dropped at once",
                         0, 5000, 500, rw));
   g_object_class_install_property(
       gobject, PROP_WINDOW_SIZE,

@@ -162,26 +162,9 @@ struct Session {
   bool in_fallback = false;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   std::vector<std::uint8_t> announcement = std::vector<std::uint8_t>(otp::kMaxAnnouncementBytes);
-  // Non-blocking datagram mode: packets waiting for key (the stream's first, or `block`),
-  // in arrival order, each until its key-wait deadline.
-  struct Held {
-    GstPtr<GstBuffer> buffer;
-    std::chrono::steady_clock::time_point deadline;
-  };
-  std::deque<Held> held;
-  std::size_t held_bytes = 0;  // of the buffers in `held`
-  void drop_oldest() {
-    held_bytes -= gst_buffer_get_size(held.front().buffer.get());
-    held.pop_front();
-  }
-  void drop_held() {
-    held.clear();
-    held_bytes = 0;
-  }
+  // Non-blocking datagram mode: packets waiting for key (the stream's first, or `block`).
+  HeldPackets held;
 };
-
-constexpr std::size_t kMaxHeldPackets = 4096;
-constexpr std::size_t kMaxHeldBytes = 4u << 20;
 
 struct Private {
   KeySourceSettings settings;
@@ -425,12 +408,12 @@ GstFlowReturn release_held(GstOtpEncrypt* self) {
   for (std::size_t n = 0;
        !s.held.empty() && ret == GST_FLOW_OK && n < ReleaseTimer::kPacketsPerRelease; ++n) {
     bool wait = p.flushing.load();
-    if (!wait) ret = protect_datagram(self, s.held.front().buffer.get(), wait);
+    if (!wait) ret = protect_datagram(self, s.held.front(), wait);
     if (wait) {
-      if (!p.flushing && now < s.held.front().deadline) break;  // keeps the order
+      if (!p.flushing && !s.held.front_expired(now)) break;  // keeps the order
       bump(p, C_DROPS_NO_KEY);
     }
-    s.drop_oldest();
+    s.held.pop_front();
   }
   p.counters.set(C_PACKETS_HELD, s.held.size());
   if (!s.held.empty()) schedule_release(self);
@@ -444,18 +427,8 @@ void hold(GstOtpEncrypt* self, GstPtr<GstBuffer> in) {
     bump(p, C_DROPS_NO_KEY);
     return;
   }
-  // Bounded in packets and in bytes (an endpoint sending 64 KiB datagrams must not make
-  // each call hold 256 MiB): the oldest give way.
-  const std::size_t size = gst_buffer_get_size(in.get());
-  while (!s.held.empty() &&
-         (s.held.size() >= kMaxHeldPackets || s.held_bytes + size > kMaxHeldBytes)) {
-    s.drop_oldest();
-    bump(p, C_DROPS_NO_KEY);
-  }
+  bump(p, C_DROPS_NO_KEY, s.held.hold(std::move(in), std::chrono::milliseconds(p.key_wait_ms)));
   bump(p, C_KEY_WAITS);
-  s.held_bytes += size;
-  s.held.push_back(
-      {std::move(in), std::chrono::steady_clock::now() + std::chrono::milliseconds(p.key_wait_ms)});
   p.counters.set(C_PACKETS_HELD, s.held.size());
   schedule_release(self);
 }
@@ -614,7 +587,7 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
       p.release_timer.cancel();
       break;
     case GST_EVENT_FLUSH_STOP:
-      if (p.session) p.session->drop_held();  // flushed, never sent
+      if (p.session) p.session->held.clear();  // flushed, never sent
       p.counters.set(C_PACKETS_HELD, 0);
       p.flushing = false;
       break;
@@ -635,8 +608,7 @@ gboolean sink_event(GstPad* pad, GstObject* parent, GstEvent* event) {
         const std::size_t before = p.session->held.size();
         const GstFlowReturn ret = guarded(GST_ELEMENT(self), [self] { return release_held(self); });
         if (ret != GST_FLOW_OK || p.session->held.size() == before) {
-          bump(p, C_DROPS_NO_KEY, p.session->held.size());
-          p.session->drop_held();
+          bump(p, C_DROPS_NO_KEY, p.session->held.clear());
           p.counters.set(C_PACKETS_HELD, 0);
         }
       }

@@ -352,4 +352,28 @@ gboolean ReleaseTimer::on_fire(GstClock*, GstClockTime, GstClockID id, gpointer 
   return TRUE;
 }
 
+std::size_t HeldPackets::hold(GstPtr<GstBuffer> buffer, std::chrono::milliseconds wait) {
+  const std::size_t size = gst_buffer_get_size(buffer.get());
+  std::size_t gave_way = 0;
+  while (!held_.empty() && (held_.size() >= kMaxPackets || bytes_ + size > kMaxBytes)) {
+    pop_front();
+    ++gave_way;
+  }
+  bytes_ += size;
+  held_.push_back({std::move(buffer), Clock::now() + wait});
+  return gave_way;
+}
+
+void HeldPackets::pop_front() {
+  bytes_ -= gst_buffer_get_size(held_.front().buffer.get());
+  held_.pop_front();
+}
+
+std::size_t HeldPackets::clear() {
+  const std::size_t dropped = held_.size();
+  held_.clear();
+  bytes_ = 0;
+  return dropped;
+}
+
 }  // namespace otpgate::gst

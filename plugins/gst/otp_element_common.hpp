@@ -9,7 +9,9 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <deque>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -148,6 +150,36 @@ class ReleaseTimer {
   std::mutex mutex_;
   GstClockID id_ = nullptr;
   bool cancelled_ = false;
+};
+
+// Datagrams held while their key is on its way, in arrival order, each until its
+// key-wait deadline (both elements in datagram mode). Bounded in packets and in bytes, so
+// that a peer or endpoint sending 64 KiB datagrams cannot make one stream hold 256 MiB:
+// the oldest give way.
+class HeldPackets {
+ public:
+  static constexpr std::size_t kMaxPackets = 4096;
+  static constexpr std::size_t kMaxBytes = 4u << 20;
+  using Clock = std::chrono::steady_clock;
+
+  // Holds `buffer` for at most `wait`; returns how many older packets gave way for it.
+  std::size_t hold(GstPtr<GstBuffer> buffer, std::chrono::milliseconds wait);
+  bool empty() const { return held_.empty(); }
+  std::size_t size() const { return held_.size(); }
+  std::size_t bytes() const { return bytes_; }
+  GstBuffer* front() const { return held_.front().buffer.get(); }
+  bool front_expired(Clock::time_point now) const { return now >= held_.front().deadline; }
+  void pop_front();
+  // Drops every held packet; returns how many.
+  std::size_t clear();
+
+ private:
+  struct Held {
+    GstPtr<GstBuffer> buffer;
+    Clock::time_point deadline;
+  };
+  std::deque<Held> held_;
+  std::size_t bytes_ = 0;
 };
 
 // Posts an element error quoting the key source's reason once it has given up (the KME

@@ -727,6 +727,54 @@ TEST_F(ElementTest, AnRtpStreamGoesThroughAKmeWithEveryQuirkOfAnotherVendor) {
   EXPECT_EQ(stat(dec->element, "drops-no-key"), 0u);
 }
 
+// The receiver holds packets whose keys are on their way, bounded in bytes as well as in
+// packets: a sender of 60 KB datagrams (its genuine traffic, while the receiving KME is
+// slow) makes it hold at most 4 MiB, not 4096 x 64 KiB. The oldest give way and are
+// counted; the rest leave in order once the keys arrive. Keys of 128 KiB, so that the
+// stream's first announcement names more pad (8 MiB) than the bound holds.
+TEST_F(ElementTest, TheDecryptorHoldsAtMostFourMiBOfLargeDatagramsWaitingForKeys) {
+  constexpr std::uint32_t kKeyLength = 128u << 10;
+  otpgate::testing::MemoryPad sending(0, 16u << 20, kKeyLength);
+  otpgate::testing::MemoryPad receiving(0, 16u << 20, kKeyLength);
+  sending.fill_for_sending(16u << 20);
+  receiving.hold_deliveries = true;  // the receiving site's KME has not relayed them yet
+  auto harness = [&](const char* factory, otpgate::keys::PadSource& pad, const char* caps) {
+    GstElement* e = gst_element_factory_make(factory, nullptr);
+    g_object_set(e, "key-supply", &pad, nullptr);
+    GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
+    gst_object_unref(e);
+    harnesses_.push_back(h);
+    gst_harness_set_src_caps_str(h, caps);
+    return h;
+  };
+  GstHarness* enc = harness("otpencrypt", sending, "application/x-rtp");
+  GstHarness* dec = harness("otpdecrypt", receiving, "application/x-otp");
+  g_object_set(dec->element, "key-wait", 5000u, nullptr);
+  std::vector<Bytes> sent;
+  for (std::uint16_t seq = 0; seq < 100; ++seq) sent.push_back(rtp_packet(seq, 0x1a, 60000));
+  std::vector<Bytes> got;
+  for (const auto& w : protect(enc, sent)) {
+    ASSERT_EQ(gst_harness_push(dec, buffer_of(w)), GST_FLOW_OK);
+    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+  }
+  EXPECT_TRUE(got.empty()) << "a packet left before its key arrived";
+  const std::uint64_t held = stat(dec->element, "packets-held");
+  EXPECT_LE(held * (sent[0].size() + otpgate::otp::kTrailerBytes), 4u << 20);
+  EXPECT_GE(held, 60u);
+  EXPECT_EQ(held + stat(dec->element, "drops-no-key"), 100u);
+  receiving.release_held();  // the keys arrive: the held packets leave, in order
+  EXPECT_TRUE(otpgate::testing::eventually([&] {
+    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+    return stat(dec->element, "packets-held") == 0;
+  }));
+  for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+  EXPECT_EQ(got, std::vector<Bytes>(sent.end() - static_cast<std::ptrdiff_t>(held), sent.end()));
+  gst_harness_teardown(enc);  // before the pads they use go away
+  gst_harness_teardown(dec);
+  std::erase(harnesses_, enc);
+  std::erase(harnesses_, dec);
+}
+
 TEST_F(ElementTest, OnlyTheSenderHasAKeyLowSignalAndItsThreshold) {
   // A property that does nothing misleads: the receiver has no key-low signal.
   for (const auto& [name, sends] :
