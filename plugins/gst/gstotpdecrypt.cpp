@@ -119,8 +119,11 @@ const char* counter_name(Counter c) {
 }
 
 // The counter a unit that was refused adds to; nullopt for what is not a refusal.
-std::optional<Counter> refusal_counter(otp::Decoder::Verdict verdict) {
+std::optional<Counter> refusal_counter(otp::Decoder::Verdict verdict, bool announcement) {
   using V = otp::Decoder::Verdict;
+  // An announcement refused for pad nobody holds is counted by the decoder
+  // (announcements-unverifiable or -refused): drops-no-key counts packets only.
+  if (announcement && verdict == V::no_key) return std::nullopt;
   switch (verdict) {
     case V::auth_failure:
       return C_AUTH_FAILURES;
@@ -290,7 +293,8 @@ GstFlowReturn decode_datagram(GstOtpDecrypt* self, GstBuffer* in, otp::Decoder::
         otp::classify(datagram) == otp::DatagramType::rtcp ? self->rtcp_srcpad : self->srcpad;
     ret = push_out(self, pad, s.out.data(), written, in);
   } else if (verdict != otp::Decoder::Verdict::key_pending) {  // key_pending: see the caller
-    if (const auto counter = refusal_counter(verdict)) bump(p, *counter);
+    const bool announcement = otp::classify(datagram) == otp::DatagramType::announcement;
+    if (const auto counter = refusal_counter(verdict, announcement)) bump(p, *counter);
     if (verdict == otp::Decoder::Verdict::auth_failure) {
       GST_DEBUG_OBJECT(self, "dropped a packet that failed authentication");
     }
@@ -416,7 +420,7 @@ const char* why_refused(otp::Decoder::Verdict verdict) {
 GstFlowReturn fail(GstOtpDecrypt* self, const char* what, otp::Decoder::Verdict verdict) {
   using V = otp::Decoder::Verdict;
   Private& p = *self->priv;
-  bump(p, refusal_counter(verdict).value_or(C_DROPS_MALFORMED));
+  bump(p, refusal_counter(verdict, false).value_or(C_DROPS_MALFORMED));  // a record
   if ((verdict == V::no_key || verdict == V::key_pending) &&
       key_source_failed(GST_ELEMENT(self), p.session->source)) {
     return GST_FLOW_ERROR;

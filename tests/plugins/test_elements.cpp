@@ -234,6 +234,29 @@ TEST_F(ElementTest, OneFlippedBitAnywhereDropsThePacketAndCountsIt) {
   EXPECT_EQ(open(dec, {good}).size(), 1u);
 }
 
+// drops-no-key counts packets: an announcement naming pad nobody holds (a forgery, or one
+// sent on key this receiver lost) is counted as such, not as a dropped packet, so that
+// what an operator reads as lost media is media.
+TEST_F(ElementTest, AnAnnouncementNobodyCanVerifyIsNotCountedAsADroppedPacket) {
+  GstHarness* enc = encryptor();
+  GstHarness* dec = decryptor();
+  const auto wire = protect(enc, {rtp_packet(1, 0xabc, 160)});
+  ASSERT_EQ(otpgate::otp::classify(wire.front()), otpgate::otp::DatagramType::announcement);
+  Bytes forged = wire.front();
+  // Its mask moved 1000 epochs on: pad far beyond anything announced.
+  std::uint64_t mask = 0;
+  for (std::size_t i = 0; i < 8; ++i)
+    mask = mask << 8 | forged[otpgate::otp::kAnnouncementMaskAt + i];
+  mask += 1000 * otpgate::otp::kEpochBytes;
+  for (std::size_t i = 0; i < 8; ++i)
+    forged[otpgate::otp::kAnnouncementMaskAt + i] = static_cast<std::uint8_t>(mask >> (56 - 8 * i));
+  EXPECT_TRUE(open(dec, {forged}).empty());
+  EXPECT_EQ(stat(dec->element, "announcements-unverifiable"), 1u);
+  EXPECT_EQ(stat(dec->element, "drops-no-key"), 0u);
+  EXPECT_EQ(open(dec, wire).size(), 1u);  // the genuine stream is not disturbed
+  EXPECT_EQ(stat(dec->element, "drops-no-key"), 0u);
+}
+
 TEST_F(ElementTest, AReplayedPacketIsDropped) {
   GstHarness* enc = encryptor();
   GstHarness* dec = decryptor();
