@@ -225,6 +225,37 @@ TEST(Codec, PacketsWaitingForKeyAreCountedNotDecrypted) {
   EXPECT_EQ(link.receive(wire.back()), Decoder::Verdict::plaintext);
 }
 
+// A stream's first announcement names 64 keys; with 256-bit keys (as some vendors' KMEs
+// cap them) that is 2 KiB of pad, a few packets. While the receiving KME still relays
+// the first keys, the later announcements cannot be verified either (their tags use pad
+// the first one named), but they will be once those keys arrive: packets on their pad
+// wait too, instead of being dropped as if nobody had announced it.
+TEST(Codec, PacketsOnPadOfAnnouncementsTheFirstKeysWillVerifyWaitForThem) {
+  Link link(32, 1u << 20);
+  link.rx.hold_deliveries = true;  // the receiving KME has not relayed the first keys yet
+  std::vector<Bytes> sent, data;
+  std::map<Decoder::Verdict, int> verdicts;
+  for (std::uint16_t seq = 0; seq < 20; ++seq) {
+    sent.push_back(rtp_packet(seq, 3, 500));
+    for (const auto& d : link.send(sent.back())) {
+      const auto v = link.receive(d);
+      if (otp::classify(d) == otp::DatagramType::announcement) continue;
+      data.push_back(d);
+      ++verdicts[v];
+    }
+  }
+  ASSERT_EQ(data.size(), sent.size());
+  EXPECT_EQ(verdicts[Decoder::Verdict::key_pending], 20) << "a packet was dropped, not held";
+  link.rx.hold_deliveries = false;  // the keys arrive
+  link.rx.release_held();
+  link.decoder.poll();
+  for (std::size_t i = 0; i < data.size(); ++i) {
+    Bytes plain;
+    EXPECT_EQ(link.receive(data[i], &plain), Decoder::Verdict::plaintext) << "packet " << i;
+    EXPECT_EQ(plain, sent[i]) << "packet " << i;
+  }
+}
+
 namespace {
 
 // An altered copy of an announcement: one big-endian field rewritten (tag unchanged).
@@ -295,6 +326,36 @@ TEST(CodecForgery, PacketsNamingUnannouncedPadAreDroppedAtOnce) {
   forged = altered(forged, p_at, (12u << 20) + 4096, 8);  // beyond anything announced
   EXPECT_EQ(link.receive(forged), Decoder::Verdict::no_key) << "it must not be made to wait";
   EXPECT_EQ(link.decoder.stats().key_pending, 0u);
+}
+
+// Packets on a candidate's pad wait for the keys that will verify it; a forger can copy a
+// candidate with its pad moved elsewhere, and packets naming that pad then wait too, but
+// only until those keys arrive: the forged candidate fails its tag, its pad is nobody's,
+// and the forged packets are dropped, while the genuine stream goes on.
+TEST(CodecForgery, APacketOnAForgedCandidatesPadWaitsOnlyUntilTheKeysThatRefuteIt) {
+  Link link(32, 64u << 10);        // 32 announcements of 2 KiB, all candidates of the first
+  link.rx.hold_deliveries = true;  // the first keys are still being relayed
+  const auto wire = link.send(rtp_packet(0, 3, 500));
+  ASSERT_GE(wire.size(), 3u);
+  const Bytes genuine = wire.back();
+  for (std::size_t i = 0; i + 1 < wire.size(); ++i) link.receive(wire[i]);
+  // The second announcement (its tag on pad the first one names) with its keys moved to
+  // 4 MiB, beyond anything the sender announced.
+  const std::uint64_t far = 4u << 20;
+  const Bytes forged_announcement = altered(wire[1], kBaseAt, far, 8);
+  EXPECT_EQ(link.receive(forged_announcement), Decoder::Verdict::announcement_pending);
+  const std::size_t p_at = genuine.size() - otp::kTrailerBytes;
+  const Bytes forged_packet = altered(genuine, p_at, far + 64, 8);
+  EXPECT_EQ(link.receive(forged_packet), Decoder::Verdict::key_pending);
+  EXPECT_EQ(link.receive(genuine), Decoder::Verdict::key_pending);
+  link.rx.hold_deliveries = false;  // the keys arrive
+  link.rx.release_held();
+  link.decoder.poll();
+  EXPECT_EQ(link.receive(forged_packet), Decoder::Verdict::no_key) << "the forgery still waits";
+  Bytes plain;
+  EXPECT_EQ(link.receive(genuine, &plain), Decoder::Verdict::plaintext);
+  EXPECT_EQ(plain, rtp_packet(0, 3, 500));
+  EXPECT_GE(link.decoder.stats().auth_failures, 1u) << "the forged candidate was not refuted";
 }
 
 TEST(CodecForgery, AFloodOfBlindForgeriesLeavesGenuineTrafficAlone) {

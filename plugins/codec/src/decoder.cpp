@@ -42,6 +42,7 @@ struct Decoder::Impl {
     std::size_t size = 0;
     bool bootstrap = false;  // its keys were asked for before it could be verified
     std::chrono::steady_clock::time_point expires;
+    std::uint64_t keys_begin = 0, keys_end = 0;  // the pad its keys would hold
   };
   static constexpr std::size_t kMaxAwaited = 65536;
   enum class Check { verified, missing, bad };
@@ -100,7 +101,7 @@ struct Decoder::Impl {
       return window.any_used(o, 1) ? Source::nowhere : Source::window;
     }
     if (o >= a.base && (o - a.base) / a.key_length < a.count) return Source::own_key;
-    if (awaited_covers(o, 1) || bootstrap_keys_end(o)) return Source::awaited;
+    if (awaited_covers(o, 1) || candidate_keys_end(o)) return Source::awaited;
     return Source::nowhere;
   }
 
@@ -112,15 +113,35 @@ struct Decoder::Impl {
     return false;
   }
 
-  // Where the keys of a bootstrap candidate (being fetched) that hold `o` end, if any do.
-  std::optional<std::uint64_t> bootstrap_keys_end(std::uint64_t o) const {
-    for (std::size_t i = 0; i < pending_count; ++i) {
-      if (!pending[i].bootstrap) continue;
-      const auto a = parse_announcement(std::span(pending[i].bytes).first(pending[i].size));
-      const std::uint64_t span = std::uint64_t(a ? a->count : 0) * (a ? a->key_length : 0);
-      if (a && o >= a->base && o - a->base < span) return a->base + span;
+  // Where the pad that candidates' keys would hold and that holds `o` ends, if any does.
+  // A candidate can be verified once the keys it depends on are placed: a bootstrap's own
+  // (being fetched), those of a verified announcement (awaited) or of another candidate
+  // (verified in turn). With small keys (256 bits: 2 KiB per announcement) a stream's
+  // later announcements depend on earlier candidates several deep while the receiving KME
+  // relays the first keys; their pad is on its way all the same. Forged candidates are
+  // bounded by pending_limit and refuted (or expire) when the keys they depend on arrive.
+  std::optional<std::uint64_t> candidate_keys_end(std::uint64_t o) const {
+    if (candidate_ranges_stale) {
+      std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
+      for (std::size_t i = 0; i < pending_count; ++i)
+        ranges.emplace_back(pending[i].keys_begin, pending[i].keys_end);
+      std::sort(ranges.begin(), ranges.end());
+      candidate_ranges.clear();  // merged: an overlap of forgeries is one range
+      for (const auto& [begin, end] : ranges) {
+        if (!candidate_ranges.empty() && begin <= std::prev(candidate_ranges.end())->second) {
+          auto& last_end = std::prev(candidate_ranges.end())->second;
+          last_end = std::max(last_end, end);
+        } else {
+          candidate_ranges.emplace(begin, end);
+        }
+      }
+      candidate_ranges_stale = false;
     }
-    return std::nullopt;
+    auto it = candidate_ranges.upper_bound(o);
+    if (it == candidate_ranges.begin()) return std::nullopt;
+    --it;
+    if (o >= it->second) return std::nullopt;
+    return it->second;
   }
 
   // Pool index of the fetched key `id` of `length` bytes, or -1.
@@ -252,7 +273,7 @@ struct Decoder::Impl {
         o = it->second;
         continue;
       }
-      const auto end = bootstrap_keys_end(o);
+      const auto end = candidate_keys_end(o);
       if (!end) return false;
       o = *end;
     }
@@ -331,6 +352,9 @@ struct Decoder::Impl {
     p.size = record.size();
     p.bootstrap = bootstrap;
     p.expires = std::chrono::steady_clock::now() + config.candidate_ttl;
+    p.keys_begin = a->base;
+    p.keys_end = a->base + std::uint64_t{a->count} * a->key_length;
+    candidate_ranges_stale = true;
     stats.announcements_pending = pending_count;
     if (bootstrap) {
       // Only its own keys can verify it: fetch them (kept unplaced until it verifies).
@@ -391,6 +415,7 @@ struct Decoder::Impl {
         }
         std::swap(pending[i], pending[pending_count - 1]);
         --pending_count;
+        candidate_ranges_stale = true;
         progress = progress || c == Check::verified;
       }
     }
@@ -466,6 +491,10 @@ struct Decoder::Impl {
   std::chrono::steady_clock::time_point next_expiry_check;
   std::vector<Pending> pending;
   std::size_t pending_count = 0;
+  // Merged pad ranges of the candidates' keys (see candidate_keys_end), rebuilt on use
+  // after the candidates changed.
+  mutable std::map<std::uint64_t, std::uint64_t> candidate_ranges;
+  mutable bool candidate_ranges_stale = true;
   std::size_t pending_limit = 0;
   WegmanCarter mac;
   DecoderStats stats;
