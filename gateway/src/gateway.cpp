@@ -217,6 +217,10 @@ struct Gateway::Impl final : CallMediaPlane {
   // [sip]: peer.address resolved once at start, so that no call's setup (on the ng
   // thread, under the calls' lock) waits for a name lookup.
   std::string call_peer_host;
+  // Send lanes restarted because the partner restarted, and when (on_sender_restarted;
+  // before `streams`, whose elements call it).
+  std::mutex partner_restart_mutex;
+  std::map<std::size_t, std::chrono::steady_clock::time_point> partner_restart_at;
   // Static streams, then call streams as calls come and go (guarded by streams_mutex:
   // the ng listener adds and removes them while the status API and the bus thread read).
   std::list<Stream> streams;
@@ -484,6 +488,12 @@ struct Gateway::Impl final : CallMediaPlane {
           16u << 20, (2 * config.key_ring_bytes + epoch - 1) / epoch * epoch);
       g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane),
                    "window-size", static_cast<guint64>(window), nullptr);
+      if (s.send_lane) {  // the partner restarted: its new receiver follows this stream anew
+        g_object_set_data(G_OBJECT(s.decrypt.get()), kSendLaneKey,
+                          GUINT_TO_POINTER(static_cast<guint>(*s.send_lane + 1)));
+        g_signal_connect(s.decrypt.get(), "sender-restarted", G_CALLBACK(on_sender_restarted),
+                         this);
+      }
     }
     if (pumped) {
       CallMediaPump::Sockets bound;
@@ -493,6 +503,35 @@ struct Gateway::Impl final : CallMediaPlane {
       s.pump = std::make_unique<CallMediaPump>(c.name, s.encrypt.get(), s.decrypt.get(), bound,
                                                pump_targets(c), *media_loops);
     }
+  }
+
+  // The partner gateway restarted (its sender of this stream resumed beyond a gap): its
+  // new receiver knows none of this stream's announcements, and the keys its old process
+  // fetched are gone from its KME, so it could follow only once this side had used up the
+  // pad announced so far (a ring: half a minute of audio). This stream's sending lane
+  // restarts at pad never announced instead, as a call lane does for its next call. At
+  // most once per lane in kPartnerRestartHoldOff: the partner's own lane restart, seen
+  // here as a jump too, must not start a ping-pong of wiped rings.
+  static constexpr const char* kSendLaneKey = "otpgate-send-lane";
+  static constexpr auto kPartnerRestartHoldOff = std::chrono::seconds(5);
+  static void on_sender_restarted(GstElement* decrypt, gpointer data) {
+    auto* impl = static_cast<Impl*>(data);
+    const guint lane = GPOINTER_TO_UINT(g_object_get_data(G_OBJECT(decrypt), kSendLaneKey));
+    if (lane == 0 || !impl->send_keys) return;
+    {
+      const std::lock_guard lock(impl->partner_restart_mutex);
+      const auto now = std::chrono::steady_clock::now();
+      auto [at, fresh] = impl->partner_restart_at.try_emplace(lane - 1, now);
+      if (!fresh && now - at->second < kPartnerRestartHoldOff) return;
+      at->second = now;
+    }
+    impl->send_keys->lane(lane - 1).begin_stream();
+    const GstObject* pipeline = GST_OBJECT_PARENT(decrypt);
+    std::fprintf(stderr,
+                 "otp-gateway[info]: stream %s: the partner's sender restarted; this stream's "
+                 "key lane goes on at pad never announced, so that its new receiver can "
+                 "follow\n",
+                 pipeline ? GST_OBJECT_NAME(pipeline) : "?");
   }
 
   CallMediaPump::Targets pump_targets(const StreamConfig& c) const {

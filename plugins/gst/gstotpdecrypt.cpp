@@ -14,6 +14,11 @@
  *
  * Stream mode: records in order, ending with the final record; any failure, or a stream
  * that ends early, is an error (no partial success). See docs/wire-format.md.
+ *
+ * Signal "sender-restarted" (datagram mode): the sender's pad stream resumed beyond a gap
+ * at a self-verifying announcement, i.e. the sending side restarted. Its receiver is then
+ * likely new as well and cannot follow pad announced to the old one: an application that
+ * sends the other way restarts its own sending stream's pad (otp-gateway does).
  */
 #include <gst/base/gstadapter.h>
 
@@ -61,8 +66,11 @@ enum Counter {
   C_KEYS_LOST,
   C_WINDOW_OVERRUNS,
   C_MEMORY_LOCK_FAILURES,
+  C_SENDER_RESTARTS,
   C_COUNT
 };
+enum { SIGNAL_SENDER_RESTARTED, N_SIGNALS };
+guint signals[N_SIGNALS];
 // The name of a counter in the stats structure.
 const char* counter_name(Counter c) {
   switch (c) {
@@ -112,6 +120,8 @@ const char* counter_name(Counter c) {
       return "window-overruns";
     case C_MEMORY_LOCK_FAILURES:
       return "memory-lock-failures";
+    case C_SENDER_RESTARTS:
+      return "sender-restarts";
     case C_COUNT:
       break;
   }
@@ -238,6 +248,11 @@ void publish(GstOtpDecrypt* self) {
   c.set(C_ANNOUNCEMENTS_EXPIRED, s.announcements_expired);
   c.set(C_KEYS_AWAITED, s.keys_awaited);
   c.set(C_KEYS_LOST, s.keys_lost);
+  if (s.sender_restarts > c.get(C_SENDER_RESTARTS)) {
+    c.set(C_SENDER_RESTARTS, s.sender_restarts);
+    GST_INFO_OBJECT(self, "the sender's pad stream resumed after a gap: the sender restarted");
+    g_signal_emit(self, signals[SIGNAL_SENDER_RESTARTED], 0);
+  }
 }
 
 // Output caps: what downstream asks for (e.g. a capsfilter with clock-rate), else plain.
@@ -739,6 +754,11 @@ static void gst_otp_decrypt_class_init(GstOtpDecryptClass* klass) {
   install_common_properties(gobject, keys::SaeRole::slave);
   const auto rw = static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS |
                                            GST_PARAM_MUTABLE_READY);
+  // Emitted from the streaming thread when the sender's pad stream resumes beyond a gap at
+  // a self-verifying announcement: the sending side restarted (see the file comment).
+  signals[SIGNAL_SENDER_RESTARTED] =
+      g_signal_new("sender-restarted", G_TYPE_FROM_CLASS(klass), G_SIGNAL_RUN_LAST, 0, nullptr,
+                   nullptr, nullptr, G_TYPE_NONE, 0);
   g_object_class_install_property(
       gobject, PROP_KEY_TIMEOUT,
       g_param_spec_uint("key-timeout", "Key timeout",

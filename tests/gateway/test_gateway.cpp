@@ -654,6 +654,54 @@ TEST_F(GatewayTest, ForgedAnnouncementsRacingGenuineOnesAndABlindFloodChangeNoth
   }
 }
 
+// A gateway restarted while its partner runs on: its new receivers know none of the
+// partner's announcements, and its journal refuses the pad its old process fetched. The
+// partner learns of the restart from the restarted gateway's own sending streams (a pad
+// stream resuming, after a gap, at a self-verifying announcement) and restarts its sending
+// lane of that stream at pad never announced, so the new receiver follows within a second
+// or so. Before, it dropped everything until the partner's sender had used up the pad
+// announced to the old process (38 s of sending, measured).
+TEST_F(GatewayTest, AGatewayRestartedWhileItsPartnerRunsOnReceivesWithinSeconds) {
+  start();
+  constexpr auto kGap = std::chrono::milliseconds(20);
+  // Both ways for 3 s each, past a periodic resync (every 2 s: a self-verifying
+  // announcement beyond a gap below one epoch), which must not read as a restart.
+  for (const bool from_a : {true, false}) {
+    std::map<int, std::vector<Bytes>> sent;
+    const auto got = exchange(from_a, 150, sent, kGap);
+    for (int s = 0; s < 2; ++s) ASSERT_TRUE(got.count(s) && got.at(s) == sent[s]);
+  }
+  auto restarts_seen = [](otpgate::gateway::Gateway& g) {
+    std::vector<std::uint64_t> seen;
+    const auto status = get_json(g.status_port(), "/api/v1/status");
+    for (const auto& stream : status["streams"])
+      seen.push_back(stream["receive"]["sender-restarts"].get<std::uint64_t>());
+    return seen;
+  };
+  EXPECT_EQ(restarts_seen(*a_), (std::vector<std::uint64_t>{0, 0}));
+  EXPECT_EQ(restarts_seen(*b_), (std::vector<std::uint64_t>{0, 0}));
+  b_.reset();
+  b_ = std::make_unique<otpgate::gateway::Gateway>(otpgate::gateway::parse_config(
+      site_config("sae-b", "sae-a", sim_->url(), dir_.path / "b", base_, false), "site-b.toml"));
+  b_->start();
+  // Both rooms talk again, in rounds of a second each way.
+  int complete_from = -1;
+  for (int round = 0; round < 6 && complete_from < 0; ++round) {
+    std::map<int, std::vector<Bytes>> from_b, from_a;
+    exchange(false, 50, from_b, kGap);
+    const auto got = exchange(true, 50, from_a, kGap);
+    bool complete = true;
+    for (int s = 0; s < 2; ++s) complete = complete && got.count(s) && got.at(s) == from_a[s];
+    if (complete) complete_from = round;
+  }
+  EXPECT_GE(complete_from, 0) << "B's receivers never followed A's streams";
+  EXPECT_LE(complete_from, 1) << "B's receivers followed A's streams only in round "
+                              << complete_from;
+  EXPECT_EQ(restarts_seen(*a_), (std::vector<std::uint64_t>{1, 1}));
+  EXPECT_EQ(restarts_seen(*b_), (std::vector<std::uint64_t>{0, 0})) << "A's lane restart "
+                                                                       "read as a restart";
+}
+
 TEST_F(GatewayTest, AKmeRestartedEmptyMidCallLosesOnlyWhatItsOutageCost) {
   start();
   std::map<int, std::vector<Bytes>> sent;

@@ -157,7 +157,8 @@ struct Decoder::Impl {
   // Pad for verifying an announcement: from the window, or from the announcement's own
   // keys (fetched, not yet placed) at the offsets it claims (this bootstraps a stream).
   bool gather(std::uint64_t off, std::size_t n, const Announcement& a,
-              const std::array<int, kMaxAnnouncedKeys>& found, std::uint8_t* out) {
+              const std::array<int, kMaxAnnouncedKeys>& found, std::uint8_t* out,
+              bool& own_keys_used) {
     for (std::size_t i = 0; i < n; ++i) {
       const std::uint64_t o = off + i;
       switch (source_of(o, a)) {
@@ -168,6 +169,7 @@ struct Decoder::Impl {
           const int at = found[(o - a.base) / a.key_length];
           if (at < 0) return false;
           out[i] = pool[checked_cast<std::size_t>(at)].bytes[(o - a.base) % a.key_length];
+          own_keys_used = true;
           break;
         }
         case Source::awaited:
@@ -197,12 +199,13 @@ struct Decoder::Impl {
     std::uint8_t r[kAuthKeyBytes], s[kMaskBytes], tag[kTagBytes];
     const std::uint64_t epoch = a->mask_offset / E;
     const EpochKey& cached = epoch_keys[epoch % epoch_keys.size()];
+    bool self_verifying = false;
     if (cached.epoch == epoch) {
       std::memcpy(r, cached.r.data(), sizeof r);
-    } else if (!gather(epoch * E, kAuthKeyBytes, *a, found, r)) {
+    } else if (!gather(epoch * E, kAuthKeyBytes, *a, found, r, self_verifying)) {
       return Check::missing;
     }
-    if (!gather(a->mask_offset, kMaskBytes, *a, found, s)) {
+    if (!gather(a->mask_offset, kMaskBytes, *a, found, s, self_verifying)) {
       OPENSSL_cleanse(r, sizeof r);
       return Check::missing;
     }
@@ -231,6 +234,19 @@ struct Decoder::Impl {
     if (window.in_range(a->mask_offset, kMaskBytes)) window.consume(a->mask_offset, kMaskBytes);
     stats.pad_bytes_used += kMaskBytes;
     stats.keys_awaited = awaited.size();
+    // A pad stream resuming beyond a gap from its own keys: see DecoderStats. A running
+    // sender's periodic resync, or its resumption after a KME outage, moves on to the next
+    // epoch boundary (a gap below E); a lost announcement leaves a gap of its own span; a
+    // restarted sender resumes at its journal's reservation, a 16 MiB chunk boundary
+    // (missed when the old one stopped within the threshold of it).
+    const std::uint64_t span = std::uint64_t{a->count} * a->key_length;
+    const std::uint64_t threshold = std::max<std::uint64_t>(E, 2 * largest_span);
+    if (self_verifying && stats.announcements_verified > 0 && a->base >= announced_end &&
+        a->base - announced_end >= threshold) {
+      ++stats.sender_restarts;
+    }
+    announced_end = std::max(announced_end, a->base + span);
+    largest_span = std::max(largest_span, span);
     ++stats.announcements_verified;
     return Check::verified;
   }
@@ -491,6 +507,8 @@ struct Decoder::Impl {
   std::chrono::steady_clock::time_point next_expiry_check;
   std::vector<Pending> pending;
   std::size_t pending_count = 0;
+  std::uint64_t announced_end = 0;  // end of the furthest keys a verified announcement named
+  std::uint64_t largest_span = 0;   // of the keys one verified announcement named
   // Merged pad ranges of the candidates' keys (see candidate_keys_end), rebuilt on use
   // after the candidates changed.
   mutable std::map<std::uint64_t, std::uint64_t> candidate_ranges;

@@ -74,6 +74,11 @@ struct DecoderStats {
   // not lock memory for it (RLIMIT_MEMLOCK reached): that pad was dropped unwritten, never
   // kept in memory that could be swapped out; units on it are refused as no_key.
   std::uint64_t memory_lock_failures = 0;
+  // The sender's pad stream resumed after a gap, at a self-verifying announcement, once
+  // this receiver had verified others: the sending side restarted (a new process starts
+  // at its journal on an epoch boundary) or resumed on fresh key after a KME outage. Its
+  // own receiver is then likely new too, and knows nothing of what was announced to it.
+  std::uint64_t sender_restarts = 0;
 };
 
 class Encoder {
