@@ -824,6 +824,46 @@ TEST_F(ElementTest, SmallKeysRelayedLateCostNoPacketAtTheStreamsStart) {
       << "no packet waited: the relay delay did not bite";
 }
 
+// sender-restarted: a sender that restarts (a new process on the same journal resumes at
+// its reservation, a 16 MiB chunk boundary) is told apart from a running sender's
+// periodic resync (every 2 s, a fresh epoch) and from its first announcement.
+TEST_F(ElementTest, TheDecryptorSignalsASenderThatRestartedButNotItsResyncs) {
+  otpgate::kmesim::KmeSimulator sim(otpgate::testing::simulator_config());
+  sim.start();
+  auto [enc, dec] = kme_pair(sim, "restart.journal");
+  int signalled = 0;
+  g_signal_connect(dec->element, "sender-restarted",
+                   G_CALLBACK(+[](GstElement*, gpointer count) { ++*static_cast<int*>(count); }),
+                   &signalled);
+  auto run = [&](GstHarness* from, std::uint16_t first, int count) {
+    std::vector<Bytes> sent, got;
+    for (int i = 0; i < count; ++i) {  // 600 kB/s (its 1 MiB ring refills every second)
+      sent.push_back(rtp_packet(static_cast<std::uint16_t>(first + i), 0x77, 1200));
+      EXPECT_EQ(gst_harness_push(from, buffer_of(sent.back())), GST_FLOW_OK);
+      for (const auto& w : pull_all(from)) {
+        gst_harness_push(dec, buffer_of(w));
+        for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    EXPECT_TRUE(otpgate::testing::eventually([&] {
+      for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+      return stat(dec->element, "packets-held") == 0;
+    }));
+    return got == sent;
+  };
+  EXPECT_TRUE(run(enc, 0, 1500));  // 3 s and more: past a resync
+  EXPECT_EQ(signalled, 0) << "the first announcement or a resync read as a restart";
+  EXPECT_EQ(stat(dec->element, "sender-restarts"), 0u);
+  // The sender restarts: a new element on the same journal.
+  gst_harness_teardown(enc);
+  std::erase(harnesses_, enc);
+  GstHarness* restarted = kme_pair(sim, "restart.journal").first;
+  EXPECT_TRUE(run(restarted, 1500, 200));
+  EXPECT_EQ(signalled, 1);
+  EXPECT_EQ(stat(dec->element, "sender-restarts"), 1u);
+}
+
 TEST_F(ElementTest, OnlyTheSenderHasAKeyLowSignalAndItsThreshold) {
   // A property that does nothing misleads: the receiver has no key-low signal.
   for (const auto& [name, sends] :
