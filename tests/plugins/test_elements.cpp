@@ -155,6 +155,28 @@ class ElementTest : public ::testing::Test {
     return plain;
   }
 
+  // As a call runs: each packet goes through `enc` and reaches `dec` before the next is
+  // sent, `gap` apart; then what `dec` still holds for its keys is waited for. What came
+  // out of `dec`, in order.
+  std::vector<Bytes> relay_live(GstHarness* enc, GstHarness* dec, const std::vector<Bytes>& sent,
+                                std::chrono::milliseconds gap) {
+    std::vector<Bytes> got;
+    for (const auto& p : sent) {
+      EXPECT_EQ(gst_harness_push(enc, buffer_of(p)), GST_FLOW_OK);
+      for (const auto& w : pull_all(enc)) {
+        gst_harness_push(dec, buffer_of(w));
+        for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+      }
+      std::this_thread::sleep_for(gap);
+    }
+    EXPECT_TRUE(otpgate::testing::eventually([&] {
+      for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+      return stat(dec->element, "packets-held") == 0;
+    }));
+    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+    return got;
+  }
+
   otpgate::testing::TestDir test_dir_;
   const fs::path dir_ = test_dir_.path;
   std::vector<GstHarness*> harnesses_;
@@ -723,22 +745,8 @@ TEST_F(ElementTest, AnRtpStreamGoesThroughAKmeWithEveryQuirkOfAnotherVendor) {
   otpgate::kmesim::KmeSimulator sim(config);
   sim.start();
   auto [enc, dec] = kme_pair(sim, "q.journal");
-  // As a call runs: each packet reaches the receiver before the next is sent.
   const auto sent = packets(150);
-  std::vector<Bytes> got;
-  for (const auto& p : sent) {
-    ASSERT_EQ(gst_harness_push(enc, buffer_of(p)), GST_FLOW_OK);
-    for (const auto& w : pull_all(enc)) {
-      gst_harness_push(dec, buffer_of(w));
-      for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-    }
-  }
-  ASSERT_TRUE(otpgate::testing::eventually([&] {
-    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-    return stat(dec->element, "packets-held") == 0;
-  }));
-  for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-  EXPECT_EQ(got, sent);
+  EXPECT_EQ(relay_live(enc, dec, sent, std::chrono::milliseconds(0)), sent);
   EXPECT_EQ(sim.stats().keys_replaced, 0u) << "the sender let the KME replace unfetched keys";
   EXPECT_EQ(stat(dec->element, "drops-no-key"), 0u);
 }
@@ -803,20 +811,7 @@ TEST_F(ElementTest, SmallKeysRelayedLateCostNoPacketAtTheStreamsStart) {
   sim.start();
   auto [enc, dec] = kme_pair(sim, "small.journal");
   const auto sent = packets(100);
-  std::vector<Bytes> got;
-  for (const auto& p : sent) {  // 100 packets a second, each on the wire before the next
-    ASSERT_EQ(gst_harness_push(enc, buffer_of(p)), GST_FLOW_OK);
-    for (const auto& w : pull_all(enc)) {
-      gst_harness_push(dec, buffer_of(w));
-      for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  ASSERT_TRUE(otpgate::testing::eventually([&] {
-    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-    return stat(dec->element, "packets-held") == 0;
-  }));
-  for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+  const auto got = relay_live(enc, dec, sent, std::chrono::milliseconds(10));  // 100 a second
   EXPECT_EQ(got.size(), sent.size());
   EXPECT_TRUE(got == sent) << "a packet changed or out of order";
   EXPECT_EQ(stat(dec->element, "drops-no-key"), 0u);
@@ -836,21 +831,11 @@ TEST_F(ElementTest, TheDecryptorSignalsASenderThatRestartedButNotItsResyncs) {
                    G_CALLBACK(+[](GstElement*, gpointer count) { ++*static_cast<int*>(count); }),
                    &signalled);
   auto run = [&](GstHarness* from, std::uint16_t first, int count) {
-    std::vector<Bytes> sent, got;
-    for (int i = 0; i < count; ++i) {  // 600 kB/s (its 1 MiB ring refills every second)
+    std::vector<Bytes> sent;
+    for (int i = 0; i < count; ++i)
       sent.push_back(rtp_packet(static_cast<std::uint16_t>(first + i), 0x77, 1200));
-      EXPECT_EQ(gst_harness_push(from, buffer_of(sent.back())), GST_FLOW_OK);
-      for (const auto& w : pull_all(from)) {
-        gst_harness_push(dec, buffer_of(w));
-        for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
-    EXPECT_TRUE(otpgate::testing::eventually([&] {
-      for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-      return stat(dec->element, "packets-held") == 0;
-    }));
-    return got == sent;
+    // 600 kB/s: the sender's 1 MiB ring refills every second.
+    return relay_live(from, dec, sent, std::chrono::milliseconds(2)) == sent;
   };
   EXPECT_TRUE(run(enc, 0, 1500));  // 3 s and more: past a resync
   EXPECT_EQ(signalled, 0) << "the first announcement or a resync read as a restart";
