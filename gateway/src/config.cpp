@@ -21,7 +21,7 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
        {"keys", config::kKeysKeys},
        {"peer", {"sae_id", "address", "transport", "transfer"}},
        {"policy", {"cipher", "on_key_exhausted", "rekey_interval"}},
-       {"media", {"realtime_priority", "cpu_wakeup_latency_us"}},
+       {"media", {"realtime_priority", "cpu_wakeup_latency_us", "key_wait_ms"}},
        {"status", {"listen", "server_names", "unhealthy_after_s"}},
        {"ice", {"signalling_listen", "peer_signalling", "stun"}},
        {"sip",
@@ -82,6 +82,10 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
           r.integer(*media_node->as_table(), "media.", "cpu_wakeup_latency_us", 0, 1000000,
                     "microseconds from 0 (CPUs never sleep) to 1000000", std::nullopt));
     }
+    c.receive_key_wait_ms = static_cast<std::uint32_t>(
+        r.integer(*media_node->as_table(), "media.", "key_wait_ms", 0, 5000,
+                  "milliseconds a received packet may wait for its key, 0 to 5000",
+                  std::int64_t{c.receive_key_wait_ms}));
   }
 
   if (const toml::node* status_node = root.get("status")) {

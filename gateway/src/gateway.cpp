@@ -487,7 +487,8 @@ struct Gateway::Impl final : CallMediaPlane {
       const std::uint64_t window = std::max<std::uint64_t>(
           16u << 20, (2 * config.key_ring_bytes + epoch - 1) / epoch * epoch);
       g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane),
-                   "window-size", static_cast<guint64>(window), nullptr);
+                   "window-size", static_cast<guint64>(window), "key-wait",
+                   guint{config.receive_key_wait_ms}, nullptr);
       if (s.send_lane) {  // the partner restarted: its new receiver follows this stream anew
         g_object_set_data(G_OBJECT(s.decrypt.get()), kSendLaneKey,
                           GUINT_TO_POINTER(static_cast<guint>(*s.send_lane + 1)));

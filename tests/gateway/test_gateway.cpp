@@ -160,6 +160,42 @@ TEST_F(GatewayTest, PacketsWaitingForALateKeyAreDeliveredAndCounted) {
   EXPECT_EQ(b_total("drops-no-key"), 0u);
 }
 
+// [media] key_wait_ms: a site whose KME relays keys about a second late keeps every packet
+// with a longer key-wait; with the default (500 ms) the first ones are dropped, counted.
+TEST_F(GatewayTest, AKeyWaitLongerThanTheKmesDelayKeepsEveryPacket) {
+  auto kme = otpgate::testing::simulator_config();
+  kme.faults.hold_dec_keys = true;
+  start([](std::string&, std::string& b) { b += "[media]\nkey_wait_ms = 4000\n"; }, kme);
+  std::thread relay([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+    auto faults = sim_->faults();
+    faults.hold_dec_keys = false;  // the keys arrive now
+    sim_->set_faults(faults);
+  });
+  std::map<int, std::vector<Bytes>> sent;
+  auto received = exchange(true, 20, sent);
+  relay.join();
+  EXPECT_GT(sim_->stats().requests_hung, 0u) << "B never waited for its keys";
+  const auto status = get_json(b_->status_port(), "/api/v1/status");
+  for (int s = 0; s < 2; ++s) {
+    EXPECT_EQ(received[s], sent[s]) << "stream " << s;
+    EXPECT_EQ(status["streams"][s]["receive"]["drops-no-key"], 0) << "stream " << s;
+  }
+}
+
+TEST(GatewayConfigMedia, AKeyWaitOutOfRangeIsOneReadableError) {
+  const std::string text =
+      site_config("sae-a", "sae-b", "https://127.0.0.1:1", "/tmp", 20000, true) +
+      "[media]\nkey_wait_ms = 60000\n";
+  try {
+    otpgate::gateway::parse_config(text, "a.toml");
+    ADD_FAILURE() << "a key_wait_ms of 60000 was accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("media.key_wait_ms"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("0 to 5000"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(GatewayTest, StatusApiAndMetricsCountWhatWasSent) {
   start();
   std::map<int, std::vector<Bytes>> sent;

@@ -82,6 +82,10 @@ struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [k
   // write access to the device; without it the gateway runs with one warning.
   std::optional<int> cpu_wakeup_latency_us;
   std::filesystem::path cpu_latency_device = "/dev/cpu_dma_latency";  // tests point elsewhere
+  // [media] key_wait_ms: how long a packet from the partner may wait for its key (this
+  // site's KME still relaying it, typically at a stream's or call's start) before it is
+  // dropped and counted (drops-no-key); later packets wait behind it, in order.
+  std::uint32_t receive_key_wait_ms = 500;
   Endpoint status_listen{"127.0.0.1", 8080};
   // [status] server_names: names monitoring and the console reach the status API by,
   // besides loopback and the listen address (any other Host is refused: DNS rebinding).
