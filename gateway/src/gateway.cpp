@@ -489,9 +489,14 @@ struct Gateway::Impl final : CallMediaPlane {
       g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane),
                    "window-size", static_cast<guint64>(window), "key-wait",
                    guint{config.receive_key_wait_ms}, nullptr);
-      if (s.send_lane) {  // the partner restarted: its new receiver follows this stream anew
-        g_object_set_data(G_OBJECT(s.decrypt.get()), kSendLaneKey,
-                          GUINT_TO_POINTER(static_cast<guint>(*s.send_lane + 1)));
+      // The partner restarted: its new receivers follow this side's streams anew (a
+      // static stream's signal restarts every static sending lane, receive-only or not; a
+      // call's, its own lane).
+      if (!pumped || s.send_lane) {
+        if (pumped) {
+          g_object_set_data(G_OBJECT(s.decrypt.get()), kSendLaneKey,
+                            GUINT_TO_POINTER(static_cast<guint>(*s.send_lane + 1)));
+        }
         g_signal_connect(s.decrypt.get(), "sender-restarted", G_CALLBACK(on_sender_restarted),
                          this);
       }
@@ -506,33 +511,47 @@ struct Gateway::Impl final : CallMediaPlane {
     }
   }
 
-  // The partner gateway restarted (its sender of this stream resumed beyond a gap): its
-  // new receiver knows none of this stream's announcements, and the keys its old process
-  // fetched are gone from its KME, so it could follow only once this side had used up the
-  // pad announced so far (a ring: half a minute of audio). This stream's sending lane
-  // restarts at pad never announced instead, as a call lane does for its next call. At
-  // most once per lane in kPartnerRestartHoldOff: the partner's own lane restart, seen
-  // here as a jump too, must not start a ping-pong of wiped rings.
+  // The partner gateway restarted (its sender of a stream resumed at a journal chunk
+  // boundary): its new receivers know none of this side's announcements, and the keys
+  // its old process fetched are gone from its KME, so they could follow only once this
+  // side had used up the pad announced so far (a ring: half a minute of audio). The
+  // sending lanes restart at pad never announced instead, as a call lane does for its
+  // next call: every static one for a static stream's signal (the partner restarted as a
+  // whole), the call's own for a call's. At most once per lane in kPartnerRestartHoldOff,
+  // so that a lane restart the partner happens to read as a restart (its flush landing
+  // on a chunk boundary, about once in 64) cannot start a ping-pong of wiped rings.
   static constexpr const char* kSendLaneKey = "otpgate-send-lane";
   static constexpr auto kPartnerRestartHoldOff = std::chrono::seconds(5);
   static void on_sender_restarted(GstElement* decrypt, gpointer data) {
     auto* impl = static_cast<Impl*>(data);
-    const guint lane = GPOINTER_TO_UINT(g_object_get_data(G_OBJECT(decrypt), kSendLaneKey));
-    if (lane == 0 || !impl->send_keys) return;
-    {
-      const std::lock_guard lock(impl->partner_restart_mutex);
-      const auto now = std::chrono::steady_clock::now();
-      auto [at, fresh] = impl->partner_restart_at.try_emplace(lane - 1, now);
-      if (!fresh && now - at->second < kPartnerRestartHoldOff) return;
-      at->second = now;
+    if (!impl->send_keys) return;
+    const guint call_lane = GPOINTER_TO_UINT(g_object_get_data(G_OBJECT(decrypt), kSendLaneKey));
+    std::vector<std::size_t> lanes;
+    if (call_lane != 0) {
+      lanes.push_back(call_lane - 1);
+    } else {
+      for (std::size_t i = 0; i < impl->call_send_lane_base; ++i) lanes.push_back(i);
     }
-    impl->send_keys->lane(lane - 1).begin_stream();
+    std::size_t restarted = 0;
+    for (const std::size_t lane : lanes) {
+      {
+        const std::lock_guard lock(impl->partner_restart_mutex);
+        const auto now = std::chrono::steady_clock::now();
+        auto [at, fresh] = impl->partner_restart_at.try_emplace(lane, now);
+        if (!fresh && now - at->second < kPartnerRestartHoldOff) continue;
+        at->second = now;
+      }
+      impl->send_keys->lane(lane).begin_stream();
+      ++restarted;
+    }
+    if (restarted == 0) return;
     const GstObject* pipeline = GST_OBJECT_PARENT(decrypt);
     std::fprintf(stderr,
-                 "otp-gateway[info]: stream %s: the partner's sender restarted; this stream's "
-                 "key lane goes on at pad never announced, so that its new receiver can "
+                 "otp-gateway[info]: stream %s: the partner's sender restarted; %zu sending key "
+                 "lane%s go%s on at pad never announced, so that its new receivers can "
                  "follow\n",
-                 pipeline ? GST_OBJECT_NAME(pipeline) : "?");
+                 pipeline ? GST_OBJECT_NAME(pipeline) : "?", restarted, restarted == 1 ? "" : "s",
+                 restarted == 1 ? "es" : "");
   }
 
   CallMediaPump::Targets pump_targets(const StreamConfig& c) const {

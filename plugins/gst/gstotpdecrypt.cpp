@@ -165,6 +165,7 @@ struct Session {
   bool preamble_seen = false;
   bool told_window_overrun = false;
   bool told_memory_lock = false;
+  std::uint64_t sender_restarts_signalled = 0;  // of the decoder's sender_restarts
   std::vector<std::uint8_t> out = std::vector<std::uint8_t>(otp::kMaxUnitPayload);
   // Datagram mode: packets whose key a verified announcement has on its way. The
   // streaming thread never waits for them.
@@ -248,8 +249,9 @@ void publish(GstOtpDecrypt* self) {
   c.set(C_ANNOUNCEMENTS_EXPIRED, s.announcements_expired);
   c.set(C_KEYS_AWAITED, s.keys_awaited);
   c.set(C_KEYS_LOST, s.keys_lost);
-  if (s.sender_restarts > c.get(C_SENDER_RESTARTS)) {
-    c.set(C_SENDER_RESTARTS, s.sender_restarts);
+  c.set(C_SENDER_RESTARTS, s.sender_restarts);
+  if (s.sender_restarts > p.session->sender_restarts_signalled) {
+    p.session->sender_restarts_signalled = s.sender_restarts;
     GST_INFO_OBJECT(self, "the sender's pad stream resumed after a gap: the sender restarted");
     g_signal_emit(self, signals[SIGNAL_SENDER_RESTARTED], 0);
   }

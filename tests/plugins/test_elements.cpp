@@ -661,6 +661,7 @@ TEST_F(ElementTest, KeysFromTheKmeSimulatorOverMutualTls) {
   otpgate::kmesim::KmeSimulator sim(otpgate::testing::simulator_config());
   sim.start();
   auto [enc, dec] = kme_pair(sim, "a.journal");
+  g_object_set(dec->element, "key-wait", 5000u, nullptr);  // the first mTLS fetch, loaded
   const auto sent = packets(200);
   const auto wire = protect(enc, sent);
   // The slave fetches keys from its KME after the announcements: fed in one burst, the
@@ -810,6 +811,8 @@ TEST_F(ElementTest, SmallKeysRelayedLateCostNoPacketAtTheStreamsStart) {
   otpgate::kmesim::KmeSimulator sim(config);
   sim.start();
   auto [enc, dec] = kme_pair(sim, "small.journal");
+  // Room for a loaded machine: without the fix packets are dropped at once, not held.
+  g_object_set(dec->element, "key-wait", 5000u, nullptr);
   const auto sent = packets(100);
   const auto got = relay_live(enc, dec, sent, std::chrono::milliseconds(10));  // 100 a second
   EXPECT_EQ(got.size(), sent.size());

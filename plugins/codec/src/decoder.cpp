@@ -43,6 +43,7 @@ struct Decoder::Impl {
     bool bootstrap = false;  // its keys were asked for before it could be verified
     std::chrono::steady_clock::time_point expires;
     std::uint64_t keys_begin = 0, keys_end = 0;  // the pad its keys would hold
+    std::uint64_t mask_offset = 0;
   };
   static constexpr std::size_t kMaxAwaited = 65536;
   enum class Check { verified, missing, bad };
@@ -118,23 +119,15 @@ struct Decoder::Impl {
   // (being fetched), those of a verified announcement (awaited) or of another candidate
   // (verified in turn). With small keys (256 bits: 2 KiB per announcement) a stream's
   // later announcements depend on earlier candidates several deep while the receiving KME
-  // relays the first keys; their pad is on its way all the same. Forged candidates are
-  // bounded by pending_limit and refuted (or expire) when the keys they depend on arrive.
+  // relays the first keys; their pad is on its way all the same. A candidate's keys count
+  // only if it is a bootstrap or its mask lies below them, as a genuine sender's always
+  // does (its masks come from pad it announced earlier): forged candidates can then never
+  // vouch for each other in a cycle, and each falls with what it depends on. They are
+  // bounded by pending_limit and refuted (or expire) when those keys arrive.
   std::optional<std::uint64_t> candidate_keys_end(std::uint64_t o) const {
     if (candidate_ranges_stale) {
-      std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
-      for (std::size_t i = 0; i < pending_count; ++i)
-        ranges.emplace_back(pending[i].keys_begin, pending[i].keys_end);
-      std::sort(ranges.begin(), ranges.end());
-      candidate_ranges.clear();  // merged: an overlap of forgeries is one range
-      for (const auto& [begin, end] : ranges) {
-        if (!candidate_ranges.empty() && begin <= std::prev(candidate_ranges.end())->second) {
-          auto& last_end = std::prev(candidate_ranges.end())->second;
-          last_end = std::max(last_end, end);
-        } else {
-          candidate_ranges.emplace(begin, end);
-        }
-      }
+      candidate_ranges.clear();
+      for (std::size_t i = 0; i < pending_count; ++i) add_candidate_range(pending[i]);
       candidate_ranges_stale = false;
     }
     auto it = candidate_ranges.upper_bound(o);
@@ -142,6 +135,24 @@ struct Decoder::Impl {
     --it;
     if (o >= it->second) return std::nullopt;
     return it->second;
+  }
+  // Merges a candidate's keys into candidate_ranges (disjoint: an overlap is one range).
+  void add_candidate_range(const Pending& p) const {
+    if (!p.bootstrap && p.mask_offset + kMaskBytes > p.keys_begin) return;
+    std::uint64_t begin = p.keys_begin, end = p.keys_end;
+    if (begin >= end) return;
+    auto it = candidate_ranges.upper_bound(begin);
+    if (it != candidate_ranges.begin() && std::prev(it)->second >= begin) {
+      --it;
+      begin = it->first;
+      end = std::max(end, it->second);
+      it = candidate_ranges.erase(it);
+    }
+    while (it != candidate_ranges.end() && it->first <= end) {
+      end = std::max(end, it->second);
+      it = candidate_ranges.erase(it);
+    }
+    candidate_ranges.emplace(begin, end);
   }
 
   // Pool index of the fetched key `id` of `length` bytes, or -1.
@@ -234,15 +245,17 @@ struct Decoder::Impl {
     if (window.in_range(a->mask_offset, kMaskBytes)) window.consume(a->mask_offset, kMaskBytes);
     stats.pad_bytes_used += kMaskBytes;
     stats.keys_awaited = awaited.size();
-    // A pad stream resuming beyond a gap from its own keys: see DecoderStats. A running
-    // sender's periodic resync, or its resumption after a KME outage, moves on to the next
-    // epoch boundary (a gap below E); a lost announcement leaves a gap of its own span; a
-    // restarted sender resumes at its journal's reservation, a 16 MiB chunk boundary
-    // (missed when the old one stopped within the threshold of it).
+    // A pad stream resuming beyond a gap from its own keys on a journal chunk boundary:
+    // see DecoderStats. A running sender's periodic resync moves on to the next epoch
+    // boundary (a gap below E); its flushes (a KME outage, begin_stream) land on epoch
+    // boundaries, beyond pad it never announced; a lost announcement leaves a gap of its
+    // own span. A restarted sender resumes at its journal's reservation (missed when the
+    // old one stopped within the threshold below it).
     const std::uint64_t span = std::uint64_t{a->count} * a->key_length;
     const std::uint64_t threshold = std::max<std::uint64_t>(E, 2 * largest_span);
+    const std::uint64_t alignment = std::max<std::uint64_t>(1, config.sender_restart_alignment);
     if (self_verifying && stats.announcements_verified > 0 && a->base >= announced_end &&
-        a->base - announced_end >= threshold) {
+        a->base - announced_end >= threshold && a->base % alignment == 0) {
       ++stats.sender_restarts;
     }
     announced_end = std::max(announced_end, a->base + span);
@@ -370,7 +383,8 @@ struct Decoder::Impl {
     p.expires = std::chrono::steady_clock::now() + config.candidate_ttl;
     p.keys_begin = a->base;
     p.keys_end = a->base + std::uint64_t{a->count} * a->key_length;
-    candidate_ranges_stale = true;
+    p.mask_offset = a->mask_offset;
+    if (!candidate_ranges_stale) add_candidate_range(p);  // else rebuilt on the next use
     stats.announcements_pending = pending_count;
     if (bootstrap) {
       // Only its own keys can verify it: fetch them (kept unplaced until it verifies).
@@ -413,6 +427,10 @@ struct Decoder::Impl {
     bool progress = true;
     while (progress && pending_count > 0) {
       progress = false;
+      // Candidates' ranges are rebuilt once per pass, not per removal (thousands of
+      // candidates in stream mode): within a pass they may still count one just dropped,
+      // which only keeps others a pass longer.
+      bool removed = false;
       for (std::size_t i = 0; i < pending_count;) {
         const std::span<const std::uint8_t> rec(pending[i].bytes.data(), pending[i].size);
         const auto a = parse_announcement(rec);
@@ -431,9 +449,10 @@ struct Decoder::Impl {
         }
         std::swap(pending[i], pending[pending_count - 1]);
         --pending_count;
-        candidate_ranges_stale = true;
+        removed = true;
         progress = progress || c == Check::verified;
       }
+      if (removed) candidate_ranges_stale = true;
     }
     stats.announcements_pending = pending_count;
   }

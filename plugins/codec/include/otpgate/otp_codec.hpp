@@ -74,10 +74,11 @@ struct DecoderStats {
   // not lock memory for it (RLIMIT_MEMLOCK reached): that pad was dropped unwritten, never
   // kept in memory that could be swapped out; units on it are refused as no_key.
   std::uint64_t memory_lock_failures = 0;
-  // The sender's pad stream resumed after a gap, at a self-verifying announcement, once
-  // this receiver had verified others: the sending side restarted (a new process starts
-  // at its journal on an epoch boundary) or resumed on fresh key after a KME outage. Its
-  // own receiver is then likely new too, and knows nothing of what was announced to it.
+  // The sender's pad stream resumed beyond a gap, at a self-verifying announcement on a
+  // DecoderConfig::sender_restart_alignment boundary, once this receiver had verified
+  // others: the sending side restarted (a new process resumes at its journal's
+  // reservation). Its own receiver is then likely new too, and knows nothing of what was
+  // announced to it. (A running sender's flush lands there too about once in 64.)
   std::uint64_t sender_restarts = 0;
 };
 
@@ -147,6 +148,11 @@ struct DecoderConfig {
   std::size_t max_bootstrap_candidates = 16;
   std::chrono::milliseconds candidate_ttl{8000};  // a candidate not verified by then is dropped
   std::size_t max_unplaced_keys = 65536;
+  // A restarted sender resumes at its journal's reservation, in whole chunks of this
+  // (KeySupplyConfig::reserve_chunk): only a resumption on such a boundary counts as a
+  // restart (sender_restarts). A running sender's flushes (a KME outage, a lane handed to
+  // a new stream) and periodic resyncs land on epoch boundaries.
+  std::uint64_t sender_restart_alignment = 16u << 20;
 };
 
 class Decoder {
