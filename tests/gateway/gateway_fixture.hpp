@@ -207,6 +207,14 @@ class GatewayTest : public ::testing::Test {
     b_.reset();
   }
 
+  // The simulator answers the dec_keys it holds (SimulatorFaults::hold_dec_keys) from now
+  // on: the keys reach the receiving site.
+  void release_dec_keys() {
+    auto faults = sim_->faults();
+    faults.hold_dec_keys = false;
+    sim_->set_faults(faults);
+  }
+
   // Sends `count` packets per stream from one site's conference system; returns what
   // the other site's conference system received, per stream.
   std::map<int, std::vector<Bytes>> exchange(

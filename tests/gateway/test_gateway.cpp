@@ -147,9 +147,7 @@ TEST_F(GatewayTest, PacketsWaitingForALateKeyAreDeliveredAndCounted) {
     EXPECT_TRUE(otpgate::testing::eventually([&] {
       return sim_->stats().requests_hung > 0 && b_total("key-waits") > 0;
     })) << "no packet waited for its key, or B never asked for it";
-    auto faults = sim_->faults();
-    faults.hold_dec_keys = false;  // the keys arrive now
-    sim_->set_faults(faults);
+    release_dec_keys();
   });
   std::map<int, std::vector<Bytes>> sent;
   auto received = exchange(true, 20, sent);
@@ -168,9 +166,7 @@ TEST_F(GatewayTest, AKeyWaitLongerThanTheKmesDelayKeepsEveryPacket) {
   start([](std::string&, std::string& b) { b += "[media]\nkey_wait_ms = 4000\n"; }, kme);
   std::thread relay([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(1200));
-    auto faults = sim_->faults();
-    faults.hold_dec_keys = false;  // the keys arrive now
-    sim_->set_faults(faults);
+    release_dec_keys();
   });
   std::map<int, std::vector<Bytes>> sent;
   auto received = exchange(true, 20, sent);
