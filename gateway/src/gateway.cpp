@@ -532,7 +532,7 @@ struct Gateway::Impl final : CallMediaPlane {
     } else {
       for (std::size_t i = 0; i < impl->call_send_lane_base; ++i) lanes.push_back(i);
     }
-    std::size_t restarted = 0;
+    std::vector<std::size_t> restarted;
     for (const std::size_t lane : lanes) {
       {
         const std::lock_guard lock(impl->partner_restart_mutex);
@@ -542,16 +542,24 @@ struct Gateway::Impl final : CallMediaPlane {
         at->second = now;
       }
       impl->send_keys->lane(lane).begin_stream();
-      ++restarted;
+      restarted.push_back(lane);
     }
-    if (restarted == 0) return;
+    if (restarted.empty()) return;
+    {  // AES master keys drawn from pad the partner's old process fetched are gone with it
+      const std::lock_guard lock(impl->streams_mutex);
+      for (const auto& stream : impl->streams) {
+        if (stream.encrypt && stream.send_lane &&
+            std::find(restarted.begin(), restarted.end(), *stream.send_lane) != restarted.end())
+          g_signal_emit_by_name(stream.encrypt.get(), "rekey");
+      }
+    }
     const GstObject* pipeline = GST_OBJECT_PARENT(decrypt);
     std::fprintf(stderr,
                  "otp-gateway[info]: stream %s: the partner's sender restarted; %zu sending key "
                  "lane%s go%s on at pad never announced, so that its new receivers can "
                  "follow\n",
-                 pipeline ? GST_OBJECT_NAME(pipeline) : "?", restarted, restarted == 1 ? "" : "s",
-                 restarted == 1 ? "es" : "");
+                 pipeline ? GST_OBJECT_NAME(pipeline) : "?", restarted.size(),
+                 restarted.size() == 1 ? "" : "s", restarted.size() == 1 ? "es" : "");
   }
 
   CallMediaPump::Targets pump_targets(const StreamConfig& c) const {

@@ -179,6 +179,7 @@ struct Private {
   GstPtr<GstCaps> sink_caps;
   std::unique_ptr<Session> session;
   std::atomic<bool> flushing{false};
+  std::atomic<bool> forget_aes_key{false};  // the "rekey" action signal, for the next packet
   bool caps_pushed = false;
   PublishedCounters<C_COUNT> counters;
   // Non-blocking mode: releases held packets when no new packet arrives to do it.
@@ -319,6 +320,7 @@ GstFlowReturn protect_into(GstOtpEncrypt* self, GstBuffer* in, GstBuffer* out,
     if (const GstFlowReturn pushed = push_announcements(self, in); pushed != GST_FLOW_OK) {
       return pushed;
     }
+    if (p.forget_aes_key.exchange(false)) s.encoder->forget_aes_key();
     if (p.cipher == CIPHER_AES_256_GCM) {
       status = s.encoder->protect_datagram_aes(packet, out_span, written, p.rekey_interval);
     } else {
@@ -848,6 +850,14 @@ static void gst_otp_encrypt_class_init(GstOtpEncryptClass* klass) {
   signals[SIGNAL_KEY_EXHAUSTED] =
       g_signal_new("key-exhausted", G_TYPE_FROM_CLASS(klass), G_SIGNAL_RUN_LAST, 0, nullptr,
                    nullptr, nullptr, G_TYPE_NONE, 0);
+  // Action: the next AES packet (cipher aes-256-gcm, or fallback-aes) draws a fresh master
+  // key from the pad, because the receiver that could derive the current one is gone
+  // (the partner restarted; otp-gateway emits it when it restarts a key lane).
+  g_signal_new_class_handler(
+      "rekey", G_TYPE_FROM_CLASS(klass),
+      static_cast<GSignalFlags>(G_SIGNAL_RUN_LAST | G_SIGNAL_ACTION),
+      G_CALLBACK(+[](GstOtpEncrypt* self) { self->priv->forget_aes_key = true; }), nullptr, nullptr,
+      nullptr, G_TYPE_NONE, 0);
 
   gst_element_class_add_static_pad_template(element, &sink_template);
   gst_element_class_add_static_pad_template(element, &src_template);

@@ -694,8 +694,16 @@ TEST_F(GatewayTest, ForgedAnnouncementsRacingGenuineOnesAndABlindFloodChangeNoth
 // or so (a loaded machine: up to the third round). Before, it dropped everything until
 // the partner's sender had used up the pad announced to the old process (38 s of sending,
 // measured; never within six rounds here).
-TEST_F(GatewayTest, AGatewayRestartedWhileItsPartnerRunsOnReceivesWithinSeconds) {
-  start();
+class GatewayRestartTest : public GatewayTest, public ::testing::WithParamInterface<const char*> {};
+
+TEST_P(GatewayRestartTest, AGatewayRestartedWhileItsPartnerRunsOnReceivesWithinSeconds) {
+  // The cipher: otp, or aes-256-gcm (whose master keys, drawn from pad the restarted
+  // side's old process fetched, are dropped with the lane restart: "rekey").
+  const std::string policy = std::string("[policy]\ncipher = \"") + GetParam() + "\"\n";
+  start([&](std::string& a, std::string& b) {
+    a += policy;
+    b += policy;
+  });
   constexpr auto kGap = std::chrono::milliseconds(20);
   // Both ways for 3 s each, past a periodic resync (every 2 s: a self-verifying
   // announcement beyond a gap below one epoch), which must not read as a restart.
@@ -715,7 +723,8 @@ TEST_F(GatewayTest, AGatewayRestartedWhileItsPartnerRunsOnReceivesWithinSeconds)
   EXPECT_EQ(restarts_seen(*b_), (std::vector<std::uint64_t>{0, 0}));
   b_.reset();
   b_ = std::make_unique<otpgate::gateway::Gateway>(otpgate::gateway::parse_config(
-      site_config("sae-b", "sae-a", sim_->url(), dir_.path / "b", base_, false), "site-b.toml"));
+      site_config("sae-b", "sae-a", sim_->url(), dir_.path / "b", base_, false) + policy,
+      "site-b.toml"));
   b_->start();
   // Both rooms talk again, in rounds of a second each way.
   int complete_from = -1;
@@ -734,6 +743,8 @@ TEST_F(GatewayTest, AGatewayRestartedWhileItsPartnerRunsOnReceivesWithinSeconds)
   EXPECT_EQ(restarts_seen(*b_), (std::vector<std::uint64_t>{0, 0})) << "A's lane restart "
                                                                        "read as a restart";
 }
+
+INSTANTIATE_TEST_SUITE_P(Ciphers, GatewayRestartTest, ::testing::Values("otp", "aes-256-gcm"));
 
 TEST_F(GatewayTest, AKmeRestartedEmptyMidCallLosesOnlyWhatItsOutageCost) {
   start();

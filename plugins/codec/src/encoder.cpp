@@ -342,6 +342,10 @@ Encoder::Status Encoder::protect_datagram_aes(std::span<const std::uint8_t> in,
 bool Encoder::prepare_aes() {
   return impl_->aes || impl_->rekey_aes();
 }
+void Encoder::forget_aes_key() {
+  impl_->aes.reset();  // its key material is wiped by its own destructor
+  impl_->aes_packets = 0;
+}
 std::uint64_t Encoder::aes_rekeys() const {
   return impl_->stats.aes_rekeys;
 }

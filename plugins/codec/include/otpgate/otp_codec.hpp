@@ -109,6 +109,9 @@ class Encoder {
                               std::size_t& written, std::uint32_t rekey_interval);
   // Draws an AES master key now if there is none (so that fallback has one ready).
   bool prepare_aes();
+  // The receiver that could derive the current AES master key is gone (the partner
+  // restarted): the next AES packet draws a new one from the pad, or finds no key.
+  void forget_aes_key();
   std::uint64_t aes_rekeys() const;
 
   // Stream mode: the next record of `kind` carrying the first `consumed` bytes of
