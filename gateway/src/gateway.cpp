@@ -25,6 +25,7 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <thread>
 
 #include "call_media_pump.hpp"
@@ -218,9 +219,11 @@ struct Gateway::Impl final : CallMediaPlane {
   // thread, under the calls' lock) waits for a name lookup.
   std::string call_peer_host;
   // Send lanes restarted because the partner restarted, and when (on_sender_restarted;
-  // before `streams`, whose elements call it).
+  // before `streams`, whose elements call it); those whose encryptors are still to be
+  // told to draw a fresh AES key (by the bus thread, which walks the streams anyway).
   std::mutex partner_restart_mutex;
   std::map<std::size_t, std::chrono::steady_clock::time_point> partner_restart_at;
+  std::set<std::size_t> lanes_to_rekey;
   // Static streams, then call streams as calls come and go (guarded by streams_mutex:
   // the ng listener adds and removes them while the status API and the bus thread read).
   std::list<Stream> streams;
@@ -546,12 +549,8 @@ struct Gateway::Impl final : CallMediaPlane {
     }
     if (restarted.empty()) return;
     {  // AES master keys drawn from pad the partner's old process fetched are gone with it
-      const std::lock_guard lock(impl->streams_mutex);
-      for (const auto& stream : impl->streams) {
-        if (stream.encrypt && stream.send_lane &&
-            std::find(restarted.begin(), restarted.end(), *stream.send_lane) != restarted.end())
-          g_signal_emit_by_name(stream.encrypt.get(), "rekey");
-      }
+      const std::lock_guard lock(impl->partner_restart_mutex);
+      impl->lanes_to_rekey.insert(restarted.begin(), restarted.end());
     }
     const GstObject* pipeline = GST_OBJECT_PARENT(decrypt);
     std::fprintf(stderr,
@@ -808,6 +807,7 @@ struct Gateway::Impl final : CallMediaPlane {
         calls->expire(last_expiry);
       }
       std::unique_lock lock(streams_mutex);
+      rekey_restarted_lanes();
       for (auto& s : streams) {
         GstBus* bus = gst_element_get_bus(s.pipeline.get());
         while (GstMessage* m = gst_bus_pop_filtered(
@@ -831,6 +831,21 @@ struct Gateway::Impl final : CallMediaPlane {
       lock.unlock();
       observe_health();
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+
+  // With streams_mutex held: the encryptors of lanes restarted for a partner restart draw
+  // a fresh AES master key for their next AES packet (otpencrypt's "rekey"). Here, not in
+  // on_sender_restarted: a streaming thread never waits for streams_mutex.
+  void rekey_restarted_lanes() {
+    std::set<std::size_t> lanes;
+    {
+      const std::lock_guard lock(partner_restart_mutex);
+      lanes.swap(lanes_to_rekey);
+    }
+    for (const auto& s : streams) {
+      if (s.encrypt && s.send_lane && lanes.contains(*s.send_lane))
+        g_signal_emit_by_name(s.encrypt.get(), "rekey");
     }
   }
 

@@ -16,7 +16,8 @@
  * that ends early, is an error (no partial success). See docs/wire-format.md.
  *
  * Signal "sender-restarted" (datagram mode): the sender's pad stream resumed beyond a gap
- * at a self-verifying announcement, i.e. the sending side restarted. Its receiver is then
+ * at a self-verifying announcement on a journal chunk boundary, i.e. the sending side
+ * restarted. Its receiver is then
  * likely new as well and cannot follow pad announced to the old one: an application that
  * sends the other way restarts its own sending stream's pad (otp-gateway does).
  */
@@ -770,8 +771,8 @@ static void gst_otp_decrypt_class_init(GstOtpDecryptClass* klass) {
       gobject, PROP_KEY_WAIT,
       g_param_spec_uint("key-wait", "Key wait",
                         "Datagram mode: milliseconds a packet may be held (in arrival order, "
-                        "without blocking the stream) while keys that a verified announcement "
-                        "named are being fetched (at most 4096 packets or 4 MiB; the oldest give "
+                        "without blocking the stream) while keys that announcements named are "
+                        "being fetched (at most 4096 packets or 4 MiB; the oldest give "
                         "way, counted in drops-no-key); packets on pad nobody announced are "
                         "dropped at once",
                         0, 5000, 500, rw));

@@ -166,7 +166,6 @@ class HeldPackets {
   std::size_t hold(GstPtr<GstBuffer> buffer, std::chrono::milliseconds wait);
   bool empty() const { return held_.empty(); }
   std::size_t size() const { return held_.size(); }
-  std::size_t bytes() const { return bytes_; }
   GstBuffer* front() const { return held_.front().buffer.get(); }
   bool front_expired(Clock::time_point now) const { return now >= held_.front().deadline; }
   void pop_front();
