@@ -589,11 +589,14 @@ struct Gateway::Impl final : CallMediaPlane {
              nullptr,
              nullptr,
              nullptr};
-    // The lane's pad stream goes on, but not from pad announced to the last call's receiver.
-    if (s.send_lane) send_keys->lane(*s.send_lane).begin_stream();
     build(s, true);  // throws naming the port it could not bind, the element it could not make
-    starter->start(s.pipeline.get(), s.config.name, [pump = s.pump.get()] {
+    keys::PadSource* lane = s.send_lane ? &send_keys->lane(*s.send_lane) : nullptr;
+    starter->start(s.pipeline.get(), s.config.name, [pump = s.pump.get(), lane] {
       try {
+        // The lane's pad stream goes on, but not from pad announced to the last call's
+        // receiver. Here, before the first packet can reach the encryptor, and off the ng
+        // request path: the refill thread wakes for it and fetches the call's first keys.
+        if (lane) lane->begin_stream();
         pump->start();
       } catch (const std::exception& e) {  // the call ends at its media timeout
         std::fprintf(stderr, "otp-gateway[error]: %s\n", e.what());

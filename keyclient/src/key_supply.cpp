@@ -30,8 +30,7 @@ constexpr std::size_t kQueueCapacity = 65536;
 constexpr std::size_t kRecentIds = 65536;
 constexpr std::size_t kMaxWanted = 16384;       // keys asked for, not yet fetched or lost
 constexpr std::size_t kAnnouncementBatch = 64;  // keys one announcement carries at most
-constexpr auto kHealthInterval = std::chrono::milliseconds(500);  // master: status poll
-constexpr auto kTlsRefusalPersists = std::chrono::seconds(3);     // see judge()
+constexpr auto kTlsRefusalPersists = std::chrono::seconds(3);  // see judge()
 constexpr std::size_t kLocateRequests = 24;  // slave: per round, for keys past their grace
 constexpr auto kBatchPatience = std::chrono::seconds(6);  // master: see replaces_batches
 constexpr std::uint32_t kDefaultMaxKeysPerRequest = 128;
@@ -255,7 +254,9 @@ struct KeySupply::Impl {
 
     std::optional<std::uint64_t> take(std::span<std::uint8_t> out) override {
       KeyRing* r = consumer_ring();
-      return asked(r ? r->take(out) : std::nullopt);
+      const auto taken = asked(r ? r->take(out) : std::nullopt);
+      impl.note_use();
+      return taken;
     }
     std::optional<std::uint64_t> peek_offset() override {
       KeyRing* r = consumer_ring();
@@ -274,7 +275,9 @@ struct KeySupply::Impl {
     }
     std::optional<KeyAnnouncement> next_announcement() override;
     bool request(const KeyAnnouncement& announcement) override {
-      return requests.push(announcement);
+      const bool queued = requests.push(announcement);
+      impl.note_use();
+      return queued;
     }
     std::optional<PadSegment> pop_segment() override {
       KeyRing* r = ring.load(std::memory_order_acquire);
@@ -304,6 +307,7 @@ struct KeySupply::Impl {
       if (impl.config.role == SaeRole::master && announced_end.load(std::memory_order_acquire) >
                                                      flush_floor.load(std::memory_order_acquire)) {
         restarting.store(true, std::memory_order_release);
+        impl.note_use();  // the stream takes nothing until the refill thread has restarted it
       }
     }
 
@@ -592,7 +596,7 @@ struct KeySupply::Impl {
     }
     // A master with full rings makes no KME calls, and would miss a KME restart that
     // lost the keys it issued before: ask for the status now and then.
-    if (Clock::now() - last_kme_call >= kHealthInterval) {
+    if (Clock::now() - last_kme_call >= config.health_interval) {
       stored_count();
       last_kme_call = Clock::now();
       kme_answered();
@@ -930,7 +934,7 @@ struct KeySupply::Impl {
     for (auto& lane : lanes) take_requests(*lane, now);
     // An idle slave makes no requests, so it would not notice a KME going away (or coming
     // back): ask now and then whether it answers.
-    if (wanted.empty() && now - last_kme_call >= 4 * kHealthInterval) {
+    if (wanted.empty() && now - last_kme_call >= slave_probe_interval()) {
       backend->probe();
       last_kme_call = now;
       healthy = true;
@@ -1043,6 +1047,62 @@ struct KeySupply::Impl {
     latency_avg = latency_avg + (ms - latency_avg) / double(latency_samples);
   }
 
+  // Media threads, after taking or asking for key: wakes a dozing refill thread (see
+  // doze()). The fence pairs with doze()'s: either this sees `dozing`, or doze() sees
+  // what was just taken or asked for; a wake-up is never lost. Costs a fence per call
+  // while the thread is awake.
+  void note_use() {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (!dozing.load(std::memory_order_relaxed) || !dozing.exchange(false)) return;
+    {
+      std::lock_guard lock(mutex);
+      woken = true;
+    }
+    cv.notify_one();
+  }
+
+  // Refill thread: nothing for it to do until a stream takes or asks for key: no lane
+  // took key in the last second or wants any it could not get, none is restarting, no
+  // key is asked for or awaited, and (master) every ring a stream may use is above its
+  // low-water mark.
+  bool nothing_to_do(Clock::time_point now) const {
+    if (outage || !ring_ready || !wanted.empty()) return false;
+    for (const auto& lane : lanes) {
+      const KeyRing& r = *lane->ring_owner;
+      if (lane->restarting.load(std::memory_order_acquire) ||
+          lane->demand.load(std::memory_order_relaxed) || lane->requests.read_available() != 0 ||
+          r.bytes_consumed() != lane->last_consumed ||
+          now - lane->last_used < std::chrono::seconds(1)) {
+        return false;
+      }
+      if (config.role == SaeRole::master && hungry(*lane) &&
+          lane->held() < config.low_water * ring_target(*lane)) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  std::chrono::milliseconds slave_probe_interval() const { return 4 * config.health_interval; }
+
+  // Refill thread, `lock` held: sleeps while nothing uses key, until the next KME health
+  // check is due, a media thread notes a use (note_use), or the supply stops. An idle
+  // gateway's refill threads then wake a few times a second instead of every
+  // poll_interval. Returns false (without sleeping) when there is something to do.
+  bool doze(std::unique_lock<std::mutex>& lock) {
+    const auto now = Clock::now();
+    if (!nothing_to_do(now)) return false;
+    const auto due = last_kme_call + (config.role == SaeRole::master ? config.health_interval
+                                                                     : slave_probe_interval());
+    if (due <= now + config.poll_interval) return false;
+    dozing.store(true, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (nothing_to_do(now)) cv.wait_until(lock, due, [&] { return stopping || woken; });
+    dozing.store(false, std::memory_order_relaxed);
+    woken = false;
+    return true;
+  }
+
   void run() {
     // Refills are bulk work (HTTPS, JSON, base64 of up to megabytes) at the process's
     // normal priority. Media threads win the CPU because they are raised above it
@@ -1055,6 +1115,7 @@ struct KeySupply::Impl {
     while (!stopping) {
       lock.unlock();
       auto wait = config.poll_interval;
+      bool errored = true;
       try {
         ensure_ring();
         if (config.role == SaeRole::master) {
@@ -1063,6 +1124,7 @@ struct KeySupply::Impl {
           refill_slave();
         }
         backoff = std::chrono::milliseconds(100);
+        errored = false;
       } catch (const SourceUsedUp& e) {
         // Unlike a KME short of key, a used-up pad never refills. A run that starts on one
         // can send nothing: give up and say so. A run that used it up goes on as its policy
@@ -1094,7 +1156,10 @@ struct KeySupply::Impl {
       }
       for (auto& lane : lanes) lane->sample_rate();
       sample_refill();
+      refill_rounds.fetch_add(1, std::memory_order_relaxed);
+      const bool quiet = wait == config.poll_interval && !errored;  // nothing to back off from
       lock.lock();
+      if (stopping || (quiet && doze(lock))) continue;
       cv.wait_for(lock, wait, [&] { return stopping; });
     }
   }
@@ -1132,6 +1197,7 @@ struct KeySupply::Impl {
     s.key_size_bits = published_key_bits;
     s.refill_latency_ms_last = latency_last;
     s.refill_latency_ms_avg = latency_avg;
+    s.refill_rounds = refill_rounds.load(std::memory_order_relaxed);
     s.seconds_to_exhaustion = s.consumption_bytes_per_s >= 1
                                   ? double(s.bytes_available) / s.consumption_bytes_per_s
                                   : std::numeric_limits<double>::infinity();
@@ -1191,10 +1257,14 @@ struct KeySupply::Impl {
   std::string last_error;
   std::string failure_text;
 
+  std::atomic<std::uint64_t> refill_rounds{0};
+  std::atomic<bool> dozing{false};  // the refill thread sleeps until a use wakes it
+
   std::thread thread;
   std::mutex mutex;
   std::condition_variable cv;
   bool stopping = false;
+  bool woken = false;  // under mutex: note_use() ended a doze
 };
 
 std::optional<KeyAnnouncement> KeySupply::Impl::Lane::next_announcement() {

@@ -285,3 +285,50 @@ TEST_F(KeySupplyTest, ANewStreamNeverGetsPadAnnouncedToTheStreamBefore) {
   EXPECT_EQ(told.front().offset % (256u << 10), 0u) << "a fresh epoch";
   EXPECT_GE(master.stats().bytes_flushed, announced_end - 11 * chunk.size());
 }
+
+// An idle supply's refill thread sleeps instead of looking at its rings every
+// poll_interval (what an idle gateway spends its CPU on), and the first key taken or asked
+// for wakes it at once. With the KME health checks a minute away, the master refills its
+// ring and the slave fetches an announced key within the test's patience only because a
+// use woke them.
+TEST_F(KeySupplyTest, AnIdleSupplySleepsAndTheFirstUseWakesIt) {
+  auto master_cfg = master_config();
+  auto slave_cfg = slave_config();
+  master_cfg.health_interval = slave_cfg.health_interval = std::chrono::seconds(60);
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_cfg);
+  keys::KeySupply slave(client_config(sim_->url(), "sae-b"), slave_cfg);
+  master.start();
+  slave.start();
+  const std::size_t capacity = 256u << 10;
+  ASSERT_TRUE(eventually([&] { return master.available() >= capacity * 8 / 10; }));
+  // Settled: a second with nothing to do costs a pass or two, not a hundred.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  const auto master_rounds = master.stats().refill_rounds;
+  const auto slave_rounds = slave.stats().refill_rounds;
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  EXPECT_LE(master.stats().refill_rounds - master_rounds, 2u);
+  EXPECT_LE(slave.stats().refill_rounds - slave_rounds, 2u);
+
+  // Below the low-water mark in one go: the master refills.
+  std::vector<std::uint8_t> chunk(1000);
+  std::vector<keys::KeyAnnouncement> told;
+  while (master.available() >= capacity * 4 / 10) {
+    ASSERT_TRUE(master.take(chunk));
+    while (auto a = master.next_announcement()) told.push_back(*a);
+  }
+  const auto fetched = master.stats().keys_fetched;
+  EXPECT_TRUE(
+      eventually([&] { return master.stats().keys_fetched > fetched; }, std::chrono::seconds(10)))
+      << "the master slept through its ring running low";
+  // The slave, asleep since it started, fetches what it is asked for.
+  ASSERT_FALSE(told.empty());
+  ASSERT_TRUE(slave.request(told.front()));
+  std::optional<keys::PadSegment> got;
+  EXPECT_TRUE(
+      eventually([&] { return (got = slave.pop_segment()).has_value(); }, std::chrono::seconds(10)))
+      << "the slave slept through a key asked for";
+  if (got) {
+    EXPECT_EQ(got->offset, told.front().offset);
+    slave.release(*got);
+  }
+}

@@ -363,7 +363,13 @@ struct KeySupplyConfig {
   // Journal granularity (bytes of pad); reservations are whole multiples of it, so keep
   // it a multiple of the codec's epoch (256 KiB) for restarts without skipped pad.
   std::uint64_t reserve_chunk = 16u << 20;
+  // How often the refill thread looks at the rings while key is being used. While nothing
+  // uses key (rings full, no keys asked for), it sleeps until a stream takes or asks for
+  // key again, or until the KME is due to be asked whether it is there (health_interval).
   std::chrono::milliseconds poll_interval{10};
+  // Master: the KME's status is asked for this often when no other call was made (a KME
+  // restart loses keys it issued); slave: whether it answers, four times as seldom.
+  std::chrono::milliseconds health_interval{500};
   bool publish_announcements = true;  // master: queue a KeyAnnouncement per key
   // Slave: a key the KME does not have yet may still be on its way between the KMEs;
   // it is asked for again until this long after its first request, then declared lost.
@@ -420,6 +426,7 @@ struct KeySupplyStats {
   double consumption_bytes_per_s = 0;
   double refill_latency_ms_last = 0;
   double refill_latency_ms_avg = 0;
+  std::uint64_t refill_rounds = 0;   // passes of the refill thread (a few a second when idle)
   double seconds_to_exhaustion = 0;  // +inf when nothing is being consumed
   bool kme_healthy = false;
   bool memory_locked = false;
