@@ -489,9 +489,14 @@ struct Gateway::Impl final : CallMediaPlane {
       const std::uint64_t epoch = otp::kEpochBytes;
       const std::uint64_t window = std::max<std::uint64_t>(
           16u << 20, (2 * config.key_ring_bytes + epoch - 1) / epoch * epoch);
+      // AES only where this site runs the stream in AES or falls back to it: a stream this
+      // site runs as one-time pad only (both ways: a call's media agree on one cipher) is
+      // never run in AES by the partner unnoticed.
+      const bool accept_aes =
+          cipher_of(c) == "aes-256-gcm" || config.on_key_exhausted == "fallback-aes";
       g_object_set(s.decrypt.get(), "key-supply", &receive_keys->lane(*s.receive_lane),
                    "window-size", static_cast<guint64>(window), "key-wait",
-                   guint{config.receive_key_wait_ms}, nullptr);
+                   guint{config.receive_key_wait_ms}, "accept-aes", gboolean{accept_aes}, nullptr);
       // The partner restarted: its new receivers follow this side's streams anew (a
       // static stream's signal restarts every static sending lane, receive-only or not; a
       // call's, its own lane).

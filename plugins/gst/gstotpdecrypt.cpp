@@ -41,7 +41,7 @@ GST_DEBUG_CATEGORY_STATIC(otp_decrypt_debug);
 
 namespace {
 
-enum { PROP_KEY_TIMEOUT = PROP_COMMON_LAST, PROP_WINDOW_SIZE, PROP_KEY_WAIT };
+enum { PROP_KEY_TIMEOUT = PROP_COMMON_LAST, PROP_WINDOW_SIZE, PROP_KEY_WAIT, PROP_ACCEPT_AES };
 
 enum Counter {
   C_PACKETS_IN,
@@ -68,6 +68,7 @@ enum Counter {
   C_WINDOW_OVERRUNS,
   C_MEMORY_LOCK_FAILURES,
   C_SENDER_RESTARTS,
+  C_DROPS_CIPHER,
   C_COUNT
 };
 enum { SIGNAL_SENDER_RESTARTED, N_SIGNALS };
@@ -123,6 +124,8 @@ const char* counter_name(Counter c) {
       return "memory-lock-failures";
     case C_SENDER_RESTARTS:
       return "sender-restarts";
+    case C_DROPS_CIPHER:
+      return "drops-cipher";
     case C_COUNT:
       break;
   }
@@ -148,6 +151,8 @@ std::optional<Counter> refusal_counter(otp::Decoder::Verdict verdict, bool annou
     case V::malformed:
     case V::out_of_sequence:
       return C_DROPS_MALFORMED;
+    case V::cipher_refused:
+      return C_DROPS_CIPHER;
     case V::plaintext:
     case V::announcement:
     case V::announcement_pending:
@@ -166,6 +171,7 @@ struct Session {
   bool preamble_seen = false;
   bool told_window_overrun = false;
   bool told_memory_lock = false;
+  bool told_cipher_refused = false;
   std::uint64_t sender_restarts_signalled = 0;  // of the decoder's sender_restarts
   std::vector<std::uint8_t> out = std::vector<std::uint8_t>(otp::kMaxUnitPayload);
   // Datagram mode: packets whose key a verified announcement has on its way. The
@@ -178,6 +184,7 @@ struct Private {
   guint key_timeout_ms = 30000;
   guint key_wait_ms = 500;
   guint64 window_size = 16u << 20;
+  bool accept_aes = true;
   std::unique_ptr<Session> session;
   std::atomic<bool> flushing{false};
   GstEvent* pending_segment = nullptr;  // held until the src caps are known
@@ -326,6 +333,15 @@ GstFlowReturn decode_datagram(GstOtpDecrypt* self, GstBuffer* in, otp::Decoder::
            p.window_size),
           ("raise window-size to at least twice the sender's key ring"));
     }
+    if (verdict == otp::Decoder::Verdict::cipher_refused && !s.told_cipher_refused) {
+      s.told_cipher_refused = true;  // once per session: a sender's setting, not an attack
+      GST_ELEMENT_WARNING(self, STREAM, DECRYPT,
+                          ("the sender protects this stream with AES-256-GCM, which this "
+                           "receiver does not accept (accept-aes=false): its packets are "
+                           "dropped (drops-cipher)"),
+                          ("run the sender with cipher=otp and no AES fallback, or allow AES "
+                           "here"));
+    }
   }
   publish(self);
   return ret;
@@ -426,6 +442,8 @@ const char* why_refused(otp::Decoder::Verdict verdict) {
     case V::out_of_sequence:
       return "is out of sequence: records were reordered, removed or spliced from another "
              "stream";
+    case V::cipher_refused:
+      return "is in AES-256-GCM, which accept-aes=false refuses";
     case V::plaintext:
     case V::announcement:
     case V::announcement_pending:
@@ -642,6 +660,9 @@ static void gst_otp_decrypt_set_property(GObject* object, guint id, const GValue
       case PROP_KEY_WAIT:
         p.key_wait_ms = g_value_get_uint(value);
         break;
+      case PROP_ACCEPT_AES:
+        p.accept_aes = g_value_get_boolean(value);
+        break;
       default:
         G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
     }
@@ -680,6 +701,9 @@ static void gst_otp_decrypt_get_property(GObject* object, guint id, GValue* valu
       case PROP_KEY_WAIT:
         g_value_set_uint(value, p.key_wait_ms);
         break;
+      case PROP_ACCEPT_AES:
+        g_value_set_boolean(value, p.accept_aes);
+        break;
       default:
         G_OBJECT_WARN_INVALID_PROPERTY_ID(object, id, pspec);
     }
@@ -711,6 +735,7 @@ static GstStateChangeReturn gst_otp_decrypt_change_state(GstElement* element,
     session->source = std::move(source);
     otp::DecoderConfig config;
     config.window_bytes = p.window_size;
+    config.accept_aes = p.accept_aes;
     try {
       session->decoder = std::make_unique<otp::Decoder>(*session->source.pad, config);
     } catch (const std::exception& e) {
@@ -776,6 +801,14 @@ static void gst_otp_decrypt_class_init(GstOtpDecryptClass* klass) {
                         "way, counted in drops-no-key); packets on pad nobody announced are "
                         "dropped at once",
                         0, 5000, 500, rw));
+  g_object_class_install_property(
+      gobject, PROP_ACCEPT_AES,
+      g_param_spec_boolean("accept-aes", "Accept AES",
+                           "Whether units in AES-256-GCM (an otpencrypt with cipher=aes-256-gcm, "
+                           "or falling back to it) are opened; FALSE drops them unopened "
+                           "(drops-cipher, one warning), for a stream agreed as one-time pad "
+                           "only, so that no sender can run it in AES unnoticed",
+                           TRUE, rw));
   g_object_class_install_property(
       gobject, PROP_WINDOW_SIZE,
       g_param_spec_uint64("window-size", "Window size",

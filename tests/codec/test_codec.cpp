@@ -746,6 +746,40 @@ TEST(CodecAes, RoundTripWithRekeysForRtpAndRtcp) {
   EXPECT_EQ(link.decoder.stats().aes_units, 101u);
 }
 
+// A receiver that accepts no AES (DecoderConfig::accept_aes = false) refuses AES units
+// before opening them, genuine or not, and draws no AES key from the pad for them; the
+// sender's announcements (one-time pad) are still verified.
+TEST(CodecAes, AReceiverThatAcceptsNoAesRefusesAesUnitsUnopened) {
+  Link link;
+  std::vector<Bytes> wire;
+  for (std::uint16_t seq = 0; seq < 50; ++seq)
+    protect_aes(link, rtp_packet(seq, 0xa5, 500), 16, wire);
+  otpgate::testing::MemoryPad rx(0, 4u << 20, 1024);
+  otp::DecoderConfig config;
+  config.accept_aes = false;
+  Decoder d(rx, config);
+  std::size_t refused = 0, announcements = 0;
+  for (const auto& w : wire) {
+    Bytes out(w.size());
+    std::size_t written = 0;
+    const auto v = d.open_datagram(w, out, written);
+    if (v == Decoder::Verdict::cipher_refused) ++refused;
+    if (v == Decoder::Verdict::announcement) ++announcements;
+    EXPECT_NE(v, Decoder::Verdict::plaintext);
+    EXPECT_EQ(written, 0u);
+  }
+  EXPECT_EQ(refused, 50u);
+  EXPECT_GT(announcements, 0u);
+  EXPECT_EQ(d.stats().cipher_refused, 50u);
+  EXPECT_EQ(d.stats().aes_units, 0u);
+  // The same wire to a receiver that accepts AES: every packet opens.
+  std::size_t opened = 0;
+  for (const auto& w : wire) opened += link.receive(w) == Decoder::Verdict::plaintext;
+  EXPECT_EQ(opened, 50u);
+  // Pad for the announcements only: none for the AES master keys the packets name.
+  EXPECT_EQ(d.stats().pad_bytes_used + 4 * otp::kAesKeyBytes, link.decoder.stats().pad_bytes_used);
+}
+
 TEST(CodecAes, TamperingAndReplayAreRejected) {
   Link link;
   std::vector<Bytes> wire;

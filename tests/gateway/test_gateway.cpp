@@ -571,6 +571,30 @@ TEST_F(GatewayTest, AesFallbackCarriesMediaWhenTheKeyRateIsTooLow) {
   EXPECT_GT(b["streams"][1]["receive"]["aes-packets"].get<int>(), 0);
 }
 
+// A site that allows AES nowhere (policy.cipher = otp, no fallback-aes) refuses a partner
+// that sends its streams in AES: nothing reaches the conference system, every packet is
+// counted in drops-cipher, and the other way (one-time pad) carries on.
+TEST_F(GatewayTest, ASiteThatAllowsNoAesRefusesAPartnerSendingAes) {
+  start({}, otpgate::testing::simulator_config(),
+        [](otpgate::gateway::GatewayConfig& a, otpgate::gateway::GatewayConfig&) {
+          a.cipher = "aes-256-gcm";
+        });
+  std::map<int, std::vector<Bytes>> sent;
+  auto received = exchange(true, 100, sent);
+  EXPECT_TRUE(received[0].empty() && received[1].empty()) << "AES packets reached site B";
+  const auto a = get_json(a_->status_port(), "/api/v1/status");
+  const auto b = get_json(b_->status_port(), "/api/v1/status");
+  for (int s = 0; s < 2; ++s) {
+    EXPECT_EQ(a["streams"][s]["send"]["aes-packets"].get<int>(), 100);
+    EXPECT_EQ(b["streams"][s]["receive"]["drops-cipher"].get<int>(), 100) << "stream " << s;
+    EXPECT_EQ(b["streams"][s]["receive"]["auth-failures"].get<int>(), 0);
+  }
+  sent.clear();
+  received = exchange(false, 100, sent);  // B -> A: one-time pad, which A accepts
+  EXPECT_EQ(received[0], sent[0]);
+  EXPECT_EQ(received[1], sent[1]);
+}
+
 TEST_F(GatewayTest, IceConnectsTheGatewaysAndMediaFlowsBothWays) {
   start([&](std::string& a, std::string& b) {
     const std::string sa = std::to_string(base_ + 17), sb = std::to_string(base_ + 18);

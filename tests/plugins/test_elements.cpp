@@ -708,6 +708,44 @@ TEST_F(ElementTest, FallbackAesCarriesTheCallWhenPadRunsOutAndNeverSendsPlaintex
   EXPECT_EQ(open(dec, wire), sent);
 }
 
+// A receiver whose stream is agreed as one-time pad only (accept-aes=false) opens the
+// sender's OTP packets and refuses its AES ones unopened: a sender that falls back to AES
+// (or is set to it) cannot run the stream in AES unnoticed. One warning says why.
+TEST_F(ElementTest, AReceiverThatAcceptsNoAesRefusesAesPacketsAndSaysWhy) {
+  make_pad(48 * 1024);
+  GstHarness* enc =
+      encryptor("application/x-rtp", "on-key-exhausted=fallback-aes rekey-interval=1000");
+  GstHarness* dec = decryptor("accept-aes=false");
+  GstBus* bus = gst_bus_new();
+  gst_element_set_bus(dec->element, bus);
+  const auto sent = packets(200, 600);
+  const auto wire = protect(enc, sent);
+  const guint64 aes = stat(enc->element, "aes-packets");
+  ASSERT_GT(aes, 50u);
+  ASSERT_LT(aes, 200u);
+  const auto got = open(dec, wire);
+  // The OTP packets (sent first, while pad lasted) come through, byte for byte.
+  ASSERT_EQ(got.size(), sent.size() - aes);
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), sent.begin()));
+  EXPECT_EQ(stat(dec->element, "drops-cipher"), aes);
+  EXPECT_EQ(stat(dec->element, "aes-packets"), 0u);
+  EXPECT_EQ(stat(dec->element, "auth-failures"), 0u);
+  int warnings = 0;
+  std::string text;
+  while (GstMessage* m = gst_bus_pop_filtered(bus, GST_MESSAGE_WARNING)) {
+    GError* err = nullptr;
+    gst_message_parse_warning(m, &err, nullptr);
+    text = err->message;
+    ++warnings;
+    g_error_free(err);
+    gst_message_unref(m);
+  }
+  EXPECT_EQ(warnings, 1) << "one warning, not one per packet";
+  EXPECT_NE(text.find("does not accept (accept-aes=false)"), std::string::npos) << text;
+  gst_element_set_bus(dec->element, nullptr);
+  gst_object_unref(bus);
+}
+
 TEST_F(ElementTest, AKeySupplySharedInsideTheProcessFeedsTheElement) {
   // The gateway's way: it owns one key supply per direction and hands it to the element.
   otpgate::keys::KeySupplyConfig config;

@@ -684,7 +684,13 @@ Decoder::Verdict Decoder::open_datagram(std::span<const std::uint8_t> in,
   }
   const std::uint8_t* trailer = in.data() + in.size() - kTrailerBytes;
   const std::uint64_t p = *datagram_pad_offset(in);  // in.size() >= kTrailerBytes
-  if (p & kAesFlag) return d.open_aes(in, p & ~kAesFlag, type, out, written);
+  if (p & kAesFlag) {
+    if (!d.config.accept_aes) {
+      ++d.stats.cipher_refused;
+      return Verdict::cipher_refused;
+    }
+    return d.open_aes(in, p & ~kAesFlag, type, out, written);
+  }
   const std::size_t n = in.size() - kTrailerBytes - *header;
   const std::uint8_t* r = nullptr;
   if (const Verdict v = d.load_pad(p, n, r); v != Verdict::plaintext) return v;
@@ -740,6 +746,10 @@ Decoder::Verdict Decoder::open_record(std::span<const std::uint8_t> record,
                                                : (kind == RecordKind::stream_start && index == 0));
   };
   if (p & kAesFlag) {
+    if (!d.config.accept_aes) {
+      ++d.stats.cipher_refused;
+      return Verdict::cipher_refused;
+    }
     // Sequence first: a record out of order must not move the stream's key forward.
     if (!in_sequence()) return Verdict::out_of_sequence;
     if (const Verdict v = d.open_record_aes(record, index, p & ~kAesFlag, n, out);

@@ -69,7 +69,8 @@ struct DecoderStats {
   // keys announced further ahead than it holds arrived: window_bytes is smaller than the
   // sender's lead (not an attack on its own: forgeries never move the window).
   std::uint64_t window_overruns = 0;
-  std::uint64_t aes_units = 0;  // of `units`, those in AES mode
+  std::uint64_t aes_units = 0;       // of `units`, those in AES mode
+  std::uint64_t cipher_refused = 0;  // AES-mode units refused (DecoderConfig::accept_aes)
   // Keys (of keys_placed) whose pad could not all be held because the pad window could
   // not lock memory for it (RLIMIT_MEMLOCK reached): that pad was dropped unwritten, never
   // kept in memory that could be swapped out; units on it are refused as no_key.
@@ -156,6 +157,10 @@ struct DecoderConfig {
   // restart (sender_restarts). A running sender's flushes (a KME outage, a lane handed to
   // a new stream) and periodic resyncs land on epoch boundaries.
   std::uint64_t sender_restart_alignment = 16u << 20;
+  // AES-mode units (a sender with cipher AES-256-GCM, or falling back to it) are opened;
+  // false refuses them unopened (cipher_refused), where the receiver's policy allows
+  // the one-time pad only: a sender cannot run such a stream in AES unnoticed.
+  bool accept_aes = true;
 };
 
 class Decoder {
@@ -172,6 +177,7 @@ class Decoder {
     key_pending,           // pad on its way (a verified announcement named its keys)
     malformed,             // unparsable
     out_of_sequence,       // stream mode: wrong stream, index or record after final
+    cipher_refused,        // AES mode where DecoderConfig::accept_aes is false: dropped
   };
 
   Decoder(keys::PadSource& pad, DecoderConfig config = {});
