@@ -377,7 +377,7 @@ std::optional<StreamRow> StreamModel::make_row(const QString& site_name, const Q
   r.bytes = n("bytes-out");
   r.auth_failures = n("auth-failures");
   r.replays = n("replays");
-  r.drops = n("drops-no-key") + n("drops-malformed");
+  r.drops = n("drops-no-key") + n("drops-malformed") + n("drops-cipher");
   return r;
 }
 
@@ -663,7 +663,7 @@ void AlertLog::check_gateway(const QString& service, const QJsonObject& status) 
                               .arg(l.value("streams").toInt()),
                    "key ran out: media is AES-256-GCM keyed from QKD, not one-time pad"));
   }
-  // Per stream: authentication failures and replays rising.
+  // Per stream: authentication failures, replays and refused AES packets rising.
   for (const auto& value : status.value("streams").toArray()) {
     const QJsonObject o = value.toObject();
     const QString stream = o.value("name").toString();
@@ -671,14 +671,26 @@ void AlertLog::check_gateway(const QString& service, const QJsonObject& status) 
       const QJsonObject e = o.value(dir).toObject();
       if (e.isEmpty()) continue;
       const QString where = site + " " + stream + " " + dir;
-      for (const auto& [field, what] : {std::pair{"auth-failures", "authentication failures"},
-                                        std::pair{"replays", "replays"}}) {
+      struct Watched {
+        const char* field;
+        const char* what;
+        const char* hint;
+      };
+      for (const auto& [field, what, hint] :
+           {Watched{"auth-failures", "authentication failures",
+                    "dropped, never delivered: tampering, a replaying middlebox or a "
+                    "misconfigured peer"},
+            Watched{"replays", "replays",
+                    "dropped, never delivered: tampering, a replaying middlebox or a "
+                    "misconfigured peer"},
+            Watched{"drops-cipher", "AES packets refused",
+                    "the partner sends AES-256-GCM where this site allows the one-time pad "
+                    "only: its policy differs from this site's"}}) {
         const qulonglong now = qulonglong(e.value(field).toDouble());
         qulonglong& seen = counters_[service + where + field];
         set(QString(field) + ":" + where + QString::number(now), now > seen,
             alert_line(site, stream + " " + dir + QString(": %1 new %2").arg(now - seen).arg(what),
-                       "dropped, never delivered: tampering, a replaying middlebox or a "
-                       "misconfigured peer"));
+                       hint));
         seen = now;
       }
     }

@@ -244,6 +244,7 @@ class ConsoleTest : public QObject {
     link["seconds_left"] = nullptr;
     status["key_wiped_at_stop_bytes"] = 262144;
     status["streams"][0]["send"]["replays"] = 4;
+    status["streams"][0]["receive"]["drops-cipher"] = 7;
     status["health"] = {{"status", "unhealthy"},
                         {"reasons", {"stream p1-video: no key for 16 s; its media is dropped"}},
                         {"warnings", nlohmann::json::array()}};
@@ -253,13 +254,15 @@ class ConsoleTest : public QObject {
     MainWindow w;
     w.add_service(ServicePoller::Kind::gateway, gateway.url(), 100);
     QTRY_COMPARE(w.links().rowCount(), 1);
-    QTRY_COMPARE(w.alerts().rowCount(), 5);
+    QTRY_COMPARE(w.alerts().rowCount(), 6);
     const QString all = w.alerts().stringList().join("\n");
     for (const char* expected :
          {"hospital-a: send link to sae-b: KME unhealthy: KME enc_keys: HTTP 503: no key (check "
           "the KME",
           "hospital-a: send link to sae-b: AES fallback engaged on 3 of 20 streams (key ran out",
           "hospital-a: p1-video send: 4 new replays (dropped, never delivered",
+          "hospital-a: p1-video receive: 7 new AES packets refused (the partner sends "
+          "AES-256-GCM where this site allows the one-time pad only",
           "hospital-a: 262.1 kB of fetched key was wiped unused when the gateway last stopped (",
           "hospital-a: gateway unhealthy: stream p1-video: no key for 16 s; its media is dropped "
           "(its /healthz answers 503"}) {
