@@ -6,6 +6,7 @@
 #include <set>
 
 #include "otpgate/gateway.hpp"
+#include "otpgate/sip.hpp"
 #include "otpgate/site_config.hpp"
 
 namespace otpgate::gateway {
@@ -138,16 +139,10 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
              "drive the gateway)");
     }
     {
-      in6_addr listen{};
-      in_addr listen4{};
       std::string host = s.ng_listen.host;
       if (host.size() > 2 && host.front() == '[' && host.back() == ']')
         host = host.substr(1, host.size() - 2);
-      const bool loopback =
-          (inet_pton(AF_INET, host.c_str(), &listen4) == 1 &&
-           (ntohl(listen4.s_addr) >> 24) == 127) ||
-          (inet_pton(AF_INET6, host.c_str(), &listen) == 1 && IN6_IS_ADDR_LOOPBACK(&listen));
-      if (!loopback && !s.ng_clients_set) {
+      if (!ng::is_loopback_address(host) && !s.ng_clients_set) {
         r.fail(
             "sip.ng_clients", "",
             "the SIP proxies' addresses, e.g. ng_clients = [\"10.1.0.2\"], when sip.ng_listen (" +

@@ -108,15 +108,17 @@ std::string plain_address(std::string_view address) {
   return std::string(address);
 }
 
-bool Clients::allows(std::string_view address) const {
+bool is_loopback_address(std::string_view address) {
   const std::string plain = plain_address(address);
-  if (loopback) {
-    in_addr v4{};
-    in6_addr v6{};
-    if (inet_pton(AF_INET, plain.c_str(), &v4) == 1 && (ntohl(v4.s_addr) >> 24) == 127) return true;
-    if (inet_pton(AF_INET6, plain.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6)) return true;
-  }
-  return std::find(addresses.begin(), addresses.end(), plain) != addresses.end();
+  in_addr v4{};
+  in6_addr v6{};
+  return (inet_pton(AF_INET, plain.c_str(), &v4) == 1 && (ntohl(v4.s_addr) >> 24) == 127) ||
+         (inet_pton(AF_INET6, plain.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6));
+}
+
+bool Clients::allows(std::string_view address) const {
+  if (loopback && is_loopback_address(address)) return true;
+  return std::find(addresses.begin(), addresses.end(), plain_address(address)) != addresses.end();
 }
 
 // Lines about unlisted sources: once per source every 10 minutes, at most 10 a minute.

@@ -1618,6 +1618,7 @@ TEST(GatewayCallsConfig, NgClientsAreRequiredOffLoopback) {
   EXPECT_NE(load("ng_clients = []\n").find("sip.ng_clients = []"), std::string::npos);
   EXPECT_NE(load("ng_clients = [\"a b\"]\n").find("sip.ng_clients"), std::string::npos);
   EXPECT_EQ(load("ng_listen = \"[::1]:22222\"\n"), "loaded");
+  EXPECT_EQ(load("ng_listen = \"127.0.0.5:22222\"\n"), "loaded");  // all of 127.0.0.0/8
   EXPECT_EQ(load("delete_delay_s = 30\n"), "loaded");
   EXPECT_NE(load("delete_delay_s = 7200\n").find("sip.delete_delay_s"), std::string::npos);
 }

@@ -251,6 +251,8 @@ struct Clients {
 };
 // An IPv4-mapped IPv6 address ("::ffff:10.0.0.2") as IPv4; others as they are.
 std::string plain_address(std::string_view address);
+// A numeric loopback address: 127.0.0.0/8 (also IPv4-mapped) or ::1.
+bool is_loopback_address(std::string_view address);
 
 struct ListenerOptions {
   Clients clients;
