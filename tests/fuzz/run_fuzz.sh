@@ -52,9 +52,9 @@ case "$target" in
       "$toml/toml++/impl/toml_formatter.inl"
     sources=("$src/tests/fuzz/fuzz_config.cpp" "$src"/siteconfig/src/*.cpp
              "$src/gateway/src/config.cpp" "$src/transfer/src/config.cpp"
-             "$src/transfer/src/job_states.cpp")
+             "$src/transfer/src/job_states.cpp" "$src"/sip/src/*.cpp)  # sip: the ng loopback check
     includes=(-DTOML_HEADER_ONLY=1 "-DTOML_ASSERT(expr)=((void)0)" -I"$toml" -I"$src/siteconfig/include" -I"$src/gateway/include"
-              -I"$src/transfer/include" -I"$src/keyclient/include")
+              -I"$src/transfer/include" -I"$src/keyclient/include" -I"$src/sip/include")
     libs=(-lcurl -lssl -lcrypto)  # siteconfig's offline checks (not fuzzed) link them
     max_len=8192
     options=(-dict="$src/tests/fuzz/config.dict")
