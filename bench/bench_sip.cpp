@@ -3,7 +3,8 @@
 // (rtpengine-daemon, userspace: --table=-1) relaying the same calls, in one run:
 //
 //   setup time   the ng offer+answer a proxy sends per call, one call at a time (each
-//                deleted before the next), over loopback UDP, in Kamailio 5.6's shape:
+//                deleted before the next; the relays take turns call by call), over
+//                loopback UDP, in Kamailio 5.6's shape:
 //                otpgate: the four steps of one INVITE through two sites (offer at A,
 //                offer at B with A's SDP, answer at B, answer at A), also per gateway
 //                (offer+answer at one site); rtpengine: offer+answer of a plain RTP call,
@@ -15,10 +16,11 @@
 //                (/proc/PID/stat utime+stime) over a fixed interval, less its idle rate
 //                measured before, per call. Every packet received is checked (SSRC,
 //                sequence, payload) and delivery below --min-delivery fails the run.
-//                --rounds R repeats the three relays R times, in turn (otpgate, SRTP,
-//                plain RTP; again ...), and judges the median of the rounds' ratios: on
-//                a shared VM the CPU one packet costs drifts by 2x within minutes, and a
-//                ratio of two figures taken seconds apart drifts much less.
+//                otpgate runs side by side with rtpengine (K calls on each, CPU over the
+//                same window): beside its SRTP calls, then beside its plain ones. --rounds
+//                R repeats that R times and judges the median of the rounds' ratios: on a
+//                shared VM the CPU one packet costs drifts by 2x within minutes, and a
+//                ratio of two figures taken over the same window drifts much less.
 //
 //   bench_sip [--quick] [--pki DIR] [--calls N] [--concurrent K] [--seconds S]
 //             [--rounds R] [--rtpengine PATH] [--min-delivery F]
@@ -645,14 +647,20 @@ class Bench {
     }
   }
 
-  Setup setup_time(Mode mode) {
-    Setup timing;
+  // Setup time of each relay, one call at a time, the relays taking turns call by call: a
+  // slow stretch of this shared VM falls on all of them alike, not on whichever ran then
+  // (run one after the other, a relay's p99 moved by 2-6x between runs of the same code).
+  std::map<Mode, Setup> setup_times() {
+    std::map<Mode, Setup> timing;
     const int warm = o_.quick ? 3 : 20;
     for (int i = 0; i < warm + o_.calls; ++i) {
-      const CallKeys k{"setup-" + std::to_string(static_cast<int>(mode)) + "-" + std::to_string(i),
-                       "ft" + std::to_string(i), "tt" + std::to_string(i)};
-      place(mode, k, i < warm ? nullptr : &timing, nullptr);
-      hang_up(mode, k);
+      for (Mode mode : {Mode::otpgate, Mode::plain, Mode::srtp}) {
+        const CallKeys k{
+            "setup-" + std::to_string(static_cast<int>(mode)) + "-" + std::to_string(i),
+            "ft" + std::to_string(i), "tt" + std::to_string(i)};
+        place(mode, k, i < warm ? nullptr : &timing[mode], nullptr);
+        hang_up(mode, k);
+      }
     }
     return timing;
   }
@@ -664,56 +672,86 @@ class Bench {
     Counts window;
   };
 
-  MediaResult media_cpu(Mode mode) {
-    MediaResult r;
-    const bool otp = mode == Mode::otpgate;
-    const pid_t a = otp ? gateway_a_->pid() : rtpengine_->pid();
-    const pid_t b = otp ? gateway_b_->pid() : 0;
+  // K calls on each relay of `modes` at once (otpgate beside one rtpengine mode), each
+  // relay's CPU over the same window: whatever else the shared VM does then costs every
+  // relay alike, so the ratio of two figures taken side by side holds still where figures
+  // taken one after the other drift (measured: single rounds 0.59x-1.70x in turns).
+  std::map<Mode, MediaResult> media_cpu(const std::vector<Mode>& modes) {
+    std::map<Mode, MediaResult> results;
+    auto pids = [&](Mode mode) {
+      return mode == Mode::otpgate ? std::pair{gateway_a_->pid(), gateway_b_->pid()}
+                                   : std::pair{rtpengine_->pid(), pid_t{0}};
+    };
+    auto cpu = [&](Mode mode) {
+      const auto [a, b] = pids(mode);
+      return std::pair{cpu_seconds(a), b ? cpu_seconds(b) : 0.0};
+    };
     const double idle_s = o_.quick ? 0.5 : 5;
     {
-      const double a0 = cpu_seconds(a), b0 = b ? cpu_seconds(b) : 0;
+      std::map<Mode, std::pair<double, double>> before;
+      for (Mode m : modes) before[m] = cpu(m);
       const auto t0 = Clock::now();
       std::this_thread::sleep_for(std::chrono::duration<double>(idle_s));
       const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
-      r.idle_a = (cpu_seconds(a) - a0) / dt;
-      r.idle_b = b ? (cpu_seconds(b) - b0) / dt : 0;
+      for (Mode m : modes) {
+        const auto now = cpu(m);
+        results[m].idle_a = (now.first - before[m].first) / dt;
+        results[m].idle_b = (now.second - before[m].second) / dt;
+      }
     }
-    std::vector<std::unique_ptr<CallEnds>> calls;
-    std::vector<CallKeys> keys;
-    for (int i = 0; i < o_.concurrent; ++i) {
-      auto ends = std::make_unique<CallEnds>();
-      ends->ssrc_up = 0x10000000u + static_cast<std::uint32_t>(i) * 2;
-      ends->ssrc_down = ends->ssrc_up + 1;
-      keys.push_back({"media-" + std::to_string(static_cast<int>(mode)) + "-" + std::to_string(i),
-                      "mf" + std::to_string(i), "mt" + std::to_string(i)});
-      place(mode, keys.back(), nullptr, ends.get());
-      calls.push_back(std::move(ends));
+    std::map<Mode, std::vector<std::unique_ptr<CallEnds>>> calls;
+    std::map<Mode, std::vector<CallKeys>> keys;
+    for (Mode mode : modes) {
+      for (int i = 0; i < o_.concurrent; ++i) {
+        auto ends = std::make_unique<CallEnds>();
+        ends->ssrc_up = 0x10000000u + 0x100000u * static_cast<std::uint32_t>(mode) +
+                        static_cast<std::uint32_t>(i) * 2;
+        ends->ssrc_down = ends->ssrc_up + 1;
+        keys[mode].push_back(
+            {"media-" + std::to_string(static_cast<int>(mode)) + "-" + std::to_string(i),
+             "mf" + std::to_string(i), "mt" + std::to_string(i)});
+        place(mode, keys[mode].back(), nullptr, ends.get());
+        calls[mode].push_back(std::move(ends));
+      }
     }
     {
-      Traffic traffic(calls);
+      std::map<Mode, std::unique_ptr<Traffic>> traffic;
+      for (Mode m : modes) traffic[m] = std::make_unique<Traffic>(calls[m]);
       // Warm-up, not counted: the first announcements and key fetches of a call.
       std::this_thread::sleep_for(std::chrono::duration<double>(o_.quick ? 0.5 : 2.0));
-      const auto first = static_cast<std::uint16_t>(traffic.sequence() + 1);
-      const std::uint64_t bad0 = traffic.delivered(0, 0).bad;
-      const double a0 = cpu_seconds(a), b0 = b ? cpu_seconds(b) : 0;
+      std::map<Mode, std::uint16_t> first;
+      std::map<Mode, std::uint64_t> bad0;
+      std::map<Mode, std::pair<double, double>> before;
+      for (Mode m : modes) {
+        first[m] = static_cast<std::uint16_t>(traffic[m]->sequence() + 1);
+        bad0[m] = traffic[m]->delivered(0, 0).bad;
+        before[m] = cpu(m);
+      }
       const auto t0 = Clock::now();
       std::this_thread::sleep_for(std::chrono::duration<double>(o_.seconds));
-      const double a1 = cpu_seconds(a), b1 = b ? cpu_seconds(b) : 0;
-      const std::uint16_t last = traffic.sequence();
-      r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-      r.cpu_a = a1 - a0;
-      r.cpu_b = b1 - b0;
+      std::map<Mode, std::uint16_t> last;
+      for (Mode m : modes) {
+        const auto now = cpu(m);
+        last[m] = traffic[m]->sequence();
+        results[m].cpu_a = now.first - before[m].first;
+        results[m].cpu_b = now.second - before[m].second;
+      }
+      const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       // The packets sent in the interval, counted once the last of them had time to arrive
       // (a loaded machine may hold some in a queue for a while: late is not lost).
-      traffic.stop_sending();
+      for (Mode m : modes) traffic[m]->stop_sending();
       std::this_thread::sleep_for(std::chrono::milliseconds(500));
-      r.window = traffic.delivered(first, last);
-      r.window.bad -= bad0;
+      for (Mode m : modes) {
+        results[m].seconds = seconds;
+        results[m].window = traffic[m]->delivered(first[m], last[m]);
+        results[m].window.bad -= bad0[m];
+      }
     }
-    for (const auto& k : keys) hang_up(mode, k);
+    for (Mode m : modes)
+      for (const auto& k : keys[m]) hang_up(m, k);
     for (auto* child : {gateway_a_.get(), gateway_b_.get(), rtpengine_.get()})
       if (!child->running()) fail("a relay ended during the run:\n" + child->tail());
-    return r;
+    return results;
   }
 
  private:
@@ -891,9 +929,10 @@ int run(int argc, char** argv) {
               rtpengine_version(o.rtpengine).c_str());
 
   // Setup time, one call at a time.
-  std::map<Mode, Setup> setup;
-  for (Mode m : {Mode::otpgate, Mode::plain, Mode::srtp}) setup[m] = bench.setup_time(m);
-  std::printf("\n-- ng offer+answer per call, %d calls each, one at a time (us) --\n", o.calls);
+  std::map<Mode, Setup> setup = bench.setup_times();
+  std::printf(
+      "\n-- ng offer+answer per call, %d calls each, one at a time, the relays in turn (us) --\n",
+      o.calls);
   std::printf("%-44s %10s %10s\n", "", "p50", "p99");
   auto row = [](const char* name, const std::vector<double>& v) {
     std::printf("%-44s %10.0f %10.0f\n", name, percentile(v, 0.5), percentile(v, 0.99));
@@ -932,7 +971,10 @@ int run(int argc, char** argv) {
   std::printf(
       "\n-- media CPU, %d concurrent calls, 50 packets/s of %zu-byte RTP each way, %.1f s --\n",
       o.concurrent, kPacket, o.seconds);
-  std::printf("%d round(s), each: otpgate, then rtpengine RTP<->SRTP, then RTP<->RTP\n", o.rounds);
+  std::printf(
+      "%d round(s), each: otpgate beside rtpengine RTP<->SRTP, then beside RTP<->RTP (K calls "
+      "on each, one window)\n",
+      o.rounds);
   bool delivered = true;
   // ms of CPU per second of one call (1000 = a whole core for one call).
   auto per_call = [&](double cpu, double idle, const Bench::MediaResult& r) {
@@ -940,32 +982,32 @@ int run(int argc, char** argv) {
   };
   std::vector<double> a_ms, b_ms, gateway_ms, plain_ms, srtp_ms, to_plain, to_srtp;
   for (int round = 1; round <= o.rounds; ++round) {
-    std::map<Mode, Bench::MediaResult> media;
-    for (Mode m : {Mode::otpgate, Mode::srtp, Mode::plain}) {
-      media[m] = bench.media_cpu(m);
-      const auto& w = media[m].window;
-      const double share = w.sent ? double(w.received) / double(w.sent) : 0;
-      std::printf("round %d: %-24s sent %llu, received %llu (%.1f%%), wrong %llu\n", round,
-                  mode_name(m), static_cast<unsigned long long>(w.sent),
-                  static_cast<unsigned long long>(w.received), 100 * share,
-                  static_cast<unsigned long long>(w.bad));
-      if (share < o.min_delivery || w.bad) delivered = false;
+    // Side by side: otpgate beside rtpengine's SRTP calls, then beside its plain ones.
+    for (Mode other : {Mode::srtp, Mode::plain}) {
+      auto media = bench.media_cpu({Mode::otpgate, other});
+      for (Mode m : {Mode::otpgate, other}) {
+        const auto& w = media[m].window;
+        const double share = w.sent ? double(w.received) / double(w.sent) : 0;
+        std::printf("round %d: %-24s sent %llu, received %llu (%.1f%%), wrong %llu\n", round,
+                    mode_name(m), static_cast<unsigned long long>(w.sent),
+                    static_cast<unsigned long long>(w.received), 100 * share,
+                    static_cast<unsigned long long>(w.bad));
+        if (share < o.min_delivery || w.bad) delivered = false;
+      }
+      const auto& g = media[Mode::otpgate];
+      a_ms.push_back(per_call(g.cpu_a, g.idle_a, g));
+      b_ms.push_back(per_call(g.cpu_b, g.idle_b, g));
+      gateway_ms.push_back((a_ms.back() + b_ms.back()) / 2);
+      const auto& r = media[other];
+      const double theirs = per_call(r.cpu_a, r.idle_a, r);
+      (other == Mode::srtp ? srtp_ms : plain_ms).push_back(theirs);
+      (other == Mode::srtp ? to_srtp : to_plain).push_back(gateway_ms.back() / theirs);
+      std::printf(
+          "round %d: ms/s per call, side by side: otpgate per gateway %.3f (A %.3f, idle %.1f "
+          "ms/s; B %.3f, idle %.1f ms/s), %s %.3f; ratio %.2fx\n",
+          round, gateway_ms.back(), a_ms.back(), 1000 * g.idle_a, b_ms.back(), 1000 * g.idle_b,
+          mode_name(other), theirs, gateway_ms.back() / theirs);
     }
-    const auto& g = media[Mode::otpgate];
-    a_ms.push_back(per_call(g.cpu_a, g.idle_a, g));
-    b_ms.push_back(per_call(g.cpu_b, g.idle_b, g));
-    gateway_ms.push_back((a_ms.back() + b_ms.back()) / 2);
-    const auto& p = media[Mode::plain];
-    const auto& sr = media[Mode::srtp];
-    plain_ms.push_back(per_call(p.cpu_a, p.idle_a, p));
-    srtp_ms.push_back(per_call(sr.cpu_a, sr.idle_a, sr));
-    to_plain.push_back(gateway_ms.back() / plain_ms.back());
-    to_srtp.push_back(gateway_ms.back() / srtp_ms.back());
-    std::printf(
-        "round %d: ms/s per call: otpgate per gateway %.3f (A %.3f, idle %.1f ms/s; B %.3f, idle "
-        "%.1f ms/s), rtpengine SRTP %.3f, RTP %.3f; ratio / SRTP %.2fx, / RTP %.2fx\n",
-        round, gateway_ms.back(), a_ms.back(), 1000 * g.idle_a, b_ms.back(), 1000 * g.idle_b,
-        srtp_ms.back(), plain_ms.back(), to_srtp.back(), to_plain.back());
   }
   auto median = [](std::vector<double> v) { return percentile(v, 0.5); };
   std::printf(
