@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <stdexcept>
@@ -40,25 +39,10 @@ std::string KeyId::to_string() const {
   return s;
 }
 
-namespace {
-std::size_t page_bytes() {
-  static const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
-  return page;
-}
-}  // namespace
-
-void SecretBytes::FreePages::operator()(std::uint8_t* p) const noexcept {
-  std::free(p);
-}
-
-SecretBytes::SecretBytes(std::size_t size) : size_(size) {
-  if (size == 0) return;
-  const std::size_t page = page_bytes();
-  capacity_ = (size + page - 1) / page * page;
-  data_.reset(static_cast<std::uint8_t*>(std::aligned_alloc(page, capacity_)));
-  if (!data_) throw std::bad_alloc();
+SecretBytes::SecretBytes(std::size_t size)
+    : data_(std::make_unique_for_overwrite<std::uint8_t[]>(size)), size_(size), capacity_(size) {
   // Keep key material out of swap where the OS lets us; failing is not fatal.
-  locked_ = ::mlock(data_.get(), capacity_) == 0;
+  locked_ = size > 0 && ::mlock(data_.get(), size) == 0;
 }
 
 SecretBytes::~SecretBytes() {

@@ -1,15 +1,11 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <fstream>
 #include <numeric>
 #include <random>
-#include <sstream>
-#include <string>
 #include <thread>
 #include <vector>
 
@@ -17,7 +13,6 @@
 
 using otpgate::keys::KeyId;
 using otpgate::keys::KeyRing;
-using otpgate::keys::SecretBytes;
 
 namespace {
 
@@ -39,47 +34,6 @@ KeyId id_for(std::uint32_t n) {
 }
 
 }  // namespace
-
-namespace {
-// Whether the page holding `address` is locked in RAM: the VmFlags ("lo") of the
-// mapping that holds it in /proc/self/smaps (mlock splits mappings by lock state).
-bool page_locked(const void* address) {
-  const auto at = reinterpret_cast<std::uintptr_t>(address);
-  std::ifstream smaps("/proc/self/smaps");
-  std::string line;
-  bool inside = false;
-  while (std::getline(smaps, line)) {
-    std::uintptr_t from = 0, to = 0;
-    char dash = 0;
-    std::istringstream range(line);
-    if (range >> std::hex >> from >> dash >> to && dash == '-') {
-      inside = from <= at && at < to;
-    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
-      return line.find(" lo") != std::string::npos;
-    }
-  }
-  return false;
-}
-}  // namespace
-
-// Key bytes sit on whole pages of their own: freeing one key's buffer (munlock, which acts
-// on pages) never unlocks another key that shared its page, which the OS could then swap
-// out. Keys of 1 KiB, four to a page before.
-TEST(SecretBytes, EachHoldsWholePagesSoFreeingOneLeavesTheOthersLocked) {
-  const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-  std::vector<SecretBytes> keys;
-  for (int i = 0; i < 8; ++i) keys.emplace_back(1024);
-  for (const auto& k : keys) {
-    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(k.span().data()) % page, 0u);
-    EXPECT_EQ(k.size(), 1024u);
-  }
-  if (!keys[1].locked()) GTEST_SKIP() << "mlock refused here (RLIMIT_MEMLOCK)";
-  const std::uint8_t* second = keys[1].span().data();
-  ASSERT_TRUE(page_locked(second));
-  keys[0] = SecretBytes();  // freed: wiped and unlocked
-  keys[2] = SecretBytes();
-  EXPECT_TRUE(page_locked(second)) << "a key's page was unlocked when its neighbour was freed";
-}
 
 TEST(KeyId, ParsesAndPrintsCanonicalUuids) {
   const auto id = KeyId::parse("BC490419-7D60-487F-ADC1-4DDCC177C139");

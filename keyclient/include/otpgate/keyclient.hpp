@@ -59,15 +59,10 @@ class SecretBytes {
   void truncate(std::size_t new_size);  // wipes the dropped tail
 
  private:
-  // Whole pages of their own (mlock and munlock act on pages: a page shared with another
-  // SecretBytes would be unlocked under it when this one is freed).
-  struct FreePages {
-    void operator()(std::uint8_t* p) const noexcept;
-  };
   void release() noexcept;
-  std::unique_ptr<std::uint8_t, FreePages> data_;
+  std::unique_ptr<std::uint8_t[]> data_;
   std::size_t size_ = 0;
-  std::size_t capacity_ = 0;  // whole pages
+  std::size_t capacity_ = 0;
   bool locked_ = false;
 };
 
