@@ -264,8 +264,10 @@ struct KeySupply::Impl {
     }
     // Media thread: notes that the stream wanted key and found none (see hungry()).
     std::optional<std::uint64_t> asked(std::optional<std::uint64_t> offset) {
-      if (!offset && !demand.load(std::memory_order_relaxed))
+      if (!offset && !demand.load(std::memory_order_relaxed)) {
         demand.store(true, std::memory_order_relaxed);
+        impl.note_use();  // peek_offset() finds the ring empty before any take()
+      }
       return offset;
     }
     std::uint64_t available() const override {
