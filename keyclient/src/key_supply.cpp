@@ -1159,7 +1159,7 @@ struct KeySupply::Impl {
       for (auto& lane : lanes) lane->sample_rate();
       sample_refill();
       refill_rounds.fetch_add(1, std::memory_order_relaxed);
-      const bool quiet = wait == config.poll_interval && !errored;  // nothing to back off from
+      const bool quiet = !errored;  // nothing to back off from
       lock.lock();
       if (stopping || (quiet && doze(lock))) continue;
       cv.wait_for(lock, wait, [&] { return stopping; });

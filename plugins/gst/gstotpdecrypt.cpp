@@ -334,11 +334,13 @@ GstFlowReturn decode_datagram(GstOtpDecrypt* self, GstBuffer* in, otp::Decoder::
           ("raise window-size to at least twice the sender's key ring"));
     }
     if (verdict == otp::Decoder::Verdict::cipher_refused && !s.told_cipher_refused) {
-      s.told_cipher_refused = true;  // once per session: a sender's setting, not an attack
+      // Once per session. Refused before authentication (nothing is opened), so a forger
+      // can cause it too: the text names both causes.
+      s.told_cipher_refused = true;
       GST_ELEMENT_WARNING(self, STREAM, DECRYPT,
-                          ("the sender protects this stream with AES-256-GCM, which this "
-                           "receiver does not accept (accept-aes=false): its packets are "
-                           "dropped (drops-cipher)"),
+                          ("packets marked AES-256-GCM arrive, which this receiver does not "
+                           "accept (accept-aes=false): they are dropped (drops-cipher); the "
+                           "sender runs AES, or someone sends forged packets"),
                           ("run the sender with cipher=otp and no AES fallback, or allow AES "
                            "here"));
     }
@@ -443,7 +445,7 @@ const char* why_refused(otp::Decoder::Verdict verdict) {
       return "is out of sequence: records were reordered, removed or spliced from another "
              "stream";
     case V::cipher_refused:
-      return "is in AES-256-GCM, which accept-aes=false refuses";
+      return "is marked AES-256-GCM, which accept-aes=false refuses";
     case V::plaintext:
     case V::announcement:
     case V::announcement_pending:

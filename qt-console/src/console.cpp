@@ -684,8 +684,8 @@ void AlertLog::check_gateway(const QString& service, const QJsonObject& status) 
                     "dropped, never delivered: tampering, a replaying middlebox or a "
                     "misconfigured peer"},
             Watched{"drops-cipher", "AES packets refused",
-                    "the partner sends AES-256-GCM where this site allows the one-time pad "
-                    "only: its policy differs from this site's"}}) {
+                    "packets marked AES-256-GCM where this site allows the one-time pad only: "
+                    "the partner's policy differs from this site's, or they are forged"}}) {
         const qulonglong now = qulonglong(e.value(field).toDouble());
         qulonglong& seen = counters_[service + where + field];
         set(QString(field) + ":" + where + QString::number(now), now > seen,

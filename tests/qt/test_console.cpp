@@ -261,8 +261,9 @@ class ConsoleTest : public QObject {
           "the KME",
           "hospital-a: send link to sae-b: AES fallback engaged on 3 of 20 streams (key ran out",
           "hospital-a: p1-video send: 4 new replays (dropped, never delivered",
-          "hospital-a: p1-video receive: 7 new AES packets refused (the partner sends "
-          "AES-256-GCM where this site allows the one-time pad only",
+          "hospital-a: p1-video receive: 7 new AES packets refused (packets marked "
+          "AES-256-GCM where this site allows the one-time pad only: the partner's policy "
+          "differs from this site's, or they are forged",
           "hospital-a: 262.1 kB of fetched key was wiped unused when the gateway last stopped (",
           "hospital-a: gateway unhealthy: stream p1-video: no key for 16 s; its media is dropped "
           "(its /healthz answers 503"}) {
