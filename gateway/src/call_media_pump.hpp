@@ -21,6 +21,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "otpgate/gateway.hpp"
 
@@ -34,7 +35,9 @@ class MediaScheduling;
 // once. Outlives every pump that uses it.
 class MediaLoops {
  public:
-  MediaLoops(std::size_t threads, MediaScheduling* scheduling);
+  // With `pin_cpus` (one per thread, or empty), thread i stays on CPU pin_cpus[i]. Returns
+  // once every thread runs.
+  MediaLoops(std::size_t threads, std::vector<int> pin_cpus, MediaScheduling* scheduling);
   ~MediaLoops();
   MediaLoops(const MediaLoops&) = delete;
   MediaLoops& operator=(const MediaLoops&) = delete;
@@ -45,6 +48,8 @@ class MediaLoops {
   std::uint64_t add(std::size_t loop, int fd, GstPad* feed);
   // Once it returns, nothing is pushed into that feed again.
   void remove(std::uint64_t id);
+  // The CPU each thread is bound to (nullopt: not pinned, or the kernel refused).
+  std::vector<std::optional<int>> thread_cpus() const;
 
  private:
   struct Impl;

@@ -22,7 +22,7 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
        {"keys", config::kKeysKeys},
        {"peer", {"sae_id", "address", "transport", "transfer"}},
        {"policy", {"cipher", "on_key_exhausted", "rekey_interval"}},
-       {"media", {"realtime_priority", "cpu_wakeup_latency_us", "key_wait_ms"}},
+       {"media", {"realtime_priority", "cpu_wakeup_latency_us", "key_wait_ms", "pin_threads"}},
        {"status", {"listen", "server_names", "unhealthy_after_s"}},
        {"ice", {"signalling_listen", "peer_signalling", "stun"}},
        {"sip",
@@ -87,6 +87,8 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
         r.integer(*media_node->as_table(), "media.", "key_wait_ms", 0, 5000,
                   "milliseconds a received packet may wait for its key, 0 to 5000",
                   std::int64_t{c.receive_key_wait_ms}));
+    c.pin_media_threads =
+        r.boolean(*media_node->as_table(), "media.", "pin_threads", c.pin_media_threads);
   }
 
   if (const toml::node* status_node = root.get("status")) {

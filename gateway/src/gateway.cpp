@@ -908,6 +908,12 @@ struct Gateway::Impl final : CallMediaPlane {
   json media_status() const {
     json m = media->status();
     cpu_wakeup->describe(m);
+    if (media_loops) {
+      json cpus = json::array();
+      for (const auto& cpu : media_loops->thread_cpus()) cpus.push_back(cpu ? json(*cpu) : json());
+      m["call_media_threads"] = cpus.size();
+      m["call_media_thread_cpus"] = std::move(cpus);
+    }
     return m;
   }
 
@@ -1007,8 +1013,13 @@ void Gateway::start() {
   for (auto& s : g.streams) g.play(s);
   if (g.config.sip) {
     g.starter = std::make_unique<PipelineStarter>();
-    g.media_loops = std::make_unique<MediaLoops>(
-        std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4), g.media.get());
+    // A thread per CPU the process may use (not per CPU the machine has: a gateway given
+    // two of sixteen by taskset or CPUAffinity= runs two), at most four.
+    const std::vector<int> cpus = allowed_cpus();
+    const std::size_t threads = std::clamp<std::size_t>(cpus.size(), 1, 4);
+    std::vector<int> pins;
+    if (g.config.pin_media_threads) pins.assign(cpus.begin(), cpus.begin() + threads);
+    g.media_loops = std::make_unique<MediaLoops>(threads, std::move(pins), g.media.get());
     g.calls = std::make_unique<Calls>(g.config, g);
     const Endpoint& at = g.config.sip->ng_listen;
     try {

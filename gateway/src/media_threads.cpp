@@ -63,6 +63,27 @@ json MediaScheduling::status() const {
               {"unraised_threads", unraised_.load()}};
 }
 
+std::vector<int> allowed_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> cpus;
+  if (::sched_getaffinity(0, sizeof set, &set) == 0) {
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+      if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+    }
+  }
+  if (cpus.empty()) cpus.push_back(::sched_getcpu() >= 0 ? ::sched_getcpu() : 0);
+  return cpus;
+}
+
+bool pin_current_thread(int cpu) {
+  if (cpu < 0 || cpu >= CPU_SETSIZE) return false;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set) == 0;
+}
+
 void CpuWakeupLatency::hold() {
   if (!wanted_ || fd_ >= 0) return;
   fd_ = ::open(device_.c_str(), O_WRONLY | O_CLOEXEC);

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace otpgate::gateway {
 
@@ -53,5 +54,13 @@ class CpuWakeupLatency {
   int fd_ = -1;
   std::string error_;
 };
+
+// The CPUs this process may run on (its affinity: taskset, systemd's CPUAffinity=, a
+// cpuset), in ascending order; at least one.
+std::vector<int> allowed_cpus();
+
+// Binds the calling thread to `cpu` alone; false when the kernel refuses (the CPU left
+// the process's cpuset meanwhile).
+bool pin_current_thread(int cpu);
 
 }  // namespace otpgate::gateway

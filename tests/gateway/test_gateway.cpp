@@ -409,6 +409,9 @@ TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
             "site.toml: media.cpu_wakeup_latency_us = -1: expected microseconds from 0 (CPUs "
             "never sleep) to 1000000");
   EXPECT_FALSE(otpgate::gateway::parse_config(good, "site.toml").cpu_wakeup_latency_us);
+  EXPECT_EQ(error_for("[[stream]]", "[media]\npin_threads = \"yes\"\n[[stream]]"),
+            "site.toml: media.pin_threads = 'yes': expected true or false");
+  EXPECT_TRUE(otpgate::gateway::parse_config(good, "site.toml").pin_media_threads);
   EXPECT_EQ(error_for("listen_port = 6004", "listen_port = 5004"),
             "site.toml: stream[0].*_port = 5004: expected a local port no other stream or "
             "direction uses");

@@ -7,6 +7,7 @@
 // answers what came out to gateway A. Then RTP from a fake caller reaches the fake callee
 // byte for byte and back, and a tap between the gateways (the SDP between the sites is
 // pointed at it, as a WAN hop) sees only OTP.
+#include <sched.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -444,6 +445,59 @@ TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLa
   const auto reply = ng(a_->ng_port(), kamailio(cookie(), "delete", k));
   EXPECT_EQ(text_of(reply, "result"), "ok");
   EXPECT_EQ(text_of(reply, "warning"), "unknown call");
+}
+
+// [media] pin_threads (default true): each call media thread is bound to a CPU of its own,
+// one per CPU the process may use; pin_threads = false leaves them to the kernel. Both
+// gateways run in this process: A pins, B does not.
+TEST_F(GatewayCallsTest, CallMediaThreadsStayOnACpuOfTheirOwnUnlessToldNot) {
+  start_sip(12, 60, "", "[media]\npin_threads = false\n");
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  ASSERT_EQ(::sched_getaffinity(0, sizeof allowed, &allowed), 0);
+  const int cpus = CPU_COUNT(&allowed);
+  const auto threads = static_cast<std::size_t>(std::clamp(cpus, 1, 4));
+
+  const json a = json::parse(a_->status_json())["media_threads"];
+  const json b = json::parse(b_->status_json())["media_threads"];
+  ASSERT_EQ(a["call_media_threads"], threads) << a.dump();
+  ASSERT_EQ(b["call_media_threads"], threads) << b.dump();
+  std::vector<int> pinned;
+  for (const json& cpu : a["call_media_thread_cpus"]) {
+    ASSERT_TRUE(cpu.is_number_integer()) << a.dump();
+    EXPECT_TRUE(CPU_ISSET(cpu.get<int>(), &allowed)) << cpu;
+    pinned.push_back(cpu.get<int>());
+  }
+  std::sort(pinned.begin(), pinned.end());
+  EXPECT_EQ(std::adjacent_find(pinned.begin(), pinned.end()), pinned.end())
+      << "two threads on one CPU: " << a.dump();
+  for (const json& cpu : b["call_media_thread_cpus"]) EXPECT_TRUE(cpu.is_null()) << b.dump();
+
+  // What the kernel holds: A's threads each on one CPU, B's on every CPU allowed.
+  std::size_t on_one_cpu = 0, on_all = 0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    if (!std::getline(comm, name) || name != "otp-media") continue;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    ASSERT_EQ(::sched_getaffinity(std::stoi(task.path().filename().string()), sizeof set, &set), 0);
+    if (CPU_COUNT(&set) == 1) ++on_one_cpu;
+    if (CPU_EQUAL(&set, &allowed)) ++on_all;
+  }
+  if (cpus >= 2) {
+    EXPECT_EQ(on_one_cpu, threads);
+    EXPECT_EQ(on_all, threads);
+  } else {
+    EXPECT_EQ(on_one_cpu, 2 * threads);  // one CPU: pinned or not, they share it
+  }
+
+  // The pinned gateway relays a call as before.
+  RunningCall c = place_call("pinned-threads-call", 0);
+  std::vector<Bytes> there, back;
+  EXPECT_EQ(send(*c.caller, c.a_local, *c.callee, 30, 0x1234, there, random_), there);
+  EXPECT_EQ(send(*c.callee, c.b_local, *c.caller, 30, 0x4321, back, random_), back);
+  hang_up(c.k);
 }
 
 TEST_F(GatewayCallsTest, ACallHungUpRightAfterItsAnswerLeavesNoMediaRunning) {

@@ -81,6 +81,10 @@ struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [k
   // microseconds; 0 keeps them out of sleep states altogether. Unset: no request. Needs
   // write access to the device; without it the gateway runs with one warning.
   std::optional<int> cpu_wakeup_latency_us;
+  // [media] pin_threads: each of the call media threads (one per CPU the process may run
+  // on, at most 4) stays on a CPU of its own, so that a datagram's wake-up neither moves
+  // the thread nor, mostly, crosses CPUs. false: the kernel places them.
+  bool pin_media_threads = true;
   std::filesystem::path cpu_latency_device = "/dev/cpu_dma_latency";  // tests point elsewhere
   // [media] key_wait_ms: how long a packet from the partner may wait for its key (this
   // site's KME still relaying it, typically at a stream's or call's start) before it is
