@@ -255,7 +255,7 @@ struct KeySupply::Impl {
     std::optional<std::uint64_t> take(std::span<std::uint8_t> out) override {
       KeyRing* r = consumer_ring();
       const auto taken = asked(r ? r->take(out) : std::nullopt);
-      impl.note_use();
+      impl.note_take(*this, r);
       return taken;
     }
     std::optional<std::uint64_t> peek_offset() override {
@@ -381,6 +381,9 @@ struct KeySupply::Impl {
     Clock::time_point last_sample = Clock::now();
     std::uint64_t last_consumed = 0;
     Clock::time_point last_used{};  // last time the media thread was seen taking key
+    // Master: a take() that leaves the ring below this wakes a refill thread napping
+    // while key is used (Doze::busy); the low-water mark when the nap began.
+    std::atomic<std::uint64_t> wake_below{0};
     // Shared with the media thread (lock-free) and with stats() readers.
     std::atomic<KeyRing*> ring{nullptr};
     boost::lockfree::spsc_queue<KeyAnnouncement> announcements{kQueueCapacity};
@@ -1049,13 +1052,27 @@ struct KeySupply::Impl {
     latency_avg = latency_avg + (ms - latency_avg) / double(latency_samples);
   }
 
-  // Media threads, after taking or asking for key: wakes a dozing refill thread (see
-  // doze()). The fence pairs with doze()'s: either this sees `dozing`, or doze() sees
-  // what was just taken or asked for; a wake-up is never lost. Costs a fence per call
-  // while the thread is awake.
+  // Media threads, after asking for key (or starting a stream): wakes a dozing refill
+  // thread (see doze()). The fence pairs with doze()'s: either this sees `dozing`, or
+  // doze() sees what was just asked for; a wake-up is never lost. Costs a fence per call.
   void note_use() {
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (!dozing.load(std::memory_order_relaxed) || !dozing.exchange(false)) return;
+    if (dozing.load(std::memory_order_acquire) != Doze::awake) wake();
+  }
+  // Media thread, after a take(): wakes a thread dozing while idle (this is the first use)
+  // and one napping while key is used once the ring is below its low-water mark.
+  void note_take(const Lane& lane, const KeyRing* ring) {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    const Doze d = dozing.load(std::memory_order_acquire);
+    if (d == Doze::awake) return;
+    if (d == Doze::busy && ring &&
+        ring->bytes_available() >= lane.wake_below.load(std::memory_order_relaxed)) {
+      return;
+    }
+    wake();
+  }
+  void wake() {
+    if (dozing.exchange(Doze::awake) == Doze::awake) return;
     {
       std::lock_guard lock(mutex);
       woken = true;
@@ -1085,22 +1102,53 @@ struct KeySupply::Impl {
     return true;
   }
 
+  // Master, refill thread: key is being used, but there is nothing to do until some ring
+  // falls below its low-water mark, which the take() that puts it there reports
+  // (note_take): no restart, demand, flush or outage under way, and a KME that keeps
+  // unfetched batches (one that replaces them is waited on, see kBatchPatience). Sets
+  // each lane's wake_below.
+  bool may_nap() {
+    if (config.role != SaeRole::master || replaces_batches || outage || !ring_ready ||
+        !wanted.empty()) {
+      return false;
+    }
+    for (auto& lane : lanes) {
+      if (lane->restarting.load(std::memory_order_acquire) ||
+          lane->demand.load(std::memory_order_relaxed) || lane->flushed_pending) {
+        return false;
+      }
+      const double mark = config.low_water * ring_target(*lane);
+      if (lane->held() < mark) return false;
+      lane->wake_below.store(static_cast<std::uint64_t>(std::ceil(mark)),
+                             std::memory_order_relaxed);
+    }
+    return true;
+  }
+
   std::chrono::milliseconds slave_probe_interval() const { return 4 * config.health_interval; }
 
   // Refill thread, `lock` held: sleeps while nothing uses key, until the next KME health
-  // check is due, a media thread notes a use (note_use), or the supply stops. An idle
-  // gateway's refill threads then wake a few times a second instead of every
-  // poll_interval. Returns false (without sleeping) when there is something to do.
+  // check is due, a media thread notes a use (note_use, note_take), or the supply stops.
+  // An idle gateway's refill threads then wake a few times a second instead of every
+  // poll_interval. A master whose key is used naps too, while its rings are above their
+  // low-water marks: until a take() leaves one below (note_take), busy_nap at most,
+  // where it would otherwise look every poll_interval (with 20 calls, 100 passes a second
+  // over every lane: about half of its CPU). Returns false (without sleeping) when there
+  // is something to do.
   bool doze(std::unique_lock<std::mutex>& lock) {
     const auto now = Clock::now();
-    if (!nothing_to_do(now)) return false;
-    const auto due = last_kme_call + (config.role == SaeRole::master ? config.health_interval
-                                                                     : slave_probe_interval());
+    const bool idle = nothing_to_do(now);
+    if (!idle && !may_nap()) return false;
+    auto due = last_kme_call +
+               (config.role == SaeRole::master ? config.health_interval : slave_probe_interval());
+    if (!idle) due = std::min(due, now + config.busy_nap);
     if (due <= now + config.poll_interval) return false;
-    dozing.store(true, std::memory_order_relaxed);
+    dozing.store(idle ? Doze::idle : Doze::busy, std::memory_order_release);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (nothing_to_do(now)) cv.wait_until(lock, due, [&] { return stopping || woken; });
-    dozing.store(false, std::memory_order_relaxed);
+    if (idle ? nothing_to_do(now) : may_nap()) {
+      cv.wait_until(lock, due, [&] { return stopping || woken; });
+    }
+    dozing.store(Doze::awake, std::memory_order_relaxed);
     woken = false;
     return true;
   }
@@ -1260,7 +1308,10 @@ struct KeySupply::Impl {
   std::string failure_text;
 
   std::atomic<std::uint64_t> refill_rounds{0};
-  std::atomic<bool> dozing{false};  // the refill thread sleeps until a use wakes it
+  // How the refill thread sleeps (see doze()): not at all, until a use wakes it, or until
+  // a ring falls below its low-water mark.
+  enum class Doze { awake, idle, busy };
+  std::atomic<Doze> dozing{Doze::awake};
 
   std::thread thread;
   std::mutex mutex;

@@ -286,6 +286,46 @@ TEST_F(KeySupplyTest, ANewStreamNeverGetsPadAnnouncedToTheStreamBefore) {
   EXPECT_GE(master.stats().bytes_flushed, announced_end - 11 * chunk.size());
 }
 
+// A master whose key is in use naps between refills instead of looking at its ring every
+// poll_interval, and the take() that leaves the ring below its low-water mark wakes it.
+// With naps and KME health checks a minute long, a stream drawing key steadily through
+// three ring-fulls never finds its ring empty only because those takes woke the thread,
+// in a few passes where polling makes a hundred a second.
+TEST_F(KeySupplyTest, AMasterInUseNapsUntilATakeLeavesItsRingLow) {
+  auto cfg = master_config();
+  cfg.health_interval = std::chrono::seconds(60);
+  cfg.busy_nap = std::chrono::seconds(60);
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), cfg);
+  master.start();
+  const std::size_t capacity = 256u << 10;
+  ASSERT_TRUE(eventually([&] { return master.available() >= capacity * 8 / 10; }));
+  const auto before = master.stats();
+  std::vector<std::uint8_t> chunk(1000);
+  std::size_t taken = 0, empty = 0;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (taken < 3 * capacity && std::chrono::steady_clock::now() < give_up) {
+    if (master.take(chunk)) {
+      taken += chunk.size();
+    } else {
+      ++empty;
+    }
+    while (master.next_announcement()) {
+    }
+    // About 0.4 MB/s: the ring's low-water half lasts over 300 ms, against a refill of a
+    // few milliseconds from the simulator.
+    std::this_thread::sleep_for(std::chrono::microseconds(2600));
+  }
+  const auto after = master.stats();
+  ASSERT_GE(taken, 3 * capacity) << "the master slept while its ring ran dry";
+  // A take() finding the ring empty wakes the thread too (demand): the low-water wake
+  // is what keeps it from running dry.
+  EXPECT_EQ(empty, 0u) << "the ring ran dry before the refill thread woke";
+  EXPECT_GE(after.keys_fetched - before.keys_fetched, 2 * capacity / 1024);
+  // Two seconds of use: a pass per refill or two, not one every 10 ms.
+  EXPECT_LE(after.refill_rounds - before.refill_rounds, 40u)
+      << "the refill thread polled while key was used";
+}
+
 // An idle supply's refill thread sleeps instead of looking at its rings every
 // poll_interval (what an idle gateway spends its CPU on), and the first key taken or asked
 // for wakes it at once. With the KME health checks a minute away, the master refills its

@@ -370,6 +370,11 @@ struct KeySupplyConfig {
   // Master: the KME's status is asked for this often when no other call was made (a KME
   // restart loses keys it issued); slave: whether it answers, four times as seldom.
   std::chrono::milliseconds health_interval{500};
+  // Master: while key is used and every ring is above its low-water mark, the refill
+  // thread sleeps until a take() leaves a ring below it, or this long at most (so the
+  // consumption it measures, which sizes the rings, stays fresh), instead of looking
+  // every poll_interval.
+  std::chrono::milliseconds busy_nap{250};
   bool publish_announcements = true;  // master: queue a KeyAnnouncement per key
   // Slave: a key the KME does not have yet may still be on its way between the KMEs;
   // it is asked for again until this long after its first request, then declared lost.
