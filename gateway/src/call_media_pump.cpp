@@ -153,14 +153,37 @@ struct MediaLoops::Impl {
   std::atomic<bool> stopping{false};
   std::atomic<std::uint64_t> next_id{0};
   std::atomic<std::size_t> next_loop{0};
+  std::atomic<bool> warned_unpinned{false};
+
+  ~Impl() {
+    stopping = true;
+    const std::uint64_t one = 1;
+    if (wake_fd >= 0) (void)::write(wake_fd, &one, sizeof one);
+    for (auto& loop : loops) {
+      if (loop->thread.joinable()) loop->thread.join();
+      for (auto& [id, inlet] : loop->inlets) gst_object_unref(inlet->feed);
+      if (loop->epoll_fd >= 0) ::close(loop->epoll_fd);
+    }
+    if (wake_fd >= 0) ::close(wake_fd);
+  }
 
   // Named (as top -H shows it) and scheduled as media threads are. A thread on a CPU of
   // its own is woken where it last ran: no migration, and a datagram sent from that CPU
   // wakes it without an inter-processor interrupt (on a VM, an exit to the hypervisor).
+  // Only a thread raised above time-shared work is bound: one that is not would share
+  // its CPU with whatever keeps it busy, with nowhere else to go.
   void run(Loop& loop, std::latch& running) {
     ::pthread_setname_np(::pthread_self(), "otp-media");
-    if (scheduling) scheduling->enter();
-    if (loop.pin_cpu >= 0) {
+    const bool raised = !scheduling || scheduling->enter();
+    if (loop.pin_cpu >= 0 && !raised) {
+      if (!warned_unpinned.exchange(true)) {
+        std::fprintf(stderr,
+                     "otp-gateway[warning]: call media threads are not bound to CPUs of "
+                     "their own ([media] pin_threads): they run time-shared (nice -10 needs "
+                     "CAP_SYS_NICE or LimitNICE=-10 in the systemd unit), and a bound "
+                     "time-shared thread could not leave a busy CPU\n");
+      }
+    } else if (loop.pin_cpu >= 0) {
       if (pin_current_thread(loop.pin_cpu)) {
         loop.on_cpu = loop.pin_cpu;
       } else {
@@ -198,21 +221,31 @@ MediaLoops::MediaLoops(std::size_t threads, std::vector<int> pin_cpus, MediaSche
   r.wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (r.wake_fd < 0) throw std::runtime_error(std::string("eventfd: ") + std::strerror(errno));
   for (std::size_t i = 0; i < std::max<std::size_t>(threads, 1); ++i) {
-    auto loop = std::make_unique<Impl::Loop>();
-    loop->epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
+    auto& loop = *r.loops.emplace_back(std::make_unique<Impl::Loop>());  // ~Impl closes it
+    loop.epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
     epoll_event wake{};
     wake.events = EPOLLIN;
     wake.data.ptr = nullptr;  // no inlet
-    if (loop->epoll_fd < 0 || ::epoll_ctl(loop->epoll_fd, EPOLL_CTL_ADD, r.wake_fd, &wake) != 0) {
+    if (loop.epoll_fd < 0 || ::epoll_ctl(loop.epoll_fd, EPOLL_CTL_ADD, r.wake_fd, &wake) != 0) {
       throw std::runtime_error(std::string("epoll: ") + std::strerror(errno));
     }
-    if (r.loops.size() < pin_cpus.size()) loop->pin_cpu = pin_cpus[r.loops.size()];
-    r.loops.push_back(std::move(loop));
+    if (i < pin_cpus.size()) loop.pin_cpu = pin_cpus[i];
   }
-  std::latch running(static_cast<std::ptrdiff_t>(r.loops.size()));
-  for (auto& loop : r.loops) {
-    Impl::Loop* l = loop.get();
-    l->thread = std::thread([&r, l, &running] { r.run(*l, running); });
+  const auto count = static_cast<std::ptrdiff_t>(r.loops.size());
+  std::latch running(count);
+  std::ptrdiff_t started = 0;
+  try {
+    for (auto& loop : r.loops) {
+      Impl::Loop* l = loop.get();
+      l->thread = std::thread([&r, l, &running] { r.run(*l, running); });
+      ++started;
+    }
+  } catch (...) {
+    // The threads that run count down on `running`: it must outlive that. ~Impl stops
+    // and joins them.
+    running.count_down(count - started);
+    running.wait();
+    throw;
   }
   running.wait();
 }
@@ -223,18 +256,7 @@ std::vector<std::optional<int>> MediaLoops::thread_cpus() const {
   return cpus;
 }
 
-MediaLoops::~MediaLoops() {
-  Impl& r = *impl_;
-  r.stopping = true;
-  const std::uint64_t one = 1;
-  (void)::write(r.wake_fd, &one, sizeof one);
-  for (auto& loop : r.loops) {
-    if (loop->thread.joinable()) loop->thread.join();
-    for (auto& [id, inlet] : loop->inlets) gst_object_unref(inlet->feed);
-    ::close(loop->epoll_fd);
-  }
-  ::close(r.wake_fd);
-}
+MediaLoops::~MediaLoops() = default;  // ~Impl stops and joins the threads
 
 std::size_t MediaLoops::pick() {
   return impl_->next_loop++ % impl_->loops.size();

@@ -7,22 +7,24 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <new>
 
 namespace otpgate::gateway {
 
 using nlohmann::json;
 
-void MediaScheduling::enter() {
+bool MediaScheduling::enter() {
   if (realtime_priority_ > 0) {
     sched_param p{};
     p.sched_priority = realtime_priority_;
     if (::pthread_setschedparam(::pthread_self(), SCHED_FIFO, &p) == 0) {
       ++realtime_;
-      return;
+      return true;
     }
     if (!warned_.exchange(true)) {
       std::fprintf(stderr,
@@ -35,9 +37,10 @@ void MediaScheduling::enter() {
   // Fails quietly without CAP_SYS_NICE or RLIMIT_NICE.
   if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), kRaisedNice) == 0) {
     ++raised_;
-  } else {
-    ++unraised_;
+    return true;
   }
+  ++unraised_;
+  return false;
 }
 
 void MediaScheduling::leave() {
@@ -63,25 +66,44 @@ json MediaScheduling::status() const {
               {"unraised_threads", unraised_.load()}};
 }
 
+namespace {
+// A CPU set for `cpus` CPUs, freed with it (glibc's fixed cpu_set_t ends at 1024).
+struct CpuSet {
+  explicit CpuSet(int cpus) : count(cpus), set(CPU_ALLOC(cpus)), size(CPU_ALLOC_SIZE(cpus)) {
+    if (!set) throw std::bad_alloc();
+    CPU_ZERO_S(size, set);
+  }
+  ~CpuSet() { CPU_FREE(set); }
+  CpuSet(const CpuSet&) = delete;
+  CpuSet& operator=(const CpuSet&) = delete;
+  int count;
+  cpu_set_t* set;
+  std::size_t size;
+};
+}  // namespace
+
 std::vector<int> allowed_cpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
   std::vector<int> cpus;
-  if (::sched_getaffinity(0, sizeof set, &set) == 0) {
-    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
-      if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+  // The main thread's: the caller may be a thread that has bound itself.
+  for (int room = 1024; room <= (1 << 16) && cpus.empty(); room *= 4) {
+    CpuSet s(room);
+    if (::sched_getaffinity(::getpid(), s.size, s.set) != 0) {
+      if (errno == EINVAL) continue;  // more CPUs than `room`
+      break;
+    }
+    for (int cpu = 0; cpu < s.count; ++cpu) {
+      if (CPU_ISSET_S(cpu, s.size, s.set)) cpus.push_back(cpu);
     }
   }
-  if (cpus.empty()) cpus.push_back(::sched_getcpu() >= 0 ? ::sched_getcpu() : 0);
+  if (cpus.empty()) cpus.push_back(std::max(::sched_getcpu(), 0));
   return cpus;
 }
 
 bool pin_current_thread(int cpu) {
-  if (cpu < 0 || cpu >= CPU_SETSIZE) return false;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpu, &set);
-  return ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set) == 0;
+  if (cpu < 0) return false;
+  CpuSet s(cpu + 1);
+  CPU_SET_S(cpu, s.size, s.set);
+  return ::pthread_setaffinity_np(::pthread_self(), s.size, s.set) == 0;
 }
 
 void CpuWakeupLatency::hold() {

@@ -20,7 +20,9 @@ namespace otpgate::gateway {
 class MediaScheduling {
  public:
   explicit MediaScheduling(int realtime_priority) : realtime_priority_(realtime_priority) {}
-  void enter();  // on the streaming thread, as it starts
+  // On the streaming thread, as it starts; whether it now runs above time-shared work
+  // (SCHED_FIFO or nice -10).
+  bool enter();
   void leave();  // ... and as it is handed back
   nlohmann::json status() const;
 
@@ -55,8 +57,8 @@ class CpuWakeupLatency {
   std::string error_;
 };
 
-// The CPUs this process may run on (its affinity: taskset, systemd's CPUAffinity=, a
-// cpuset), in ascending order; at least one.
+// The CPUs this process may run on (its main thread's affinity: taskset, systemd's
+// CPUAffinity=, a cpuset), in ascending order; at least one.
 std::vector<int> allowed_cpus();
 
 // Binds the calling thread to `cpu` alone; false when the kernel refuses (the CPU left

@@ -1114,13 +1114,22 @@ struct KeySupply::Impl {
     }
     for (auto& lane : lanes) {
       if (lane->restarting.load(std::memory_order_acquire) ||
-          lane->demand.load(std::memory_order_relaxed) || lane->flushed_pending) {
+          lane->demand.load(std::memory_order_relaxed)) {
         return false;
       }
-      const double mark = config.low_water * ring_target(*lane);
-      if (lane->held() < mark) return false;
-      lane->wake_below.store(static_cast<std::uint64_t>(std::ceil(mark)),
-                             std::memory_order_relaxed);
+      // held() leaves out key a flush left that the media thread has not wiped yet; its
+      // next take() wipes it before note_take() looks at the ring.
+      const double target = ring_target(*lane);
+      const double held = lane->held();
+      const double mark = config.low_water * target;
+      if (held < mark) return false;
+      // A quarter of the ring used wakes the thread too, at the mark at the latest: a
+      // stream whose rate jumps (video starting) is measured, and its ring grown, before
+      // it drains the ring sized for the old rate. A steady stream uses a quarter of a
+      // ring_seconds ring in longer than busy_nap.
+      lane->wake_below.store(
+          static_cast<std::uint64_t>(std::ceil(std::max(mark, held - target / 4))),
+          std::memory_order_relaxed);
     }
     return true;
   }
@@ -1166,6 +1175,8 @@ struct KeySupply::Impl {
       lock.unlock();
       auto wait = config.poll_interval;
       bool errored = true;
+      // Before the refill: a pass a take() woke sizes the rings by the rate up to now.
+      for (auto& lane : lanes) lane->sample_rate();
       try {
         ensure_ring();
         if (config.role == SaeRole::master) {
@@ -1204,7 +1215,6 @@ struct KeySupply::Impl {
         record_error(e.what());
         wait = std::chrono::milliseconds(1000);
       }
-      for (auto& lane : lanes) lane->sample_rate();
       sample_refill();
       refill_rounds.fetch_add(1, std::memory_order_relaxed);
       const bool quiet = !errored;  // nothing to back off from

@@ -326,6 +326,46 @@ TEST_F(KeySupplyTest, AMasterInUseNapsUntilATakeLeavesItsRingLow) {
       << "the refill thread polled while key was used";
 }
 
+// The same with rings sized by the measured rate (as the gateway runs them: ring_seconds):
+// a stream that jumps from audio to video rates while the thread naps wakes it (at a
+// quarter of its ring used, at the low-water mark at the latest), so the ring is measured
+// and grown before the video drains it. With naps a minute long, no take finds the ring
+// empty; without the wake-up 16 did. (The simulator answers within milliseconds, so the
+// low-water mark alone keeps this ring fed: the earlier, quarter-ring wake-up is for a
+// slower KME, and this test does not tell the two apart.)
+TEST_F(KeySupplyTest, AStreamJumpingToVideoRatesWakesANappingMasterBeforeItsRingRunsDry) {
+  auto cfg = master_config(1u << 20);
+  cfg.health_interval = std::chrono::seconds(60);
+  cfg.busy_nap = std::chrono::seconds(60);
+  cfg.ring_seconds = 2;
+  cfg.ring_min_bytes = 64u << 10;
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), cfg);
+  master.start();
+  ASSERT_TRUE(eventually([&] { return master.available() >= (64u << 10) * 8 / 10; }));
+  std::size_t empty = 0;
+  auto stream = [&](std::size_t bytes_per_take, std::chrono::microseconds every,
+                    std::size_t total) {
+    std::vector<std::uint8_t> chunk(bytes_per_take);
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    for (std::size_t taken = 0; taken < total && std::chrono::steady_clock::now() < give_up;) {
+      if (master.take(chunk)) {
+        taken += chunk.size();
+      } else {
+        ++empty;
+      }
+      while (master.next_announcement()) {
+      }
+      std::this_thread::sleep_for(every);
+    }
+  };
+  stream(100, std::chrono::microseconds(5000), 30000);  // audio: 20 kB/s for 1.5 s
+  const auto rounds = master.stats().refill_rounds;
+  stream(1000, std::chrono::microseconds(2500), 600000);  // video: 400 kB/s for 1.5 s
+  EXPECT_EQ(empty, 0u) << "the ring ran dry before the napping refill thread grew it";
+  EXPECT_GT(master.stats().refill_rounds, rounds);
+  EXPECT_GT(master.stats().bytes_consumed, 600000u);
+}
+
 // An idle supply's refill thread sleeps instead of looking at its rings every
 // poll_interval (what an idle gateway spends its CPU on), and the first key taken or asked
 // for wakes it at once. With the KME health checks a minute away, the master refills its

@@ -363,17 +363,19 @@ struct KeySupplyConfig {
   // Journal granularity (bytes of pad); reservations are whole multiples of it, so keep
   // it a multiple of the codec's epoch (256 KiB) for restarts without skipped pad.
   std::uint64_t reserve_chunk = 16u << 20;
-  // How often the refill thread looks at the rings while key is being used. While nothing
-  // uses key (rings full, no keys asked for), it sleeps until a stream takes or asks for
-  // key again, or until the KME is due to be asked whether it is there (health_interval).
+  // How often the refill thread looks at the rings while it has work in sight (a restart,
+  // demand, an outage, a slave's requests). A master whose rings are above their low-water
+  // marks naps instead (busy_nap); while nothing uses key (rings full, no keys asked
+  // for), it sleeps until a stream takes or asks for key again, or until the KME is due
+  // to be asked whether it is there (health_interval).
   std::chrono::milliseconds poll_interval{10};
   // Master: the KME's status is asked for this often when no other call was made (a KME
   // restart loses keys it issued); slave: whether it answers, four times as seldom.
   std::chrono::milliseconds health_interval{500};
   // Master: while key is used and every ring is above its low-water mark, the refill
-  // thread sleeps until a take() leaves a ring below it, or this long at most (so the
-  // consumption it measures, which sizes the rings, stays fresh), instead of looking
-  // every poll_interval.
+  // thread sleeps until a take() leaves a ring below it or uses a quarter of it, or this
+  // long at most (so the consumption it measures, which sizes the rings, stays fresh),
+  // instead of looking every poll_interval.
   std::chrono::milliseconds busy_nap{250};
   bool publish_announcements = true;  // master: queue a KeyAnnouncement per key
   // Slave: a key the KME does not have yet may still be on its way between the KMEs;
