@@ -771,7 +771,10 @@ struct Gateway::Impl final : CallMediaPlane {
       throw std::runtime_error("ice.signalling_listen " + endpoint_text(listen) +
                                ": cannot listen (in use?)");
     }
-    signalling_thread = std::thread([this] { signalling_server.listen_after_bind(); });
+    signalling_thread = std::thread([this] {
+      ::pthread_setname_np(::pthread_self(), "otp-signalling");
+      signalling_server.listen_after_bind();
+    });
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
     if (controlling) {
       httplib::Client peer(config.ice_peer_signalling.host, config.ice_peer_signalling.port);
@@ -808,6 +811,7 @@ struct Gateway::Impl final : CallMediaPlane {
   }
 
   void watch_buses() {
+    ::pthread_setname_np(::pthread_self(), "otp-bus");
     auto last_expiry = std::chrono::steady_clock::now();
     auto last_health = std::chrono::steady_clock::time_point{};
     const auto health_every = std::clamp<std::chrono::milliseconds>(
@@ -1091,7 +1095,10 @@ void Gateway::start() {
                              ": cannot listen (in use?)");
   }
   names->set_port(static_cast<std::uint16_t>(g.status_port));
-  g.status_thread = std::thread([&g] { g.status_server.listen_after_bind(); });
+  g.status_thread = std::thread([&g] {
+    ::pthread_setname_np(::pthread_self(), "otp-status");
+    g.status_server.listen_after_bind();
+  });
   while (!g.status_server.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
 

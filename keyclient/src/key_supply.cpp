@@ -2,6 +2,8 @@
 // Key supply: a refill thread that keeps one direction's key ring between its low-
 // and high-water marks. As master it calls enc_keys and assigns pad offsets (after
 // reserving them in the journal); as slave it calls dec_keys for announced key_IDs.
+#include <pthread.h>
+
 #include <atomic>
 #include <boost/lockfree/spsc_queue.hpp>
 #include <cmath>
@@ -1163,6 +1165,9 @@ struct KeySupply::Impl {
   }
 
   void run() {
+    // As top -H names it: a sender's supply or a receiver's.
+    ::pthread_setname_np(::pthread_self(),
+                         config.role == SaeRole::master ? "otp-keys-send" : "otp-keys-recv");
     // Refills are bulk work (HTTPS, JSON, base64 of up to megabytes) at the process's
     // normal priority. Media threads win the CPU because they are raised above it
     // (SCHED_FIFO or nice -10, see the gateway's [media]). A refill below normal would let

@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -168,6 +169,7 @@ struct Listener::Impl {
   }
 
   void run() {
+    ::pthread_setname_np(::pthread_self(), "otp-ng");
     std::vector<char> buffer(65536);
     std::array<pollfd, 2> fds{pollfd{socket.get(), POLLIN, 0}, pollfd{wake.get(), POLLIN, 0}};
     for (;;) {

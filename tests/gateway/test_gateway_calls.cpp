@@ -492,6 +492,11 @@ TEST_F(GatewayCallsTest, CallMediaThreadsStayOnACpuOfTheirOwnUnlessToldNot) {
     EXPECT_EQ(on_one_cpu, 2 * threads);  // one CPU: pinned or not, they share it
   }
 
+  // Every other thread of ours is named too, as top -H shows them (docs/gateway.md).
+  for (const char* name : {"otp-keys-send", "otp-keys-recv", "otp-bus", "otp-ng", "otp-status"}) {
+    EXPECT_GE(threads_named(name), 2u) << name;  // one per gateway at least
+  }
+
   // The pinned gateway relays a call as before.
   RunningCall c = place_call("pinned-threads-call", 0);
   std::vector<Bytes> there, back;
