@@ -7,8 +7,12 @@
 // answers what came out to gateway A. Then RTP from a fake caller reaches the fake callee
 // byte for byte and back, and a tap between the gateways (the SDP between the sites is
 // pointed at it, as a WAN hop) sees only OTP.
+#include <linux/capability.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -22,7 +26,9 @@
 #include <vector>
 
 #include "admission.hpp"
+#include "call_media_pump.hpp"
 #include "gateway_fixture.hpp"
+#include "media_threads.hpp"
 #include "otpgate/otp_wire.hpp"
 #include "otpgate/sip.hpp"
 
@@ -503,6 +509,49 @@ TEST_F(GatewayCallsTest, CallMediaThreadsStayOnACpuOfTheirOwnUnlessToldNot) {
   EXPECT_EQ(send(*c.caller, c.a_local, *c.callee, 30, 0x1234, there, random_), there);
   EXPECT_EQ(send(*c.callee, c.b_local, *c.caller, 30, 0x4321, back, random_), back);
   hang_up(c.k);
+}
+
+// A media thread that may not be raised above time-shared work (no CAP_SYS_NICE, no
+// RLIMIT_NICE) is not bound to a CPU: it could not leave a busy one. The threads are
+// started from a thread that dropped CAP_SYS_NICE (capabilities are per thread and
+// inherited), as a gateway run without the unit's LimitNICE= would be.
+TEST(MediaLoopsTest, ThreadsThatCannotBeRaisedAreNotBound) {
+  const std::vector<int> cpus = otpgate::gateway::allowed_cpus();
+  std::vector<std::optional<int>> unraised_cpus, raised_cpus;
+  nlohmann::json unraised_status;
+  bool nice_allowed = false;
+  std::thread([&] {
+    __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct data[2]{};
+    ASSERT_EQ(::syscall(SYS_capget, &header, data), 0);
+    data[CAP_SYS_NICE / 32].effective &= ~(1u << (CAP_SYS_NICE % 32));
+    data[CAP_SYS_NICE / 32].permitted &= ~(1u << (CAP_SYS_NICE % 32));
+    ASSERT_EQ(::syscall(SYS_capset, &header, data), 0);
+    rlimit nice_limit{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NICE, &nice_limit), 0);
+    if (nice_limit.rlim_cur >= 30) {  // RLIMIT_NICE lets any thread reach nice -10
+      nice_allowed = true;
+      return;
+    }
+    otpgate::gateway::MediaScheduling scheduling(0);
+    otpgate::gateway::MediaLoops loops(1, {cpus.front()}, &scheduling);
+    unraised_cpus = loops.thread_cpus();
+    unraised_status = scheduling.status();
+  }).join();
+  if (nice_allowed) GTEST_SKIP() << "RLIMIT_NICE allows nice -10 without CAP_SYS_NICE here";
+  ASSERT_EQ(unraised_cpus.size(), 1u);
+  EXPECT_FALSE(unraised_cpus[0].has_value()) << "a time-shared media thread was bound";
+  EXPECT_EQ(unraised_status["unraised_threads"], 1) << unraised_status.dump();
+  // The same from this thread, which may raise them: bound.
+  otpgate::gateway::MediaScheduling scheduling(0);
+  if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), -10) != 0) {
+    GTEST_SKIP() << "this process may not raise threads";
+  }
+  ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 0);
+  otpgate::gateway::MediaLoops loops(1, {cpus.front()}, &scheduling);
+  raised_cpus = loops.thread_cpus();
+  ASSERT_EQ(raised_cpus.size(), 1u);
+  EXPECT_EQ(raised_cpus[0], cpus.front());
 }
 
 TEST_F(GatewayCallsTest, ACallHungUpRightAfterItsAnswerLeavesNoMediaRunning) {
