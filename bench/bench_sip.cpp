@@ -21,9 +21,13 @@
 //                R repeats that R times and judges the median of the rounds' ratios: on a
 //                shared VM the CPU one packet costs drifts by 2x within minutes, and a
 //                ratio of two figures taken over the same window drifts much less.
+//   transit      in the same windows, each packet's time from its sender's sendto() to
+//                the receiving endpoint's recv(), p50/p99 per relay (otpgate: through
+//                both gateways).
 //
 //   bench_sip [--quick] [--pki DIR] [--calls N] [--concurrent K] [--seconds S]
-//             [--rounds R] [--rtpengine PATH] [--min-delivery F]
+//             [--rounds R] [--rtpengine PATH] [--min-delivery F] [--batch-window-us U]
+// --batch-window-us sets the gateways' [media] batch_window_us (docs/gateway.md).
 // Exit 77 when rtpengine is not installed (scripts/install-deps.sh installs it).
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -386,7 +390,16 @@ struct CallEnds {
   std::uint16_t to_callee_side = 0;                          // the relay's port the callee sends to
   std::unique_ptr<SrtpSession> callee_send, callee_receive;  // SRTP calls only
   std::uint32_t ssrc_up = 0, ssrc_down = 0;                  // caller -> callee, back
+  // When each way's packet of a sequence number (mod 64: 1.28 s) left its sender, in ns of
+  // the steady clock: the receiver measures transit through the relay(s) from it.
+  std::array<std::atomic<std::int64_t>, 64> sent_up_ns{}, sent_down_ns{};
 };
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 struct Counts {
   std::uint64_t sent = 0, received = 0, bad = 0;
@@ -428,6 +441,17 @@ class Traffic {
     c.bad = bad_.load();
     return c;
   }
+  // Transit (us) of the packets with sequence numbers first..last-1 that arrived, from
+  // sender to receiver through the relay(s).
+  std::vector<double> transit_us(std::uint16_t first, std::uint16_t last) const {
+    const std::lock_guard lock(transit_mutex_);
+    std::vector<double> v;
+    for (const auto& [seq, us] : transit_) {
+      if (static_cast<std::uint16_t>(seq - first) < static_cast<std::uint16_t>(last - first))
+        v.push_back(us);
+    }
+    return v;
+  }
 
  private:
   // A failure on a traffic thread stops the traffic; delivered() reports it.
@@ -454,11 +478,13 @@ class Traffic {
                                       spread * static_cast<int>(i));
         CallEnds& c = *calls_[i];
         make_rtp(buffer.data(), c.ssrc_up, seq);
+        c.sent_up_ns[seq % 64] = now_ns();
         c.caller.send_to(c.to_caller_side, buffer.data(), kPacket);
         make_rtp(buffer.data(), c.ssrc_down, seq);
         int length = static_cast<int>(kPacket);
         if (c.callee_send) length = c.callee_send->protect(buffer.data(), length);
         if (length < 0) fail("srtp_protect failed");
+        c.sent_down_ns[seq % 64] = now_ns();
         c.callee.send_to(c.to_callee_side, buffer.data(), static_cast<std::size_t>(length));
       }
     }
@@ -486,10 +512,15 @@ class Traffic {
           if (at_callee && call->callee_receive)
             length = call->callee_receive->unprotect(buffer.data(), length);
           if (length > 0 && genuine(buffer.data(), static_cast<std::size_t>(length),
-                                    at_callee ? call->ssrc_up : call->ssrc_down))
-            ++by_sequence_[static_cast<std::uint16_t>(buffer[2] << 8 | buffer[3])];
-          else
+                                    at_callee ? call->ssrc_up : call->ssrc_down)) {
+            const auto seq = static_cast<std::uint16_t>(buffer[2] << 8 | buffer[3]);
+            ++by_sequence_[seq];
+            const std::int64_t sent = (at_callee ? call->sent_up_ns : call->sent_down_ns)[seq % 64];
+            const std::lock_guard lock(transit_mutex_);
+            transit_.push_back({seq, static_cast<double>(now_ns() - sent) / 1000.0});
+          } else {
             ++bad_;
+          }
         }
       }
     }
@@ -503,6 +534,8 @@ class Traffic {
   std::vector<std::atomic<std::uint32_t>> by_sequence_ =
       std::vector<std::atomic<std::uint32_t>>(65536);
   std::atomic<std::uint64_t> bad_{0};
+  mutable std::mutex transit_mutex_;
+  std::vector<std::pair<std::uint16_t, double>> transit_;
   std::thread sender_, receiver_;
 };
 
@@ -531,6 +564,7 @@ struct Options {
   double seconds = 10;  // media CPU interval
   int rounds = 3;       // media CPU runs of each relay, in turn
   double min_delivery = 0.95;
+  std::optional<int> batch_window_us;  // the gateways' [media] batch_window_us; unset: default
 };
 
 struct Setup {
@@ -670,6 +704,7 @@ class Bench {
     double idle_a = 0, idle_b = 0;  // idle rate, CPU s per s
     double seconds = 0;
     Counts window;
+    std::vector<double> transit_us;  // per packet delivered in the window
   };
 
   // K calls on each relay of `modes` at once (otpgate beside one rtpengine mode), each
@@ -747,6 +782,7 @@ class Bench {
       for (Mode m : modes) {
         results[m].seconds = seconds;
         results[m].window = traffic[m]->delivered(first[m], last[m]);
+        results[m].transit_us = traffic[m]->transit_us(first[m], last[m]);
         results[m].window.bad -= bad0[m];
       }
     }
@@ -791,7 +827,10 @@ class Bench {
            "ng_listen = \"127.0.0.1:" + std::to_string(ng) +
            "\"\nmedia_address = \"127.0.0.1\"\nport_min = " + std::to_string(low) +
            "\nport_max = " + std::to_string(low + span_ - 1) +
-           "\nmax_media = " + std::to_string(o_.concurrent + 2) + "\n";
+           "\nmax_media = " + std::to_string(o_.concurrent + 2) + "\n" +
+           (o_.batch_window_us
+                ? "[media]\nbatch_window_us = " + std::to_string(*o_.batch_window_us) + "\n"
+                : "");
   }
 
   void wait_ng(NgClient& ng, Child& child, const char* name) {
@@ -897,10 +936,13 @@ int run(int argc, char** argv) {
       rounds_set = true;
     } else if (a == "--min-delivery" && has_value) {
       o.min_delivery = std::stod(argv[++i]);
+    } else if (a == "--batch-window-us" && has_value) {
+      o.batch_window_us = std::stoi(argv[++i]);
     } else {
       std::fprintf(stderr,
                    "usage: bench_sip [--quick] [--pki DIR] [--calls N] [--concurrent K] "
-                   "[--seconds S] [--rounds R] [--rtpengine PATH] [--min-delivery F]\n");
+                   "[--seconds S] [--rounds R] [--rtpengine PATH] [--min-delivery F] "
+                   "[--batch-window-us U]\n");
       return 2;
     }
   }
@@ -911,10 +953,11 @@ int run(int argc, char** argv) {
     if (!rounds_set) o.rounds = 1;
   }
   if (o.calls < 1 || o.concurrent < 1 || o.concurrent > 200 || !(o.seconds > 0) || o.rounds < 1 ||
-      o.rounds > 20 || !(o.min_delivery >= 0 && o.min_delivery <= 1)) {
+      o.rounds > 20 || !(o.min_delivery >= 0 && o.min_delivery <= 1) ||
+      (o.batch_window_us && (*o.batch_window_us < 0 || *o.batch_window_us > 20000))) {
     std::fprintf(stderr,
                  "bench_sip: --calls >= 1, --concurrent 1-200, --seconds > 0, --rounds 1-20, "
-                 "--min-delivery 0-1\n");
+                 "--min-delivery 0-1, --batch-window-us 0-20000\n");
     return 2;
   }
   if (::access(o.rtpengine.c_str(), X_OK) != 0) {
@@ -984,6 +1027,7 @@ int run(int argc, char** argv) {
     return 1000 * (cpu - idle * r.seconds) / r.seconds / o.concurrent;
   };
   std::vector<double> a_ms, b_ms, gateway_ms, plain_ms, srtp_ms, to_plain, to_srtp;
+  std::map<Mode, std::vector<double>> transit;  // us, every round's packets
   for (int round = 1; round <= o.rounds; ++round) {
     // Side by side: otpgate beside rtpengine's SRTP calls, then beside its plain ones.
     for (Mode other : {Mode::srtp, Mode::plain}) {
@@ -996,6 +1040,10 @@ int run(int argc, char** argv) {
                     static_cast<unsigned long long>(w.received), 100 * share,
                     static_cast<unsigned long long>(w.bad));
         if (share < o.min_delivery || w.bad) delivered = false;
+        const auto& t = media[m].transit_us;
+        std::printf("round %d: %-24s transit p50 %.0f us, p99 %.0f us\n", round, mode_name(m),
+                    percentile(t, 0.5), percentile(t, 0.99));
+        transit[m].insert(transit[m].end(), t.begin(), t.end());
       }
       const auto& g = media[Mode::otpgate];
       a_ms.push_back(per_call(g.cpu_a, g.idle_a, g));
@@ -1028,6 +1076,12 @@ int run(int argc, char** argv) {
       "%.2fx, RTP<->SRTP %.2fx\n",
       median(to_plain), ratio_srtp);
   std::printf("ratio otpgate both gateways / rtpengine RTP<->SRTP: %.2fx\n", 2 * ratio_srtp);
+  std::printf("\nTransit sender -> receiver, us, every round's packets     p50        p99\n");
+  for (Mode m : {Mode::otpgate, Mode::plain, Mode::srtp}) {
+    std::printf("%-44s %10.0f %10.0f\n",
+                m == Mode::otpgate ? "otpgate A+B (two relays)" : mode_name(m),
+                percentile(transit[m], 0.5), percentile(transit[m], 0.99));
+  }
   std::printf("target (per gateway no more CPU per call than rtpengine RTP<->SRTP): %s\n",
               ratio_srtp <= 1 ? "met" : "NOT met");
   if (!delivered) {

@@ -17,6 +17,7 @@
 #include <gio/gio.h>
 #include <gst/gst.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -35,9 +36,11 @@ class MediaScheduling;
 // once. Outlives every pump that uses it.
 class MediaLoops {
  public:
-  // With `pin_cpus` (one per thread, or empty), thread i stays on CPU pin_cpus[i]. Returns
-  // once every thread runs.
-  MediaLoops(std::size_t threads, std::vector<int> pin_cpus, MediaScheduling* scheduling);
+  // With `pin_cpus` (one per thread, or empty), thread i stays on CPU pin_cpus[i]. A busy
+  // thread reads its sockets at most once per `batch_window` (0: at every datagram).
+  // Returns once every thread runs.
+  MediaLoops(std::size_t threads, std::vector<int> pin_cpus, MediaScheduling* scheduling,
+             std::chrono::microseconds batch_window = std::chrono::microseconds{0});
   ~MediaLoops();
   MediaLoops(const MediaLoops&) = delete;
   MediaLoops& operator=(const MediaLoops&) = delete;
@@ -48,8 +51,14 @@ class MediaLoops {
   std::uint64_t add(std::size_t loop, int fd, GstPad* feed);
   // Once it returns, nothing is pushed into that feed again.
   void remove(std::uint64_t id);
-  // The CPU each thread is bound to (nullopt: not pinned, or the kernel refused).
-  std::vector<std::optional<int>> thread_cpus() const;
+  struct ThreadStats {
+    std::optional<int> cpu;       // the CPU it is bound to (nullopt: not pinned, or refused)
+    std::uint64_t wakeups = 0;    // returns from epoll_wait
+    std::uint64_t datagrams = 0;  // datagrams read
+    std::uint64_t paced = 0;      // wake-ups after which it waited out the batch window
+  };
+  std::vector<ThreadStats> thread_stats() const;  // one per thread
+  std::chrono::microseconds batch_window() const;
 
  private:
   struct Impl;

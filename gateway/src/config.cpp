@@ -22,7 +22,9 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
        {"keys", config::kKeysKeys},
        {"peer", {"sae_id", "address", "transport", "transfer"}},
        {"policy", {"cipher", "on_key_exhausted", "rekey_interval"}},
-       {"media", {"realtime_priority", "cpu_wakeup_latency_us", "key_wait_ms", "pin_threads"}},
+       {"media",
+        {"realtime_priority", "cpu_wakeup_latency_us", "key_wait_ms", "pin_threads",
+         "batch_window_us"}},
        {"status", {"listen", "server_names", "unhealthy_after_s"}},
        {"ice", {"signalling_listen", "peer_signalling", "stun"}},
        {"sip",
@@ -89,6 +91,9 @@ GatewayConfig parse_config(std::string_view text, const std::string& source) {
                   std::int64_t{c.receive_key_wait_ms}));
     c.pin_media_threads =
         r.boolean(*media_node->as_table(), "media.", "pin_threads", c.pin_media_threads);
+    c.media_batch_window_us = static_cast<std::uint32_t>(
+        r.integer(*media_node->as_table(), "media.", "batch_window_us", 0, 20000,
+                  "microseconds from 0 (off) to 20000", std::int64_t{c.media_batch_window_us}));
   }
 
   if (const toml::node* status_node = root.get("status")) {

@@ -913,10 +913,20 @@ struct Gateway::Impl final : CallMediaPlane {
     json m = media->status();
     cpu_wakeup->describe(m);
     if (media_loops) {
-      json cpus = json::array();
-      for (const auto& cpu : media_loops->thread_cpus()) cpus.push_back(cpu ? json(*cpu) : json());
+      json cpus = json::array(), wakeups = json::array(), datagrams = json::array(),
+           paced = json::array();
+      for (const auto& t : media_loops->thread_stats()) {
+        cpus.push_back(t.cpu ? json(*t.cpu) : json());
+        wakeups.push_back(t.wakeups);
+        datagrams.push_back(t.datagrams);
+        paced.push_back(t.paced);
+      }
       m["call_media_threads"] = cpus.size();
       m["call_media_thread_cpus"] = std::move(cpus);
+      m["call_media_batch_window_us"] = media_loops->batch_window().count();
+      m["call_media_wakeups"] = std::move(wakeups);
+      m["call_media_datagrams"] = std::move(datagrams);
+      m["call_media_paced_wakeups"] = std::move(paced);
     }
     return m;
   }
@@ -1023,7 +1033,9 @@ void Gateway::start() {
     const std::size_t threads = std::clamp<std::size_t>(cpus.size(), 1, 4);
     std::vector<int> pins;
     if (g.config.pin_media_threads) pins.assign(cpus.begin(), cpus.begin() + threads);
-    g.media_loops = std::make_unique<MediaLoops>(threads, std::move(pins), g.media.get());
+    g.media_loops =
+        std::make_unique<MediaLoops>(threads, std::move(pins), g.media.get(),
+                                     std::chrono::microseconds(g.config.media_batch_window_us));
     g.calls = std::make_unique<Calls>(g.config, g);
     const Endpoint& at = g.config.sip->ng_listen;
     try {

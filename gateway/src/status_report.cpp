@@ -164,6 +164,15 @@ std::string metrics_text(const json& st) {
     metric("otpgate_media_threads", "gauge", site + ",scheduling=\"" + scheduling + "\"",
            m[std::string(scheduling) + "_threads"].get<double>());
   }
+  if (m.contains("call_media_wakeups")) {
+    for (std::size_t i = 0; i < m["call_media_wakeups"].size(); ++i) {
+      const std::string thread = site + ",thread=\"" + std::to_string(i) + "\"";
+      metric("otpgate_call_media_wakeups_total", "counter", thread,
+             m["call_media_wakeups"][i].get<double>());
+      metric("otpgate_call_media_datagrams_total", "counter", thread,
+             m["call_media_datagrams"][i].get<double>());
+    }
+  }
   if (!m["cpu_wakeup_latency_us"].is_null()) {
     metric("otpgate_cpu_wakeup_latency_held", "gauge", site,
            m["cpu_wakeup_latency_held"].get<bool>() ? 1 : 0);

@@ -412,6 +412,10 @@ TEST(GatewayConfig, ErrorsNameTheKeyTheValueAndWhatIsExpected) {
   EXPECT_EQ(error_for("[[stream]]", "[media]\npin_threads = \"yes\"\n[[stream]]"),
             "site.toml: media.pin_threads = 'yes': expected true or false");
   EXPECT_TRUE(otpgate::gateway::parse_config(good, "site.toml").pin_media_threads);
+  EXPECT_EQ(error_for("[[stream]]", "[media]\nbatch_window_us = 50000\n[[stream]]"),
+            "site.toml: media.batch_window_us = 50000: expected microseconds from 0 (off) to "
+            "20000");
+  EXPECT_EQ(otpgate::gateway::parse_config(good, "site.toml").media_batch_window_us, 0u);
   EXPECT_EQ(error_for("listen_port = 6004", "listen_port = 5004"),
             "site.toml: stream[0].*_port = 5004: expected a local port no other stream or "
             "direction uses");

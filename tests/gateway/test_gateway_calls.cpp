@@ -8,6 +8,7 @@
 // byte for byte and back, and a tap between the gateways (the SDP between the sites is
 // pointed at it, as a WAN hop) sees only OTP.
 #include <linux/capability.h>
+#include <netinet/in.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -16,6 +17,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -457,7 +460,7 @@ TEST_F(GatewayCallsTest, CallCrossesBothGatewaysAsOtpAndHangUpFreesItsPortsAndLa
 // one per CPU the process may use; pin_threads = false leaves them to the kernel. Both
 // gateways run in this process: A pins, B does not.
 TEST_F(GatewayCallsTest, CallMediaThreadsStayOnACpuOfTheirOwnUnlessToldNot) {
-  start_sip(12, 60, "", "[media]\npin_threads = false\n");
+  start_sip(12, 60, "", "[media]\npin_threads = false\nbatch_window_us = 3000\n");
   cpu_set_t allowed;
   CPU_ZERO(&allowed);
   ASSERT_EQ(::sched_getaffinity(0, sizeof allowed, &allowed), 0);
@@ -509,6 +512,150 @@ TEST_F(GatewayCallsTest, CallMediaThreadsStayOnACpuOfTheirOwnUnlessToldNot) {
   EXPECT_EQ(send(*c.caller, c.a_local, *c.callee, 30, 0x1234, there, random_), there);
   EXPECT_EQ(send(*c.callee, c.b_local, *c.caller, 30, 0x4321, back, random_), back);
   hang_up(c.k);
+
+  // [media] batch_window_us: 0 (off) unless set; B's 3000. Each gateway read this call's
+  // 60 packets (30 from its endpoint, 30 from the partner, with the partner's key
+  // announcements besides) on its threads, counted.
+  const json a_after = json::parse(a_->status_json())["media_threads"];
+  const json b_after = json::parse(b_->status_json())["media_threads"];
+  EXPECT_EQ(a_after["call_media_batch_window_us"], 0);
+  EXPECT_EQ(b_after["call_media_batch_window_us"], 3000);
+  for (const json& m : {a_after, b_after}) {
+    std::uint64_t datagrams = 0, wakeups = 0;
+    for (const json& n : m["call_media_datagrams"]) datagrams += n.get<std::uint64_t>();
+    for (const json& n : m["call_media_wakeups"]) wakeups += n.get<std::uint64_t>();
+    EXPECT_GE(datagrams, 60u) << m.dump();
+    EXPECT_GE(wakeups, 1u) << m.dump();
+    EXPECT_EQ(m["call_media_paced_wakeups"].size(), threads) << m.dump();
+  }
+  for (const json& n : a_after["call_media_paced_wakeups"]) EXPECT_EQ(n, 0) << a_after.dump();
+  const std::string metrics = a_->metrics_text();
+  EXPECT_NE(metrics.find("otpgate_call_media_datagrams_total{site=\""), std::string::npos);
+  EXPECT_NE(metrics.find("otpgate_call_media_wakeups_total{site=\""), std::string::npos);
+}
+
+// One MediaLoops thread fed from one UDP socket: what reaches the pad behind it, in order.
+class OneMediaLoop {
+ public:
+  explicit OneMediaLoop(std::chrono::microseconds window) : loops_(1, {}, nullptr, window) {
+    socket_ = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    sockaddr_in at{};
+    at.sin_family = AF_INET;
+    at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t length = sizeof at;
+    EXPECT_EQ(::bind(socket_, reinterpret_cast<sockaddr*>(&at), sizeof at), 0);
+    EXPECT_EQ(::getsockname(socket_, reinterpret_cast<sockaddr*>(&at), &length), 0);
+    to_ = at;
+    sender_ = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    feed_ = GST_PAD(gst_object_ref_sink(gst_pad_new("feed", GST_PAD_SRC)));
+    collect_ = GST_PAD(gst_object_ref_sink(gst_pad_new("collect", GST_PAD_SINK)));
+    gst_pad_set_element_private(collect_, this);
+    gst_pad_set_chain_function(collect_, [](GstPad* pad, GstObject*, GstBuffer* buffer) {
+      auto* self = static_cast<OneMediaLoop*>(gst_pad_get_element_private(pad));
+      GstMapInfo map;
+      if (gst_buffer_map(buffer, &map, GST_MAP_READ)) {
+        const std::lock_guard lock(self->mutex_);
+        self->received_.emplace_back(map.data, map.data + map.size);
+        gst_buffer_unmap(buffer, &map);
+      }
+      gst_buffer_unref(buffer);
+      return GST_FLOW_OK;
+    });
+    gst_pad_set_event_function(collect_, [](GstPad*, GstObject*, GstEvent* event) -> gboolean {
+      gst_event_unref(event);
+      return TRUE;
+    });
+    EXPECT_EQ(gst_pad_link(feed_, collect_), GST_PAD_LINK_OK);
+    gst_pad_set_active(collect_, TRUE);
+    gst_pad_set_active(feed_, TRUE);
+    gst_pad_push_event(feed_, gst_event_new_stream_start("one-media-loop"));
+    GstSegment segment;
+    gst_segment_init(&segment, GST_FORMAT_TIME);
+    gst_pad_push_event(feed_, gst_event_new_segment(&segment));
+    id_ = loops_.add(loops_.pick(), socket_, feed_);
+  }
+  ~OneMediaLoop() {
+    loops_.remove(id_);
+    gst_pad_set_active(feed_, FALSE);
+    gst_pad_set_active(collect_, FALSE);
+    gst_object_unref(feed_);
+    gst_object_unref(collect_);
+    ::close(sender_);
+    ::close(socket_);
+  }
+  // `count` datagrams numbered from 0, one every `gap`.
+  void send(int count, std::chrono::microseconds gap) {
+    for (int i = 0; i < count; ++i) {
+      const std::uint32_t n = htonl(static_cast<std::uint32_t>(i));
+      ::sendto(sender_, &n, sizeof n, 0, reinterpret_cast<const sockaddr*>(&to_), sizeof to_);
+      std::this_thread::sleep_for(gap);
+    }
+  }
+  // Waits (up to 10 s) for `count` datagrams; true when they came numbered 0..count-1.
+  bool received_in_order(int count) {
+    for (int i = 0; i < 1000 && received() < static_cast<std::size_t>(count); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    const std::lock_guard lock(mutex_);
+    if (received_.size() != static_cast<std::size_t>(count)) return false;
+    for (int i = 0; i < count; ++i) {
+      std::uint32_t n = 0;
+      if (received_[static_cast<std::size_t>(i)].size() != sizeof n) return false;
+      std::memcpy(&n, received_[static_cast<std::size_t>(i)].data(), sizeof n);
+      if (ntohl(n) != static_cast<std::uint32_t>(i)) return false;
+    }
+    return true;
+  }
+  otpgate::gateway::MediaLoops::ThreadStats stats() const { return loops_.thread_stats().at(0); }
+
+ private:
+  std::size_t received() {
+    const std::lock_guard lock(mutex_);
+    return received_.size();
+  }
+  otpgate::gateway::MediaLoops loops_;
+  int socket_ = -1, sender_ = -1;
+  sockaddr_in to_{};
+  GstPad* feed_ = nullptr;
+  GstPad* collect_ = nullptr;
+  std::uint64_t id_ = 0;
+  std::mutex mutex_;
+  std::vector<std::vector<std::uint8_t>> received_;
+};
+
+// [media] batch_window_us: a thread that can expect 3 datagrams or more per window waits
+// out the window after each wake-up, so that one wake-up reads several; a quiet one never
+// waits (its datagrams are not held up); with 0 no thread ever waits. Nothing is lost or
+// reordered either way.
+TEST(MediaLoopsTest, ABusyThreadReadsSeveralDatagramsPerWakeUpAndAQuietOneNeverWaits) {
+  using std::chrono::microseconds;
+  {
+    // About 1000 a second against a 50 ms window: about 50 per window once busy (the
+    // first 100 ms measure the rate): some 120 wake-ups. A machine whose 1 ms sleeps take
+    // 10 ms still stays below 300.
+    OneMediaLoop busy(microseconds(50000));
+    busy.send(1000, microseconds(1000));
+    ASSERT_TRUE(busy.received_in_order(1000));
+    const auto s = busy.stats();
+    EXPECT_EQ(s.datagrams, 1000u);
+    EXPECT_GT(s.paced, 0u);
+    EXPECT_LT(s.wakeups, 300u) << "paced " << s.paced;  // one per datagram without batching
+  }
+  {
+    // 10 a second: 0.5 per window, below 3. Every wake-up is followed by epoll_wait.
+    OneMediaLoop quiet(microseconds(50000));
+    quiet.send(10, microseconds(100000));
+    ASSERT_TRUE(quiet.received_in_order(10));
+    EXPECT_EQ(quiet.stats().datagrams, 10u);
+    EXPECT_EQ(quiet.stats().paced, 0u);
+  }
+  {
+    OneMediaLoop off(microseconds(0));
+    off.send(500, microseconds(200));
+    ASSERT_TRUE(off.received_in_order(500));
+    EXPECT_EQ(off.stats().datagrams, 500u);
+    EXPECT_EQ(off.stats().paced, 0u);
+  }
 }
 
 // A media thread that may not be raised above time-shared work (no CAP_SYS_NICE, no
@@ -535,7 +682,7 @@ TEST(MediaLoopsTest, ThreadsThatCannotBeRaisedAreNotBound) {
     }
     otpgate::gateway::MediaScheduling scheduling(0);
     otpgate::gateway::MediaLoops loops(1, {cpus.front()}, &scheduling);
-    unraised_cpus = loops.thread_cpus();
+    for (const auto& t : loops.thread_stats()) unraised_cpus.push_back(t.cpu);
     unraised_status = scheduling.status();
   }).join();
   if (nice_allowed) GTEST_SKIP() << "RLIMIT_NICE allows nice -10 without CAP_SYS_NICE here";
@@ -549,7 +696,7 @@ TEST(MediaLoopsTest, ThreadsThatCannotBeRaisedAreNotBound) {
   }
   ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 0);
   otpgate::gateway::MediaLoops loops(1, {cpus.front()}, &scheduling);
-  raised_cpus = loops.thread_cpus();
+  for (const auto& t : loops.thread_stats()) raised_cpus.push_back(t.cpu);
   ASSERT_EQ(raised_cpus.size(), 1u);
   EXPECT_EQ(raised_cpus[0], cpus.front());
 }

@@ -85,6 +85,11 @@ struct GatewayConfig : config::SiteConfig {  // [site], [kme], [peer] sae_id, [k
   // on, at most 4) stays on a CPU of its own, so that a datagram's wake-up neither moves
   // the thread nor, mostly, crosses CPUs. false: the kernel places them.
   bool pin_media_threads = true;
+  // [media] batch_window_us: a call media thread busy enough to expect at least 3
+  // datagrams within this window reads its sockets at most once per window, so that one
+  // wake-up serves several datagrams (docs/gateway.md): less CPU per call for up to this
+  // much latency per gateway. 0 (the default): every datagram wakes its thread.
+  std::uint32_t media_batch_window_us = 0;
   std::filesystem::path cpu_latency_device = "/dev/cpu_dma_latency";  // tests point elsewhere
   // [media] key_wait_ms: how long a packet from the partner may wait for its key (this
   // site's KME still relaying it, typically at a stream's or call's start) before it is
