@@ -537,7 +537,8 @@ TEST_F(GatewayCallsTest, CallMediaThreadsStayOnACpuOfTheirOwnUnlessToldNot) {
 // One MediaLoops thread fed from one UDP socket: what reaches the pad behind it, in order.
 class OneMediaLoop {
  public:
-  explicit OneMediaLoop(std::chrono::microseconds window) : loops_(1, {}, nullptr, window) {
+  explicit OneMediaLoop(std::chrono::microseconds window)
+      : gst_ready_((gst_init(nullptr, nullptr), true)), loops_(1, {}, nullptr, window) {
     socket_ = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     sockaddr_in at{};
     at.sin_family = AF_INET;
@@ -613,6 +614,7 @@ class OneMediaLoop {
     const std::lock_guard lock(mutex_);
     return received_.size();
   }
+  bool gst_ready_;  // before anything of GStreamer's is made (a test may run alone)
   otpgate::gateway::MediaLoops loops_;
   int socket_ = -1, sender_ = -1;
   sockaddr_in to_{};
