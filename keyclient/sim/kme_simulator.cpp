@@ -538,6 +538,16 @@ struct KmeSimulator::Impl {
     }
   }
 
+  // answer_delay: the request waits `by` before it is served, or 503 once the simulator
+  // stops (a stop does not wait for slow answers).
+  void delay(std::chrono::milliseconds by) {
+    std::unique_lock lock(faults_mutex);
+    ++requests_delayed;
+    if (faults_changed.wait_for(lock, by, [&] { return stopping; })) {
+      throw Refusal{503, "the KME is shutting down", nullptr, "Service temporarily unavailable"};
+    }
+  }
+
   // Wraps a handler: faults, authentication, errors in the configured style, counters,
   // a debug log line.
   template <typename Body>
@@ -554,6 +564,7 @@ struct KmeSimulator::Impl {
           hold(req, &SimulatorFaults::hold_dec_keys);
           f = current_faults();
         }
+        if (f->answer_delay.count() > 0) delay(f->answer_delay);
         const std::string caller = authenticate(req, *f);
         set_body(res, body(caller, req, *f));
         res.status = 200;
@@ -662,7 +673,7 @@ struct KmeSimulator::Impl {
   std::vector<ServedKeyId> served_ids;          // the same keys' IDs, under `mutex`
   std::map<KeyId, std::size_t> served_index;    // key_ID -> its entry in served_ids
   std::atomic<std::uint64_t> keys_to_masters{0}, keys_to_slaves{0}, requests{0}, refused{0},
-      keys_replaced{0}, requests_hung{0};
+      keys_replaced{0}, requests_hung{0}, requests_delayed{0};
 
   mutable std::mutex faults_mutex;  // guards faults and stopping
   std::shared_ptr<const SimulatorFaults> faults;
@@ -764,6 +775,7 @@ SimulatorStats KmeSimulator::stats() const {
   s.refused = impl_->refused;
   s.keys_replaced = impl_->keys_replaced;
   s.requests_hung = impl_->requests_hung;
+  s.requests_delayed = impl_->requests_delayed;
   return s;
 }
 

@@ -46,6 +46,9 @@ struct SimulatorFaults {
   // simulator stops: keys on their way between the KMEs, for as long as a test needs to
   // see the receiver waiting for them. Other requests are served.
   bool hold_dec_keys = false;
+  // Every request is answered this late (as by a KME far away or overloaded), or 503 if
+  // the simulator stops meanwhile. Zero: at once.
+  std::chrono::milliseconds answer_delay{0};
   // Requests from these SAEs get 401, as from a certificate the KME does not accept.
   std::vector<std::string> refuse_sae;
 };
@@ -91,9 +94,10 @@ struct SimulatorStats {
   std::uint64_t keys_to_masters = 0;
   std::uint64_t keys_to_slaves = 0;
   std::uint64_t requests = 0;
-  std::uint64_t refused = 0;        // 4xx/5xx answers
-  std::uint64_t keys_replaced = 0;  // dropped unfetched by replace_unfetched_batch
-  std::uint64_t requests_hung = 0;  // held unanswered by hang or hold_dec_keys
+  std::uint64_t refused = 0;           // 4xx/5xx answers
+  std::uint64_t keys_replaced = 0;     // dropped unfetched by replace_unfetched_batch
+  std::uint64_t requests_hung = 0;     // held unanswered by hang or hold_dec_keys
+  std::uint64_t requests_delayed = 0;  // answered late by answer_delay
 };
 
 class KmeSimulator {

@@ -80,6 +80,12 @@ int main(int argc, char** argv) {
                "Fault: status' stored_key_count counts the pair's unfetched keys, not the store");
   app.add_flag("--hang", config.faults.hang,
                "Fault: accept requests but never answer them (SIGUSR1 toggles this at run time)");
+  long answer_delay_ms = 0;
+  app.add_option("--answer-delay-ms", answer_delay_ms,
+                 "Fault: answer every request this many ms late, as a KME far away or "
+                 "overloaded does")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--refuse-sae", config.faults.refuse_sae,
                  "Fault: answer 401 to this SAE, as to a certificate not accepted (repeat)")
       ->type_name("ID")
@@ -101,6 +107,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   config.relay_delay = std::chrono::milliseconds(relay_delay_ms);
+  config.faults.answer_delay = std::chrono::milliseconds(answer_delay_ms);
   config.unclaimed_ttl = std::chrono::seconds(unclaimed_ttl_s);
   config.log = otpgate::keys::stderr_log_sink(verbose ? otpgate::keys::LogLevel::debug
                                                       : otpgate::keys::LogLevel::warning);

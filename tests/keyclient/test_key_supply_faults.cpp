@@ -277,6 +277,65 @@ TEST_F(KeySupplyFaults, ARefusedSlaveFailsOnceAskedForAKey) {
   EXPECT_EQ(slave.stats().keys_lost, 0u) << "a refusal is not a lost key";
 }
 
+// A KME that answers every request 300 ms late (far away, or overloaded) is slow, not
+// down: the master's ring, refilled at its low-water mark, covers the wait, so a stream
+// of 120 kB/s never finds it empty; the slave fetches every announced key, late, and the
+// pad is the same at both ends; neither supply calls the KME unhealthy or fails, and
+// each reports the latency it sees.
+TEST_F(KeySupplyFaults, ASlowKmeIsNotADownKmeAndTheRingCoversItsAnswers) {
+  kmesim::SimulatorFaults faults;
+  faults.answer_delay = 300ms;
+  sim_->set_faults(faults);
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_config());
+  keys::KeySupply slave(client_config(sim_->url(), "sae-b"), slave_config());
+  master.start();
+  slave.start();
+  ASSERT_TRUE(eventually([&] { return master.stats().bytes_available >= (200u << 10); }, 20s));
+
+  Pad sent, received;
+  std::vector<std::uint8_t> chunk(1200);
+  std::size_t empty = 0;
+  const auto end = std::chrono::steady_clock::now() + 2500ms;
+  while (std::chrono::steady_clock::now() < end) {
+    while (auto a = master.next_announcement()) ASSERT_TRUE(slave.request(*a));
+    if (const auto offset = master.take(chunk)) {
+      sent.emplace(*offset, chunk);
+    } else {
+      ++empty;
+    }
+    while (auto seg = slave.pop_segment()) {
+      received.emplace(seg->offset,
+                       std::vector<std::uint8_t>(seg->bytes.begin(), seg->bytes.end()));
+      slave.release(*seg);
+    }
+    std::this_thread::sleep_for(10ms);  // 1200 bytes each 10 ms: 120 kB/s at most
+  }
+  while (auto a = master.next_announcement()) ASSERT_TRUE(slave.request(*a));
+  EXPECT_EQ(empty, 0u) << "the ring ran dry while the KME took 300 ms per answer";
+  ASSERT_FALSE(sent.empty());
+  const std::uint64_t sent_end = sent.rbegin()->first + chunk.size();
+  EXPECT_TRUE(eventually(
+      [&] {
+        while (auto seg = slave.pop_segment()) {
+          received.emplace(seg->offset,
+                           std::vector<std::uint8_t>(seg->bytes.begin(), seg->bytes.end()));
+          slave.release(*seg);
+        }
+        return !received.empty() &&
+               received.rbegin()->first + received.rbegin()->second.size() >= sent_end;
+      },
+      20s))
+      << "the slave never got keys up to pad offset " << sent_end;
+  expect_same_pad(sent, received);
+  for (const keys::KeySupplyStats& s : {master.stats(), slave.stats()}) {
+    EXPECT_FALSE(s.failed) << s.failure;
+    EXPECT_TRUE(s.kme_healthy) << s.last_error;
+    EXPECT_EQ(s.keys_lost, 0u) << s.last_error;
+    EXPECT_GE(s.refill_latency_ms_avg, 300.0) << "the latency it saw is not reported";
+  }
+  EXPECT_GT(sim_->stats().requests_delayed, 0u);
+}
+
 // A KME that accepts connections and never answers: given up on after give_up_after.
 TEST_F(KeySupplyFaults, ASilentKmeIsGivenUpOnWhenItNeverAnswered) {
   kmesim::SimulatorFaults faults;

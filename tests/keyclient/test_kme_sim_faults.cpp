@@ -355,6 +355,38 @@ TEST_F(KmeSimFaults, HangHoldsRequestsUntilClearedAndTheClientTimesOut) {
   EXPECT_EQ(sim_->stats().requests_hung, hung);
 }
 
+// answer_delay: every request is answered late (a KME far away or overloaded), whole; a
+// client that waits less than that gives up with a transport error, one that waits
+// longer gets its keys, and the slave gets the same key.
+TEST_F(KmeSimFaults, SlowAnswersComeLateButWholeAndAnImpatientClientTimesOut) {
+  kmesim::SimulatorFaults faults;
+  faults.answer_delay = std::chrono::milliseconds(600);
+  start(faults);
+  auto impatient = client_config(sim_->url(), "sae-a");
+  impatient.request_timeout = std::chrono::milliseconds(150);
+  impatient.retry.max_attempts = 1;
+  const KmeError e = kme_error_of([&] { KmeClient(impatient).enc_keys("sae-b", 1, 256); });
+  EXPECT_EQ(e.kind(), KmeErrorKind::transport) << e.what();
+  EXPECT_EQ(e.http_status(), 0);
+
+  auto patient = client_config(sim_->url(), "sae-a");
+  patient.request_timeout = std::chrono::seconds(10);
+  KmeClient a(patient);
+  const auto keys = a.enc_keys("sae-b", 2, 256);
+  ASSERT_EQ(keys.size(), 2u);
+  auto slave_config = client_config(sim_->url(), "sae-b");
+  slave_config.request_timeout = std::chrono::seconds(10);
+  KmeClient b(slave_config);
+  for (const auto& key : keys) {
+    const auto got = b.dec_key("sae-a", key.id);
+    const auto theirs = got.bytes.span(), ours = key.bytes.span();
+    EXPECT_TRUE(std::equal(theirs.begin(), theirs.end(), ours.begin(), ours.end()))
+        << "master and slave keys differ";
+  }
+  EXPECT_GE(sim_->stats().requests_delayed, 4u);  // the impatient one, enc_keys, 2 dec_keys
+  EXPECT_EQ(sim_->stats().requests_hung, 0u);
+}
+
 TEST_F(KmeSimFaults, StopReturnsWhileRequestsHang) {
   kmesim::SimulatorFaults faults;
   faults.hang = true;
