@@ -151,6 +151,34 @@ TEST_F(KmeSimFaults, ReplacedKeysAreLostWhenKeyIsGeneratedAtARate) {
   EXPECT_LE(s.stored_bits, 1536u + 64);
 }
 
+// The key container is written in pieces of up to 16 KiB (a TLS record each), a key too
+// large for one on its own: many small keys span many pieces, a 1 Mbit key is written
+// directly, and every key reaches master and slave whole and the same.
+TEST_F(KmeSimFaults, KeyContainersOfManySmallOrFewLargeKeysArriveWhole) {
+  auto config = otpgate::testing::simulator_config();
+  config.max_key_size = 1u << 20;
+  start(config);
+  auto a = client("sae-a");
+  auto b = client("sae-b");
+  for (const auto& [number, bits] : {std::pair{300u, 8192u}, std::pair{2u, 1u << 20}}) {
+    const auto keys = a.enc_keys("sae-b", number, bits);
+    ASSERT_EQ(keys.size(), number);
+    std::vector<keys::KeyId> ids;
+    for (const auto& k : keys) {
+      EXPECT_EQ(k.bytes.size(), bits / 8);
+      ids.push_back(k.id);
+    }
+    const auto fetched = b.dec_keys("sae-a", ids);
+    ASSERT_EQ(fetched.size(), number);
+    for (std::size_t i = 0; i < number; ++i) {
+      const auto theirs = fetched[i].bytes.span(), ours = keys[i].bytes.span();
+      ASSERT_EQ(fetched[i].id, keys[i].id);
+      EXPECT_TRUE(std::equal(theirs.begin(), theirs.end(), ours.begin(), ours.end()))
+          << "key " << i << " of " << number << " differs";
+    }
+  }
+}
+
 TEST_F(KmeSimFaults, CapsDeliverFewerAndSmallerKeysInsteadOfRefusing) {
   auto config = otpgate::testing::simulator_config();
   config.max_key_size = 1024;
