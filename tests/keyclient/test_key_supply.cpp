@@ -229,7 +229,9 @@ TEST_F(KeySupplyTest, AMasterReportsTheKmesStoreAndTheKeyRateItDelivers) {
   })) << master.stats().last_error
       << " available " << master.stats().bytes_available << " of "
       << master.stats().ring_capacity_bytes << ", refill " << master.stats().refill_bytes_per_s
-      << ", KME status " << bool(master.stats().kme_status);
+      << ", KME status " << bool(master.stats().kme_status) << ", KME taken for one that replaces "
+      << "unfetched batches " << master.stats().kme_replaces_batches << ", keys fetched "
+      << master.stats().keys_fetched << ", KME errors " << master.stats().kme_errors;
   const auto s = master.stats();
   EXPECT_GT(s.kme_status->key_size, 0u);
   EXPECT_TRUE(keys::kme_held(*s.kme_status).trusted);
