@@ -516,8 +516,11 @@ class Traffic {
             const auto seq = static_cast<std::uint16_t>(buffer[2] << 8 | buffer[3]);
             ++by_sequence_[seq];
             const std::int64_t sent = (at_callee ? call->sent_up_ns : call->sent_down_ns)[seq % 64];
-            const std::lock_guard lock(transit_mutex_);
-            transit_.push_back({seq, static_cast<double>(now_ns() - sent) / 1000.0});
+            // Later than 64 packets (1.28 s), its slot holds a newer send time: not timed.
+            if (const std::int64_t took = now_ns() - sent; took >= 0) {
+              const std::lock_guard lock(transit_mutex_);
+              transit_.push_back({seq, static_cast<double>(took) / 1000.0});
+            }
           } else {
             ++bad_;
           }

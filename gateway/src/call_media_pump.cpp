@@ -104,16 +104,19 @@ class ReceiveBatch {
   }
 
   // Everything waiting on one socket into `feed`, bounded (64 datagrams) so that no
-  // socket starves the others on its thread; returns how many were read.
-  std::size_t drain(int fd, GstPad* feed, const std::atomic<bool>& stopping) {
-    std::size_t read = 0;
+  // socket starves the others on its thread. Adds what it reads to `read` before pushing
+  // it on (what a counter reports is never behind what was delivered); false when it
+  // stopped at its bound with more possibly waiting.
+  bool drain(int fd, GstPad* feed, const std::atomic<bool>& stopping,
+             std::atomic<std::uint64_t>& read) {
     for (int round = 0; round < 8 && !stopping.load(std::memory_order_relaxed); ++round) {
       const int n = ::recvmmsg(fd, headers_.data(), kDatagrams, MSG_DONTWAIT, nullptr);
       if (n < 0) {
         if (errno == EINTR) continue;
-        return read;  // EAGAIN: all read; other errors (ICMP reports) concern no datagram
+        return true;  // EAGAIN: all read; other errors (ICMP reports) concern no datagram
       }
-      read += static_cast<std::size_t>(n);
+      read.store(read.load(std::memory_order_relaxed) + static_cast<std::uint64_t>(n),
+                 std::memory_order_relaxed);
       for (std::size_t i = 0; i < static_cast<std::size_t>(n); ++i) {
         if (headers_[i].msg_hdr.msg_flags & MSG_TRUNC) continue;  // larger than UDP allows
         const gsize size = headers_[i].msg_len;
@@ -122,9 +125,9 @@ class ReceiveBatch {
         // FLUSHING while the elements stop; a refused datagram is counted by the element.
         (void)gst_pad_push(feed, buffer);
       }
-      if (static_cast<std::size_t>(n) < kDatagrams) return read;  // nothing more waiting
+      if (static_cast<std::size_t>(n) < kDatagrams) return true;  // nothing more waiting
     }
-    return read;
+    return stopping.load(std::memory_order_relaxed);
   }
 
  private:
@@ -258,18 +261,23 @@ struct MediaLoops::Impl {
         break;
       }
       const auto woke = WakePacer::Clock::now();
-      std::size_t read = 0;
+      add(loop.wakeups, 1);
+      const std::uint64_t before = loop.datagrams.load(std::memory_order_relaxed);
+      // A wake-up that hit a bound (32 ready sockets, 64 datagrams on one) may leave some
+      // waiting: those are read at once, never a window later.
+      bool all_read = static_cast<std::size_t>(n) < events.size();
       {
         const std::lock_guard lock(loop.mutex);
         for (std::size_t i = 0; i < static_cast<std::size_t>(n); ++i) {
           const auto* inlet = static_cast<const Inlet*>(events[i].data.ptr);
-          if (inlet && inlet->feed) read += batch.drain(inlet->fd, inlet->feed, stopping);
+          if (inlet && inlet->feed) {
+            all_read = batch.drain(inlet->fd, inlet->feed, stopping, loop.datagrams) && all_read;
+          }
         }
         loop.removed.clear();
       }
-      add(loop.wakeups, 1);
-      add(loop.datagrams, read);
-      if (!stopping.load() && pacer.pace(woke, read)) add(loop.paced, 1);
+      const std::uint64_t read = loop.datagrams.load(std::memory_order_relaxed) - before;
+      if (all_read && !stopping.load() && pacer.pace(woke, read)) add(loop.paced, 1);
     }
     if (scheduling) scheduling->leave();
   }

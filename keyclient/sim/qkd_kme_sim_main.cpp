@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
   app.add_option("--answer-delay-ms", answer_delay_ms,
                  "Fault: answer every request this many ms late, as a KME far away or "
                  "overloaded does")
-      ->check(CLI::NonNegativeNumber)
+      ->check(CLI::Range(0L, 3600000L))
       ->capture_default_str();
   app.add_option("--refuse-sae", config.faults.refuse_sae,
                  "Fault: answer 401 to this SAE, as to a certificate not accepted (repeat)")
