@@ -354,7 +354,7 @@ struct KmeSimulator::Impl {
       std::erase_if(replaced,
                     [&](const auto& entry) { return entry.second + config.unclaimed_ttl < now; });
     }
-    const std::uint64_t room = config.store_bits - std::min(config.store_bits, pending_bits);
+    const std::uint64_t room = free_bits();
     if (config.key_rate_bps <= 0) {
       ready_bits = std::max(ready_bits, room);
     } else {
@@ -365,6 +365,18 @@ struct KmeSimulator::Impl {
       ready_bits = std::min(room, ready_bits + whole);
     }
     last_refill = now;
+  }
+
+  // Caller holds `mutex`. What the store can still take besides keys issued, not fetched.
+  std::uint64_t free_bits() const {
+    return config.store_bits - std::min(config.store_bits, pending_bits);
+  }
+
+  // grow_bits_per_request: key that arrived over the link since the previous request.
+  void grow(std::uint64_t bits) {
+    std::lock_guard lock(mutex);
+    refill();
+    ready_bits = std::min(free_bits(), ready_bits + bits);
   }
 
   std::string authenticate(const httplib::Request& req, const SimulatorFaults& f) const {
@@ -601,6 +613,7 @@ struct KmeSimulator::Impl {
         }
         if (f->answer_delay.count() > 0) delay(f->answer_delay);
         const std::string caller = authenticate(req, *f);
+        if (f->grow_bits_per_request != 0) grow(f->grow_bits_per_request);
         set_body(res, body(caller, req, *f));
         res.status = 200;
       } catch (const Refusal& r) {

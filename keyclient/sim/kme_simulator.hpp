@@ -49,6 +49,10 @@ struct SimulatorFaults {
   // Every request is answered this late (as by a KME far away or overloaded), or 503 if
   // the simulator stops meanwhile. Zero: at once.
   std::chrono::milliseconds answer_delay{0};
+  // Every request (any kind) finds the store grown by this many bits (up to its size), on
+  // top of key_rate_bps: a link whose key arrives between an SAE's calls, by an amount a
+  // test chooses, e.g. exactly what the SAE's next batch takes.
+  std::uint64_t grow_bits_per_request = 0;
   // Requests from these SAEs get 401, as from a certificate the KME does not accept.
   std::vector<std::string> refuse_sae;
 };

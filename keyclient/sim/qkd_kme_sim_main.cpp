@@ -86,6 +86,11 @@ int main(int argc, char** argv) {
                  "overloaded does")
       ->check(CLI::Range(0L, 3600000L))
       ->capture_default_str();
+  app.add_option("--grow-bits-per-request", config.faults.grow_bits_per_request,
+                 "Fault: every request finds the store grown by this many bits, as from a "
+                 "link delivering key between an SAE's calls")
+      ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1} << 40))
+      ->capture_default_str();
   app.add_option("--refuse-sae", config.faults.refuse_sae,
                  "Fault: answer 401 to this SAE, as to a certificate not accepted (repeat)")
       ->type_name("ID")

@@ -415,6 +415,25 @@ TEST_F(KmeSimFaults, SlowAnswersComeLateButWholeAndAnImpatientClientTimesOut) {
   EXPECT_EQ(sim_->stats().requests_hung, 0u);
 }
 
+// grow_bits_per_request: each request, of any kind, finds exactly that much more key,
+// and never more than the store holds.
+TEST_F(KmeSimFaults, EveryRequestFindsTheStoreGrownByTheBitsAsked) {
+  auto config = otpgate::testing::simulator_config();
+  config.start_full = false;
+  config.key_rate_bps = 1e-3;
+  config.key_size = 256;
+  config.store_bits = 100 * 256;
+  config.faults.grow_bits_per_request = 10 * 256;
+  start(std::move(config));
+  KmeClient a = client("sae-a");
+  EXPECT_EQ(a.status("sae-b").stored_key_count, 10u);
+  EXPECT_EQ(a.status("sae-b").stored_key_count, 20u);
+  ASSERT_EQ(a.enc_keys("sae-b", 4, 256).size(), 4u);   // grown to 30, 4 taken
+  EXPECT_EQ(a.status("sae-b").stored_key_count, 36u);  // the 4 keys are pending: room 96
+  for (int i = 0; i < 10; ++i) a.status("sae-b");
+  EXPECT_EQ(a.status("sae-b").stored_key_count, 96u) << "grew beyond the store's size";
+}
+
 TEST_F(KmeSimFaults, StopReturnsWhileRequestsHang) {
   kmesim::SimulatorFaults faults;
   faults.hang = true;
