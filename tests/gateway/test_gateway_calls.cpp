@@ -584,12 +584,12 @@ class OneMediaLoop {
     ::close(sender_);
     ::close(socket_);
   }
-  // `count` datagrams numbered from 0, one every `gap`.
-  void send(int count, std::chrono::microseconds gap) {
-    for (int i = 0; i < count; ++i) {
+  // `count` datagrams numbered from `first`, one every `gap` (none: a burst).
+  void send(int count, std::chrono::microseconds gap, int first = 0) {
+    for (int i = first; i < first + count; ++i) {
       const std::uint32_t n = htonl(static_cast<std::uint32_t>(i));
       ::sendto(sender_, &n, sizeof n, 0, reinterpret_cast<const sockaddr*>(&to_), sizeof to_);
-      std::this_thread::sleep_for(gap);
+      if (gap.count() > 0) std::this_thread::sleep_for(gap);
     }
   }
   // Waits (up to 10 s) for `count` datagrams; true when they came numbered 0..count-1.
@@ -658,6 +658,31 @@ TEST(MediaLoopsTest, ABusyThreadReadsSeveralDatagramsPerWakeUpAndAQuietOneNeverW
     EXPECT_EQ(off.stats().datagrams, 500u);
     EXPECT_EQ(off.stats().paced, 0u);
   }
+}
+
+// A paced thread whose wake-up hit a bound (64 datagrams read from one socket: a burst, or
+// a thread falling behind) reads again at once, not a window later. A burst of 192 costs
+// the window its first datagram fell into and at most the wake-up that read its last
+// ones: two paced wake-ups at most, where a window after every 64 would make it three or
+// four.
+TEST(MediaLoopsTest, APacedThreadReadsABurstAtOnceNotAWindowPerSixtyFourDatagrams) {
+  using std::chrono::microseconds;
+  OneMediaLoop loop(microseconds(200000));
+  int sent = 300;
+  loop.send(sent, microseconds(1000));  // about 200 a window: busy
+  ASSERT_TRUE(loop.received_in_order(sent));
+  ASSERT_GT(loop.stats().paced, 0u) << "the thread was not busy: the test shows nothing";
+  std::uint64_t paced = 0;
+  for (int burst = 0; burst < 4; ++burst) {
+    const std::uint64_t paced_before = loop.stats().paced;
+    loop.send(192, microseconds(0), sent);
+    sent += 192;
+    ASSERT_TRUE(loop.received_in_order(sent)) << "burst " << burst;
+    paced += loop.stats().paced - paced_before;
+  }
+  EXPECT_EQ(loop.stats().datagrams, static_cast<std::uint64_t>(sent));
+  // Three or more a burst if wake-ups that left datagrams waiting were paced too.
+  EXPECT_LE(paced, 9u) << "paced after wake-ups that left datagrams waiting";
 }
 
 // A media thread that may not be raised above time-shared work (no CAP_SYS_NICE, no
