@@ -6,10 +6,13 @@
 #include <openssl/crypto.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <stdexcept>
+#include <unordered_map>
 #include <utility>
 
 #include "otpgate/hex.hpp"
@@ -39,10 +42,73 @@ std::string KeyId::to_string() const {
   return s;
 }
 
+namespace {
+
+// mlock is per page and not counted: one munlock unlocks a page for everything on it. Small
+// secrets share heap pages (two keys, a key and a scratch buffer), so freeing one must not
+// unlock the page under the other: locks are counted per page, for the whole process as
+// the kernel keeps them, and a page is unlocked when the last secret on it goes.
+class PageLocks {
+ public:
+  static PageLocks& of_process() {
+    static PageLocks locks;
+    return locks;
+  }
+
+  // True when every page of the range is locked (and counted); false: none was counted.
+  bool lock(const std::uint8_t* at, std::size_t size) {
+    const std::lock_guard guard(mutex_);
+    // Pages another secret holds are locked already: no system call for a key among keys.
+    bool all_held = true;
+    for (std::uintptr_t page = first(at); page < end(at, size) && all_held; page += page_)
+      all_held = counts_.contains(page);
+    if (!all_held && ::mlock(at, size) != 0) return false;
+    for (std::uintptr_t page = first(at); page < end(at, size); page += page_) ++counts_[page];
+    return true;
+  }
+
+  void unlock(const std::uint8_t* at, std::size_t size) {
+    const std::lock_guard guard(mutex_);
+    // Runs of pages no other secret holds are unlocked with one call each.
+    std::uintptr_t run = 0, run_end = 0;
+    const auto flush = [&] {
+      if (run_end > run) ::munlock(reinterpret_cast<const void*>(run), run_end - run);
+      run = run_end = 0;
+    };
+    for (std::uintptr_t page = first(at); page < end(at, size); page += page_) {
+      const auto it = counts_.find(page);
+      if (it != counts_.end() && --it->second != 0) {
+        flush();
+        continue;
+      }
+      if (it != counts_.end()) counts_.erase(it);
+      if (run_end != page) flush();
+      if (run_end == 0) run = page;
+      run_end = page + page_;
+    }
+    flush();
+  }
+
+ private:
+  PageLocks() = default;
+  std::uintptr_t first(const std::uint8_t* at) const {
+    return reinterpret_cast<std::uintptr_t>(at) / page_ * page_;
+  }
+  std::uintptr_t end(const std::uint8_t* at, std::size_t size) const {
+    return (reinterpret_cast<std::uintptr_t>(at) + size + page_ - 1) / page_ * page_;
+  }
+
+  const std::uintptr_t page_ = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  std::mutex mutex_;
+  std::unordered_map<std::uintptr_t, std::uint32_t> counts_;  // page address -> secrets on it
+};
+
+}  // namespace
+
 SecretBytes::SecretBytes(std::size_t size)
     : data_(std::make_unique_for_overwrite<std::uint8_t[]>(size)), size_(size), capacity_(size) {
   // Keep key material out of swap where the OS lets us; failing is not fatal.
-  locked_ = size > 0 && ::mlock(data_.get(), size) == 0;
+  locked_ = size > 0 && PageLocks::of_process().lock(data_.get(), size);
 }
 
 SecretBytes::~SecretBytes() {
@@ -75,7 +141,7 @@ void SecretBytes::truncate(std::size_t new_size) {
 void SecretBytes::release() noexcept {
   if (!data_) return;
   OPENSSL_cleanse(data_.get(), capacity_);
-  if (locked_) ::munlock(data_.get(), capacity_);
+  if (locked_) PageLocks::of_process().unlock(data_.get(), capacity_);
   data_.reset();
   size_ = capacity_ = 0;
   locked_ = false;
