@@ -51,7 +51,9 @@ namespace {
 class PageLocks {
  public:
   static PageLocks& of_process() {
-    static PageLocks locks;
+    // Never destroyed: threads still running at exit (GStreamer's, a refill thread being
+    // joined) may free secrets after static destructors ran.
+    static PageLocks& locks = *new PageLocks();
     return locks;
   }
 
