@@ -10,14 +10,13 @@ what crossed each gateway and how much key it used, and that the hang-up freed e
 
 Usage: demo_sip.py --build BUILD_DIR --work DIR --pki DIR [--seconds N] [--key-rate BITS]"""
 import argparse
-import glob
 import os
 import socket
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sip_lab import SipLab, frequency, missing_software  # noqa: E402
+from sip_lab import SipLab, frequency, missing_software, recordings  # noqa: E402
 from script_support import free_ports, udp_bound, wait_until  # noqa: E402
 
 STATUS_A, STATUS_B = 48080, 48081  # as in the panel profile, so the console command is the same
@@ -141,7 +140,7 @@ def main():
         heard_ok = True
         for name, home, tone in (("callee (b@, site B)", callee, 440),
                                  ("caller (a@, site A)", caller, 660)):
-            dumps = sorted(glob.glob(os.path.join(home, "dump-*-dec.wav")))
+            dumps = recordings(home)
             hz, secs = frequency(dumps[0]) if dumps else (0.0, 0.0)
             ok = abs(hz - tone) < 5 and secs > 2
             heard_ok &= ok

@@ -5,12 +5,14 @@ drives the gateways over ng, and baresip endpoints (a tone out, what they hear r
 Each piece is started by a method of SipLab; the route of each proxy is the one docs/sip.md
 shows. Processes come from tests/support/script_support.py (started in their own session,
 all killed at the end)."""
+import glob
 import json
 import os
 import re
 import shutil
 import struct
 import sys
+import tempfile
 import traceback
 import urllib.request
 
@@ -143,6 +145,14 @@ def missing_software(programs=("kamailio", "baresip")):
     return None
 
 
+def skip_unless_runnable(programs=("kamailio", "baresip")):
+    """For a test: exits 77 (ctest's skip) with a SKIP line where `programs` cannot run."""
+    why = missing_software(programs)
+    if why:
+        print(f"SKIP: {why}")
+        sys.exit(77)
+
+
 def frequency(wav_path):
     """The tone's frequency from zero crossings of a PCM/float WAV (first channel), and
     how many seconds of it are loud."""
@@ -170,6 +180,23 @@ def frequency(wav_path):
     return crossings * rate / len(mono), len(loud) / rate
 
 
+def recordings(home):
+    """What the baresip in `home` recorded with sndfile (what it decoded), one file per
+    stream it received, oldest first."""
+    return sorted(glob.glob(os.path.join(home, "dump-*-dec.wav")))
+
+
+def heard(home, who, tone, min_seconds):
+    """Checks that `who` (the baresip in `home`) heard `tone` (within 5 Hz) in its first
+    recording for more than `min_seconds`; prints and returns (Hz, seconds)."""
+    dumps = recordings(home)
+    assert dumps, f"the {who} wrote no recording"
+    hz, seconds = frequency(dumps[0])
+    print(f"the {who} heard {hz:.1f} Hz for {seconds:.1f} s (its peer sent {tone} Hz)")
+    assert abs(hz - tone) < 5 and seconds > min_seconds, (who, hz, seconds)
+    return hz, seconds
+
+
 def cpu_seconds(pid):
     """User plus system CPU time a process has used so far, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
@@ -182,9 +209,46 @@ class SipLab:
 
     def __init__(self, build, work, pki=None):
         self.build, self.work = build, work
+        self.remove_work = False
         self.pki = pki or os.path.join(build, "test-pki", "good")
         self.procs = Processes(work, dict(os.environ,
                                           GST_PLUGIN_PATH=os.path.join(build, "plugins")))
+
+    @classmethod
+    def temporary(cls, build, prefix):
+        """A lab in a new folder under /tmp, removed when the lab is left (`with`)."""
+        lab = cls(build, tempfile.mkdtemp(prefix=prefix))
+        lab.remove_work = True
+        return lab
+
+    # `with lab:` a test's body: a failure prints the logs (dump_logs) and goes on up; either
+    # way every process is stopped and a temporary folder removed.
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        try:
+            if kind is not None:
+                self.dump_logs("".join(traceback.format_exception(kind, error, trace)))
+        finally:
+            self.stop()
+            if self.remove_work:
+                shutil.rmtree(self.work, ignore_errors=True)
+        return False
+
+    @classmethod
+    def media_flowing(cls, status_ports, media_count, at_least):
+        """(type, packets) of every media of each gateway's first call once all of them
+        are answered with `media_count` media in all, each with more than `at_least`
+        packets both ways between the gateways and to the endpoint; else None (for
+        wait_until)."""
+        calls = [cls.status(p)["calls"] for p in status_ports]
+        if not all(c and c[0]["state"] == "answered" for c in calls):
+            return None
+        media = [(m["type"], m["packets"]) for c in calls for m in c[0]["media"]]
+        ok = len(media) == media_count and all(
+            p["to_peer"] > at_least and p["to_local"] > at_least for _, p in media)
+        return media if ok else None
 
     def start_kme(self, port, extra=()):
         p = self.procs.start([os.path.join(self.build, "keyclient", "qkd-kme-sim"), "--port",
@@ -284,12 +348,12 @@ max_media = {max_media}
         return self.procs.start(["sh", "-c", f"cd {self.work} && exec sipp -sf {path} -nostdin "
                                  f"{args}"], f"{name}.log")
 
-    def dump_logs(self):
-        """After a failure: what failed, first (CI keeps only the head and the tail of a
-        test's output), then the end of each process's log, baresip's once-a-second
-        bitrate lines left out."""
-        print("FAILED here (the same again after the logs):\n" + traceback.format_exc(),
-              flush=True)
+    def dump_logs(self, failure=None):
+        """After a failure: what failed (`failure`, else the exception being handled),
+        first (CI keeps only the head and the tail of a test's output), then the end of
+        each process's log, baresip's once-a-second bitrate lines left out."""
+        failure = failure or traceback.format_exc()
+        print("FAILED here (the same again after the logs):\n" + failure, flush=True)
         for p in self.procs.running:
             text = "\n".join(line for line in self.procs.output(p).splitlines()
                              if line.strip() and not BARESIP_BITRATE.match(line))

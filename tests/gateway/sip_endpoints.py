@@ -14,78 +14,24 @@ B has its answer refused and its caller sends nothing. Exit 77 (skip) where kama
 baresip is not installed.
 
 Usage: sip_endpoints.py SOURCE_DIR BUILD_DIR"""
-import glob
 import os
 import re
-import signal
 import socket
-import shutil
-import struct
 import sys
-import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                 "scripts"))
+from loopback_capture import Capture, sip_to  # noqa: E402
 from script_support import free_ports, udp_bound, wait_until  # noqa: E402
-from sip_lab import SipLab, frequency, missing_software  # noqa: E402
-
-
-class Capture:
-    """Every UDP datagram on loopback while it runs, as (arrival time, source port,
-    destination port, payload); AF_PACKET, so it needs CAP_NET_RAW (root)."""
-
-    def __init__(self):
-        try:
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
-        except PermissionError:
-            raise SystemExit("the loopback capture of the calls' datagrams needs CAP_NET_RAW "
-                             "(run the test as root)")
-        self.sock.bind(("lo", 0))
-        self.sock.settimeout(0.1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.seen, self.done = [], threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self):
-        while not self.done.is_set():
-            try:
-                frame, address = self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            if address[2] == socket.PACKET_OUTGOING:  # loopback shows each packet twice
-                continue
-            ip = frame[14:]
-            if ip[9] != 17:
-                continue
-            udp = ip[(ip[0] & 15) * 4:]
-            src, dst = struct.unpack("!HH", udp[:4])
-            self.seen.append((time.monotonic(), src, dst, udp[8:]))
-
-    def close(self):
-        self.done.set()
-        self.thread.join()
-        self.sock.close()
-        return self.seen
-
-
-def sip_to(seen, port, start):
-    """(time, datagram) of the SIP messages sent to `port` whose first line starts with
-    `start`."""
-    return [(t, d) for t, _, dst, d in seen if dst == port and d.startswith(start)]
+from sip_lab import SipLab, heard, skip_unless_runnable  # noqa: E402
 
 
 def main():
     source, build = sys.argv[1], sys.argv[2]
-    why = missing_software()
-    if why:
-        print(f"SKIP: {why}")
-        return 77
-    work = tempfile.mkdtemp(prefix="otpgate-sip-")
-    lab = SipLab(build, work)
+    skip_unless_runnable()
+    lab = SipLab.temporary(build, "otpgate-sip-")
     procs = lab.procs
     status = lab.status
     (kme_port, status_a, status_b, ng_a, ng_b, proxy_a, proxy_b) = free_ports(7)
@@ -99,7 +45,7 @@ def main():
     # up, the C++ call tests 10000 up), so tests that ctest runs side by side never find
     # each other's ports busy (a gateway skips a taken port, and a range can run out).
     media = 4000 + (os.getpid() % 10) * 80  # 4000-4799; A: media..+39, B: +40..+79
-    try:
+    with lab:
         lab.start_kme(kme_port)
         for me, peer, status_port, ng, low in (("sae-a", "sae-b", status_a, ng_a, media),
                                                ("sae-b", "sae-a", status_b, ng_b, media + 40)):
@@ -126,18 +72,10 @@ def main():
         wait_until(lambda: udp_bound(sip_b), "the callee's SIP socket")
         caller = lab.start_baresip(endpoints["caller"], "caller.log",
                                    f"-t 60 -e '/dial sip:b@127.0.0.1:{sip_b}'")
-        # While it runs, both gateways show the call with packets each way.
-        def running():
-            calls = [status(p)["calls"] for p in (status_a, status_b)]
-            if not all(c and c[0]["state"] == "answered" for c in calls):
-                return None
-            # Audio and video, each with media both ways at both gateways.
-            m = [media["packets"] for c in calls for media in c[0]["media"]]
-            types = [media["type"] for c in calls for media in c[0]["media"]]
-            ok = len(m) == 4 and all(x["to_peer"] > 50 and x["to_local"] > 50 for x in m)
-            return list(zip(types, m)) if ok else None
-        seen = wait_until(running, "the call answered with media both ways at both gateways",
-                          20)
+        # While it runs, both gateways show the call with audio and video, each with
+        # packets both ways.
+        seen = wait_until(lambda: lab.media_flowing((status_a, status_b), 4, 50),
+                          "the call answered with media both ways at both gateways", 20)
         print("media packets at A and B:", seen)
         # Video frames arrive at the callee: baresip decodes the VP8 and hands each frame to
         # its display (fakevideo), which counts them; /video_debug on its console says how many.
@@ -255,11 +193,7 @@ def main():
         for name, tone in (("callee", 440), ("caller", 660)):
             # sndfile records up to the first re-INVITE (the hold); the status lines show
             # what is received after the resume.
-            dumps = sorted(glob.glob(os.path.join(endpoints[name], "dump-*-dec.wav")))
-            assert dumps, f"the {name} wrote no recording"
-            hz, seconds = frequency(dumps[0])
-            print(f"the {name} heard {hz:.1f} Hz for {seconds:.1f} s")
-            assert abs(hz - tone) < 5 and seconds > 3, (name, hz, seconds)
+            heard(endpoints[name], name, tone, 3)
         log = procs.output(callee)
         after = log[log.rindex("got re-INVITE"):log.index("terminated")]
         received = [int(x) for x in re.findall(r"audio=\d+/(\d+)", after)]
@@ -267,12 +201,6 @@ def main():
         print(f"after the resume the callee receives {received[-1]} bit/s of audio")
         print("PASS: a baresip call through Kamailio A, gateway A, gateway B, Kamailio B")
         return 0
-    except BaseException:
-        lab.dump_logs()
-        raise
-    finally:
-        lab.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import select
 import shutil
 import socket
 import statistics
-import struct
 import sys
 import tempfile
 import threading
@@ -35,8 +34,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                 "scripts"))
+from loopback_capture import Capture  # noqa: E402
 from script_support import free_ports, udp_bound, wait_until  # noqa: E402
-from sip_lab import SipLab, cpu_seconds, missing_software  # noqa: E402
+from sip_lab import SipLab, cpu_seconds, skip_unless_runnable  # noqa: E402
 
 CALLS = 50
 RATE = 25  # new calls per second
@@ -251,31 +251,12 @@ class WanRelay:
 
 def capture_rtp(ports, seconds):
     """UDP payloads sent to `ports` on loopback during `seconds`: {port: [payload, ...]}."""
+    capture = Capture()
+    time.sleep(seconds)
     seen = {p: [] for p in ports}
-    try:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
-    except PermissionError:
-        raise SystemExit("the loopback capture of what the endpoints receive needs CAP_NET_RAW "
-                         "(run the test as root)")
-    with s:
-        s.bind(("lo", 0))
-        s.settimeout(0.2)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        until = time.monotonic() + seconds
-        while time.monotonic() < until:
-            try:
-                frame, address = s.recvfrom(65535)
-            except socket.timeout:
-                continue
-            if address[2] == socket.PACKET_OUTGOING:  # loopback shows each packet twice
-                continue
-            ip = frame[14:]
-            if ip[9] != 17:
-                continue
-            udp = ip[(ip[0] & 15) * 4:]
-            port = struct.unpack("!H", udp[2:4])[0]
-            if port in seen:
-                seen[port].append(udp[8:])
+    for _, _, dst, payload in capture.close():
+        if dst in seen:
+            seen[dst].append(payload)
     return seen
 
 
@@ -285,10 +266,7 @@ def blocks(data):
 
 def main():
     source, build = sys.argv[1], sys.argv[2]
-    why = missing_software(("kamailio", "sipp"))
-    if why:
-        print(f"SKIP: {why}")
-        return 77
+    skip_unless_runnable(("kamailio", "sipp"))
     work = tempfile.mkdtemp(prefix="otpgate-sipp-")
     lab = SipLab(build, work)
     status = lab.status

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                 "scripts"))
 from script_support import free_ports, udp_bound, wait_until  # noqa: E402
-from sip_lab import SipLab, frequency, missing_software  # noqa: E402
+from sip_lab import SipLab, frequency, skip_unless_runnable, recordings  # noqa: E402
 
 # The proxies' rtpengine timeouts: an instance that does not answer costs a call
 # TOUT_MS x RETR before the module marks it disabled and asks the next one of the set.
@@ -117,10 +117,7 @@ def ng_command(port, cookie, request):
 
 def main():
     source, build = sys.argv[1], sys.argv[2]
-    why = missing_software()
-    if why:
-        print(f"SKIP: {why}")
-        return 77
+    skip_unless_runnable()
     work = tempfile.mkdtemp(prefix="otpgate-scaleout-")
     pki = os.path.join(work, "pki")
     subprocess.run([os.path.join(source, "scripts", "make-test-pki.sh"), pki, "sae-a1",
@@ -419,7 +416,7 @@ def main():
         # The callee heard each caller's tone.
         procs.stop(callee)
         heard = []
-        for dump in sorted(glob.glob(os.path.join(home["callee"], "dump-*-dec.wav"))):
+        for dump in recordings(home["callee"]):
             hz, loud = frequency(dump)
             if loud > 1:
                 heard.append(round(hz))

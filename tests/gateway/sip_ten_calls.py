@@ -15,18 +15,15 @@ proxy A. Exit 77 (skip) where kamailio or baresip
 is not installed.
 
 Usage: sip_ten_calls.py SOURCE_DIR BUILD_DIR"""
-import glob
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                 "scripts"))
 from script_support import free_ports, udp_bound, wait_until  # noqa: E402
-from sip_lab import SipLab, cpu_seconds, frequency, missing_software  # noqa: E402
+from sip_lab import SipLab, cpu_seconds, heard, skip_unless_runnable, recordings  # noqa: E402
 
 CALLS = 10
 # Ten PCMU calls need 10 x (8000 + 16 x 50) B/s = 704 kbit/s of pad from each sender; an
@@ -37,12 +34,8 @@ SECONDS = 10  # each caller's call length (baresip -t)
 
 def main():
     source, build = sys.argv[1], sys.argv[2]
-    why = missing_software()
-    if why:
-        print(f"SKIP: {why}")
-        return 77
-    work = tempfile.mkdtemp(prefix="otpgate-sip10-")
-    lab = SipLab(build, work)
+    skip_unless_runnable()
+    lab = SipLab.temporary(build, "otpgate-sip10-")
     status = lab.status
     fixed = free_ports(7)
     (kme_port, status_a, status_b, ng_a, ng_b, proxy_a, proxy_b) = fixed
@@ -58,7 +51,7 @@ def main():
     media = 4800 + (os.getpid() % 10) * 120  # 4800-5999; A: media..+59, B: +60..+119
     caller_tone = [420 + 60 * i for i in range(CALLS)]  # 420..960 Hz
     callee_tone = [1020 + 60 * i for i in range(CALLS)]  # 1020..1560 Hz
-    try:
+    with lab:
         lab.start_kme(kme_port)
         gateways = {}
         for me, peer, status_port, ng, low in (("sae-a", "sae-b", status_a, ng_a, media),
@@ -156,19 +149,10 @@ def main():
         # Each endpoint heard its own peer's tone, and nobody else's.
         for i in range(CALLS):
             for side, tone in (("callee", caller_tone[i]), ("caller", callee_tone[i])):
-                dumps = sorted(glob.glob(os.path.join(homes[side, i], "dump-*-dec.wav")))
-                assert len(dumps) == 1, (side, i, dumps)
-                hz, seconds = frequency(dumps[0])
-                print(f"{side} {i} heard {hz:.1f} Hz for {seconds:.1f} s (its peer sent {tone})")
-                assert abs(hz - tone) < 5 and seconds > SECONDS / 2, (side, i, hz, seconds)
+                assert len(recordings(homes[side, i])) == 1, (side, i)
+                heard(homes[side, i], f"{side} {i}", tone, SECONDS / 2)
         print(f"PASS: {CALLS} concurrent baresip calls, each heard only its own peer")
         return 0
-    except BaseException:
-        lab.dump_logs()
-        raise
-    finally:
-        lab.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
