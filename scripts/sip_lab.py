@@ -30,7 +30,7 @@ KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
 # {next_hop}: route lines run before the INVITE is relayed; {media_set}: route lines run
 # before every rtpengine command of a request (e.g. "route(OTPSET);", which picks the
 # rtpengine set of a scaled-out site: docs/sip.md, Scale-out).
-KAMAILIO_CFG = """#!KAMAILIO
+KAMAILIO_HEAD = """#!KAMAILIO
 debug=2
 log_stderror=yes
 children={children}
@@ -45,10 +45,11 @@ loadmodule "maxfwd.so"
 loadmodule "textops.so"
 loadmodule "siputils.so"
 loadmodule "xlog.so"
-loadmodule "dialog.so"
-loadmodule "rtpengine.so"
+{more_modules}loadmodule "rtpengine.so"
 modparam("rtpengine", "rtpengine_sock", "{rtpengine_sock}")
 {extra}
+"""
+KAMAILIO_CFG = KAMAILIO_HEAD.replace("{more_modules}", 'loadmodule "dialog.so"\n') + """\
 request_route {{
     if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
     if (has_totag()) {{
@@ -106,6 +107,61 @@ onreply_route[SDP] {{
             dlg_setflag("1");
         }}
     }}
+}}
+"""
+
+# The same site with the route many Kamailio sites already run for rtpengine: one
+# rtpengine_manage() wherever SDP or the end of a call passes (it sends offer, answer or
+# delete by itself: offer for an INVITE with SDP, answer for a reply or ACK with SDP, delete
+# for a BYE or CANCEL and in a failure route). Same placeholders as KAMAILIO_CFG.
+KAMAILIO_MANAGE_CFG = KAMAILIO_HEAD.replace("{more_modules}", "") + """\
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            {media_set}
+            if (is_method("INVITE")) xlog("L_INFO", "re-INVITE $ci\\n");
+            if (is_method("INVITE|ACK|BYE|UPDATE")) {{
+                rtpengine_manage("replace-origin replace-session-connection ICE=remove RTP/AVP");
+            }}
+            t_on_reply("MANAGE");
+            t_relay();
+            exit;
+        }}
+        if (is_method("ACK") && t_check_trans()) t_relay();
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        {media_set}
+        rtpengine_manage();
+        if (t_check_trans()) t_relay();
+        exit;
+    }}
+    if (is_method("INVITE")) {{
+        {media_set}
+        record_route();
+        if (!rtpengine_manage("replace-origin replace-session-connection ICE=remove RTP/AVP")) {{
+            send_reply("488", "Not Acceptable Here");
+            exit;
+        }}
+        t_on_reply("MANAGE");
+        t_on_failure("MANAGE");
+    }}
+    {next_hop}
+    if (!t_relay()) sl_reply_error();
+}}
+
+onreply_route[MANAGE] {{
+    if (has_body("application/sdp") &&
+        !rtpengine_manage("replace-origin replace-session-connection ICE=remove RTP/AVP")) {{
+        # A refused answer must not let the endpoints reach each other (see KAMAILIO_CFG).
+        subst_body("/m=([a-z]+) [0-9]+/m=\\1 0/g");
+        subst_body("/c=IN IP4 [0-9.]+/c=IN IP4 0.0.0.0/g");
+    }}
+}}
+
+failure_route[MANAGE] {{
+    rtpengine_manage();
 }}
 """
 
@@ -305,10 +361,11 @@ max_media = {max_media}
             return json.load(r)
 
     def start_kamailio(self, name, port, rtpengine_sock, next_hop="", extra="", children=1,
-                       media_set=""):
+                       media_set="", route=KAMAILIO_CFG):
+        """Kamailio `name` on `port` with `route` (KAMAILIO_CFG or KAMAILIO_MANAGE_CFG)."""
         cfg = os.path.join(self.work, f"kamailio-{name}.cfg")
         with open(cfg, "w") as f:
-            f.write(KAMAILIO_CFG.format(port=port, rtpengine_sock=rtpengine_sock,
+            f.write(route.format(port=port, rtpengine_sock=rtpengine_sock,
                                         modules=KAMAILIO_MODULES, next_hop=next_hop,
                                         extra=extra, children=children, media_set=media_set))
         p = self.procs.start(["kamailio", "-f", cfg, "-DD", "-E", "-m", "64", "-M", "16",
