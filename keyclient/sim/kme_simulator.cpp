@@ -434,6 +434,11 @@ struct KmeSimulator::Impl {
   json status(const std::string& caller, const std::string& slave, const SimulatorFaults& f) {
     require_peer(caller, slave);
     std::lock_guard lock(mutex);
+    if (status_refusals_left > 0 && f.refuse_status_after_enc_keys > 0) {
+      --status_refusals_left;
+      throw Refusal{503, "the KME is busy; try again later", nullptr,
+                    "Service temporarily unavailable"};
+    }
     refill();
     const std::uint64_t stored =
         f.stored_count_of_pair ? unfetched_keys(caller, slave) : ready_bits / config.key_size;
@@ -515,6 +520,7 @@ struct KmeSimulator::Impl {
       store.emplace(id, StoredKey{caller, slave, std::move(text), relayed_at});
     }
     keys_to_masters += number;
+    status_refusals_left = f.refuse_status_after_enc_keys;
     return list;
   }
 
@@ -713,6 +719,7 @@ struct KmeSimulator::Impl {
   std::deque<SharedKey> premade;  // generated ahead; counted in ready_bits
   std::uint64_t ready_bits = 0;
   std::uint64_t pending_bits = 0;
+  std::uint32_t status_refusals_left = 0;  // refuse_status_after_enc_keys
   double carry = 0;
   Clock::time_point last_refill;
   Clock::time_point last_expiry{};

@@ -53,6 +53,9 @@ struct SimulatorFaults {
   // top of key_rate_bps: a link whose key arrives between an SAE's calls, by an amount a
   // test chooses, e.g. exactly what the SAE's next batch takes.
   std::uint64_t grow_bits_per_request = 0;
+  // The next this many status requests after each enc_keys get 503, as from a KME whose
+  // status endpoint is overloaded right after it issued keys (a client's retries included).
+  std::uint32_t refuse_status_after_enc_keys = 0;
   // Requests from these SAEs get 401, as from a certificate the KME does not accept.
   std::vector<std::string> refuse_sae;
 };

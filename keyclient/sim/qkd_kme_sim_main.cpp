@@ -91,6 +91,11 @@ int main(int argc, char** argv) {
                  "link delivering key between an SAE's calls")
       ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1} << 40))
       ->capture_default_str();
+  app.add_option("--refuse-status-after-enc-keys", config.faults.refuse_status_after_enc_keys,
+                 "Fault: answer 503 to the next N status requests after each enc_keys, as a KME "
+                 "whose status endpoint is busy right after it issued keys")
+      ->check(CLI::Range(0u, 1000u))
+      ->capture_default_str();
   app.add_option("--refuse-sae", config.faults.refuse_sae,
                  "Fault: answer 401 to this SAE, as to a certificate not accepted (repeat)")
       ->type_name("ID")

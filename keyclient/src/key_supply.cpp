@@ -536,6 +536,17 @@ struct KeySupply::Impl {
     last_kme_status = *status;
     return status->stored_key_count;
   }
+  // After keys were issued: a status the KME fails to give costs the probe, never the keys
+  // in hand (the next call reports a KME that is really down).
+  std::optional<std::uint64_t> stored_count_if_answered() {
+    try {
+      return stored_count();
+    } catch (const KmeError& e) {
+      log(LogLevel::info, "key supply (peer " + config.peer_sae_id +
+                              "): no KME status after a batch (" + e.what() + ")");
+      return std::nullopt;
+    }
+  }
 
   // Key delivered to this supply (fetched, plus what the KME's trusted store grew by),
   // sampled once a second for the refill rate over the last two minutes.
@@ -576,7 +587,7 @@ struct KeySupply::Impl {
     // land on either sign by chance: a sign counts only if the count stands
     // still when read again (a pair's pending keys do until the slave is told of them).
     // Read only on a sign, so a normal KME is asked nothing more.
-    if (stored_count() != after) return;
+    if (stored_count_if_answered() != after) return;
     replaces_batches = true;
     replaces_batches_flag = true;
     log(LogLevel::warning,
@@ -679,7 +690,7 @@ struct KeySupply::Impl {
       last_kme_call = Clock::now();
       if (probe && before) {
         if (!replaces_batches) ++probes;
-        if (const auto after = stored_count()) {
+        if (const auto after = stored_count_if_answered()) {
           if (!replaces_batches) note_stored_counts(*before, *after, keys.size());
           pending_floor = *after >= keys.size() ? *after - keys.size() : 0;
           batch_issued = Clock::now();

@@ -546,6 +546,27 @@ TEST_F(KeySupplyFaults, AStoreThatMovesBetweenCallsIsNotTakenForOneThatReplacesB
   EXPECT_EQ(sim_->stats().keys_replaced, 0u);
 }
 
+// A KME that refuses the status call right after a batch (503: busy) costs the master its
+// probe of that batch, never the keys in hand: every key the KME issued is placed. Without
+// the guard the batch was dropped with the failed call (8 batches, one per probe).
+TEST_F(KeySupplyFaults, AStatusRefusedRightAfterABatchCostsNoKeys) {
+  kmesim::SimulatorFaults faults;
+  faults.refuse_status_after_enc_keys = 3;  // the client's 3 attempts (test_pki.hpp)
+  sim_->set_faults(faults);
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_config(512u << 10));
+  master.start();
+  ASSERT_TRUE(eventually([&] {
+    const auto s = master.stats();
+    return s.bytes_available * 2 > s.ring_capacity_bytes;
+  })) << master.stats().last_error;
+  ASSERT_TRUE(eventually([&] { return master.stats().kme_healthy; }));
+  const auto s = master.stats();
+  EXPECT_EQ(sim_->stats().keys_to_masters, s.keys_fetched)
+      << "keys the KME issued that the master dropped";
+  EXPECT_FALSE(s.failed) << s.failure;
+  EXPECT_FALSE(s.kme_replaces_batches);
+}
+
 // Sized in seconds of consumption, an idle master holds only ring_min_bytes of key, not
 // its whole ring, and what it held is wiped when stopped.
 TEST_F(KeySupplyFaults, RingSizedInSecondsHoldsLittleKeyWhenIdle) {
