@@ -688,12 +688,14 @@ struct KeySupply::Impl {
       }
       kme_answered();
       last_kme_call = Clock::now();
+      // The patience for this batch runs from now even if the status below fails: these
+      // keys are placed and announced whatever it says.
+      batch_issued = Clock::now();
       if (probe && before) {
         if (!replaces_batches) ++probes;
         if (const auto after = stored_count_if_answered()) {
           if (!replaces_batches) note_stored_counts(*before, *after, keys.size());
           pending_floor = *after >= keys.size() ? *after - keys.size() : 0;
-          batch_issued = Clock::now();
         }
       }
       if (keys_per_request_cap < max_keys_per_request)

@@ -490,12 +490,19 @@ TEST_F(KeySupplyFaults, AKmeThatReplacesUnfetchedBatchesGetsOneBatchInFlight) {
   const std::uint64_t lost = slave.stats().keys_lost;
   EXPECT_EQ(lost, replaced);
 
-  // Another 256 KiB: nothing more is replaced or lost, and the pad is identical.
+  // Another 256 KiB, and 8 s at least: nothing more is replaced or lost, and the pad is
+  // identical. Meanwhile the KME refuses the status after each batch (503, the client's 3
+  // attempts): the master keeps one batch in flight all the same, its patience running
+  // from each batch (it ran from the last status answered, so a batch could be replaced
+  // under its announcement once that was 6 s old).
+  faults.refuse_status_after_enc_keys = 3;
+  sim_->set_faults(faults);
   const std::uint64_t target = moved + (256u << 10);
+  const auto at_least_until = std::chrono::steady_clock::now() + 8s;
   ASSERT_TRUE(eventually(
       [&] {
         queue_ok = queue_ok && step(true);
-        return !queue_ok || moved >= target;
+        return !queue_ok || (moved >= target && std::chrono::steady_clock::now() >= at_least_until);
       },
       60s))
       << moved << " of " << target << " bytes moved; " << master.stats().last_error;
