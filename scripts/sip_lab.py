@@ -120,7 +120,7 @@ request_route {{
     if (has_totag()) {{
         if (loose_route()) {{
             {media_set}
-            if (is_method("INVITE")) xlog("L_INFO", "re-INVITE $ci\\n");
+            xlog("L_INFO", "in-dialog $rm $ci\\n");
             if (is_method("INVITE|ACK|BYE|UPDATE")) {{
                 rtpengine_manage("replace-origin replace-session-connection ICE=remove RTP/AVP");
             }}
@@ -154,9 +154,11 @@ request_route {{
 onreply_route[MANAGE] {{
     if (has_body("application/sdp") &&
         !rtpengine_manage("replace-origin replace-session-connection ICE=remove RTP/AVP")) {{
-        # A refused answer must not let the endpoints reach each other (see KAMAILIO_CFG).
+        # A refused answer must not let the endpoints reach each other (see KAMAILIO_CFG),
+        # and frees the call at the gateway.
         subst_body("/m=([a-z]+) [0-9]+/m=\\1 0/g");
         subst_body("/c=IN IP4 [0-9.]+/c=IN IP4 0.0.0.0/g");
+        rtpengine_delete();
     }}
 }}
 

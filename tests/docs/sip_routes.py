@@ -2,8 +2,9 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """The Kamailio routes docs/sip.md shows are the ones the tests run (docs as tests): the
 route of "Kamailio (one site)" against the lab's template (scripts/sip_lab.py,
-KAMAILIO_CFG, which sip_endpoints.py, the demo and the other SIP tests start), and the
-lines of "Scale-out" / "Kamailio" against tests/gateway/sip_scaleout.py (SITE_CFG). Each
+KAMAILIO_CFG, which sip_endpoints.py, the demo and the other SIP tests start), the route
+of "Kamailio with rtpengine_manage" against KAMAILIO_MANAGE_CFG (sip_rtpengine_manage.py),
+and the lines of "Scale-out" / "Kamailio" against tests/gateway/sip_scaleout.py (SITE_CFG). Each
 template is filled in with the docs' placeholders (the ng socket, PARTNER-PROXY, the
 instances' addresses); then both sides are compared line by line without comments,
 blank lines, the lab's xlog lines and indentation. Also: the modules the docs list in
@@ -77,6 +78,18 @@ def main():
         print(f"FAIL: docs/sip.md lists the modules {listed}, the lab loads {loaded} (and "
               "xlog) before the route")
         ok = False
+
+    # Kamailio with rtpengine_manage: the lab's other template, the same placeholders.
+    _, block = block_after(docs, "### Kamailio with `rtpengine_manage`")
+    lab = sip_lab.KAMAILIO_MANAGE_CFG.format(
+        port=5060, rtpengine_sock="udp:127.0.0.1:22222", modules=sip_lab.KAMAILIO_MODULES,
+        next_hop='$du = "sip:PARTNER-PROXY:5060";', extra="", children=1, media_set="")
+    first = block.strip().splitlines()[0]
+    if first not in lab:
+        print(f"FAIL: the docs' rtpengine_manage route starts with {first!r}, which the lab "
+              "does not have")
+        return 1
+    ok &= compare("Kamailio with rtpengine_manage", block, lab[lab.index(first):])
 
     # Scale-out: the lines of a site with two instances (its set 0, the weighted one, is
     # the rtpengine_sock the test hands to the lab's template).

@@ -78,7 +78,7 @@ def main():
         time.sleep(3)  # the recordings stop at the first re-INVITE (sndfile)
 
         def reinvites(count):
-            return all(procs.output(p).count("re-INVITE") >= count for p in proxies)
+            return all(procs.output(p).count("in-dialog INVITE") >= count for p in proxies)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ui:
             ui.sendto(b"/hold\n", ("127.0.0.1", consoles[1]))
             wait_until(lambda: reinvites(1), "the hold re-INVITE at both proxies", 10)

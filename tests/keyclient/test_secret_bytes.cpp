@@ -2,6 +2,7 @@
 // SecretBytes keeps key material out of swap: what it locks stays locked while any secret
 // on the page lives, and is all given back when the last one goes.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdio>
@@ -40,8 +41,12 @@ std::size_t vm_locked_kib() {
   return 0;
 }
 
+std::size_t page_bytes() {
+  return static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+}
+
 std::uintptr_t page_of(const SecretBytes& s) {
-  return reinterpret_cast<std::uintptr_t>(s.span().data()) / 4096;
+  return reinterpret_cast<std::uintptr_t>(s.span().data()) / page_bytes();
 }
 
 }  // namespace
@@ -80,15 +85,17 @@ TEST(SecretBytes, ALargeSecretGivesBackItsPagesButNotThoseItShares) {
   const std::size_t locked_before = vm_locked_kib();
   std::vector<SecretBytes> small;
   for (int i = 0; i < 16; ++i) small.emplace_back(32);
-  auto large = std::make_unique<SecretBytes>(64u << 10);  // heap, beside the small ones
+  // 16 pages (64 KiB with 4 KiB pages: from the heap, beside the small ones).
+  const std::size_t large_kib = 16 * page_bytes() / 1024;
+  auto large = std::make_unique<SecretBytes>(large_kib * 1024);
   for (int i = 0; i < 16; ++i) small.emplace_back(32);
   if (!large->locked()) GTEST_SKIP() << "mlock is not allowed here (RLIMIT_MEMLOCK)";
-  EXPECT_GE(vm_locked_kib() - locked_before, 64u);
+  EXPECT_GE(vm_locked_kib() - locked_before, large_kib);
   large.reset();
   for (const SecretBytes& s : small) {
     EXPECT_TRUE(page_locked(s.span().data())) << "a small secret's page was unlocked";
   }
-  EXPECT_LT(vm_locked_kib() - locked_before, 64u) << "the large secret's pages stayed locked";
+  EXPECT_LT(vm_locked_kib() - locked_before, large_kib) << "the large secret's pages stayed locked";
   small.clear();
   EXPECT_EQ(vm_locked_kib(), locked_before);
 }
