@@ -61,35 +61,32 @@ def main():
     docs = open(os.path.join(source, "docs", "sip.md")).read()
     ok = True
 
-    # Kamailio (one site): the lab's template with the docs' placeholders.
-    prose, block = block_after(docs, "### Kamailio (one site)")
-    lab = sip_lab.KAMAILIO_CFG.format(
-        port=5060, rtpengine_sock="udp:127.0.0.1:22222", modules=sip_lab.KAMAILIO_MODULES,
-        next_hop='$du = "sip:PARTNER-PROXY:5060";', extra="", children=1, media_set="")
-    first = block.strip().splitlines()[0]
-    if first not in lab:
-        print(f"FAIL: the docs' route starts with {first!r}, which the lab does not have")
-        return 1
-    head, lab_route = lab[:lab.index(first)], lab[lab.index(first):]
-    ok &= compare("Kamailio (one site)", block, lab_route)
+    # Kamailio (one site), and with rtpengine_manage: the lab's templates with the docs'
+    # placeholders; the lab's head (global settings, modules) is what comes before the
+    # docs' first line.
+    heads = {}
+    for what, heading, template in (
+            ("Kamailio (one site)", "### Kamailio (one site)", sip_lab.KAMAILIO_CFG),
+            ("Kamailio with rtpengine_manage", "### Kamailio with `rtpengine_manage`",
+             sip_lab.KAMAILIO_MANAGE_CFG)):
+        prose, block = block_after(docs, heading)
+        lab = template.format(
+            port=5060, rtpengine_sock="udp:127.0.0.1:22222", modules=sip_lab.KAMAILIO_MODULES,
+            next_hop='$du = "sip:PARTNER-PROXY:5060";', extra="", children=1, media_set="")
+        first = block.strip().splitlines()[0]
+        if first not in lab:
+            print(f"FAIL: {what}: the docs' route starts with {first!r}, which the lab does "
+                  "not have")
+            return 1
+        heads[what] = prose, lab[:lab.index(first)]
+        ok &= compare(what, block, lab[lab.index(first):])
+    prose, head = heads["Kamailio (one site)"]
     listed = re.findall(r"`(\w+)`", prose[prose.index("besides"):])
     loaded = [m for m in re.findall(r'loadmodule "(\w+)\.so"', head) if m != "xlog"]
     if listed != loaded:
         print(f"FAIL: docs/sip.md lists the modules {listed}, the lab loads {loaded} (and "
               "xlog) before the route")
         ok = False
-
-    # Kamailio with rtpengine_manage: the lab's other template, the same placeholders.
-    _, block = block_after(docs, "### Kamailio with `rtpengine_manage`")
-    lab = sip_lab.KAMAILIO_MANAGE_CFG.format(
-        port=5060, rtpengine_sock="udp:127.0.0.1:22222", modules=sip_lab.KAMAILIO_MODULES,
-        next_hop='$du = "sip:PARTNER-PROXY:5060";', extra="", children=1, media_set="")
-    first = block.strip().splitlines()[0]
-    if first not in lab:
-        print(f"FAIL: the docs' rtpengine_manage route starts with {first!r}, which the lab "
-              "does not have")
-        return 1
-    ok &= compare("Kamailio with rtpengine_manage", block, lab[lab.index(first):])
 
     # Scale-out: the lines of a site with two instances (its set 0, the weighted one, is
     # the rtpengine_sock the test hands to the lab's template).
