@@ -9,7 +9,7 @@ RTP inside the one-time pad.
 Checked in a loopback capture: the callee's INVITE still offers RTP/SAVP with the caller's
 own a=crypto line (same key: SDES runs end to end), and no x-otp marker reaches it; each
 endpoint receives the SRTP datagrams the other sent, byte for byte (each one delivered is
-one sent, and all are delivered but the last few at the hang-up); between the gateways no
+one sent, and every one sent while the call ran is delivered); between the gateways no
 datagram carries any 16-byte piece of them after their RTP header (the pad covers them);
 each endpoint's recording has the other's tone (so its SRTP decrypted what came through);
 the hang-up frees the call at both gateways.
@@ -85,6 +85,7 @@ def main():
         time.sleep(3)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ui:
             ui.sendto(b"/hangup\n", ("127.0.0.1", consoles[1]))
+            hung_up = time.monotonic()
             wait_until(lambda: not status(status_a)["calls"] and not status(status_b)["calls"],
                        "the hang-up to end the call at both gateways", 10)
             ui.sendto(b"/quit\n", ("127.0.0.1", consoles[1]))
@@ -105,30 +106,35 @@ def main():
               "crypto line(s), unchanged; no x-otp marker")
 
         def datagrams(sources, destinations):
-            return [d for _, src, dst, d in seen if src in sources and dst in destinations]
+            return [(t, d) for t, src, dst, d in seen if src in sources and dst in destinations]
         for way, first, last in (("caller to callee", site_a, site_b),
                                  ("callee to caller", site_b, site_a)):
             srtp_in = datagrams(ENDPOINT_RTP, first)   # an endpoint to its gateway
-            otp = datagrams(first, last)               # gateway to gateway
-            srtp_out = datagrams(last, ENDPOINT_RTP)   # the other gateway to its endpoint
+            otp = [d for _, d in datagrams(first, last)]  # gateway to gateway
+            srtp_out = {d for _, d in datagrams(last, ENDPOINT_RTP)}  # to the other endpoint
             assert len(srtp_in) > 150 and len(srtp_out) > 150 and len(otp) > 150, \
                 (way, len(srtp_in), len(otp), len(srtp_out))
-            sent_set = set(srtp_in)
-            foreign = [d for d in srtp_out if d not in sent_set]
+            sent = {d for _, d in srtp_in}
+            foreign = srtp_out - sent
             assert not foreign, f"{way}: {len(foreign)} of {len(srtp_out)} delivered datagrams " \
                 "are not datagrams the endpoint sent"
-            # Every one delivered, but the last few on their way at the hang-up.
-            assert len(srtp_out) >= len(srtp_in) - 10, (way, len(srtp_in), len(srtp_out))
+            # Every one sent while the call ran is delivered (not the first and last half
+            # second: before the answer reached both gateways, after the first delete).
+            start = srtp_in[0][0]
+            running = [d for t, d in srtp_in if start + 0.5 < t < hung_up - 0.5]
+            missing = [d for d in running if d not in srtp_out]
+            assert len(running) > 100 and not missing, (way, len(running), len(missing))
             # No 16-byte piece of the SRTP datagrams after their RTP header, at any offset,
             # between the gateways.
-            pieces = {d[i:i + 16] for d in srtp_in for i in range(12, len(d) - 15, 16)}
+            pieces = {d[i:i + 16] for d in sent for i in range(12, len(d) - 15, 16)}
             leaked = [d for d in otp if any(d[i:i + 16] in pieces
                                             for i in range(0, max(0, len(d) - 15)))]
             assert not leaked, f"{way}: {len(leaked)} datagrams between the gateways carry " \
                 "SRTP payload bytes as sent"
             print(f"{way}: {len(srtp_in)} SRTP datagrams in, {len(otp)} OTP datagrams between "
                   f"the gateways (none with SRTP bytes in them), {len(srtp_out)} delivered, "
-                  "each one a datagram the endpoint sent")
+                  f"each one a datagram the endpoint sent, all {len(running)} sent while the "
+                  "call ran among them")
         procs.stop(callee)
         for name, tone in (("callee", 440), ("caller", 660)):
             heard(homes[name], name, tone, 3)
