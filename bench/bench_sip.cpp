@@ -1079,6 +1079,12 @@ int run(int argc, char** argv) {
       "%.2fx, RTP<->SRTP %.2fx\n",
       median(to_plain), ratio_srtp);
   std::printf("ratio otpgate both gateways / rtpengine RTP<->SRTP: %.2fx\n", 2 * ratio_srtp);
+  // The spread says how far one run's median can be trusted: on a small VM one round's
+  // ratio moves by about a tenth either way.
+  if (to_srtp.size() > 1) {
+    const auto [low, high] = std::minmax_element(to_srtp.begin(), to_srtp.end());
+    std::printf("rounds' ratios to rtpengine RTP<->SRTP: %.2fx to %.2fx\n", *low, *high);
+  }
   std::printf("\nTransit sender -> receiver, us, every round's packets     p50        p99\n");
   for (Mode m : {Mode::otpgate, Mode::plain, Mode::srtp}) {
     std::printf("%-44s %10.0f %10.0f\n",
