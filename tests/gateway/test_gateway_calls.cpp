@@ -1759,6 +1759,52 @@ TEST_F(GatewayCallsTest, RepeatedOffersAndAnswersLeaveARunningCallAsItIs) {
   }
 }
 
+// Early media, then the final answer: rtpengine_manage sends an answer for the 183 and
+// again for the 200 OK, whose SDP a callee may have changed (its o= version bumped, here
+// with a new codec order). The second answer updates the same call: ports, lanes and
+// streams stay, the media cross byte for byte before and after it.
+TEST_F(GatewayCallsTest, AnEarlyMediaAnswerThenTheFinalOneKeepTheSameCall) {
+  start_sip(4);
+  UdpSocket caller(endpoint_port(0)), callee(endpoint_port(1));
+  const NgKeys k{"early-1", "from-early", "to-early"};
+  Placed p;
+  p.to_b =
+      ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "offer", k, endpoint_sdp(endpoint_port(0)))));
+  p.to_callee = ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "offer", k, p.to_b)));
+  // The 183's SDP.
+  p.to_a =
+      ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "answer", k, endpoint_sdp(endpoint_port(1)))));
+  p.to_caller = ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "answer", k, p.to_a)));
+  auto media_of = [](json calls) {
+    for (auto& c : calls) {
+      c.erase("last_signal");
+      for (auto& m : c["media"]) m.erase("packets"), m.erase("key_used_bytes");
+    }
+    return calls;
+  };
+  const json early_a = media_of(status(*a_)["calls"]), early_b = media_of(status(*b_)["calls"]);
+  std::vector<Bytes> there, back;
+  EXPECT_EQ(send(caller, media_port(p.to_caller), callee, 30, 500, there, random_), there);
+  EXPECT_EQ(send(callee, media_port(p.to_callee), caller, 30, 600, back, random_), back);
+  // The 200 OK's SDP: version 2, the codecs in another order.
+  std::string final_sdp = endpoint_sdp(endpoint_port(1));
+  final_sdp.replace(final_sdp.find("4711 1"), 6, "4711 2");
+  final_sdp.replace(final_sdp.find("RTP/AVP 96 101"), 14, "RTP/AVP 101 96");
+  const std::string to_a = ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "answer", k, final_sdp)));
+  EXPECT_NE(to_a.find("RTP/AVP 101 96"), std::string::npos) << to_a;
+  EXPECT_EQ(media_port(to_a), media_port(p.to_a)) << "the final answer moved the call's port";
+  const std::string to_caller = ok_sdp(ng(a_->ng_port(), kamailio(cookie(), "answer", k, to_a)));
+  EXPECT_EQ(media_port(to_caller), media_port(p.to_caller));
+  EXPECT_EQ(media_of(status(*a_)["calls"]), early_a) << "the final answer changed the call at A";
+  EXPECT_EQ(media_of(status(*b_)["calls"]), early_b) << "the final answer changed the call at B";
+  there.clear();
+  back.clear();
+  EXPECT_EQ(send(caller, media_port(to_caller), callee, 30, 700, there, random_), there);
+  EXPECT_EQ(send(callee, media_port(p.to_callee), caller, 30, 800, back, random_), back);
+  for (auto* g : {a_.get(), b_.get()}) EXPECT_EQ(status(*g)["sip"]["free_media"], 3);
+  hang_up(k);
+}
+
 namespace {
 
 // An ng client at a given loopback source address (127.0.0.2: not the proxy).
