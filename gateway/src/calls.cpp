@@ -503,6 +503,15 @@ std::string Calls::offer(const ng::Request& request) {
                       ": refused (media towards the OTP peer is never relayed in clear)");
   }
   const bool from_partner = marked;
+  // Offered to the local endpoint with SRTP asked for (RTP/SAVP, SAVPF, UDP/TLS/...):
+  // rtpengine would encrypt that leg itself; this gateway does not, and a proxy must not
+  // take the leg for encrypted when it is not. Towards the partner the pad protects it.
+  if (from_partner && request.transport_protocol.find("SAVP") != std::string::npos) {
+    throw ng::Refused("transport-protocol " + request.transport_protocol +
+                      " asks for SRTP towards the endpoint, which otp-gateway does not "
+                      "terminate: drop it from the proxy's rtpengine_offer flags (endpoints "
+                      "may keep their own SDES-SRTP end to end)");
+  }
   const std::lock_guard lock(mutex_);
   const auto found = calls_.find(request.call_id);
   const bool reoffer = found != calls_.end();

@@ -1805,6 +1805,35 @@ TEST_F(GatewayCallsTest, AnEarlyMediaAnswerThenTheFinalOneKeepTheSameCall) {
   hang_up(k);
 }
 
+// A proxy asking for SRTP (transport-protocol RTP/SAVP, as Kamailio's "RTP/SAVP" flag
+// sends it) on the leg to the local endpoint: refused with a reason naming the fix, as the
+// gateway does not terminate SRTP and the leg would be plain. Towards the partner it is
+// taken (the pad protects that leg), and the call goes on once the flag is dropped.
+TEST_F(GatewayCallsTest, AnOfferAskingForSrtpTowardsTheEndpointIsRefusedWithTheFix) {
+  start_sip(4);
+  const NgKeys k{"savp-1", "from-savp", "to-savp"};
+  auto savp = [](std::string datagram) {
+    const std::string avp = "18:transport-protocol7:RTP/AVP";
+    datagram.replace(datagram.find(avp), avp.size(), "18:transport-protocol8:RTP/SAVP");
+    return datagram;
+  };
+  const std::string to_b = ok_sdp(
+      ng(a_->ng_port(), savp(kamailio(cookie(), "offer", k, endpoint_sdp(endpoint_port(0))))));
+  const json free_before = status(*b_)["sip"]["free_media"];
+  const auto refused = ng(b_->ng_port(), savp(kamailio(cookie(), "offer", k, to_b)));
+  EXPECT_EQ(text_of(refused, "result"), "error");
+  EXPECT_EQ(text_of(refused, "error-reason"),
+            "transport-protocol RTP/SAVP asks for SRTP towards the endpoint, which otp-gateway "
+            "does not terminate: drop it from the proxy's rtpengine_offer flags (endpoints may "
+            "keep their own SDES-SRTP end to end)");
+  EXPECT_TRUE(status(*b_)["calls"].empty()) << "a refused offer left a call";
+  EXPECT_EQ(status(*b_)["sip"]["free_media"], free_before);
+  // Without the flag the same offer is taken.
+  const std::string to_callee = ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "offer", k, to_b)));
+  EXPECT_NE(to_callee.find("RTP/AVP"), std::string::npos) << to_callee;
+  hang_up(k);
+}
+
 namespace {
 
 // An ng client at a given loopback source address (127.0.0.2: not the proxy).
