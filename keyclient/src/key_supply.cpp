@@ -667,15 +667,6 @@ struct KeySupply::Impl {
       std::optional<std::uint64_t> before;
       const bool probe = replaces_batches || probes < 8;
       if (probe) before = stored_count();
-      // The count after a batch whose own status read failed: this one, as no enc_keys
-      // came between (a KME that replaces batches would only replace it at the next).
-      if (before && unread_probe && !replaces_batches) {
-        note_stored_counts(unread_probe->before, *before, unread_probe->delivered);
-        if (replaces_batches)
-          pending_floor =
-              *before >= unread_probe->delivered ? *before - unread_probe->delivered : 0;
-      }
-      unread_probe.reset();
       // One batch in flight: the next call waits until the slave has fetched ours (the
       // count is back to what it was without them; keys left pending by an earlier run
       // nobody will fetch are not waited for), or for kBatchPatience at most.
@@ -705,8 +696,6 @@ struct KeySupply::Impl {
         if (const auto after = stored_count_if_answered()) {
           if (!replaces_batches) note_stored_counts(*before, *after, keys.size());
           pending_floor = *after >= keys.size() ? *after - keys.size() : 0;
-        } else if (!replaces_batches) {
-          unread_probe = UnreadProbe{*before, keys.size()};
         }
       }
       if (keys_per_request_cap < max_keys_per_request)
@@ -1306,12 +1295,6 @@ struct KeySupply::Impl {
 
   std::size_t keys_per_request_cap = SIZE_MAX;  // master: shrinks while the KME is short
   int probes = 0;  // master: stored-count probes made (see note_stored_counts)
-  // Master: a probe whose status after the batch the KME refused, read at the next call.
-  struct UnreadProbe {
-    std::uint64_t before;
-    std::size_t delivered;
-  };
-  std::optional<UnreadProbe> unread_probe;
   bool replaces_batches = false;
   std::uint64_t pending_floor = 0;  // master: pending count once our last batch is fetched
   Clock::time_point batch_issued{};

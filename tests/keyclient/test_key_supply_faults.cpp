@@ -574,30 +574,6 @@ TEST_F(KeySupplyFaults, AStatusRefusedRightAfterABatchCostsNoKeys) {
   EXPECT_FALSE(s.kme_replaces_batches);
 }
 
-// A KME that replaces unfetched batches and refuses the status after each batch: the
-// master reads the count after its first batch at its next call, before asking again, and
-// keeps one batch in flight from then on. Without that read the second call replaced the
-// first batch (no slave here fetches it).
-TEST_F(KeySupplyFaults, AReplacingKmeThatRefusesTheStatusAfterABatchIsFoundAtTheNextCall) {
-  kmesim::SimulatorFaults faults;
-  faults.replace_unfetched_batch = true;
-  faults.stored_count_of_pair = true;
-  faults.refuse_status_after_enc_keys = 3;  // the client's 3 attempts (test_pki.hpp)
-  sim_->set_faults(faults);
-  keys::KeySupply master(client_config(sim_->url(), "sae-a"), master_config());
-  master.start();
-  // Pad used at the master, so that it asks again (nothing announced is fetched).
-  std::vector<std::uint8_t> chunk(1200);
-  ASSERT_TRUE(eventually([&] {
-    while (master.next_announcement()) {
-    }
-    (void)master.take(chunk);
-    return master.stats().kme_replaces_batches || sim_->stats().keys_replaced > 0;
-  })) << "the master never asked again";
-  EXPECT_TRUE(master.stats().kme_replaces_batches);
-  EXPECT_EQ(sim_->stats().keys_replaced, 0u) << "the first batch was replaced";
-}
-
 // Sized in seconds of consumption, an idle master holds only ring_min_bytes of key, not
 // its whole ring, and what it held is wiped when stopped.
 TEST_F(KeySupplyFaults, RingSizedInSecondsHoldsLittleKeyWhenIdle) {
