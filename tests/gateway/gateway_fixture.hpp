@@ -109,6 +109,32 @@ inline Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::si
   return p;
 }
 
+// Whether every UDP port in [first, first + count) can be bound right now.
+inline bool udp_ports_free(int first, int count) {
+  bool free = true;
+  for (int i = 0; i < count && free; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<std::uint16_t>(first + i));
+    a.sin_addr.s_addr = htonl(INADDR_ANY);
+    free = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+    ::close(fd);
+  }
+  return free;
+}
+
+// The first of `blocks` blocks of `size` UDP ports from `low`, tried from block `next` on
+// (wrapping), whose ports are all free now.
+inline std::uint16_t free_udp_block(int low, int size, int blocks, int& next) {
+  for (int tries = 0; tries < blocks; ++tries) {
+    const int first = low + (next++ % blocks) * size;
+    if (udp_ports_free(first, size)) return static_cast<std::uint16_t>(first);
+  }
+  throw std::runtime_error("no free block of " + std::to_string(size) + " UDP ports in " +
+                           std::to_string(low) + "-" + std::to_string(low + blocks * size));
+}
+
 // A block of 120 UDP ports for one test (it uses base+0..19 and base+100..119), below
 // the kernel's ephemeral range (32768-60999) so a sending socket never takes one. Blocks
 // start from the process ID, so tests that ctest runs side by side (consecutive PIDs) get
@@ -117,21 +143,16 @@ inline Bytes rtp(std::uint16_t seq, std::uint32_t ssrc, std::uint8_t pt, std::si
 inline std::uint16_t base_port() {
   constexpr int kBlock = 120, kBlocks = (32700 - 20000) / kBlock;
   static int next = ::getpid() % kBlocks;
-  for (int tries = 0; tries < kBlocks; ++tries) {
-    const auto base = static_cast<std::uint16_t>(20000 + (next++ % kBlocks) * kBlock);
-    bool free = true;
-    for (int i = 0; i < kBlock && free; ++i) {
-      const int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
-      sockaddr_in a{};
-      a.sin_family = AF_INET;
-      a.sin_port = htons(static_cast<std::uint16_t>(base + i));
-      a.sin_addr.s_addr = htonl(INADDR_ANY);
-      free = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
-      ::close(fd);
-    }
-    if (free) return base;
-  }
-  throw std::runtime_error("no free block of 120 UDP ports in 20000-32700");
+  return free_udp_block(20000, kBlock, kBlocks, next);
+}
+
+// A block of 160 UDP ports for a test's SIP calls (both gateways' media, the endpoints) in
+// 10000-19919, starting from the test's base block and skipping one with a port in use:
+// the SIP scripts that ctest runs alongside pick their ports in 12000-18999, and another
+// call test's block may map to the same one.
+inline std::uint16_t sip_block_port(std::uint16_t base) {
+  int next = (base - 20000) / 120;
+  return free_udp_block(10000, 160, 62, next);
 }
 
 inline std::string site_config(const std::string& me, const std::string& peer,

@@ -188,7 +188,7 @@ class GatewayCallsTest : public GatewayTest {
                  const std::optional<std::string>& extra_b = std::nullopt) {
     // Below the fixture's ports and the kernel's ephemeral range (32768-60999), where a
     // sending socket could take one of them.
-    sip_ = static_cast<std::uint16_t>(10000 + ((base_ - 20000) / 120) % 62 * 160);  // a block each
+    sip_ = sip_block_port(base_);  // a block each
     start([&](std::string& a, std::string& b) {
       auto section = [&](int offset) {
         return "[sip]\nng_listen = \"127.0.0.1:0\"\nmedia_address = \"127.0.0.1\"\nport_min = " +
@@ -797,7 +797,7 @@ TEST_F(GatewayCallsTest, PartnerLegsWithoutTheMarkerAreRefused) {
 // 127.0.0.2 and its own media address on 127.0.0.1 (which a one-host lab shares with the
 // peer, and which stays allowed).
 TEST_F(GatewayCallsTest, ALocalLegNamingThePartnerGatewayIsRefused) {
-  sip_ = static_cast<std::uint16_t>(10000 + ((base_ - 20000) / 120) % 62 * 160);
+  sip_ = sip_block_port(base_);
   start([&](std::string& a, std::string&) {
     const std::string peer = "address = \"127.0.0.1\"";
     a.replace(a.find(peer), peer.size(), "address = \"127.0.0.2\"");
