@@ -505,8 +505,13 @@ std::string Calls::offer(const ng::Request& request) {
   const bool from_partner = marked;
   // Offered to the local endpoint with SRTP asked for (RTP/SAVP, SAVPF, UDP/TLS/...):
   // rtpengine would encrypt that leg itself; this gateway does not, and a proxy must not
-  // take the leg for encrypted when it is not. Towards the partner the pad protects it.
-  if (from_partner && request.transport_protocol.find("SAVP") != std::string::npos) {
+  // take the leg for encrypted when it is not. Unless the media are SRTP already (the
+  // endpoints' own SDES, end to end). Towards the partner the pad protects the leg.
+  const bool plain_media =
+      std::any_of(session.media.begin(), session.media.end(), [](const sdp::Media& m) {
+        return !m.rejected() && m.proto.find("SAVP") == std::string::npos;
+      });
+  if (from_partner && plain_media && request.transport_protocol.find("SAVP") != std::string::npos) {
     throw ng::Refused("transport-protocol " + request.transport_protocol +
                       " asks for SRTP towards the endpoint, which otp-gateway does not "
                       "terminate: drop it from the proxy's rtpengine_offer flags (endpoints "

@@ -1786,6 +1786,11 @@ TEST_F(GatewayCallsTest, AnEarlyMediaAnswerThenTheFinalOneKeepTheSameCall) {
   std::vector<Bytes> there, back;
   EXPECT_EQ(send(caller, media_port(p.to_caller), callee, 30, 500, there, random_), there);
   EXPECT_EQ(send(callee, media_port(p.to_callee), caller, 30, 600, back, random_), back);
+  // Counters only grow on a stream kept (a stream built anew would count from 0).
+  auto packets = [&](otpgate::gateway::Gateway& g) {
+    return status(g)["calls"][0]["media"][0]["packets"];
+  };
+  const json early_packets_a = packets(*a_), early_packets_b = packets(*b_);
   // The 200 OK's SDP: version 2, the codecs in another order.
   std::string final_sdp = endpoint_sdp(endpoint_port(1));
   final_sdp.replace(final_sdp.find("4711 1"), 6, "4711 2");
@@ -1801,6 +1806,14 @@ TEST_F(GatewayCallsTest, AnEarlyMediaAnswerThenTheFinalOneKeepTheSameCall) {
   back.clear();
   EXPECT_EQ(send(caller, media_port(to_caller), callee, 30, 700, there, random_), there);
   EXPECT_EQ(send(callee, media_port(p.to_callee), caller, 30, 800, back, random_), back);
+  for (const auto& [g, early] :
+       {std::pair{a_.get(), early_packets_a}, {b_.get(), early_packets_b}}) {
+    const json now = packets(*g);
+    for (const char* counter : {"from_local", "to_peer", "from_peer", "to_local"}) {
+      EXPECT_GE(now[counter].get<std::uint64_t>(), early[counter].get<std::uint64_t>() + 30)
+          << counter << ": the stream was built anew";
+    }
+  }
   for (auto* g : {a_.get(), b_.get()}) EXPECT_EQ(status(*g)["sip"]["free_media"], 3);
   hang_up(k);
 }
@@ -1808,7 +1821,8 @@ TEST_F(GatewayCallsTest, AnEarlyMediaAnswerThenTheFinalOneKeepTheSameCall) {
 // A proxy asking for SRTP (transport-protocol RTP/SAVP, as Kamailio's "RTP/SAVP" flag
 // sends it) on the leg to the local endpoint: refused with a reason naming the fix, as the
 // gateway does not terminate SRTP and the leg would be plain. Towards the partner it is
-// taken (the pad protects that leg), and the call goes on once the flag is dropped.
+// accepted (the pad protects that leg), and the call goes on once the flag is dropped.
+// Endpoints with their own SDES-SRTP make the flag true: taken.
 TEST_F(GatewayCallsTest, AnOfferAskingForSrtpTowardsTheEndpointIsRefusedWithTheFix) {
   start_sip(4);
   const NgKeys k{"savp-1", "from-savp", "to-savp"};
@@ -1832,6 +1846,18 @@ TEST_F(GatewayCallsTest, AnOfferAskingForSrtpTowardsTheEndpointIsRefusedWithTheF
   const std::string to_callee = ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "offer", k, to_b)));
   EXPECT_NE(to_callee.find("RTP/AVP"), std::string::npos) << to_callee;
   hang_up(k);
+  // Endpoints with their own SDES-SRTP: the leg to the endpoint is SRTP, the flag true.
+  const NgKeys sdes{"savp-2", "from-savp2", "to-savp2"};
+  std::string srtp_sdp = endpoint_sdp(endpoint_port(2));
+  srtp_sdp.replace(srtp_sdp.find("RTP/AVP"), 7, "RTP/SAVP");
+  srtp_sdp += "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + std::string(40, 'A') + "\r\n";
+  const std::string srtp_to_b =
+      ok_sdp(ng(a_->ng_port(), savp(kamailio(cookie(), "offer", sdes, srtp_sdp))));
+  const std::string srtp_to_callee =
+      ok_sdp(ng(b_->ng_port(), savp(kamailio(cookie(), "offer", sdes, srtp_to_b))));
+  EXPECT_NE(srtp_to_callee.find("RTP/SAVP"), std::string::npos) << srtp_to_callee;
+  EXPECT_NE(srtp_to_callee.find("a=crypto:1 AES_CM_128_HMAC_SHA1_80"), std::string::npos);
+  hang_up(sdes);
 }
 
 namespace {
