@@ -584,9 +584,9 @@ struct KeySupply::Impl {
     const bool replaced = before > 0 && after == delivered;
     if (!(counts_pending || replaced) || replaces_batches) return;
     // A store that moves on its own (a link delivering key, another SAE drawing on it) can
-    // land on either sign by chance: a sign counts only if the count stands
-    // still when read again (a pair's pending keys do until the slave is told of them).
-    // Read only on a sign, so a normal KME is asked nothing more.
+    // land on either sign by chance: a sign counts only if the count stands still when read
+    // again (a pair's pending keys do until the slave is told of them). Read only on a
+    // sign, so a normal KME is asked nothing more.
     if (stored_count_if_answered() != after) return;
     replaces_batches = true;
     replaces_batches_flag = true;
