@@ -88,20 +88,40 @@ void set_receive_room(int fd) {
   ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &room, sizeof room);
 }
 
+bool has_metas(GstBuffer* buffer) {
+  gpointer state = nullptr;
+  return gst_buffer_iterate_meta(buffer, &state) != nullptr;
+}
+
 // Datagrams read by one recvmmsg() call: a socket with one datagram waiting (the usual
 // case: 50 packets a second per media) costs one call, without a second that says EAGAIN.
+// Each datagram lands straight in the GstBuffer that goes into the element, and that
+// buffer is used again once the element has let go of it (it has, when its chain
+// returns, unless it holds the packet while its key is on its way): no allocation, fill
+// and free per datagram. A datagram larger than a slot (a jumbo frame, a reassembled
+// fragment) spills into a second area and gets a buffer of its own.
 class ReceiveBatch {
  public:
   static constexpr std::size_t kDatagrams = 8;
+  static constexpr std::size_t kSlot = 2048;   // an MTU-sized datagram and more
   static constexpr std::size_t kRoom = 65536;  // the largest UDP datagram
+  static constexpr std::size_t kSpill = kRoom - kSlot;
 
-  ReceiveBatch() : storage_(kDatagrams * kRoom) {
+  ReceiveBatch() : spill_(kDatagrams * kSpill) {
     for (std::size_t i = 0; i < kDatagrams; ++i) {
-      vectors_[i] = {storage_.data() + i * kRoom, kRoom};
-      headers_[i].msg_hdr.msg_iov = &vectors_[i];
-      headers_[i].msg_hdr.msg_iovlen = 1;
+      headers_[i].msg_hdr.msg_iov = vectors_[i].data();
+      headers_[i].msg_hdr.msg_iovlen = vectors_[i].size();
+      vectors_[i][1] = {spill_.data() + i * kSpill, kSpill};
     }
   }
+  ~ReceiveBatch() {
+    for (Slot& slot : slots_) {
+      if (slot.mapped) gst_buffer_unmap(slot.buffer, &slot.map);
+      if (slot.buffer) gst_buffer_unref(slot.buffer);
+    }
+  }
+  ReceiveBatch(const ReceiveBatch&) = delete;
+  ReceiveBatch& operator=(const ReceiveBatch&) = delete;
 
   // Everything waiting on one socket into `feed`, bounded (64 datagrams) so that no
   // socket starves the others on its thread. Adds what it reads to `read` before pushing
@@ -110,6 +130,7 @@ class ReceiveBatch {
   bool drain(int fd, GstPad* feed, const std::atomic<bool>& stopping,
              std::atomic<std::uint64_t>& read) {
     for (int round = 0; round < 8 && !stopping.load(std::memory_order_relaxed); ++round) {
+      prepare();
       const int n = ::recvmmsg(fd, headers_.data(), kDatagrams, MSG_DONTWAIT, nullptr);
       if (n < 0) {
         if (errno == EINTR) continue;
@@ -119,11 +140,8 @@ class ReceiveBatch {
                  std::memory_order_relaxed);
       for (std::size_t i = 0; i < static_cast<std::size_t>(n); ++i) {
         if (headers_[i].msg_hdr.msg_flags & MSG_TRUNC) continue;  // larger than UDP allows
-        const gsize size = headers_[i].msg_len;
-        GstBuffer* buffer = gst_buffer_new_allocate(nullptr, size, nullptr);
-        gst_buffer_fill(buffer, 0, vectors_[i].iov_base, size);
         // FLUSHING while the elements stop; a refused datagram is counted by the element.
-        (void)gst_pad_push(feed, buffer);
+        (void)gst_pad_push(feed, take(i, headers_[i].msg_len));
       }
       if (static_cast<std::size_t>(n) < kDatagrams) return true;  // nothing more waiting
     }
@@ -131,8 +149,54 @@ class ReceiveBatch {
   }
 
  private:
-  std::vector<std::uint8_t> storage_;
-  std::array<iovec, kDatagrams> vectors_{};
+  struct Slot {
+    GstBuffer* buffer = nullptr;  // our reference
+    GstMapInfo map{};
+    bool mapped = false;
+  };
+
+  // Every slot mapped for writing, each in a buffer only we hold.
+  void prepare() {
+    for (std::size_t i = 0; i < kDatagrams; ++i) {
+      Slot& slot = slots_[i];
+      if (slot.mapped) continue;
+      // Reused only as it was handed out: nobody else holds it, nothing was added to it.
+      if (slot.buffer && (!gst_buffer_is_writable(slot.buffer) || has_metas(slot.buffer))) {
+        gst_buffer_unref(slot.buffer);
+        slot.buffer = nullptr;
+      }
+      if (slot.buffer) {
+        GST_BUFFER_FLAGS(slot.buffer) = 0;
+        gst_buffer_set_size(slot.buffer, kSlot);
+      } else {
+        slot.buffer = gst_buffer_new_allocate(nullptr, kSlot, nullptr);
+      }
+      slot.mapped = gst_buffer_map(slot.buffer, &slot.map, GST_MAP_WRITE);
+      // Not mappable (no memory left): this slot takes nothing this round.
+      vectors_[i][0] = {slot.mapped ? slot.map.data : nullptr, slot.mapped ? kSlot : 0};
+    }
+  }
+
+  // The buffer for datagram `i` of `size` bytes, a reference for the element.
+  GstBuffer* take(std::size_t i, std::size_t size) {
+    Slot& slot = slots_[i];
+    if (size <= kSlot && slot.mapped) {
+      gst_buffer_unmap(slot.buffer, &slot.map);
+      slot.mapped = false;
+      gst_buffer_set_size(slot.buffer, static_cast<gssize>(size));
+      return gst_buffer_ref(slot.buffer);
+    }
+    // Spilled: the slot's part, then the rest (the slot stays mapped for the next round).
+    GstBuffer* own = gst_buffer_new_allocate(nullptr, size, nullptr);
+    const std::size_t head = std::min(size, static_cast<std::size_t>(vectors_[i][0].iov_len));
+    if (head > 0) gst_buffer_fill(own, 0, vectors_[i][0].iov_base, head);
+    gst_buffer_fill(own, head, vectors_[i][1].iov_base, size - head);
+    return own;
+  }
+
+  std::vector<std::uint8_t> spill_;
+  std::array<Slot, kDatagrams> slots_{};
+  std::array<std::array<iovec, 2>, kDatagrams> vectors_{};
   std::array<mmsghdr, kDatagrams> headers_{};
 };
 

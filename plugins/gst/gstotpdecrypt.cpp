@@ -177,6 +177,7 @@ struct Session {
   // Datagram mode: packets whose key a verified announcement has on its way. The
   // streaming thread never waits for them.
   HeldPackets held;
+  OutputBuffers output, rtcp_output;  // what leaves by the source pads
 };
 
 struct Private {
@@ -289,11 +290,13 @@ GstFlowReturn push_out(GstOtpDecrypt* self, GstPad* pad, const std::uint8_t* dat
               : p.session->stream ? "application/octet-stream"
                                   : "application/x-rtp");
   }
-  GstBuffer* out = gst_buffer_new_allocate(nullptr, n, nullptr);
+  OutputBuffers& output = rtcp ? p.session->rtcp_output : p.session->output;
+  GstBuffer* out = output.take(n);
   gst_buffer_fill(out, 0, data, n);
   if (timing) gst_buffer_copy_into(out, timing, GST_BUFFER_COPY_METADATA, 0, -1);
   bump(p, rtcp ? C_RTCP_OUT : C_PACKETS_OUT);
   bump(p, C_BYTES_OUT, n);
+  output.sending(out);
   const GstFlowReturn ret = gst_pad_push(pad, out);
   return rtcp && ret == GST_FLOW_NOT_LINKED ? GST_FLOW_OK : ret;  // RTCP is optional
 }

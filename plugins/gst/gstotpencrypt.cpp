@@ -164,6 +164,7 @@ struct Session {
   std::vector<std::uint8_t> announcement = std::vector<std::uint8_t>(otp::kMaxAnnouncementBytes);
   // Non-blocking datagram mode: packets waiting for key (the stream's first, or `block`).
   HeldPackets held;
+  OutputBuffers output;  // what leaves by the source pad
 };
 
 struct Private {
@@ -229,11 +230,13 @@ void bump(Private& p, Counter c, guint64 by = 1) {
 
 GstFlowReturn push_bytes(GstOtpEncrypt* self, const std::uint8_t* data, std::size_t size,
                          GstBuffer* timing) {
-  GstBuffer* out = gst_buffer_new_allocate(nullptr, size, nullptr);
+  OutputBuffers& output = self->priv->session->output;
+  GstBuffer* out = output.take(size);
   gst_buffer_fill(out, 0, data, size);
   if (timing) gst_buffer_copy_into(out, timing, GST_BUFFER_COPY_METADATA, 0, -1);
   bump(*self->priv, C_PACKETS_OUT);
   bump(*self->priv, C_BYTES_OUT, size);
+  output.sending(out);
   return gst_pad_push(self->srcpad, out);
 }
 
@@ -367,8 +370,7 @@ GstFlowReturn protect_into(GstOtpEncrypt* self, GstBuffer* in, GstBuffer* out,
 GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in, bool& would_wait) {
   Private& p = *self->priv;
   Session& s = *p.session;
-  GstPtr<GstBuffer> out(gst_buffer_new_allocate(
-      nullptr, gst_buffer_get_size(in) + otp::kMaxDatagramOverhead, nullptr));
+  GstPtr<GstBuffer> out(s.output.take(gst_buffer_get_size(in) + otp::kMaxDatagramOverhead));
   otp::Encoder::Status status = otp::Encoder::Status::no_key;
   std::size_t written = 0;
   if (const GstFlowReturn ret = protect_into(self, in, out.get(), status, written, would_wait);
@@ -394,6 +396,7 @@ GstFlowReturn protect_datagram(GstOtpEncrypt* self, GstBuffer* in, bool& would_w
   gst_buffer_copy_into(out.get(), in, GST_BUFFER_COPY_METADATA, 0, -1);
   bump(p, C_PACKETS_OUT);
   bump(p, C_BYTES_OUT, written);
+  s.output.sending(out.get());
   return gst_pad_push(self->srcpad, out.release());
 }
 

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include "otp_element_common.hpp"
 
+#include <algorithm>
 #include <filesystem>
+#include <utility>
 
 namespace otpgate::gst {
 
@@ -277,6 +279,38 @@ void add_supply_stats(GstStructure* s, const KeySource& source) {
                       "kme-replaces-batches", G_TYPE_BOOLEAN, st.kme_replaces_batches,
                       "key-source-failed", G_TYPE_BOOLEAN, st.failed, nullptr);
   }
+}
+
+namespace {
+bool has_metas(GstBuffer* buffer) {
+  gpointer state = nullptr;
+  return gst_buffer_iterate_meta(buffer, &state) != nullptr;
+}
+}  // namespace
+
+GstBuffer* OutputBuffers::take(gsize size) {
+  if (GstBuffer* last = std::exchange(sent_, nullptr)) {
+    gsize offset = 0, room = 0;
+    gst_buffer_get_sizes(last, &offset, &room);
+    // Only as it was handed out: nobody else holds it, nothing was added to it.
+    if (gst_buffer_is_writable(last) && !has_metas(last) && gst_buffer_n_memory(last) == 1 &&
+        offset == 0 && room >= size) {
+      GST_BUFFER_FLAGS(last) = 0;
+      GST_BUFFER_PTS(last) = GST_BUFFER_DTS(last) = GST_BUFFER_DURATION(last) = GST_CLOCK_TIME_NONE;
+      GST_BUFFER_OFFSET(last) = GST_BUFFER_OFFSET_END(last) = GST_BUFFER_OFFSET_NONE;
+      gst_buffer_set_size(last, static_cast<gssize>(size));
+      return last;
+    }
+    gst_buffer_unref(last);
+  }
+  GstBuffer* fresh = gst_buffer_new_allocate(nullptr, std::max(size, kAtLeast), nullptr);
+  gst_buffer_set_size(fresh, static_cast<gssize>(size));
+  return fresh;
+}
+
+void OutputBuffers::sending(GstBuffer* out) {
+  if (sent_) gst_buffer_unref(sent_);
+  sent_ = gst_buffer_ref(out);
 }
 
 bool key_source_failed(GstElement* element, const KeySource& source) {

@@ -120,6 +120,30 @@ GstPtr<GstStructure> counters_structure(const char* name, const PublishedCounter
 // Adds the key supply's figures (level, rate, KME health) to a stats structure.
 void add_supply_stats(GstStructure* s, const KeySource& source);
 
+// The buffer an element sends one packet in, used again for the next packet once whoever
+// it went to has let go of it (a downstream that sends it at once, as the gateway's call
+// media do, or drops it): no allocation and free per packet. A downstream that keeps
+// buffers (a queue, a jitter buffer) gets a new one each time, as from
+// gst_buffer_new_allocate. One per source pad, used by the streaming thread only.
+class OutputBuffers {
+ public:
+  OutputBuffers() = default;
+  ~OutputBuffers() {
+    if (sent_) gst_buffer_unref(sent_);
+  }
+  OutputBuffers(const OutputBuffers&) = delete;
+  OutputBuffers& operator=(const OutputBuffers&) = delete;
+  // A writable buffer of `size` bytes, with no flags, timestamps or metas: the caller's
+  // reference.
+  GstBuffer* take(gsize size);
+  // `out`, filled, is about to be pushed: a reference is kept for take() to reuse.
+  void sending(GstBuffer* out);
+
+ private:
+  static constexpr gsize kAtLeast = 2048;  // room for an MTU-sized packet and its header
+  GstBuffer* sent_ = nullptr;
+};
+
 // A one-shot timer on GStreamer's system clock for an element that holds packets without
 // blocking its streaming thread: a few ms after schedule(), `release(element)` runs from
 // the clock's thread with `sinkpad`'s stream lock held, unless cancel() came first. When

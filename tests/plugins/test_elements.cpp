@@ -221,6 +221,73 @@ TEST_F(ElementTest, RtpRoundTripIsByteIdenticalWithSeveralSsrcs) {
   EXPECT_EQ(stat(enc->element, "packets-in"), 300u);
 }
 
+// Both elements send each packet in the buffer they sent the previous one in when
+// downstream has let go of it (the gateway's call media send it at once): no allocation
+// per packet. A buffer downstream still holds is never written into, and a reused one
+// carries nothing of its previous packet (timestamps, flags).
+TEST_F(ElementTest, AnOutputBufferIsUsedAgainOnlyOnceDownstreamHasLetGoOfIt) {
+  static const GQuark mark = g_quark_from_static_string("test-sent-before");
+  // Pulls what `h` sent: the buffers, each marked; `reused` counts those marked already.
+  const auto pull_marked = [](GstHarness* h, std::size_t& reused) {
+    std::vector<GstBuffer*> out;
+    while (GstBuffer* b = gst_harness_try_pull(h)) {
+      if (gst_mini_object_get_qdata(GST_MINI_OBJECT(b), mark)) ++reused;
+      gst_mini_object_set_qdata(GST_MINI_OBJECT(b), mark, h, nullptr);
+      out.push_back(b);
+    }
+    return out;
+  };
+  GstHarness* enc = encryptor();
+  GstHarness* dec = decryptor();
+  const auto sent = packets(40, 300);
+  std::vector<Bytes> wire;
+  std::size_t reused = 0;
+  for (std::size_t i = 0; i < sent.size(); ++i) {
+    GstBuffer* in = buffer_of(sent[i]);
+    if (i == 0) GST_BUFFER_PTS(in) = GST_SECOND;  // the only one with a timestamp
+    ASSERT_EQ(gst_harness_push(enc, in), GST_FLOW_OK);
+    for (GstBuffer* b : pull_marked(enc, reused)) {
+      if (i > 0) {
+        EXPECT_EQ(GST_BUFFER_PTS(b), GST_CLOCK_TIME_NONE) << "packet " << i;
+      }
+      wire.push_back(bytes_of(b));
+    }
+  }
+  EXPECT_GE(reused, sent.size() - 2) << "the encryptor allocated a buffer per packet";
+  // Downstream keeps one: the next packet goes out in another buffer, and the kept one
+  // still holds its own packet.
+  const Bytes extra = rtp_packet(40, 0x1000, 300);
+  ASSERT_EQ(gst_harness_push(enc, buffer_of(extra)), GST_FLOW_OK);
+  std::vector<GstBuffer*> kept = pull_marked(enc, reused);
+  ASSERT_FALSE(kept.empty());
+  const Bytes kept_bytes = bytes_of(gst_buffer_ref(kept.back()));
+  const Bytes later = rtp_packet(41, 0x1000, 300);
+  ASSERT_EQ(gst_harness_push(enc, buffer_of(later)), GST_FLOW_OK);
+  for (GstBuffer* b : pull_marked(enc, reused)) {
+    EXPECT_NE(b, kept.back());
+    wire.push_back(bytes_of(b));
+  }
+  EXPECT_EQ(bytes_of(gst_buffer_ref(kept.back())), kept_bytes);
+  wire.insert(wire.end() - 1, kept_bytes);
+  for (GstBuffer* b : kept) gst_buffer_unref(b);
+
+  std::vector<Bytes> plain;
+  std::size_t reused_out = 0;
+  for (const auto& w : wire) {
+    ASSERT_EQ(gst_harness_push(dec, buffer_of(w)), GST_FLOW_OK);
+    // Packets whose keys are still being placed leave later, several at once: taken as
+    // they come, as the gateway sends them.
+    EXPECT_TRUE(
+        otpgate::testing::eventually([&] { return stat(dec->element, "packets-held") == 0; }));
+    for (GstBuffer* b : pull_marked(dec, reused_out)) plain.push_back(bytes_of(b));
+  }
+  std::vector<Bytes> expected = sent;
+  expected.push_back(extra);
+  expected.push_back(later);
+  EXPECT_EQ(plain, expected);
+  EXPECT_GE(reused_out, expected.size() / 2) << "the decryptor allocated a buffer per packet";
+}
+
 TEST_F(ElementTest, RtcpLeavesOnItsOwnPad) {
   GstHarness* enc = encryptor("application/x-rtcp");
   GstHarness* dec = decryptor();
