@@ -5,11 +5,13 @@
 #pragma once
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <gst/gst.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -18,6 +20,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -124,12 +127,59 @@ inline bool udp_ports_free(int first, int count) {
   return free;
 }
 
+// Ports a test process has claimed, in tens, against every other test process: tests
+// that ctest runs side by side (and the Python script tests, tests/support/
+// script_support.py, with the same files) each take an exclusive flock on
+// /tmp/otpgate-test-ports/udp-<first port of the ten>.lock and hold it until they exit.
+// Checking that ports are free is not enough: two tests can both find a block free before
+// either binds it (one failed with "Address already in use" on its first port). This
+// process's own claims are kept here, so that its next test may use them again.
+class PortClaims {
+ public:
+  static PortClaims& of_this_process() {
+    static PortClaims claims;
+    return claims;
+  }
+  // Whether every ten of [first, first + count) is ours now (claimed before, or now).
+  bool claim(int first, int count) {
+    const std::lock_guard lock(mutex_);
+    std::vector<int> taken;
+    for (int ten = first / 10; ten <= (first + count - 1) / 10; ++ten) {
+      if (held_.contains(ten)) continue;
+      const fs::path dir = fs::temp_directory_path() / "otpgate-test-ports";
+      std::error_code ignored;
+      fs::create_directories(dir, ignored);
+      fs::permissions(dir, fs::perms::all | fs::perms::sticky_bit, ignored);
+      const fs::path file = dir / ("udp-" + std::to_string(ten * 10) + ".lock");
+      const int fd = ::open(file.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0644);
+      if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+        held_.emplace(ten, fd);
+        taken.push_back(ten);
+        continue;
+      }
+      if (fd >= 0) ::close(fd);
+      for (const int t : taken) {  // all or nothing
+        ::close(held_[t]);
+        held_.erase(t);
+      }
+      return false;
+    }
+    return true;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<int, int> held_;  // ten -> its lock file, open (and locked) until exit
+};
+
 // The first of `blocks` blocks of `size` UDP ports from `low`, tried from block `next` on
-// (wrapping), whose ports are all free now.
+// (wrapping), claimed by this process and all free now.
 inline std::uint16_t free_udp_block(int low, int size, int blocks, int& next) {
   for (int tries = 0; tries < blocks; ++tries) {
     const int first = low + (next++ % blocks) * size;
-    if (udp_ports_free(first, size)) return static_cast<std::uint16_t>(first);
+    if (PortClaims::of_this_process().claim(first, size) && udp_ports_free(first, size)) {
+      return static_cast<std::uint16_t>(first);
+    }
   }
   throw std::runtime_error("no free block of " + std::to_string(size) + " UDP ports in " +
                            std::to_string(low) + "-" + std::to_string(low + blocks * size));

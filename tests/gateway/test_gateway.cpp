@@ -13,6 +13,7 @@
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -964,4 +965,43 @@ TEST_F(GatewayTest, KeyMaterialAppearsInNoLogStatusMetricsOrJournal) {
     if (!e.is_regular_file() || e.path() == log_file) continue;
     EXPECT_EQ(keys.find_in(file_text(e.path())), "") << "key material in " << e.path();
   }
+}
+
+// Test processes that ctest runs side by side claim their port blocks (PortClaims): a
+// block another process holds is not taken, neither by the C++ fixture nor by the Python
+// script tests (tests/support/script_support.py), however free its ports look; a process
+// takes its own claim again. Ports 9000-9119: no test uses them.
+TEST(GatewayFixture, APortBlockAnotherTestProcessClaimedIsNotTaken) {
+  int ready[2], done[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(done), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // Another test process: claims the block, says so, and holds it until told.
+    const char claimed = PortClaims::of_this_process().claim(9000, 120) ? 'y' : 'n';
+    (void)!::write(ready[1], &claimed, 1);
+    char go = 0;
+    (void)!::read(done[0], &go, 1);
+    ::_exit(0);
+  }
+  char claimed = 0;
+  ASSERT_EQ(::read(ready[0], &claimed, 1), 1);
+  EXPECT_EQ(claimed, 'y');
+  EXPECT_FALSE(PortClaims::of_this_process().claim(9000, 120));
+  EXPECT_FALSE(PortClaims::of_this_process().claim(9110, 10));  // any ten of it
+  const std::string python =
+      "python3 -c 'import sys; sys.path.insert(0, \"" + std::string(OTPGATE_SOURCE_DIR) +
+      "/tests/support\"); import script_support; sys.exit(0 if script_support.claim_ports(9055) "
+      "else 3)'";
+  EXPECT_EQ(WEXITSTATUS(std::system(python.c_str())), 3) << "the Python tests took it";
+  EXPECT_TRUE(PortClaims::of_this_process().claim(9120, 10)) << "the next ten is free";
+  (void)!::write(done[1], "x", 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  // Released when its holder exits: now this process takes it, and keeps it.
+  EXPECT_TRUE(PortClaims::of_this_process().claim(9000, 120));
+  EXPECT_TRUE(PortClaims::of_this_process().claim(9000, 120));
+  EXPECT_EQ(WEXITSTATUS(std::system(python.c_str())), 3);
+  for (int fd : {ready[0], ready[1], done[0], done[1]}) ::close(fd);
 }

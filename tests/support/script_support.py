@@ -3,11 +3,13 @@
 Markdown as written, readiness waits (a port bound, a line printed, an API answering)
 bounded only by a generous deadline that catches a hang, and the processes a test
 started. Import with sys.path pointing here (tests/support)."""
+import fcntl
 import os
 import re
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 
@@ -67,15 +69,46 @@ def tcp_listening(port):
     return any(_bound(t, port, "0A") for t in ("/proc/net/tcp", "/proc/net/tcp6"))
 
 
+# The tens of ports this process has claimed (see claim_ports), each with its lock file
+# open until the process exits.
+_CLAIMED = {}
+
+
+def claim_ports(port):
+    """Claims the ten ports `port` lies in against every other test process, as the C++
+    tests' fixture does (tests/gateway/gateway_fixture.hpp, PortClaims): an exclusive
+    flock on /tmp/otpgate-test-ports/udp-<first of the ten>.lock, held until this process
+    exits. False when another process holds them. Finding a port free is not enough: two
+    tests can both find it free before either binds it."""
+    ten = port // 10
+    if ten in _CLAIMED:
+        return True
+    folder = os.path.join(tempfile.gettempdir(), "otpgate-test-ports")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        os.chmod(folder, 0o1777)
+    except OSError:
+        pass  # another user's folder: usable as it is
+    fd = os.open(os.path.join(folder, f"udp-{ten * 10}.lock"), os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _CLAIMED[ten] = fd
+    return True
+
+
 def free_ports(count, low=12000, high=19000, taken=()):
-    """`count` ports below the ephemeral range, free for both TCP and UDP right now."""
+    """`count` ports below the ephemeral range, claimed by this process (claim_ports) and
+    free for both TCP and UDP right now."""
     found = []
     port = low + (os.getpid() * 37) % (high - low)
     for _ in range(high - low):
         if len(found) == count:
             break
         port = low + (port + 1 - low) % (high - low)
-        if port in found or port in taken:
+        if port in found or port in taken or not claim_ports(port):
             continue
         try:
             for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
