@@ -119,7 +119,8 @@ class Child {
   pid_t pid_ = -1;
 };
 
-// CPU seconds (user + system, all threads, ended ones included) of a process.
+// CPU seconds (user + system, all threads, ended ones included) of a process, in clock
+// ticks (10 ms).
 double cpu_seconds(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
@@ -134,6 +135,63 @@ double cpu_seconds(pid_t pid) {
     if (i == 15) stime = std::stoull(field);
   }
   return double(utime + stime) / double(::sysconf(_SC_CLK_TCK));
+}
+
+// What a process has run so far: each thread's nanoseconds on a CPU
+// (/proc/PID/task/TID/schedstat) with its name, and the whole process's clock ticks.
+struct CpuReading {
+  struct Thread {
+    std::string name;
+    std::uint64_t ns = 0;
+  };
+  std::map<std::string, Thread> threads;  // by thread ID
+  double ticks_s = 0;
+};
+
+CpuReading read_cpu(pid_t pid) {
+  CpuReading r;
+  r.ticks_s = cpu_seconds(pid);
+  const fs::path tasks = "/proc/" + std::to_string(pid) + "/task";
+  std::error_code error;
+  for (const auto& task : fs::directory_iterator(tasks, error)) {
+    std::ifstream stat(task.path() / "schedstat"), comm(task.path() / "comm");
+    CpuReading::Thread t;
+    if (!(stat >> t.ns) || !std::getline(comm, t.name)) continue;  // ended meanwhile
+    r.threads[task.path().filename().string()] = t;
+  }
+  return r;
+}
+
+// CPU seconds between two readings of one process. From the threads' nanoseconds when
+// the same threads ran throughout: a clock tick is 10 ms, which over a 5 s idle window
+// made an idle rate uncertain by 2 ms/s, a few percent of a call's figure once divided
+// among the calls. From the ticks when a thread started or ended in between.
+double cpu_between(const CpuReading& from, const CpuReading& to) {
+  if (from.threads.size() != to.threads.size()) return to.ticks_s - from.ticks_s;
+  std::uint64_t ns = 0;
+  for (const auto& [tid, t] : to.threads) {
+    const auto was = from.threads.find(tid);
+    if (was == from.threads.end()) return to.ticks_s - from.ticks_s;
+    ns += t.ns - was->second.ns;
+  }
+  return double(ns) / 1e9;
+}
+
+std::string format_ms(double ms) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f", ms);
+  return text;
+}
+
+// CPU seconds per thread name between two readings (threads that ran throughout).
+std::map<std::string, double> cpu_by_thread_name(const CpuReading& from, const CpuReading& to) {
+  std::map<std::string, double> by_name;
+  for (const auto& [tid, t] : to.threads) {
+    if (const auto was = from.threads.find(tid); was != from.threads.end()) {
+      by_name[t.name] += double(t.ns - was->second.ns) / 1e9;
+    }
+  }
+  return by_name;
 }
 
 // ---- UDP --------------------------------------------------------------------------------
@@ -703,8 +761,9 @@ class Bench {
   }
 
   struct MediaResult {
-    double cpu_a = 0, cpu_b = 0;    // busy interval, CPU s (rtpengine: in cpu_a)
-    double idle_a = 0, idle_b = 0;  // idle rate, CPU s per s
+    double cpu_a = 0, cpu_b = 0;              // busy interval, CPU s (rtpengine: in cpu_a)
+    double idle_a = 0, idle_b = 0;            // idle rate, CPU s per s
+    std::map<std::string, double> threads_a;  // busy interval, CPU s per thread name
     double seconds = 0;
     Counts window;
     std::vector<double> transit_us;  // per packet delivered in the window
@@ -722,22 +781,22 @@ class Bench {
     };
     auto cpu = [&](Mode mode) {
       const auto [a, b] = pids(mode);
-      return std::pair{cpu_seconds(a), b ? cpu_seconds(b) : 0.0};
+      return std::pair{read_cpu(a), b ? read_cpu(b) : CpuReading{}};
     };
     const double idle_s = o_.quick ? 0.5 : 5;
     // The last window's calls have just hung up: the gateways' refill threads stay awake for
     // a second after the last use and refill the rings those calls drained. Not idle yet.
     std::this_thread::sleep_for(std::chrono::duration<double>(o_.quick ? 0.2 : 3.0));
     {
-      std::map<Mode, std::pair<double, double>> before;
+      std::map<Mode, std::pair<CpuReading, CpuReading>> before;
       for (Mode m : modes) before[m] = cpu(m);
       const auto t0 = Clock::now();
       std::this_thread::sleep_for(std::chrono::duration<double>(idle_s));
       const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
       for (Mode m : modes) {
         const auto now = cpu(m);
-        results[m].idle_a = (now.first - before[m].first) / dt;
-        results[m].idle_b = (now.second - before[m].second) / dt;
+        results[m].idle_a = cpu_between(before[m].first, now.first) / dt;
+        results[m].idle_b = cpu_between(before[m].second, now.second) / dt;
       }
     }
     std::map<Mode, std::vector<std::unique_ptr<CallEnds>>> calls;
@@ -762,7 +821,7 @@ class Bench {
       std::this_thread::sleep_for(std::chrono::duration<double>(o_.quick ? 0.5 : 2.0));
       std::map<Mode, std::uint16_t> first;
       std::map<Mode, std::uint64_t> bad0;
-      std::map<Mode, std::pair<double, double>> before;
+      std::map<Mode, std::pair<CpuReading, CpuReading>> before;
       for (Mode m : modes) {
         first[m] = static_cast<std::uint16_t>(traffic[m]->sequence() + 1);
         bad0[m] = traffic[m]->delivered(0, 0).bad;
@@ -774,8 +833,9 @@ class Bench {
       for (Mode m : modes) {
         const auto now = cpu(m);
         last[m] = traffic[m]->sequence();
-        results[m].cpu_a = now.first - before[m].first;
-        results[m].cpu_b = now.second - before[m].second;
+        results[m].cpu_a = cpu_between(before[m].first, now.first);
+        results[m].cpu_b = cpu_between(before[m].second, now.second);
+        results[m].threads_a = cpu_by_thread_name(before[m].first, now.first);
       }
       const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       // The packets sent in the interval, counted once the last of them had time to arrive
@@ -1061,6 +1121,19 @@ int run(int argc, char** argv) {
           "ms/s; B %.3f, idle %.1f ms/s), %s %.3f; ratio %.2fx\n",
           round, gateway_ms.back(), a_ms.back(), 1000 * g.idle_a, b_ms.back(), 1000 * g.idle_b,
           mode_name(other), theirs, gateway_ms.back() / theirs);
+      // Where it went, thread by thread (idle rate not taken off): the media threads
+      // against rtpengine's, the rest (key refills, bus, ng) on top.
+      const auto per_s = [&](const std::map<std::string, double>& threads,
+                             const Bench::MediaResult& m) {
+        std::string text;
+        for (const auto& [name, seconds] : threads) {
+          if (1000 * seconds / m.seconds < 0.05) continue;
+          text += " " + name + " " + format_ms(1000 * seconds / m.seconds);
+        }
+        return text;
+      };
+      std::printf("round %d: ms/s by thread: gateway A%s; %s%s\n", round,
+                  per_s(g.threads_a, g).c_str(), mode_name(other), per_s(r.threads_a, r).c_str());
     }
   }
   auto median = [](std::vector<double> v) { return percentile(v, 0.5); };
