@@ -334,7 +334,7 @@ TEST_F(KeySupplyTest, AMasterInUseNapsUntilATakeLeavesItsRingLow) {
 // and grown before the video drains it. With naps a minute long, no take finds the ring
 // empty; without the wake-up 16 did. (The simulator answers within milliseconds, so the
 // low-water mark alone keeps this ring fed: the earlier, quarter-ring wake-up is for a
-// slower KME, and this test does not tell the two apart.)
+// slower KME; ANappingMasterWakesOnceAQuarterOfItsRingIsUsedNotBefore tests it alone.)
 TEST_F(KeySupplyTest, AStreamJumpingToVideoRatesWakesANappingMasterBeforeItsRingRunsDry) {
   auto cfg = master_config(1u << 20);
   cfg.health_interval = std::chrono::seconds(60);
@@ -366,6 +366,51 @@ TEST_F(KeySupplyTest, AStreamJumpingToVideoRatesWakesANappingMasterBeforeItsRing
   EXPECT_EQ(empty, 0u) << "the ring ran dry before the napping refill thread grew it";
   EXPECT_GT(master.stats().refill_rounds, rounds);
   EXPECT_GT(master.stats().bytes_consumed, 600000u);
+}
+
+// The quarter-ring wake-up, alone: a master napping while its key is used (naps and KME
+// health checks a minute long) wakes when a quarter of its ring has been used, though the
+// ring is still well above its low-water mark (half), and not before. That pass measures
+// the stream's rate, so a ring sized by it (ring_seconds) grows before a stream whose rate
+// jumped drains it; waking at the mark alone would leave only the low half for that
+// against a slow KME. (AStreamJumpingToVideoRates... shows the growth; this ring is fixed,
+// so the pass only looks.)
+TEST_F(KeySupplyTest, ANappingMasterWakesOnceAQuarterOfItsRingIsUsedNotBefore) {
+  auto cfg = master_config();
+  cfg.health_interval = std::chrono::seconds(60);
+  cfg.busy_nap = std::chrono::seconds(60);
+  keys::KeySupply master(client_config(sim_->url(), "sae-a"), cfg);
+  master.start();
+  const std::size_t capacity = 256u << 10;
+  std::vector<std::uint8_t> chunk(1000);
+  const auto take = [&] {
+    const bool took = master.take(chunk).has_value();
+    while (master.next_announcement()) {
+    }
+    return took;
+  };
+  // Full (the level stops growing), then in use: the take wakes the idle thread, which
+  // naps again with its wake-up a quarter of the ring below.
+  std::size_t full = 0;
+  ASSERT_TRUE(eventually([&] {
+    const std::size_t was = master.available();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    full = master.available();
+    return full >= capacity * 3 / 4 && full == was;
+  }));
+  ASSERT_TRUE(take());
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // 20 % of the ring used, within a second of the last use: the thread naps on.
+  auto rounds = master.stats().refill_rounds;
+  while (master.available() + capacity * 20 / 100 > full) ASSERT_TRUE(take());
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  EXPECT_EQ(master.stats().refill_rounds, rounds) << "woke before a quarter was used";
+  // 30 %: past the quarter, still above the low-water half. It wakes.
+  rounds = master.stats().refill_rounds;
+  while (master.available() + capacity * 30 / 100 > full) ASSERT_TRUE(take());
+  ASSERT_GT(master.available(), capacity / 2) << "below the low-water mark: shows nothing";
+  EXPECT_TRUE(eventually([&] { return master.stats().refill_rounds > rounds; }))
+      << "the thread napped on at " << master.available() << " of " << full << " bytes";
 }
 
 // An idle supply's refill thread sleeps instead of looking at its rings every
