@@ -48,6 +48,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -137,44 +138,42 @@ double cpu_seconds(pid_t pid) {
   return double(utime + stime) / double(::sysconf(_SC_CLK_TCK));
 }
 
-// What a process has run so far: each thread's nanoseconds on a CPU
-// (/proc/PID/task/TID/schedstat) with its name, and the whole process's clock ticks.
+// What a process has run so far: in all (its CPU-time clock, in nanoseconds, ended
+// threads included) and per thread, with the thread's name (/proc/PID/task/TID/schedstat).
 struct CpuReading {
   struct Thread {
     std::string name;
     std::uint64_t ns = 0;
   };
+  double process_s = 0;
   std::map<std::string, Thread> threads;  // by thread ID
-  double ticks_s = 0;
 };
 
 CpuReading read_cpu(pid_t pid) {
   CpuReading r;
-  r.ticks_s = cpu_seconds(pid);
+  // Another process's CPU-time clock may be read: nanoseconds, where /proc/PID/stat
+  // counts 10 ms clock ticks (which left a 5 s idle rate uncertain by 2 ms/s, a few
+  // percent of a call's figure once divided among the calls).
+  clockid_t clock{};
+  timespec t{};
+  if (::clock_getcpuclockid(pid, &clock) == 0 && ::clock_gettime(clock, &t) == 0) {
+    r.process_s = double(t.tv_sec) + double(t.tv_nsec) / 1e9;
+  } else {
+    r.process_s = cpu_seconds(pid);
+  }
   const fs::path tasks = "/proc/" + std::to_string(pid) + "/task";
   std::error_code error;
   for (const auto& task : fs::directory_iterator(tasks, error)) {
     std::ifstream stat(task.path() / "schedstat"), comm(task.path() / "comm");
-    CpuReading::Thread t;
-    if (!(stat >> t.ns) || !std::getline(comm, t.name)) continue;  // ended meanwhile
-    r.threads[task.path().filename().string()] = t;
+    CpuReading::Thread thread;
+    if (!(stat >> thread.ns) || !std::getline(comm, thread.name)) continue;  // ended meanwhile
+    r.threads[task.path().filename().string()] = thread;
   }
   return r;
 }
 
-// CPU seconds between two readings of one process. From the threads' nanoseconds when
-// the same threads ran throughout: a clock tick is 10 ms, which over a 5 s idle window
-// made an idle rate uncertain by 2 ms/s, a few percent of a call's figure once divided
-// among the calls. From the ticks when a thread started or ended in between.
 double cpu_between(const CpuReading& from, const CpuReading& to) {
-  if (from.threads.size() != to.threads.size()) return to.ticks_s - from.ticks_s;
-  std::uint64_t ns = 0;
-  for (const auto& [tid, t] : to.threads) {
-    const auto was = from.threads.find(tid);
-    if (was == from.threads.end()) return to.ticks_s - from.ticks_s;
-    ns += t.ns - was->second.ns;
-  }
-  return double(ns) / 1e9;
+  return to.process_s - from.process_s;
 }
 
 std::string format_ms(double ms) {
@@ -183,13 +182,14 @@ std::string format_ms(double ms) {
   return text;
 }
 
-// CPU seconds per thread name between two readings (threads that ran throughout).
+// CPU seconds per thread name between two readings, of the threads in both (the same
+// thread: same name, its count not gone down, so a reused thread ID is not mistaken for it).
 std::map<std::string, double> cpu_by_thread_name(const CpuReading& from, const CpuReading& to) {
   std::map<std::string, double> by_name;
   for (const auto& [tid, t] : to.threads) {
-    if (const auto was = from.threads.find(tid); was != from.threads.end()) {
-      by_name[t.name] += double(t.ns - was->second.ns) / 1e9;
-    }
+    const auto was = from.threads.find(tid);
+    if (was == from.threads.end() || was->second.name != t.name || t.ns < was->second.ns) continue;
+    by_name[t.name] += double(t.ns - was->second.ns) / 1e9;
   }
   return by_name;
 }

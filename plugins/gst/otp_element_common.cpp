@@ -386,8 +386,18 @@ gboolean ReleaseTimer::on_fire(GstClock*, GstClockTime, GstClockID id, gpointer 
   return TRUE;
 }
 
+namespace {
+// What a held packet keeps from being freed: its buffer's memory, not only its bytes (a
+// small datagram the gateway received into a 2 KiB buffer holds all of it).
+std::size_t memory_held(GstBuffer* buffer) {
+  gsize room = 0;
+  gst_buffer_get_sizes(buffer, nullptr, &room);
+  return std::max(room, gst_buffer_get_size(buffer));
+}
+}  // namespace
+
 std::size_t HeldPackets::hold(GstPtr<GstBuffer> buffer, std::chrono::milliseconds wait) {
-  const std::size_t size = gst_buffer_get_size(buffer.get());
+  const std::size_t size = memory_held(buffer.get());
   std::size_t gave_way = 0;
   while (!held_.empty() && (held_.size() >= kMaxPackets || bytes_ + size > kMaxBytes)) {
     pop_front();
@@ -399,7 +409,7 @@ std::size_t HeldPackets::hold(GstPtr<GstBuffer> buffer, std::chrono::millisecond
 }
 
 void HeldPackets::pop_front() {
-  bytes_ -= gst_buffer_get_size(held_.front().buffer.get());
+  bytes_ -= memory_held(held_.front().buffer.get());
   held_.pop_front();
 }
 

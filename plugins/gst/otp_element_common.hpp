@@ -183,7 +183,7 @@ class ReleaseTimer {
 class HeldPackets {
  public:
   static constexpr std::size_t kMaxPackets = 4096;
-  static constexpr std::size_t kMaxBytes = 4u << 20;
+  static constexpr std::size_t kMaxBytes = 4u << 20;  // of memory held, not payload alone
   using Clock = std::chrono::steady_clock;
 
   // Holds `buffer` for at most `wait`; returns how many older packets gave way for it.

@@ -130,7 +130,8 @@ inline bool udp_ports_free(int first, int count) {
 // Ports a test process has claimed, in tens, against every other test process: tests
 // that ctest runs side by side (and the Python script tests, tests/support/
 // script_support.py, with the same files) each take an exclusive flock on
-// /tmp/otpgate-test-ports/udp-<first port of the ten>.lock and hold it until they exit.
+// $TMPDIR/otpgate-test-ports/udp-<first port of the ten>.lock (/tmp without TMPDIR) and
+// hold it until they exit.
 // Checking that ports are free is not enough: two tests can both find a block free before
 // either binds it (one failed with "Address already in use" on its first port). This
 // process's own claims are kept here, so that its next test may use them again.

@@ -970,38 +970,50 @@ TEST_F(GatewayTest, KeyMaterialAppearsInNoLogStatusMetricsOrJournal) {
 // Test processes that ctest runs side by side claim their port blocks (PortClaims): a
 // block another process holds is not taken, neither by the C++ fixture nor by the Python
 // script tests (tests/support/script_support.py), however free its ports look; a process
-// takes its own claim again. Ports 9000-9119: no test uses them.
+// takes its own claim again. Ports 9000-9919: no test uses them.
 TEST(GatewayFixture, APortBlockAnotherTestProcessClaimedIsNotTaken) {
+  // A block of its own each time the test runs in this process (--gtest_repeat): a child
+  // inherits the claims its parent holds.
+  static int run = 0;
+  const int block = 9000 + 200 * (run++ % 4);
   int ready[2], done[2];
   ASSERT_EQ(::pipe(ready), 0);
   ASSERT_EQ(::pipe(done), 0);
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
-    // Another test process: claims the block, says so, and holds it until told.
-    const char claimed = PortClaims::of_this_process().claim(9000, 120) ? 'y' : 'n';
+    // Another test process: claims the block, says so, and holds it until told (or until
+    // the parent is gone: its end of the pipe closes).
+    ::close(ready[0]);
+    ::close(done[1]);
+    const char claimed = PortClaims::of_this_process().claim(block, 120) ? 'y' : 'n';
     (void)!::write(ready[1], &claimed, 1);
     char go = 0;
     (void)!::read(done[0], &go, 1);
     ::_exit(0);
   }
+  ::close(ready[1]);
+  ::close(done[0]);
   char claimed = 0;
-  ASSERT_EQ(::read(ready[0], &claimed, 1), 1);
+  const bool told = ::read(ready[0], &claimed, 1) == 1;
+  ::close(ready[0]);
+  EXPECT_TRUE(told);
   EXPECT_EQ(claimed, 'y');
-  EXPECT_FALSE(PortClaims::of_this_process().claim(9000, 120));
-  EXPECT_FALSE(PortClaims::of_this_process().claim(9110, 10));  // any ten of it
+  if (told) {
+    EXPECT_FALSE(PortClaims::of_this_process().claim(block, 120));
+    EXPECT_FALSE(PortClaims::of_this_process().claim(block + 110, 10));  // any ten of it
+  }
   const std::string python =
       "python3 -c 'import sys; sys.path.insert(0, \"" + std::string(OTPGATE_SOURCE_DIR) +
-      "/tests/support\"); import script_support; sys.exit(0 if script_support.claim_ports(9055) "
-      "else 3)'";
+      "/tests/support\"); import script_support; sys.exit(0 if script_support.claim_ports(" +
+      std::to_string(block + 55) + ") else 3)'";
   EXPECT_EQ(WEXITSTATUS(std::system(python.c_str())), 3) << "the Python tests took it";
-  EXPECT_TRUE(PortClaims::of_this_process().claim(9120, 10)) << "the next ten is free";
-  (void)!::write(done[1], "x", 1);
+  EXPECT_TRUE(PortClaims::of_this_process().claim(block + 120, 10)) << "the next ten is free";
+  ::close(done[1]);  // the child's read returns: it exits
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   // Released when its holder exits: now this process takes it, and keeps it.
-  EXPECT_TRUE(PortClaims::of_this_process().claim(9000, 120));
-  EXPECT_TRUE(PortClaims::of_this_process().claim(9000, 120));
+  EXPECT_TRUE(PortClaims::of_this_process().claim(block, 120));
+  EXPECT_TRUE(PortClaims::of_this_process().claim(block, 120));
   EXPECT_EQ(WEXITSTATUS(std::system(python.c_str())), 3);
-  for (int fd : {ready[0], ready[1], done[0], done[1]}) ::close(fd);
 }

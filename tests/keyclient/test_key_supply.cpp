@@ -399,9 +399,15 @@ TEST_F(KeySupplyTest, ANappingMasterWakesOnceAQuarterOfItsRingIsUsedNotBefore) {
     return full >= capacity * 3 / 4 && full == was;
   }));
   ASSERT_TRUE(take());
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // Napping: no pass for 300 ms (the one that take woke has ended).
+  std::uint64_t rounds = 0;
+  ASSERT_TRUE(eventually([&] {
+    const auto was = master.stats().refill_rounds;
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    rounds = master.stats().refill_rounds;
+    return rounds == was;
+  }));
   // 20 % of the ring used, within a second of the last use: the thread naps on.
-  auto rounds = master.stats().refill_rounds;
   while (master.available() + capacity * 20 / 100 > full) ASSERT_TRUE(take());
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   EXPECT_EQ(master.stats().refill_rounds, rounds) << "woke before a quarter was used";

@@ -77,7 +77,7 @@ _CLAIMED = {}
 def claim_ports(port):
     """Claims the ten ports `port` lies in against every other test process, as the C++
     tests' fixture does (tests/gateway/gateway_fixture.hpp, PortClaims): an exclusive
-    flock on /tmp/otpgate-test-ports/udp-<first of the ten>.lock, held until this process
+    flock on $TMPDIR/otpgate-test-ports/udp-<first of the ten>.lock, held until this process
     exits. False when another process holds them. Finding a port free is not enough: two
     tests can both find it free before either binds it."""
     ten = port // 10
@@ -89,7 +89,11 @@ def claim_ports(port):
         os.chmod(folder, 0o1777)
     except OSError:
         pass  # another user's folder: usable as it is
-    fd = os.open(os.path.join(folder, f"udp-{ten * 10}.lock"), os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(os.path.join(folder, f"udp-{ten * 10}.lock"), os.O_RDONLY | os.O_CREAT,
+                     0o644)
+    except OSError:
+        return False  # another user's file we may not open: taken, as far as we can tell
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
