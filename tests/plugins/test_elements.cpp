@@ -905,6 +905,57 @@ TEST_F(ElementTest, TheDecryptorHoldsAtMostFourMiBOfLargeDatagramsWaitingForKeys
   std::erase(harnesses_, dec);
 }
 
+// The same bound counts the memory a held packet keeps, not its bytes alone: the gateway
+// receives each datagram into a 2 KiB buffer, so 4096 held 200-byte packets would pin
+// 8 MiB. Here each arrives in a buffer of 16 KiB: at most 256 are held (4 MiB), the
+// oldest give way, and those held leave whole once their keys arrive.
+TEST_F(ElementTest, HeldPacketsCountTheBufferMemoryTheyKeep) {
+  constexpr std::uint32_t kKeyLength = 128u << 10;
+  constexpr gsize kRoom = 16u << 10;
+  otpgate::testing::MemoryPad sending(0, 16u << 20, kKeyLength);
+  otpgate::testing::MemoryPad receiving(0, 16u << 20, kKeyLength);
+  sending.fill_for_sending(16u << 20);
+  receiving.hold_deliveries = true;
+  auto harness = [&](const char* factory, otpgate::keys::PadSource& pad, const char* caps) {
+    GstElement* e = gst_element_factory_make(factory, nullptr);
+    g_object_set(e, "key-supply", &pad, nullptr);
+    GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
+    gst_object_unref(e);
+    harnesses_.push_back(h);
+    gst_harness_set_src_caps_str(h, caps);
+    return h;
+  };
+  GstHarness* enc = harness("otpencrypt", sending, "application/x-rtp");
+  GstHarness* dec = harness("otpdecrypt", receiving, "application/x-otp");
+  g_object_set(dec->element, "key-wait", 5000u, nullptr);
+  std::vector<Bytes> sent;
+  for (std::uint16_t seq = 0; seq < 400; ++seq) sent.push_back(rtp_packet(seq, 0x1b, 160));
+  std::vector<Bytes> got;
+  for (const auto& w : protect(enc, sent)) {
+    GstBuffer* roomy = gst_buffer_new_allocate(nullptr, kRoom, nullptr);
+    gst_buffer_fill(roomy, 0, w.data(), w.size());
+    gst_buffer_set_size(roomy, static_cast<gssize>(w.size()));
+    ASSERT_EQ(gst_harness_push(dec, roomy), GST_FLOW_OK);
+    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+  }
+  EXPECT_TRUE(got.empty()) << "a packet left before its key arrived";
+  const std::uint64_t held = stat(dec->element, "packets-held");
+  EXPECT_LE(held, (4u << 20) / kRoom);
+  EXPECT_GE(held, (4u << 20) / kRoom - 8);
+  EXPECT_EQ(held + stat(dec->element, "drops-no-key"), 400u);
+  receiving.release_held();
+  EXPECT_TRUE(otpgate::testing::eventually([&] {
+    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+    return stat(dec->element, "packets-held") == 0;
+  }));
+  for (auto& out : pull_all(dec)) got.push_back(std::move(out));
+  EXPECT_EQ(got, std::vector<Bytes>(sent.end() - static_cast<std::ptrdiff_t>(held), sent.end()));
+  gst_harness_teardown(enc);
+  gst_harness_teardown(dec);
+  std::erase(harnesses_, enc);
+  std::erase(harnesses_, dec);
+}
+
 // A KME that caps keys at 256 bits and relays them to the receiving site 150 ms late: a
 // stream's first announcement names only 2 KiB of pad, and the ones after it can be
 // verified only once its keys are here. Packets on their pad wait for those keys (up to
