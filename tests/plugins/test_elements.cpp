@@ -110,6 +110,16 @@ class ElementTest : public ::testing::Test {
     gst_harness_set_src_caps_str(h, "application/x-otp");
     return h;
   }
+  // An element on a key supply of the test's own (`key-supply`), with `caps` upstream.
+  GstHarness* on_key_supply(const char* factory, otpgate::keys::PadSource& pad, const char* caps) {
+    GstElement* e = gst_element_factory_make(factory, nullptr);
+    g_object_set(e, "key-supply", &pad, nullptr);
+    GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
+    gst_object_unref(e);
+    harnesses_.push_back(h);
+    gst_harness_set_src_caps_str(h, caps);
+    return h;
+  }
   // An otpencrypt (site A, blocking for key) and an otpdecrypt (site B) on `sim`.
   std::pair<GstHarness*, GstHarness*> kme_pair(const otpgate::kmesim::KmeSimulator& sim,
                                                const std::string& journal) {
@@ -868,17 +878,8 @@ TEST_F(ElementTest, TheDecryptorHoldsAtMostFourMiBOfLargeDatagramsWaitingForKeys
   otpgate::testing::MemoryPad receiving(0, 16u << 20, kKeyLength);
   sending.fill_for_sending(16u << 20);
   receiving.hold_deliveries = true;  // the receiving site's KME has not relayed them yet
-  auto harness = [&](const char* factory, otpgate::keys::PadSource& pad, const char* caps) {
-    GstElement* e = gst_element_factory_make(factory, nullptr);
-    g_object_set(e, "key-supply", &pad, nullptr);
-    GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
-    gst_object_unref(e);
-    harnesses_.push_back(h);
-    gst_harness_set_src_caps_str(h, caps);
-    return h;
-  };
-  GstHarness* enc = harness("otpencrypt", sending, "application/x-rtp");
-  GstHarness* dec = harness("otpdecrypt", receiving, "application/x-otp");
+  GstHarness* enc = on_key_supply("otpencrypt", sending, "application/x-rtp");
+  GstHarness* dec = on_key_supply("otpdecrypt", receiving, "application/x-otp");
   g_object_set(dec->element, "key-wait", 5000u, nullptr);
   std::vector<Bytes> sent;
   for (std::uint16_t seq = 0; seq < 100; ++seq) sent.push_back(rtp_packet(seq, 0x1a, 60000));
@@ -916,17 +917,8 @@ TEST_F(ElementTest, HeldPacketsCountTheBufferMemoryTheyKeep) {
   otpgate::testing::MemoryPad receiving(0, 16u << 20, kKeyLength);
   sending.fill_for_sending(16u << 20);
   receiving.hold_deliveries = true;
-  auto harness = [&](const char* factory, otpgate::keys::PadSource& pad, const char* caps) {
-    GstElement* e = gst_element_factory_make(factory, nullptr);
-    g_object_set(e, "key-supply", &pad, nullptr);
-    GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
-    gst_object_unref(e);
-    harnesses_.push_back(h);
-    gst_harness_set_src_caps_str(h, caps);
-    return h;
-  };
-  GstHarness* enc = harness("otpencrypt", sending, "application/x-rtp");
-  GstHarness* dec = harness("otpdecrypt", receiving, "application/x-otp");
+  GstHarness* enc = on_key_supply("otpencrypt", sending, "application/x-rtp");
+  GstHarness* dec = on_key_supply("otpdecrypt", receiving, "application/x-otp");
   g_object_set(dec->element, "key-wait", 5000u, nullptr);
   std::vector<Bytes> sent;
   for (std::uint16_t seq = 0; seq < 400; ++seq) sent.push_back(rtp_packet(seq, 0x1b, 160));
