@@ -517,6 +517,21 @@ std::string Calls::offer(const ng::Request& request) {
                       "terminate: drop it from the proxy's rtpengine_offer flags (endpoints "
                       "may keep their own SDES-SRTP end to end)");
   }
+  // Opportunistic SRTP asked for towards the endpoint: rtpengine would offer SDES there
+  // and let the endpoint choose. This gateway does not terminate SRTP, so the endpoint
+  // gets the plain offer, which OSRTP allows (it falls back to RTP by design): taken,
+  // with one warning, so the site's SIP team learns that leg is not encrypted.
+  const bool osrtp_offer =
+      std::any_of(request.osrtp.begin(), request.osrtp.end(),
+                  [](const std::string& option) { return option.starts_with("offer"); });
+  if (from_partner && plain_media && osrtp_offer && !told_osrtp_.exchange(true)) {
+    std::fprintf(stderr,
+                 "otp-gateway[warning]: call %s: the proxy asks for opportunistic SRTP "
+                 "(OSRTP-offer) towards the endpoint, which otp-gateway does not terminate: "
+                 "that leg stays plain RTP inside the site (drop OSRTP-offer from the "
+                 "rtpengine_offer flags; said once)\n",
+                 request.call_id.c_str());
+  }
   const std::lock_guard lock(mutex_);
   const auto found = calls_.find(request.call_id);
   const bool reoffer = found != calls_.end();

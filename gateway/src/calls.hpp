@@ -5,6 +5,7 @@
 // ports of [sip] port_min-port_max and one call key lane per direction. See docs/sip.md.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -167,6 +168,7 @@ class Calls final : public ng::Handler {
   std::deque<std::size_t> free_send_lanes_;  // least recently used first
   std::vector<bool> receive_lane_used_;
   Stats stats_;
+  std::atomic<bool> told_osrtp_{false};  // the OSRTP-offer warning, once per process
 };
 
 }  // namespace otpgate::gateway

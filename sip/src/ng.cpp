@@ -153,6 +153,16 @@ Request parse_request(const bencode::Value& value) {
   q.direction = r.strings("direction");
   q.rtcp_mux = r.strings("rtcp-mux", true);
   q.supports = r.strings("supports", true);
+  // Opportunistic SRTP, as rtpengine takes it: a list under "OSRTP" (or "osrtp"), or a
+  // flag "OSRTP-offer" (what Kamailio's module passes on from rtpengine_offer's flags).
+  for (const char* key : {"OSRTP", "osrtp"}) {
+    for (auto& option : r.strings(key, true)) q.osrtp.push_back(std::move(option));
+  }
+  for (const auto& flag : q.flags) {
+    if (flag.size() > 6 && (flag.starts_with("OSRTP-") || flag.starts_with("osrtp-"))) {
+      q.osrtp.push_back(flag.substr(6));
+    }
+  }
   q.ice = r.string("ICE");
   q.transport_protocol = r.string("transport-protocol");
   q.address_family = r.string("address-family");

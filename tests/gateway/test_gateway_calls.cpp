@@ -1972,7 +1972,46 @@ TEST_F(GatewayCallsTest, AnOfferAskingForSrtpTowardsTheEndpointIsRefusedWithTheF
   hang_up(sdes);
 }
 
+// Opportunistic SRTP asked for towards the endpoint (rtpengine_offer's OSRTP-offer flag,
+// or an OSRTP list): the gateway does not terminate SRTP, and OSRTP falls back to plain
+// RTP by design, so the offer is taken, its SDP plain (no a=crypto), and one warning says
+// that leg is not encrypted. Towards the partner the flag changes nothing.
+TEST_F(GatewayCallsTest, AnOfferAskingForOpportunisticSrtpIsTakenPlainWithOneWarning) {
+  start_sip(4);
+  const auto with_flag = [](std::string datagram) {
+    const std::string flags = "5:flagsl13:trust-address";
+    datagram.replace(datagram.find(flags), flags.size(), flags + "11:OSRTP-offer");
+    return datagram;
+  };
+  testing::internal::CaptureStderr();
+  const NgKeys k{"osrtp-1", "from-osrtp", "to-osrtp"};
+  const std::string to_b = ok_sdp(
+      ng(a_->ng_port(), with_flag(kamailio(cookie(), "offer", k, endpoint_sdp(endpoint_port(0))))));
+  const std::string to_callee =
+      ok_sdp(ng(b_->ng_port(), with_flag(kamailio(cookie(), "offer", k, to_b))));
+  EXPECT_NE(to_callee.find("RTP/AVP"), std::string::npos) << to_callee;
+  EXPECT_EQ(to_callee.find("a=crypto"), std::string::npos) << to_callee;
+  // The OSRTP list form, on a second call: taken too, and no second warning.
+  const NgKeys k2{"osrtp-2", "from-osrtp2", "to-osrtp2"};
+  const std::string list = "5:OSRTPl5:offere";
+  const std::string to_b2 = ok_sdp(
+      ng(a_->ng_port(), kamailio(cookie(), "offer", k2, endpoint_sdp(endpoint_port(2)), list)));
+  ok_sdp(ng(b_->ng_port(), kamailio(cookie(), "offer", k2, to_b2, list)));
+  const std::string said = testing::internal::GetCapturedStderr();
+  const std::string warning =
+      "the proxy asks for opportunistic SRTP (OSRTP-offer) towards the "
+      "endpoint, which otp-gateway does not terminate";
+  const auto first = said.find(warning);
+  EXPECT_NE(first, std::string::npos) << said;
+  EXPECT_NE(said.find("call osrtp-1:"), std::string::npos) << said;
+  EXPECT_EQ(said.find(warning, first + 1), std::string::npos) << "said twice:\n" << said;
+  hang_up(k);
+  hang_up(k2);
+}
+
 namespace {
+
+// An ng client at a given loopback source address (127.0.0.2: not the proxy).namespace {
 
 // An ng client at a given loopback source address (127.0.0.2: not the proxy).
 class NgClient {

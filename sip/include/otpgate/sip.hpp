@@ -89,6 +89,7 @@ struct Request {
   std::vector<std::string> direction;  // logical interfaces, e.g. {"internal", "external"}
   std::vector<std::string> rtcp_mux;   // "demux", "accept", "offer", "require", "reject"
   std::vector<std::string> supports;   // "load-limit"
+  std::vector<std::string> osrtp;      // "offer", "accept", ...: the OSRTP key and OSRTP-... flags
   std::string ice;                     // "remove", "force", "default", ... (empty: absent)
   std::string transport_protocol;      // "RTP/AVP", ... (empty: absent)
   std::string address_family;          // "IP4", "IP6" (empty: absent)
