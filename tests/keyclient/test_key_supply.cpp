@@ -28,6 +28,14 @@ class KeySupplyTest : public ::testing::Test {
     return otpgate::testing::master_supply_config(dir_, ring_bytes);
   }
   keys::KeySupplyConfig slave_config() { return otpgate::testing::slave_supply_config(); }
+  // A master whose naps and KME health checks are a minute long: within a test, only a
+  // take() (or demand) wakes its refill thread.
+  keys::KeySupplyConfig napping_master_config(std::size_t ring_bytes = 256u << 10) {
+    auto cfg = master_config(ring_bytes);
+    cfg.health_interval = std::chrono::seconds(60);
+    cfg.busy_nap = std::chrono::seconds(60);
+    return cfg;
+  }
 
   otpgate::testing::TestDir test_dir_;
   const fs::path dir_ = test_dir_.path;
@@ -294,9 +302,7 @@ TEST_F(KeySupplyTest, ANewStreamNeverGetsPadAnnouncedToTheStreamBefore) {
 // three ring-fulls never finds its ring empty only because those takes woke the thread,
 // in a few passes where polling makes a hundred a second.
 TEST_F(KeySupplyTest, AMasterInUseNapsUntilATakeLeavesItsRingLow) {
-  auto cfg = master_config();
-  cfg.health_interval = std::chrono::seconds(60);
-  cfg.busy_nap = std::chrono::seconds(60);
+  auto cfg = napping_master_config();
   keys::KeySupply master(client_config(sim_->url(), "sae-a"), cfg);
   master.start();
   const std::size_t capacity = 256u << 10;
@@ -336,9 +342,7 @@ TEST_F(KeySupplyTest, AMasterInUseNapsUntilATakeLeavesItsRingLow) {
 // low-water mark alone keeps this ring fed: the earlier, quarter-ring wake-up is for a
 // slower KME; ANappingMasterWakesOnceAQuarterOfItsRingIsUsedNotBefore tests it alone.)
 TEST_F(KeySupplyTest, AStreamJumpingToVideoRatesWakesANappingMasterBeforeItsRingRunsDry) {
-  auto cfg = master_config(1u << 20);
-  cfg.health_interval = std::chrono::seconds(60);
-  cfg.busy_nap = std::chrono::seconds(60);
+  auto cfg = napping_master_config(1u << 20);
   cfg.ring_seconds = 2;
   cfg.ring_min_bytes = 64u << 10;
   keys::KeySupply master(client_config(sim_->url(), "sae-a"), cfg);
@@ -376,9 +380,7 @@ TEST_F(KeySupplyTest, AStreamJumpingToVideoRatesWakesANappingMasterBeforeItsRing
 // against a slow KME. (AStreamJumpingToVideoRates... shows the growth; this ring is fixed,
 // so the pass only looks.)
 TEST_F(KeySupplyTest, ANappingMasterWakesOnceAQuarterOfItsRingIsUsedNotBefore) {
-  auto cfg = master_config();
-  cfg.health_interval = std::chrono::seconds(60);
-  cfg.busy_nap = std::chrono::seconds(60);
+  auto cfg = napping_master_config();
   keys::KeySupply master(client_config(sim_->url(), "sae-a"), cfg);
   master.start();
   const std::size_t capacity = 256u << 10;

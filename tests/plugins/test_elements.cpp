@@ -120,6 +120,43 @@ class ElementTest : public ::testing::Test {
     gst_harness_set_src_caps_str(h, caps);
     return h;
   }
+  // A decryptor whose site's KME has not relayed any key yet: `sent` is protected and each
+  // packet pushed into it in the buffer `wrap` makes (the caller's reference). What it
+  // held and dropped meanwhile (nothing leaves before its key), and what left it, in
+  // order, once the keys arrived.
+  struct HeldForKeys {
+    std::uint64_t held = 0, dropped = 0;
+    std::vector<Bytes> released;
+  };
+  HeldForKeys held_until_keys_arrive(const std::vector<Bytes>& sent,
+                                     GstBuffer* (*wrap)(const Bytes&)) {
+    constexpr std::uint32_t kKeyLength = 128u << 10;
+    otpgate::testing::MemoryPad sending(0, 16u << 20, kKeyLength);
+    otpgate::testing::MemoryPad receiving(0, 16u << 20, kKeyLength);
+    sending.fill_for_sending(16u << 20);
+    receiving.hold_deliveries = true;  // the receiving site's KME has not relayed them yet
+    GstHarness* enc = on_key_supply("otpencrypt", sending, "application/x-rtp");
+    GstHarness* dec = on_key_supply("otpdecrypt", receiving, "application/x-otp");
+    g_object_set(dec->element, "key-wait", 5000u, nullptr);
+    HeldForKeys r;
+    for (const auto& w : protect(enc, sent)) {
+      EXPECT_EQ(gst_harness_push(dec, wrap(w)), GST_FLOW_OK);
+      EXPECT_TRUE(pull_all(dec).empty()) << "a packet left before its key arrived";
+    }
+    r.held = stat(dec->element, "packets-held");
+    r.dropped = stat(dec->element, "drops-no-key");
+    receiving.release_held();  // the keys arrive: the held packets leave, in order
+    EXPECT_TRUE(otpgate::testing::eventually([&] {
+      for (auto& out : pull_all(dec)) r.released.push_back(std::move(out));
+      return stat(dec->element, "packets-held") == 0;
+    }));
+    for (auto& out : pull_all(dec)) r.released.push_back(std::move(out));
+    for (GstHarness* h : {enc, dec}) {  // before the pads they use go away
+      gst_harness_teardown(h);
+      std::erase(harnesses_, h);
+    }
+    return r;
+  }
   // An otpencrypt (site A, blocking for key) and an otpdecrypt (site B) on `sim`.
   std::pair<GstHarness*, GstHarness*> kme_pair(const otpgate::kmesim::KmeSimulator& sim,
                                                const std::string& journal) {
@@ -873,37 +910,14 @@ TEST_F(ElementTest, AnRtpStreamGoesThroughAKmeWithEveryQuirkOfAnotherVendor) {
 // counted; the rest leave in order once the keys arrive. Keys of 128 KiB, so that the
 // stream's first announcement names more pad (8 MiB) than the bound holds.
 TEST_F(ElementTest, TheDecryptorHoldsAtMostFourMiBOfLargeDatagramsWaitingForKeys) {
-  constexpr std::uint32_t kKeyLength = 128u << 10;
-  otpgate::testing::MemoryPad sending(0, 16u << 20, kKeyLength);
-  otpgate::testing::MemoryPad receiving(0, 16u << 20, kKeyLength);
-  sending.fill_for_sending(16u << 20);
-  receiving.hold_deliveries = true;  // the receiving site's KME has not relayed them yet
-  GstHarness* enc = on_key_supply("otpencrypt", sending, "application/x-rtp");
-  GstHarness* dec = on_key_supply("otpdecrypt", receiving, "application/x-otp");
-  g_object_set(dec->element, "key-wait", 5000u, nullptr);
   std::vector<Bytes> sent;
   for (std::uint16_t seq = 0; seq < 100; ++seq) sent.push_back(rtp_packet(seq, 0x1a, 60000));
-  std::vector<Bytes> got;
-  for (const auto& w : protect(enc, sent)) {
-    ASSERT_EQ(gst_harness_push(dec, buffer_of(w)), GST_FLOW_OK);
-    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-  }
-  EXPECT_TRUE(got.empty()) << "a packet left before its key arrived";
-  const std::uint64_t held = stat(dec->element, "packets-held");
-  EXPECT_LE(held * (sent[0].size() + otpgate::otp::kTrailerBytes), 4u << 20);
-  EXPECT_GE(held, 60u);
-  EXPECT_EQ(held + stat(dec->element, "drops-no-key"), 100u);
-  receiving.release_held();  // the keys arrive: the held packets leave, in order
-  EXPECT_TRUE(otpgate::testing::eventually([&] {
-    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-    return stat(dec->element, "packets-held") == 0;
-  }));
-  for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-  EXPECT_EQ(got, std::vector<Bytes>(sent.end() - static_cast<std::ptrdiff_t>(held), sent.end()));
-  gst_harness_teardown(enc);  // before the pads they use go away
-  gst_harness_teardown(dec);
-  std::erase(harnesses_, enc);
-  std::erase(harnesses_, dec);
+  const auto r = held_until_keys_arrive(sent, buffer_of);
+  EXPECT_LE(r.held * (sent[0].size() + otpgate::otp::kTrailerBytes), 4u << 20);
+  EXPECT_GE(r.held, 60u);
+  EXPECT_EQ(r.held + r.dropped, 100u);
+  EXPECT_EQ(r.released,
+            std::vector<Bytes>(sent.end() - static_cast<std::ptrdiff_t>(r.held), sent.end()));
 }
 
 // The same bound counts the memory a held packet keeps, not its bytes alone: the gateway
@@ -911,41 +925,20 @@ TEST_F(ElementTest, TheDecryptorHoldsAtMostFourMiBOfLargeDatagramsWaitingForKeys
 // 8 MiB. Here each arrives in a buffer of 16 KiB: at most 256 are held (4 MiB), the
 // oldest give way, and those held leave whole once their keys arrive.
 TEST_F(ElementTest, HeldPacketsCountTheBufferMemoryTheyKeep) {
-  constexpr std::uint32_t kKeyLength = 128u << 10;
   constexpr gsize kRoom = 16u << 10;
-  otpgate::testing::MemoryPad sending(0, 16u << 20, kKeyLength);
-  otpgate::testing::MemoryPad receiving(0, 16u << 20, kKeyLength);
-  sending.fill_for_sending(16u << 20);
-  receiving.hold_deliveries = true;
-  GstHarness* enc = on_key_supply("otpencrypt", sending, "application/x-rtp");
-  GstHarness* dec = on_key_supply("otpdecrypt", receiving, "application/x-otp");
-  g_object_set(dec->element, "key-wait", 5000u, nullptr);
   std::vector<Bytes> sent;
   for (std::uint16_t seq = 0; seq < 400; ++seq) sent.push_back(rtp_packet(seq, 0x1b, 160));
-  std::vector<Bytes> got;
-  for (const auto& w : protect(enc, sent)) {
+  const auto r = held_until_keys_arrive(sent, [](const Bytes& w) {
     GstBuffer* roomy = gst_buffer_new_allocate(nullptr, kRoom, nullptr);
     gst_buffer_fill(roomy, 0, w.data(), w.size());
     gst_buffer_set_size(roomy, static_cast<gssize>(w.size()));
-    ASSERT_EQ(gst_harness_push(dec, roomy), GST_FLOW_OK);
-    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-  }
-  EXPECT_TRUE(got.empty()) << "a packet left before its key arrived";
-  const std::uint64_t held = stat(dec->element, "packets-held");
-  EXPECT_LE(held, (4u << 20) / kRoom);
-  EXPECT_GE(held, (4u << 20) / kRoom - 8);
-  EXPECT_EQ(held + stat(dec->element, "drops-no-key"), 400u);
-  receiving.release_held();
-  EXPECT_TRUE(otpgate::testing::eventually([&] {
-    for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-    return stat(dec->element, "packets-held") == 0;
-  }));
-  for (auto& out : pull_all(dec)) got.push_back(std::move(out));
-  EXPECT_EQ(got, std::vector<Bytes>(sent.end() - static_cast<std::ptrdiff_t>(held), sent.end()));
-  gst_harness_teardown(enc);
-  gst_harness_teardown(dec);
-  std::erase(harnesses_, enc);
-  std::erase(harnesses_, dec);
+    return roomy;
+  });
+  EXPECT_LE(r.held, (4u << 20) / kRoom);
+  EXPECT_GE(r.held, (4u << 20) / kRoom - 8);
+  EXPECT_EQ(r.held + r.dropped, 400u);
+  EXPECT_EQ(r.released,
+            std::vector<Bytes>(sent.end() - static_cast<std::ptrdiff_t>(r.held), sent.end()));
 }
 
 // A KME that caps keys at 256 bits and relays them to the receiving site 150 ms late: a
