@@ -15,6 +15,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "locked_pool.hpp"
 #include "otpgate/hex.hpp"
 #include "otpgate/keyclient.hpp"
 
@@ -107,10 +108,17 @@ class PageLocks {
 
 }  // namespace
 
-SecretBytes::SecretBytes(std::size_t size)
-    : data_(std::make_unique_for_overwrite<std::uint8_t[]>(size)), size_(size), capacity_(size) {
+SecretBytes::SecretBytes(std::size_t size) : size_(size), capacity_(size) {
+  if (size == 0) return;
+  if ((data_ = detail::LockedPool::of_process().take(size, capacity_))) {
+    pooled_ = locked_ = true;
+    return;
+  }
+  capacity_ = size;
+  heap_ = std::make_unique_for_overwrite<std::uint8_t[]>(size);
+  data_ = heap_.get();
   // Keep key material out of swap where the OS lets us; failing is not fatal.
-  locked_ = size > 0 && PageLocks::of_process().lock(data_.get(), size);
+  locked_ = PageLocks::of_process().lock(data_, size);
 }
 
 SecretBytes::~SecretBytes() {
@@ -118,35 +126,48 @@ SecretBytes::~SecretBytes() {
 }
 
 SecretBytes::SecretBytes(SecretBytes&& other) noexcept
-    : data_(std::move(other.data_)),
+    : data_(std::exchange(other.data_, nullptr)),
+      heap_(std::move(other.heap_)),
       size_(std::exchange(other.size_, 0)),
       capacity_(std::exchange(other.capacity_, 0)),
-      locked_(std::exchange(other.locked_, false)) {}
+      locked_(std::exchange(other.locked_, false)),
+      pooled_(std::exchange(other.pooled_, false)) {}
 
 SecretBytes& SecretBytes::operator=(SecretBytes&& other) noexcept {
   if (this != &other) {
     release();
-    data_ = std::move(other.data_);
+    data_ = std::exchange(other.data_, nullptr);
+    heap_ = std::move(other.heap_);
     size_ = std::exchange(other.size_, 0);
     capacity_ = std::exchange(other.capacity_, 0);
     locked_ = std::exchange(other.locked_, false);
+    pooled_ = std::exchange(other.pooled_, false);
   }
   return *this;
 }
 
 void SecretBytes::truncate(std::size_t new_size) {
   if (new_size >= size_) return;
-  OPENSSL_cleanse(data_.get() + new_size, size_ - new_size);
+  OPENSSL_cleanse(data_ + new_size, size_ - new_size);
   size_ = new_size;
 }
 
 void SecretBytes::release() noexcept {
   if (!data_) return;
-  OPENSSL_cleanse(data_.get(), capacity_);
-  if (locked_) PageLocks::of_process().unlock(data_.get(), capacity_);
-  data_.reset();
+  OPENSSL_cleanse(data_, capacity_);
+  if (pooled_) {
+    detail::LockedPool::of_process().give_back(data_);
+  } else if (locked_) {
+    PageLocks::of_process().unlock(data_, capacity_);
+  }
+  data_ = nullptr;
+  heap_.reset();
   size_ = capacity_ = 0;
-  locked_ = false;
+  locked_ = pooled_ = false;
+}
+
+SecretPoolStats secret_pool_stats() {
+  return detail::LockedPool::of_process().stats();
 }
 
 SecretArena::SecretArena(std::size_t size) : size_(size) {

@@ -41,7 +41,9 @@ class KeyId {
 };
 
 // Move-only owner of secret bytes: mlock'ed where allowed, OPENSSL_cleanse'd when
-// destroyed, truncated or wiped.
+// destroyed, truncated or wiped. Up to 16 KiB they come from a pool of memory locked a
+// 64 KiB slab at a time and reused (see secret_pool_stats), so that keys fetched by the
+// hundred cost no mlock/munlock each; larger ones lock their own pages.
 class SecretBytes {
  public:
   SecretBytes() = default;
@@ -52,19 +54,30 @@ class SecretBytes {
   SecretBytes(const SecretBytes&) = delete;
   SecretBytes& operator=(const SecretBytes&) = delete;
 
-  std::span<std::uint8_t> span() { return {data_.get(), size_}; }
-  std::span<const std::uint8_t> span() const { return {data_.get(), size_}; }
+  std::span<std::uint8_t> span() { return {data_, size_}; }
+  std::span<const std::uint8_t> span() const { return {data_, size_}; }
   std::size_t size() const { return size_; }
   bool locked() const { return locked_; }
   void truncate(std::size_t new_size);  // wipes the dropped tail
 
  private:
   void release() noexcept;
-  std::unique_ptr<std::uint8_t[]> data_;
+  std::uint8_t* data_ = nullptr;          // pooled_ ? a pool block : heap_.get()
+  std::unique_ptr<std::uint8_t[]> heap_;  // a secret not served by the pool
   std::size_t size_ = 0;
   std::size_t capacity_ = 0;
   bool locked_ = false;
+  bool pooled_ = false;
 };
+
+// The process's pool of locked memory for small secrets.
+struct SecretPoolStats {
+  std::uint64_t slab_locks = 0;     // mlock calls made for slabs, ever
+  std::uint64_t lock_refusals = 0;  // slabs the kernel would not lock (RLIMIT_MEMLOCK)
+  std::size_t locked_bytes = 0;     // slabs locked now, in use or kept for reuse
+  std::size_t bytes_in_use = 0;     // blocks handed out now
+};
+SecretPoolStats secret_pool_stats();
 
 // A large secret buffer (a decoder's pad window) that costs what is used: reserved, not
 // filled, kept out of core dumps, and locked (mlock) 4 KiB block by block as blocks are

@@ -1,0 +1,113 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
+#include "locked_pool.hpp"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <bit>
+#include <optional>
+
+namespace otpgate::keys::detail {
+
+LockedPool& LockedPool::of_process() {
+  static LockedPool& pool = *new LockedPool();
+  return pool;
+}
+
+bool LockedPool::reserve() {
+  if (base_) return true;
+  if (reserve_failed_) return false;
+  // Address space only: slabs get pages (and locks) as they are put to use.
+  void* p = ::mmap(nullptr, kSlabs * kSlabBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) {
+    reserve_failed_ = true;
+    return false;
+  }
+  base_ = static_cast<std::uint8_t*>(p);
+  ::madvise(base_, kSlabs * kSlabBytes, MADV_DONTDUMP);  // secrets stay out of core dumps
+  unused_.reserve(kSlabs);
+  for (std::uint32_t i = kSlabs; i-- > 0;) unused_.push_back(i);
+  return true;
+}
+
+std::optional<std::uint32_t> LockedPool::fresh_slab() {
+  if (!empty_.empty()) {
+    const std::uint32_t s = empty_.back();
+    empty_.pop_back();
+    return s;
+  }
+  if (unused_.empty()) return std::nullopt;
+  const std::uint32_t s = unused_.back();
+  if (::mlock(base_ + std::size_t{s} * kSlabBytes, kSlabBytes) != 0) {
+    ++stats_.lock_refusals;  // RLIMIT_MEMLOCK: the caller locks (or not) on its own
+    return std::nullopt;
+  }
+  unused_.pop_back();
+  ++stats_.slab_locks;
+  stats_.locked_bytes += kSlabBytes;
+  return s;
+}
+
+std::uint8_t* LockedPool::take(std::size_t size, std::size_t& capacity) {
+  if (size == 0 || size > kLargest) return nullptr;
+  const std::size_t block = std::bit_ceil(std::max(size, kSmallest));
+  const std::size_t cls = static_cast<std::size_t>(std::countr_zero(block / kSmallest));
+  const std::lock_guard lock(mutex_);
+  if (!reserve()) return nullptr;
+  auto& partial = partial_[cls];
+  if (partial.empty()) {
+    const auto s = fresh_slab();
+    if (!s) return nullptr;
+    Slab& slab = slabs_[*s];
+    slab.block = block;
+    const auto blocks = static_cast<std::uint16_t>(kSlabBytes / block);
+    slab.free.resize(blocks);
+    // Handed out from the slab's start (the back of the list) onwards.
+    for (std::uint16_t i = 0; i < blocks; ++i)
+      slab.free[i] = static_cast<std::uint16_t>(blocks - 1 - i);
+    partial.push_back(*s);
+  }
+  const std::uint32_t s = partial.back();
+  Slab& slab = slabs_[s];
+  const std::uint16_t index = slab.free.back();
+  slab.free.pop_back();
+  ++slab.used;
+  if (slab.free.empty()) partial.pop_back();
+  stats_.bytes_in_use += block;
+  capacity = block;
+  return base_ + std::size_t{s} * kSlabBytes + std::size_t{index} * block;
+}
+
+void LockedPool::give_back(std::uint8_t* block) {
+  const std::lock_guard lock(mutex_);
+  const auto at = static_cast<std::size_t>(block - base_);
+  const auto s = static_cast<std::uint32_t>(at / kSlabBytes);
+  Slab& slab = slabs_[s];
+  const std::size_t cls = static_cast<std::size_t>(std::countr_zero(slab.block / kSmallest));
+  auto& partial = partial_[cls];
+  if (slab.free.empty()) partial.push_back(s);
+  slab.free.push_back(static_cast<std::uint16_t>((at % kSlabBytes) / slab.block));
+  --slab.used;
+  stats_.bytes_in_use -= slab.block;
+  if (slab.used != 0) return;
+  partial.erase(std::find(partial.begin(), partial.end(), s));
+  slab.block = 0;
+  slab.free.clear();
+  if (empty_.size() < kKeptEmpty) {
+    empty_.push_back(s);
+    return;
+  }
+  std::uint8_t* start = base_ + std::size_t{s} * kSlabBytes;
+  ::munlock(start, kSlabBytes);
+  ::madvise(start, kSlabBytes, MADV_DONTNEED);  // the pages go; they read as zero if reused
+  unused_.push_back(s);
+  stats_.locked_bytes -= kSlabBytes;
+}
+
+SecretPoolStats LockedPool::stats() const {
+  const std::lock_guard lock(mutex_);
+  return stats_;
+}
+
+}  // namespace otpgate::keys::detail
