@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include "locked_pool.hpp"
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -14,6 +15,27 @@ LockedPool& LockedPool::of_process() {
   return pool;
 }
 
+LockedPool::LockedPool() {
+  // The pool's lock is held across fork() so that the child finds its lists whole, and
+  // the child locks again what it inherited unlocked (memory locks are not inherited).
+  ::pthread_atfork([] { of_process().mutex_.lock(); }, [] { of_process().mutex_.unlock(); },
+                   [] {
+                     LockedPool& pool = of_process();
+                     pool.relock_in_child();
+                     pool.mutex_.unlock();
+                   });
+}
+
+void LockedPool::relock_in_child() {
+  if (!base_) return;
+  std::array<bool, kSlabs> unused{};
+  for (const std::uint32_t s : unused_) unused[s] = true;
+  for (std::uint32_t s = 0; s < kSlabs; ++s) {
+    // At fork the child has the parent's limit, under which these were all locked.
+    if (!unused[s]) ::mlock(base_ + std::size_t{s} * kSlabBytes, kSlabBytes);
+  }
+}
+
 bool LockedPool::reserve() {
   if (base_) return true;
   if (reserve_failed_) return false;
@@ -24,9 +46,19 @@ bool LockedPool::reserve() {
     reserve_failed_ = true;
     return false;
   }
+  // Room for every list's longest, so that give_back() never allocates (it runs in
+  // SecretBytes' noexcept release).
+  try {
+    unused_.reserve(kSlabs);
+    empty_.reserve(kKeptEmpty);
+    for (auto& partial : partial_) partial.reserve(kSlabs);
+  } catch (const std::bad_alloc&) {
+    ::munmap(p, kSlabs * kSlabBytes);
+    reserve_failed_ = true;
+    return false;
+  }
   base_ = static_cast<std::uint8_t*>(p);
   ::madvise(base_, kSlabs * kSlabBytes, MADV_DONTDUMP);  // secrets stay out of core dumps
-  unused_.reserve(kSlabs);
   for (std::uint32_t i = kSlabs; i-- > 0;) unused_.push_back(i);
   return true;
 }
@@ -38,11 +70,15 @@ std::optional<std::uint32_t> LockedPool::fresh_slab() {
     return s;
   }
   if (unused_.empty()) return std::nullopt;
+  const auto now = std::chrono::steady_clock::now();
+  if (refused_at_ && now - *refused_at_ < kRetryAfterRefusal) return std::nullopt;
   const std::uint32_t s = unused_.back();
   if (::mlock(base_ + std::size_t{s} * kSlabBytes, kSlabBytes) != 0) {
     ++stats_.lock_refusals;  // RLIMIT_MEMLOCK: the caller locks (or not) on its own
+    refused_at_ = now;
     return std::nullopt;
   }
+  refused_at_.reset();
   unused_.pop_back();
   ++stats_.slab_locks;
   stats_.locked_bytes += kSlabBytes;
@@ -60,9 +96,18 @@ std::uint8_t* LockedPool::take(std::size_t size, std::size_t& capacity) {
     const auto s = fresh_slab();
     if (!s) return nullptr;
     Slab& slab = slabs_[*s];
-    slab.block = block;
     const auto blocks = static_cast<std::uint16_t>(kSlabBytes / block);
-    slab.free.resize(blocks);
+    try {
+      slab.free.resize(blocks);
+    } catch (const std::bad_alloc&) {
+      if (empty_.size() < kKeptEmpty) {
+        empty_.push_back(*s);
+      } else {
+        release_slab(*s);
+      }
+      throw;
+    }
+    slab.block = block;
     // Handed out from the slab's start (the back of the list) onwards.
     for (std::uint16_t i = 0; i < blocks; ++i)
       slab.free[i] = static_cast<std::uint16_t>(blocks - 1 - i);
@@ -98,11 +143,16 @@ void LockedPool::give_back(std::uint8_t* block) {
     empty_.push_back(s);
     return;
   }
+  release_slab(s);
+}
+
+void LockedPool::release_slab(std::uint32_t s) {
   std::uint8_t* start = base_ + std::size_t{s} * kSlabBytes;
   ::munlock(start, kSlabBytes);
   ::madvise(start, kSlabBytes, MADV_DONTNEED);  // the pages go; they read as zero if reused
   unused_.push_back(s);
   stats_.locked_bytes -= kSlabBytes;
+  refused_at_.reset();  // room under the limit again
 }
 
 SecretPoolStats LockedPool::stats() const {

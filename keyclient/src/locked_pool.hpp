@@ -12,9 +12,11 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "otpgate/keyclient.hpp"
@@ -30,7 +32,12 @@ class LockedPool {
   static constexpr std::size_t kSlabs = 256;          // 16 MiB of address space, at most
   // Slabs kept locked while nothing is in them, so that a batch of keys freed and the
   // next one fetched reuse them; past this many an empty slab is unlocked and dropped.
-  static constexpr std::size_t kKeptEmpty = 8;
+  // What the pool locks beyond its secrets is so at most (classes in use + kKeptEmpty)
+  // slabs: under 1 MiB (docs/gateway.md, "Sizing LimitMEMLOCK").
+  static constexpr std::size_t kKeptEmpty = 4;
+  // After the kernel refused to lock a slab, none is tried again for this long unless
+  // the pool has unlocked one meanwhile (each try is an mlock call under the pool's lock).
+  static constexpr std::chrono::seconds kRetryAfterRefusal{1};
 
   // The process's pool, never destroyed (threads still running at exit may free secrets
   // after static destructors ran).
@@ -48,17 +55,21 @@ class LockedPool {
   struct Slab {
     std::size_t block = 0;            // block size; 0: no class (empty or unused)
     std::uint32_t used = 0;           // blocks handed out
-    std::vector<std::uint16_t> free;  // indices of blocks not handed out
+    std::vector<std::uint16_t> free;  // indices of blocks not handed out (room for all)
   };
 
-  LockedPool() = default;
+  LockedPool();
   bool reserve();
+  // fork(): the child inherits the pool but not its memory locks.
+  void relock_in_child();
   // A locked slab with no class: a kept empty one, else an unused one locked now.
   std::optional<std::uint32_t> fresh_slab();
+  void release_slab(std::uint32_t slab);  // unlocked, its pages dropped, unused
 
   mutable std::mutex mutex_;
   std::uint8_t* base_ = nullptr;  // kSlabs * kSlabBytes reserved on first use
   bool reserve_failed_ = false;
+  std::optional<std::chrono::steady_clock::time_point> refused_at_;
   std::array<Slab, kSlabs> slabs_{};
   std::array<std::vector<std::uint32_t>, kClasses> partial_{};  // slabs with a free block
   std::vector<std::uint32_t> empty_;                            // locked, nothing in them

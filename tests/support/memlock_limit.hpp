@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <fstream>
 #include <functional>
@@ -43,7 +44,14 @@ inline std::string with_memlock_limit(std::size_t headroom,
     std::string result;
     __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
     __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3] = {};
-    const rlimit limit{vm_locked_kib() * 1024 + headroom, vm_locked_kib() * 1024 + headroom};
+    // Never above the hard limit this process has: raising it needs CAP_SYS_RESOURCE,
+    // which a container may not grant (what is locked already can then eat into the
+    // headroom, by the small secrets' pool slabs the child locked again after the fork).
+    rlimit current{};
+    ::getrlimit(RLIMIT_MEMLOCK, &current);
+    const rlim_t wanted = vm_locked_kib() * 1024 + headroom;
+    const rlim_t bound = current.rlim_max == RLIM_INFINITY ? wanted : current.rlim_max;
+    const rlimit limit{std::min(wanted, bound), std::min(wanted, bound)};
     if (::syscall(SYS_capget, &header, caps) != 0) {
       result = "skip: capget failed";
     } else {

@@ -73,7 +73,7 @@ class SecretBytes {
 // The process's pool of locked memory for small secrets.
 struct SecretPoolStats {
   std::uint64_t slab_locks = 0;     // mlock calls made for slabs, ever
-  std::uint64_t lock_refusals = 0;  // slabs the kernel would not lock (RLIMIT_MEMLOCK)
+  std::uint64_t lock_refusals = 0;  // times the kernel would not lock a slab (RLIMIT_MEMLOCK)
   std::size_t locked_bytes = 0;     // slabs locked now, in use or kept for reuse
   std::size_t bytes_in_use = 0;     // blocks handed out now
 };
