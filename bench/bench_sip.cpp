@@ -27,7 +27,10 @@
 //
 //   bench_sip [--quick] [--pki DIR] [--calls N] [--concurrent K] [--seconds S]
 //             [--rounds R] [--rtpengine PATH] [--min-delivery F] [--batch-window-us U]
+//             [--rtpengine-priority NICE]
 // --batch-window-us sets the gateways' [media] batch_window_us (docs/gateway.md).
+// --rtpengine-priority sets rtpengine's --priority (its media threads' nice): -10 unless
+// given, as the gateways' media threads run; 0 leaves rtpengine at its default.
 // Exit 77 when rtpengine is not installed (scripts/install-deps.sh installs it).
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -144,6 +147,7 @@ struct CpuReading {
   struct Thread {
     std::string name;
     std::uint64_t ns = 0;
+    std::uint64_t sleeps = 0;  // voluntary context switches: each a wait that ended in a wake-up
   };
   double process_s = 0;
   std::map<std::string, Thread> threads;  // by thread ID
@@ -167,6 +171,11 @@ CpuReading read_cpu(pid_t pid) {
     std::ifstream stat(task.path() / "schedstat"), comm(task.path() / "comm");
     CpuReading::Thread thread;
     if (!(stat >> thread.ns) || !std::getline(comm, thread.name)) continue;  // ended meanwhile
+    std::ifstream status(task.path() / "status");
+    for (std::string line; std::getline(status, line);) {
+      if (line.starts_with("voluntary_ctxt_switches:"))
+        thread.sleeps = std::stoull(line.substr(24));
+    }
     r.threads[task.path().filename().string()] = thread;
   }
   return r;
@@ -184,12 +193,17 @@ std::string format_ms(double ms) {
 
 // CPU seconds per thread name between two readings, of the threads in both (the same
 // thread: same name, its count not gone down, so a reused thread ID is not mistaken for it).
-std::map<std::string, double> cpu_by_thread_name(const CpuReading& from, const CpuReading& to) {
-  std::map<std::string, double> by_name;
+struct ThreadUse {
+  double cpu_s = 0;
+  std::uint64_t sleeps = 0;
+};
+std::map<std::string, ThreadUse> use_by_thread_name(const CpuReading& from, const CpuReading& to) {
+  std::map<std::string, ThreadUse> by_name;
   for (const auto& [tid, t] : to.threads) {
     const auto was = from.threads.find(tid);
     if (was == from.threads.end() || was->second.name != t.name || t.ns < was->second.ns) continue;
-    by_name[t.name] += double(t.ns - was->second.ns) / 1e9;
+    by_name[t.name].cpu_s += double(t.ns - was->second.ns) / 1e9;
+    by_name[t.name].sleeps += t.sleeps - std::min(t.sleeps, was->second.sleeps);
   }
   return by_name;
 }
@@ -626,6 +640,11 @@ struct Options {
   int rounds = 3;       // media CPU runs of each relay, in turn
   double min_delivery = 0.95;
   std::optional<int> batch_window_us;  // the gateways' [media] batch_window_us; unset: default
+  // rtpengine's --priority (its media threads' nice); 0: its default. As the gateways'
+  // media threads (nice -10) by default: side by side on shared CPUs, the relay whose
+  // threads run at the lower priority measured cheaper per datagram (docs/sip.md,
+  // "At equal priority").
+  int rtpengine_priority = -10;
 };
 
 struct Setup {
@@ -761,9 +780,9 @@ class Bench {
   }
 
   struct MediaResult {
-    double cpu_a = 0, cpu_b = 0;              // busy interval, CPU s (rtpengine: in cpu_a)
-    double idle_a = 0, idle_b = 0;            // idle rate, CPU s per s
-    std::map<std::string, double> threads_a;  // busy interval, CPU s per thread name
+    double cpu_a = 0, cpu_b = 0;                 // busy interval, CPU s (rtpengine: in cpu_a)
+    double idle_a = 0, idle_b = 0;               // idle rate, CPU s per s
+    std::map<std::string, ThreadUse> threads_a;  // busy interval, per thread name
     double seconds = 0;
     Counts window;
     std::vector<double> transit_us;  // per packet delivered in the window
@@ -835,7 +854,7 @@ class Bench {
         last[m] = traffic[m]->sequence();
         results[m].cpu_a = cpu_between(before[m].first, now.first);
         results[m].cpu_b = cpu_between(before[m].second, now.second);
-        results[m].threads_a = cpu_by_thread_name(before[m].first, now.first);
+        results[m].threads_a = use_by_thread_name(before[m].first, now.first);
       }
       const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       // The packets sent in the interval, counted once the last of them had time to arrive
@@ -927,14 +946,22 @@ class Bench {
     const int low = base_ + 2 * span_;
     // Userspace only (no kernel table, no iptables), no config file, calls freed at
     // delete; otherwise rtpengine's defaults (worker threads: one per CPU).
-    rtpengine_ = std::make_unique<Child>(
-        std::vector<std::string>{
-            o_.rtpengine, "--config-file=none", "--foreground", "--table=-1",
-            "--interface=127.0.0.1", "--listen-ng=127.0.0.1:" + std::to_string(ng),
-            "--port-min=" + std::to_string(low), "--port-max=" + std::to_string(low + span_ - 1),
-            "--delete-delay=0", "--log-stderr", "--no-log-timestamps",
-            "--pidfile=" + (work_ / "rtpengine.pid").string()},
-        work_ / "rtpengine.log");
+    std::vector<std::string> args{o_.rtpengine,
+                                  "--config-file=none",
+                                  "--foreground",
+                                  "--table=-1",
+                                  "--interface=127.0.0.1",
+                                  "--listen-ng=127.0.0.1:" + std::to_string(ng),
+                                  "--port-min=" + std::to_string(low),
+                                  "--port-max=" + std::to_string(low + span_ - 1),
+                                  "--delete-delay=0",
+                                  "--log-stderr",
+                                  "--no-log-timestamps",
+                                  "--pidfile=" + (work_ / "rtpengine.pid").string()};
+    // rtpengine's own option for its media threads' nice (rtpengine.conf: priority).
+    if (o_.rtpengine_priority != 0)
+      args.push_back("--priority=" + std::to_string(o_.rtpengine_priority));
+    rtpengine_ = std::make_unique<Child>(args, work_ / "rtpengine.log");
     rtpe_ = std::make_unique<NgClient>("rtpengine", ng);
     wait_ng(*rtpe_, *rtpengine_, "rtpengine");
   }
@@ -1001,11 +1028,13 @@ int run(int argc, char** argv) {
       o.min_delivery = std::stod(argv[++i]);
     } else if (a == "--batch-window-us" && has_value) {
       o.batch_window_us = std::stoi(argv[++i]);
+    } else if (a == "--rtpengine-priority" && has_value) {
+      o.rtpengine_priority = std::stoi(argv[++i]);
     } else {
       std::fprintf(stderr,
                    "usage: bench_sip [--quick] [--pki DIR] [--calls N] [--concurrent K] "
                    "[--seconds S] [--rounds R] [--rtpengine PATH] [--min-delivery F] "
-                   "[--batch-window-us U]\n");
+                   "[--batch-window-us U] [--rtpengine-priority NICE]\n");
       return 2;
     }
   }
@@ -1017,10 +1046,11 @@ int run(int argc, char** argv) {
   }
   if (o.calls < 1 || o.concurrent < 1 || o.concurrent > 200 || !(o.seconds > 0) || o.rounds < 1 ||
       o.rounds > 20 || !(o.min_delivery >= 0 && o.min_delivery <= 1) ||
-      (o.batch_window_us && (*o.batch_window_us < 0 || *o.batch_window_us > 20000))) {
+      (o.batch_window_us && (*o.batch_window_us < 0 || *o.batch_window_us > 20000)) ||
+      o.rtpengine_priority < -20 || o.rtpengine_priority > 19) {
     std::fprintf(stderr,
                  "bench_sip: --calls >= 1, --concurrent 1-200, --seconds > 0, --rounds 1-20, "
-                 "--min-delivery 0-1, --batch-window-us 0-20000\n");
+                 "--min-delivery 0-1, --batch-window-us 0-20000, --rtpengine-priority -20-19\n");
     return 2;
   }
   if (::access(o.rtpengine.c_str(), X_OK) != 0) {
@@ -1084,6 +1114,14 @@ int run(int argc, char** argv) {
       "%d round(s), each: otpgate beside rtpengine RTP<->SRTP, then beside RTP<->RTP (K calls "
       "on each, one window)\n",
       o.rounds);
+  if (o.rtpengine_priority != 0) {
+    std::printf(
+        "rtpengine's media threads at nice %d (--priority), as the gateways' run; "
+        "--rtpengine-priority 0 leaves them at its default\n",
+        o.rtpengine_priority);
+  } else {
+    std::printf("rtpengine's media threads at its default nice 0, the gateways' at -10\n");
+  }
   bool delivered = true;
   // ms of CPU per second of one call (1000 = a whole core for one call).
   auto per_call = [&](double cpu, double idle, const Bench::MediaResult& r) {
@@ -1123,17 +1161,27 @@ int run(int argc, char** argv) {
           mode_name(other), theirs, gateway_ms.back() / theirs);
       // Where it went, thread by thread (idle rate not taken off): the media threads
       // against rtpengine's, the rest (key refills, bus, ng) on top.
-      const auto per_s = [&](const std::map<std::string, double>& threads,
+      const auto per_s = [&](const std::map<std::string, ThreadUse>& threads,
                              const Bench::MediaResult& m) {
         std::string text;
-        for (const auto& [name, seconds] : threads) {
-          if (1000 * seconds / m.seconds < 0.05) continue;
-          text += " " + name + " " + format_ms(1000 * seconds / m.seconds);
+        for (const auto& [name, use] : threads) {
+          if (1000 * use.cpu_s / m.seconds < 0.05) continue;
+          text += " " + name + " " + format_ms(1000 * use.cpu_s / m.seconds);
         }
         return text;
       };
       std::printf("round %d: ms/s by thread: gateway A%s; %s%s\n", round,
                   per_s(g.threads_a, g).c_str(), mode_name(other), per_s(r.threads_a, r).c_str());
+      // How often each relay's media threads slept and were woken, per datagram it relayed
+      // (each relay receives every packet of both directions once): a wake-up costs most
+      // of what a datagram does.
+      const auto wakeups = [](const Bench::MediaResult& m, const char* name) {
+        const auto it = m.threads_a.find(name);
+        const auto sent = static_cast<double>(m.window.sent);
+        return it == m.threads_a.end() || sent == 0 ? 0.0 : double(it->second.sleeps) / sent;
+      };
+      std::printf("round %d: sleeps per datagram: gateway A otp-media %.2f, %s poller %.2f\n",
+                  round, wakeups(g, "otp-media"), mode_name(other), wakeups(r, "poller"));
     }
   }
   auto median = [](std::vector<double> v) { return percentile(v, 0.5); };
