@@ -54,6 +54,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -148,6 +149,7 @@ struct CpuReading {
     std::string name;
     std::uint64_t ns = 0;
     std::uint64_t sleeps = 0;  // voluntary context switches: each a wait that ended in a wake-up
+    int nice = 0;
   };
   double process_s = 0;
   std::map<std::string, Thread> threads;  // by thread ID
@@ -172,10 +174,23 @@ CpuReading read_cpu(pid_t pid) {
     CpuReading::Thread thread;
     if (!(stat >> thread.ns) || !std::getline(comm, thread.name)) continue;  // ended meanwhile
     std::ifstream status(task.path() / "status");
+    bool counted = false;
     for (std::string line; std::getline(status, line);) {
-      if (line.starts_with("voluntary_ctxt_switches:"))
+      if (line.starts_with("voluntary_ctxt_switches:")) {
         thread.sleeps = std::stoull(line.substr(24));
+        counted = true;
+      }
     }
+    // Its nice: field 19 of stat, the 17th after the name's closing parenthesis (a name
+    // may hold spaces: "poller timer").
+    std::ifstream fields_file(task.path() / "stat");
+    std::string fields((std::istreambuf_iterator<char>(fields_file)), {});
+    std::istringstream after(fields.substr(std::min(fields.size(), fields.rfind(')') + 1)));
+    std::string field;
+    int read = 0;
+    while (read < 17 && after >> field) ++read;
+    if (!counted || read < 17) continue;  // ended meanwhile
+    thread.nice = std::stoi(field);
     r.threads[task.path().filename().string()] = thread;
   }
   return r;
@@ -196,6 +211,7 @@ std::string format_ms(double ms) {
 struct ThreadUse {
   double cpu_s = 0;
   std::uint64_t sleeps = 0;
+  int nice = 0;  // at the second reading
 };
 std::map<std::string, ThreadUse> use_by_thread_name(const CpuReading& from, const CpuReading& to) {
   std::map<std::string, ThreadUse> by_name;
@@ -204,6 +220,7 @@ std::map<std::string, ThreadUse> use_by_thread_name(const CpuReading& from, cons
     if (was == from.threads.end() || was->second.name != t.name || t.ns < was->second.ns) continue;
     by_name[t.name].cpu_s += double(t.ns - was->second.ns) / 1e9;
     by_name[t.name].sleeps += t.sleeps - std::min(t.sleeps, was->second.sleeps);
+    by_name[t.name].nice = t.nice;
   }
   return by_name;
 }
@@ -1050,7 +1067,7 @@ int run(int argc, char** argv) {
       o.rtpengine_priority < -20 || o.rtpengine_priority > 19) {
     std::fprintf(stderr,
                  "bench_sip: --calls >= 1, --concurrent 1-200, --seconds > 0, --rounds 1-20, "
-                 "--min-delivery 0-1, --batch-window-us 0-20000, --rtpengine-priority -20-19\n");
+                 "--min-delivery 0-1, --batch-window-us 0-20000, --rtpengine-priority -20 to 19\n");
     return 2;
   }
   if (::access(o.rtpengine.c_str(), X_OK) != 0) {
@@ -1114,13 +1131,15 @@ int run(int argc, char** argv) {
       "%d round(s), each: otpgate beside rtpengine RTP<->SRTP, then beside RTP<->RTP (K calls "
       "on each, one window)\n",
       o.rounds);
+  // The nice each relay's threads really ran at is printed per round (a relay without
+  // CAP_SYS_NICE stays at 0 and says so only in its log).
   if (o.rtpengine_priority != 0) {
     std::printf(
-        "rtpengine's media threads at nice %d (--priority), as the gateways' run; "
-        "--rtpengine-priority 0 leaves them at its default\n",
+        "rtpengine started with --priority=%d (the gateways ask for nice -10 for their media "
+        "threads); --rtpengine-priority 0 leaves it at its default\n",
         o.rtpengine_priority);
   } else {
-    std::printf("rtpengine's media threads at its default nice 0, the gateways' at -10\n");
+    std::printf("rtpengine at its default priority (the gateways ask for nice -10)\n");
   }
   bool delivered = true;
   // ms of CPU per second of one call (1000 = a whole core for one call).
@@ -1172,16 +1191,23 @@ int run(int argc, char** argv) {
       };
       std::printf("round %d: ms/s by thread: gateway A%s; %s%s\n", round,
                   per_s(g.threads_a, g).c_str(), mode_name(other), per_s(r.threads_a, r).c_str());
-      // How often each relay's media threads slept and were woken, per datagram it relayed
-      // (each relay receives every packet of both directions once): a wake-up costs most
-      // of what a datagram does.
-      const auto wakeups = [](const Bench::MediaResult& m, const char* name) {
+      // How often each relay's media threads slept and were woken, per datagram it received
+      // (each relay receives every packet of both directions once), and the nice they ran
+      // at (what was asked may have been refused): a wake-up costs most of what a datagram
+      // does.
+      const auto sleeps = [](const Bench::MediaResult& m, const char* name) {
         const auto it = m.threads_a.find(name);
         const auto sent = static_cast<double>(m.window.sent);
-        return it == m.threads_a.end() || sent == 0 ? 0.0 : double(it->second.sleeps) / sent;
+        char text[48] = "-";
+        if (it != m.threads_a.end() && sent > 0) {
+          std::snprintf(text, sizeof text, "%.2f (nice %d)", double(it->second.sleeps) / sent,
+                        it->second.nice);
+        }
+        return std::string(text);
       };
-      std::printf("round %d: sleeps per datagram: gateway A otp-media %.2f, %s poller %.2f\n",
-                  round, wakeups(g, "otp-media"), mode_name(other), wakeups(r, "poller"));
+      std::printf("round %d: sleeps per datagram received: gateway A otp-media %s, %s poller %s\n",
+                  round, sleeps(g, "otp-media").c_str(), mode_name(other),
+                  sleeps(r, "poller").c_str());
     }
   }
   auto median = [](std::vector<double> v) { return percentile(v, 0.5); };

@@ -20,7 +20,8 @@ flags=(-std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recov
 case "$target" in
   decoder)
     sources=("$src/tests/fuzz/fuzz_decoder.cpp" "$src"/plugins/codec/src/*.cpp
-             "$src/keyclient/src/basics.cpp" "$src/keyclient/src/hex.cpp"
+             "$src/keyclient/src/basics.cpp" "$src/keyclient/src/locked_pool.cpp"
+             "$src/keyclient/src/hex.cpp"
              "$src/keyclient/src/key_ring.cpp")
     includes=(-I"$src/keyclient/include" -I"$src/plugins/codec/include" -I"$src/tests/support")
     libs=(-lsrtp2 -lcrypto)
